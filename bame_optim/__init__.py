@@ -1,0 +1,11 @@
+"""bame_optim: N:M sparse training with BAME (Block-Aware Mask Evolution, ICML 2025).
+
+``BAMESGD`` replaces ``torch.optim.SGD``; ``nm_param_groups`` picks the sparse layers.
+"""
+
+from .bame_sgd import BAMESGD
+from .groups import nm_param_groups
+from .masked_sgd import masked_sgd
+
+__all__ = ["BAMESGD", "masked_sgd", "nm_param_groups"]
+__version__ = "0.1.0"

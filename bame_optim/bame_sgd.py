@@ -1,0 +1,374 @@
+"""BAMESGD: SGD that trains N:M sparse weights with Block-Aware Mask Evolution.
+
+The class only validates arguments and wires ``state`` / ``param_groups`` to the pure
+functions of :mod:`bame_optim.nm`, :mod:`bame_optim.schedule` and :mod:`bame_optim.evolution`;
+the SGD arithmetic is in :func:`bame_optim.masked_sgd.masked_sgd`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .evolution import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_GAMMA, evolve_mask, magnitude_mask
+from .evolution import score_dtype as _score_dtype
+from .masked_sgd import masked_sgd
+from .nm import blocks_to_param, check_nm, is_nm_sparse, num_blocks, param_to_blocks, random_nm_mask
+from .schedule import (
+    DEFAULT_DELTA_T,
+    Phase,
+    gradual_budget,
+    is_update_step,
+    phase,
+    resolve_schedule,
+)
+
+__all__ = ["BAMESGD"]
+
+_SEED_STRIDE = 1_000_003
+"""Separates the per-parameter generator seeds ``seed * stride + index`` (a prime, so seeds of
+nearby (seed, index) pairs do not collide for models with fewer parameters than that)."""
+
+_EXACT_DTYPE_STATE = ("mask", "oscillation")
+"""State that ``Optimizer.load_state_dict`` would cast to the parameter's dtype."""
+
+
+class BAMESGD(Optimizer):
+    r"""SGD with momentum that keeps N:M sparse weights and evolves their masks (BAME).
+
+    Dense parameters (``sparse=False`` groups, and with ``sparse=None`` every parameter with
+    ``ndim < 2`` or whose dimension 1 does not divide by ``m``) follow :class:`torch.optim.SGD`
+    exactly. For a sparse parameter with mask :math:`B` (``state["mask"]``, ``[K, M]`` bool in
+    the block view of :mod:`bame_optim.nm`) and gradient :math:`G = \partial L/\partial(W\odot B)`
+    each ``step()`` at counter :math:`t` does
+
+    .. math::
+        &\textbf{if } t \text{ is an update step: } B \leftarrow \text{evolve}(W, G, B, O, t)
+            \text{ (Eq. 4-10)},\quad W \leftarrow W \odot B,\quad b \leftarrow b \odot B_{old}
+            \odot B \\
+        &g \leftarrow G \odot B \; (+\, \lambda W),\quad
+        b \leftarrow \mu b + (1-\tau) g,\quad
+        g \leftarrow g + \mu b \text{ (Nesterov) else } b,\quad
+        W \leftarrow W - \eta g
+
+    so momentum, weight decay and the weight change exist only on kept entries and pruned
+    weights stay exactly 0. Update steps are ``t % delta_t == 0`` and ``t == t_i``; by phase
+    (see :mod:`bame_optim.schedule`): gradual magnitude pruning from M to N kept per block
+    before ``t_i``, magnitude pruning to N (or a seeded random N:M mask if ``t_i == 0``) at
+    ``t_i``, LMA + OBF (:func:`bame_optim.evolution.evolve_mask`) until ``t_f``, fixed after.
+
+    Args:
+        params: parameters or param groups (e.g. from :func:`bame_optim.nm_param_groups`).
+            A group may override any keyword below and may set ``sparse`` to ``True``
+            (every parameter must be N:M-divisible), ``False`` (plain SGD) or ``None`` (auto).
+        lr, momentum, dampening, weight_decay, nesterov, maximize, foreach: as
+            :class:`torch.optim.SGD`. ``foreach=None`` uses the multi-tensor path when every
+            parameter is on CUDA.
+        n, m: keep ``n`` of every ``m`` consecutive weights (``1 <= n < m``).
+        total_steps: planned number of ``step()`` calls ``T``; needed unless ``t_i`` and
+            ``t_f`` are both given.
+        t_i, t_f: end of gradual pruning and end of mask evolution (default ``T // 3`` and
+            ``2 * T // 3``, the paper's even split).
+        delta_t: mask update interval ΔT (default 100, the paper's setting).
+        alpha, beta: OBF fractions of Eq. 10 (default 0.5 each); 0 disables freezing.
+        gamma: oscillation EMA momentum of Eq. 8 (default 0.9).
+        seed: seeds the random start mask used when ``t_i == 0``.
+
+    .. note:: The step counter is ``param_groups[i]["step"]``; it advances once per
+       ``step()`` that applied an update. A ``step()`` with every gradient ``None`` does
+       nothing, and the state-initialising call of ``torch.distributed.checkpoint`` (every
+       lr 0, every gradient exactly 0) creates state without advancing or touching masks.
+    .. note:: Magnitude-based updates (gradual phase, ``t_i``) need no gradient and apply to
+       every sparse parameter of the group, so the N:M guarantee also holds for parameters
+       that received no gradient; LMA needs one, and skips (with a warning) a parameter whose
+       gradient has NaN or Inf on an update step.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        n: int = 2,
+        m: int = 4,
+        total_steps: int | None = None,
+        t_i: int | None = None,
+        t_f: int | None = None,
+        delta_t: int = DEFAULT_DELTA_T,
+        alpha: float = DEFAULT_ALPHA,
+        beta: float = DEFAULT_BETA,
+        gamma: float = DEFAULT_GAMMA,
+        seed: int = 0,
+        sparse: bool | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            foreach=foreach,
+            n=n,
+            m=m,
+            total_steps=total_steps,
+            t_i=t_i,
+            t_f=t_f,
+            delta_t=delta_t,
+            alpha=alpha,
+            beta=beta,
+            gamma=gamma,
+            seed=seed,
+            sparse=sparse,
+        )
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (see :meth:`torch.optim.Optimizer.add_param_group`), validating its
+        hyper-parameters and resolving its schedule."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _validate_group(group)
+        group["t_i"], group["t_f"] = resolve_schedule(
+            group["total_steps"], group["t_i"], group["t_f"]
+        )
+        group.setdefault("step", 0)
+        if group["sparse"]:
+            for p in group["params"]:
+                _check_sparse_param(p, group["m"])
+
+    @staticmethod
+    def _is_sparse(p: Tensor, group: dict[str, Any]) -> bool:
+        if group["sparse"] is not None:
+            return bool(group["sparse"])
+        return (
+            p.ndim >= 2
+            and p.is_floating_point()
+            and p.layout == torch.strided
+            and p.shape[1] % group["m"] == 0
+        )
+
+    def _sparse_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        state = self.state[p]
+        if "mask" not in state:
+            k = num_blocks(p.shape, group["m"])
+            state["mask"] = torch.ones(k, group["m"], dtype=torch.bool, device=p.device)
+            state["oscillation"] = torch.zeros(k, dtype=_score_dtype(p.dtype), device=p.device)
+            state["last_flips"] = 0
+            state["last_frozen"] = 0
+        return state
+
+    def _is_state_init_call(self) -> bool:
+        # torch.distributed.checkpoint initialises optimizer state with lr 0 and zero grads.
+        if any(group["lr"] != 0 for group in self.param_groups):
+            return False
+        grads = [p.grad for group in self.param_groups for p in group["params"]]
+        return all(g is None or not g.any() for g in grads)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One optimization step, with a mask update on update steps.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (optional).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        if all(p.grad is None for p in params):
+            return loss
+        advance = not self._is_state_init_call()
+        index = 0
+        for group in self.param_groups:
+            self._step_group(group, first_index=index, evolve=advance)
+            index += len(group["params"])
+            if advance:
+                group["step"] += 1
+        return loss
+
+    def _step_group(self, group: dict[str, Any], *, first_index: int, evolve: bool) -> None:
+        t, t_i, t_f = group["step"], group["t_i"], group["t_f"]
+        update = evolve and is_update_step(t, group["delta_t"], t_i, t_f)
+        params, grads, buffers, kept = [], [], [], []
+        for offset, p in enumerate(group["params"]):
+            mask = None
+            if self._is_sparse(p, group):
+                state = self._sparse_state(p, group)
+                if update:
+                    self._update_mask(p, state, group, first_index + offset)
+                mask = blocks_to_param(state["mask"], p.shape)
+            if p.grad is None:
+                continue
+            params.append(p)
+            grads.append(p.grad)
+            buffers.append(self.state[p].get("momentum_buffer"))
+            kept.append(mask)
+        if not params:
+            return
+        foreach = group["foreach"]
+        if foreach is None:
+            foreach = all(p.is_cuda for p in params)
+        masked_sgd(
+            params,
+            grads,
+            buffers,
+            kept,
+            lr=group["lr"],
+            momentum=group["momentum"],
+            dampening=group["dampening"],
+            weight_decay=group["weight_decay"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+            foreach=foreach,
+        )
+        if group["momentum"] != 0:
+            for p, buffer in zip(params, buffers, strict=True):
+                self.state[p]["momentum_buffer"] = buffer
+
+    def _update_mask(self, p: Tensor, state: dict[str, Any], group: dict[str, Any], index: int):
+        n, m, t, t_i = group["n"], group["m"], group["step"], group["t_i"]
+        kept = state["mask"]
+        frozen = 0
+        current = phase(t, t_i, group["t_f"])
+        if current is Phase.PRUNE and t_i == 0:
+            generator = torch.Generator().manual_seed(group["seed"] * _SEED_STRIDE + index)
+            new = random_nm_mask(kept.shape[0], n, m, generator, device=kept.device)
+        elif current is not Phase.EVOLVE:
+            budget = gradual_budget(t, n, m, t_i)
+            new = magnitude_mask(param_to_blocks(p, m), kept, budget)
+        else:
+            if p.grad is None:
+                return
+            grad = param_to_blocks(p.grad, m)
+            if not bool(grad.isfinite().all()):
+                warnings.warn(
+                    f"BAMESGD: the gradient of parameter {index} (shape {tuple(p.shape)}) has "
+                    f"NaN or Inf at step {t}; its mask update is skipped for this step",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                return
+            evolution = evolve_mask(
+                param_to_blocks(p, m),
+                grad,
+                kept,
+                state["oscillation"],
+                n=n,
+                lr=group["lr"],
+                alpha=group["alpha"],
+                beta=group["beta"],
+                gamma=group["gamma"],
+            )
+            new, state["oscillation"] = evolution.kept, evolution.oscillation
+            frozen = int(evolution.frozen.sum())
+        changed = kept != new
+        # Newly pruned weights go to 0; pruned and revived entries restart with zero momentum.
+        p.masked_fill_(blocks_to_param(kept & ~new, p.shape), 0)
+        buffer = state.get("momentum_buffer")
+        if buffer is not None:
+            buffer.masked_fill_(blocks_to_param(changed, p.shape), 0)
+        state["mask"] = new
+        state["last_flips"] = int(changed.sum())
+        state["last_frozen"] = frozen
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`, keeping masks ``bool`` and the oscillation EMA in its
+        saved dtype (``Optimizer.load_state_dict`` casts every state tensor to the
+        parameter's dtype; ``Accelerator.prepare`` round-trips through it once)."""
+        saved = state_dict["state"]
+        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        exact = {
+            i: {k: saved[i][k] for k in _EXACT_DTYPE_STATE if k in saved[i]}
+            for i in ids
+            if i in saved
+        }
+        super().load_state_dict(state_dict)
+        params = chain.from_iterable(group["params"] for group in self.param_groups)
+        for i, p in zip(ids, params, strict=True):
+            for key, value in exact.get(i, {}).items():
+                self.state[p][key] = value.to(device=p.device)
+
+    def sparsity_report(self) -> list[dict[str, Any]]:
+        """One plain ``dict`` per parameter, for logging: ``name`` (from ``param_names`` when
+        the group has them), ``group``, ``shape``, ``sparse``, ``n``, ``m``, ``step``,
+        ``phase``, ``density`` (kept fraction of the mask; 1.0 for dense parameters),
+        ``nm_valid`` (every block of the weight has at most ``n`` non-zeros; ``None`` for
+        dense), and, at the last mask update, ``flips`` (entries whose mask changed) and
+        ``frozen_blocks`` (blocks OBF froze) out of ``blocks``."""
+        rows = []
+        for g, group in enumerate(self.param_groups):
+            names = group.get("param_names")
+            for j, p in enumerate(group["params"]):
+                sparse = self._is_sparse(p, group)
+                state = self.state.get(p, {})
+                mask = state.get("mask")
+                row = {
+                    "name": names[j] if names else f"group{g}.param{j}",
+                    "group": g,
+                    "shape": tuple(p.shape),
+                    "sparse": sparse,
+                    "n": group["n"] if sparse else None,
+                    "m": group["m"] if sparse else None,
+                    "step": group["step"],
+                    "phase": phase(group["step"], group["t_i"], group["t_f"]).value,
+                    "density": float(mask.float().mean()) if mask is not None else 1.0,
+                    "nm_valid": is_nm_sparse(p.detach(), group["n"], group["m"])
+                    if sparse
+                    else None,
+                    "flips": state.get("last_flips", 0),
+                    "frozen_blocks": state.get("last_frozen", 0),
+                    "blocks": num_blocks(p.shape, group["m"]) if sparse else None,
+                }
+                rows.append(row)
+        return rows
+
+
+def _validate_group(group: dict[str, Any]) -> None:
+    for name in ("lr", "momentum", "dampening", "weight_decay"):
+        value = group[name]
+        if isinstance(value, Tensor) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"Invalid {name} value: {value!r} (a float >= 0 is required)")
+    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+        raise ValueError(
+            f"Invalid nesterov value: True (Nesterov momentum requires a momentum and zero "
+            f"dampening; got momentum={group['momentum']}, dampening={group['dampening']})"
+        )
+    check_nm(group["n"], group["m"])
+    for name in ("alpha", "beta"):
+        value = group[name]
+        if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"Invalid {name} value: {value!r} (must be in [0, 1])")
+    gamma = group["gamma"]
+    if not isinstance(gamma, (int, float)) or not 0.0 <= gamma < 1.0:
+        raise ValueError(f"Invalid gamma value: {gamma!r} (must be in [0, 1))")
+    delta_t = group["delta_t"]
+    if isinstance(delta_t, bool) or not isinstance(delta_t, int) or delta_t < 1:
+        raise ValueError(f"Invalid delta_t value: {delta_t!r} (an integer >= 1 is required)")
+    seed = group["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"Invalid seed value: {seed!r} (an integer >= 0 is required)")
+    if group["sparse"] not in (None, True, False):
+        raise ValueError(f"Invalid sparse value: {group['sparse']!r} (True, False or None)")
+
+
+def _check_sparse_param(p: Tensor, m: int) -> None:
+    if not p.is_floating_point() or p.layout != torch.strided:
+        raise ValueError(
+            f"Invalid sparse parameter of shape {tuple(p.shape)}, dtype {p.dtype}, layout "
+            f"{p.layout}: N:M masks need a dense floating-point tensor"
+        )
+    num_blocks(p.shape, m)
