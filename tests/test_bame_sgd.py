@@ -1,0 +1,383 @@
+"""BAMESGD against the slow reference, the invariants of DESIGN.md section 5, resume, edge
+steps and errors."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bame_optim import BAMESGD
+from bame_optim.nm import blocks_to_param, param_to_blocks
+
+from .reference import ReferenceBAME, budget
+
+PATTERNS = [(1, 4), (2, 4), (1, 8), (1, 16), (2, 8), (4, 8)]
+
+
+@st.composite
+def sparse_setups(draw):
+    """Shapes (Linear, Conv1d, Conv2d), an N:M pattern, a schedule and a seed."""
+    n, m = draw(st.sampled_from(PATTERNS))
+    layouts = [(4, 2 * m), (3, m, 3), (2, m, 2, 2)]
+    shapes = draw(st.lists(st.sampled_from(layouts), min_size=1, max_size=3))
+    total = draw(st.integers(8, 30))
+    t_i = draw(st.integers(0, total))
+    t_f = draw(st.integers(t_i, total))
+    delta_t = draw(st.integers(1, 6))
+    return {
+        "n": n,
+        "m": m,
+        "shapes": shapes,
+        "total": total,
+        "t_i": t_i,
+        "t_f": t_f,
+        "delta_t": delta_t,
+        "alpha": draw(st.sampled_from([0.0, 0.25, 0.5, 1.0])),
+        "beta": draw(st.sampled_from([0.0, 0.5, 1.0])),
+        "seed": draw(st.integers(0, 2**16)),
+        "momentum": draw(st.sampled_from([0.0, 0.9])),
+        "weight_decay": draw(st.sampled_from([0.0, 1e-2])),
+    }
+
+
+def _make(setup, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(setup["seed"])
+    return [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in setup["shapes"]]
+
+
+def _grads(params, step, seed):
+    gen = torch.Generator().manual_seed(seed * 7919 + step)
+    return [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+
+
+def _lr(step: int, total: int) -> float:
+    return 0.05 * (1 + math.cos(math.pi * step / total)) / 2  # a cosine schedule
+
+
+def _optimizer(params, setup, **overrides):
+    kwargs = {
+        "lr": 0.05,
+        "momentum": setup["momentum"],
+        "weight_decay": setup["weight_decay"],
+        "n": setup["n"],
+        "m": setup["m"],
+        "t_i": setup["t_i"],
+        "t_f": setup["t_f"],
+        "delta_t": setup["delta_t"],
+        "alpha": setup["alpha"],
+        "beta": setup["beta"],
+        "seed": setup["seed"],
+        "sparse": True,
+        "total_steps": setup["total"],
+        **overrides,
+    }
+    return BAMESGD(params, **kwargs)
+
+
+@settings(max_examples=40, deadline=None)
+@given(sparse_setups())
+def test_matches_reference_loop_in_float64(setup):
+    ours = _make(setup)
+    theirs = [p.detach().clone() for p in ours]
+    opt = _optimizer(ours, setup)
+    ref = ReferenceBAME(
+        theirs,
+        n=setup["n"],
+        m=setup["m"],
+        t_i=setup["t_i"],
+        t_f=setup["t_f"],
+        delta_t=setup["delta_t"],
+        alpha=setup["alpha"],
+        beta=setup["beta"],
+        momentum=setup["momentum"],
+        weight_decay=setup["weight_decay"],
+        seed=setup["seed"],
+    )
+    for step in range(setup["total"] + 3):
+        lr = _lr(step, setup["total"])
+        opt.param_groups[0]["lr"] = lr  # what an LR scheduler does: Eq. 5 must see it
+        grads = _grads(ours, step, setup["seed"])
+        for p, g in zip(ours, grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+        ref.step(grads, lr)
+        for i, p in enumerate(ours):
+            state = opt.state[p]
+            assert torch.equal(state["mask"], ref.masks[i]), f"mask {i} differs at step {step}"
+            torch.testing.assert_close(p.detach(), theirs[i])
+            torch.testing.assert_close(state["oscillation"], ref.oscillation[i])
+            if setup["momentum"]:
+                torch.testing.assert_close(state["momentum_buffer"], ref.buffers[i])
+    assert opt.param_groups[0]["step"] == setup["total"] + 3
+
+
+@settings(max_examples=40, deadline=None)
+@given(sparse_setups())
+def test_invariants_after_every_step(setup):
+    params = _make(setup, dtype=torch.float32)
+    opt = _optimizer(params, setup)
+    n, m, t_i, t_f, delta_t = (setup[k] for k in ("n", "m", "t_i", "t_f", "delta_t"))
+    last_budget = m
+    previous = None
+    for step in range(setup["total"] + 3):
+        for p, g in zip(params, _grads(params, step, setup["seed"]), strict=True):
+            p.grad = g
+        opt.step()
+        update = step == t_i or (step < t_f and step % delta_t == 0)
+        if update:
+            last_budget = budget(step, n, m, t_i)
+        masks = [opt.state[p]["mask"].clone() for p in params]
+        for p, mask in zip(params, masks, strict=True):
+            assert mask.dtype == torch.bool
+            assert (p.detach()[~blocks_to_param(mask, p.shape)] == 0).all(), "pruned weight != 0"
+            kept_per_block = mask.sum(dim=1)
+            assert (kept_per_block == last_budget).all()
+            if step >= t_i:
+                assert last_budget == n
+            assert opt.state[p]["last_frozen"] <= math.floor(setup["beta"] * mask.shape[0])
+        if previous is not None and not update:
+            for old, new in zip(previous, masks, strict=True):
+                assert torch.equal(old, new), f"mask changed at non-update step {step}"
+        if previous is not None and step >= t_f and step != t_i:
+            assert all(torch.equal(a, b) for a, b in zip(previous, masks, strict=True))
+        previous = masks
+
+
+def _train(params, opt, steps, seed, start=0):
+    for step in range(start, start + steps):
+        for p, g in zip(params, _grads(params, step, seed), strict=True):
+            p.grad = g.to(p.dtype)
+        opt.step()
+
+
+@settings(max_examples=25, deadline=None)
+@given(sparse_setups(), st.data())
+def test_resume_from_state_dict_is_bit_identical(setup, data):
+    split = data.draw(st.integers(0, setup["total"]))
+    whole = _make(setup, dtype=torch.float32)
+    resumed = [p.detach().clone().requires_grad_() for p in whole]
+    opt = _optimizer(whole, setup)
+    _train(whole, opt, setup["total"] + 2, setup["seed"])
+
+    first = _optimizer(resumed, setup)
+    _train(resumed, first, split, setup["seed"])
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)  # what accelerate.utils.load does
+    # A fresh optimizer with other hyper-parameters: everything must come from the state dict.
+    second = BAMESGD(resumed, lr=1.0, n=setup["n"], m=setup["m"], total_steps=setup["total"])
+    second.load_state_dict(saved)
+    _train(resumed, second, setup["total"] + 2 - split, setup["seed"], start=split)
+
+    assert second.param_groups[0]["step"] == opt.param_groups[0]["step"]
+    for p, q in zip(whole, resumed, strict=True):
+        assert torch.equal(p, q)
+        a, b = opt.state[p], second.state[q]
+        assert set(a) == set(b)
+        for key in a:
+            if isinstance(a[key], torch.Tensor):
+                assert a[key].dtype == b[key].dtype, key
+                assert torch.equal(a[key], b[key]), key
+            else:
+                assert a[key] == b[key], key
+
+
+def test_load_state_dict_keeps_dtypes_for_half_precision_params():
+    p = torch.randn(4, 8, dtype=torch.bfloat16, requires_grad=True)
+    opt = BAMESGD([p], lr=0.1, momentum=0.9, n=1, m=4, t_i=1, t_f=10, delta_t=1)
+    _train([p], opt, 4, seed=0)
+    oscillation = opt.state[p]["oscillation"].clone()
+    assert oscillation.dtype == torch.float32 and oscillation.any()
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # Accelerator.prepare's round trip
+    assert opt.state[p]["mask"].dtype == torch.bool
+    assert opt.state[p]["oscillation"].dtype == torch.float32
+    assert torch.equal(opt.state[p]["oscillation"], oscillation)
+    assert opt.state[p]["momentum_buffer"].dtype == torch.bfloat16
+
+
+def test_static_start_is_seeded_and_independent_of_global_rng():
+    def mask_after_first_step(seed, global_seed):
+        torch.manual_seed(global_seed)
+        p = torch.randn(8, 16, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        opt = BAMESGD([p], lr=0.1, n=2, m=4, t_i=0, t_f=0, seed=seed)
+        p.grad = torch.ones_like(p)
+        opt.step()
+        return opt.state[p]["mask"]
+
+    a = mask_after_first_step(seed=1, global_seed=0)
+    assert torch.equal(a, mask_after_first_step(seed=1, global_seed=123))
+    assert not torch.equal(a, mask_after_first_step(seed=2, global_seed=0))
+    assert (a.sum(dim=1) == 2).all()
+
+
+def test_static_mask_never_changes():
+    p = torch.randn(8, 16, requires_grad=True)
+    opt = BAMESGD([p], lr=0.1, momentum=0.9, n=1, m=8, t_i=0, t_f=0, delta_t=1)
+    _train([p], opt, 1, seed=0)
+    first = opt.state[p]["mask"].clone()
+    _train([p], opt, 20, seed=0, start=1)
+    assert torch.equal(opt.state[p]["mask"], first)
+
+
+def test_nan_gradient_skips_mask_evolution_with_a_warning_but_updates_like_sgd():
+    p = torch.randn(4, 8, requires_grad=True)
+    q = torch.randn(4, 8, requires_grad=True)
+    opt = BAMESGD([p, q], lr=0.1, n=1, m=4, t_i=0, t_f=10, delta_t=1, alpha=0.0)
+    _train([p, q], opt, 2, seed=0)
+    before = opt.state[p]["mask"].clone()
+    other = opt.state[q]["mask"].clone()
+    grad = torch.randn(4, 8)
+    grad[0, 0] = float("nan")
+    grad[1, 1] = float("inf")
+    p.grad, q.grad = grad, torch.randn(4, 8) * 100
+    expected = p.detach() - 0.1 * torch.where(blocks_to_param(before, p.shape), grad, 0.0)
+    with pytest.warns(RuntimeWarning, match=r"parameter 0 \(shape \(4, 8\)\).*NaN or Inf"):
+        opt.step()
+    assert torch.equal(opt.state[p]["mask"], before)
+    torch.testing.assert_close(p.detach(), expected, equal_nan=True)
+    assert not torch.equal(opt.state[q]["mask"], other), "the healthy parameter still evolves"
+
+
+def test_step_with_no_gradients_does_nothing():
+    p = torch.randn(4, 8, requires_grad=True)
+    opt = BAMESGD([p], lr=0.1, n=1, m=4, t_i=0, t_f=0)
+    before = p.detach().clone()
+    assert opt.step() is None
+    assert opt.param_groups[0]["step"] == 0
+    assert torch.equal(p, before)
+    assert len(opt.state) == 0
+
+
+def test_state_initialising_call_of_distributed_checkpoint_leaves_schedule_and_masks():
+    p = torch.randn(4, 8, requires_grad=True)
+    opt = BAMESGD([p], lr=0.0, momentum=0.9, n=1, m=4, t_i=0, t_f=0)
+    before = p.detach().clone()
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    assert opt.param_groups[0]["step"] == 0
+    assert torch.equal(p, before)
+    assert opt.state[p]["mask"].all(), "no mask was drawn"
+    assert "momentum_buffer" in opt.state[p]
+
+
+def test_ordinary_lr_zero_step_advances_schedule():
+    p = torch.randn(4, 8, requires_grad=True)
+    opt = BAMESGD([p], lr=0.0, n=1, m=4, t_i=0, t_f=0)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.param_groups[0]["step"] == 1
+    assert (opt.state[p]["mask"].sum(dim=1) == 1).all()
+
+
+def test_closure_and_lr_scheduler_and_zero_grad():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    x, y = torch.randn(32, 8), torch.randint(0, 2, (32,))
+    opt = BAMESGD(model.parameters(), lr=0.1, momentum=0.9, n=2, m=4, total_steps=30, delta_t=5)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=30)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    losses = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(30):
+            losses.append(opt.step(closure).item())
+            sched.step()
+    assert losses[-1] < losses[0]
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert opt.param_groups[0]["step"] == 30
+    sparse = [p for p in model.parameters() if p.ndim == 2]
+    for p in sparse:
+        assert (param_to_blocks(p.detach(), 4) != 0).sum(dim=1).le(2).all()
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_group_overrides_and_dense_group():
+    a = torch.randn(4, 8, requires_grad=True)
+    b = torch.randn(4, 16, requires_grad=True)
+    c = torch.randn(4, 8, requires_grad=True)
+    opt = BAMESGD(
+        [
+            {"params": [a]},
+            {"params": [b], "n": 1, "m": 16, "t_i": 0},
+            {"params": [c], "sparse": False},
+        ],
+        lr=0.1,
+        n=2,
+        m=4,
+        total_steps=30,
+    )
+    _train([a, b, c], opt, 11, seed=0)
+    assert opt.param_groups[0]["t_i"] == 10 and opt.param_groups[0]["t_f"] == 20
+    assert (opt.state[a]["mask"].sum(dim=1) == 2).all()
+    assert (opt.state[b]["mask"].sum(dim=1) == 1).all()
+    assert "mask" not in opt.state[c]
+    assert (c != 0).all()
+
+
+def test_sparsity_report():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    from bame_optim import nm_param_groups
+
+    opt = BAMESGD(nm_param_groups(model, 1, 4, exclude=()), lr=0.1, t_i=0, t_f=10, delta_t=2)
+    params = list(model.parameters())
+    _train(params, opt, 3, seed=0)
+    report = {row["name"]: row for row in opt.sparsity_report()}
+    assert set(report) == {"0.weight", "1.weight", "0.bias", "1.bias"}
+    row = report["0.weight"]
+    assert row["sparse"] and row["nm_valid"] and row["density"] == 0.25
+    assert row["blocks"] == 32 and row["phase"] == "evolve" and row["step"] == 3
+    assert 0 <= row["flips"] <= 2 * 32 and 0 <= row["frozen_blocks"] <= 16
+    assert report["0.bias"]["sparse"] is False and report["0.bias"]["nm_valid"] is None
+    flips = sum(r["flips"] for r in report.values())
+    assert flips > 0, "LMA on random gradients moves some weights"
+
+
+BAD_ARGUMENTS = [
+    ({"n": 4, "m": 4}, "n", "4"),
+    ({"n": 0, "m": 4}, "n", "0"),
+    ({"n": 1, "m": 1}, "m", "1"),
+    ({"lr": -0.1}, "lr", "-0.1"),
+    ({"momentum": -0.5}, "momentum", "-0.5"),
+    ({"weight_decay": -1.0}, "weight_decay", "-1.0"),
+    ({"t_i": 20, "t_f": 10}, "t_i", "20"),
+    ({"t_f": 200}, "t_f", "200"),
+    ({"alpha": 1.5}, "alpha", "1.5"),
+    ({"beta": -0.1}, "beta", "-0.1"),
+    ({"gamma": 1.0}, "gamma", "1.0"),
+    ({"delta_t": 0}, "delta_t", "0"),
+    ({"total_steps": None}, "total_steps", "None"),
+    ({"nesterov": True}, "nesterov", "True"),
+    ({"sparse": "yes"}, "sparse", "yes"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "name", "value"), BAD_ARGUMENTS)
+def test_bad_arguments_raise_value_error_naming_them(kwargs, name, value):
+    kwargs = {"lr": 0.1, "total_steps": 100, **kwargs}
+    with pytest.raises(ValueError, match=rf"Invalid {name} value: '?{value}"):
+        BAMESGD([torch.randn(4, 8, requires_grad=True)], **kwargs)
+
+
+def test_explicit_sparse_group_rejects_indivisible_and_integer_params():
+    with pytest.raises(ValueError, match=r"shape \(4, 6\)"):
+        BAMESGD([torch.randn(4, 6, requires_grad=True)], sparse=True, total_steps=10)
+    with pytest.raises(ValueError, match=r"ndim >= 2"):
+        BAMESGD([torch.randn(8, requires_grad=True)], sparse=True, total_steps=10)
+    with pytest.raises(ValueError, match=r"dense floating-point"):
+        BAMESGD([torch.zeros(4, 8, dtype=torch.int64)], sparse=True, total_steps=10)
+    with pytest.raises(ValueError, match=r"Invalid m value"):
+        BAMESGD([{"params": [torch.randn(4, 8, requires_grad=True)], "m": 1}], total_steps=10)
