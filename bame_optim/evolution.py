@@ -97,6 +97,8 @@ def top_fraction(values: Tensor, fraction: float) -> Tensor:
 
     This is ``Top(x, floor(fraction · K))`` of Eq. 9 and 10 read as membership.
     """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"Invalid fraction value: {fraction!r} (must be in [0, 1])")
     count = int(fraction * values.numel())
     order = values.sort(descending=True, stable=True).indices
     chosen = torch.zeros_like(values, dtype=torch.bool)

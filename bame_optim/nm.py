@@ -49,6 +49,8 @@ def grouped_dim(shape: torch.Size | tuple[int, ...]) -> int:
 
 def num_blocks(shape: torch.Size | tuple[int, ...], m: int) -> int:
     """Number of blocks ``K`` of a tensor of ``shape`` cut into blocks of ``m``."""
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ValueError(f"Invalid m value: {m!r} (a positive integer is required)")
     size = grouped_dim(shape)
     if size % m:
         raise ValueError(

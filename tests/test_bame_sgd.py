@@ -17,14 +17,12 @@ from bame_optim import BAMESGD
 from bame_optim.nm import blocks_to_param, param_to_blocks
 
 from .reference import ReferenceBAME, budget
-
-PATTERNS = [(1, 4), (2, 4), (1, 8), (1, 16), (2, 8), (4, 8)]
-
+from .strategies import nm_patterns
 
 @st.composite
 def sparse_setups(draw):
     """Shapes (Linear, Conv1d, Conv2d), an N:M pattern, a schedule and a seed."""
-    n, m = draw(st.sampled_from(PATTERNS))
+    n, m = draw(nm_patterns)
     layouts = [(4, 2 * m), (3, m, 3), (2, m, 2, 2)]
     shapes = draw(st.lists(st.sampled_from(layouts), min_size=1, max_size=3))
     total = draw(st.integers(8, 30))

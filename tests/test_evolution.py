@@ -1,0 +1,486 @@
+"""``bame_optim.evolution`` against a float64 reference written straight from the paper's
+equations (Eq. 4-10) with Python loops over blocks, and the invariants of DESIGN.md sections 4
+and 5."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bame_optim.evolution import (
+    DEFAULT_ALPHA,
+    DEFAULT_BETA,
+    DEFAULT_GAMMA,
+    block_norms,
+    evolve_mask,
+    lma_scores,
+    magnitude_mask,
+    obf_freeze,
+    sad,
+    score_dtype,
+    top_fraction,
+    update_oscillation,
+)
+
+from .strategies import (
+    GAMMAS,
+    MODERATE,
+    NM_PATTERNS,
+    block_mask,
+    exact_nm_mask,
+    fractions,
+    gammas,
+    lrs,
+    seeded_tensor,
+    seeds,
+    tensor_kinds,
+)
+
+# --------------------------------------------------------------------------- reference
+
+
+def ref_scores(w_row, g_row, b_row, lr):
+    """Eq. 4 for kept weights, Eq. 5 for pruned ones."""
+    return [abs(g * w) if b else lr * (g * g) for w, g, b in zip(w_row, g_row, b_row, strict=True)]
+
+
+def ref_top(scores, n, kept):
+    """Eq. 6: the n largest scores; ties keep the currently kept weight, then lower index."""
+    order = sorted(range(len(scores)), key=lambda j: (-scores[j], not kept[j], j))
+    chosen = set(order[:n])
+    return [j in chosen for j in range(len(scores))]
+
+
+def ref_sad(old, new):
+    """Eq. 7."""
+    return sum(abs(int(a) - int(b)) for a, b in zip(old, new, strict=True))
+
+
+def ref_top_fraction(values, fraction):
+    """Membership in the floor(fraction * K) largest values; ties -> lower index."""
+    count = math.floor(fraction * len(values))
+    order = sorted(range(len(values)), key=lambda k: (-values[k], k))
+    chosen = set(order[:count])
+    return [k in chosen for k in range(len(values))]
+
+
+def ref_norm(row):
+    return math.sqrt(math.fsum(w * w for w in row))
+
+
+def ref_freeze(oscillation, norms, alpha, beta):
+    """Eq. 10 with DESIGN section 4 step 5 and the note of ``obf_freeze``: frozen iff O_k is
+    among the floor(beta K) largest, ||W_k|| among the floor(alpha K) largest, and O_k > 0."""
+    top_o = ref_top_fraction(oscillation, beta)
+    top_w = ref_top_fraction(norms, alpha)
+    return [a and b and o > 0 for a, b, o in zip(top_o, top_w, oscillation, strict=True)]
+
+
+def ref_evolve(weight, grad, kept, oscillation, *, n, lr, alpha, beta, gamma):
+    """One BAME mask update, block by block, in Python floats (float64)."""
+    w_rows, g_rows, b_rows = weight.tolist(), grad.tolist(), kept.tolist()
+    o_old = oscillation.tolist()
+    proposed, new_o, norms = [], [], []
+    for w_row, g_row, b_row, o in zip(w_rows, g_rows, b_rows, o_old, strict=True):
+        row = ref_top(ref_scores(w_row, g_row, b_row, lr), n, b_row)
+        proposed.append(row)
+        new_o.append(gamma * o + (1 - gamma) * ref_sad(b_row, row))  # Eq. 8
+        norms.append(ref_norm(w_row))
+    frozen = ref_freeze(new_o, norms, alpha, beta)
+    new_kept = [b if f else p for b, p, f in zip(b_rows, proposed, frozen, strict=True)]
+    return {"kept": new_kept, "oscillation": new_o, "proposed": proposed, "frozen": frozen}
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@st.composite
+def evolution_cases(draw, kinds=tensor_kinds, gamma=gammas):
+    """Blocks with an exact N:M mask, weights (pruned entries 0 or not), gradients, an
+    oscillation EMA (zeros or multiples of 1/4, so ties between blocks happen), lr, alpha,
+    beta and gamma."""
+    n, m = draw(st.sampled_from(NM_PATTERNS))
+    k = draw(st.integers(1, 40))
+    kind = draw(kinds)
+    seed = draw(seeds)
+    kept = exact_nm_mask(k, n, m, seed)
+    weight = seeded_tensor((k, m), seed + 1, kind)
+    if draw(st.booleans()):
+        weight = weight * kept  # realistic: pruned weights are exactly 0
+    grad = seeded_tensor((k, m), seed + 2, kind)
+    if draw(st.booleans()):
+        oscillation = torch.zeros(k, dtype=torch.float64)
+    else:
+        top = 8 * min(n, m - n)
+        gen = torch.Generator().manual_seed(seed + 3)
+        oscillation = torch.randint(0, top + 1, (k,), generator=gen).double() / 4
+    return {
+        "weight": weight,
+        "grad": grad,
+        "kept": kept,
+        "oscillation": oscillation,
+        "n": n,
+        "lr": draw(lrs),
+        "alpha": draw(fractions),
+        "beta": draw(fractions),
+        "gamma": draw(gamma),
+    }
+
+
+def _evolve(case, **overrides):
+    args = {**case, **overrides}
+    return evolve_mask(
+        args["weight"],
+        args["grad"],
+        args["kept"],
+        args["oscillation"],
+        n=args["n"],
+        lr=args["lr"],
+        alpha=args["alpha"],
+        beta=args["beta"],
+        gamma=args["gamma"],
+    )
+
+
+def _reference(case, **overrides):
+    args = {**case, **overrides}
+    return ref_evolve(
+        args["weight"],
+        args["grad"],
+        args["kept"],
+        args["oscillation"],
+        n=args["n"],
+        lr=args["lr"],
+        alpha=args["alpha"],
+        beta=args["beta"],
+        gamma=args["gamma"],
+    )
+
+
+def _assert_matches(result, expected):
+    assert result.proposed.tolist() == expected["proposed"]
+    assert result.frozen.tolist() == expected["frozen"]
+    assert result.kept.tolist() == expected["kept"]
+    torch.testing.assert_close(
+        result.oscillation, torch.tensor(expected["oscillation"], dtype=torch.float64)
+    )
+
+
+# --------------------------------------------------------------------------- evolve_mask
+
+
+@MODERATE
+@given(case=evolution_cases())
+def test_evolve_mask_matches_reference(case):
+    result = _evolve(case)
+    assert result.kept.dtype == torch.bool
+    assert result.proposed.dtype == torch.bool
+    assert result.frozen.dtype == torch.bool
+    assert result.oscillation.dtype == torch.float64
+    _assert_matches(result, _reference(case))
+
+
+@MODERATE
+@given(case=evolution_cases(kinds=st.just("integers")))
+def test_evolve_mask_matches_reference_on_tie_heavy_inputs(case):
+    _assert_matches(_evolve(case), _reference(case))
+
+
+@MODERATE
+@given(
+    case=evolution_cases(),
+    alpha=st.sampled_from([DEFAULT_ALPHA, 0.0, 1.0]),
+    beta=st.sampled_from([DEFAULT_BETA, 0.0, 1.0]),
+)
+def test_evolve_mask_matches_reference_at_edge_fractions(case, alpha, beta):
+    _assert_matches(_evolve(case, alpha=alpha, beta=beta), _reference(case, alpha=alpha, beta=beta))
+
+
+@MODERATE
+@given(case=evolution_cases(), cycles=st.integers(2, 5), seed=seeds)
+def test_evolve_mask_over_several_cycles(case, cycles, seed):
+    """Carry B and O from one LMA cycle to the next, as the optimizer does."""
+    kept, oscillation = case["kept"], case["oscillation"]
+    kind = "integers" if seed % 2 else "normal"
+    for c in range(cycles):
+        weight = seeded_tensor(kept.shape, seed + 2 * c, kind) * kept
+        grad = seeded_tensor(kept.shape, seed + 2 * c + 1, kind)
+        step = {"weight": weight, "grad": grad, "kept": kept, "oscillation": oscillation}
+        result = _evolve(case, **step)
+        expected = _reference(case, **step)
+        _assert_matches(result, expected)
+        kept = torch.tensor(expected["kept"])
+        oscillation = torch.tensor(expected["oscillation"], dtype=torch.float64)
+
+
+@MODERATE
+@given(
+    case=evolution_cases(kinds=st.just("integers"), gamma=st.sampled_from([0.0, 0.5, 0.75, 1.0])),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    lr=st.sampled_from([0.0, 0.25, 0.5, 1.0, 2.0]),
+)
+def test_evolve_mask_low_precision_integer_inputs(case, dtype, lr):
+    """Small integers, dyadic lr and gamma: every score, norm order and EMA value is exact in
+    the score dtype, so low-precision inputs must give the float64 reference's masks."""
+    expected = _reference(case, lr=lr)
+    sdtype = score_dtype(dtype)
+    assert sdtype == torch.float32
+    result = _evolve(
+        case,
+        lr=lr,
+        weight=case["weight"].to(dtype),
+        grad=case["grad"].to(dtype),
+        oscillation=case["oscillation"].to(sdtype),
+    )
+    assert result.oscillation.dtype == sdtype
+    assert result.proposed.tolist() == expected["proposed"]
+    assert result.frozen.tolist() == expected["frozen"]
+    assert result.kept.tolist() == expected["kept"]
+    assert result.oscillation.tolist() == expected["oscillation"]
+
+
+@MODERATE
+@given(case=evolution_cases())
+def test_evolve_mask_invariants(case):
+    k, m = case["kept"].shape
+    n = case["n"]
+    result = _evolve(case)
+    # exactly n per block, before and after freezing
+    assert result.proposed.sum(dim=1).tolist() == [n] * k
+    assert result.kept.sum(dim=1).tolist() == [n] * k
+    # OBF never freezes more than floor(beta K) blocks
+    assert int(result.frozen.sum()) <= math.floor(case["beta"] * k)
+    assert int(result.frozen.sum()) <= math.floor(case["alpha"] * k)
+    # frozen blocks keep the old mask, the others take the proposal
+    frozen = result.frozen.unsqueeze(1).expand(k, m)
+    assert torch.equal(result.kept[frozen], case["kept"][frozen])
+    assert torch.equal(result.kept[~frozen], result.proposed[~frozen])
+    # SAD of a swap inside a block of exactly n: even, at most 2 min(n, M - n)
+    divergence = sad(case["kept"], result.proposed)
+    assert (divergence % 2 == 0).all()
+    assert ((divergence >= 0) & (divergence <= 2 * min(n, m - n))).all()
+    # Eq. 8 keeps O within [0, 2 min(n, M - n)] when it starts there
+    assert (result.oscillation >= 0).all()
+    assert (result.oscillation <= 2 * min(n, m - n)).all()
+
+
+@MODERATE
+@given(case=evolution_cases(), zero=st.sampled_from(["alpha", "beta"]))
+def test_zero_fraction_freezes_nothing(case, zero):
+    result = _evolve(case, **{zero: 0.0})
+    assert not result.frozen.any()
+    assert torch.equal(result.kept, result.proposed)
+
+
+@MODERATE
+@given(case=evolution_cases())
+def test_zero_lr_changes_nothing(case):
+    """With eta = 0 every pruned weight scores 0 <= every kept score, and ties keep the kept
+    weight: the proposal is the current mask, SAD is 0 and O only decays."""
+    result = _evolve(case, lr=0.0)
+    assert torch.equal(result.proposed, case["kept"])
+    assert torch.equal(result.kept, case["kept"])
+    torch.testing.assert_close(result.oscillation, case["oscillation"] * case["gamma"])
+    _assert_matches(result, _reference(case, lr=0.0))
+
+
+@MODERATE
+@given(case=evolution_cases())
+def test_evolve_mask_does_not_touch_its_inputs(case):
+    before = {name: case[name].clone() for name in ("weight", "grad", "kept", "oscillation")}
+    _evolve(case)
+    for name, tensor in before.items():
+        assert torch.equal(case[name], tensor), name
+
+
+def test_evolve_mask_hand_written():
+    # 1:4, three blocks, lr = 1, gamma = 0.5, alpha = beta = 2/3 -> floor(2) = 2 blocks.
+    weight = torch.tensor([[3.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 5.0, 0]], dtype=torch.float64)
+    grad = torch.tensor([[1.0, 2, 0, 0], [0, 0.5, 3, 0], [0, 0, 1, 0]], dtype=torch.float64)
+    kept = weight != 0
+    oscillation = torch.tensor([0.0, 0.0, 2.0], dtype=torch.float64)
+    # scores: block 0: kept 3 vs revive 4 -> swap to index 1 (SAD 2)
+    #         block 1: kept 0.5 vs revive 9 -> swap to index 2 (SAD 2)
+    #         block 2: kept 5 vs 0 -> stay (SAD 0)
+    # O = 0.5 O + 0.5 SAD = [1, 1, 1]; top-2 O (ties -> lower index) = blocks 0, 1;
+    # norms [3, 1, 5]: top-2 = blocks 2, 0 -> block 0 frozen.
+    result = evolve_mask(
+        weight, grad, kept, oscillation, n=1, lr=1.0, alpha=2 / 3, beta=2 / 3, gamma=0.5
+    )
+    assert result.proposed.tolist() == [
+        [False, True, False, False],
+        [False, False, True, False],
+        [False, False, True, False],
+    ]
+    assert result.oscillation.tolist() == [1.0, 1.0, 1.0]
+    assert result.frozen.tolist() == [True, False, False]
+    assert result.kept.tolist() == [
+        [True, False, False, False],
+        [False, False, True, False],
+        [False, False, True, False],
+    ]
+
+
+def test_default_hyper_parameters():
+    assert (DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_GAMMA) == (0.5, 0.5, 0.9)
+    assert DEFAULT_GAMMA in GAMMAS
+
+
+# --------------------------------------------------------------------------- the pieces
+
+
+@MODERATE
+@given(case=evolution_cases(), dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_lma_scores(case, dtype):
+    weight, grad, kept = case["weight"].to(dtype), case["grad"].to(dtype), case["kept"]
+    scores = lma_scores(weight, grad, kept, case["lr"])
+    assert scores.dtype == dtype
+    assert scores.shape == kept.shape
+    expected = [
+        ref_scores(w, g, b, case["lr"])
+        for w, g, b in zip(
+            weight.double().tolist(), grad.double().tolist(), kept.tolist(), strict=True
+        )
+    ]
+    if dtype == torch.float64:
+        assert scores.tolist() == expected
+    else:
+        torch.testing.assert_close(scores, torch.tensor(expected, dtype=dtype))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "expected"),
+    [
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float64),
+    ],
+)
+def test_score_dtype(dtype, expected):
+    assert score_dtype(dtype) == expected
+    ones = torch.ones(2, 4, dtype=dtype)
+    assert lma_scores(ones, ones, ones > 0, 0.1).dtype == expected
+    assert block_norms(ones).dtype == expected
+
+
+@MODERATE
+@given(case=evolution_cases())
+def test_sad_and_oscillation(case):
+    k, m = case["kept"].shape
+    other = exact_nm_mask(k, case["n"], m, 7)
+    divergence = sad(case["kept"], other)
+    assert divergence.dtype == torch.int64
+    expected = [ref_sad(a, b) for a, b in zip(case["kept"].tolist(), other.tolist(), strict=True)]
+    assert divergence.tolist() == expected
+    gamma = case["gamma"]
+    new = update_oscillation(case["oscillation"], divergence, gamma)
+    assert new is not case["oscillation"]
+    reference = [
+        gamma * o + (1 - gamma) * s
+        for o, s in zip(case["oscillation"].tolist(), expected, strict=True)
+    ]
+    torch.testing.assert_close(new, torch.tensor(reference, dtype=torch.float64))
+
+
+@MODERATE
+@given(case=evolution_cases())
+def test_block_norms(case):
+    norms = block_norms(case["weight"])
+    expected = [ref_norm(row) for row in case["weight"].tolist()]
+    torch.testing.assert_close(norms, torch.tensor(expected, dtype=torch.float64))
+
+
+@MODERATE
+@given(
+    values=st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0]) | st.floats(0, 10), max_size=40),
+    fraction=fractions,
+)
+def test_top_fraction(values, fraction):
+    chosen = top_fraction(torch.tensor(values, dtype=torch.float64), fraction)
+    assert chosen.dtype == torch.bool
+    assert chosen.tolist() == ref_top_fraction(values, fraction)
+    assert int(chosen.sum()) == math.floor(fraction * len(values))
+
+
+@MODERATE
+@given(
+    k=st.integers(1, 40),
+    seed=seeds,
+    alpha=fractions,
+    beta=fractions,
+    zeros=st.booleans(),
+)
+def test_obf_freeze(k, seed, alpha, beta, zeros):
+    gen = torch.Generator().manual_seed(seed)
+    oscillation = torch.randint(0, 5, (k,), generator=gen).double() / 2
+    if zeros:
+        oscillation[torch.rand(k, generator=gen) < 0.5] = 0.0
+    norms = torch.randint(0, 4, (k,), generator=gen).double()
+    frozen = obf_freeze(oscillation, norms, alpha, beta)
+    expected = ref_freeze(oscillation.tolist(), norms.tolist(), alpha, beta)
+    assert frozen.tolist() == expected
+    assert int(frozen.sum()) <= math.floor(beta * k)
+    assert not frozen[oscillation == 0].any()
+    assert not obf_freeze(oscillation, norms, 0.0, beta).any()
+    assert not obf_freeze(oscillation, norms, alpha, 0.0).any()
+
+
+# --------------------------------------------------------------------------- magnitude_mask
+
+
+def ref_magnitude(weight, kept, budget):
+    """The budget largest |W| among the kept entries of each block; ties -> lower index."""
+    mask = []
+    for w_row, b_row in zip(weight.tolist(), kept.tolist(), strict=True):
+        candidates = sorted(
+            (j for j in range(len(w_row)) if b_row[j]), key=lambda j: (-abs(w_row[j]), j)
+        )
+        chosen = set(candidates[:budget])
+        mask.append([j in chosen for j in range(len(w_row))])
+    return mask
+
+
+@MODERATE
+@given(
+    pattern=st.sampled_from(NM_PATTERNS),
+    k=st.integers(1, 40),
+    seed=seeds,
+    kind=tensor_kinds,
+    zero_pruned=st.booleans(),
+    dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]),
+    data=st.data(),
+)
+def test_magnitude_mask(pattern, k, seed, kind, zero_pruned, dtype, data):
+    n, m = pattern
+    budget = data.draw(st.integers(n, m))
+    # every block keeps between `budget` and M entries (the budget never grows)
+    kept = block_mask(k, m, seed, budget, m)
+    weight = seeded_tensor((k, m), seed + 1, kind).to(dtype)
+    if zero_pruned:
+        weight = weight * kept
+    new = magnitude_mask(weight, kept, budget)
+    assert new.dtype == torch.bool
+    assert new.sum(dim=1).tolist() == [budget] * k
+    assert not (new & ~kept).any(), "a pruned weight was revived"
+    assert new.tolist() == ref_magnitude(weight.double(), kept, budget)
+    # the survivors are at least as large as every weight dropped in the same block
+    magnitude = weight.double().abs()
+    for row in range(k):
+        dropped = kept[row] & ~new[row]
+        if dropped.any():
+            assert magnitude[row][new[row]].min() >= magnitude[row][dropped].max()
+
+
+@pytest.mark.parametrize(("n", "m"), NM_PATTERNS)
+def test_magnitude_mask_from_dense_to_n(n, m):
+    """The prune step at t_i from a dense mask: the n largest |W| of each block."""
+    weight = torch.tensor(
+        [[(-1) ** j * (j % 3) for j in range(m)] for _ in range(3)], dtype=torch.float32
+    )
+    new = magnitude_mask(weight, torch.ones(3, m, dtype=torch.bool), n)
+    assert new.tolist() == ref_magnitude(weight.double(), torch.ones(3, m, dtype=torch.bool), n)
