@@ -19,6 +19,7 @@ from bame_optim.nm import blocks_to_param, param_to_blocks
 from .reference import ReferenceBAME, budget
 from .strategies import nm_patterns
 
+
 @st.composite
 def sparse_setups(draw):
     """Shapes (Linear, Conv1d, Conv2d), an N:M pattern, a schedule and a seed."""
