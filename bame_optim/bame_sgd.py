@@ -16,7 +16,14 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .evolution import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_GAMMA, evolve_mask, magnitude_mask
+from .evolution import (
+    DEFAULT_ALPHA,
+    DEFAULT_BETA,
+    DEFAULT_GAMMA,
+    MaskEvolution,
+    evolve_mask,
+    magnitude_mask,
+)
 from .evolution import score_dtype as _score_dtype
 from .masked_sgd import masked_sgd
 from .nm import blocks_to_param, check_nm, is_nm_sparse, num_blocks, param_to_blocks, random_nm_mask
@@ -262,17 +269,7 @@ class BAMESGD(Optimizer):
                     stacklevel=4,
                 )
                 return
-            evolution = evolve_mask(
-                param_to_blocks(p, m),
-                grad,
-                kept,
-                state["oscillation"],
-                n=n,
-                lr=group["lr"],
-                alpha=group["alpha"],
-                beta=group["beta"],
-                gamma=group["gamma"],
-            )
+            evolution = self._evolve(param_to_blocks(p, m), grad, kept, state["oscillation"], group)
             new, state["oscillation"] = evolution.kept, evolution.oscillation
             frozen = int(evolution.frozen.sum())
         changed = kept != new
@@ -284,6 +281,28 @@ class BAMESGD(Optimizer):
         state["mask"] = new
         state["last_flips"] = int(changed.sum())
         state["last_frozen"] = frozen
+
+    def _evolve(
+        self,
+        weight: Tensor,
+        grad: Tensor,
+        kept: Tensor,
+        oscillation: Tensor,
+        group: dict[str, Any],
+    ) -> MaskEvolution:
+        """The evolve-phase mask update of one parameter, on block views: LMA + OBF
+        (:func:`bame_optim.evolution.evolve_mask`). Peer methods override this."""
+        return evolve_mask(
+            weight,
+            grad,
+            kept,
+            oscillation,
+            n=group["n"],
+            lr=group["lr"],
+            alpha=group["alpha"],
+            beta=group["beta"],
+            gamma=group["gamma"],
+        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict`, keeping masks ``bool`` and the oscillation EMA in its
