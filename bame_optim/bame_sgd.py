@@ -42,9 +42,6 @@ _SEED_STRIDE = 1_000_003
 """Separates the per-parameter generator seeds ``seed * stride + index`` (a prime, so seeds of
 nearby (seed, index) pairs do not collide for models with fewer parameters than that)."""
 
-_EXACT_DTYPE_STATE = ("mask", "oscillation")
-"""State that ``Optimizer.load_state_dict`` would cast to the parameter's dtype."""
-
 
 class BAMESGD(Optimizer):
     r"""SGD with momentum that keeps N:M sparse weights and evolves their masks (BAME).
@@ -96,6 +93,9 @@ class BAMESGD(Optimizer):
        that received no gradient; LMA needs one, and skips (with a warning) a parameter whose
        gradient has NaN or Inf on an update step.
     """
+
+    _exact_dtype_state: tuple[str, ...] = ("mask", "oscillation")
+    """State that ``Optimizer.load_state_dict`` would cast to the parameter's dtype."""
 
     def __init__(
         self,
@@ -252,8 +252,7 @@ class BAMESGD(Optimizer):
         frozen = 0
         current = phase(t, t_i, group["t_f"])
         if current is Phase.PRUNE and t_i == 0:
-            generator = torch.Generator().manual_seed(group["seed"] * _SEED_STRIDE + index)
-            new = random_nm_mask(kept.shape[0], n, m, generator, device=kept.device)
+            new = self._start_mask(p, kept, group, index)
         elif current is not Phase.EVOLVE:
             budget = gradual_budget(t, n, m, t_i)
             new = magnitude_mask(param_to_blocks(p, m), kept, budget)
@@ -281,6 +280,12 @@ class BAMESGD(Optimizer):
         state["mask"] = new
         state["last_flips"] = int(changed.sum())
         state["last_frozen"] = frozen
+
+    def _start_mask(self, p: Tensor, kept: Tensor, group: dict[str, Any], index: int) -> Tensor:
+        """The mask drawn at ``t_i == 0`` (no gradual phase): a random N:M mask from a
+        generator seeded with ``seed`` and the parameter's index, the same on every rank."""
+        generator = torch.Generator().manual_seed(group["seed"] * _SEED_STRIDE + index)
+        return random_nm_mask(kept.shape[0], group["n"], group["m"], generator, kept.device)
 
     def _evolve(
         self,
@@ -311,7 +316,7 @@ class BAMESGD(Optimizer):
         saved = state_dict["state"]
         ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         exact = {
-            i: {k: saved[i][k] for k in _EXACT_DTYPE_STATE if k in saved[i]}
+            i: {k: saved[i][k] for k in self._exact_dtype_state if k in saved[i]}
             for i in ids
             if i in saved
         }

@@ -1,0 +1,35 @@
+"""ASP: one-shot magnitude N:M pruning at the first step, fixed mask after."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bame_optim.asp import ASPSGD
+from bame_optim.nm import param_to_blocks
+
+
+def test_prunes_by_magnitude_once_and_keeps_the_mask():
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(6, 16, generator=gen).requires_grad_()
+    pretrained = p.detach().clone()
+    opt = ASPSGD([p], lr=0.01, momentum=0.9, n=2, m=4)
+    p.grad = torch.zeros_like(p) + 1e-3
+    opt.step()
+    mask = opt.state[p]["mask"].clone()
+    blocks = param_to_blocks(pretrained, 4).abs()
+    expected = blocks >= blocks.sort(dim=1, descending=True).values[:, 1:2]
+    assert torch.equal(mask, expected)
+    for _ in range(10):
+        p.grad = torch.randn(6, 16, generator=gen)
+        opt.step()
+    assert torch.equal(opt.state[p]["mask"], mask)
+    assert (param_to_blocks(p.detach(), 4)[~mask] == 0).all()
+
+
+def test_schedule_arguments_are_refused():
+    p = torch.randn(4, 8, requires_grad=True)
+    with pytest.raises(ValueError, match="Invalid t_i value: 5"):
+        ASPSGD([p], lr=0.1, t_i=5, t_f=5)
+    with pytest.raises(ValueError, match="Invalid t_f value: 3"):
+        ASPSGD([{"params": [p], "t_f": 3}], lr=0.1)
