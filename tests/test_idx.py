@@ -1,0 +1,124 @@
+"""IDX reading: exact round trip on a fixture, every corruption named, the real data's facts."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bame_optim.integrations.idx import IMAGES_MAGIC, LABELS_MAGIC, load_idx_dataset, read_idx
+
+SHARED_FASHION = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist"
+
+
+def _idx_bytes(array: np.ndarray, magic: int) -> bytes:
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_idx_folder(folder: Path, seed: int = 0, checksums: bool = True) -> dict:
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "train-images-idx3-ubyte": (rng.integers(0, 256, (12, 28, 28)), IMAGES_MAGIC),
+        "train-labels-idx1-ubyte": (rng.integers(0, 10, 12), LABELS_MAGIC),
+        "t10k-images-idx3-ubyte": (rng.integers(0, 256, (5, 28, 28)), IMAGES_MAGIC),
+        "t10k-labels-idx1-ubyte": (rng.integers(0, 10, 5), LABELS_MAGIC),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    sums = []
+    for name, (array, magic) in arrays.items():
+        raw = _idx_bytes(array, magic)
+        (folder / f"{name}.gz").write_bytes(gzip.compress(raw))
+        sums.append(f"{hashlib.md5(raw).hexdigest()}  {name}")
+    if checksums:
+        (folder / "MD5SUMS.decompressed").write_text("\n".join(sums) + "\n")
+    return {name: array for name, (array, _) in arrays.items()}
+
+
+def test_round_trip(tmp_path):
+    arrays = write_idx_folder(tmp_path)
+    (xs, ys), (xt, yt) = load_idx_dataset(tmp_path)
+    np.testing.assert_array_equal(xs, arrays["train-images-idx3-ubyte"])
+    np.testing.assert_array_equal(ys, arrays["train-labels-idx1-ubyte"])
+    np.testing.assert_array_equal(xt, arrays["t10k-images-idx3-ubyte"])
+    np.testing.assert_array_equal(yt, arrays["t10k-labels-idx1-ubyte"])
+
+
+def test_uncompressed_files_without_checksums(tmp_path):
+    arrays = write_idx_folder(tmp_path, checksums=False)
+    for gz in tmp_path.glob("*.gz"):
+        gz.with_suffix("").write_bytes(gzip.decompress(gz.read_bytes()))
+        gz.unlink()
+    (xs, _), _ = load_idx_dataset(tmp_path)
+    np.testing.assert_array_equal(xs, arrays["train-images-idx3-ubyte"])
+
+
+def _rewrite(path: Path, raw: bytes) -> None:
+    path.write_bytes(gzip.compress(raw))
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (lambda raw: raw[:-10], "MD5"),
+        (lambda raw: raw[:2] + b"\x00\x00" + raw[4:], "MD5"),
+    ],
+)
+def test_checksum_mismatch_is_named(tmp_path, corrupt, message):
+    write_idx_folder(tmp_path)
+    target = tmp_path / "t10k-images-idx3-ubyte.gz"
+    _rewrite(target, corrupt(gzip.decompress(target.read_bytes())))
+    with pytest.raises(ValueError, match=rf"t10k-images-idx3-ubyte.gz: {message}"):
+        load_idx_dataset(tmp_path)
+
+
+def test_truncated_payload_and_wrong_magic_without_checksums(tmp_path):
+    write_idx_folder(tmp_path, checksums=False)
+    target = tmp_path / "train-labels-idx1-ubyte.gz"
+    raw = gzip.decompress(target.read_bytes())
+    _rewrite(target, raw[:-3])
+    with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte.gz: header says \(12,\)"):
+        load_idx_dataset(tmp_path)
+    _rewrite(target, IMAGES_MAGIC.to_bytes(4, "big") + raw[4:])
+    with pytest.raises(ValueError, match=r"IDX magic 2051, expected 2049"):
+        load_idx_dataset(tmp_path)
+
+
+def test_truncated_gzip_stream(tmp_path):
+    write_idx_folder(tmp_path)
+    target = tmp_path / "train-images-idx3-ubyte.gz"
+    target.write_bytes(target.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte.gz: cannot decompress"):
+        load_idx_dataset(tmp_path)
+
+
+def test_missing_file_and_folder(tmp_path):
+    write_idx_folder(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(FileNotFoundError, match=r"t10k-labels-idx1-ubyte"):
+        load_idx_dataset(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"folder not found"):
+        load_idx_dataset(tmp_path / "nowhere")
+
+
+def test_count_mismatch(tmp_path):
+    write_idx_folder(tmp_path, checksums=False)
+    _rewrite(tmp_path / "t10k-labels-idx1-ubyte.gz", _idx_bytes(np.zeros(4), LABELS_MAGIC))
+    with pytest.raises(ValueError, match=r"test split has 5 images but 4 labels"):
+        load_idx_dataset(tmp_path)
+
+
+def test_real_fashion_mnist_labels_match_the_readme():
+    sums = dict(reversed(line.split()) for line in (SHARED_FASHION / "MD5SUMS.decompressed").open())
+    train = read_idx(
+        SHARED_FASHION / "train-labels-idx1-ubyte.gz", LABELS_MAGIC, sums["train-labels-idx1-ubyte"]
+    )
+    test = read_idx(
+        SHARED_FASHION / "t10k-labels-idx1-ubyte.gz", LABELS_MAGIC, sums["t10k-labels-idx1-ubyte"]
+    )
+    assert train[:10].tolist() == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]
+    assert np.bincount(train).tolist() == [6000] * 10
+    assert np.bincount(test).tolist() == [1000] * 10
