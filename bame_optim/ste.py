@@ -1,0 +1,148 @@
+"""Shared machinery of the dense-weight, straight-through peers (SR-STE, LBC).
+
+These methods keep *dense* weights ``W`` and train them with the dense gradient of the masked
+weight (the straight-through estimator), so they do not fit BAME's "the parameter is the
+weight" shape. :class:`DenseSTESGD` fits them into the optimizer shape instead:
+
+* the optimizer keeps ``W`` in ``state["dense_weight"]`` (parameter layout, parameter dtype),
+  copied from the parameter at the first ``step()``;
+* the parameter holds ``W ⊙ B`` (``B``: ``state["mask"]``, ``[K, M]`` bool block view) for the
+  forward, so ``p.grad = dL/d(W ⊙ B)`` (dense) is the straight-through gradient of ``W``;
+* ``step()`` runs the SGD arithmetic (:func:`bame_optim.masked_sgd.masked_sgd` with every mask
+  ``None``: momentum buffer, weight decay and update are dense) on ``W``, asks the subclass for
+  the new mask, and writes ``W ⊙ B`` back into the parameter.
+
+Dense parameters are passed to the same call unchanged, so they follow ``torch.optim.SGD``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .bame_sgd import BAMESGD
+from .masked_sgd import masked_sgd
+from .nm import blocks_to_param, num_blocks
+
+__all__ = ["DenseSTESGD"]
+
+
+class DenseSTESGD(BAMESGD):
+    """Base class: :class:`BAMESGD`'s validation, param groups, step counter,
+    ``load_state_dict`` and ``sparsity_report``, with dense weights in the optimizer state.
+
+    Subclasses set :attr:`_extra_defaults` (their own group keywords, validated in
+    :meth:`_validate_extra`) and implement :meth:`_new_mask`; they may override
+    :meth:`_dense_grad` (change the gradient of ``W``) and :meth:`_observe` (read ``G`` and ``W``
+    before the update). The private hooks of :class:`BAMESGD` used are ``_step_group`` and
+    ``_sparse_state``.
+    """
+
+    _extra_defaults: tuple[str, ...] = ()
+    """Names of the subclass's own group keywords."""
+
+    def __init__(self, params: Any, lr: float, *args: Any, **kwargs: Any) -> None:
+        # Consumed by the first add_param_group, which runs inside Optimizer.__init__ after
+        # ``self.defaults`` exists (so the extra keywords end up in ``defaults`` too).
+        self._pending_defaults = {name: kwargs.pop(name) for name in self._extra_defaults}
+        super().__init__(params, lr, *args, **kwargs)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (see :meth:`BAMESGD.add_param_group`), validating the extra keywords."""
+        pending = self.__dict__.pop("_pending_defaults", None)
+        if pending is not None:
+            self.defaults.update(pending)
+        super().add_param_group(param_group)
+        self._validate_extra(self.param_groups[-1])
+
+    def _validate_extra(self, group: dict[str, Any]) -> None:
+        """Raise ``ValueError`` naming a bad group keyword of the subclass."""
+
+    def _sparse_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        state = self.state[p]
+        if "dense_weight" not in state:
+            k = num_blocks(p.shape, group["m"])
+            state["dense_weight"] = p.detach().clone()
+            # The first forward ran on the untouched (dense) parameter: every weight was kept.
+            state["mask"] = torch.ones(k, group["m"], dtype=torch.bool, device=p.device)
+            state["last_flips"] = 0
+            self._init_state(state, p, group)
+        return state
+
+    def _init_state(self, state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> None:
+        """Add the subclass's own state entries for a new sparse parameter."""
+
+    def _dense_grad(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
+        """The gradient passed to the SGD arithmetic for ``state["dense_weight"]``."""
+        return grad
+
+    def _observe(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        """Called before the SGD update on every step that advances the counter, for sparse
+        parameters that have a gradient."""
+
+    def _new_mask(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
+        """The mask ``[K, M]`` bool after this step's update of ``state["dense_weight"]``."""
+        raise NotImplementedError
+
+    def _step_group(self, group: dict[str, Any], *, first_index: int, evolve: bool) -> None:
+        targets, grads, buffers, owners = [], [], [], []
+        sparse = []
+        for p in group["params"]:
+            target, state = p, None
+            if self._is_sparse(p, group):
+                state = self._sparse_state(p, group)
+                sparse.append((p, state))
+                target = state["dense_weight"]
+            if p.grad is None:
+                continue
+            grad = p.grad
+            if state is not None:
+                if evolve:
+                    self._observe(p, state, group)
+                grad = self._dense_grad(grad, state, group)
+            targets.append(target)
+            grads.append(grad)
+            buffers.append(self.state[p].get("momentum_buffer"))
+            owners.append(p)
+        if targets:
+            foreach = group["foreach"]
+            if foreach is None:
+                foreach = all(t.is_cuda for t in targets)
+            masked_sgd(
+                targets,
+                grads,
+                buffers,
+                [None] * len(targets),
+                lr=group["lr"],
+                momentum=group["momentum"],
+                dampening=group["dampening"],
+                weight_decay=group["weight_decay"],
+                nesterov=group["nesterov"],
+                maximize=group["maximize"],
+                foreach=foreach,
+            )
+            if group["momentum"] != 0:
+                for p, buffer in zip(owners, buffers, strict=True):
+                    self.state[p]["momentum_buffer"] = buffer
+        if not evolve:  # the state-initialising call: state exists now, nothing else changes
+            return
+        # Every sparse parameter gets its mask, with or without a gradient, so the parameter
+        # is always ``dense_weight ⊙ mask``.
+        for p, state in sparse:
+            old, new = state["mask"], self._new_mask(p, state, group)
+            state["last_flips"] = int((old != new).sum())
+            state["mask"] = new
+            weight = state["dense_weight"]
+            p.copy_(torch.where(blocks_to_param(new, p.shape), weight, 0))
+
+    def sparsity_report(self) -> list[dict[str, Any]]:
+        """As :meth:`BAMESGD.sparsity_report`, with ``phase`` from :meth:`_phase_name`."""
+        rows = super().sparsity_report()
+        for row in rows:
+            row["phase"] = self._phase_name(self.param_groups[row["group"]])
+        return rows
+
+    def _phase_name(self, group: dict[str, Any]) -> str:
+        return "evolve"

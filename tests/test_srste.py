@@ -1,0 +1,275 @@
+"""SR-STE against a float64 reference step by step, its invariants, resume, dense params,
+schedulers and errors."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bame_optim import nm_param_groups
+from bame_optim.nm import is_nm_sparse
+from bame_optim.srste import DEFAULT_SRSTE_DECAY, SRSTESGD, srste_mask
+
+from .dense_reference import (
+    assert_same_state,
+    cosine_lr,
+    dense_matches_torch_sgd,
+    dense_setups,
+    make_params,
+    save_and_load,
+    seeded_grads,
+    sgd_kwargs,
+    sgd_reference,
+    to_blocks,
+    to_param,
+)
+from .strategies import MODERATE, nm_patterns
+
+DECAYS = [0.0, DEFAULT_SRSTE_DECAY, 0.5]
+
+
+def _reference_mask(weight_blocks, old, n):
+    """Per block: the n largest |w|, ties to the currently kept weight, then the lower index."""
+    new = torch.zeros_like(old)
+    for k in range(old.shape[0]):
+        order = sorted(
+            range(old.shape[1]),
+            key=lambda j: (-abs(float(weight_blocks[k, j])), not bool(old[k, j]), j),
+        )
+        new[k, order[:n]] = True
+    return new
+
+
+class ReferenceSRSTE:
+    """SR-STE on float64 dense weights, written out per step."""
+
+    def __init__(self, params, *, n, m, decay, lr_free_setup):
+        self.n, self.m, self.decay = n, m, decay
+        self.hyper = sgd_kwargs(lr_free_setup)
+        self.maximize = lr_free_setup["maximize"]
+        self.weights = [p.detach().clone() for p in params]
+        self.masks = [torch.ones(p.numel() // m, m, dtype=torch.bool) for p in params]
+        self.buffers = [None] * len(params)
+
+    def step(self, grads, lr):
+        for i, (w, g) in enumerate(zip(self.weights, grads, strict=True)):
+            pruned = ~to_param(self.masks[i], w.shape)
+            direction = (-g if self.maximize else g) + self.decay * pruned.double() * w
+            self.weights[i], self.buffers[i] = sgd_reference(
+                w, direction, self.buffers[i], lr=lr, **self.hyper
+            )
+            self.masks[i] = _reference_mask(
+                to_blocks(self.weights[i], self.m), self.masks[i], self.n
+            )
+
+    def param(self, i):
+        return self.weights[i] * to_param(self.masks[i], self.weights[i].shape)
+
+
+@settings(max_examples=40, deadline=None)
+@given(dense_setups(), st.sampled_from(DECAYS))
+def test_matches_float64_reference_step_by_step(setup, decay):
+    params = make_params(setup)
+    opt = SRSTESGD(
+        params,
+        lr=0.05,
+        n=setup["n"],
+        m=setup["m"],
+        srste_decay=decay,
+        maximize=setup["maximize"],
+        **sgd_kwargs(setup),
+    )
+    ref = ReferenceSRSTE(params, n=setup["n"], m=setup["m"], decay=decay, lr_free_setup=setup)
+    for step in range(setup["steps"]):
+        lr = cosine_lr(step, setup["steps"])
+        opt.param_groups[0]["lr"] = lr  # what an LR scheduler does
+        grads = seeded_grads(setup["shapes"], step, setup["seed"])
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+        ref.step(grads, lr)
+        for i, p in enumerate(params):
+            state = opt.state[p]
+            assert torch.equal(state["mask"], ref.masks[i]), f"mask {i} differs at step {step}"
+            torch.testing.assert_close(state["dense_weight"], ref.weights[i])
+            torch.testing.assert_close(p.detach(), ref.param(i))
+            if setup["momentum"]:
+                torch.testing.assert_close(state["momentum_buffer"], ref.buffers[i])
+    assert opt.param_groups[0]["step"] == setup["steps"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(dense_setups(), st.sampled_from(DECAYS), st.data())
+def test_parameter_is_dense_weight_times_mask_and_nm(setup, decay, data):
+    params = make_params(setup, dtype=torch.float32)
+    opt = SRSTESGD(params, lr=0.1, n=setup["n"], m=setup["m"], srste_decay=decay)
+    for step in range(setup["steps"]):
+        # Some parameters get no gradient: they are still masked.
+        has_grad = data.draw(st.lists(st.booleans(), min_size=len(params), max_size=len(params)))
+        for p, g, keep in zip(
+            params, seeded_grads(setup["shapes"], step, 3), has_grad, strict=True
+        ):
+            p.grad = g.float() if keep else None
+        if not any(has_grad):
+            continue
+        before = {id(p): opt.state[p]["mask"].clone() for p in params if p in opt.state}
+        opt.step()
+        for p in params:
+            state = opt.state[p]
+            mask = state["mask"]
+            assert mask.dtype == torch.bool and (mask.sum(dim=1) == setup["n"]).all()
+            assert torch.equal(p.detach(), state["dense_weight"] * to_param(mask, p.shape))
+            assert is_nm_sparse(p.detach(), setup["n"], setup["m"])
+            flips = int((before[id(p)] != mask).sum()) if id(p) in before else state["last_flips"]
+            assert state["last_flips"] == flips
+
+
+@MODERATE
+@given(nm_patterns, st.integers(1, 10), st.integers(0, 2**16))
+def test_srste_mask_ties_keep_current_then_lower_index(pattern, k, seed):
+    n, m = pattern
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randint(-2, 3, (k, m), generator=gen).double()  # ties everywhere
+    old = torch.rand(k, m, generator=gen).argsort(dim=1).argsort(dim=1) < n
+    new = srste_mask(weight, old, n)
+    assert torch.equal(new, _reference_mask(weight, old, n))
+
+
+def test_first_step_copies_the_parameter_and_state_init_call_changes_nothing():
+    p = torch.randn(4, 8, requires_grad=True)
+    before = p.detach().clone()
+    opt = SRSTESGD([p], lr=0.0, momentum=0.9, n=1, m=4)
+    p.grad = torch.zeros_like(p)  # torch.distributed.checkpoint's state-initialising call
+    opt.step()
+    assert opt.param_groups[0]["step"] == 0 and torch.equal(p, before)
+    assert torch.equal(opt.state[p]["dense_weight"], before) and opt.state[p]["mask"].all()
+    p.grad = torch.randn_like(p)  # an ordinary lr-0 step: the mask is drawn, W is unchanged
+    opt.step()
+    assert opt.param_groups[0]["step"] == 1
+    assert torch.equal(opt.state[p]["dense_weight"], before)
+    kept = to_param(opt.state[p]["mask"], p.shape)
+    assert torch.equal(p.detach(), torch.where(kept, before, 0.0))
+    expected = _reference_mask(to_blocks(before, 4), torch.ones(8, 4, dtype=torch.bool), 1)
+    assert torch.equal(opt.state[p]["mask"], expected)
+
+
+def test_decay_pulls_pruned_weights_to_zero_and_lets_them_return():
+    p = torch.tensor([[4.0, 3.0, 2.0, 1.0]], requires_grad=True)
+    opt = SRSTESGD([p], lr=1.0, n=2, m=4, srste_decay=0.25)
+    p.grad = torch.zeros_like(p)
+    p.grad[0, 0] = 1.0  # nudge so that the step advances
+    opt.step()
+    assert torch.equal(opt.state[p]["dense_weight"], torch.tensor([[3.0, 3.0, 2.0, 1.0]]))
+    p.grad = torch.zeros_like(p)
+    p.grad[0, 3] = -3.0  # pruned: 1.0 + 3.0 - 0.25 * 1.0; the other pruned 2.0 decays
+    opt.step()
+    assert torch.equal(opt.state[p]["dense_weight"], torch.tensor([[3.0, 3.0, 1.5, 3.75]]))
+    assert torch.equal(p.detach(), torch.tensor([[3.0, 0.0, 0.0, 3.75]]))
+
+
+def test_dense_params_match_torch_sgd():
+    dense_matches_torch_sgd(lambda groups, **kw: SRSTESGD(groups, n=2, m=4, **kw))
+
+
+@settings(max_examples=25, deadline=None)
+@given(dense_setups(), st.sampled_from(DECAYS), st.data())
+def test_resume_from_state_dict_is_bit_identical(setup, decay, data):
+    total = setup["steps"] + 2
+    split = data.draw(st.integers(0, total))
+    kwargs = dict(lr=0.05, n=setup["n"], m=setup["m"], srste_decay=decay, **sgd_kwargs(setup))
+    whole = make_params(setup, dtype=torch.float32)
+    resumed = [p.detach().clone().requires_grad_() for p in whole]
+
+    def train(params, opt, start, stop):
+        for step in range(start, stop):
+            for p, g in zip(params, seeded_grads(setup["shapes"], step, 5), strict=True):
+                p.grad = g.float()
+            opt.step()
+
+    opt = SRSTESGD(whole, **kwargs)
+    train(whole, opt, 0, total)
+    first = SRSTESGD(resumed, **kwargs)
+    train(resumed, first, 0, split)
+    # A fresh optimizer with other hyper-parameters: everything comes from the state dict.
+    second = SRSTESGD(resumed, lr=1.0, n=setup["n"], m=setup["m"], srste_decay=0.5)
+    second.load_state_dict(save_and_load(first.state_dict()))
+    train(resumed, second, split, total)
+    assert second.param_groups[0]["step"] == opt.param_groups[0]["step"] == total
+    assert second.param_groups[0]["srste_decay"] == decay
+    for p, q in zip(whole, resumed, strict=True):
+        assert torch.equal(p, q)
+        assert_same_state(opt.state[p], second.state[q])
+
+
+def test_load_state_dict_keeps_dtypes_for_half_precision_params():
+    p = torch.randn(4, 8, dtype=torch.bfloat16, requires_grad=True)
+    opt = SRSTESGD([p], lr=0.1, momentum=0.9, n=1, m=4)
+    for step in range(3):
+        p.grad = seeded_grads([(4, 8)], step, 0, dtype=torch.bfloat16)[0]
+        opt.step()
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # Accelerator.prepare's round trip
+    assert opt.state[p]["mask"].dtype == torch.bool
+    assert opt.state[p]["dense_weight"].dtype == torch.bfloat16
+
+
+def test_trains_with_nm_param_groups_closure_and_lr_scheduler():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 16),
+        torch.nn.ReLU(),
+        torch.nn.Linear(16, 16),
+        torch.nn.ReLU(),
+        torch.nn.Linear(16, 2),
+    )
+    x, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nm_param_groups may warn about excluded layers
+        groups = nm_param_groups(model, n=2, m=4)
+    opt = SRSTESGD(groups, lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=40)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    losses = []
+    for _ in range(40):
+        losses.append(opt.step(closure).item())
+        sched.step()
+    assert losses[-1] < losses[0]
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    report = {row["name"]: row for row in opt.sparsity_report()}
+    middle = report["2.weight"]
+    assert middle["sparse"] and middle["nm_valid"] and middle["density"] == 0.5
+    assert middle["phase"] == "evolve" and middle["step"] == 40
+    assert report["0.weight"]["sparse"] is False  # the stem stays dense
+    assert is_nm_sparse(model[2].weight.detach(), 2, 4)
+
+
+BAD_ARGUMENTS = [
+    ({"srste_decay": -1.0}, "srste_decay", "-1.0"),
+    ({"srste_decay": float("nan")}, "srste_decay", "nan"),
+    ({"srste_decay": "big"}, "srste_decay", "'big'"),
+    ({"t_i": 5, "t_f": 10}, "t_i", "5"),
+    ({"t_f": 10}, "t_f", "10"),
+    ({"n": 4, "m": 4}, "n", "4"),
+    ({"lr": -0.1}, "lr", "-0.1"),
+    ({"nesterov": True}, "nesterov", "True"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "name", "value"), BAD_ARGUMENTS)
+def test_bad_arguments_raise_value_error_naming_them(kwargs, name, value):
+    with pytest.raises(ValueError, match=rf"Invalid {name} value: {value}"):
+        SRSTESGD([torch.randn(4, 8, requires_grad=True)], **{"lr": 0.1, **kwargs})
+    if name == "srste_decay":  # a group override is validated too
+        group = {"params": [torch.randn(4, 8, requires_grad=True)], **kwargs}
+        with pytest.raises(ValueError, match=rf"Invalid {name} value"):
+            SRSTESGD([group], lr=0.1)
