@@ -1,0 +1,458 @@
+"""Training-FLOPs accounting: the training FLOPs of an N:M method relative to dense training.
+
+What is counted
+---------------
+Per Linear / ConvNd layer and per sample, the three products of a training step, each at
+``2 * MACs`` FLOPs (one multiply-add = 2 FLOPs):
+
+* forward ``Y = X Wᵀ``,
+* input gradient ``dX = dY W`` (also counted for the first layer, whose ``dX`` autograd skips:
+  the usual "backward = 2 x forward" convention of RigL, SR-STE and the paper),
+* weight gradient ``dW = dYᵀ X``.
+
+For a layer with output ``[C_out, *S_out]`` (batch 1), ``MACs = C_out * prod(S_out) * C_in /
+groups * prod(kernel)`` (Linear: ``out * in * tokens``); ``ConvTransposeNd`` layers count
+``C_in * prod(S_in) * C_out / groups * prod(kernel)`` and are always dense. The three products
+have the same MAC count, kept apart so each method can sparsify them separately. Sizes come
+from one batch-1 forward with hooks (:func:`layer_flops`); a layer called twice counts twice.
+
+Not counted (elementwise or small next to the products): biases and their gradients, batch
+norm, activations, pooling, residual additions, softmax and the loss, the attention matmuls of
+transformers (``Q Kᵀ``, ``A V``) and any weight used functionally rather than through its
+module's ``forward`` (e.g. ``nn.MultiheadAttention``'s projections), the optimizer update, and
+the mask work of each method (top-k per block, LMA scores, OBF's EMA, SR-STE's decay term).
+
+Which layers are sparse is decided by :func:`bame_optim.nm_param_groups` with the same ``n, m,
+exclude``, so the accounting matches what the optimizer trains: by default the stem and the
+classifier are dense, and so is every layer whose input dimension does not divide by ``m``.
+A ratio is ``sum over steps and layers of the FLOPs spent / (total_steps * dense FLOPs per
+step)``; it does not depend on the batch size.
+
+Method profiles
+---------------
+Densities per *sparse* layer and per step ``t`` (dense layers always count 1); ``d = N/M``;
+``T = total_steps``; ``t_i, t_f, ΔT`` as in :mod:`bame_optim.schedule`.
+
+``dense``: forward 1, input-grad 1, weight-grad 1. The baseline.
+
+``static`` (random fixed N:M mask, the paper's Table 4 "Static"): forward, input-grad and
+weight-grad at ``d`` on every step, the mask being drawn before the first forward.
+
+``bame`` (this paper, Zhang et al. ICML 2025, with Jayakumar et al. 2020's three-phase
+schedule), ``lma`` (BAME without OBF, Table 4) and ``rigl`` (RigL, Evci et al. 2020, inside
+N:M blocks, Table 4) share one profile. Forward and input-grad run at the density of the mask
+in force (the paper counts the input gradient sparse although ``Wᵀ`` is not N:M: see
+``bame_bidir``); the weight gradient too (only kept weights get one), except on the update
+steps of the evolve phase (``t_i < t < t_f``, ``t % ΔT == 0``), where LMA / RigL read the
+gradient of every weight and the weight-grad counts 1. The mask in force is the one
+:class:`~bame_optim.BAMESGD` left after the previous ``step()``: all ones at ``t = 0``, then in
+the gradual phase the budget ``n(u) / M`` (:func:`~bame_optim.schedule.gradual_budget`) of the
+last update step ``u < t``, and ``d`` once step ``t_i`` pruned to N:M. Gradual-phase updates and
+the prune at ``t_i`` are by magnitude (or random if ``t_i = 0``) and need no gradient.
+
+``srste`` (SR-STE, Zhou et al. ICLR 2021): forward ``d``; input-grad 1 and weight-grad 1 on
+every step (the straight-through estimator updates every weight from the dense gradient).
+
+``bidir`` (Bi-Mask, Zhang et al. NeurIPS 2023): forward ``d``; input-grad ``d`` through the
+backward mask, N:M along the transposed weight; weight-grad 1 on every step.
+
+``bame_bidir`` (the paper's BAME†, Table 2): as ``bame``, except that the input gradient of
+every sparse layer whose output dimension divides by ``M`` uses
+:class:`~bame_optim.bidir.BidirBAMESGD`'s backward mask, which has N of every M along the
+output dimension from the first ``step()`` on: input-grad ``d`` from ``t = 1`` (1 at ``t = 0``),
+also during the gradual phase. Other sparse layers count as ``bame``.
+
+``lbc`` (LBC, Zhang et al. NeurIPS 2022): the forward uses the union of the candidate N:M
+combinations still alive, whose density falls from 1 to ``d`` on a cubic schedule over
+``[0, t_f)``: ``d + (1 - d)(1 - t / t_f)^3``, then ``d``; input-grad and weight-grad 1 on every
+step (``t_i`` is not used). :class:`~bame_optim.lbc.LBCSGD` removes *combinations* on that
+cubic; the union of those left is data-dependent and never sparser than this model (``r``
+distinct N-subsets of a block cover at least the smallest ``k`` with ``C(k, N) >= r``
+entries), so the forward here is a lower bound (and at most a third of the cost).
+
+``asp`` (NVIDIA ASP, Mishra et al. 2021, Table 1): ``pretrain_steps`` of dense training, then
+``finetune_steps`` of fine-tuning with the mask pruned by magnitude before the first sparse
+forward: forward, input-grad and weight-grad at ``d`` (the ratio the paper's Table 1 implies:
+1.5x = 1 + 0.5 at 2:4; with ASP's masked dense kernels the fine-tuning backward would cost 1).
+Both default to ``total_steps``; the ratio is still relative to a dense run of ``total_steps``.
+
+Everything is summed in closed form over the schedule (``O(M - N)`` work, not ``O(T)``), with
+exact rational arithmetic: :func:`flops_breakdown` returns the exact ratio as a
+:class:`fractions.Fraction`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import TypedDict
+
+import torch
+from torch import nn
+
+from .groups import nm_param_groups
+from .nm import check_nm
+from .schedule import DEFAULT_DELTA_T, resolve_schedule
+
+__all__ = [
+    "METHODS",
+    "FlopsBreakdown",
+    "LayerFlops",
+    "flops_breakdown",
+    "layer_flops",
+    "step_density_sums",
+    "training_flops_ratio",
+]
+
+METHODS: tuple[str, ...] = (
+    "dense",
+    "static",
+    "rigl",
+    "lma",
+    "bame",
+    "bame_bidir",
+    "bidir",
+    "srste",
+    "lbc",
+    "asp",
+)
+"""Method names :func:`training_flops_ratio` knows (profiles in the module docstring)."""
+
+_BAME_LIKE = frozenset({"rigl", "lma", "bame", "bame_bidir"})
+_PRODUCTS = ("forward", "input_grad", "weight_grad")
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+@dataclass(frozen=True)
+class LayerFlops:
+    """Dense FLOPs per sample of one layer's three training products (``2 * MACs`` each).
+
+    ``sparse``: the optimizer trains this layer's weight N:M (as :func:`nm_param_groups` with
+    ``pattern = (n, m)`` decides); ``pattern`` is ``None`` when no pattern was given.
+    ``backward_mask``: a sparse layer whose output dimension divides by ``m``, so that
+    :class:`~bame_optim.bidir.BidirBAMESGD` gives it an N:M backward mask.
+    """
+
+    name: str
+    kind: str
+    forward: int
+    input_grad: int
+    weight_grad: int
+    sparse: bool
+    backward_mask: bool
+    pattern: tuple[int, int] | None
+
+
+class FlopsBreakdown(TypedDict):
+    """What :func:`flops_breakdown` returns. FLOPs are per sample, summed over the run (times
+    the batch size for absolute numbers); the ``*_ratio`` entries divide by ``dense_total``."""
+
+    method: str
+    steps: int
+    dense_total: int
+    forward: float
+    input_grad: float
+    weight_grad: float
+    forward_ratio: float
+    input_grad_ratio: float
+    weight_grad_ratio: float
+    sparse_share: float
+    ratio: float
+    ratio_exact: Fraction
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"Invalid {name} value: {value!r} (an integer >= {minimum} is required)")
+    return value
+
+
+def _macs(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> int:
+    if isinstance(module, nn.Linear):
+        return output.numel() * module.in_features
+    conv: nn.modules.conv._ConvNd = module  # type: ignore[assignment]
+    kernel = math.prod(conv.kernel_size)
+    if isinstance(module, _CONV):
+        return output.numel() * (conv.in_channels // conv.groups) * kernel
+    return inputs[0].numel() * (conv.out_channels // conv.groups) * kernel
+
+
+def layer_flops(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    n: int | None = None,
+    m: int | None = None,
+    exclude: Sequence[str] | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> list[LayerFlops]:
+    """Per-layer dense training FLOPs per sample of ``model`` on inputs of ``input_shape``.
+
+    Runs one forward on a batch-1 zero tensor of shape ``(1, *input_shape)`` (on the model's
+    device, a ``meta`` model included, in eval mode and without gradients; every module's
+    ``training`` flag is restored afterwards) and hooks every Linear, ConvNd and
+    ConvTransposeNd module that runs, in order of first call.
+
+    Args:
+        model: the model.
+        input_shape: one sample's shape, without the batch dimension (``(3, 32, 32)``).
+        n, m: the N:M pattern; with both given, ``sparse`` marks the layers whose weight
+            :func:`~bame_optim.nm_param_groups` ``(model, n, m, exclude)`` puts in the sparse
+            group. With neither, every layer is dense.
+        exclude: passed to :func:`~bame_optim.nm_param_groups`.
+        dtype: of the input tensor (default: the model's first floating parameter's, else
+            float32); give ``torch.long`` for token-id inputs.
+    """
+    if isinstance(input_shape, (str, bytes)) or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in input_shape
+    ):
+        raise ValueError(
+            f"Invalid input_shape value: {input_shape!r} (positive integers, no batch dimension)"
+        )
+    if (n is None) != (m is None):
+        raise ValueError(f"Invalid n value: {n!r} (give both n and m, or neither; m={m!r})")
+    sparse_ids: set[int] = set()
+    if n is not None and m is not None:
+        check_nm(n, m)
+        for group in nm_param_groups(model, n, m, exclude=exclude):
+            if group["sparse"]:
+                sparse_ids.update(id(p) for _, p in group["params"])
+
+    params = list(model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    if dtype is None:
+        floating = [p.dtype for p in params if p.is_floating_point()]
+        dtype = floating[0] if floating else torch.float32
+
+    macs: dict[nn.Module, int] = {}
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        macs[module] = macs.get(module, 0) + _macs(module, inputs, output)
+
+    names = {module: name for name, module in model.named_modules()}
+    handles = [
+        module.register_forward_hook(hook)
+        for module in names
+        if isinstance(module, (nn.Linear, *_CONV, *_CONV_T))
+    ]
+    modes = {module: module.training for module in names}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros((1, *input_shape), dtype=dtype, device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training
+
+    layers = []
+    for module, count in macs.items():
+        flops = 2 * count
+        sparse = id(module.weight) in sparse_ids
+        layers.append(
+            LayerFlops(
+                name=names[module],
+                kind=type(module).__name__,
+                forward=flops,
+                input_grad=flops,
+                weight_grad=flops,
+                sparse=sparse,
+                backward_mask=sparse and m is not None and module.weight.shape[0] % m == 0,
+                pattern=(n, m) if sparse and n is not None and m is not None else None,
+            )
+        )
+    return layers
+
+
+def step_density_sums(
+    method: str,
+    *,
+    n: int,
+    m: int,
+    total_steps: int,
+    t_i: int | None = None,
+    t_f: int | None = None,
+    delta_t: int = DEFAULT_DELTA_T,
+    backward_mask: bool = True,
+) -> tuple[Fraction, Fraction, Fraction]:
+    """Exact sums over the ``total_steps`` steps of a sparse layer's forward, input-grad and
+    weight-grad densities under ``method`` (profiles in the module docstring; ``asp`` gives
+    its fine-tuning phase of ``total_steps`` steps). ``backward_mask``: whether the layer gets
+    a backward mask under ``bame_bidir``. ``O(M - N)`` work.
+    """
+    if method not in METHODS:
+        raise ValueError(f"Invalid method value: {method!r} (one of {', '.join(METHODS)})")
+    check_nm(n, m)
+    steps = _check_int("total_steps", total_steps, 1)
+    delta_t = _check_int("delta_t", delta_t, 1)
+    t_i, t_f = resolve_schedule(steps, t_i, t_f)
+    d = Fraction(n, m)
+    if method == "dense":
+        return Fraction(steps), Fraction(steps), Fraction(steps)
+    if method in ("static", "asp"):
+        return d * steps, d * steps, d * steps
+    if method == "srste":
+        return d * steps, Fraction(steps), Fraction(steps)
+    if method == "bidir":
+        return d * steps, d * steps, Fraction(steps)
+    if method == "lbc":
+        # sum_{t < t_f} (1 - t/t_f)^3 = sum_{j=1}^{t_f} j^3 / t_f^3 = (t_f + 1)^2 / (4 t_f)
+        cubic = Fraction((t_f + 1) ** 2, 4 * t_f) if t_f else Fraction(0)
+        return d * steps + (1 - d) * cubic, Fraction(steps), Fraction(steps)
+
+    # BAME-like. Kept per block in the forward of step t: m at t = 0; for t >= 1 the budget
+    # after step s = t - 1: gradual_budget(u) with u = delta_t * (s // delta_t) while s < t_i,
+    # n from s = t_i on. Summed over s in [0, steps - 1): n per step, plus for j = 1..m-n one
+    # extra per step s < S whose u satisfies ceil((m - n)(t_i - u) / t_i) >= j, i.e.
+    # u < t_i (m - n - j + 1) / (m - n), i.e. s < delta_t * ceil(that / delta_t).
+    span = min(t_i, steps - 1)
+    kept = m + n * (steps - 1)
+    for k in range(1, m - n + 1):
+        reach = delta_t * -(-t_i * k // ((m - n) * delta_t))
+        kept += min(span, reach)
+    forward = Fraction(kept, m)
+    # evolve-phase update steps t_i < t < t_f with t % delta_t == 0: dense weight gradient
+    evolve_updates = max(0, (t_f - 1) // delta_t - t_i // delta_t) if t_f else 0
+    weight_grad = forward + evolve_updates * (1 - d)
+    input_grad = forward
+    if method == "bame_bidir" and backward_mask:
+        input_grad = 1 + d * (steps - 1)
+    return forward, input_grad, weight_grad
+
+
+def flops_breakdown(
+    layers: Sequence[LayerFlops],
+    method: str,
+    *,
+    n: int,
+    m: int,
+    total_steps: int,
+    t_i: int | None = None,
+    t_f: int | None = None,
+    delta_t: int = DEFAULT_DELTA_T,
+    pretrain_steps: int | None = None,
+    finetune_steps: int | None = None,
+) -> FlopsBreakdown:
+    """Training FLOPs of ``method`` on ``layers`` (from :func:`layer_flops` with the same
+    ``n, m``), per product, and their ratio to ``total_steps`` of dense training.
+
+    ``pretrain_steps`` and ``finetune_steps`` (default ``total_steps`` each) are for ``asp``
+    only; any other method raises ``ValueError`` if they are given.
+    """
+    if method not in METHODS:
+        raise ValueError(f"Invalid method value: {method!r} (one of {', '.join(METHODS)})")
+    check_nm(n, m)
+    total_steps = _check_int("total_steps", total_steps, 1)
+    for layer in layers:
+        if layer.sparse and layer.pattern != (n, m):
+            raise ValueError(
+                f"Invalid layers value: layer {layer.name!r} was marked sparse for pattern "
+                f"{layer.pattern}, not n:m = {n}:{m} (call layer_flops with the same n, m)"
+            )
+    extra = {"pretrain_steps": pretrain_steps, "finetune_steps": finetune_steps}
+    if method == "asp":
+        pretrain = total_steps if pretrain_steps is None else pretrain_steps
+        finetune = total_steps if finetune_steps is None else finetune_steps
+        pretrain = _check_int("pretrain_steps", pretrain, 0)
+        finetune = _check_int("finetune_steps", finetune, 1)
+    else:
+        for name, value in extra.items():
+            if value is not None:
+                raise ValueError(f"Invalid {name} value: {value!r} (only method 'asp' uses it)")
+        pretrain, finetune = 0, total_steps
+
+    sums = {
+        has_mask: step_density_sums(
+            method,
+            n=n,
+            m=m,
+            total_steps=finetune,
+            t_i=t_i if method != "asp" else None,
+            t_f=t_f if method != "asp" else None,
+            delta_t=delta_t,
+            backward_mask=has_mask,
+        )
+        for has_mask in (False, True)
+    }
+    totals = dict.fromkeys(_PRODUCTS, Fraction(0))
+    dense_step = 0
+    sparse_step = 0
+    for layer in layers:
+        dense = (layer.forward, layer.input_grad, layer.weight_grad)
+        dense_step += sum(dense)
+        densities = (
+            sums[layer.backward_mask] if layer.sparse else (Fraction(finetune),) * len(_PRODUCTS)
+        )
+        if layer.sparse:
+            sparse_step += sum(dense)
+        for product, flops, density in zip(_PRODUCTS, dense, densities, strict=True):
+            totals[product] += flops * (density + pretrain)
+    if not dense_step:
+        raise ValueError("Invalid layers value: [] (no Linear or ConvNd layer to count)")
+    dense_total = dense_step * total_steps
+    exact = sum(totals.values(), Fraction(0)) / dense_total
+    return FlopsBreakdown(
+        method=method,
+        steps=pretrain + finetune,
+        dense_total=dense_total,
+        forward=float(totals["forward"]),
+        input_grad=float(totals["input_grad"]),
+        weight_grad=float(totals["weight_grad"]),
+        forward_ratio=float(totals["forward"] / dense_total),
+        input_grad_ratio=float(totals["input_grad"] / dense_total),
+        weight_grad_ratio=float(totals["weight_grad"] / dense_total),
+        sparse_share=sparse_step / dense_step,
+        ratio=float(exact),
+        ratio_exact=exact,
+    )
+
+
+def training_flops_ratio(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    method: str,
+    *,
+    n: int,
+    m: int,
+    total_steps: int,
+    t_i: int | None = None,
+    t_f: int | None = None,
+    delta_t: int = DEFAULT_DELTA_T,
+    exclude: Sequence[str] | str | None = None,
+    pretrain_steps: int | None = None,
+    finetune_steps: int | None = None,
+) -> float:
+    """Training FLOPs of ``method`` relative to ``total_steps`` steps of dense training.
+
+    ``model`` and ``input_shape`` (one sample, no batch dimension) give the layers
+    (:func:`layer_flops`); ``n, m, exclude`` choose the sparse ones exactly as
+    :func:`~bame_optim.nm_param_groups` does; ``t_i, t_f`` default to ``T // 3`` and
+    ``2T // 3``; ``pretrain_steps`` / ``finetune_steps`` are ASP's phases (default
+    ``total_steps`` each). Method profiles: module docstring. Raises ``ValueError`` naming the
+    argument for an unknown method, an invalid pattern or schedule.
+
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    >>> training_flops_ratio(net, (16,), "srste", n=1, m=4, total_steps=10, exclude=())
+    0.75
+    """
+    if method not in METHODS:
+        raise ValueError(f"Invalid method value: {method!r} (one of {', '.join(METHODS)})")
+    check_nm(n, m)
+    layers = layer_flops(model, input_shape, n=n, m=m, exclude=exclude)
+    return flops_breakdown(
+        layers,
+        method,
+        n=n,
+        m=m,
+        total_steps=total_steps,
+        t_i=t_i,
+        t_f=t_f,
+        delta_t=delta_t,
+        pretrain_steps=pretrain_steps,
+        finetune_steps=finetune_steps,
+    )["ratio"]

@@ -1,0 +1,105 @@
+"""Training-FLOPs ratios of every method for ResNet-32 on CIFAR-10, next to the paper's.
+
+The paper's recipe (section 4.1): 300 epochs of 196 steps (50,000 images, batch 256),
+ΔT = 100, t_i = T // 3, t_f = 2T // 3; ASP trains 300 dense epochs, then fine-tunes 300.
+Prints markdown (the table of ``docs/flops.md``)::
+
+    .venv/bin/python -m benchmarks.flops_table
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bame_optim.flops import flops_breakdown, layer_flops
+from benchmarks.models import resnet32
+
+EPOCHS = 300
+STEPS_PER_EPOCH = 196  # ceil(50_000 / 256)
+DELTA_T = 100
+INPUT_SHAPE = (3, 32, 32)
+
+# (method, n, m, the paper's Table 1 ratio or None; "(T2)" marks a Table 2 number)
+ROWS: list[tuple[str, int, int, str]] = [
+    ("asp", 2, 4, "1.5"),
+    ("srste", 2, 4, "0.83"),
+    ("lbc", 2, 4, "0.72"),
+    ("bidir", 2, 4, "0.66 (T2)"),
+    ("static", 2, 4, "-"),
+    ("bame", 2, 4, "0.63"),
+    ("bame_bidir", 2, 4, "0.59 (T2)"),
+    ("srste", 1, 4, "0.74"),
+    ("bidir", 1, 4, "0.49"),
+    ("static", 1, 4, "-"),
+    ("bame", 1, 4, "0.39"),
+    ("bame_bidir", 1, 4, "-"),
+    ("srste", 1, 16, "0.67"),
+    ("bidir", 1, 16, "0.37"),
+    ("static", 1, 16, "-"),
+    ("bame", 1, 16, "0.29"),
+    ("bame_bidir", 1, 16, "-"),
+]
+
+# The paper's Table 3 (BAME, 1:16): (t_i, t_f) in epochs, paper's ratio
+ABLATION: list[tuple[int, int, str]] = [
+    (0, 100, "0.07"),
+    (0, 200, "0.07"),
+    (0, 300, "0.07"),
+    (100, 300, "0.29"),
+    (200, 300, "0.41"),
+    (100, 200, "0.29"),
+]
+
+
+def main() -> None:
+    model = resnet32()
+    total = EPOCHS * STEPS_PER_EPOCH
+    layers = {}
+    for _, n, m, _ in ROWS:
+        layers.setdefault((n, m), layer_flops(model, INPUT_SHAPE, n=n, m=m))
+    dense_layers = layer_flops(model, INPUT_SHAPE)
+    dense_flops = sum(layer.forward for layer in dense_layers)
+    some = layers[(2, 4)]
+    share = sum(3 * x.forward for x in some if x.sparse) / (3 * dense_flops)
+
+    print(
+        f"ResNet-32, input 3x32x32: {len(dense_layers)} Linear/Conv layers, forward "
+        f"{dense_flops / 1e6:.1f} MFLOPs per sample (2 x MACs); sparse layers hold "
+        f"{100 * share:.2f}% of the FLOPs (stem and classifier dense). T = {total} steps, "
+        f"ΔT = {DELTA_T}, t_i = {total // 3}, t_f = {2 * total // 3}.\n"
+    )
+    print("| method | N:M | ours | paper | forward | input-grad | weight-grad |")
+    print("|---|---|---|---|---|---|---|")
+    dense = flops_breakdown(some, "dense", n=2, m=4, total_steps=total, delta_t=DELTA_T)
+    print(
+        f"| dense | - | {dense['ratio']:.3f} | 1 | {dense['forward_ratio']:.3f} "
+        f"| {dense['input_grad_ratio']:.3f} | {dense['weight_grad_ratio']:.3f} |"
+    )
+    for method, n, m, paper in ROWS:
+        b = flops_breakdown(layers[(n, m)], method, n=n, m=m, total_steps=total, delta_t=DELTA_T)
+        print(
+            f"| {method} | {n}:{m} | {b['ratio']:.3f} | {paper} | {b['forward_ratio']:.3f} "
+            f"| {b['input_grad_ratio']:.3f} | {b['weight_grad_ratio']:.3f} |"
+        )
+    print("\nBAME 1:16, the paper's Table 3 schedules (t_i, t_f in epochs):\n")
+    print("| t_i | t_f | ours | paper |")
+    print("|---|---|---|---|")
+    for t_i, t_f, paper in ABLATION:
+        b = flops_breakdown(
+            layers[(1, 16)],
+            "bame",
+            n=1,
+            m=16,
+            total_steps=total,
+            t_i=t_i * STEPS_PER_EPOCH,
+            t_f=t_f * STEPS_PER_EPOCH,
+            delta_t=DELTA_T,
+        )
+        print(f"| {t_i} | {t_f} | {b['ratio']:.3f} | {paper} |")
+
+
+if __name__ == "__main__":
+    main()
