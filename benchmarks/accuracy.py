@@ -1,0 +1,302 @@
+"""Accuracy benchmark: train one model per method and N:M pattern on real data, rank them.
+
+Prints a table (method, N:M, top-1 mean ± std over seeds, training-FLOPs ratio, wall time),
+and writes it as CSV with a plot. The small default configuration (a small CNN on the real
+Fashion-MNIST, 1:16 and 2:4, 3 seeds) fits in about 30 minutes on 2 CPU cores::
+
+    .venv/bin/python benchmarks/accuracy.py                       # Fashion-MNIST, small CNN
+    .venv/bin/python benchmarks/accuracy.py --dataset digits      # always available
+    .venv/bin/python benchmarks/accuracy.py --dataset cifar10 --data PATH --full   # GPU
+
+``--full`` is the paper's CIFAR-10 recipe: ResNet-32, 300 epochs, SGD 0.1 momentum 0.9 with
+cosine decay, weight decay 5e-3, batch 256, ΔT = 100, α = β = 0.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bame_optim import nm_param_groups  # noqa: E402
+from bame_optim.bidir import attach_backward_masks  # noqa: E402
+from bame_optim.flops import training_flops_ratio  # noqa: E402
+from bame_optim.integrations.local_data import load_split  # noqa: E402
+from bame_optim.methods import METHODS, fixed_settings, make_optimizer  # noqa: E402
+from benchmarks.models import resnet32, small_cnn  # noqa: E402
+
+DEFAULT_METHODS = ("dense", "static", "rigl", "lma", "bame", "bame_bidir", "srste", "lbc", "asp")
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "fashion-mnist"
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    delta_t: int
+    alpha: float
+    beta: float
+    limit_train: int | None
+
+
+SMALL = Config("small_cnn", 4, 128, 0.1, 0.9, 5e-4, 20, 0.5, 0.5, 30000)
+FULL = Config("resnet32", 300, 256, 0.1, 0.9, 5e-3, 100, 0.5, 0.5, None)
+
+
+def _pattern(text: str) -> tuple[int, int]:
+    try:
+        n, m = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid N:M pattern {text!r} (e.g. 2:4)") from None
+    if not 1 <= n < m:
+        raise argparse.ArgumentTypeError(f"invalid N:M pattern {text!r} (need 1 <= N < M)")
+    return n, m
+
+
+def _build_model(name: str, channels: int, classes: int, size: int) -> nn.Module:
+    if name == "resnet32":
+        return resnet32(num_classes=classes, in_channels=channels)
+    return small_cnn(in_channels=channels, num_classes=classes, image_size=size)
+
+
+def _batches(x, y, batch_size, generator):
+    order = torch.randperm(len(x), generator=generator)
+    for start in range(0, len(x), batch_size):
+        idx = order[start : start + batch_size]
+        yield x[idx], y[idx]
+
+
+def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(x), 1000):
+            correct += (model(x[start : start + 1000]).argmax(1) == y[start : start + 1000]).sum()
+    model.train()
+    return float(correct) / len(x)
+
+
+def _train(model, optimizer, data, cfg: Config, epochs: int, seed: int) -> None:
+    x, y = data
+    steps = epochs * math.ceil(len(x) / cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for xb, yb in _batches(x, y, cfg.batch_size, generator):
+            optimizer.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            optimizer.step()
+            scheduler.step()
+
+
+def run_one(method, pattern, seed, train, test, cfg: Config, shape) -> dict:
+    """Train ``method`` at ``pattern`` from seed ``seed``; return its metrics."""
+    n, m = pattern
+    channels, size, classes = shape
+    torch.manual_seed(seed)
+    model = _build_model(cfg.model, channels, classes, size)
+    steps = cfg.epochs * math.ceil(len(train[0]) / cfg.batch_size)
+    start = time.perf_counter()
+    if method == "asp":  # the recipe: dense training, then as long again sparse fine-tuning
+        dense = torch.optim.SGD(
+            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+        _train(model, dense, train, cfg, cfg.epochs, seed)
+    groups = nm_param_groups(model, n, m)
+    schedule = {
+        "n": n,
+        "m": m,
+        "total_steps": steps,
+        "delta_t": cfg.delta_t,
+        "alpha": cfg.alpha,
+        "beta": cfg.beta,
+        "seed": seed,
+    }
+    for key in fixed_settings(method):  # e.g. lma fixes alpha = 0
+        schedule.pop(key, None)
+    hyper = {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay}
+    optimizer = make_optimizer(method, groups, **hyper, **schedule)
+    handles = attach_backward_masks(model, optimizer) if method == "bame_bidir" else []
+    _train(model, optimizer, train, cfg, cfg.epochs, seed + 1)
+    for handle in handles:
+        handle.remove()
+    seconds = time.perf_counter() - start
+    flops = training_flops_ratio(
+        model,
+        (channels, size, size),
+        method,
+        n=n,
+        m=m,
+        total_steps=steps,
+        delta_t=cfg.delta_t,
+        **({"pretrain_steps": steps} if method == "asp" else {}),
+    )
+    return {
+        "method": method,
+        "pattern": f"{n}:{m}" if method != "dense" else "-",
+        "seed": seed,
+        "top1": _evaluate(model, *test),
+        "flops": flops,
+        "seconds": seconds,
+    }
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and spread over seeds, one row per (method, pattern), in first-seen order."""
+    grouped: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        grouped.setdefault((row["method"], row["pattern"]), []).append(row)
+    table = []
+    for (method, pattern), runs in grouped.items():
+        accs = [100 * r["top1"] for r in runs]
+        table.append(
+            {
+                "method": method,
+                "pattern": pattern,
+                "top1_mean": statistics.fmean(accs),
+                "top1_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                "seeds": " ".join(str(r["seed"]) for r in runs),
+                "flops_ratio": runs[0]["flops"],
+                "seconds": statistics.fmean(r["seconds"] for r in runs),
+            }
+        )
+    return table
+
+
+def format_table(table: list[dict]) -> str:
+    lines = [
+        "| method | N:M | top-1 % (mean ± std) | train FLOPs | time / run (s) | seeds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in table:
+        lines.append(
+            f"| {r['method']} | {r['pattern']} | {r['top1_mean']:.2f} ± {r['top1_std']:.2f} "
+            f"| {r['flops_ratio']:.2f}x | {r['seconds']:.1f} | {r['seeds']} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(table: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    patterns = [p for p in dict.fromkeys(r["pattern"] for r in table) if p != "-"]
+    methods = [m for m in dict.fromkeys(r["method"] for r in table) if m != "dense"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(methods) * len(patterns)), 4))
+    width = 0.8 / max(1, len(patterns))
+    for i, pattern in enumerate(patterns):
+        rows = {r["method"]: r for r in table if r["pattern"] == pattern}
+        xs = [j + i * width for j, method in enumerate(methods) if method in rows]
+        means = [rows[method]["top1_mean"] for method in methods if method in rows]
+        stds = [rows[method]["top1_std"] for method in methods if method in rows]
+        ax.bar(xs, means, width, yerr=stds, capsize=3, label=pattern)
+    for r in table:
+        if r["method"] == "dense":
+            ax.axhline(r["top1_mean"], color="black", linestyle="--", label="dense")
+    ax.set_xticks([j + width * (len(patterns) - 1) / 2 for j in range(len(methods))], methods)
+    lows = [r["top1_mean"] - r["top1_std"] for r in table]
+    ax.set_ylim(max(0.0, min(lows) - 2), min(100.0, max(r["top1_mean"] for r in table) + 1))
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--dataset", choices=("fashion-mnist", "digits", "cifar10"), default="fashion-mnist"
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help=f"local data folder (default for fashion-mnist: {DEFAULT_DATA})",
+    )
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
+    parser.add_argument("--patterns", nargs="+", type=_pattern, default=[(1, 16), (2, 4)])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--full", action="store_true", help="the paper's ResNet-32 recipe")
+    parser.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
+    parser.add_argument(
+        "--limit-train",
+        type=int,
+        default=None,
+        help="train on the first N training images (0: all)",
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "accuracy")
+    args = parser.parse_args(argv)
+    if args.epochs is not None and args.epochs < 1:
+        parser.error(f"argument --epochs: invalid value {args.epochs} (must be >= 1)")
+    if args.limit_train is not None and args.limit_train < 0:
+        parser.error(f"argument --limit-train: invalid value {args.limit_train} (must be >= 0)")
+    if args.dataset == "cifar10" and args.data is None:
+        parser.error("argument --data: required for --dataset cifar10 (the python batches folder)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    cfg = FULL if args.full else SMALL
+    if args.epochs is not None:
+        cfg = Config(**{**cfg.__dict__, "epochs": args.epochs})
+    if args.limit_train is not None:
+        cfg = Config(**{**cfg.__dict__, "limit_train": args.limit_train or None})
+    path = args.data or (DEFAULT_DATA if args.dataset == "fashion-mnist" else None)
+    train, test = load_split(args.dataset, path)
+    if cfg.limit_train:
+        train = (train[0][: cfg.limit_train], train[1][: cfg.limit_train])
+    shape = (train[0].shape[1], train[0].shape[2], int(train[1].max()) + 1)
+    jobs = [("dense", (1, 2))] if "dense" in args.methods else []
+    jobs += [(m, p) for p in args.patterns for m in args.methods if m != "dense"]
+    rows = []
+    with tqdm(total=len(jobs) * len(args.seeds), desc="runs", unit="run") as bar:
+        for method, pattern in jobs:
+            for seed in args.seeds:
+                label = method if method == "dense" else f"{method} {pattern[0]}:{pattern[1]}"
+                bar.set_postfix_str(f"{label} seed {seed}")
+                rows.append(run_one(method, pattern, seed, train, test, cfg, shape))
+                bar.update()
+    table = summarise(rows)
+    print(
+        f"\n{args.dataset} ({len(train[0])} train / {len(test[0])} test images), {cfg.model}, "
+        f"{cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}, ΔT {cfg.delta_t}"
+    )
+    print(format_table(table))
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "accuracy.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+    with open(args.out / "runs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(table, args.out / "accuracy.png", f"{args.dataset}, {cfg.model}, {cfg.epochs} epochs")
+    print(f"wrote accuracy.csv, runs.csv and accuracy.png to {args.out}")
+    return table
+
+
+if __name__ == "__main__":
+    main()

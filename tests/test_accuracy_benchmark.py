@@ -1,0 +1,54 @@
+"""The accuracy benchmark runs every method on digits and writes its table, CSV and plot."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from benchmarks import accuracy
+
+
+def test_small_run_on_digits(tmp_path, capsys):
+    table = accuracy.main(
+        [
+            "--dataset",
+            "digits",
+            "--epochs",
+            "1",
+            "--limit-train",
+            "256",
+            "--patterns",
+            "1:4",
+            "--seeds",
+            "0",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert [row["method"] for row in table] == list(accuracy.DEFAULT_METHODS)
+    for row in table:
+        assert 0 <= row["top1_mean"] <= 100 and row["seeds"] == "0 1"
+        assert row["flops_ratio"] > 0
+    by_method = {row["method"]: row for row in table}
+    assert by_method["dense"]["flops_ratio"] == 1.0
+    assert by_method["bame"]["flops_ratio"] < by_method["srste"]["flops_ratio"] < 1.0
+    with open(tmp_path / "runs.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2 * len(table)
+    assert (tmp_path / "accuracy.png").stat().st_size > 1000
+    assert "| bame | 1:4 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--patterns", "4:4"], "invalid N:M pattern '4:4'"),
+        (["--epochs", "0"], "--epochs: invalid value 0"),
+        (["--dataset", "cifar10"], "--data: required"),
+    ],
+)
+def test_bad_flags(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        accuracy.main(argv)
+    assert message in capsys.readouterr().err
