@@ -94,6 +94,8 @@ class BAMESGD(Optimizer):
        gradient has NaN or Inf on an update step.
     """
 
+    _extra_defaults: tuple[str, ...] = ()
+    """Group keywords a subclass adds (passed through ``**extra_defaults``)."""
     _exact_dtype_state: tuple[str, ...] = ("mask", "oscillation")
     """State that ``Optimizer.load_state_dict`` would cast to the parameter's dtype."""
 
@@ -119,7 +121,13 @@ class BAMESGD(Optimizer):
         gamma: float = DEFAULT_GAMMA,
         seed: int = 0,
         sparse: bool | None = None,
+        **extra_defaults: Any,
     ) -> None:
+        unknown = set(extra_defaults) - set(self._extra_defaults)
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__}() got unexpected keyword arguments: {sorted(unknown)}"
+            )
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -139,6 +147,7 @@ class BAMESGD(Optimizer):
             gamma=gamma,
             seed=seed,
             sparse=sparse,
+            **extra_defaults,
         )
         super().__init__(params, defaults)
 

@@ -40,20 +40,8 @@ class DenseSTESGD(BAMESGD):
     ``_sparse_state``.
     """
 
-    _extra_defaults: tuple[str, ...] = ()
-    """Names of the subclass's own group keywords."""
-
-    def __init__(self, params: Any, lr: float, *args: Any, **kwargs: Any) -> None:
-        # Consumed by the first add_param_group, which runs inside Optimizer.__init__ after
-        # ``self.defaults`` exists (so the extra keywords end up in ``defaults`` too).
-        self._pending_defaults = {name: kwargs.pop(name) for name in self._extra_defaults}
-        super().__init__(params, lr, *args, **kwargs)
-
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (see :meth:`BAMESGD.add_param_group`), validating the extra keywords."""
-        pending = self.__dict__.pop("_pending_defaults", None)
-        if pending is not None:
-            self.defaults.update(pending)
         super().add_param_group(param_group)
         self._validate_extra(self.param_groups[-1])
 

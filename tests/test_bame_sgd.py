@@ -380,3 +380,8 @@ def test_explicit_sparse_group_rejects_indivisible_and_integer_params():
         BAMESGD([torch.zeros(4, 8, dtype=torch.int64)], sparse=True, total_steps=10)
     with pytest.raises(ValueError, match=r"Invalid m value"):
         BAMESGD([{"params": [torch.randn(4, 8, requires_grad=True)], "m": 1}], total_steps=10)
+
+
+def test_unknown_keyword_is_a_type_error():
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments: \['srste_decay'\]"):
+        BAMESGD([torch.randn(4, 8, requires_grad=True)], total_steps=10, srste_decay=1e-4)
