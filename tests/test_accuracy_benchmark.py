@@ -52,3 +52,28 @@ def test_bad_flags(argv, message, capsys):
     with pytest.raises(SystemExit):
         accuracy.main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_augment_is_a_random_crop_and_flip_of_each_image():
+    import torch
+    from torch.nn import functional as F
+
+    x = torch.randn(16, 3, 8, 8)
+    out = accuracy._augment(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    pad = accuracy.CROP_PADDING
+    padded = F.pad(x, [pad] * 4)
+    flipped = 0
+    for i in range(len(x)):
+        crops = [
+            (padded[i, :, dy : dy + 8, dx : dx + 8], flip)
+            for dy in range(2 * pad + 1)
+            for dx in range(2 * pad + 1)
+            for flip in (False, True)
+        ]
+        matches = [
+            flip for crop, flip in crops if torch.equal(out[i], crop.flip(-1) if flip else crop)
+        ]
+        assert matches, f"image {i} is not a crop of its padded original"
+        flipped += matches[0]
+    assert 0 < flipped < len(x)
