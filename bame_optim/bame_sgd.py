@@ -219,7 +219,7 @@ class BAMESGD(Optimizer):
     def _step_group(self, group: dict[str, Any], *, first_index: int, evolve: bool) -> None:
         t, t_i, t_f = group["step"], group["t_i"], group["t_f"]
         update = evolve and is_update_step(t, group["delta_t"], t_i, t_f)
-        params, grads, buffers, kept = [], [], [], []
+        params, grads, kept = [], [], []
         for offset, p in enumerate(group["params"]):
             mask = None
             if self._is_sparse(p, group):
@@ -231,15 +231,27 @@ class BAMESGD(Optimizer):
                 continue
             params.append(p)
             grads.append(p.grad)
-            buffers.append(self.state[p].get("momentum_buffer"))
             kept.append(mask)
-        if not params:
+        self._sgd_update(group, params, grads, kept, params)
+
+    def _sgd_update(
+        self,
+        group: dict[str, Any],
+        targets: list[Tensor],
+        grads: list[Tensor],
+        kept: list[Tensor | None],
+        owners: list[Tensor],
+    ) -> None:
+        """Run :func:`masked_sgd` on ``targets`` with the group's hyper-parameters, keeping
+        each momentum buffer in the state of the matching parameter of ``owners``."""
+        if not targets:
             return
+        buffers = [self.state[p].get("momentum_buffer") for p in owners]
         foreach = group["foreach"]
         if foreach is None:
-            foreach = all(p.is_cuda for p in params)
+            foreach = all(t.is_cuda for t in targets)
         masked_sgd(
-            params,
+            targets,
             grads,
             buffers,
             kept,
@@ -252,7 +264,7 @@ class BAMESGD(Optimizer):
             foreach=foreach,
         )
         if group["momentum"] != 0:
-            for p, buffer in zip(params, buffers, strict=True):
+            for p, buffer in zip(owners, buffers, strict=True):
                 self.state[p]["momentum_buffer"] = buffer
 
     def _update_mask(self, p: Tensor, state: dict[str, Any], group: dict[str, Any], index: int):

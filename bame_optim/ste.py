@@ -23,7 +23,6 @@ import torch
 from torch import Tensor
 
 from .bame_sgd import BAMESGD
-from .masked_sgd import masked_sgd
 from .nm import blocks_to_param, num_blocks
 
 __all__ = ["DenseSTESGD"]
@@ -75,7 +74,7 @@ class DenseSTESGD(BAMESGD):
         raise NotImplementedError
 
     def _step_group(self, group: dict[str, Any], *, first_index: int, evolve: bool) -> None:
-        targets, grads, buffers, owners = [], [], [], []
+        targets, grads, owners = [], [], []
         sparse = []
         for p in group["params"]:
             target, state = p, None
@@ -92,28 +91,8 @@ class DenseSTESGD(BAMESGD):
                 grad = self._dense_grad(grad, state, group)
             targets.append(target)
             grads.append(grad)
-            buffers.append(self.state[p].get("momentum_buffer"))
             owners.append(p)
-        if targets:
-            foreach = group["foreach"]
-            if foreach is None:
-                foreach = all(t.is_cuda for t in targets)
-            masked_sgd(
-                targets,
-                grads,
-                buffers,
-                [None] * len(targets),
-                lr=group["lr"],
-                momentum=group["momentum"],
-                dampening=group["dampening"],
-                weight_decay=group["weight_decay"],
-                nesterov=group["nesterov"],
-                maximize=group["maximize"],
-                foreach=foreach,
-            )
-            if group["momentum"] != 0:
-                for p, buffer in zip(owners, buffers, strict=True):
-                    self.state[p]["momentum_buffer"] = buffer
+        self._sgd_update(group, targets, grads, [None] * len(targets), owners)
         if not evolve:  # the state-initialising call: state exists now, nothing else changes
             return
         # Every sparse parameter gets its mask, with or without a gradient, so the parameter
