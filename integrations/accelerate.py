@@ -1,0 +1,330 @@
+"""Using :class:`bame_optim.BAMESGD` under 🤗 Accelerate (data parallel, several processes).
+
+What already works without this module (and is tested in ``tests/test_accelerate.py``):
+
+* **Step counter.** ``AcceleratedOptimizer.step()`` calls ``BAMESGD.step()`` only when
+  gradients are synchronised, so under ``accelerator.accumulate(model)`` the schedule counts
+  real updates only. A step that a ``GradScaler`` skips (fp16 overflow) never reaches
+  ``BAMESGD.step()`` either: BAMESGD deliberately does not set ``_step_supports_amp_scaling``.
+* **Checkpoints.** ``accelerator.save_state`` / ``load_state`` restore masks (``bool``), the
+  oscillation EMA, momentum and the schedule exactly: the state holds only tensors, ints,
+  floats, strings, lists and dicts (``weights_only=True`` loading accepts it), and
+  ``BAMESGD.load_state_dict`` undoes the dtype casts of ``Optimizer.load_state_dict`` (also
+  for the state-dict round trip inside ``Accelerator.prepare``).
+* **Same masks on every rank.** Mask updates are deterministic functions of the weights, the
+  all-reduced gradients and the step counter, so ranks agree by construction.
+
+What this module adds is the *check* of the last point, for when something outside BAMESGD
+breaks it (a rank that edits a mask, non-deterministic gradient reduction, a resumed rank that
+loaded another checkpoint): :func:`verify_masks` and the step hook :class:`MaskSync`.
+
+.. code-block:: python
+
+    accelerator = Accelerator()
+    model, optimizer, loader = accelerator.prepare(model, BAMESGD(...), loader)
+    sync = MaskSync(optimizer, accelerator)
+    for x, y in loader:
+        with accelerator.accumulate(model):
+            accelerator.backward(loss_fn(model(x), y))
+            optimizer.step()
+            sync.after_step()  # a collective on mask-update steps: call it on every rank
+            optimizer.zero_grad()
+
+Not supported: FSDP / FSDP2 (sharded parameters and ``DTensor`` masks), DeepSpeed ZeRO (the
+wrapped optimizer never sees full parameters). Both collectives go through
+:func:`accelerate.utils.gather` and :func:`accelerate.utils.broadcast` when an ``Accelerator``
+is given, and through :mod:`torch.distributed` otherwise.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import broadcast as _acc_broadcast
+from accelerate.utils import gather as _acc_gather
+from torch import Tensor
+from torch.optim import Optimizer
+
+from bame_optim.bame_sgd import BAMESGD
+from bame_optim.evolution import score_dtype
+from bame_optim.nm import blocks_to_param
+from bame_optim.schedule import is_update_step
+
+__all__ = ["MaskSync", "last_update_step", "unwrap_optimizer", "verify_masks"]
+
+_HASH = 2654435761
+"""Knuth's multiplicative hash constant: per-block weights of the mask checksum."""
+_PARAM_FIELDS = 5
+"""Checksum row per parameter: has mask, kept count, mask hash, oscillation hash, has momentum
+(the last one is not compared: it only tells the other ranks what rank 0 holds)."""
+_COMPARED = 4
+_INT_OF = {8: torch.int64, 4: torch.int32, 2: torch.int16}
+
+
+def unwrap_optimizer(optimizer: Optimizer) -> BAMESGD:
+    """The :class:`BAMESGD` inside ``optimizer``: itself, or the one that an
+    ``AcceleratedOptimizer`` (or any wrapper with an ``optimizer`` attribute) holds.
+
+    Raises ``TypeError`` when there is none.
+    """
+    seen = optimizer
+    for _ in range(8):
+        if isinstance(seen, BAMESGD):
+            return seen
+        seen = getattr(seen, "optimizer", None)
+        if seen is None:
+            break
+    raise TypeError(f"Invalid optimizer: {type(optimizer).__name__} holds no BAMESGD")
+
+
+def last_update_step(group: dict[str, Any]) -> int:
+    """The last step ``t`` at which the mask of ``group`` may change (the masks are final after
+    the ``step()`` that ran with counter ``t``)."""
+    t_i, t_f, delta_t = group["t_i"], group["t_f"], group["delta_t"]
+    if t_f <= t_i:
+        return t_i
+    return max(t_i, (t_f - 1) // delta_t * delta_t)
+
+
+def _world(accelerator: Accelerator | None) -> tuple[int, int]:
+    """``(world size, rank)`` of the processes the check runs over."""
+    if accelerator is not None:
+        return accelerator.num_processes, accelerator.process_index
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _gather(row: Tensor, accelerator: Accelerator | None, world: int) -> Tensor:
+    """All ranks' ``row`` (1-d) as ``[world, len(row)]`` on the CPU."""
+    if accelerator is not None:
+        gathered = _acc_gather(row)
+    else:
+        parts = [torch.empty_like(row) for _ in range(world)]
+        dist.all_gather(parts, row)
+        gathered = torch.cat(parts)
+    return gathered.reshape(world, -1).cpu()
+
+
+def _broadcast_(tensor: Tensor, accelerator: Accelerator | None) -> None:
+    """Overwrite ``tensor`` in place with rank 0's (``bool`` travels as ``uint8``)."""
+    buffer = tensor.to(torch.uint8) if tensor.dtype == torch.bool else tensor.contiguous()
+    if accelerator is not None:
+        result = _acc_broadcast(buffer, from_process=0)
+    else:
+        dist.broadcast(buffer, src=0)
+        result = buffer
+    if result is not tensor:
+        tensor.copy_(result.to(tensor.dtype))
+
+
+def _hash(values: Tensor, device: torch.device) -> Tensor:
+    """Position-weighted sum of an integer tensor, in wrapping int64 arithmetic (exact and
+    independent of the reduction order, so equal inputs give equal sums on every rank)."""
+    flat = values.reshape(-1).to(torch.int64)
+    weights = torch.arange(flat.numel(), dtype=torch.int64, device=device) * _HASH % 2**31 + 1
+    return (flat * weights).sum()
+
+
+def _param_row(state: dict[str, Any], device: torch.device) -> list[Tensor]:
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    has_momentum = zero + int(state.get("momentum_buffer") is not None)
+    mask = state.get("mask")
+    if mask is None:
+        return [zero, zero, zero, zero, has_momentum]
+    mask = mask.to(device)
+    m = mask.shape[-1]
+    position = torch.arange(1, m + 1, dtype=torch.int64, device=device)
+    codes = (mask.to(torch.int64) * position).sum(-1)  # one code per block, order-aware
+    oscillation = state["oscillation"].to(device).contiguous()
+    bits = oscillation.view(_INT_OF[oscillation.element_size()])
+    return [
+        zero + 1,
+        mask.sum().to(torch.int64),
+        _hash(codes, device),
+        _hash(bits, device),
+        has_momentum,
+    ]
+
+
+def _names(optimizer: BAMESGD) -> list[str]:
+    names = []
+    for g, group in enumerate(optimizer.param_groups):
+        given = group.get("param_names")
+        names += [given[j] if given else f"group{g}.param{j}" for j in range(len(group["params"]))]
+    return names
+
+
+@torch.no_grad()
+def _repair(
+    optimizer: BAMESGD,
+    group: dict[str, Any],
+    p: Tensor,
+    rank0: Tensor,
+    accelerator: Accelerator | None,
+) -> None:
+    """Make parameter ``p``'s mask, oscillation EMA, weight and momentum rank 0's, then zero its
+    pruned weights. Every rank runs this, in the same order."""
+    state = optimizer.state[p]
+    if int(rank0[0]):
+        if "mask" not in state:
+            m = group["m"]
+            state["mask"] = torch.zeros(p.numel() // m, m, dtype=torch.bool, device=p.device)
+            state["oscillation"] = torch.zeros(
+                p.numel() // m, dtype=score_dtype(p.dtype), device=p.device
+            )
+            state.setdefault("last_flips", 0)
+            state.setdefault("last_frozen", 0)
+        for key in ("mask", "oscillation"):  # fresh tensors: loaded state may alias others
+            state[key] = state[key].clone()
+            _broadcast_(state[key], accelerator)
+    else:
+        for key in ("mask", "oscillation", "last_flips", "last_frozen"):
+            state.pop(key, None)
+    _broadcast_(p.data, accelerator)
+    if int(rank0[4]):
+        if state.get("momentum_buffer") is None:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        _broadcast_(state["momentum_buffer"], accelerator)
+    else:
+        state.pop("momentum_buffer", None)
+    if "mask" in state:
+        p.masked_fill_(~blocks_to_param(state["mask"], p.shape), 0)
+
+
+def verify_masks(
+    optimizer: Optimizer, accelerator: Accelerator | None = None, *, fix: bool = True
+) -> bool:
+    """Check that every rank holds the same BAMESGD masks, oscillation EMA and step counters.
+
+    A **collective**: every process must call it at the same point. It computes on the
+    parameters' device, per parameter, a few int64 checksums (whether it has a mask, the kept
+    count, a position-weighted hash of the mask bits and a hash of the raw bits of the
+    oscillation EMA; any single changed bit or moved kept entry changes them), adds each
+    group's ``step``, and runs one ``gather`` of that small vector.
+
+    Without an ``accelerator`` it uses :mod:`torch.distributed` if initialised; in a single
+    process it returns ``True`` at once.
+
+    If some rank differs from rank 0 and ``fix`` is true, every rank (i) takes rank 0's step
+    counter for the groups that differ and (ii) for each parameter that differs, receives rank
+    0's mask, oscillation EMA, weight and momentum buffer by ``broadcast`` and zeroes its pruned
+    weights, so afterwards every rank continues exactly as rank 0 would; and a
+    ``RuntimeWarning`` naming the parameters (``param_names`` of the group, else
+    ``group{g}.param{j}``) and the ranks is issued on every rank.
+
+    Args:
+        optimizer: a :class:`BAMESGD`, or the ``AcceleratedOptimizer`` around one.
+        accelerator: the ``Accelerator`` the optimizer was prepared with, or ``None``.
+        fix: repair a mismatch from rank 0 (else only report it).
+
+    Returns:
+        ``True`` iff all ranks agreed (before any repair).
+    """
+    opt = unwrap_optimizer(optimizer)
+    world, rank = _world(accelerator)
+    if world == 1:
+        return True
+    params = [(group, p) for group in opt.param_groups for p in group["params"]]
+    device = accelerator.device if accelerator is not None else params[0][1].device
+    steps = [
+        torch.tensor(group["step"], dtype=torch.int64, device=device) for group in opt.param_groups
+    ]
+    fields = [x for _, p in params for x in _param_row(opt.state.get(p, {}), device)]
+    gathered = _gather(torch.stack(steps + fields), accelerator, world)
+
+    num_groups = len(steps)
+    step_rows = gathered[:, :num_groups]
+    param_rows = gathered[:, num_groups:].reshape(world, len(params), _PARAM_FIELDS)
+    bad_groups = (step_rows != step_rows[0]).any(0).nonzero().flatten().tolist()
+    compared = param_rows[..., :_COMPARED]
+    bad_params = (compared != compared[0]).any(-1).any(0).nonzero().flatten().tolist()
+    if not bad_groups and not bad_params:
+        return True
+
+    ranks = (
+        ((step_rows != step_rows[0]).any(1) | (compared != compared[0]).flatten(1).any(1))
+        .nonzero()
+        .flatten()
+        .tolist()
+    )
+    names = _names(opt)
+    message = (
+        f"verify_masks (rank {rank}): ranks {ranks} differ from rank 0 in "
+        + (f"the step counter of param groups {bad_groups}; " if bad_groups else "")
+        + (f"the masks of {[names[i] for i in bad_params]}" if bad_params else "")
+    )
+    if fix:
+        for g in bad_groups:
+            opt.param_groups[g]["step"] = int(step_rows[0, g])
+        for i in bad_params:
+            group, p = params[i]
+            _repair(opt, group, p, param_rows[0, i], accelerator)
+        message += "; rank 0's masks, oscillation EMA, weights and momentum were broadcast"
+    warnings.warn(message, RuntimeWarning, stacklevel=2)
+    return False
+
+
+class MaskSync:
+    """Runs :func:`verify_masks` after the optimizer steps that may have changed a mask.
+
+    Call :meth:`after_step` on **every** rank right after **every** ``optimizer.step()``
+    (including the ones Accelerate skips under gradient accumulation and the ones a grad scaler
+    skips): it compares the step counters with those it saw last, so it checks only when a
+    real step ran with a counter ``t = group["step"] - 1`` that is a mask-update step
+    (:func:`bame_optim.schedule.is_update_step`) of a group holding masks. The counters are
+    equal on every rank, so every rank joins the collective at the same calls.
+
+    Args:
+        optimizer: a :class:`BAMESGD` or the ``AcceleratedOptimizer`` around one.
+        accelerator: the ``Accelerator`` (``None``: :mod:`torch.distributed` if initialised).
+        every_update: check after every mask-update step; ``False`` checks only after the last
+            one (:func:`last_update_step`), when the masks become final.
+        fix: passed to :func:`verify_masks`.
+
+    The object keeps only the counters it last saw; nothing is stored in modules or globals.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        accelerator: Accelerator | None = None,
+        *,
+        every_update: bool = True,
+        fix: bool = True,
+    ) -> None:
+        self.optimizer = unwrap_optimizer(optimizer)
+        self.accelerator = accelerator
+        self.every_update = every_update
+        self.fix = fix
+        self._seen = self._steps()
+
+    def _steps(self) -> list[int]:
+        return [group["step"] for group in self.optimizer.param_groups]
+
+    def _due(self, group: dict[str, Any], old: int, new: int) -> bool:
+        if not any("mask" in self.optimizer.state.get(p, {}) for p in group["params"]):
+            return False
+        if not self.every_update:
+            return old <= last_update_step(group) < new
+        return any(
+            is_update_step(t, group["delta_t"], group["t_i"], group["t_f"]) for t in range(old, new)
+        )
+
+    def after_step(self) -> bool | None:
+        """Verify the masks if a real step since the last call may have changed one.
+
+        Returns:
+            ``None`` if no check was due, else the result of :func:`verify_masks`.
+        """
+        steps = self._steps()
+        old = self._seen if len(self._seen) == len(steps) else [0] * len(steps)
+        self._seen = steps
+        groups = self.optimizer.param_groups
+        if not any(self._due(g, a, b) for g, a, b in zip(groups, old, steps, strict=True)):
+            return None
+        return verify_masks(self.optimizer, self.accelerator, fix=self.fix)

@@ -1,0 +1,340 @@
+"""BAMESGD under ``accelerate`` in one process: the step counter under gradient accumulation
+and grad-scaler skips, ``save_state`` / ``load_state``, the state-dict round trip of
+``prepare``, and :mod:`bame_optim.integrations.accelerate` (``verify_masks`` on a simulated
+two-rank mismatch, ``MaskSync`` timing). The two-process run is in
+``test_accelerate_multiprocess.py``."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from bame_optim import BAMESGD, nm_param_groups
+
+accelerate = pytest.importorskip("accelerate")
+from accelerate import Accelerator  # noqa: E402
+from accelerate.optimizer import AcceleratedOptimizer  # noqa: E402
+from accelerate.state import AcceleratorState, GradientState  # noqa: E402
+
+from bame_optim.integrations import accelerate as integration  # noqa: E402
+
+SCHEDULE = {"delta_t": 2, "t_i": 4, "t_f": 10, "total_steps": 14}
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide shared state; reset it around each test (as
+    ``accelerate.test_utils.AccelerateTestCase`` does)."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def _setup(seed: int = 0) -> tuple[nn.Module, BAMESGD]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)
+    )
+    groups = nm_param_groups(model, n=1, m=4, exclude=())
+    return model, BAMESGD(groups, lr=0.1, momentum=0.9, weight_decay=1e-3, **SCHEDULE)
+
+
+def _batches(count: int, size: int = 6) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(123)
+    return [
+        (torch.randn(size, 8, generator=gen), torch.randint(0, 3, (size,), generator=gen))
+        for _ in range(count)
+    ]
+
+
+def _loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def _assert_same_state(a: BAMESGD, b: BAMESGD, model_a: nn.Module, model_b: nn.Module) -> None:
+    for pa, pb in zip(model_a.parameters(), model_b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    assert [g["step"] for g in a.param_groups] == [g["step"] for g in b.param_groups]
+    for pa, pb in zip(model_a.parameters(), model_b.parameters(), strict=True):
+        sa, sb = a.state[pa], b.state[pb]
+        assert sa.keys() == sb.keys()
+        for key, value in sa.items():
+            if isinstance(value, torch.Tensor):
+                assert value.dtype == sb[key].dtype, key
+                assert torch.equal(value, sb[key]), key
+            else:
+                assert value == sb[key], key
+
+
+def test_step_counter_counts_real_updates_under_gradient_accumulation(monkeypatch):
+    accumulation, micro = 4, 20  # 5 real steps (t = 0..4: updates at 0, 2 and t_i = 4)
+    batches = _batches(micro)
+
+    ref_model, ref_opt = _setup()
+    for k in range(0, micro, accumulation):
+        for batch in batches[k : k + accumulation]:
+            (_loss(ref_model, batch) / accumulation).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
+    model, optimizer = accelerator.prepare(*_setup())
+    checked_at = []
+    monkeypatch.setattr(
+        integration,
+        "verify_masks",
+        lambda opt, acc, fix: checked_at.append(opt.param_groups[0]["step"] - 1) or True,
+    )
+    sync = integration.MaskSync(optimizer, accelerator)
+    for batch in batches:
+        with accelerator.accumulate(model):
+            accelerator.backward(_loss(model, batch))
+            optimizer.step()
+            sync.after_step()
+            optimizer.zero_grad()
+    bame = integration.unwrap_optimizer(optimizer)
+    assert [g["step"] for g in bame.param_groups] == [micro // accumulation] * 2
+    assert checked_at == [0, 2, 4]
+    _assert_same_state(bame, ref_opt, accelerator.unwrap_model(model), ref_model)
+
+
+def test_steps_a_cpu_grad_scaler_skips_leave_counter_masks_and_weights_alone():
+    # torch.amp.GradScaler("cpu") exists and skips on inf like the CUDA one; Accelerate builds
+    # no scaler for fp16 on CPU, so wrap BAMESGD the way Accelerate does on CUDA.
+    batches = _batches(6)
+    ref_model, ref_opt = _setup()
+    model, opt = _setup()
+    Accelerator(cpu=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+    wrapped = AcceleratedOptimizer(opt, scaler=scaler)
+    for i, batch in enumerate(batches):
+        scaler.scale(_loss(model, batch)).backward()
+        if i in (1, 4):  # overflow: the whole step is skipped
+            before = copy.deepcopy((model.state_dict(), opt.state_dict()))
+            model[2].weight.grad[0, 0] = float("inf")
+            wrapped.step()
+            assert wrapped.step_was_skipped
+            after = (model.state_dict(), opt.state_dict())
+            assert after[1]["param_groups"][0]["step"] == before[1]["param_groups"][0]["step"]
+            for key, value in before[0].items():
+                assert torch.equal(value, after[0][key])
+            for i_state, state in before[1]["state"].items():
+                for key, value in state.items():
+                    if isinstance(value, torch.Tensor):
+                        assert torch.equal(value, after[1]["state"][i_state][key])
+        else:
+            _loss(ref_model, batch).backward()
+            ref_opt.step()
+            ref_opt.zero_grad()
+            wrapped.step()  # power-of-two scale: unscaling is exact
+            assert not wrapped.step_was_skipped
+        wrapped.zero_grad()
+    assert opt.param_groups[0]["step"] == 4
+    _assert_same_state(opt, ref_opt, model, ref_model)
+
+
+def test_prepare_round_trip_keeps_mask_and_oscillation_dtypes():
+    model, opt = _setup()
+    for batch in _batches(7):  # into the evolve phase: masks and a non-zero oscillation EMA
+        _loss(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    reference = copy.deepcopy(opt.state_dict())
+    accelerator = Accelerator(cpu=True)
+    accelerator.prepare(model, opt)
+    sparse = opt.param_groups[0]["params"]
+    for p, i in zip(sparse, reference["param_groups"][0]["params"], strict=True):
+        assert opt.state[p]["mask"].dtype == torch.bool
+        assert torch.equal(opt.state[p]["mask"], reference["state"][i]["mask"])
+        assert opt.state[p]["oscillation"].dtype == torch.float32
+        assert opt.state[p]["oscillation"].any()
+
+
+@pytest.mark.parametrize("save_at", [3, 4, 7])  # gradual, t_i, evolve
+def test_save_state_load_state_continues_bit_identically(tmp_path, save_at):
+    more = 6
+    batches = _batches(save_at + more)
+
+    accelerator = Accelerator(cpu=True)
+    model, optimizer = accelerator.prepare(*_setup())
+    for batch in batches[:save_at]:
+        accelerator.backward(_loss(model, batch))
+        optimizer.step()
+        optimizer.zero_grad()
+    accelerator.save_state(str(tmp_path))
+    for batch in batches[save_at:]:
+        accelerator.backward(_loss(model, batch))
+        optimizer.step()
+        optimizer.zero_grad()
+    ref_model, ref_opt = accelerator.unwrap_model(model), integration.unwrap_optimizer(optimizer)
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    accelerator = Accelerator(cpu=True)  # as a fresh process would
+    model, optimizer = accelerator.prepare(*_setup(seed=1))  # other weights: load must set them
+    accelerator.load_state(str(tmp_path))
+    bame = integration.unwrap_optimizer(optimizer)
+    assert bame.param_groups[0]["step"] == save_at
+    assert all(bame.state[p]["mask"].dtype == torch.bool for p in bame.param_groups[0]["params"])
+    for batch in batches[save_at:]:
+        accelerator.backward(_loss(model, batch))
+        optimizer.step()
+        optimizer.zero_grad()
+    _assert_same_state(bame, ref_opt, accelerator.unwrap_model(model), ref_model)
+
+
+def test_saved_optimizer_state_loads_with_weights_only(tmp_path):
+    model, opt = _setup()
+    for batch in _batches(7):
+        _loss(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    torch.save(opt.state_dict(), tmp_path / "opt.bin")
+    state = accelerate.utils.load(tmp_path / "opt.bin")  # weights_only=True
+    fresh_model, fresh = _setup(seed=1)
+    fresh.load_state_dict(state)
+    fresh_model.load_state_dict(model.state_dict())
+    _assert_same_state(fresh, opt, fresh_model, model)
+
+
+def test_verify_masks_in_one_process_is_true_and_free():
+    model, opt = _setup()
+    _loss(model, _batches(1)[0]).backward()
+    opt.step()
+    assert integration.verify_masks(opt) is True
+    assert integration.verify_masks(opt, Accelerator(cpu=True)) is True
+
+
+class _Stop(Exception):
+    pass
+
+
+def _simulate_two_ranks(
+    monkeypatch, optimizers: list[BAMESGD], fix: bool = True
+) -> tuple[list[bool], list[str]]:
+    """Run ``verify_masks`` as ranks 0 and 1 of a world of two, in one process: the gather
+    returns both ranks' checksum rows, broadcasts replay what rank 0 sent, in order. Returns
+    each rank's result and warning."""
+    rows = []
+
+    def capture(row, accelerator, world):
+        rows.append(row)
+        raise _Stop
+
+    monkeypatch.setattr(integration, "_gather", capture)
+    for rank, opt in enumerate(optimizers):
+        monkeypatch.setattr(integration, "_world", lambda acc, rank=rank: (2, rank))
+        with pytest.raises(_Stop):
+            integration.verify_masks(opt)
+    monkeypatch.setattr(integration, "_gather", lambda row, acc, world: torch.stack(rows))
+    sent: list[torch.Tensor] = []
+    results, messages = [], []
+    for rank, opt in enumerate(optimizers):
+        monkeypatch.setattr(integration, "_world", lambda acc, rank=rank: (2, rank))
+        if not fix:
+            broadcast = lambda tensor, acc: pytest.fail("broadcast without fix")  # noqa: E731
+        elif rank == 0:
+            broadcast = lambda tensor, acc: sent.append(tensor.clone())  # noqa: E731
+        else:
+            broadcast = lambda tensor, acc: tensor.copy_(sent.pop(0))  # noqa: E731
+        monkeypatch.setattr(integration, "_broadcast_", broadcast)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            results.append(integration.verify_masks(opt, fix=fix))
+        assert all(w.category is RuntimeWarning for w in caught)
+        messages += [str(w.message) for w in caught]
+    assert not sent
+    return results, messages
+
+
+def _trained(steps: int = 7) -> tuple[nn.Module, BAMESGD, nn.Module, BAMESGD]:
+    """A model and optimizer after ``steps`` steps, and an exact copy ("the other rank")."""
+    model, opt = _setup()
+    for batch in _batches(steps):
+        _loss(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    other_model = copy.deepcopy(model)
+    other = BAMESGD(nm_param_groups(other_model, n=1, m=4, exclude=()), **SCHEDULE)
+    other.load_state_dict(copy.deepcopy(opt.state_dict()))  # load_state_dict aliases tensors
+    _assert_same_state(other, opt, other_model, model)
+    return model, opt, other_model, other
+
+
+def test_verify_masks_detects_and_repairs_a_simulated_mismatch(monkeypatch):
+    model, opt, other_model, other = _trained()
+    assert integration.verify_masks(other) is True  # one process: nothing to compare
+    assert _simulate_two_ranks(monkeypatch, [opt, other], fix=True) == ([True, True], [])
+
+    # Rank 1 drifts: one oscillation bit, a moved kept entry (its weights not re-zeroed), a
+    # parameter without mask state or momentum, a step counter.
+    osc = other.state[other_model[0].weight]["oscillation"]
+    osc[3] = torch.nextafter(osc[3], torch.tensor(2.0))
+    w = other_model[2].weight
+    other.state[w]["mask"][0] = other.state[w]["mask"][0].roll(1)
+    w.data[0, :4] += 1.0
+    for key in ("mask", "oscillation", "momentum_buffer"):
+        del other.state[other_model[4].weight][key]
+    other.param_groups[1]["step"] += 1
+
+    results, messages = _simulate_two_ranks(monkeypatch, [opt, other])
+    assert results == [False, False]
+    for rank, message in enumerate(messages):
+        assert message.startswith(
+            f"verify_masks (rank {rank}): ranks [1] differ from rank 0 in the step counter of "
+            "param groups [1]; the masks of ['0.weight', '2.weight', '4.weight']; rank 0's"
+        )
+    _assert_same_state(other, opt, other_model, model)
+
+
+def test_verify_masks_without_fix_only_reports(monkeypatch):
+    _, opt, other_model, other = _trained()
+    w = other_model[2].weight
+    other.state[w]["mask"][1] = other.state[w]["mask"][1].roll(1)
+    drifted = copy.deepcopy(other.state[w]["mask"])
+    results, messages = _simulate_two_ranks(monkeypatch, [opt, other], fix=False)
+    assert results == [False, False]
+    assert messages[1] == (
+        "verify_masks (rank 1): ranks [1] differ from rank 0 in the masks of ['2.weight']"
+    )
+    assert torch.equal(other.state[w]["mask"], drifted)
+
+
+def test_mask_sync_timing(monkeypatch):
+    model, opt = _setup()
+    calls = []
+    monkeypatch.setattr(
+        integration,
+        "verify_masks",
+        lambda o, acc, fix: calls.append(o.param_groups[0]["step"] - 1) or True,
+    )
+    every = integration.MaskSync(opt)
+    final = integration.MaskSync(opt, every_update=False)
+    results = []
+    for batch in _batches(SCHEDULE["total_steps"]):
+        _loss(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+        results.append(every.after_step())
+        assert every.after_step() is None  # no new step since the last call
+        final.after_step()
+    # update steps: 0, 2, 4 (= t_i), 6, 8; t_f = 10; the last update is at 8.
+    assert calls == [0, 2, 4, 6, 8, 8]
+    assert integration.last_update_step(opt.param_groups[0]) == 8
+    assert [r for r in results if r is not None] == [True] * 5
+
+
+def test_last_update_step_and_unwrap():
+    assert integration.last_update_step({"t_i": 5, "t_f": 5, "delta_t": 3}) == 5
+    assert integration.last_update_step({"t_i": 4, "t_f": 20, "delta_t": 7}) == 14
+    assert integration.last_update_step({"t_i": 4, "t_f": 6, "delta_t": 100}) == 4
+    assert integration.last_update_step({"t_i": 0, "t_f": 0, "delta_t": 100}) == 0
+    with pytest.raises(TypeError, match="holds no BAMESGD"):
+        integration.unwrap_optimizer(torch.optim.SGD([nn.Parameter(torch.ones(1))]))

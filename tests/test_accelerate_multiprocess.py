@@ -1,0 +1,106 @@
+"""BAMESGD under ``Accelerator.prepare`` with two real processes (torchrun, gloo on CPU).
+
+One launch of :mod:`tests.accelerate_worker` checks both that the ranks keep identical masks
+and weights through every mask update (and equal to a single-process run on the same global
+batches), and that :func:`~bame_optim.integrations.accelerate.verify_masks` detects a mask that
+rank 1 corrupts and repairs it from rank 0.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from . import accelerate_worker as worker
+
+pytest.importorskip("accelerate")
+
+CORRUPT_STEP = 9  # an evolve-phase update step (t_i = 6, delta_t = 3)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _single_process_reference() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The same training without accelerate: one process, global batches of 2 x 8 in the
+    order the two ranks see them (batch k is ranks' batches 2k and 2k + 1), mean loss."""
+    model, optimizer, data = worker.build()
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=worker.WORLD * worker.PER_RANK_BATCH, shuffle=False
+    )
+    for x, y in loader:
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert optimizer.param_groups[0]["step"] == worker.STEPS
+    return worker.masks(optimizer), model.state_dict()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("accelerate_ranks")
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    path = [str(root), env.get("PYTHONPATH", "")]
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(p for p in path if p))
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(root / "tests" / "accelerate_worker.py"),
+        str(out),
+        "--corrupt-step",
+        str(CORRUPT_STEP),
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def test_step_counter_counts_every_update(ranks):
+    assert [r["step"] for r in ranks] == [worker.STEPS, worker.STEPS]
+
+
+def test_checks_run_on_every_update_step_and_catch_the_corruption(ranks):
+    update_steps = [0, 3, 6, 9, 12, 15, 18, 21, 24, 27]
+    for r in ranks:
+        assert [t for t, _ in r["checks"]] == update_steps
+        assert [ok for t, ok in r["checks"] if t != CORRUPT_STEP] == [True] * 9
+        assert dict(r["checks"])[CORRUPT_STEP] is False
+        assert len(r["warnings"]) == 1
+        assert "ranks [1] differ from rank 0" in r["warnings"][0]
+        assert "['2.weight']" in r["warnings"][0]
+
+
+def test_ranks_are_identical(ranks):
+    first, second = ranks
+    for name, mask in first["masks"].items():
+        assert mask.dtype == torch.bool
+        assert torch.equal(mask, second["masks"][name]), name
+    for name, weight in first["weights"].items():
+        assert torch.equal(weight, second["weights"][name]), name
+
+
+def test_ranks_match_a_single_process_run_on_the_global_batches(ranks):
+    masks, weights = _single_process_reference()
+    assert masks.keys() == ranks[0]["masks"].keys()
+    for name, mask in masks.items():
+        assert torch.equal(mask, ranks[0]["masks"][name]), name
+    for name, weight in weights.items():
+        torch.testing.assert_close(ranks[0]["weights"][name], weight, atol=1e-5, rtol=1e-5)
