@@ -35,8 +35,8 @@ from bame_optim import nm_param_groups  # noqa: E402
 from bame_optim.bidir import attach_backward_masks  # noqa: E402
 from bame_optim.flops import training_flops_ratio  # noqa: E402
 from bame_optim.integrations.local_data import load_split  # noqa: E402
+from bame_optim.integrations.models import resnet32, small_cnn  # noqa: E402
 from bame_optim.methods import METHODS, fixed_settings, make_optimizer  # noqa: E402
-from benchmarks.models import resnet32, small_cnn  # noqa: E402
 
 DEFAULT_METHODS = ("dense", "static", "rigl", "lma", "bame", "bame_bidir", "srste", "lbc", "asp")
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "fashion-mnist"

@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bame_optim.flops import flops_breakdown, layer_flops
-from benchmarks.models import resnet32
+from bame_optim.integrations.models import resnet32
 
 EPOCHS = 300
 STEPS_PER_EPOCH = 196  # ceil(50_000 / 256)

@@ -27,8 +27,8 @@ from bame_optim.flops import (
     step_density_sums,
     training_flops_ratio,
 )
+from bame_optim.integrations.models import resnet32
 from bame_optim.schedule import Phase, gradual_budget, is_update_step, phase
-from benchmarks.models import resnet32
 
 PATTERNS = [(2, 4), (1, 4), (1, 16)]
 SPARSE_METHODS = [method for method in METHODS if method not in ("dense", "asp")]

@@ -1,4 +1,6 @@
-"""Small models for the benchmarks and tests (torch only).
+"""The models of the examples, benchmarks and tests.
+
+Built here with torch only:
 
 * :func:`resnet32` (and :func:`cifar_resnet` for any depth ``6k + 2``): the CIFAR ResNet of
   He et al. 2016 (section 4.2), option A: a 3x3 stem conv with 16 channels, three stages of
@@ -10,14 +12,36 @@
 Every conv except the stem has an input-channel count divisible by 16, so every N:M pattern of
 the paper (2:4, 1:4, 1:16) applies to all of them; the stem and the classifier are what
 :func:`bame_optim.nm_param_groups` keeps dense by default.
+
+Built from torchvision (imported when called, so this module imports torch only):
+
+* :func:`mobilenet_v2_cifar`: torchvision's MobileNet-V2 with the usual CIFAR change (stride 1
+  in the stem and in the first stride-2 stage, so 32x32 inputs are not reduced to 1x1).
+* :func:`resnet18`, :func:`resnet50`: torchvision's ImageNet ResNets.
+* :func:`deit_small`: the ViT of the DeiT recipe (Touvron et al. 2021, DeiT-S: patch 16,
+  width 384, depth 12, 6 heads, MLP 1536) as torchvision's ``VisionTransformer``.
+
+:data:`MODELS` maps the names the scripts accept to builders ``f(num_classes, in_channels)``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["cifar_resnet", "resnet32", "small_cnn"]
+__all__ = [
+    "MODELS",
+    "build_model",
+    "cifar_resnet",
+    "deit_small",
+    "mobilenet_v2_cifar",
+    "resnet18",
+    "resnet32",
+    "resnet50",
+    "small_cnn",
+]
 
 
 class _PadShortcut(nn.Module):
@@ -116,3 +140,71 @@ def small_cnn(in_channels: int = 1, num_classes: int = 10, image_size: int = 28)
         nn.Flatten(),
         nn.Linear(64, num_classes),
     )
+
+
+def mobilenet_v2_cifar(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """torchvision's MobileNet-V2 for 32x32 inputs: stride 1 in the stem and in the first
+    stride-2 inverted residual (the common CIFAR adaptation), the rest unchanged."""
+    from torchvision.models import mobilenet_v2
+
+    model = mobilenet_v2(num_classes=num_classes)
+    stem = model.features[0][0]
+    model.features[0][0] = nn.Conv2d(in_channels, stem.out_channels, 3, 1, 1, bias=False)
+    model.features[2].conv[1][0].stride = (1, 1)
+    return model
+
+
+def resnet18(num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
+    """torchvision's ResNet-18 (ImageNet layout)."""
+    from torchvision.models import resnet18 as build
+
+    return _with_stem_channels(build(num_classes=num_classes), in_channels)
+
+
+def resnet50(num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
+    """torchvision's ResNet-50 (ImageNet layout)."""
+    from torchvision.models import resnet50 as build
+
+    return _with_stem_channels(build(num_classes=num_classes), in_channels)
+
+
+def _with_stem_channels(model: nn.Module, in_channels: int) -> nn.Module:
+    if in_channels != 3:
+        stem = model.conv1
+        model.conv1 = nn.Conv2d(in_channels, stem.out_channels, 7, 2, 3, bias=False)
+    return model
+
+
+DEIT_SMALL = dict(patch_size=16, hidden_dim=384, num_layers=12, num_heads=6, mlp_dim=1536)
+"""DeiT-S of Touvron et al. 2021, Table 1."""
+
+
+def deit_small(
+    num_classes: int = 1000, in_channels: int = 3, image_size: int = 224
+) -> nn.Module:
+    """DeiT-small as torchvision's ``VisionTransformer`` (:data:`DEIT_SMALL`)."""
+    from torchvision.models import VisionTransformer
+
+    model = VisionTransformer(image_size=image_size, num_classes=num_classes, **DEIT_SMALL)
+    if in_channels != 3:
+        proj = model.conv_proj
+        model.conv_proj = nn.Conv2d(in_channels, proj.out_channels, 16, 16)
+    return model
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "small_cnn": lambda num_classes=10, in_channels=1: small_cnn(in_channels, num_classes),
+    "resnet32": resnet32,
+    "mobilenet_v2": mobilenet_v2_cifar,
+    "resnet18": resnet18,
+    "resnet50": resnet50,
+    "deit_small": deit_small,
+}
+"""Builders by the names the scripts and benchmarks accept."""
+
+
+def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+    """The model called ``name`` (a key of :data:`MODELS`)."""
+    if name not in MODELS:
+        raise ValueError(f"Invalid model value: {name!r} (choose from {sorted(MODELS)})")
+    return MODELS[name](num_classes=num_classes, in_channels=in_channels)
