@@ -347,6 +347,14 @@ class BAMESGD(Optimizer):
             for key, value in exact.get(i, {}).items():
                 self.state[p][key] = value.to(device=p.device)
 
+    def kept_mask(self, p: Tensor) -> Tensor | None:
+        """The mask of sparse parameter ``p``: ``[K, M]`` bool in the block view of
+        :mod:`bame_optim.nm` (``True`` = kept). ``None`` for a dense parameter or before the
+        parameter's first ``step()``."""
+        state = self.state.get(p, {})
+        mask = state.get("mask")
+        return None if mask is None else mask.clone()
+
     def sparsity_report(self) -> list[dict[str, Any]]:
         """One plain ``dict`` per parameter, for logging: ``name`` (from ``param_names`` when
         the group has them), ``group``, ``shape``, ``sparse``, ``n``, ``m``, ``step``,
