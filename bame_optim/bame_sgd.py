@@ -25,6 +25,7 @@ from .evolution import (
     magnitude_mask,
 )
 from .evolution import score_dtype as _score_dtype
+from .kept import encode_kept, gather_kept, kept_indices, mask_from_indices, scatter_kept_
 from .masked_sgd import masked_sgd
 from .nm import blocks_to_param, check_nm, is_nm_sparse, num_blocks, param_to_blocks, random_nm_mask
 from .schedule import (
@@ -48,7 +49,7 @@ class BAMESGD(Optimizer):
 
     Dense parameters (``sparse=False`` groups, and with ``sparse=None`` every parameter with
     ``ndim < 2`` or whose dimension 1 does not divide by ``m``) follow :class:`torch.optim.SGD`
-    exactly. For a sparse parameter with mask :math:`B` (``state["mask"]``, ``[K, M]`` bool in
+    exactly. For a sparse parameter with mask :math:`B` (:meth:`kept_mask`, ``[K, M]`` bool in
     the block view of :mod:`bame_optim.nm`) and gradient :math:`G = \partial L/\partial(W\odot B)`
     each ``step()`` at counter :math:`t` does
 
@@ -84,6 +85,14 @@ class BAMESGD(Optimizer):
         gamma: oscillation EMA momentum of Eq. 8 (default 0.9).
         seed: seeds the random start mask used when ``t_i == 0``.
 
+    State of a sparse parameter, kept compact (:mod:`bame_optim.kept`): ``kept`` (the kept set
+    of every block, one rank per block), ``kept_count`` (kept per block: ``n``, or the gradual
+    budget), ``momentum_buffer`` (momentum of the kept weights only, ``[K, kept_count]`` in
+    block order; :meth:`momentum_buffer` gives it in the parameter's layout),
+    ``oscillation`` (the EMA ``O`` of Eq. 8, ``[K]``, only during the evolve phase: it starts
+    at 0 there and is dropped once the mask is fixed), ``last_flips`` and ``last_frozen``.
+    Dense parameters have the ``momentum_buffer`` of :class:`torch.optim.SGD`.
+
     .. note:: The step counter is ``param_groups[i]["step"]``; it advances once per
        ``step()`` that applied an update. A ``step()`` with every gradient ``None`` does
        nothing, and the state-initialising call of ``torch.distributed.checkpoint`` (every
@@ -96,7 +105,7 @@ class BAMESGD(Optimizer):
 
     _extra_defaults: tuple[str, ...] = ()
     """Group keywords a subclass adds (passed through ``**extra_defaults``)."""
-    _exact_dtype_state: tuple[str, ...] = ("mask", "oscillation")
+    _exact_dtype_state: tuple[str, ...] = ("kept", "oscillation")
     """State that ``Optimizer.load_state_dict`` would cast to the parameter's dtype."""
 
     def __init__(
@@ -178,13 +187,18 @@ class BAMESGD(Optimizer):
 
     def _sparse_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         state = self.state[p]
-        if "mask" not in state:
-            k = num_blocks(p.shape, group["m"])
-            state["mask"] = torch.ones(k, group["m"], dtype=torch.bool, device=p.device)
-            state["oscillation"] = torch.zeros(k, dtype=_score_dtype(p.dtype), device=p.device)
+        if "kept" not in state:
+            # The first forward ran on the untouched (dense) parameter: every weight is kept.
+            m = group["m"]
+            everything = torch.ones(num_blocks(p.shape, m), m, dtype=torch.bool, device=p.device)
+            state["kept"] = encode_kept(everything, m)
+            state["kept_count"] = m
             state["last_flips"] = 0
             state["last_frozen"] = 0
         return state
+
+    def _indices(self, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
+        return kept_indices(state["kept"], state["kept_count"], group["m"])
 
     def _is_state_init_call(self) -> bool:
         # torch.distributed.checkpoint initialises optimizer state with lr 0 and zero grads.
@@ -219,20 +233,32 @@ class BAMESGD(Optimizer):
     def _step_group(self, group: dict[str, Any], *, first_index: int, evolve: bool) -> None:
         t, t_i, t_f = group["step"], group["t_i"], group["t_f"]
         update = evolve and is_update_step(t, group["delta_t"], t_i, t_f)
-        params, grads, kept = [], [], []
+        m = group["m"]
+        targets, grads, owners, compressed = [], [], [], []
         for offset, p in enumerate(group["params"]):
-            mask = None
-            if self._is_sparse(p, group):
-                state = self._sparse_state(p, group)
-                if update:
-                    self._update_mask(p, state, group, first_index + offset)
-                mask = blocks_to_param(state["mask"], p.shape)
+            if not self._is_sparse(p, group):
+                if p.grad is not None:
+                    targets.append(p)
+                    grads.append(p.grad)
+                    owners.append(p)
+                continue
+            state = self._sparse_state(p, group)
+            if update:
+                self._update_mask(p, state, group, first_index + offset)
+            if evolve and t >= t_f:
+                state.pop("oscillation", None)  # the mask is fixed from here on
             if p.grad is None:
                 continue
-            params.append(p)
-            grads.append(p.grad)
-            kept.append(mask)
-        self._sgd_update(group, params, grads, kept, params)
+            # SGD on the kept entries only, as [K, kept_count] copies written back below.
+            indices = self._indices(state, group)
+            kept_weights = gather_kept(p, indices, m)
+            targets.append(kept_weights)
+            grads.append(gather_kept(p.grad, indices, m))
+            owners.append(p)
+            compressed.append((p, indices, kept_weights))
+        self._sgd_update(group, targets, grads, [None] * len(targets), owners)
+        for p, indices, kept_weights in compressed:
+            scatter_kept_(p, indices, kept_weights, m)
 
     def _sgd_update(
         self,
@@ -269,14 +295,15 @@ class BAMESGD(Optimizer):
 
     def _update_mask(self, p: Tensor, state: dict[str, Any], group: dict[str, Any], index: int):
         n, m, t, t_i = group["n"], group["m"], group["step"], group["t_i"]
-        kept = state["mask"]
+        old_indices = self._indices(state, group)
+        kept = mask_from_indices(old_indices, m)
         frozen = 0
         current = phase(t, t_i, group["t_f"])
         if current is Phase.PRUNE and t_i == 0:
-            new = self._start_mask(p, kept, group, index)
+            new, count = self._start_mask(p, kept, group, index), n
         elif current is not Phase.EVOLVE:
-            budget = gradual_budget(t, n, m, t_i)
-            new = magnitude_mask(param_to_blocks(p, m), kept, budget)
+            count = gradual_budget(t, n, m, t_i)
+            new = magnitude_mask(param_to_blocks(p, m), kept, count)
         else:
             if p.grad is None:
                 return
@@ -289,16 +316,23 @@ class BAMESGD(Optimizer):
                     stacklevel=4,
                 )
                 return
-            evolution = self._evolve(param_to_blocks(p, m), grad, kept, state["oscillation"], group)
-            new, state["oscillation"] = evolution.kept, evolution.oscillation
+            oscillation = state.get("oscillation")
+            if oscillation is None:  # Eq. 8: O starts at 0 with the evolve phase
+                oscillation = torch.zeros(
+                    kept.shape[0], dtype=_score_dtype(p.dtype), device=p.device
+                )
+            evolution = self._evolve(param_to_blocks(p, m), grad, kept, oscillation, group)
+            new, count, state["oscillation"] = evolution.kept, n, evolution.oscillation
             frozen = int(evolution.frozen.sum())
         changed = kept != new
         # Newly pruned weights go to 0; pruned and revived entries restart with zero momentum.
         p.masked_fill_(blocks_to_param(kept & ~new, p.shape), 0)
+        state["kept"], state["kept_count"] = encode_kept(new, count), count
         buffer = state.get("momentum_buffer")
         if buffer is not None:
-            buffer.masked_fill_(blocks_to_param(changed, p.shape), 0)
-        state["mask"] = new
+            dense = torch.zeros(kept.shape, dtype=buffer.dtype, device=buffer.device)
+            dense.scatter_(1, old_indices, buffer).masked_fill_(changed, 0)
+            state["momentum_buffer"] = dense.gather(1, self._indices(state, group))
         state["last_flips"] = int(changed.sum())
         state["last_frozen"] = frozen
 
@@ -352,8 +386,26 @@ class BAMESGD(Optimizer):
         :mod:`bame_optim.nm` (``True`` = kept). ``None`` for a dense parameter or before the
         parameter's first ``step()``."""
         state = self.state.get(p, {})
-        mask = state.get("mask")
-        return None if mask is None else mask.clone()
+        if "kept" not in state:
+            return None
+        group = self._group_of(p)
+        return mask_from_indices(self._indices(state, group), group["m"])
+
+    def momentum_buffer(self, p: Tensor) -> Tensor | None:
+        """The momentum buffer of ``p`` in the parameter's layout (for a sparse parameter,
+        zeros at pruned entries), or ``None`` before it exists (or with ``momentum=0``)."""
+        state = self.state.get(p, {})
+        buffer = state.get("momentum_buffer")
+        if buffer is None or "kept" not in state:
+            return None if buffer is None else buffer.clone()
+        group = self._group_of(p)
+        return scatter_kept_(torch.zeros_like(p), self._indices(state, group), buffer, group["m"])
+
+    def _group_of(self, p: Tensor) -> dict[str, Any]:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise ValueError(f"Invalid p: a tensor of shape {tuple(p.shape)} not in this optimizer")
 
     def sparsity_report(self) -> list[dict[str, Any]]:
         """One plain ``dict`` per parameter, for logging: ``name`` (from ``param_names`` when
@@ -368,7 +420,7 @@ class BAMESGD(Optimizer):
             for j, p in enumerate(group["params"]):
                 sparse = self._is_sparse(p, group)
                 state = self.state.get(p, {})
-                mask = state.get("mask")
+                mask = self.kept_mask(p) if sparse else None
                 row = {
                     "name": names[j] if names else f"group{g}.param{j}",
                     "group": g,

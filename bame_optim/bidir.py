@@ -62,7 +62,7 @@ class BidirBAMESGD(BAMESGD):
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
-                if state and "mask" in state and p.shape[0] % group["m"] == 0:
+                if state and "kept" in state and p.shape[0] % group["m"] == 0:
                     state["backward_mask"] = backward_mask(p, group["n"], group["m"])
         return loss
 

@@ -22,14 +22,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from functools import lru_cache
-from itertools import combinations
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .bame_sgd import BAMESGD
 from .evolution import score_dtype
+from .kept import combination_table
 from .nm import param_to_blocks, top_n_mask
 from .ste import DenseSTESGD
 
@@ -41,16 +40,6 @@ __all__ = [
     "remove_combinations",
     "union_mask",
 ]
-
-
-def combination_table(n: int, m: int) -> Tensor:
-    """Bool ``[C, M]``, ``C = binom(m, n)``: row ``c`` marks the ``c``-th ``n``-subset of
-    ``range(m)`` in :func:`itertools.combinations` (lexicographic) order."""
-    subsets = list(combinations(range(m), n))
-    table = torch.zeros(len(subsets), m, dtype=torch.bool)
-    if n:
-        table.scatter_(1, torch.tensor(subsets, dtype=torch.long).reshape(len(subsets), n), True)
-    return table
 
 
 @lru_cache(maxsize=32)
@@ -147,7 +136,7 @@ class LBCSGD(DenseSTESGD):
     """
 
     _extra_defaults = ("score_lr",)
-    _exact_dtype_state = (*BAMESGD._exact_dtype_state, "scores", "remaining")
+    _exact_dtype_state = (*DenseSTESGD._exact_dtype_state, "scores", "remaining")
 
     def __init__(
         self,

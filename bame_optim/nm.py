@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "block_view",
     "blocks_to_param",
     "check_nm",
     "grouped_dim",
@@ -65,6 +66,14 @@ def param_to_blocks(tensor: Tensor, m: int) -> Tensor:
     for convolution weights, whose blocks are not contiguous in memory)."""
     num_blocks(tensor.shape, m)
     return tensor.movedim(GROUPED_DIM, -1).reshape(-1, m)
+
+
+def block_view(tensor: Tensor, m: int) -> Tensor:
+    """The blocks of a parameter-shaped tensor as a *view* ``[out, *k, in / M, M]``, whatever
+    its strides: the same blocks in the same order as :func:`param_to_blocks` (flattening the
+    leading dimensions gives ``[K, M]``), but writes through it reach ``tensor``."""
+    num_blocks(tensor.shape, m)
+    return tensor.movedim(GROUPED_DIM, -1).unflatten(-1, (-1, m))
 
 
 def blocks_to_param(blocks: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:

@@ -39,6 +39,8 @@ class DenseSTESGD(BAMESGD):
     ``_sparse_state``.
     """
 
+    _exact_dtype_state: tuple[str, ...] = ("mask",)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (see :meth:`BAMESGD.add_param_group`), validating the extra keywords."""
         super().add_param_group(param_group)
@@ -103,6 +105,16 @@ class DenseSTESGD(BAMESGD):
             state["mask"] = new
             weight = state["dense_weight"]
             p.copy_(torch.where(blocks_to_param(new, p.shape), weight, 0))
+
+    def kept_mask(self, p: Tensor) -> Tensor | None:
+        """The mask of the forward weight ``p = W ⊙ B`` (``state["mask"]``, ``[K, M]`` bool)."""
+        mask = self.state.get(p, {}).get("mask")
+        return None if mask is None else mask.clone()
+
+    def momentum_buffer(self, p: Tensor) -> Tensor | None:
+        """The (dense) momentum buffer of ``W``, in the parameter's layout."""
+        buffer = self.state.get(p, {}).get("momentum_buffer")
+        return None if buffer is None else buffer.clone()
 
     def sparsity_report(self) -> list[dict[str, Any]]:
         """As :meth:`BAMESGD.sparsity_report`, with ``phase`` from :meth:`_phase_name`."""

@@ -6,9 +6,9 @@ What already works without this module (and is tested in ``tests/test_accelerate
   gradients are synchronised, so under ``accelerator.accumulate(model)`` the schedule counts
   real updates only. A step that a ``GradScaler`` skips (fp16 overflow) never reaches
   ``BAMESGD.step()`` either: BAMESGD deliberately does not set ``_step_supports_amp_scaling``.
-* **Checkpoints.** ``accelerator.save_state`` / ``load_state`` restore masks (``bool``), the
-  oscillation EMA, momentum and the schedule exactly: the state holds only tensors, ints,
-  floats, strings, lists and dicts (``weights_only=True`` loading accepts it), and
+* **Checkpoints.** ``accelerator.save_state`` / ``load_state`` restore masks (their compact
+  integer codes), the oscillation EMA, momentum and the schedule exactly: the state holds only
+  tensors, ints, floats, strings, lists and dicts (``weights_only=True`` loading accepts it), and
   ``BAMESGD.load_state_dict`` undoes the dtype casts of ``Optimizer.load_state_dict`` (also
   for the state-dict round trip inside ``Accelerator.prepare``).
 * **Same masks on every rank.** Mask updates are deterministic functions of the weights, the
@@ -45,23 +45,21 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import broadcast as _acc_broadcast
+from accelerate.utils import broadcast_object_list as _acc_broadcast_objects
 from accelerate.utils import gather as _acc_gather
 from torch import Tensor
 from torch.optim import Optimizer
 
 from bame_optim.bame_sgd import BAMESGD
-from bame_optim.evolution import score_dtype
-from bame_optim.nm import blocks_to_param
 from bame_optim.schedule import is_update_step
 
 __all__ = ["MaskSync", "last_update_step", "unwrap_optimizer", "verify_masks"]
 
 _HASH = 2654435761
 """Knuth's multiplicative hash constant: per-block weights of the mask checksum."""
-_PARAM_FIELDS = 5
-"""Checksum row per parameter: has mask, kept count, mask hash, oscillation hash, has momentum
-(the last one is not compared: it only tells the other ranks what rank 0 holds)."""
-_COMPARED = 4
+_PARAM_FIELDS = 4
+"""Checksum row per parameter: has mask, kept count, mask hash, oscillation hash (-1 without
+an oscillation EMA)."""
 _INT_OF = {8: torch.int64, 4: torch.int32, 2: torch.int16}
 
 
@@ -122,6 +120,14 @@ def _broadcast_(tensor: Tensor, accelerator: Accelerator | None) -> None:
         tensor.copy_(result.to(tensor.dtype))
 
 
+def _broadcast_objects_(objects: list[Any], accelerator: Accelerator | None) -> None:
+    """Replace ``objects`` (picklable) by rank 0's, in place."""
+    if accelerator is not None:
+        _acc_broadcast_objects(objects, from_process=0)
+    else:
+        dist.broadcast_object_list(objects, src=0)
+
+
 def _hash(values: Tensor, device: torch.device) -> Tensor:
     """Position-weighted sum of an integer tensor, in wrapping int64 arithmetic (exact and
     independent of the reduction order, so equal inputs give equal sums on every rank)."""
@@ -130,25 +136,27 @@ def _hash(values: Tensor, device: torch.device) -> Tensor:
     return (flat * weights).sum()
 
 
-def _param_row(state: dict[str, Any], device: torch.device) -> list[Tensor]:
+def _has_mask(state: dict[str, Any]) -> bool:
+    return "kept" in state or "mask" in state  # BAMESGD's codes, the dense-weight peers' mask
+
+
+def _param_row(optimizer: BAMESGD, p: Tensor, device: torch.device) -> list[Tensor]:
     zero = torch.zeros((), dtype=torch.int64, device=device)
-    has_momentum = zero + int(state.get("momentum_buffer") is not None)
-    mask = state.get("mask")
+    state = optimizer.state.get(p, {})
+    mask = optimizer.kept_mask(p) if _has_mask(state) else None
     if mask is None:
-        return [zero, zero, zero, zero, has_momentum]
+        return [zero, zero, zero, zero]
     mask = mask.to(device)
     m = mask.shape[-1]
     position = torch.arange(1, m + 1, dtype=torch.int64, device=device)
     codes = (mask.to(torch.int64) * position).sum(-1)  # one code per block, order-aware
-    oscillation = state["oscillation"].to(device).contiguous()
-    bits = oscillation.view(_INT_OF[oscillation.element_size()])
-    return [
-        zero + 1,
-        mask.sum().to(torch.int64),
-        _hash(codes, device),
-        _hash(bits, device),
-        has_momentum,
-    ]
+    oscillation = state.get("oscillation")
+    if oscillation is None:
+        oscillation_hash = zero - 1
+    else:
+        oscillation = oscillation.to(device).contiguous()
+        oscillation_hash = _hash(oscillation.view(_INT_OF[oscillation.element_size()]), device)
+    return [zero + 1, mask.sum().to(torch.int64), _hash(codes, device), oscillation_hash]
 
 
 def _names(optimizer: BAMESGD) -> list[str]:
@@ -160,40 +168,19 @@ def _names(optimizer: BAMESGD) -> list[str]:
 
 
 @torch.no_grad()
-def _repair(
-    optimizer: BAMESGD,
-    group: dict[str, Any],
-    p: Tensor,
-    rank0: Tensor,
-    accelerator: Accelerator | None,
-) -> None:
-    """Make parameter ``p``'s mask, oscillation EMA, weight and momentum rank 0's, then zero its
-    pruned weights. Every rank runs this, in the same order."""
-    state = optimizer.state[p]
-    if int(rank0[0]):
-        if "mask" not in state:
-            m = group["m"]
-            state["mask"] = torch.zeros(p.numel() // m, m, dtype=torch.bool, device=p.device)
-            state["oscillation"] = torch.zeros(
-                p.numel() // m, dtype=score_dtype(p.dtype), device=p.device
-            )
-            state.setdefault("last_flips", 0)
-            state.setdefault("last_frozen", 0)
-        for key in ("mask", "oscillation"):  # fresh tensors: loaded state may alias others
-            state[key] = state[key].clone()
-            _broadcast_(state[key], accelerator)
+def _repair(optimizer: BAMESGD, p: Tensor, accelerator: Accelerator | None) -> None:
+    """Make parameter ``p`` and its whole optimizer state (mask, oscillation EMA, momentum,
+    counters; whatever the method keeps) rank 0's. Every rank runs this, in the same order.
+    The state travels pickled, so its keys, shapes and dtypes follow rank 0's too."""
+    state = optimizer.state.get(p, {})
+    payload = [{k: v.cpu() if isinstance(v, Tensor) else v for k, v in state.items()}]
+    _broadcast_objects_(payload, accelerator)
+    received = {k: v.to(p.device) if isinstance(v, Tensor) else v for k, v in payload[0].items()}
+    if received:
+        optimizer.state[p] = received
     else:
-        for key in ("mask", "oscillation", "last_flips", "last_frozen"):
-            state.pop(key, None)
+        optimizer.state.pop(p, None)
     _broadcast_(p.data, accelerator)
-    if int(rank0[4]):
-        if state.get("momentum_buffer") is None:
-            state["momentum_buffer"] = torch.zeros_like(p)
-        _broadcast_(state["momentum_buffer"], accelerator)
-    else:
-        state.pop("momentum_buffer", None)
-    if "mask" in state:
-        p.masked_fill_(~blocks_to_param(state["mask"], p.shape), 0)
 
 
 def verify_masks(
@@ -212,10 +199,11 @@ def verify_masks(
 
     If some rank differs from rank 0 and ``fix`` is true, every rank (i) takes rank 0's step
     counter for the groups that differ and (ii) for each parameter that differs, receives rank
-    0's mask, oscillation EMA, weight and momentum buffer by ``broadcast`` and zeroes its pruned
-    weights, so afterwards every rank continues exactly as rank 0 would; and a
-    ``RuntimeWarning`` naming the parameters (``param_names`` of the group, else
-    ``group{g}.param{j}``) and the ranks is issued on every rank.
+    0's weight (``broadcast``) and whole optimizer state of that parameter (mask codes,
+    oscillation EMA, momentum, ...; ``broadcast_object_list``), so afterwards every rank
+    continues exactly as rank 0 would; and a ``RuntimeWarning`` naming the parameters
+    (``param_names`` of the group, else ``group{g}.param{j}``) and the ranks is issued on
+    every rank.
 
     Args:
         optimizer: a :class:`BAMESGD`, or the ``AcceleratedOptimizer`` around one.
@@ -234,14 +222,14 @@ def verify_masks(
     steps = [
         torch.tensor(group["step"], dtype=torch.int64, device=device) for group in opt.param_groups
     ]
-    fields = [x for _, p in params for x in _param_row(opt.state.get(p, {}), device)]
+    fields = [x for _, p in params for x in _param_row(opt, p, device)]
     gathered = _gather(torch.stack(steps + fields), accelerator, world)
 
     num_groups = len(steps)
     step_rows = gathered[:, :num_groups]
     param_rows = gathered[:, num_groups:].reshape(world, len(params), _PARAM_FIELDS)
     bad_groups = (step_rows != step_rows[0]).any(0).nonzero().flatten().tolist()
-    compared = param_rows[..., :_COMPARED]
+    compared = param_rows
     bad_params = (compared != compared[0]).any(-1).any(0).nonzero().flatten().tolist()
     if not bad_groups and not bad_params:
         return True
@@ -262,8 +250,7 @@ def verify_masks(
         for g in bad_groups:
             opt.param_groups[g]["step"] = int(step_rows[0, g])
         for i in bad_params:
-            group, p = params[i]
-            _repair(opt, group, p, param_rows[0, i], accelerator)
+            _repair(opt, params[i][1], accelerator)
         message += "; rank 0's masks, oscillation EMA, weights and momentum were broadcast"
     warnings.warn(message, RuntimeWarning, stacklevel=2)
     return False
@@ -307,7 +294,7 @@ class MaskSync:
         return [group["step"] for group in self.optimizer.param_groups]
 
     def _due(self, group: dict[str, Any], old: int, new: int) -> bool:
-        if not any("mask" in self.optimizer.state.get(p, {}) for p in group["params"]):
+        if not any(_has_mask(self.optimizer.state.get(p, {})) for p in group["params"]):
             return False
         if not self.every_update:
             return old <= last_update_step(group) < new

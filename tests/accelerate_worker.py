@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from bame_optim import BAMESGD, nm_param_groups
+from bame_optim.kept import encode_kept
 
 STEPS = 40
 PER_RANK_BATCH = 8
@@ -44,7 +45,7 @@ def masks(optimizer: BAMESGD) -> dict[str, torch.Tensor]:
     """Masks by parameter name."""
     group = optimizer.param_groups[0]
     return {
-        name: optimizer.state[p]["mask"].clone()
+        name: optimizer.kept_mask(p)
         for name, p in zip(group["param_names"], group["params"], strict=True)
     }
 
@@ -75,8 +76,11 @@ def main() -> None:
             optimizer.zero_grad()
             t = optimizer.param_groups[0]["step"] - 1
             if t == args.corrupt_step and rank == 1:
-                mask = optimizer.state[optimizer.param_groups[0]["params"][1]]["mask"]
+                bame = optimizer.optimizer
+                p = bame.param_groups[0]["params"][1]
+                mask = bame.kept_mask(p)
                 mask[0] = mask[0].roll(1)  # move the kept entries of block 0 (2:4 stays valid)
+                bame.state[p]["kept"] = encode_kept(mask, bame.state[p]["kept_count"])
             result = sync.after_step()
             if result is not None:
                 checks.append((t, result))

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from bame_optim import BAMESGD, nm_param_groups
+from bame_optim.kept import encode_kept
 
 accelerate = pytest.importorskip("accelerate")
 from accelerate import Accelerator  # noqa: E402
@@ -151,8 +152,8 @@ def test_prepare_round_trip_keeps_mask_and_oscillation_dtypes():
     accelerator.prepare(model, opt)
     sparse = opt.param_groups[0]["params"]
     for p, i in zip(sparse, reference["param_groups"][0]["params"], strict=True):
-        assert opt.state[p]["mask"].dtype == torch.bool
-        assert torch.equal(opt.state[p]["mask"], reference["state"][i]["mask"])
+        assert opt.state[p]["kept"].dtype == torch.uint8
+        assert torch.equal(opt.state[p]["kept"], reference["state"][i]["kept"])
         assert opt.state[p]["oscillation"].dtype == torch.float32
         assert opt.state[p]["oscillation"].any()
 
@@ -182,7 +183,7 @@ def test_save_state_load_state_continues_bit_identically(tmp_path, save_at):
     accelerator.load_state(str(tmp_path))
     bame = integration.unwrap_optimizer(optimizer)
     assert bame.param_groups[0]["step"] == save_at
-    assert all(bame.state[p]["mask"].dtype == torch.bool for p in bame.param_groups[0]["params"])
+    assert all(bame.state[p]["kept"].dtype == torch.uint8 for p in bame.param_groups[0]["params"])
     for batch in batches[save_at:]:
         accelerator.backward(_loss(model, batch))
         optimizer.step()
@@ -235,23 +236,38 @@ def _simulate_two_ranks(
             integration.verify_masks(opt)
     monkeypatch.setattr(integration, "_gather", lambda row, acc, world: torch.stack(rows))
     sent: list[torch.Tensor] = []
+    sent_objects: list[list] = []
     results, messages = [], []
     for rank, opt in enumerate(optimizers):
         monkeypatch.setattr(integration, "_world", lambda acc, rank=rank: (2, rank))
         if not fix:
             broadcast = lambda tensor, acc: pytest.fail("broadcast without fix")  # noqa: E731
+            objects = lambda objs, acc: pytest.fail("broadcast without fix")  # noqa: E731
         elif rank == 0:
             broadcast = lambda tensor, acc: sent.append(tensor.clone())  # noqa: E731
+            objects = lambda objs, acc: sent_objects.append(copy.deepcopy(objs))  # noqa: E731
         else:
             broadcast = lambda tensor, acc: tensor.copy_(sent.pop(0))  # noqa: E731
+
+            def objects(objs, acc):
+                objs[:] = sent_objects.pop(0)
+
         monkeypatch.setattr(integration, "_broadcast_", broadcast)
+        monkeypatch.setattr(integration, "_broadcast_objects_", objects)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             results.append(integration.verify_masks(opt, fix=fix))
         assert all(w.category is RuntimeWarning for w in caught)
         messages += [str(w.message) for w in caught]
-    assert not sent
+    assert not sent and not sent_objects
     return results, messages
+
+
+def _move_kept_entries(opt: BAMESGD, p: torch.Tensor, block: int) -> None:
+    """Roll the kept entries of one block of ``p``'s mask (N:M stays valid): a drifted rank."""
+    mask = opt.kept_mask(p)
+    mask[block] = mask[block].roll(1)
+    opt.state[p]["kept"] = encode_kept(mask, opt.state[p]["kept_count"])
 
 
 def _trained(steps: int = 7) -> tuple[nn.Module, BAMESGD, nn.Module, BAMESGD]:
@@ -278,9 +294,9 @@ def test_verify_masks_detects_and_repairs_a_simulated_mismatch(monkeypatch):
     osc = other.state[other_model[0].weight]["oscillation"]
     osc[3] = torch.nextafter(osc[3], torch.tensor(2.0))
     w = other_model[2].weight
-    other.state[w]["mask"][0] = other.state[w]["mask"][0].roll(1)
+    _move_kept_entries(other, w, block=0)
     w.data[0, :4] += 1.0
-    for key in ("mask", "oscillation", "momentum_buffer"):
+    for key in ("kept", "oscillation", "momentum_buffer"):
         del other.state[other_model[4].weight][key]
     other.param_groups[1]["step"] += 1
 
@@ -297,14 +313,14 @@ def test_verify_masks_detects_and_repairs_a_simulated_mismatch(monkeypatch):
 def test_verify_masks_without_fix_only_reports(monkeypatch):
     _, opt, other_model, other = _trained()
     w = other_model[2].weight
-    other.state[w]["mask"][1] = other.state[w]["mask"][1].roll(1)
-    drifted = copy.deepcopy(other.state[w]["mask"])
+    _move_kept_entries(other, w, block=1)
+    drifted = copy.deepcopy(other.state[w]["kept"])
     results, messages = _simulate_two_ranks(monkeypatch, [opt, other], fix=False)
     assert results == [False, False]
     assert messages[1] == (
         "verify_masks (rank 1): ranks [1] differ from rank 0 in the masks of ['2.weight']"
     )
-    assert torch.equal(other.state[w]["mask"], drifted)
+    assert torch.equal(other.state[w]["kept"], drifted)
 
 
 def test_mask_sync_timing(monkeypatch):

@@ -16,14 +16,14 @@ def test_prunes_by_magnitude_once_and_keeps_the_mask():
     opt = ASPSGD([p], lr=0.01, momentum=0.9, n=2, m=4)
     p.grad = torch.zeros_like(p) + 1e-3
     opt.step()
-    mask = opt.state[p]["mask"].clone()
+    mask = opt.kept_mask(p)
     blocks = param_to_blocks(pretrained, 4).abs()
     expected = blocks >= blocks.sort(dim=1, descending=True).values[:, 1:2]
     assert torch.equal(mask, expected)
     for _ in range(10):
         p.grad = torch.randn(6, 16, generator=gen)
         opt.step()
-    assert torch.equal(opt.state[p]["mask"], mask)
+    assert torch.equal(opt.kept_mask(p), mask)
     assert (param_to_blocks(p.detach(), 4)[~mask] == 0).all()
 
 

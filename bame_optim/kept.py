@@ -1,0 +1,141 @@
+"""Compact storage of the kept set of N:M blocks: pure functions of tensors.
+
+:class:`bame_optim.BAMESGD` stores, per sparse parameter, which ``count`` of every ``M``
+weights are kept (``state["kept"]``) and the momentum of those weights only, ``[K, count]``
+in the block order of :mod:`bame_optim.nm`. The kept set of a block is one ``count``-subset
+of ``range(M)``, stored as its rank in colexicographic order (the combinatorial number system,
+Knuth TAOCP 7.2.1.3, Eq. (3)):
+
+.. math::
+    \\operatorname{rank}(c_1 < \\dots < c_n) = \\sum_{i=1}^{n} \\binom{c_i}{i}
+
+so a 2:4 block costs one byte (6 subsets) and a 1:16 block one byte (16 subsets), against
+``M`` bytes for a ``bool`` mask. Where the number of subsets exceeds :data:`MAX_RANKED`
+(e.g. 16 of 32) the sorted kept positions ``[K, count]`` are stored instead.
+
+:func:`kept_indices` turns either form into the sorted positions ``[K, count]`` (``int64``)
+that :func:`gather_kept` / :func:`scatter_kept_` use on the parameter, through the
+:func:`bame_optim.nm.block_view` view, so no step copies a whole parameter.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from itertools import combinations
+
+import torch
+from torch import Tensor
+
+from .nm import block_view
+
+__all__ = [
+    "MAX_RANKED",
+    "combination_table",
+    "encode_kept",
+    "gather_kept",
+    "kept_indices",
+    "mask_from_indices",
+    "scatter_kept_",
+]
+
+MAX_RANKED = 2**15
+"""Largest number of subsets ``binom(M, count)`` stored as a rank (an ``int16`` code and a
+decoding table of at most ``2**15 * count`` bytes); above it positions are stored."""
+
+
+def combination_table(n: int, m: int) -> Tensor:
+    """Bool ``[C, M]``, ``C = binom(m, n)``: row ``c`` marks the ``c``-th ``n``-subset of
+    ``range(m)`` in :func:`itertools.combinations` (lexicographic) order."""
+    subsets = list(combinations(range(m), n))
+    table = torch.zeros(len(subsets), m, dtype=torch.bool)
+    if n:
+        table.scatter_(1, torch.tensor(subsets, dtype=torch.long).reshape(len(subsets), n), True)
+    return table
+
+
+def _ranked(count: int, m: int) -> bool:
+    return math.comb(m, count) <= MAX_RANKED
+
+
+def _code_dtype(count: int, m: int) -> torch.dtype:
+    return torch.uint8 if math.comb(m, count) <= 256 else torch.int16
+
+
+def _position_dtype(m: int) -> torch.dtype:
+    return torch.uint8 if m <= 256 else torch.int16
+
+
+@lru_cache(maxsize=16)
+def _binomials(m: int, device: torch.device) -> Tensor:
+    # binom(j, i) for positions j < m and ranks i <= m; cached, never written.
+    table = [[math.comb(j, i) for i in range(m + 1)] for j in range(m)]
+    return torch.tensor(table, dtype=torch.int64, device=device)
+
+
+@lru_cache(maxsize=16)
+def _positions_by_rank(count: int, m: int, device: torch.device) -> Tensor:
+    # Row r: the sorted positions of the subset of colex rank r; cached, never written.
+    subsets = combination_table(count, m).nonzero()[:, 1].reshape(math.comb(m, count), count)
+    ranks = _colex_rank(subsets, m)
+    table = torch.empty_like(subsets)
+    table[ranks] = subsets
+    return table.to(device)
+
+
+def _colex_rank(positions: Tensor, m: int) -> Tensor:
+    order = torch.arange(1, positions.shape[1] + 1, device=positions.device)
+    return _binomials(m, positions.device)[positions, order].sum(dim=1)
+
+
+def encode_kept(mask: Tensor, count: int) -> Tensor:
+    """The stored form of ``mask`` (``[K, M]`` bool with ``count`` kept in every block; the
+    count is an argument so that no device value is read): the colex rank of each block's
+    kept set (``[K]``, ``uint8`` or ``int16``) when ``binom(M, count) <= MAX_RANKED``, else
+    the sorted kept positions ``[K, count]``."""
+    if mask.ndim != 2 or mask.dtype != torch.bool:
+        raise ValueError(f"Invalid mask {tuple(mask.shape)} {mask.dtype}: expected [K, M] bool")
+    k, m = mask.shape
+    if not 0 <= count <= m:
+        raise ValueError(f"Invalid count value: {count} (0 <= count <= M={m} is required)")
+    if not _ranked(count, m):
+        return _sorted_positions(mask, count).to(_position_dtype(m))
+    ranks = mask.cumsum(dim=1).clamp_(max=m)
+    columns = torch.arange(m, device=mask.device).expand(k, m)
+    terms = _binomials(m, mask.device)[columns, ranks]
+    return terms.masked_fill_(~mask, 0).sum(dim=1).to(_code_dtype(count, m))
+
+
+def _sorted_positions(mask: Tensor, count: int) -> Tensor:
+    # Kept entries sort first (key 0), in ascending position (stable sort).
+    return (~mask).to(torch.uint8).sort(dim=1, stable=True).indices[:, :count]
+
+
+def kept_indices(kept: Tensor, count: int, m: int) -> Tensor:
+    """Sorted kept positions ``[K, count]`` (``int64``) of the stored form ``kept``."""
+    if kept.ndim == 2:
+        return kept.long()
+    return _positions_by_rank(count, m, kept.device)[kept.long()]
+
+
+def mask_from_indices(indices: Tensor, m: int) -> Tensor:
+    """``[K, M]`` bool mask with the positions ``indices`` (``[K, count]``) set."""
+    mask = torch.zeros(indices.shape[0], m, dtype=torch.bool, device=indices.device)
+    return mask.scatter_(1, indices, True)
+
+
+def gather_kept(tensor: Tensor, indices: Tensor, m: int) -> Tensor:
+    """The entries of a parameter-shaped ``tensor`` at the kept ``indices``, as a new
+    contiguous ``[K, count]`` tensor in block order."""
+    blocks = block_view(tensor, m)
+    index = indices.view(*blocks.shape[:-1], indices.shape[1])
+    return blocks.gather(-1, index).view(indices.shape)
+
+
+def scatter_kept_(tensor: Tensor, indices: Tensor, values: Tensor, m: int) -> Tensor:
+    """Write ``values`` (``[K, count]``) into a parameter-shaped ``tensor`` at the kept
+    ``indices``, in place; other entries are untouched. Returns ``tensor``."""
+    blocks = block_view(tensor, m)
+    index = indices.view(*blocks.shape[:-1], indices.shape[1])
+    blocks.scatter_(-1, index, values.view(index.shape))
+    return tensor

@@ -1,0 +1,123 @@
+"""The compact kept-set storage of bame_optim.kept against brute-force definitions, and the
+size of BAMESGD's state that it buys."""
+
+from __future__ import annotations
+
+import math
+from itertools import combinations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bame_optim import BAMESGD
+from bame_optim.kept import (
+    MAX_RANKED,
+    encode_kept,
+    gather_kept,
+    kept_indices,
+    mask_from_indices,
+    scatter_kept_,
+)
+from bame_optim.nm import blocks_to_param, param_to_blocks
+
+from .strategies import nm_patterns
+
+PATTERNS = [(1, 4), (2, 4), (1, 8), (2, 8), (4, 8), (1, 16), (8, 16), (16, 32), (3, 32)]
+
+
+def _random_mask(k: int, count: int, m: int, seed: int) -> torch.Tensor:
+    scores = torch.rand(k, m, generator=torch.Generator().manual_seed(seed))
+    return mask_from_indices(scores.topk(count, dim=1).indices, m)
+
+
+def _colex_rank(subset: tuple[int, ...]) -> int:
+    """Rank of a sorted subset among all subsets of its size, ordered by their reversed tuples
+    (colexicographic order), by brute-force enumeration."""
+    m = max(subset) + 1
+    ordered = sorted(combinations(range(m), len(subset)), key=lambda c: c[::-1])
+    return ordered.index(subset)
+
+
+@pytest.mark.parametrize(("count", "m"), [(1, 4), (2, 4), (3, 6), (2, 8), (1, 16)])
+def test_rank_is_the_colexicographic_position(count, m):
+    subsets = list(combinations(range(m), count))
+    mask = mask_from_indices(torch.tensor(subsets), m)
+    codes = encode_kept(mask, count)
+    assert codes.ndim == 1
+    assert codes.tolist() == [_colex_rank(s) for s in subsets]
+    assert sorted(codes.tolist()) == list(range(math.comb(m, count)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(PATTERNS), st.integers(0, 40), st.integers(0, 2**16))
+def test_round_trip_gives_sorted_positions(pattern, k, seed):
+    count, m = pattern
+    mask = _random_mask(k, count, m, seed)
+    stored = encode_kept(mask, count)
+    indices = kept_indices(stored, count, m)
+    assert indices.dtype == torch.int64 and indices.shape == (k, count)
+    assert torch.equal(mask_from_indices(indices, m), mask)
+    assert (indices.diff(dim=1) > 0).all()
+    if math.comb(m, count) <= MAX_RANKED:
+        assert stored.shape == (k,)
+        assert stored.element_size() == (1 if math.comb(m, count) <= 256 else 2)
+    else:
+        assert stored.shape == (k, count) and stored.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("count", [0, 4])
+def test_empty_and_full_blocks(count):
+    mask = torch.full((3, 4), bool(count), dtype=torch.bool)
+    indices = kept_indices(encode_kept(mask, count), count, 4)
+    assert indices.shape == (3, count)
+    assert torch.equal(mask_from_indices(indices, 4), mask)
+
+
+def test_encode_rejects_bad_input():
+    with pytest.raises(ValueError, match="Invalid mask"):
+        encode_kept(torch.ones(2, 4), 2)
+    with pytest.raises(ValueError, match="Invalid count value: 5"):
+        encode_kept(torch.ones(2, 4, dtype=torch.bool), 5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    nm_patterns,
+    st.sampled_from([(), (1,), (3,), (2, 3)]),
+    st.booleans(),
+    st.integers(0, 2**16),
+)
+def test_gather_and_scatter_match_the_block_view(pattern, kernel, channels_last, seed):
+    n, m = pattern
+    gen = torch.Generator().manual_seed(seed)
+    shape = (3, 2 * m, *kernel)
+    tensor = torch.randn(shape, generator=gen, dtype=torch.float64)
+    if channels_last and len(kernel) == 2:
+        tensor = tensor.to(memory_format=torch.channels_last)
+    k = tensor.numel() // m
+    mask = _random_mask(k, n, m, seed)
+    indices = kept_indices(encode_kept(mask, n), n, m)
+    values = gather_kept(tensor, indices, m)
+    assert values.is_contiguous() and values.shape == (k, n)
+    assert torch.equal(values, param_to_blocks(tensor, m)[mask].view(k, n))
+    target = torch.zeros_like(tensor)
+    assert scatter_kept_(target, indices, values, m) is target
+    assert torch.equal(target, torch.where(blocks_to_param(mask, shape), tensor, 0))
+
+
+@pytest.mark.parametrize(("n", "m", "bound"), [(1, 16, 0.15), (2, 4, 0.60)])
+def test_frozen_phase_state_is_a_fraction_of_sgd_momentum(n, m, bound):
+    p = torch.randn(64, 256, requires_grad=True)
+    opt = BAMESGD([p], lr=0.1, momentum=0.9, n=n, m=m, t_i=0, t_f=0)
+    for _ in range(2):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    state_bytes = sum(
+        v.numel() * v.element_size() for v in opt.state[p].values() if isinstance(v, torch.Tensor)
+    )
+    sgd_bytes = p.numel() * p.element_size()
+    k = p.numel() // m
+    assert state_bytes == k * n * 4 + k  # fp32 momentum of kept weights + one byte per block
+    assert state_bytes < bound * sgd_bytes
