@@ -19,6 +19,7 @@ from torch import Tensor
 from .bame_sgd import BAMESGD
 from .evolution import magnitude_mask
 from .nm import param_to_blocks
+from .sharded import local_tensor
 
 __all__ = ["ASPSGD"]
 
@@ -45,4 +46,4 @@ class ASPSGD(BAMESGD):
                 )
 
     def _start_mask(self, p: Tensor, kept: Tensor, group: dict[str, Any], index: int) -> Tensor:
-        return magnitude_mask(param_to_blocks(p, group["m"]), kept, group["n"])
+        return magnitude_mask(param_to_blocks(local_tensor(p), group["m"]), kept, group["n"])

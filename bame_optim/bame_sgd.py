@@ -23,6 +23,7 @@ from .evolution import (
     MaskEvolution,
     evolve_mask,
     magnitude_mask,
+    obf_freeze,
 )
 from .evolution import score_dtype as _score_dtype
 from .kept import encode_kept, gather_kept, kept_indices, mask_from_indices, scatter_kept_
@@ -35,6 +36,15 @@ from .schedule import (
     is_update_step,
     phase,
     resolve_schedule,
+)
+from .sharded import (
+    block_range,
+    check_row_sharded,
+    distribute_state,
+    gather_blocks,
+    is_sharded,
+    local_state,
+    local_tensor,
 )
 
 __all__ = ["BAMESGD"]
@@ -105,7 +115,7 @@ class BAMESGD(Optimizer):
 
     _extra_defaults: tuple[str, ...] = ()
     """Group keywords a subclass adds (passed through ``**extra_defaults``)."""
-    _exact_dtype_state: tuple[str, ...] = ("kept", "oscillation")
+    _exact_dtype_state: tuple[str, ...] = ("kept", "oscillation", "kept_mask")
     """State that ``Optimizer.load_state_dict`` would cast to the parameter's dtype."""
 
     def __init__(
@@ -190,22 +200,25 @@ class BAMESGD(Optimizer):
         if "kept" not in state:
             # The first forward ran on the untouched (dense) parameter: every weight is kept.
             m = group["m"]
-            everything = torch.ones(num_blocks(p.shape, m), m, dtype=torch.bool, device=p.device)
-            state["kept"] = encode_kept(everything, m)
+            if is_sharded(p):
+                check_row_sharded(p)
+            local = local_tensor(p)
+            everything = torch.ones(block_range(p, m)[1], m, dtype=torch.bool, device=local.device)
+            state["kept"] = distribute_state(encode_kept(everything, m), p, m)
             state["kept_count"] = m
             state["last_flips"] = 0
             state["last_frozen"] = 0
         return state
 
     def _indices(self, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
-        return kept_indices(state["kept"], state["kept_count"], group["m"])
+        return kept_indices(local_state(state["kept"]), state["kept_count"], group["m"])
 
     def _is_state_init_call(self) -> bool:
         # torch.distributed.checkpoint initialises optimizer state with lr 0 and zero grads.
         if any(group["lr"] != 0 for group in self.param_groups):
             return False
         grads = [p.grad for group in self.param_groups for p in group["params"]]
-        return all(g is None or not g.any() for g in grads)
+        return all(g is None or not _any(g) for g in grads)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -251,14 +264,14 @@ class BAMESGD(Optimizer):
                 continue
             # SGD on the kept entries only, as [K, kept_count] copies written back below.
             indices = self._indices(state, group)
-            kept_weights = gather_kept(p, indices, m)
+            kept_weights = gather_kept(local_tensor(p), indices, m)
             targets.append(kept_weights)
-            grads.append(gather_kept(p.grad, indices, m))
+            grads.append(gather_kept(local_tensor(p.grad), indices, m))
             owners.append(p)
             compressed.append((p, indices, kept_weights))
         self._sgd_update(group, targets, grads, [None] * len(targets), owners)
         for p, indices, kept_weights in compressed:
-            scatter_kept_(p, indices, kept_weights, m)
+            scatter_kept_(local_tensor(p), indices, kept_weights, m)
 
     def _sgd_update(
         self,
@@ -272,7 +285,13 @@ class BAMESGD(Optimizer):
         each momentum buffer in the state of the matching parameter of ``owners``."""
         if not targets:
             return
+        # Momentum of a sharded sparse parameter is per-block state: work on this rank's part.
+        per_block = [is_sharded(p) and "kept" in self.state[p] for p in owners]
         buffers = [self.state[p].get("momentum_buffer") for p in owners]
+        buffers = [
+            local_state(b) if b is not None and local else b
+            for b, local in zip(buffers, per_block, strict=True)
+        ]
         foreach = group["foreach"]
         if foreach is None:
             foreach = all(t.is_cuda for t in targets)
@@ -290,7 +309,9 @@ class BAMESGD(Optimizer):
             foreach=foreach,
         )
         if group["momentum"] != 0:
-            for p, buffer in zip(owners, buffers, strict=True):
+            for p, buffer, local in zip(owners, buffers, per_block, strict=True):
+                if local:
+                    buffer = distribute_state(buffer, p, group["m"])
                 self.state[p]["momentum_buffer"] = buffer
 
     def _update_mask(self, p: Tensor, state: dict[str, Any], group: dict[str, Any], index: int):
@@ -303,12 +324,12 @@ class BAMESGD(Optimizer):
             new, count = self._start_mask(p, kept, group, index), n
         elif current is not Phase.EVOLVE:
             count = gradual_budget(t, n, m, t_i)
-            new = magnitude_mask(param_to_blocks(p, m), kept, count)
+            new = magnitude_mask(param_to_blocks(local_tensor(p), m), kept, count)
         else:
             if p.grad is None:
                 return
-            grad = param_to_blocks(p.grad, m)
-            if not bool(grad.isfinite().all()):
+            grad = param_to_blocks(local_tensor(p.grad), m)
+            if not _all_finite(p.grad):
                 warnings.warn(
                     f"BAMESGD: the gradient of parameter {index} (shape {tuple(p.shape)}) has "
                     f"NaN or Inf at step {t}; its mask update is skipped for this step",
@@ -319,20 +340,28 @@ class BAMESGD(Optimizer):
             oscillation = state.get("oscillation")
             if oscillation is None:  # Eq. 8: O starts at 0 with the evolve phase
                 oscillation = torch.zeros(
-                    kept.shape[0], dtype=_score_dtype(p.dtype), device=p.device
+                    kept.shape[0], dtype=_score_dtype(p.dtype), device=kept.device
                 )
-            evolution = self._evolve(param_to_blocks(p, m), grad, kept, oscillation, group)
-            new, count, state["oscillation"] = evolution.kept, n, evolution.oscillation
+            else:
+                oscillation = local_state(oscillation)
+            weight = param_to_blocks(local_tensor(p), m)
+            freeze = _sharded_freeze(p, group) if is_sharded(p) else None
+            evolution = self._evolve(weight, grad, kept, oscillation, group, freeze)
+            state["oscillation"] = distribute_state(evolution.oscillation, p, m)
+            new, count = evolution.kept, n
             frozen = int(evolution.frozen.sum())
         changed = kept != new
         # Newly pruned weights go to 0; pruned and revived entries restart with zero momentum.
-        p.masked_fill_(blocks_to_param(kept & ~new, p.shape), 0)
-        state["kept"], state["kept_count"] = encode_kept(new, count), count
+        local = local_tensor(p)
+        local.masked_fill_(blocks_to_param(kept & ~new, local.shape), 0)
+        state["kept"], state["kept_count"] = distribute_state(encode_kept(new, count), p, m), count
         buffer = state.get("momentum_buffer")
         if buffer is not None:
+            buffer = local_state(buffer)
             dense = torch.zeros(kept.shape, dtype=buffer.dtype, device=buffer.device)
             dense.scatter_(1, old_indices, buffer).masked_fill_(changed, 0)
-            state["momentum_buffer"] = dense.gather(1, self._indices(state, group))
+            compact = dense.gather(1, self._indices(state, group))
+            state["momentum_buffer"] = distribute_state(compact, p, m)
         state["last_flips"] = int(changed.sum())
         state["last_frozen"] = frozen
 
@@ -340,7 +369,10 @@ class BAMESGD(Optimizer):
         """The mask drawn at ``t_i == 0`` (no gradual phase): a random N:M mask from a
         generator seeded with ``seed`` and the parameter's index, the same on every rank."""
         generator = torch.Generator().manual_seed(group["seed"] * _SEED_STRIDE + index)
-        return random_nm_mask(kept.shape[0], group["n"], group["m"], generator, kept.device)
+        m = group["m"]
+        whole = random_nm_mask(num_blocks(p.shape, m), group["n"], m, generator, kept.device)
+        first, count = block_range(p, m)  # a sharded parameter takes its own rows' blocks
+        return whole[first : first + count]
 
     def _evolve(
         self,
@@ -349,9 +381,11 @@ class BAMESGD(Optimizer):
         kept: Tensor,
         oscillation: Tensor,
         group: dict[str, Any],
+        freeze: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> MaskEvolution:
         """The evolve-phase mask update of one parameter, on block views: LMA + OBF
-        (:func:`bame_optim.evolution.evolve_mask`). Peer methods override this."""
+        (:func:`bame_optim.evolution.evolve_mask`; ``freeze`` ranks the blocks of all shards
+        of a sharded parameter). Peer methods override this."""
         return evolve_mask(
             weight,
             grad,
@@ -362,12 +396,56 @@ class BAMESGD(Optimizer):
             alpha=group["alpha"],
             beta=group["beta"],
             gamma=group["gamma"],
+            freeze=freeze,
         )
 
+    def state_dict(self) -> dict[str, Any]:
+        """As :meth:`torch.optim.Optimizer.state_dict`. The state of a sharded (FSDP2)
+        sparse parameter is given in a form whose shapes do not depend on the phase, because
+        ``torch.distributed.checkpoint`` loads into tensors of the shapes that a fresh
+        optimizer's state has: ``kept_mask`` (``[K, M]`` bool, row layout), a dense
+        ``momentum_buffer`` like the parameter, and ``oscillation`` (zeros when absent).
+        :meth:`load_state_dict` turns it back into the compact state."""
+        saved = super().state_dict()
+        params = chain.from_iterable(group["params"] for group in self.param_groups)
+        for i, p in enumerate(params):
+            state = saved["state"].get(i)
+            if state is not None and "kept" in state and is_sharded(p):
+                saved["state"][i] = self._checkpoint_form(p, state)
+        return saved
+
+    def _checkpoint_form(self, p: Tensor, state: dict[str, Any]) -> dict[str, Any]:
+        group = self._group_of(p)
+        m = group["m"]
+        indices = self._indices(state, group)
+        form = {k: v for k, v in state.items() if k not in ("kept", "momentum_buffer")}
+        form["kept_mask"] = distribute_state(mask_from_indices(indices, m), p, m)
+        if "oscillation" not in state:
+            zeros = torch.zeros(
+                indices.shape[0], dtype=_score_dtype(p.dtype), device=indices.device
+            )
+            form["oscillation"] = distribute_state(zeros, p, m)
+        buffer = state.get("momentum_buffer")
+        if buffer is not None:
+            local = local_tensor(p)
+            dense = scatter_kept_(torch.zeros_like(local), indices, local_state(buffer), m)
+            form["momentum_buffer"] = _like(dense, p)
+        return form
+
+    def _compact_form(self, p: Tensor, state: dict[str, Any]) -> None:
+        group = self._group_of(p)
+        m = group["m"]
+        mask = local_state(state.pop("kept_mask"))
+        state["kept"] = distribute_state(encode_kept(mask, state["kept_count"]), p, m)
+        buffer = state.get("momentum_buffer")
+        if buffer is not None:
+            compact = gather_kept(local_tensor(buffer), self._indices(state, group), m)
+            state["momentum_buffer"] = distribute_state(compact, p, m)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict`, keeping masks ``bool`` and the oscillation EMA in its
-        saved dtype (``Optimizer.load_state_dict`` casts every state tensor to the
-        parameter's dtype; ``Accelerator.prepare`` round-trips through it once)."""
+        """Load a :meth:`state_dict`, keeping masks and the oscillation EMA in their saved
+        dtypes (``Optimizer.load_state_dict`` casts every state tensor to the parameter's
+        dtype; ``Accelerator.prepare`` round-trips through it once)."""
         saved = state_dict["state"]
         ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         exact = {
@@ -380,6 +458,8 @@ class BAMESGD(Optimizer):
         for i, p in zip(ids, params, strict=True):
             for key, value in exact.get(i, {}).items():
                 self.state[p][key] = value.to(device=p.device)
+            if "kept_mask" in self.state.get(p, {}):
+                self._compact_form(p, self.state[p])
 
     def kept_mask(self, p: Tensor) -> Tensor | None:
         """The mask of sparse parameter ``p``: ``[K, M]`` bool in the block view of
@@ -389,7 +469,7 @@ class BAMESGD(Optimizer):
         if "kept" not in state:
             return None
         group = self._group_of(p)
-        return mask_from_indices(self._indices(state, group), group["m"])
+        return mask_from_indices(self._indices(state, group), group["m"])  # this rank's blocks
 
     def momentum_buffer(self, p: Tensor) -> Tensor | None:
         """The momentum buffer of ``p`` in the parameter's layout (for a sparse parameter,
@@ -399,7 +479,9 @@ class BAMESGD(Optimizer):
         if buffer is None or "kept" not in state:
             return None if buffer is None else buffer.clone()
         group = self._group_of(p)
-        return scatter_kept_(torch.zeros_like(p), self._indices(state, group), buffer, group["m"])
+        local = local_tensor(p)
+        indices, m = self._indices(state, group), group["m"]
+        return scatter_kept_(torch.zeros_like(local), indices, local_state(buffer), m)
 
     def _group_of(self, p: Tensor) -> dict[str, Any]:
         for group in self.param_groups:
@@ -431,7 +513,7 @@ class BAMESGD(Optimizer):
                     "step": group["step"],
                     "phase": phase(group["step"], group["t_i"], group["t_f"]).value,
                     "density": float(mask.float().mean()) if mask is not None else 1.0,
-                    "nm_valid": is_nm_sparse(p.detach(), group["n"], group["m"])
+                    "nm_valid": is_nm_sparse(local_tensor(p).detach(), group["n"], group["m"])
                     if sparse
                     else None,
                     "flips": state.get("last_flips", 0),
@@ -477,3 +559,40 @@ def _check_sparse_param(p: Tensor, m: int) -> None:
             f"{p.layout}: N:M masks need a dense floating-point tensor"
         )
     num_blocks(p.shape, m)
+
+
+def _any(tensor: Tensor) -> bool:
+    # A sharded gradient is reduced over all shards, so every rank gets the same answer.
+    found = tensor.any()
+    return bool(found.full_tensor() if is_sharded(found) else found)
+
+
+def _all_finite(tensor: Tensor) -> bool:
+    finite = tensor.isfinite().all()
+    return bool(finite.full_tensor() if is_sharded(finite) else finite)
+
+
+def _sharded_freeze(p: Tensor, group: dict[str, Any]) -> Callable[[Tensor, Tensor], Tensor]:
+    """OBF (Eq. 10) for one shard: rank the blocks of all shards, keep this rank's."""
+    m = group["m"]
+    first, count = block_range(p, m)
+
+    def freeze(oscillation: Tensor, norms: Tensor) -> Tensor:
+        whole = obf_freeze(
+            gather_blocks(oscillation, p, m),
+            gather_blocks(norms, p, m),
+            group["alpha"],
+            group["beta"],
+        )
+        return whole[first : first + count]
+
+    return freeze
+
+
+def _like(local: Tensor, p: Tensor) -> Tensor:
+    """``local`` (this rank's part, shaped like ``p``'s) as a ``DTensor`` sharded as ``p``."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+    )

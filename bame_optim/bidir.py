@@ -28,6 +28,7 @@ from torch.utils.hooks import RemovableHandle
 from .bame_sgd import BAMESGD
 from .groups import SPARSE_LAYER_TYPES
 from .nm import blocks_to_param, param_to_blocks, top_n_mask
+from .sharded import is_sharded
 
 __all__ = ["BidirBAMESGD", "attach_backward_masks", "backward_mask"]
 
@@ -62,6 +63,11 @@ class BidirBAMESGD(BAMESGD):
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
+                if state and "kept" in state and is_sharded(p):
+                    raise ValueError(
+                        f"Invalid sparse parameter of shape {tuple(p.shape)}: backward masks "
+                        "run along dimension 0, which FSDP2 shards; use BAMESGD"
+                    )
                 if state and "kept" in state and p.shape[0] % group["m"] == 0:
                     state["backward_mask"] = backward_mask(p, group["n"], group["m"])
         return loss

@@ -8,6 +8,7 @@ zeros at pruned entries (section 3.2 of the paper).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -144,15 +145,23 @@ def evolve_mask(
     alpha: float,
     beta: float,
     gamma: float,
+    freeze: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> MaskEvolution:
     """One BAME mask update of one parameter (DESIGN.md section 4, steps 1-5).
 
     1. LMA scores (Eq. 4, 5); 2. proposal ``B̄`` = top ``n`` per block, ties keep the kept
     weight (Eq. 6); 3. ``SAD(B, B̄)`` (Eq. 7); 4. oscillation EMA (Eq. 8); 5. OBF: frozen
     blocks keep ``B`` (Eq. 10).
+
+    ``freeze(oscillation, norms)`` replaces :func:`obf_freeze` (with ``alpha``, ``beta``)
+    where the blocks given are a shard of the parameter: Eq. 10 ranks all its blocks.
     """
     proposed = top_n_mask(lma_scores(weight, grad, kept, lr), n, prefer=kept)
     new_oscillation = update_oscillation(oscillation, sad(kept, proposed), gamma)
-    frozen = obf_freeze(new_oscillation, block_norms(weight), alpha, beta)
+    norms = block_norms(weight)
+    if freeze is None:
+        frozen = obf_freeze(new_oscillation, norms, alpha, beta)
+    else:
+        frozen = freeze(new_oscillation, norms)
     new_kept = torch.where(frozen.unsqueeze(1), kept, proposed)
     return MaskEvolution(new_kept, new_oscillation, proposed, frozen)

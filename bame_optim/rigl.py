@@ -11,6 +11,7 @@ density N/M, dense weight gradients only on update steps.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,7 +47,13 @@ class RigLSGD(BAMESGD):
     """
 
     def _evolve(
-        self, weight: Tensor, grad: Tensor, kept: Tensor, oscillation: Tensor, group: dict[str, Any]
+        self,
+        weight: Tensor,
+        grad: Tensor,
+        kept: Tensor,
+        oscillation: Tensor,
+        group: dict[str, Any],
+        freeze: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> MaskEvolution:
         new = rigl_mask(weight, grad, kept, group["n"])
         frozen = torch.zeros(kept.shape[0], dtype=torch.bool, device=kept.device)

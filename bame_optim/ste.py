@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .bame_sgd import BAMESGD
 from .nm import blocks_to_param, num_blocks
+from .sharded import is_sharded
 
 __all__ = ["DenseSTESGD"]
 
@@ -52,6 +53,11 @@ class DenseSTESGD(BAMESGD):
     def _sparse_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         state = self.state[p]
         if "dense_weight" not in state:
+            if is_sharded(p):
+                raise ValueError(
+                    f"Invalid sparse parameter of shape {tuple(p.shape)}: {type(self).__name__} "
+                    "does not support sharded (FSDP2 DTensor) parameters; use BAMESGD"
+                )
             k = num_blocks(p.shape, group["m"])
             state["dense_weight"] = p.detach().clone()
             # The first forward ran on the untouched (dense) parameter: every weight was kept.

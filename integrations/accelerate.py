@@ -30,8 +30,12 @@ loaded another checkpoint): :func:`verify_masks` and the step hook :class:`MaskS
             sync.after_step()  # a collective on mask-update steps: call it on every rank
             optimizer.zero_grad()
 
-Not supported: FSDP / FSDP2 (sharded parameters and ``DTensor`` masks), DeepSpeed ZeRO (the
-wrapped optimizer never sees full parameters). Both collectives go through
+FSDP2 (``fully_shard``; Accelerate's ``fsdp_version=2``): BAMESGD works on the ``DTensor``
+shards itself (see :mod:`bame_optim.sharded`; tested with ``torch.distributed.checkpoint``
+and two processes in ``tests/test_fsdp.py``). A sharded parameter has a single copy of each
+block, so :func:`verify_masks` compares only the step counters and the unsharded parameters.
+Not supported: FSDP1 (flat parameters) and DeepSpeed ZeRO (the wrapped optimizer never sees
+whole rows). Both collectives go through
 :func:`accelerate.utils.gather` and :func:`accelerate.utils.broadcast` when an ``Accelerator``
 is given, and through :mod:`torch.distributed` otherwise.
 """
@@ -52,6 +56,7 @@ from torch.optim import Optimizer
 
 from bame_optim.bame_sgd import BAMESGD
 from bame_optim.schedule import is_update_step
+from bame_optim.sharded import is_sharded
 
 __all__ = ["MaskSync", "last_update_step", "unwrap_optimizer", "verify_masks"]
 
@@ -143,7 +148,8 @@ def _has_mask(state: dict[str, Any]) -> bool:
 def _param_row(optimizer: BAMESGD, p: Tensor, device: torch.device) -> list[Tensor]:
     zero = torch.zeros((), dtype=torch.int64, device=device)
     state = optimizer.state.get(p, {})
-    mask = optimizer.kept_mask(p) if _has_mask(state) else None
+    # A sharded parameter's blocks exist once, on different ranks: nothing to compare.
+    mask = optimizer.kept_mask(p) if _has_mask(state) and not is_sharded(p) else None
     if mask is None:
         return [zero, zero, zero, zero]
     mask = mask.to(device)
