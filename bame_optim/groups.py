@@ -33,6 +33,29 @@ def default_exclude(model: nn.Module) -> list[str]:
     return names
 
 
+def _candidate_weights(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The ``[out, in, ...]`` weights of ``module`` that may be N:M sparse (dimension 1 is the
+    input dimension), as ``(attribute name, parameter)`` pairs.
+
+    * Linear / ConvNd: ``weight``.
+    * :class:`torch.nn.MultiheadAttention`: the packed ``in_proj_weight`` ``[3E, E]`` when
+      ``_qkv_same_embed_dim`` (the Q, K and V projections stacked along the output dimension,
+      so every row is one projection's row over the ``E`` inputs, exactly a Linear weight),
+      else the separate ``q_proj_weight`` / ``k_proj_weight`` / ``v_proj_weight``. Its
+      ``out_proj`` is an ``nn.Linear`` and is handled as one.
+    """
+    if isinstance(module, SPARSE_LAYER_TYPES):
+        return [("weight", module.weight)]
+    if isinstance(module, nn.MultiheadAttention):
+        if module._qkv_same_embed_dim:
+            names = ("in_proj_weight",)
+        else:
+            names = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+        found = [(name, getattr(module, name, None)) for name in names]
+        return [(name, p) for name, p in found if isinstance(p, nn.Parameter)]
+    return []
+
+
 def nm_param_groups(
     model: nn.Module,
     n: int,
@@ -42,10 +65,16 @@ def nm_param_groups(
 ) -> list[dict[str, Any]]:
     """Param groups for :class:`bame_optim.BAMESGD` with the peers' choice of sparse layers.
 
-    Linear and Conv1d/2d/3d weights are N:M sparse, except the excluded layers. Everything
-    else is dense: biases and norm parameters (without weight decay when ``no_decay_1d``),
-    embeddings, excluded layers, and weights whose input dimension does not divide by ``m``
-    (with a warning naming them).
+    Linear and Conv1d/2d/3d weights, and the input projections of
+    :class:`torch.nn.MultiheadAttention` (``in_proj_weight``, ``[3E, E]``; see
+    :func:`_candidate_weights`), are N:M sparse, except the excluded layers. Everything else
+    is dense: biases and norm parameters (without weight decay when ``no_decay_1d``),
+    embeddings, excluded layers, and weights whose input dimension does not divide by ``m``.
+
+    Weights left dense for their shape: those whose input dimension is 1 (depthwise
+    convolutions such as MobileNet-V2's, where a block could hold only one weight) are left
+    dense silently, as no ``m`` could ever apply to them; every other weight whose input
+    dimension does not divide by ``m`` is named, all together in **one** ``UserWarning``.
 
     Args:
         model: the model.
@@ -72,21 +101,29 @@ def nm_param_groups(
             raise ValueError(f"Invalid exclude value: {pattern!r} matches no module of the model")
 
     sparse_weights: dict[int, str] = {}
+    indivisible: list[str] = []
     for name, module in model.named_modules():
-        if not isinstance(module, SPARSE_LAYER_TYPES):
+        candidates = _candidate_weights(module)
+        if not candidates or any(fnmatchcase(name, pattern) for pattern in patterns):
             continue
-        if any(fnmatchcase(name, pattern) for pattern in patterns):
-            continue
-        weight = module.weight
-        if weight.shape[1] % m:
-            warnings.warn(
-                f"nm_param_groups: {name}.weight of shape {tuple(weight.shape)} stays dense: its "
-                f"input dimension {weight.shape[1]} is not divisible by m={m}",
-                UserWarning,
-                stacklevel=2,
-            )
-            continue
-        sparse_weights[id(weight)] = name
+        for attribute, weight in candidates:
+            full_name = f"{name}.{attribute}" if name else attribute
+            if weight.ndim < 2 or weight.shape[1] == 1:
+                continue  # depthwise: one input per group, never N:M
+            if weight.shape[1] % m:
+                indivisible.append(
+                    f"{full_name} of shape {tuple(weight.shape)} stays dense "
+                    f"(input dimension {weight.shape[1]})"
+                )
+                continue
+            sparse_weights[id(weight)] = full_name
+    if indivisible:
+        warnings.warn(
+            f"nm_param_groups: {len(indivisible)} weight(s) whose input dimension is not "
+            f"divisible by m={m}: " + "; ".join(indivisible),
+            UserWarning,
+            stacklevel=2,
+        )
 
     sparse, dense, no_decay = [], [], []
     for name, param in model.named_parameters():
