@@ -16,11 +16,21 @@ groups * prod(kernel)`` (Linear: ``out * in * tokens``); ``ConvTransposeNd`` lay
 have the same MAC count, kept apart so each method can sparsify them separately. Sizes come
 from one batch-1 forward with hooks (:func:`layer_flops`); a layer called twice counts twice.
 
+Each ``nn.MultiheadAttention`` call (embedding ``E``, ``L`` query and ``S`` key tokens per
+sample, read from its inputs and ``batch_first``) adds three entries, counted like Linear
+layers: its input projection ``in_proj`` (``in_proj_weight [3E, E]``: ``(L + 2S) * E * E``
+MACs, or ``q_proj`` / ``k_proj`` / ``v_proj`` when the key and value sizes differ), its
+``out_proj`` (``L * E * E``; MHA reads its weight without calling it) and ``attention``, the
+products ``Q Kᵀ`` and ``A V`` (``2 * L * S * E`` MACs over all heads; their two backward
+products count as ``input_grad`` and ``weight_grad``). The projections are sparse when
+:func:`nm_param_groups` makes their weight sparse; ``attention`` has no weight and is always
+dense. ``nn.TransformerEncoderLayer``'s inference fast path, which would skip these hooks, is
+switched off during the forward.
+
 Not counted (elementwise or small next to the products): biases and their gradients, batch
-norm, activations, pooling, residual additions, softmax and the loss, the attention matmuls of
-transformers (``Q Kᵀ``, ``A V``) and any weight used functionally rather than through its
-module's ``forward`` (e.g. ``nn.MultiheadAttention``'s projections), the optimizer update, and
-the mask work of each method (top-k per block, LMA scores, OBF's EMA, SR-STE's decay term).
+norm, layer norm, activations, pooling, residual additions, softmax and the loss, any other
+weight used functionally rather than through its module's ``forward``, the optimizer update,
+and the mask work of each method (top-k per block, LMA scores, OBF's EMA, SR-STE's decay term).
 
 Which layers are sparse is decided by :func:`bame_optim.nm_param_groups` with the same ``n, m,
 exclude``, so the accounting matches what the optimizer trains: by default the stem and the
@@ -180,6 +190,39 @@ def _macs(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Ten
     return inputs[0].numel() * (conv.out_channels // conv.groups) * kernel
 
 
+def _attention_macs(
+    module: nn.MultiheadAttention, args: tuple[object, ...], kwargs: dict[str, object]
+) -> list[tuple[nn.Module, str, str, nn.Parameter | None, int]]:
+    """The products of one :class:`~torch.nn.MultiheadAttention` call, as ``(module, part,
+    kind, weight, MACs)``: the input projection(s), the output projection and ``Q Kᵀ`` plus
+    ``A V`` (no weight). Sizes come from the query and key shapes: ``[L, E]`` unbatched, else
+    ``[L, B, E]``, or ``[B, L, E]`` when ``batch_first``."""
+    given = dict(zip(("query", "key"), args, strict=False)) | kwargs
+    query: torch.Tensor = given["query"]  # type: ignore[assignment]
+    key: torch.Tensor = given["key"]  # type: ignore[assignment]
+    token_dim = 1 if query.dim() == 3 and module.batch_first else 0
+    batch = query.shape[1 - token_dim] if query.dim() == 3 else 1
+    tgt, src = query.shape[token_dim], key.shape[token_dim]
+    e = module.embed_dim
+    if module._qkv_same_embed_dim:
+        parts = [(module, "in_proj", module.in_proj_weight, (tgt + 2 * src) * e * e)]
+    else:
+        parts = [
+            (module, "q_proj", module.q_proj_weight, tgt * e * e),
+            (module, "k_proj", module.k_proj_weight, src * e * module.kdim),
+            (module, "v_proj", module.v_proj_weight, src * e * module.vdim),
+        ]
+    parts.append((module.out_proj, "", module.out_proj.weight, tgt * e * e))
+    # keys after the projection: bias_k appends one, add_zero_attn another
+    keys = src + (module.bias_k is not None) + module.add_zero_attn
+    parts.append((module, "attention", None, 2 * tgt * keys * e))
+    kinds = {"": type(module.out_proj).__name__, "attention": "attention"}
+    return [
+        (owner, part, kinds.get(part, type(module).__name__), weight, batch * count)
+        for owner, part, weight, count in parts
+    ]
+
+
 def layer_flops(
     model: nn.Module,
     input_shape: Sequence[int],
@@ -193,8 +236,10 @@ def layer_flops(
 
     Runs one forward on a batch-1 zero tensor of shape ``(1, *input_shape)`` (on the model's
     device, a ``meta`` model included, in eval mode and without gradients; every module's
-    ``training`` flag is restored afterwards) and hooks every Linear, ConvNd and
-    ConvTransposeNd module that runs, in order of first call.
+    ``training`` flag is restored afterwards) and hooks every Linear, ConvNd,
+    ConvTransposeNd and MultiheadAttention module that runs, in order of first call (an
+    attention call gives ``<name>.in_proj``, its ``out_proj`` and ``<name>.attention``: see
+    the module docstring).
 
     Args:
         model: the model.
@@ -227,41 +272,64 @@ def layer_flops(
         floating = [p.dtype for p in params if p.is_floating_point()]
         dtype = floating[0] if floating else torch.float32
 
-    macs: dict[nn.Module, int] = {}
+    # (module, part) -> [name, kind, weight or None, MACs], in order of first call
+    counts: dict[tuple[nn.Module, str], list] = {}
+    names = {module: name for name, module in model.named_modules()}
+
+    def add(module: nn.Module, part: str, kind: str, weight: torch.Tensor | None, n_macs: int):
+        entry = counts.get((module, part))
+        if entry is None:
+            name = f"{names[module]}.{part}".strip(".")
+            counts[module, part] = [name, kind, weight, n_macs]
+        else:
+            entry[3] += n_macs
 
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        macs[module] = macs.get(module, 0) + _macs(module, inputs, output)
+        add(module, "", type(module).__name__, module.weight, _macs(module, inputs, output))
 
-    names = {module: name for name, module in model.named_modules()}
-    handles = [
-        module.register_forward_hook(hook)
-        for module in names
-        if isinstance(module, (nn.Linear, *_CONV, *_CONV_T))
-    ]
+    def attention_hook(
+        module: nn.MultiheadAttention,
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
+        output: object,
+    ) -> None:
+        for owner, part, kind, weight, n_macs in _attention_macs(module, args, kwargs):
+            add(owner, part, kind, weight, n_macs)
+
+    handles = []
+    for module in names:
+        if isinstance(module, nn.MultiheadAttention):
+            handles.append(module.register_forward_hook(attention_hook, with_kwargs=True))
+        elif isinstance(module, (nn.Linear, *_CONV, *_CONV_T)):
+            handles.append(module.register_forward_hook(hook))
     modes = {module: module.training for module in names}
+    # nn.TransformerEncoder(Layer)'s inference fast path skips its modules' forward (and hooks)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         model.eval()
+        torch.backends.mha.set_fastpath_enabled(False)
         with torch.no_grad():
             model(torch.zeros((1, *input_shape), dtype=dtype, device=device))
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for handle in handles:
             handle.remove()
         for module, training in modes.items():
             module.training = training
 
     layers = []
-    for module, count in macs.items():
+    for name, kind, weight, count in counts.values():
         flops = 2 * count
-        sparse = id(module.weight) in sparse_ids
+        sparse = weight is not None and id(weight) in sparse_ids
         layers.append(
             LayerFlops(
-                name=names[module],
-                kind=type(module).__name__,
+                name=name,
+                kind=kind,
                 forward=flops,
                 input_grad=flops,
                 weight_grad=flops,
                 sparse=sparse,
-                backward_mask=sparse and m is not None and module.weight.shape[0] % m == 0,
+                backward_mask=sparse and m is not None and weight.shape[0] % m == 0,
                 pattern=(n, m) if sparse and n is not None and m is not None else None,
             )
         )

@@ -162,6 +162,152 @@ def test_backward_mask_flag_needs_the_output_dimension_divisible_by_m():
     assert [(x.sparse, x.backward_mask) for x in layers] == [(True, True), (True, True)]
 
 
+# --------------------------------------------------------------------- multi-head attention
+
+
+class SelfAttention(nn.Module):
+    """One ``nn.MultiheadAttention`` on inputs ``[tokens, E]``; with ``batch_first=False``
+    the batch-1 input is moved to ``[tokens, 1, E]`` unless ``transpose`` is off."""
+
+    def __init__(self, embed: int, heads: int, batch_first: bool, transpose: bool = True):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(embed, heads, batch_first=batch_first)
+        self.transpose = transpose and not batch_first
+
+    def forward(self, x):
+        x = x.transpose(0, 1) if self.transpose else x
+        if self.attn.batch_first:
+            return self.attn(x, x, x, need_weights=False)[0]
+        return self.attn(query=x, key=x, value=x)[0]  # keywords: the hook sees them too
+
+
+def attention_flops(tokens: int, embed: int, batch: int = 1, keys: int | None = None):
+    """Forward FLOPs (2 x MACs) of one self-attention call: in_proj, out_proj, QKᵀ + AV."""
+    keys = tokens if keys is None else keys
+    return (
+        2 * batch * tokens * embed * 3 * embed,
+        2 * batch * tokens * embed * embed,
+        2 * batch * 2 * tokens * keys * embed,
+    )
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_flops_by_hand(batch_first):
+    # E = 8, 5 tokens: in_proj 2 * 5 * 8 * 24 = 1920, out_proj 2 * 5 * 8 * 8 = 640,
+    # QKᵀ and AV 2 * (2 * 5 * 5 * 8) = 800 (the heads split E, so their count is E's)
+    model = SelfAttention(8, 2, batch_first)
+    assert attention_flops(5, 8) == (1920, 640, 800)
+    layers = layer_flops(model, (5, 8), n=2, m=4, exclude=())
+    assert [(x.name, x.forward, x.input_grad, x.weight_grad, x.sparse) for x in layers] == [
+        ("attn.in_proj", 1920, 1920, 1920, True),
+        ("attn.out_proj", 640, 640, 640, True),
+        ("attn.attention", 800, 800, 800, False),
+    ]
+    assert [x.backward_mask for x in layers] == [True, True, False]
+    assert not any(mod._forward_hooks for mod in model.modules())
+    # dense without a pattern, and the same on a meta model
+    assert [x.sparse for x in layer_flops(model, (5, 8))] == [False] * 3
+    with torch.device("meta"):
+        meta = SelfAttention(8, 2, batch_first)
+    assert [x.forward for x in layer_flops(meta, (5, 8))] == [1920, 640, 800]
+
+
+def test_multihead_attention_reads_batch_and_tokens_from_batch_first():
+    # batch_first=False on a [1, 5, 8] input: 1 token, a batch of 5
+    model = SelfAttention(8, 2, batch_first=False, transpose=False)
+    assert [x.forward for x in layer_flops(model, (5, 8))] == list(attention_flops(1, 8, 5))
+    assert attention_flops(1, 8, 5) == (1920, 640, 160)
+
+
+def linear_rules(method: str, total_steps: int) -> tuple[Fraction, Fraction]:
+    """``method``'s ratio at 2:4 for an all-sparse and for an all-dense Linear model (ASP's
+    dense layers cost 2: pre-training plus fine-tuning)."""
+    mlp = all_sparse_mlp()
+    sparse = ratio(mlp, (16,), method, 2, 4, exclude=(), total_steps=total_steps)
+    return sparse, ratio(mlp, (16,), method, 2, 4, exclude=("0", "2"), total_steps=total_steps)
+
+
+def test_multihead_attention_sparse_ratio_follows_the_linear_rule():
+    """The projections cost what an all-sparse Linear model costs, relative to dense; the
+    attention products what an all-dense one costs (1, 2 for ASP)."""
+    model = SelfAttention(8, 2, batch_first=True)
+    sparse, dense = 1920 + 640, 800
+    for method in METHODS:
+        linear_rule, dense_rule = linear_rules(method, total_steps=600)
+        got = ratio(model, (5, 8), method, 2, 4, exclude=(), total_steps=600)
+        assert got == (sparse * linear_rule + dense * dense_rule) / (sparse + dense), method
+    assert ratio(model, (5, 8), "static", 2, 4, exclude=(), total_steps=9) == Fraction(
+        1280 + 800, 3360
+    )
+    # excluding the module keeps in_proj dense; out_proj is a module of its own
+    assert ratio(model, (5, 8), "static", 2, 4, exclude=("attn",), total_steps=9) == Fraction(
+        1920 + 320 + 800, 3360
+    )
+    assert ratio(model, (5, 8), "static", 2, 4, exclude=("attn*",), total_steps=9) == 1
+
+
+def test_transformer_encoder_layer_is_counted_despite_its_fast_path():
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    got = {x.name: x.forward for x in layer_flops(layer, (5, 8))}
+    assert got == {
+        "self_attn.in_proj": 1920,
+        "self_attn.out_proj": 640,
+        "self_attn.attention": 800,
+        "linear1": 2 * 5 * 8 * 16,
+        "linear2": 2 * 5 * 16 * 8,
+    }
+    assert torch.backends.mha.get_fastpath_enabled() == fastpath
+
+
+def tiny_vit() -> nn.Module:
+    from torchvision.models import VisionTransformer
+
+    return VisionTransformer(
+        image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=64, mlp_dim=128,
+        num_classes=10,
+    )  # fmt: skip
+
+
+def test_tiny_vision_transformer_flops_by_hand():
+    model = tiny_vit()
+    # 32 / 16 = 2 x 2 patches + the class token: 5 tokens of width 64
+    tokens, width, mlp = 5, 64, 128
+    patchify = 2 * (width * 2 * 2) * (3 * 16 * 16)  # conv_proj, 16x16 stride 16
+    in_proj, out_proj, products = attention_flops(tokens, width)
+    mlp_flops = 2 * tokens * width * mlp
+    head = 2 * width * 10  # the class token only
+    prefix = "encoder.layers.encoder_layer_0."
+    expected = {
+        "conv_proj": (patchify, False),
+        prefix + "self_attention.in_proj": (in_proj, True),
+        prefix + "self_attention.out_proj": (out_proj, True),
+        prefix + "self_attention.attention": (products, False),
+        prefix + "mlp.0": (mlp_flops, True),
+        prefix + "mlp.3": (mlp_flops, True),
+        "heads.head": (head, False),
+    }
+    layers = layer_flops(model, (3, 32, 32), n=2, m=4)
+    assert {x.name: (x.forward, x.sparse) for x in layers} == expected
+    assert sum(x.forward for x in layers) == (
+        393_216 + 122_880 + 40_960 + 6_400 + 2 * 81_920 + 1_280
+    )
+    # the sparse layers are those of nm_param_groups, in_proj_weight included
+    (group,) = [g for g in nm_param_groups(model, 2, 4) if g["sparse"]]
+    assert {x.name for x in layers if x.sparse} == {
+        name.removesuffix(".weight").removesuffix("_weight") for name, _ in group["params"]
+    }
+    # 2:4: the sparse layers follow the Linear rule, the stem, head and QKᵀ / AV stay dense
+    sparse = in_proj + out_proj + 2 * mlp_flops
+    total = sum(x.forward for x in layers)
+    for method in METHODS:
+        linear_rule, dense_rule = linear_rules(method, total_steps=600)
+        got = ratio(model, (3, 32, 32), method, 2, 4, total_steps=600)
+        assert got == (sparse * linear_rule + (total - sparse) * dense_rule) / total, method
+    static = training_flops_ratio(model, (3, 32, 32), "static", n=2, m=4, total_steps=10)
+    assert static == pytest.approx(1 - sparse / total / 2, rel=1e-12)
+
+
 # ------------------------------------------------------------------------- profiles, exactly
 
 
