@@ -14,15 +14,17 @@ Runs under ``accelerate launch`` or plain ``python``::
     python examples/train_cifar.py --data ../shared/data/fashion-mnist --epochs 3 \\
         --max-train-samples 10000      # any local dataset; grayscale works too
 
-The loop, checkpoints, metrics and plots are in :mod:`bame_optim.integrations.training`.
+The loop is in :mod:`bame_optim.integrations.training`; its arguments, checkpoints, metrics and
+plots are in the modules next to it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bame_optim.integrations.training import ScriptConfig, TrainResult
+from bame_optim.integrations.training import TrainResult
 from bame_optim.integrations.training import main as train
+from bame_optim.integrations.training_args import ScriptConfig
 
 CONFIG = ScriptConfig(
     name="train_cifar",

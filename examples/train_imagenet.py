@@ -21,15 +21,17 @@ Runs under ``accelerate launch`` or plain ``python``::
 
 ``--data`` is an image folder with ``train/<class>/*.JPEG`` and ``val/<class>/*.JPEG`` (or a
 saved ``datasets`` folder, parquet files, or a Hub name when online).
-The loop, checkpoints, metrics and plots are in :mod:`bame_optim.integrations.training`.
+The loop is in :mod:`bame_optim.integrations.training`; its arguments, checkpoints, metrics and
+plots are in the modules next to it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bame_optim.integrations.training import ScriptConfig, TrainResult
+from bame_optim.integrations.training import TrainResult
 from bame_optim.integrations.training import main as train
+from bame_optim.integrations.training_args import ScriptConfig
 
 CONFIG = ScriptConfig(
     name="train_imagenet",

@@ -1,0 +1,125 @@
+"""What a training run writes at its end in ``--output-dir``: ``metrics.json`` (history, times,
+arguments, final accuracy, training-FLOPs ratio, sparsity report, mask oscillation summary), the
+plots, and ``mask_oscillation.pt``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from bame_optim.flops import training_flops_ratio
+
+from .checkpoints import OSCILLATION_FILE, json_default
+from .mask_oscillation import MaskOscillation
+from .training_args import ScriptConfig, args_dict
+from .training_plots import plot_curves, plot_mask_oscillation
+
+__all__ = ["write_metrics"]
+
+
+def write_metrics(
+    args: argparse.Namespace,
+    config: ScriptConfig,
+    argv: Sequence[str] | None,
+    data_info: dict[str, Any],
+    model: nn.Module,
+    optimizer: Optimizer,
+    tracker: MaskOscillation | None,
+    history: list[dict[str, Any]],
+    times: dict[str, float],
+    **facts: Any,
+) -> dict[str, Any]:
+    """Write ``metrics.json`` (atomically), the plots and ``mask_oscillation.pt``; return the
+    metrics as read back from the JSON text."""
+    output_dir: Path = args.output_dir
+    ratio, note = _flops_ratio(args, model, data_info["input_shape"], facts["total_steps"])
+    evaluated = [row for row in history if row["eval_accuracy"] is not None]
+    report = optimizer.sparsity_report() if hasattr(optimizer, "sparsity_report") else []
+    title = f"{args.model} {args.method} {args.n}:{args.m}"
+    plots = [str(plot_curves(history, output_dir / "curves.png", title))]
+    oscillation = None
+    if tracker is not None:
+        torch.save(tracker.state_dict(), output_dir / OSCILLATION_FILE)
+        plots.append(
+            str(
+                plot_mask_oscillation(
+                    tracker.sad, tracker.cycles, output_dir / "mask_oscillation.png", title
+                )
+            )
+        )
+        oscillation = tracker.summary()
+    metrics = {
+        "script": config.name,
+        "argv": list(argv) if argv is not None else sys.argv[1:],
+        "args": args_dict(args),
+        "data": data_info,
+        "world_size": facts["world"],
+        "device": facts["device"],
+        "global_batch_size": args.batch_size * facts["world"] * args.grad_accum,
+        "steps_per_epoch": facts["steps_per_epoch"],
+        "total_steps": facts["total_steps"],
+        "steps_done": facts["global_step"],
+        "epochs_done": len(history),
+        "history": history,
+        "final_eval_accuracy": evaluated[-1]["eval_accuracy"] if evaluated else None,
+        "best_eval_accuracy": max(row["eval_accuracy"] for row in evaluated) if evaluated else None,
+        "final_train_loss": history[-1]["train_loss"] if history else None,
+        "times": {**times, "this_invocation_seconds": facts["invocation_seconds"]},
+        "training_flops_ratio": ratio,
+        "training_flops_note": note,
+        "sparsity_report": report,
+        "mask_oscillation": oscillation,
+        "plots": plots,
+        "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
+    }
+    path = output_dir / "metrics.json"
+    temporary = path.with_suffix(".json.tmp")
+    text = json.dumps(metrics, indent=1, default=json_default)
+    temporary.write_text(text)
+    os.replace(temporary, path)
+    return json.loads(text)  # what the file holds (tuples as lists)
+
+
+def _flops_ratio(
+    args: argparse.Namespace, model: nn.Module, input_shape: Sequence[int], total_steps: int
+) -> tuple[float | None, str]:
+    note = (
+        "training FLOPs relative to dense training of the same steps, from "
+        "bame_optim.flops.training_flops_ratio (Linear/Conv layers run through their module)"
+    )
+    if any(isinstance(mod, nn.MultiheadAttention) for mod in model.modules()):
+        note += (
+            "; not counted: nn.MultiheadAttention's in_proj and out_proj (called functionally) "
+            "and the attention matmuls"
+        )
+    extra: dict[str, Any] = {}
+    if args.method == "asp":
+        extra = {"pretrain_steps": 0, "finetune_steps": total_steps}
+        note += "; asp: no dense pre-training in this run (pretrain_steps=0)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # nm_param_groups warned at set-up
+        try:
+            ratio = training_flops_ratio(
+                model,
+                tuple(input_shape),
+                args.method,
+                n=args.n,
+                m=args.m,
+                total_steps=total_steps,
+                delta_t=args.delta_t,
+                exclude=None if args.exclude is None else list(args.exclude),
+                **extra,
+            )
+        except (ValueError, RuntimeError) as err:
+            return None, f"{note}; not computed: {err}"
+    return ratio, note
