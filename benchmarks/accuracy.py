@@ -37,6 +37,7 @@ from bame_optim.flops import training_flops_ratio  # noqa: E402
 from bame_optim.integrations.local_data import load_split  # noqa: E402
 from bame_optim.integrations.models import resnet32, small_cnn  # noqa: E402
 from bame_optim.methods import METHODS, fixed_settings, make_optimizer  # noqa: E402
+from benchmarks.cli import nm_pattern  # noqa: E402
 
 DEFAULT_METHODS = ("dense", "static", "rigl", "lma", "bame", "bame_bidir", "srste", "lbc", "asp")
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "fashion-mnist"
@@ -87,16 +88,6 @@ FULL = Config(
 """The paper's CIFAR-10 recipe (section 4.1), with the usual crop-and-flip augmentation."""
 CROP_PADDING = 4
 """Zero padding of the random crop (He et al. 2016's CIFAR augmentation)."""
-
-
-def _pattern(text: str) -> tuple[int, int]:
-    try:
-        n, m = (int(part) for part in text.split(":"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid N:M pattern {text!r} (e.g. 2:4)") from None
-    if not 1 <= n < m:
-        raise argparse.ArgumentTypeError(f"invalid N:M pattern {text!r} (need 1 <= N < M)")
-    return n, m
 
 
 def _build_model(name: str, channels: int, classes: int, size: int) -> nn.Module:
@@ -281,7 +272,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"local data folder (default for fashion-mnist: {DEFAULT_DATA})",
     )
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
-    parser.add_argument("--patterns", nargs="+", type=_pattern, default=[(1, 16), (2, 4)])
+    parser.add_argument("--patterns", nargs="+", type=nm_pattern, default=[(1, 16), (2, 4)])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--full", action="store_true", help="the paper's ResNet-32 recipe")
     parser.add_argument("--epochs", type=int, default=None, help="override the config's epochs")

@@ -1,0 +1,135 @@
+"""The memory benchmark: its state walk, its shape shortcut, and its table on ResNet-32."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from torch import nn
+
+from bame_optim.methods import METHODS
+from benchmarks import memory
+
+
+def _tiny() -> nn.Module:
+    """Repeated shapes (so :func:`memory.representatives` has work), a norm and a bias."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(16, 32),
+        nn.Linear(32, 32),
+        nn.Linear(32, 32),
+        nn.LayerNorm(32),
+        nn.Linear(32, 32, bias=False),
+        nn.Linear(32, 10),
+    )
+
+
+def test_walk_counts_every_tensor_once_and_numbers_as_zero():
+    a = torch.zeros(3, 4)  # 48 bytes
+    b = torch.zeros(5, dtype=torch.bool)  # 5
+    c = torch.zeros(2, 2, dtype=torch.float64)  # 32
+    d = torch.zeros(7, dtype=torch.int16)  # 14
+    state = {"x": [a, (b, {"y": c, "z": [d, a]})], "step": 5, "flag": True, "name": "w"}
+    assert memory.walk_bytes(state) == (48 + 5 + 32 + 14, 4)
+    assert memory.walk_bytes({"n": 3, "f": 0.5, "none": None}) == (0, 0)
+
+
+def test_state_bytes_splits_sparse_dense_and_other():
+    sparse, dense = nn.Parameter(torch.zeros(4, 8)), nn.Parameter(torch.zeros(3))
+    opt = torch.optim.SGD([sparse, dense], lr=0.1)
+    opt.state[sparse] = {"values": torch.zeros(4, 2), "codes": [torch.zeros(4, dtype=torch.uint8)]}
+    opt.state[dense] = {"momentum_buffer": torch.zeros(3), "step": 7}
+    opt.state["shared"] = {"t": torch.zeros(2, dtype=torch.float16)}
+    opt.param_groups[0]["extra"] = torch.zeros(1)
+    out = memory.state_bytes(opt, {id(sparse)})
+    assert out == {
+        "sparse": 32 + 4,
+        "dense": 12,
+        "other": 4 + 4,
+        "tensors": 5,
+        "total": 36 + 12 + 8,
+    }
+    # a representative counts for its whole shape class
+    assert memory.state_bytes(opt, {id(sparse)}, {id(sparse): 3})["sparse"] == 3 * 36
+
+
+def test_torch_sgd_momentum_is_4_bytes_per_fp32_parameter():
+    run = memory.Run(_tiny(), torch.device("cpu"))
+    out = memory.measure_sgd(run, set())
+    assert out["total"] == out["dense"] == 4 * run.numel
+
+
+@pytest.mark.parametrize("pattern", [(1, 4), (2, 4)])
+def test_one_parameter_per_shape_gives_the_exact_numbers(pattern):
+    run = memory.Run(_tiny(), torch.device("cpu"))
+    groups, counts = memory.representatives(memory.sparse_groups(run.model, *pattern))
+    assert sum(counts.values()) == len(run.params)
+    assert len(memory._params(groups)) < len(run.params)
+    for method in (m for m in METHODS if m != "dense"):
+        fast = memory.measure_method(run, method, pattern, 5)
+        exact = memory.measure_method(run, method, pattern, 5, exact=True)
+        assert fast == exact, method
+
+
+def test_every_phase_is_reached_and_measured():
+    run = memory.Run(_tiny(), torch.device("cpu"))
+    peaks = memory.measure_method(run, "bame", (1, 4), 5)
+    assert {k: v["steps"] for k, v in peaks.items()} == {
+        "gradual": 1,
+        "prune": 1,
+        "evolve": 1,
+        "frozen": 2,
+    }
+    static = memory.measure_method(run, "static", (1, 4), 5)
+    assert set(static) == {"prune", "frozen"}
+    sgd = memory.measure_method(run, "dense", (1, 4), 5)
+    assert set(sgd) == {"-"} and sgd["-"]["total"] == 4 * run.numel
+
+
+def test_resnet32_table_and_csv(tmp_path, capsys):
+    path = tmp_path / "memory.csv"
+    rows = memory.main(
+        [
+            "--models",
+            "resnet32",
+            "--patterns",
+            "2:4",
+            "--methods",
+            "static",
+            "bame",
+            "--csv",
+            str(path),
+        ]
+    )
+    numel = sum(p.numel() for p in memory.MODELS["resnet32"]().parameters())
+    sgd = [r for r in rows if r["method"] == "sgd"]
+    assert len(sgd) == 1 and sgd[0]["state_bytes"] == 4 * numel and sgd[0]["ratio"] == 1.0
+    assert sgd[0]["sparse_ratio"] == 1.0
+    for r in rows:
+        assert r["state_bytes"] >= r["sparse_bytes"] + r["dense_bytes"]
+        assert r["state_bytes"] > 0 and r["ratio"] > 0
+    bame = {r["phase"]: r for r in rows if r["method"] == "bame"}
+    assert set(bame) == {"gradual", "prune", "evolve", "frozen"}
+    # dense parameters carry SGD momentum in every method and phase
+    assert {r["dense_bytes"] for r in rows} == {sgd[0]["dense_bytes"]}
+    with open(path) as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    out = capsys.readouterr().out
+    assert "| resnet32 | 2:4 | torch SGD (1.0) |" in out and "| resnet32 | 2:4 | bame |" in out
+    assert "| resnet32 | 2:4 | frozen | < 0.60 |" in out
+    assert "PASS" in out or "MISS" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--patterns", "4:4"], "invalid N:M pattern '4:4'"),
+        (["--total-steps", "4"], "--total-steps: must be >= 5"),
+        (["--methods", "nope"], "invalid choice: 'nope'"),
+    ],
+)
+def test_bad_flags(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        memory.main(argv)
+    assert message in capsys.readouterr().err
