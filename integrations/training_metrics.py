@@ -95,13 +95,8 @@ def _flops_ratio(
 ) -> tuple[float | None, str]:
     note = (
         "training FLOPs relative to dense training of the same steps, from "
-        "bame_optim.flops.training_flops_ratio (Linear/Conv layers run through their module)"
+        "bame_optim.flops.training_flops_ratio (Linear, Conv and MultiheadAttention products)"
     )
-    if any(isinstance(mod, nn.MultiheadAttention) for mod in model.modules()):
-        note += (
-            "; not counted: nn.MultiheadAttention's in_proj and out_proj (called functionally) "
-            "and the attention matmuls"
-        )
     extra: dict[str, Any] = {}
     if args.method == "asp":
         extra = {"pretrain_steps": 0, "finetune_steps": total_steps}
