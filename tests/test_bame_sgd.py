@@ -392,3 +392,34 @@ def test_explicit_sparse_group_rejects_indivisible_and_integer_params():
 def test_unknown_keyword_is_a_type_error():
     with pytest.raises(TypeError, match=r"unexpected keyword arguments: \['srste_decay'\]"):
         BAMESGD([torch.randn(4, 8, requires_grad=True)], total_steps=10, srste_decay=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("foreach", [False, True])
+def test_ordinary_cuda_steps_read_nothing_back_and_match_the_cpu(foreach):
+    def run(device: str, sync_check: bool) -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(0)
+        params = [
+            torch.randn(32, 64, generator=gen).to(device).requires_grad_(),
+            torch.randn(16, 32, 3, 3, generator=gen).to(device).requires_grad_(),
+            torch.randn(32, generator=gen).to(device).requires_grad_(),
+        ]
+        opt = BAMESGD(
+            [{"params": params[:2]}, {"params": params[2:], "sparse": False}],
+            lr=0.1, momentum=0.9, weight_decay=5e-4, n=1, m=16, t_i=0, t_f=0, foreach=foreach,
+        )  # fmt: skip
+        grads = [[torch.randn(p.shape, generator=gen).to(device) for p in params] for _ in range(6)]
+        for step, step_grads in enumerate(grads):
+            for p, g in zip(params, step_grads, strict=True):
+                p.grad = g
+            if sync_check and step >= 1:  # step 0 draws the mask; the rest are ordinary steps
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return [p.detach().cpu() for p in params]
+
+    on_cuda = run("cuda", sync_check=True)
+    for a, b in zip(on_cuda, run("cpu", sync_check=False), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
