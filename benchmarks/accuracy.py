@@ -15,7 +15,6 @@ cosine decay, weight decay 5e-3, batch 256, ΔT = 100, α = β = 0.5.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import statistics
 import sys
@@ -37,7 +36,7 @@ from bame_optim.flops import training_flops_ratio  # noqa: E402
 from bame_optim.integrations.local_data import load_split  # noqa: E402
 from bame_optim.integrations.models import resnet32, small_cnn  # noqa: E402
 from bame_optim.methods import METHODS, fixed_settings, make_optimizer  # noqa: E402
-from benchmarks.cli import nm_pattern  # noqa: E402
+from benchmarks.cli import nm_pattern, write_csv  # noqa: E402
 
 DEFAULT_METHODS = ("dense", "static", "rigl", "lma", "bame", "bame_bidir", "srste", "lbc", "asp")
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "fashion-mnist"
@@ -332,15 +331,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"{cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}, ΔT {cfg.delta_t}"
     )
     print(format_table(table))
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "accuracy.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(table[0]))
-        writer.writeheader()
-        writer.writerows(table)
-    with open(args.out / "runs.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(table, args.out / "accuracy.csv")
+    write_csv(rows, args.out / "runs.csv")
     plot(table, args.out / "accuracy.png", f"{args.dataset}, {cfg.model}, {cfg.epochs} epochs")
     print(f"wrote accuracy.csv, runs.csv and accuracy.png to {args.out}")
     return table

@@ -1,12 +1,17 @@
-"""Command-line pieces the benchmarks share: N:M pattern arguments and the ``--device`` check."""
+"""Command-line pieces the benchmarks share: N:M pattern arguments, the ``--device`` check and
+CSV output."""
 
 from __future__ import annotations
 
 import argparse
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["nm_pattern", "resolve_device"]
+__all__ = ["nm_pattern", "resolve_device", "write_csv"]
 
 
 def nm_pattern(text: str) -> tuple[int, int]:
@@ -28,3 +33,12 @@ def resolve_device(parser: argparse.ArgumentParser, name: str) -> torch.device:
     except (RuntimeError, AssertionError) as err:
         parser.error(f"argument --device: cannot use {name!r}: {err}")
     return device
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Write ``rows`` (dicts with the same keys) to ``path`` as CSV, creating its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)

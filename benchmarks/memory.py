@@ -27,7 +27,6 @@ minute on 2 CPU cores::
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 import warnings
@@ -47,7 +46,7 @@ from bame_optim import nm_param_groups  # noqa: E402
 from bame_optim.integrations.models import MODELS  # noqa: E402
 from bame_optim.methods import METHODS, fixed_settings, make_optimizer  # noqa: E402
 from bame_optim.schedule import Phase, phase  # noqa: E402
-from benchmarks.cli import nm_pattern, resolve_device  # noqa: E402
+from benchmarks.cli import nm_pattern, resolve_device, write_csv  # noqa: E402
 
 DEFAULT_MODELS = ("resnet32", "resnet50", "deit_small")
 DEFAULT_PATTERNS = ((2, 4), (1, 4), (1, 16))
@@ -407,11 +406,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         )
         print(format_targets(checks))
     if args.csv is not None:
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(rows, args.csv)
         print(f"wrote {args.csv}")
     return rows
 

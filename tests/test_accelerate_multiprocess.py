@@ -8,27 +8,16 @@ rank 1 corrupts and repairs it from rank 0.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 
 from . import accelerate_worker as worker
+from .torchrun import run_ranks
 
 pytest.importorskip("accelerate")
 
 CORRUPT_STEP = 9  # an evolve-phase update step (t_i = 6, delta_t = 3)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _single_process_reference() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -49,28 +38,7 @@ def _single_process_reference() -> tuple[dict[str, torch.Tensor], dict[str, torc
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("accelerate_ranks")
-    root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
-    path = [str(root), env.get("PYTHONPATH", "")]
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(p for p in path if p))
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        str(root / "tests" / "accelerate_worker.py"),
-        str(out),
-        "--corrupt-step",
-        str(CORRUPT_STEP),
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return run_ranks("accelerate_worker.py", out, "--corrupt-step", str(CORRUPT_STEP), timeout=120)
 
 
 def test_step_counter_counts_every_update(ranks):

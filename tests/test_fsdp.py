@@ -6,12 +6,6 @@ shards, and the run equals a single-process run on the same global batches; a
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
@@ -19,42 +13,14 @@ from torch import nn
 from bame_optim.sharded import is_sharded, local_state, local_tensor
 
 from . import fsdp_worker as worker
+from .torchrun import run_ranks
 
 if not torch.distributed.is_available():  # pragma: no cover - every supported build has it
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
-WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("fsdp_ranks")
-    root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "TORCH"))}
-    path = [str(root), env.get("PYTHONPATH", "")]
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(p for p in path if p))
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(WORLD),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        str(root / "tests" / "fsdp_worker.py"),
-        str(out),
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return run_ranks("fsdp_worker.py", tmp_path_factory.mktemp("fsdp_ranks"))
 
 
 def _whole_masks(ranks: list[dict], run: str) -> dict[str, torch.Tensor]:

@@ -1,0 +1,45 @@
+"""Launch a test worker in two real processes with ``torchrun`` (gloo on CPU)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(worker: str, out: Path, *args: str, timeout: float = 240) -> list[dict]:
+    """Run ``tests/<worker>`` on ``WORLD`` processes with ``out`` and ``args``; return the
+    ``rank{r}.pt`` each rank saved in ``out``. A failed run fails the test with its output."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "TORCH"))}
+    path = [str(ROOT), env.get("PYTHONPATH", "")]
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(p for p in path if p))
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(WORLD),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(ROOT / "tests" / worker),
+        str(out),
+        *args,
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
