@@ -3,9 +3,9 @@
 ``BAMESGD`` replaces ``torch.optim.SGD``; ``nm_param_groups`` picks the sparse layers.
 """
 
-from .bame_sgd import BAMESGD
-from .groups import nm_param_groups
-from .masked_sgd import masked_sgd
+from bame_optim.groups import nm_param_groups
+from bame_optim.optim.bame_sgd import BAMESGD
+from bame_optim.optim.masked_sgd import masked_sgd
 
 __all__ = ["BAMESGD", "masked_sgd", "nm_param_groups"]
 __version__ = "0.1.0"

@@ -41,7 +41,7 @@ step)``; it does not depend on the batch size.
 Method profiles
 ---------------
 Densities per *sparse* layer and per step ``t`` (dense layers always count 1); ``d = N/M``;
-``T = total_steps``; ``t_i, t_f, ΔT`` as in :mod:`bame_optim.schedule`.
+``T = total_steps``; ``t_i, t_f, ΔT`` as in :mod:`bame_optim.core.schedule`.
 
 ``dense``: forward 1, input-grad 1, weight-grad 1. The baseline.
 
@@ -56,7 +56,7 @@ in force (the paper counts the input gradient sparse although ``Wᵀ`` is not N:
 steps of the evolve phase (``t_i < t < t_f``, ``t % ΔT == 0``), where LMA / RigL read the
 gradient of every weight and the weight-grad counts 1. The mask in force is the one
 :class:`~bame_optim.BAMESGD` left after the previous ``step()``: all ones at ``t = 0``, then in
-the gradual phase the budget ``n(u) / M`` (:func:`~bame_optim.schedule.gradual_budget`) of the
+the gradual phase the budget ``n(u) / M`` (:func:`~bame_optim.core.schedule.gradual_budget`) of the
 last update step ``u < t``, and ``d`` once step ``t_i`` pruned to N:M. Gradual-phase updates and
 the prune at ``t_i`` are by magnitude (or random if ``t_i = 0``) and need no gradient.
 
@@ -68,14 +68,14 @@ backward mask, N:M along the transposed weight; weight-grad 1 on every step.
 
 ``bame_bidir`` (the paper's BAME†, Table 2): as ``bame``, except that the input gradient of
 every sparse layer whose output dimension divides by ``M`` uses
-:class:`~bame_optim.bidir.BidirBAMESGD`'s backward mask, which has N of every M along the
+:class:`~bame_optim.peers.bidir.BidirBAMESGD`'s backward mask, which has N of every M along the
 output dimension from the first ``step()`` on: input-grad ``d`` from ``t = 1`` (1 at ``t = 0``),
 also during the gradual phase. Other sparse layers count as ``bame``.
 
 ``lbc`` (LBC, Zhang et al. NeurIPS 2022): the forward uses the union of the candidate N:M
 combinations still alive, whose density falls from 1 to ``d`` on a cubic schedule over
 ``[0, t_f)``: ``d + (1 - d)(1 - t / t_f)^3``, then ``d``; input-grad and weight-grad 1 on every
-step (``t_i`` is not used). :class:`~bame_optim.lbc.LBCSGD` removes *combinations* on that
+step (``t_i`` is not used). :class:`~bame_optim.peers.lbc.LBCSGD` removes *combinations* on that
 cubic; the union of those left is data-dependent and never sparser than this model (``r``
 distinct N-subsets of a block cover at least the smallest ``k`` with ``C(k, N) >= r``
 entries), so the forward here is a lower bound (and at most a third of the cost).
@@ -102,9 +102,9 @@ from typing import TypedDict
 import torch
 from torch import nn
 
-from .groups import nm_param_groups
-from .nm import check_nm
-from .schedule import DEFAULT_DELTA_T, resolve_schedule
+from bame_optim.core.nm import check_nm
+from bame_optim.core.schedule import DEFAULT_DELTA_T, resolve_schedule
+from bame_optim.groups import nm_param_groups
 
 __all__ = [
     "METHODS",
@@ -143,7 +143,7 @@ class LayerFlops:
     ``sparse``: the optimizer trains this layer's weight N:M (as :func:`nm_param_groups` with
     ``pattern = (n, m)`` decides); ``pattern`` is ``None`` when no pattern was given.
     ``backward_mask``: a sparse layer whose output dimension divides by ``m``, so that
-    :class:`~bame_optim.bidir.BidirBAMESGD` gives it an N:M backward mask.
+    :class:`~bame_optim.peers.bidir.BidirBAMESGD` gives it an N:M backward mask.
     """
 
     name: str

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from .nm import check_nm
+from bame_optim.core.nm import check_nm
 
 __all__ = ["SPARSE_LAYER_TYPES", "default_exclude", "nm_param_groups"]
 

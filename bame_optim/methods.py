@@ -4,19 +4,19 @@
 every method; what a method fixes (``static`` has no gradual phase, ``lma`` no OBF) is set here
 and may not be contradicted by the caller.
 
-======================  ===========================================================  =========
-method                  what it is                                                    paper
-======================  ===========================================================  =========
-``dense``               :class:`torch.optim.SGD`, no sparsity                         baseline
-``static``              random N:M mask at step 0, never changed                      Table 4
-``rigl``                RigL inside N:M blocks (:mod:`bame_optim.rigl`)               Table 4
-``lma``                 BAME without OBF (``alpha = 0``)                              Table 4
-``bame``                LMA + OBF (:class:`bame_optim.BAMESGD`)                       Tables 1-4
-``bame_bidir``          BAME with bidirectional masks (:mod:`bame_optim.bidir`)       BAME†
-``srste``               SR-STE (:mod:`bame_optim.srste`)                              Tables 1-2
-``lbc``                 LBC (:mod:`bame_optim.lbc`)                                   Tables 1-2
-``asp``                 fixed-mask fine-tuning after magnitude pruning                Table 1
-======================  ===========================================================  =========
+==============  ==================================================================  =========
+method          what it is                                                          paper
+==============  ==================================================================  =========
+``dense``       :class:`torch.optim.SGD`, no sparsity                               baseline
+``static``      random N:M mask at step 0, never changed                            Table 4
+``rigl``        RigL inside N:M blocks (:mod:`bame_optim.optim.rigl`)               Table 4
+``lma``         BAME without OBF (``alpha = 0``)                                    Table 4
+``bame``        LMA + OBF (:class:`bame_optim.BAMESGD`)                             Tables 1-4
+``bame_bidir``  BAME with bidirectional masks (:mod:`bame_optim.peers.bidir`)       BAME†
+``srste``       SR-STE (:mod:`bame_optim.peers.srste`)                              Tables 1-2
+``lbc``         LBC (:mod:`bame_optim.peers.lbc`)                                   Tables 1-2
+``asp``         fixed-mask fine-tuning after magnitude pruning                      Table 1
+==============  ==================================================================  =========
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .asp import ASPSGD
-from .bame_sgd import BAMESGD
-from .bidir import BidirBAMESGD
-from .lbc import LBCSGD
-from .rigl import RigLSGD
-from .srste import SRSTESGD
+from bame_optim.optim.asp import ASPSGD
+from bame_optim.optim.bame_sgd import BAMESGD
+from bame_optim.optim.rigl import RigLSGD
+from bame_optim.peers.bidir import BidirBAMESGD
+from bame_optim.peers.lbc import LBCSGD
+from bame_optim.peers.srste import SRSTESGD
 
 __all__ = ["METHODS", "SGD_KEYWORDS", "fixed_settings", "make_optimizer"]
 

@@ -31,11 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bame_optim import nm_param_groups  # noqa: E402
-from bame_optim.bidir import attach_backward_masks  # noqa: E402
 from bame_optim.flops import training_flops_ratio  # noqa: E402
 from bame_optim.integrations.local_data import load_split  # noqa: E402
 from bame_optim.integrations.models import resnet32, small_cnn  # noqa: E402
 from bame_optim.methods import METHODS, fixed_settings, make_optimizer  # noqa: E402
+from bame_optim.peers.bidir import attach_backward_masks  # noqa: E402
 from benchmarks.cli import nm_pattern, write_csv  # noqa: E402
 
 DEFAULT_METHODS = ("dense", "static", "rigl", "lma", "bame", "bame_bidir", "srste", "lbc", "asp")

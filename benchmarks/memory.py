@@ -43,9 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bame_optim import nm_param_groups  # noqa: E402
+from bame_optim.core.schedule import Phase, phase  # noqa: E402
 from bame_optim.integrations.models import MODELS  # noqa: E402
 from bame_optim.methods import METHODS, fixed_settings, make_optimizer  # noqa: E402
-from bame_optim.schedule import Phase, phase  # noqa: E402
 from benchmarks.cli import nm_pattern, resolve_device, write_csv  # noqa: E402
 
 DEFAULT_MODELS = ("resnet32", "resnet50", "deit_small")

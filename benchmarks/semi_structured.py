@@ -1,4 +1,4 @@
-"""Speed of the 2:4 semi-structured kernels (``bame_optim.semi_structured``) on CUDA.
+"""Speed of the 2:4 semi-structured kernels (``bame_optim.kernels.semi_structured``) on CUDA.
 
 Part 1: the Linear GEMMs of DeiT-small (dim 384, MLP 1536) and DeiT-base (dim 768, MLP 3072) at
 training token counts (batch 256 x 197 tokens = 50432 rows): attention ``qkv`` and ``proj``,
@@ -7,8 +7,9 @@ MLP ``fc1`` and ``fc2``; the forward product ``Y = X Wᵀ`` and the input-gradie
 float16 and bfloat16; median of CUDA-event timings after warm-up.
 
 Part 2: one whole DeiT-small training step (bfloat16 autocast, float32 weights, BAMESGD with a
-static 2:4 mask), dense kernels vs ``attach_semi_structured`` (bame_optim.semi_structured_training)
-with the input gradient exact (dense: BAME's masks are not transposable) and with ``W ⊙ T``.
+static 2:4 mask), dense kernels vs ``attach_semi_structured``
+(bame_optim.kernels.semi_structured_training) with the input gradient exact (dense: BAME's
+masks are not transposable) and with ``W ⊙ T``.
 Only the MLP ``fc1``/``fc2`` layers can run on 2:4 kernels there: torchvision's attention keeps
 its ``in_proj_weight`` as a bare parameter (not an ``nn.Linear``) and reads ``out_proj.weight``
 without calling ``out_proj``; the patch embedding is a convolution and the classifier is dense.
@@ -35,13 +36,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bame_optim import BAMESGD, nm_param_groups  # noqa: E402
-from bame_optim.semi_structured import (  # noqa: E402
+from bame_optim.core.transposable import transposable_mask  # noqa: E402
+from bame_optim.kernels.semi_structured import (  # noqa: E402
     KernelChooser,
     cuda_time_ms,
     pack_semi_structured,
 )
-from bame_optim.semi_structured_training import attach_semi_structured  # noqa: E402
-from bame_optim.transposable import transposable_mask  # noqa: E402
+from bame_optim.kernels.semi_structured_training import attach_semi_structured  # noqa: E402
 
 MODELS = {"deit_small": (384, 1536), "deit_base": (768, 3072)}
 """(embedding dim, MLP dim) of DeiT-S and DeiT-B (Touvron et al. 2021, Table 1)."""

@@ -10,7 +10,7 @@ fixed random gradients assigned to ``.grad`` (no forward or backward), it times
 
 each interleaved with SGD steps on an identical copy of the parameters (the order alternates
 every round, so machine noise hits both) and summarised by the median of many steps after a
-warm-up. Every timed step is checked with :func:`bame_optim.schedule.is_update_step`. The
+warm-up. Every timed step is checked with :func:`bame_optim.core.schedule.is_update_step`. The
 mask-update overhead (update step minus ordinary step) is amortised over ΔT = 100 and reported
 as a percentage of (c) a whole training step (forward + backward + optimizer step) of ResNet-32
 on CIFAR-shaped random data (batch 128 x 3 x 32 x 32), timed with BAMESGD and SGD interleaved.
@@ -47,9 +47,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bame_optim import nm_param_groups  # noqa: E402
+from bame_optim.core.schedule import is_update_step  # noqa: E402
 from bame_optim.integrations.models import MODELS  # noqa: E402
 from bame_optim.methods import METHODS, make_optimizer  # noqa: E402
-from bame_optim.schedule import is_update_step  # noqa: E402
 from benchmarks.cli import nm_pattern, resolve_device, write_csv  # noqa: E402
 
 DEFAULT_MODELS = ("resnet32", "resnet50", "deit_small")

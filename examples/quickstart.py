@@ -36,8 +36,8 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from bame_optim import BAMESGD, nm_param_groups
+from bame_optim.core.nm import is_nm_sparse
 from bame_optim.integrations.local_data import load_split
-from bame_optim.nm import is_nm_sparse
 
 METHODS = ("dense SGD", "static N:M", "BAME")
 """The three runs of every seed, in the order they are trained and printed."""
@@ -96,7 +96,7 @@ def train(method: str, data: tuple[Split, Split], args: argparse.Namespace, seed
     """Train one model with ``method`` and return ``accuracy`` (test, in [0, 1]), ``seconds``
     (wall time of the training loop), ``steps``, ``model``, ``report`` (BAMESGD's
     ``sparsity_report()``, empty for dense SGD) and ``nm_valid`` (every sparse weight passes
-    :func:`bame_optim.nm.is_nm_sparse`; ``None`` for dense SGD).
+    :func:`bame_optim.core.nm.is_nm_sparse`; ``None`` for dense SGD).
 
     The initial weights and the batch order depend on ``seed`` only, so the three methods of
     one seed start from the same weights and see the same batches.

@@ -31,7 +31,7 @@ loaded another checkpoint): :func:`verify_masks` and the step hook :class:`MaskS
             optimizer.zero_grad()
 
 FSDP2 (``fully_shard``; Accelerate's ``fsdp_version=2``): BAMESGD works on the ``DTensor``
-shards itself (see :mod:`bame_optim.sharded`; tested with ``torch.distributed.checkpoint``
+shards itself (see :mod:`bame_optim.optim.sharded`; tested with ``torch.distributed.checkpoint``
 and two processes in ``tests/test_fsdp.py``). A sharded parameter has a single copy of each
 block, so :func:`verify_masks` compares only the step counters and the unsharded parameters.
 Not supported: FSDP1 (flat parameters) and DeepSpeed ZeRO (the wrapped optimizer never sees
@@ -54,9 +54,9 @@ from accelerate.utils import gather as _acc_gather
 from torch import Tensor
 from torch.optim import Optimizer
 
-from bame_optim.bame_sgd import BAMESGD
-from bame_optim.schedule import is_update_step
-from bame_optim.sharded import is_sharded
+from bame_optim.core.schedule import is_update_step
+from bame_optim.optim.bame_sgd import BAMESGD
+from bame_optim.optim.sharded import is_sharded
 
 __all__ = ["MaskSync", "last_update_step", "unwrap_optimizer", "verify_masks"]
 
@@ -269,7 +269,7 @@ class MaskSync:
     (including the ones Accelerate skips under gradient accumulation and the ones a grad scaler
     skips): it compares the step counters with those it saw last, so it checks only when a
     real step ran with a counter ``t = group["step"] - 1`` that is a mask-update step
-    (:func:`bame_optim.schedule.is_update_step`) of a group holding masks. The counters are
+    (:func:`bame_optim.core.schedule.is_update_step`) of a group holding masks. The counters are
     equal on every rank, so every rank joins the collective at the same calls.
 
     Args:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from bame_optim.schedule import is_update_step
+from bame_optim.core.schedule import is_update_step
 
 from .accelerate import unwrap_optimizer
 
@@ -25,7 +25,7 @@ class MaskOscillation:
 
     Call :meth:`after_step` after every ``optimizer.step()`` (skipped ones included). It reads
     the masks when a real step ran whose counter ``t`` is a mask-update step of its group
-    (:func:`bame_optim.schedule.is_update_step`), or after every real step when
+    (:func:`bame_optim.core.schedule.is_update_step`), or after every real step when
     ``every_step`` (methods whose masks move at every step). For every sparse parameter,
     ``SAD_k = sum_m |B_old[k, m] - B_new[k, m]|`` is added to ``sad[name][k]`` for the blocks
     whose old mask kept exactly ``n`` weights (the N:M phase: BAME's gradual pruning is not

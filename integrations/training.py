@@ -40,7 +40,7 @@ parts live in their own modules:
 
 Mask oscillation (:class:`~bame_optim.integrations.mask_oscillation.MaskOscillation`): after
 every optimizer step that may have changed a mask (the schedule's update steps,
-:func:`bame_optim.schedule.is_update_step`; every step for SR-STE and LBC, whose masks move at
+:func:`bame_optim.core.schedule.is_update_step`; every step for SR-STE and LBC, whose masks move at
 every step), the masks are read with ``optimizer.kept_mask(p)`` and each block's
 ``SAD_k = sum |B_old - B_new|`` (Eq. 7) is added to its total. Only blocks whose previous mask
 already held exactly N kept weights count, so BAME's gradual pruning from dense to N:M is not
@@ -234,7 +234,7 @@ def _prepare(
     model, optimizer = accelerator.prepare(model, optimizer)
     inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
     if args.method == "bame_bidir":
-        from bame_optim.bidir import attach_backward_masks
+        from bame_optim.peers.bidir import attach_backward_masks
 
         attach_backward_masks(accelerator.unwrap_model(model), unwrap_optimizer(inner))
     loop = _Loop(

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bame_optim.core.schedule import DEFAULT_DELTA_T
 from bame_optim.methods import METHODS, fixed_settings
-from bame_optim.schedule import DEFAULT_DELTA_T
 
 from .checkpoints import (
     CHECKPOINT_DIR,

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from bame_optim import BAMESGD, nm_param_groups
-from bame_optim.kept import encode_kept
+from bame_optim.core.kept import encode_kept
 
 STEPS = 40
 PER_RANK_BATCH = 8

@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.fsdp import fully_shard
 
 from bame_optim import BAMESGD
-from bame_optim.sharded import block_range
+from bame_optim.optim.sharded import block_range
 
 STEPS = 24
 SAVE_AT = 11

@@ -2,7 +2,7 @@
 sections 3 and 4 give, to compare :class:`bame_optim.BAMESGD` against.
 
 The gradual and prune steps are written out per block in Python; LMA + OBF call
-:func:`bame_optim.evolution.evolve_mask`, which ``test_evolution.py`` checks against its own
+:func:`bame_optim.core.evolution.evolve_mask`, which ``test_evolution.py`` checks against its own
 per-block float64 loop.
 """
 
@@ -13,9 +13,9 @@ from fractions import Fraction
 
 import torch
 
-from bame_optim.bame_sgd import _SEED_STRIDE
-from bame_optim.evolution import evolve_mask
-from bame_optim.nm import param_to_blocks, random_nm_mask
+from bame_optim.core.evolution import evolve_mask
+from bame_optim.core.nm import param_to_blocks, random_nm_mask
+from bame_optim.optim.bame_sgd import _SEED_STRIDE
 
 
 def blocks_of(tensor: torch.Tensor, m: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from bame_optim import BAMESGD, nm_param_groups
-from bame_optim.kept import encode_kept
+from bame_optim.core.kept import encode_kept
 
 accelerate = pytest.importorskip("accelerate")
 from accelerate import Accelerator  # noqa: E402

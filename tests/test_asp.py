@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bame_optim.asp import ASPSGD
-from bame_optim.nm import param_to_blocks
+from bame_optim.core.nm import param_to_blocks
+from bame_optim.optim.asp import ASPSGD
 
 
 def test_prunes_by_magnitude_once_and_keeps_the_mask():

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bame_optim import BAMESGD
-from bame_optim.nm import blocks_to_param, param_to_blocks
+from bame_optim.core.nm import blocks_to_param, param_to_blocks
 
 from .reference import ReferenceBAME, budget
 from .strategies import nm_patterns

@@ -8,14 +8,14 @@ import torch
 from torch import nn
 
 from bame_optim import BAMESGD
-from bame_optim.bidir import (
+from bame_optim.core.nm import param_to_blocks
+from bame_optim.peers.bidir import (
     BidirBAMESGD,
     _dense_reference,
     attach_backward_masks,
     backward_mask,
     backward_mask_as_param,
 )
-from bame_optim.nm import param_to_blocks
 
 LAYERS = [
     (lambda: nn.Linear(16, 8), (5, 3, 16)),

@@ -1,4 +1,4 @@
-"""``bame_optim.evolution`` against a float64 reference written straight from the paper's
+"""``bame_optim.core.evolution`` against a float64 reference written straight from the paper's
 equations (Eq. 4-10) with Python loops over blocks, and the invariants of DESIGN.md sections 4
 and 5."""
 
@@ -11,7 +11,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bame_optim.evolution import (
+from bame_optim.core.evolution import (
     DEFAULT_ALPHA,
     DEFAULT_BETA,
     DEFAULT_GAMMA,

@@ -20,6 +20,7 @@ from torch import nn
 
 from bame_optim import BAMESGD, nm_param_groups
 from bame_optim import flops as flops_module
+from bame_optim.core.schedule import Phase, gradual_budget, is_update_step, phase
 from bame_optim.flops import (
     METHODS,
     flops_breakdown,
@@ -28,7 +29,6 @@ from bame_optim.flops import (
     training_flops_ratio,
 )
 from bame_optim.integrations.models import resnet32
-from bame_optim.schedule import Phase, gradual_budget, is_update_step, phase
 
 PATTERNS = [(2, 4), (1, 4), (1, 16)]
 SPARSE_METHODS = [method for method in METHODS if method not in ("dense", "asp")]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from bame_optim.sharded import is_sharded, local_state, local_tensor
+from bame_optim.optim.sharded import is_sharded, local_state, local_tensor
 
 from . import fsdp_worker as worker
 from .torchrun import run_ranks

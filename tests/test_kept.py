@@ -1,4 +1,4 @@
-"""The compact kept-set storage of bame_optim.kept against brute-force definitions, and the
+"""The compact kept-set storage of bame_optim.core.kept against brute-force definitions, and the
 size of BAMESGD's state that it buys."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bame_optim import BAMESGD
-from bame_optim.kept import (
+from bame_optim.core.kept import (
     MAX_RANKED,
     encode_kept,
     gather_kept,
@@ -20,7 +20,7 @@ from bame_optim.kept import (
     mask_from_indices,
     scatter_kept_,
 )
-from bame_optim.nm import blocks_to_param, param_to_blocks
+from bame_optim.core.nm import blocks_to_param, param_to_blocks
 
 from .strategies import nm_patterns
 

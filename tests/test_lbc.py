@@ -14,7 +14,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bame_optim.lbc import (
+from bame_optim.core.nm import is_nm_sparse
+from bame_optim.peers.lbc import (
     LBCSGD,
     combination_gradient,
     combination_table,
@@ -22,7 +23,6 @@ from bame_optim.lbc import (
     remove_combinations,
     union_mask,
 )
-from bame_optim.nm import is_nm_sparse
 
 from .dense_reference import (
     assert_same_state,

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from bame_optim import BAMESGD, nm_param_groups
+from bame_optim.core.nm import is_nm_sparse
 from bame_optim.methods import METHODS, make_optimizer
-from bame_optim.nm import is_nm_sparse
 
 
 def _model() -> nn.Module:

@@ -1,4 +1,4 @@
-"""``bame_optim.nm`` against explicit loops over the block layout of DESIGN.md section 2 and a
+"""``bame_optim.core.nm`` against explicit loops over the block layout of DESIGN.md section 2 and a
 slow pure-Python top-n with the tie rule of section 4 step 2."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bame_optim.nm import (
+from bame_optim.core.nm import (
     blocks_to_param,
     check_nm,
     is_nm_sparse,

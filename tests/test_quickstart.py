@@ -12,8 +12,8 @@ from types import ModuleType
 import pytest
 import torch
 
+from bame_optim.core.nm import is_nm_sparse
 from bame_optim.integrations.idx import IMAGES_MAGIC
-from bame_optim.nm import is_nm_sparse
 
 from .test_idx import write_idx_folder
 

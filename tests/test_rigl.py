@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bame_optim import BAMESGD
-from bame_optim.rigl import RigLSGD, rigl_mask
+from bame_optim.optim.rigl import RigLSGD, rigl_mask
 
 from .strategies import MODERATE, nm_patterns
 

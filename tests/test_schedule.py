@@ -1,4 +1,4 @@
-"""``bame_optim.schedule`` against DESIGN.md section 3, written out with exact arithmetic."""
+"""``bame_optim.core.schedule`` against DESIGN.md section 3, written out with exact arithmetic."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bame_optim.schedule import (
+from bame_optim.core.schedule import (
     DEFAULT_DELTA_T,
     Phase,
     gradual_budget,

@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F
 
-from bame_optim import semi_structured_training
-from bame_optim.semi_structured import (
+from bame_optim.core.transposable import is_transposable_24, transposable_mask
+from bame_optim.kernels import semi_structured_training
+from bame_optim.kernels.semi_structured import (
     KernelChoice,
     KernelChooser,
     check_export,
@@ -23,13 +24,12 @@ from bame_optim.semi_structured import (
     pack_semi_structured,
     support_reason,
 )
-from bame_optim.semi_structured_training import (
+from bame_optim.kernels.semi_structured_training import (
     LinearKernels,
     SemiStructuredLinearFunction,
     attach_semi_structured,
     semi_structured_linear,
 )
-from bame_optim.transposable import is_transposable_24, transposable_mask
 from benchmarks import semi_structured as benchmark
 from tests.strategies import MODERATE, seeded_tensor, seeds
 

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bame_optim import nm_param_groups
-from bame_optim.nm import is_nm_sparse
-from bame_optim.srste import DEFAULT_SRSTE_DECAY, SRSTESGD, srste_mask
+from bame_optim.core.nm import is_nm_sparse
+from bame_optim.peers.srste import DEFAULT_SRSTE_DECAY, SRSTESGD, srste_mask
 
 from .dense_reference import (
     assert_same_state,

@@ -23,7 +23,7 @@ pytest.importorskip("matplotlib")
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
-from bame_optim.nm import is_nm_sparse
+from bame_optim.core.nm import is_nm_sparse
 
 from .test_idx import write_idx_folder
 from .test_local_data import write_cifar_folder

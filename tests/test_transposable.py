@@ -10,8 +10,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bame_optim import transposable
-from bame_optim.transposable import (
+from bame_optim.core import transposable
+from bame_optim.core.transposable import (
     NUM_TRANSPOSABLE_PATTERNS,
     TRANSPOSABLE_PATTERNS,
     is_transposable_24,

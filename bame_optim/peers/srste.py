@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .evolution import score_dtype
-from .nm import blocks_to_param, param_to_blocks, top_n_mask
-from .ste import DenseSTESGD
+from bame_optim.core.evolution import score_dtype
+from bame_optim.core.nm import blocks_to_param, param_to_blocks, top_n_mask
+from bame_optim.peers.ste import DenseSTESGD
 
 __all__ = ["DEFAULT_SRSTE_DECAY", "SRSTESGD", "srste_decay_term", "srste_mask"]
 

@@ -14,7 +14,7 @@ made per ``(rows, shape, dtype, device)`` by one timing, cached in a :class:`Ker
 * :func:`export_semi_structured`, :func:`check_export`: inference export and its check.
 
 Training (an autograd Function over the packed tensors, packs refreshed after every optimizer
-step) lives in :mod:`bame_optim.semi_structured_training`.
+step) lives in :mod:`bame_optim.kernels.semi_structured_training`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .nm import is_nm_sparse, param_to_blocks, top_n_mask
+from bame_optim.core.nm import is_nm_sparse, param_to_blocks, top_n_mask
 
 __all__ = [
     "CHECK_TOLERANCES",

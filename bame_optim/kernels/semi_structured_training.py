@@ -23,9 +23,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
 
-from .nm import is_nm_sparse
-from .semi_structured import KernelChooser, pack_semi_structured
-from .transposable import is_transposable_24, transposable_mask
+from bame_optim.core.nm import is_nm_sparse
+from bame_optim.core.transposable import is_transposable_24, transposable_mask
+from bame_optim.kernels.semi_structured import KernelChooser, pack_semi_structured
 
 __all__ = [
     "INPUT_GRAD_MODES",
@@ -266,7 +266,7 @@ def attach_semi_structured(
     Every ``nn.Linear`` whose weight ``optimizer`` trains (and whose name matches one of the
     ``fnmatch`` patterns ``layers``, if given) gets a forward pre-hook and a forward hook; the
     optimizer gets a step post-hook that re-packs the weights. A call goes through
-    :class:`~bame_optim.semi_structured.SemiStructuredLinearFunction` when its weight is 2:4
+    :class:`~bame_optim.kernels.semi_structured.SemiStructuredLinearFunction` when its weight is 2:4
     along the input dimension and ``chooser`` measured the packed product faster for that
     call's rows, shape and dtype (or when ``input_grad="transposable"`` changes ``dX``);
     every other call is the module's own ``F.linear``. On CPU nothing is packed, so results

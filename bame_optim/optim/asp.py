@@ -16,10 +16,10 @@ from typing import Any
 
 from torch import Tensor
 
-from .bame_sgd import BAMESGD
-from .evolution import magnitude_mask
-from .nm import param_to_blocks
-from .sharded import local_tensor
+from bame_optim.core.evolution import magnitude_mask
+from bame_optim.core.nm import param_to_blocks
+from bame_optim.optim.bame_sgd import BAMESGD
+from bame_optim.optim.sharded import local_tensor
 
 __all__ = ["ASPSGD"]
 

@@ -8,7 +8,7 @@ one combination, hence an exact N:M mask, remains per block.
 Pure functions of block tensors (:func:`combination_table`, :func:`combination_gradient`,
 :func:`remaining_count`, :func:`remove_combinations`, :func:`union_mask`) and
 :class:`LBCSGD`, which wires them to the dense-weight optimizer shape of
-:class:`bame_optim.ste.DenseSTESGD`.
+:class:`bame_optim.peers.ste.DenseSTESGD`.
 
 Training-FLOPs profile: the forward density falls from 1 (every combination remaining) to N/M
 (one combination per block, from ``t_f`` on) following the cubic schedule; the backward is
@@ -27,10 +27,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .evolution import score_dtype
-from .kept import combination_table
-from .nm import param_to_blocks, top_n_mask
-from .ste import DenseSTESGD
+from bame_optim.core.evolution import score_dtype
+from bame_optim.core.kept import combination_table
+from bame_optim.core.nm import param_to_blocks, top_n_mask
+from bame_optim.peers.ste import DenseSTESGD
 
 __all__ = [
     "LBCSGD",
@@ -63,7 +63,7 @@ def remaining_count(t: int, num_combinations: int, t_f: int) -> int:
 def combination_gradient(weight: Tensor, grad: Tensor, table: Tensor) -> Tensor:
     """``[K, C]``: :math:`\\sum_{j \\in c} (G \\odot W)_{kj}` for every block ``k`` and
     combination ``c``, i.e. the gradient :math:`\\partial L / \\partial B = G \\odot W` summed
-    over the combination's weights, in :func:`bame_optim.evolution.score_dtype`.
+    over the combination's weights, in :func:`bame_optim.core.evolution.score_dtype`.
 
     Args:
         weight, grad: ``[K, M]`` block views of the dense ``W`` and ``G = dL/d(W ⊙ B)``.

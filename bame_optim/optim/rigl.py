@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .bame_sgd import BAMESGD
-from .evolution import MaskEvolution, magnitude_mask, sad, update_oscillation
-from .nm import top_n_mask
+from bame_optim.core.evolution import MaskEvolution, magnitude_mask, sad, update_oscillation
+from bame_optim.core.nm import top_n_mask
+from bame_optim.optim.bame_sgd import BAMESGD
 
 __all__ = ["RigLSGD", "rigl_mask"]
 

@@ -83,7 +83,7 @@ def _blocks_per_row(p: Tensor, m: int) -> int:
 
 def block_range(p: Tensor, m: int) -> tuple[int, int]:
     """``(first, count)``: this rank's blocks among the ``K`` blocks of ``p`` (block order of
-    :mod:`bame_optim.nm`); ``(0, K)`` for an ordinary tensor."""
+    :mod:`bame_optim.core.nm`); ``(0, K)`` for an ordinary tensor."""
     if not is_sharded(p):
         return 0, p.numel() // m
     first_row, rows = _row_range(p)

@@ -1,8 +1,9 @@
 """BAMESGD: SGD that trains N:M sparse weights with Block-Aware Mask Evolution.
 
 The class only validates arguments and wires ``state`` / ``param_groups`` to the pure
-functions of :mod:`bame_optim.nm`, :mod:`bame_optim.schedule` and :mod:`bame_optim.evolution`;
-the SGD arithmetic is in :func:`bame_optim.masked_sgd.masked_sgd`.
+functions of :mod:`bame_optim.core.nm`, :mod:`bame_optim.core.schedule` and
+:mod:`bame_optim.core.evolution`;
+the SGD arithmetic is in :func:`bame_optim.optim.masked_sgd.masked_sgd`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .evolution import (
+from bame_optim.core.evolution import (
     DEFAULT_ALPHA,
     DEFAULT_BETA,
     DEFAULT_GAMMA,
@@ -25,11 +26,23 @@ from .evolution import (
     magnitude_mask,
     obf_freeze,
 )
-from .evolution import score_dtype as _score_dtype
-from .kept import encode_kept, gather_kept, kept_indices, mask_from_indices, scatter_kept_
-from .masked_sgd import masked_sgd
-from .nm import blocks_to_param, check_nm, is_nm_sparse, num_blocks, param_to_blocks, random_nm_mask
-from .schedule import (
+from bame_optim.core.evolution import score_dtype as _score_dtype
+from bame_optim.core.kept import (
+    encode_kept,
+    gather_kept,
+    kept_indices,
+    mask_from_indices,
+    scatter_kept_,
+)
+from bame_optim.core.nm import (
+    blocks_to_param,
+    check_nm,
+    is_nm_sparse,
+    num_blocks,
+    param_to_blocks,
+    random_nm_mask,
+)
+from bame_optim.core.schedule import (
     DEFAULT_DELTA_T,
     Phase,
     gradual_budget,
@@ -37,7 +50,8 @@ from .schedule import (
     phase,
     resolve_schedule,
 )
-from .sharded import (
+from bame_optim.optim.masked_sgd import masked_sgd
+from bame_optim.optim.sharded import (
     block_range,
     check_row_sharded,
     distribute_state,
@@ -60,8 +74,8 @@ class BAMESGD(Optimizer):
     Dense parameters (``sparse=False`` groups, and with ``sparse=None`` every parameter with
     ``ndim < 2`` or whose dimension 1 does not divide by ``m``) follow :class:`torch.optim.SGD`
     exactly. For a sparse parameter with mask :math:`B` (:meth:`kept_mask`, ``[K, M]`` bool in
-    the block view of :mod:`bame_optim.nm`) and gradient :math:`G = \partial L/\partial(W\odot B)`
-    each ``step()`` at counter :math:`t` does
+    the block view of :mod:`bame_optim.core.nm`) and gradient
+    :math:`G = \partial L/\partial(W\odot B)` each ``step()`` at counter :math:`t` does
 
     .. math::
         &\textbf{if } t \text{ is an update step: } B \leftarrow \text{evolve}(W, G, B, O, t)
@@ -74,9 +88,9 @@ class BAMESGD(Optimizer):
 
     so momentum, weight decay and the weight change exist only on kept entries and pruned
     weights stay exactly 0. Update steps are ``t % delta_t == 0`` and ``t == t_i``; by phase
-    (see :mod:`bame_optim.schedule`): gradual magnitude pruning from M to N kept per block
+    (see :mod:`bame_optim.core.schedule`): gradual magnitude pruning from M to N kept per block
     before ``t_i``, magnitude pruning to N (or a seeded random N:M mask if ``t_i == 0``) at
-    ``t_i``, LMA + OBF (:func:`bame_optim.evolution.evolve_mask`) until ``t_f``, fixed after.
+    ``t_i``, LMA + OBF (:func:`bame_optim.core.evolution.evolve_mask`) until ``t_f``, fixed after.
 
     Args:
         params: parameters or param groups (e.g. from :func:`bame_optim.nm_param_groups`).
@@ -95,7 +109,7 @@ class BAMESGD(Optimizer):
         gamma: oscillation EMA momentum of Eq. 8 (default 0.9).
         seed: seeds the random start mask used when ``t_i == 0``.
 
-    State of a sparse parameter, kept compact (:mod:`bame_optim.kept`): ``kept`` (the kept set
+    State of a sparse parameter, kept compact (:mod:`bame_optim.core.kept`): ``kept`` (the kept set
     of every block, one rank per block), ``kept_count`` (kept per block: ``n``, or the gradual
     budget), ``momentum_buffer`` (momentum of the kept weights only, ``[K, kept_count]`` in
     block order; :meth:`momentum_buffer` gives it in the parameter's layout),
@@ -384,7 +398,7 @@ class BAMESGD(Optimizer):
         freeze: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> MaskEvolution:
         """The evolve-phase mask update of one parameter, on block views: LMA + OBF
-        (:func:`bame_optim.evolution.evolve_mask`; ``freeze`` ranks the blocks of all shards
+        (:func:`bame_optim.core.evolution.evolve_mask`; ``freeze`` ranks the blocks of all shards
         of a sharded parameter). Peer methods override this."""
         return evolve_mask(
             weight,
@@ -463,7 +477,7 @@ class BAMESGD(Optimizer):
 
     def kept_mask(self, p: Tensor) -> Tensor | None:
         """The mask of sparse parameter ``p``: ``[K, M]`` bool in the block view of
-        :mod:`bame_optim.nm` (``True`` = kept). ``None`` for a dense parameter or before the
+        :mod:`bame_optim.core.nm` (``True`` = kept). ``None`` for a dense parameter or before the
         parameter's first ``step()``."""
         state = self.state.get(p, {})
         if "kept" not in state:

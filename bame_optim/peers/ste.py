@@ -8,7 +8,7 @@ weight" shape. :class:`DenseSTESGD` fits them into the optimizer shape instead:
   copied from the parameter at the first ``step()``;
 * the parameter holds ``W ⊙ B`` (``B``: ``state["mask"]``, ``[K, M]`` bool block view) for the
   forward, so ``p.grad = dL/d(W ⊙ B)`` (dense) is the straight-through gradient of ``W``;
-* ``step()`` runs the SGD arithmetic (:func:`bame_optim.masked_sgd.masked_sgd` with every mask
+* ``step()`` runs the SGD arithmetic (:func:`bame_optim.optim.masked_sgd.masked_sgd` with every mask
   ``None``: momentum buffer, weight decay and update are dense) on ``W``, asks the subclass for
   the new mask, and writes ``W ⊙ B`` back into the parameter.
 
@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .bame_sgd import BAMESGD
-from .nm import blocks_to_param, num_blocks
-from .sharded import is_sharded
+from bame_optim.core.nm import blocks_to_param, num_blocks
+from bame_optim.optim.bame_sgd import BAMESGD
+from bame_optim.optim.sharded import is_sharded
 
 __all__ = ["DenseSTESGD"]
 

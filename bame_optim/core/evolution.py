@@ -1,6 +1,6 @@
 """Mask evolution inside N:M blocks: LMA scores, SAD, oscillation EMA and OBF freezing.
 
-Pure functions of block tensors ``[K, M]`` (see :mod:`bame_optim.nm`). The optimizer and the
+Pure functions of block tensors ``[K, M]`` (see :mod:`bame_optim.core.nm`). The optimizer and the
 baselines call these; nothing here knows about modules or optimizers. ``G`` is the gradient with
 respect to the masked weight, ``dL/d(W ⊙ B)``: dense on update steps because the forward used
 zeros at pruned entries (section 3.2 of the paper).
@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .nm import top_n_mask
+from bame_optim.core.nm import top_n_mask
 
 __all__ = [
     "DEFAULT_ALPHA",

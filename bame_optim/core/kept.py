@@ -2,7 +2,7 @@
 
 :class:`bame_optim.BAMESGD` stores, per sparse parameter, which ``count`` of every ``M``
 weights are kept (``state["kept"]``) and the momentum of those weights only, ``[K, count]``
-in the block order of :mod:`bame_optim.nm`. The kept set of a block is one ``count``-subset
+in the block order of :mod:`bame_optim.core.nm`. The kept set of a block is one ``count``-subset
 of ``range(M)``, stored as its rank in colexicographic order (the combinatorial number system,
 Knuth TAOCP 7.2.1.3, Eq. (3)):
 
@@ -15,7 +15,7 @@ so a 2:4 block costs one byte (6 subsets) and a 1:16 block one byte (16 subsets)
 
 :func:`kept_indices` turns either form into the sorted positions ``[K, count]`` (``int64``)
 that :func:`gather_kept` / :func:`scatter_kept_` use on the parameter, through the
-:func:`bame_optim.nm.block_view` view, so no step copies a whole parameter.
+:func:`bame_optim.core.nm.block_view` view, so no step copies a whole parameter.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from itertools import combinations
 import torch
 from torch import Tensor
 
-from .nm import block_view
+from bame_optim.core.nm import block_view
 
 __all__ = [
     "MAX_RANKED",
