@@ -4,8 +4,7 @@
 """
 
 from bame_optim.groups import nm_param_groups
-from bame_optim.optim.bame_sgd import BAMESGD
-from bame_optim.optim.masked_sgd import masked_sgd
+from bame_optim.optim.sgd import BAMESGD
 
-__all__ = ["BAMESGD", "masked_sgd", "nm_param_groups"]
+__all__ = ["BAMESGD", "nm_param_groups"]
 __version__ = "0.1.0"

@@ -63,7 +63,7 @@ the prune at ``t_i`` are by magnitude (or random if ``t_i = 0``) and need no gra
 ``srste`` (SR-STE, Zhou et al. ICLR 2021): forward ``d``; input-grad 1 and weight-grad 1 on
 every step (the straight-through estimator updates every weight from the dense gradient).
 
-``bidir`` (Bi-Mask, Zhang et al. NeurIPS 2023): forward ``d``; input-grad ``d`` through the
+``bimask`` (Bi-Mask, Zhang et al. NeurIPS 2023): forward ``d``; input-grad ``d`` through the
 backward mask, N:M along the transposed weight; weight-grad 1 on every step.
 
 ``bame_bidir`` (the paper's BAME†, Table 2): as ``bame``, except that the input gradient of
@@ -96,6 +96,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 from fractions import Fraction
 from typing import TypedDict
 
@@ -107,8 +108,8 @@ from bame_optim.core.schedule import DEFAULT_DELTA_T, resolve_schedule
 from bame_optim.groups import nm_param_groups
 
 __all__ = [
-    "METHODS",
     "FlopsBreakdown",
+    "FlopsProfile",
     "LayerFlops",
     "flops_breakdown",
     "layer_flops",
@@ -116,21 +117,34 @@ __all__ = [
     "training_flops_ratio",
 ]
 
-METHODS: tuple[str, ...] = (
-    "dense",
-    "static",
-    "rigl",
-    "lma",
-    "bame",
-    "bame_bidir",
-    "bidir",
-    "srste",
-    "lbc",
-    "asp",
-)
-"""Method names :func:`training_flops_ratio` knows (profiles in the module docstring)."""
+class FlopsProfile(str, Enum):
+    """The FLOPs profiles of the module docstring; each method of
+    :data:`bame_optim.methods.METHODS` names one."""
 
-_BAME_LIKE = frozenset({"rigl", "lma", "bame", "bame_bidir"})
+    DENSE = "dense"
+    FIXED = "fixed"  # static
+    SCHEDULED = "scheduled"  # bame, lma, rigl
+    SCHEDULED_BIDIR = "scheduled_bidir"  # bame_bidir
+    STE = "ste"  # srste
+    BIMASK = "bimask"  # Bi-Mask (the paper's comparison; no optimizer here)
+    LBC = "lbc"
+    PRETRAIN_FIXED = "pretrain_fixed"  # asp
+
+
+def _profile(method: str | FlopsProfile) -> FlopsProfile:
+    """The profile of a method of :data:`bame_optim.methods.METHODS`, or ``method`` itself."""
+    if isinstance(method, FlopsProfile):
+        return method
+    from bame_optim.methods import METHODS  # the registry imports this module
+
+    if method in METHODS:
+        return METHODS[method].flops
+    names = [*METHODS, FlopsProfile.BIMASK.value]
+    if method == FlopsProfile.BIMASK.value:
+        return FlopsProfile.BIMASK
+    raise ValueError(f"Invalid method value: {method!r} (one of {', '.join(names)})")
+
+
 _PRODUCTS = ("forward", "input_grad", "weight_grad")
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -352,22 +366,21 @@ def step_density_sums(
     its fine-tuning phase of ``total_steps`` steps). ``backward_mask``: whether the layer gets
     a backward mask under ``bame_bidir``. ``O(M - N)`` work.
     """
-    if method not in METHODS:
-        raise ValueError(f"Invalid method value: {method!r} (one of {', '.join(METHODS)})")
+    profile = _profile(method)
     check_nm(n, m)
     steps = _check_int("total_steps", total_steps, 1)
     delta_t = _check_int("delta_t", delta_t, 1)
     t_i, t_f = resolve_schedule(steps, t_i, t_f)
     d = Fraction(n, m)
-    if method == "dense":
+    if profile is FlopsProfile.DENSE:
         return Fraction(steps), Fraction(steps), Fraction(steps)
-    if method in ("static", "asp"):
+    if profile in (FlopsProfile.FIXED, FlopsProfile.PRETRAIN_FIXED):
         return d * steps, d * steps, d * steps
-    if method == "srste":
+    if profile is FlopsProfile.STE:
         return d * steps, Fraction(steps), Fraction(steps)
-    if method == "bidir":
+    if profile is FlopsProfile.BIMASK:
         return d * steps, d * steps, Fraction(steps)
-    if method == "lbc":
+    if profile is FlopsProfile.LBC:
         # sum_{t < t_f} (1 - t/t_f)^3 = sum_{j=1}^{t_f} j^3 / t_f^3 = (t_f + 1)^2 / (4 t_f)
         cubic = Fraction((t_f + 1) ** 2, 4 * t_f) if t_f else Fraction(0)
         return d * steps + (1 - d) * cubic, Fraction(steps), Fraction(steps)
@@ -387,7 +400,7 @@ def step_density_sums(
     evolve_updates = max(0, (t_f - 1) // delta_t - t_i // delta_t) if t_f else 0
     weight_grad = forward + evolve_updates * (1 - d)
     input_grad = forward
-    if method == "bame_bidir" and backward_mask:
+    if profile is FlopsProfile.SCHEDULED_BIDIR and backward_mask:
         input_grad = 1 + d * (steps - 1)
     return forward, input_grad, weight_grad
 
@@ -411,8 +424,7 @@ def flops_breakdown(
     ``pretrain_steps`` and ``finetune_steps`` (default ``total_steps`` each) are for ``asp``
     only; any other method raises ``ValueError`` if they are given.
     """
-    if method not in METHODS:
-        raise ValueError(f"Invalid method value: {method!r} (one of {', '.join(METHODS)})")
+    profile = _profile(method)
     check_nm(n, m)
     total_steps = _check_int("total_steps", total_steps, 1)
     for layer in layers:
@@ -422,7 +434,7 @@ def flops_breakdown(
                 f"{layer.pattern}, not n:m = {n}:{m} (call layer_flops with the same n, m)"
             )
     extra = {"pretrain_steps": pretrain_steps, "finetune_steps": finetune_steps}
-    if method == "asp":
+    if profile is FlopsProfile.PRETRAIN_FIXED:
         pretrain = total_steps if pretrain_steps is None else pretrain_steps
         finetune = total_steps if finetune_steps is None else finetune_steps
         pretrain = _check_int("pretrain_steps", pretrain, 0)
@@ -439,8 +451,8 @@ def flops_breakdown(
             n=n,
             m=m,
             total_steps=finetune,
-            t_i=t_i if method != "asp" else None,
-            t_f=t_f if method != "asp" else None,
+            t_i=t_i if profile is not FlopsProfile.PRETRAIN_FIXED else None,
+            t_f=t_f if profile is not FlopsProfile.PRETRAIN_FIXED else None,
             delta_t=delta_t,
             backward_mask=has_mask,
         )
@@ -508,8 +520,7 @@ def training_flops_ratio(
     >>> training_flops_ratio(net, (16,), "srste", n=1, m=4, total_steps=10, exclude=())
     0.75
     """
-    if method not in METHODS:
-        raise ValueError(f"Invalid method value: {method!r} (one of {', '.join(METHODS)})")
+    _profile(method)
     check_nm(n, m)
     layers = layer_flops(model, input_shape, n=n, m=m, exclude=exclude)
     return flops_breakdown(

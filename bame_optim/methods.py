@@ -1,89 +1,160 @@
-"""Every method of the paper's comparison under one constructor, for honest side-by-side runs.
+"""The one registry of the methods of the paper's comparison, for honest side-by-side runs.
 
-``make_optimizer(method, params, **kwargs)`` takes :class:`bame_optim.BAMESGD`'s keywords for
-every method; what a method fixes (``static`` has no gradual phase, ``lma`` no OBF) is set here
-and may not be contradicted by the caller.
+Each :class:`Method` record holds everything the rest of the package needs to know about a
+method: its optimizer factory, the settings it fixes, its training-FLOPs profile
+(:mod:`bame_optim.flops`), whether its masks change only on scheduled update steps (the
+mask-oscillation telemetry), and the model attachment it needs (the bidirectional backward
+masks). :func:`make_optimizer`, :mod:`bame_optim.flops`, the training scripts and the
+benchmarks read it; each name is written here once.
 
-==============  ==================================================================  =========
+==============  ==================================================================  ==========
 method          what it is                                                          paper
-==============  ==================================================================  =========
+==============  ==================================================================  ==========
 ``dense``       :class:`torch.optim.SGD`, no sparsity                               baseline
 ``static``      random N:M mask at step 0, never changed                            Table 4
-``rigl``        RigL inside N:M blocks (:mod:`bame_optim.optim.rigl`)               Table 4
+``rigl``        RigL inside N:M blocks (:func:`bame_optim.optim.rules.rigl`)        Table 4
 ``lma``         BAME without OBF (``alpha = 0``)                                    Table 4
 ``bame``        LMA + OBF (:class:`bame_optim.BAMESGD`)                             Tables 1-4
 ``bame_bidir``  BAME with bidirectional masks (:mod:`bame_optim.peers.bidir`)       BAME†
 ``srste``       SR-STE (:mod:`bame_optim.peers.srste`)                              Tables 1-2
 ``lbc``         LBC (:mod:`bame_optim.peers.lbc`)                                   Tables 1-2
-``asp``         fixed-mask fine-tuning after magnitude pruning                      Table 1
-==============  ==================================================================  =========
+``asp``         fixed-mask fine-tuning after one-shot magnitude pruning             Table 1
+==============  ==================================================================  ==========
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from bame_optim.optim.asp import ASPSGD
-from bame_optim.optim.bame_sgd import BAMESGD
-from bame_optim.optim.rigl import RigLSGD
-from bame_optim.peers.bidir import BidirBAMESGD
+from bame_optim.flops import FlopsProfile
+from bame_optim.optim.base import SGD_DEFAULTS
+from bame_optim.optim.sgd import ASPSGD, BAMESGD, RigLSGD
+from bame_optim.peers.bidir import BidirBAMESGD, attach_backward_masks
 from bame_optim.peers.lbc import LBCSGD
 from bame_optim.peers.srste import SRSTESGD
+from bame_optim.peers.ste import DenseSTESGD
 
-__all__ = ["METHODS", "SGD_KEYWORDS", "fixed_settings", "make_optimizer"]
+__all__ = [
+    "CONTEXT_KEYWORDS",
+    "METHODS",
+    "SGD_KEYWORDS",
+    "Method",
+    "accepted_keywords",
+    "fixed_settings",
+    "get_method",
+    "make_optimizer",
+]
 
-_CLASSES: dict[str, type[Optimizer]] = {
-    "dense": torch.optim.SGD,
-    "static": BAMESGD,
-    "rigl": RigLSGD,
-    "lma": BAMESGD,
-    "bame": BAMESGD,
-    "bame_bidir": BidirBAMESGD,
-    "srste": SRSTESGD,
-    "lbc": LBCSGD,
-    "asp": ASPSGD,
-}
-_FIXED: dict[str, dict[str, Any]] = {
-    "static": {"t_i": 0, "t_f": 0},
-    "lma": {"alpha": 0.0},
-}
-METHODS: tuple[str, ...] = tuple(_CLASSES)
-SGD_KEYWORDS = frozenset(
-    {"lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "foreach"}
+SGD_KEYWORDS = frozenset(SGD_DEFAULTS)
+""":class:`torch.optim.SGD`'s keywords: every method takes them."""
+CONTEXT_KEYWORDS = frozenset({"n", "m", "total_steps", "t_i", "t_f", "delta_t", "seed"})
+"""Keywords that describe the run (its N:M pattern, schedule and seed) rather than the method:
+:func:`make_optimizer` drops them for a method that does not take them (``dense`` has no N:M
+pattern, ``srste`` no schedule)."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method of the comparison."""
+
+    name: str
+    factory: Callable[..., Optimizer]
+    """Builds the optimizer from param groups and keywords."""
+    summary: str
+    flops: FlopsProfile
+    """Its training-FLOPs profile (:mod:`bame_optim.flops`)."""
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    """Keywords the method fixes; a caller may not contradict them."""
+    scheduled_masks: bool = True
+    """Masks change only on the schedule's update steps (else possibly at every step)."""
+    attach: Callable[[nn.Module, Optimizer], Any] | None = None
+    """What the model needs from the optimizer (``attach(model, optimizer)``), if anything."""
+
+
+def _register(*methods: Method) -> Mapping[str, Method]:
+    return MappingProxyType({method.name: method for method in methods})
+
+
+METHODS: Mapping[str, Method] = _register(
+    Method("dense", torch.optim.SGD, "torch.optim.SGD, no sparsity", FlopsProfile.DENSE),
+    Method("static", BAMESGD, "random N:M mask at step 0, never changed", FlopsProfile.FIXED,
+           fixed={"t_i": 0, "t_f": 0}),
+    Method("rigl", RigLSGD, "RigL inside N:M blocks", FlopsProfile.SCHEDULED),
+    Method("lma", BAMESGD, "BAME without OBF", FlopsProfile.SCHEDULED, fixed={"alpha": 0.0}),
+    Method("bame", BAMESGD, "LMA + OBF", FlopsProfile.SCHEDULED),
+    Method("bame_bidir", BidirBAMESGD, "BAME with bidirectional masks (BAME†)",
+           FlopsProfile.SCHEDULED_BIDIR, attach=attach_backward_masks),
+    Method("srste", SRSTESGD, "SR-STE: dense weights, top-N forward mask every step",
+           FlopsProfile.STE, scheduled_masks=False),
+    Method("lbc", LBCSGD, "LBC: learnable N-of-M combination scores", FlopsProfile.LBC,
+           scheduled_masks=False),
+    Method("asp", ASPSGD, "one-shot magnitude N:M pruning, fixed-mask fine-tuning",
+           FlopsProfile.PRETRAIN_FIXED),
 )
-"""The keywords ``dense`` keeps; the N:M ones are dropped for it."""
+"""Every method, by name, in the order of the comparison tables."""
 
 
-def fixed_settings(method: str) -> dict[str, Any]:
-    """The keywords ``method`` fixes (``static``: no gradual phase; ``lma``: no OBF)."""
-    return dict(_FIXED.get(method, {}))
+def get_method(name: str) -> Method:
+    """The record of ``name``; ``ValueError`` naming it if there is none."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"Invalid method value: {name!r} (one of {', '.join(METHODS)})") from None
+
+
+def fixed_settings(name: str) -> dict[str, Any]:
+    """The keywords method ``name`` fixes (``static``: no gradual phase; ``lma``: no OBF)."""
+    return dict(get_method(name).fixed)
+
+
+def accepted_keywords(name: str) -> frozenset[str]:
+    """The keywords the optimizer of method ``name`` takes."""
+    factory = get_method(name).factory
+    if isinstance(factory, type) and issubclass(factory, BAMESGD):
+        return SGD_KEYWORDS | {"n", "m", "sparse", "fused"} | set(factory.rules.keywords)
+    if isinstance(factory, type) and issubclass(factory, DenseSTESGD):
+        return SGD_KEYWORDS | {"n", "m", "sparse"} | set(factory.method_defaults)
+    return SGD_KEYWORDS
 
 
 def make_optimizer(
     method: str, params: Iterable[Tensor] | Iterable[dict[str, Any]], **kwargs: Any
 ) -> Optimizer:
-    """The optimizer of ``method`` over ``params`` (see the module table).
+    """The optimizer of ``method`` over ``params``, with the method's fixed settings.
 
-    For ``dense``, N:M group keys (``sparse``, ``n``, ``m``, ...) in param groups and keywords
-    are dropped so the same groups and keywords can drive every method.
+    The same param groups and keywords can drive every method: for a method that does not
+    take them, keywords in :data:`CONTEXT_KEYWORDS` (and N:M group keys for ``dense``) are
+    dropped, and so are other keywords whose value is ``None`` or :class:`BAMESGD`'s default.
+    Any other keyword the method does not take raises ``ValueError`` naming it (a setting
+    the method cannot honour), and so does a value that contradicts a fixed setting.
     """
-    if method not in _CLASSES:
-        raise ValueError(f"Invalid method value: {method!r} (one of {', '.join(METHODS)})")
-    if method == "dense":
-        groups = [
+    record = get_method(method)
+    accepted = accepted_keywords(method)
+    for key, value in record.fixed.items():
+        if key in kwargs and kwargs[key] is not None and kwargs[key] != value:
+            raise ValueError(f"Invalid {key} value: {kwargs[key]!r} ({method} fixes {key}={value})")
+        kwargs[key] = value
+    unusable = sorted(
+        k for k, v in kwargs.items()
+        if k not in accepted and k not in CONTEXT_KEYWORDS and v is not None
+        and v != BAMESGD.rules.keywords.get(k)
+    )
+    if unusable:
+        raise ValueError(f"Invalid keywords for method {method!r}: {unusable} (it does not use "
+                         f"them; it takes {sorted(accepted)})")
+    kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+    if record.factory is torch.optim.SGD:
+        params = [
             {k: v for k, v in g.items() if k in SGD_KEYWORDS or k in ("params", "param_names")}
             if isinstance(g, dict)
             else g
             for g in params
         ]
-        return torch.optim.SGD(groups, **{k: v for k, v in kwargs.items() if k in SGD_KEYWORDS})
-    for key, value in _FIXED.get(method, {}).items():
-        if key in kwargs and kwargs[key] != value:
-            raise ValueError(f"Invalid {key} value: {kwargs[key]!r} ({method} fixes {key}={value})")
-        kwargs[key] = value
-    return _CLASSES[method](params, **kwargs)
+    return record.factory(params, **kwargs)

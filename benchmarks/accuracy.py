@@ -4,9 +4,9 @@ Prints a table (method, N:M, top-1 mean ± std over seeds, training-FLOPs ratio,
 and writes it as CSV with a plot. The small default configuration (a small CNN on the real
 Fashion-MNIST, 1:16 and 2:4, 3 seeds) fits in about 30 minutes on 2 CPU cores::
 
-    .venv/bin/python benchmarks/accuracy.py                       # Fashion-MNIST, small CNN
-    .venv/bin/python benchmarks/accuracy.py --dataset digits      # always available
-    .venv/bin/python benchmarks/accuracy.py --dataset cifar10 --data PATH --full   # GPU
+    .venv/bin/python -m benchmarks.accuracy                       # Fashion-MNIST, small CNN
+    .venv/bin/python -m benchmarks.accuracy --dataset digits      # always available
+    .venv/bin/python -m benchmarks.accuracy --dataset cifar10 --data PATH --full   # GPU
 
 ``--full`` is the paper's CIFAR-10 recipe: ResNet-32, 300 epochs, SGD 0.1 momentum 0.9 with
 cosine decay, weight decay 5e-3, batch 256, ΔT = 100, α = β = 0.5.
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,16 +26,15 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bame_optim import nm_param_groups
+from bame_optim.flops import training_flops_ratio
+from bame_optim.integrations.local_data import load_split
+from bame_optim.integrations.models import resnet32, small_cnn
+from bame_optim.methods import METHODS, fixed_settings, make_optimizer
+from bame_optim.peers.bidir import attach_backward_masks
+from benchmarks.cli import nm_pattern, write_csv
 
-from bame_optim import nm_param_groups  # noqa: E402
-from bame_optim.flops import training_flops_ratio  # noqa: E402
-from bame_optim.integrations.local_data import load_split  # noqa: E402
-from bame_optim.integrations.models import resnet32, small_cnn  # noqa: E402
-from bame_optim.methods import METHODS, fixed_settings, make_optimizer  # noqa: E402
-from bame_optim.peers.bidir import attach_backward_masks  # noqa: E402
-from benchmarks.cli import nm_pattern, write_csv  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_METHODS = ("dense", "static", "rigl", "lma", "bame", "bame_bidir", "srste", "lbc", "asp")
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "fashion-mnist"

@@ -9,11 +9,6 @@ Prints markdown (the table of ``docs/flops.md``)::
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from bame_optim.flops import flops_breakdown, layer_flops
 from bame_optim.integrations.models import resnet32
 
@@ -27,17 +22,17 @@ ROWS: list[tuple[str, int, int, str]] = [
     ("asp", 2, 4, "1.5"),
     ("srste", 2, 4, "0.83"),
     ("lbc", 2, 4, "0.72"),
-    ("bidir", 2, 4, "0.66 (T2)"),
+    ("bimask", 2, 4, "0.66 (T2)"),
     ("static", 2, 4, "-"),
     ("bame", 2, 4, "0.63"),
     ("bame_bidir", 2, 4, "0.59 (T2)"),
     ("srste", 1, 4, "0.74"),
-    ("bidir", 1, 4, "0.49"),
+    ("bimask", 1, 4, "0.49"),
     ("static", 1, 4, "-"),
     ("bame", 1, 4, "0.39"),
     ("bame_bidir", 1, 4, "-"),
     ("srste", 1, 16, "0.67"),
-    ("bidir", 1, 16, "0.37"),
+    ("bimask", 1, 16, "0.37"),
     ("static", 1, 16, "-"),
     ("bame", 1, 16, "0.29"),
     ("bame_bidir", 1, 16, "-"),

@@ -19,15 +19,14 @@ Target: BAMESGD's sparse-parameter state < 15% of SGD's momentum of those parame
 < 60% at 2:4 (checked per phase, for the sparse part and for the whole state). About a
 minute on 2 CPU cores::
 
-    .venv/bin/python benchmarks/memory.py                                # all models
-    .venv/bin/python benchmarks/memory.py --csv docs/results/memory.csv  # record the table
-    .venv/bin/python benchmarks/memory.py --models resnet32 --methods bame static
+    .venv/bin/python -m benchmarks.memory                                # all models
+    .venv/bin/python -m benchmarks.memory --csv docs/results/memory.csv  # record the table
+    .venv/bin/python -m benchmarks.memory --models resnet32 --methods bame static
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 import warnings
 from collections.abc import Iterable
@@ -39,14 +38,11 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bame_optim import nm_param_groups  # noqa: E402
-from bame_optim.core.schedule import Phase, phase  # noqa: E402
-from bame_optim.integrations.models import MODELS  # noqa: E402
-from bame_optim.methods import METHODS, fixed_settings, make_optimizer  # noqa: E402
-from benchmarks.cli import nm_pattern, resolve_device, write_csv  # noqa: E402
+from bame_optim import nm_param_groups
+from bame_optim.core.schedule import Phase, phase
+from bame_optim.integrations.models import MODELS
+from bame_optim.methods import METHODS, fixed_settings, make_optimizer
+from benchmarks.cli import nm_pattern, resolve_device, write_csv
 
 DEFAULT_MODELS = ("resnet32", "resnet50", "deit_small")
 DEFAULT_PATTERNS = ((2, 4), (1, 4), (1, 16))

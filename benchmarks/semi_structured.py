@@ -16,8 +16,8 @@ without calling ``out_proj``; the patch embedding is a convolution and the class
 
 ::
 
-    .venv/bin/python benchmarks/semi_structured.py               # needs a CUDA GPU, sm80+
-    .venv/bin/python benchmarks/semi_structured.py --no-step --dtypes bfloat16
+    .venv/bin/python -m benchmarks.semi_structured               # needs a CUDA GPU, sm80+
+    .venv/bin/python -m benchmarks.semi_structured --no-step --dtypes bfloat16
 
 Without CUDA it prints one line saying that nothing can be measured and exits 0.
 """
@@ -25,24 +25,19 @@ Without CUDA it prints one line saying that nothing can be measured and exits 0.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bame_optim import BAMESGD, nm_param_groups  # noqa: E402
-from bame_optim.core.transposable import transposable_mask  # noqa: E402
-from bame_optim.kernels.semi_structured import (  # noqa: E402
+from bame_optim import BAMESGD, nm_param_groups
+from bame_optim.core.transposable import transposable_mask
+from bame_optim.kernels.semi_structured import (
     KernelChooser,
     cuda_time_ms,
     pack_semi_structured,
 )
-from bame_optim.kernels.semi_structured_training import attach_semi_structured  # noqa: E402
+from bame_optim.kernels.semi_structured_training import attach_semi_structured
 
 MODELS = {"deit_small": (384, 1536), "deit_base": (768, 3072)}
 """(embedding dim, MLP dim) of DeiT-S and DeiT-B (Touvron et al. 2021, Table 1)."""

@@ -19,10 +19,10 @@ Targets: ordinary step <= 1.1x SGD at 2:4 and < 1.0x at 1:16; amortised mask-upd
 of a training step. The defaults took 9 minutes on 2 shared, busy CPU cores (``--quick``: a
 smoke run of about a minute per model)::
 
-    .venv/bin/python benchmarks/step.py                                # cpu, all models
-    .venv/bin/python benchmarks/step.py --csv docs/results/step.csv    # record the table
-    .venv/bin/python benchmarks/step.py --quick --models resnet32      # seconds
-    .venv/bin/python benchmarks/step.py --device cuda --train-models resnet32 resnet50 deit_small
+    .venv/bin/python -m benchmarks.step                                # cpu, all models
+    .venv/bin/python -m benchmarks.step --csv docs/results/step.csv    # record the table
+    .venv/bin/python -m benchmarks.step --quick --models resnet32      # seconds
+    .venv/bin/python -m benchmarks.step --device cuda --train-models resnet32 resnet50 deit_small
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -43,14 +42,11 @@ from torch.nn import functional as F
 from torch.optim import Optimizer
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bame_optim import nm_param_groups  # noqa: E402
-from bame_optim.core.schedule import is_update_step  # noqa: E402
-from bame_optim.integrations.models import MODELS  # noqa: E402
-from bame_optim.methods import METHODS, make_optimizer  # noqa: E402
-from benchmarks.cli import nm_pattern, resolve_device, write_csv  # noqa: E402
+from bame_optim import nm_param_groups
+from bame_optim.core.schedule import is_update_step
+from bame_optim.integrations.models import MODELS
+from bame_optim.methods import METHODS, make_optimizer
+from benchmarks.cli import nm_pattern, resolve_device, write_csv
 
 DEFAULT_MODELS = ("resnet32", "resnet50", "deit_small")
 DEFAULT_PATTERNS = ((2, 4), (1, 4), (1, 16))

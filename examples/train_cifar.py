@@ -14,17 +14,16 @@ Runs under ``accelerate launch`` or plain ``python``::
     python examples/train_cifar.py --data ../shared/data/fashion-mnist --epochs 3 \\
         --max-train-samples 10000      # any local dataset; grayscale works too
 
-The loop is in :mod:`bame_optim.integrations.training`; its arguments, checkpoints, metrics and
-plots are in the modules next to it.
+The loop is the package :mod:`bame_optim.integrations.training` (one frozen ``TrainingConfig``
+per run; the flags are its fields, see ``--help``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bame_optim.integrations.training import TrainResult
+from bame_optim.integrations.training import ScriptConfig, TrainResult
 from bame_optim.integrations.training import main as train
-from bame_optim.integrations.training_args import ScriptConfig
 
 CONFIG = ScriptConfig(
     name="train_cifar",
@@ -40,7 +39,8 @@ for quick checks."""
 
 
 def main(argv: Sequence[str] | None = None) -> TrainResult:
-    """Train as the command line ``argv`` says (``None``: ``sys.argv[1:]``)."""
+    """Train as the command line ``argv`` says (``None``: ``sys.argv[1:]``); a bad flag exits
+    with status 2 and a message naming it."""
     return train(argv, CONFIG)
 
 

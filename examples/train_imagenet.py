@@ -21,17 +21,16 @@ Runs under ``accelerate launch`` or plain ``python``::
 
 ``--data`` is an image folder with ``train/<class>/*.JPEG`` and ``val/<class>/*.JPEG`` (or a
 saved ``datasets`` folder, parquet files, or a Hub name when online).
-The loop is in :mod:`bame_optim.integrations.training`; its arguments, checkpoints, metrics and
-plots are in the modules next to it.
+The loop is the package :mod:`bame_optim.integrations.training` (one frozen ``TrainingConfig``
+per run; the flags are its fields, see ``--help``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bame_optim.integrations.training import TrainResult
+from bame_optim.integrations.training import ScriptConfig, TrainResult
 from bame_optim.integrations.training import main as train
-from bame_optim.integrations.training_args import ScriptConfig
 
 CONFIG = ScriptConfig(
     name="train_imagenet",
@@ -48,7 +47,8 @@ for quick checks."""
 
 
 def main(argv: Sequence[str] | None = None) -> TrainResult:
-    """Train as the command line ``argv`` says (``None``: ``sys.argv[1:]``)."""
+    """Train as the command line ``argv`` says (``None``: ``sys.argv[1:]``); a bad flag exits
+    with status 2 and a message naming it."""
     return train(argv, CONFIG)
 
 

@@ -54,11 +54,10 @@ from accelerate.utils import gather as _acc_gather
 from torch import Tensor
 from torch.optim import Optimizer
 
-from bame_optim.core.schedule import is_update_step
-from bame_optim.optim.bame_sgd import BAMESGD
+from bame_optim.optim.base import NMOptimizer
 from bame_optim.optim.sharded import is_sharded
 
-__all__ = ["MaskSync", "last_update_step", "unwrap_optimizer", "verify_masks"]
+__all__ = ["MaskSync", "unwrap_optimizer", "verify_masks"]
 
 _HASH = 2654435761
 """Knuth's multiplicative hash constant: per-block weights of the mask checksum."""
@@ -68,29 +67,23 @@ an oscillation EMA)."""
 _INT_OF = {8: torch.int64, 4: torch.int32, 2: torch.int16}
 
 
-def unwrap_optimizer(optimizer: Optimizer) -> BAMESGD:
-    """The :class:`BAMESGD` inside ``optimizer``: itself, or the one that an
+def unwrap_optimizer(optimizer: Optimizer) -> NMOptimizer:
+    """The N:M optimizer (:class:`~bame_optim.optim.base.NMOptimizer`) inside ``optimizer``:
+    itself, or the one that an
     ``AcceleratedOptimizer`` (or any wrapper with an ``optimizer`` attribute) holds.
 
     Raises ``TypeError`` when there is none.
     """
     seen = optimizer
     for _ in range(8):
-        if isinstance(seen, BAMESGD):
+        if isinstance(seen, NMOptimizer):
             return seen
         seen = getattr(seen, "optimizer", None)
         if seen is None:
             break
-    raise TypeError(f"Invalid optimizer: {type(optimizer).__name__} holds no BAMESGD")
-
-
-def last_update_step(group: dict[str, Any]) -> int:
-    """The last step ``t`` at which the mask of ``group`` may change (the masks are final after
-    the ``step()`` that ran with counter ``t``)."""
-    t_i, t_f, delta_t = group["t_i"], group["t_f"], group["delta_t"]
-    if t_f <= t_i:
-        return t_i
-    return max(t_i, (t_f - 1) // delta_t * delta_t)
+    raise TypeError(
+        f"Invalid optimizer: {type(optimizer).__name__} holds no N:M optimizer (BAMESGD or a peer)"
+    )
 
 
 def _world(accelerator: Accelerator | None) -> tuple[int, int]:
@@ -145,7 +138,7 @@ def _has_mask(state: dict[str, Any]) -> bool:
     return "kept" in state or "mask" in state  # BAMESGD's codes, the dense-weight peers' mask
 
 
-def _param_row(optimizer: BAMESGD, p: Tensor, device: torch.device) -> list[Tensor]:
+def _param_row(optimizer: NMOptimizer, p: Tensor, device: torch.device) -> list[Tensor]:
     zero = torch.zeros((), dtype=torch.int64, device=device)
     state = optimizer.state.get(p, {})
     # A sharded parameter's blocks exist once, on different ranks: nothing to compare.
@@ -165,7 +158,7 @@ def _param_row(optimizer: BAMESGD, p: Tensor, device: torch.device) -> list[Tens
     return [zero + 1, mask.sum().to(torch.int64), _hash(codes, device), oscillation_hash]
 
 
-def _names(optimizer: BAMESGD) -> list[str]:
+def _names(optimizer: NMOptimizer) -> list[str]:
     names = []
     for g, group in enumerate(optimizer.param_groups):
         given = group.get("param_names")
@@ -174,7 +167,7 @@ def _names(optimizer: BAMESGD) -> list[str]:
 
 
 @torch.no_grad()
-def _repair(optimizer: BAMESGD, p: Tensor, accelerator: Accelerator | None) -> None:
+def _repair(optimizer: NMOptimizer, p: Tensor, accelerator: Accelerator | None) -> None:
     """Make parameter ``p`` and its whole optimizer state (mask, oscillation EMA, momentum,
     counters; whatever the method keeps) rank 0's. Every rank runs this, in the same order.
     The state travels pickled, so its keys, shapes and dtypes follow rank 0's too."""
@@ -269,14 +262,15 @@ class MaskSync:
     (including the ones Accelerate skips under gradient accumulation and the ones a grad scaler
     skips): it compares the step counters with those it saw last, so it checks only when a
     real step ran with a counter ``t = group["step"] - 1`` that is a mask-update step
-    (:func:`bame_optim.core.schedule.is_update_step`) of a group holding masks. The counters are
+    (the optimizer's ``mask_update_due``) of a group holding masks. The counters are
     equal on every rank, so every rank joins the collective at the same calls.
 
     Args:
         optimizer: a :class:`BAMESGD` or the ``AcceleratedOptimizer`` around one.
         accelerator: the ``Accelerator`` (``None``: :mod:`torch.distributed` if initialised).
         every_update: check after every mask-update step; ``False`` checks only after the last
-            one (:func:`last_update_step`), when the masks become final.
+            one (``last_mask_update`` of the optimizer), when the masks become final (every step for
+            methods whose masks are never final, such as SR-STE).
         fix: passed to :func:`verify_masks`.
 
     The object keeps only the counters it last saw; nothing is stored in modules or globals.
@@ -303,10 +297,9 @@ class MaskSync:
         if not any(_has_mask(self.optimizer.state.get(p, {})) for p in group["params"]):
             return False
         if not self.every_update:
-            return old <= last_update_step(group) < new
-        return any(
-            is_update_step(t, group["delta_t"], group["t_i"], group["t_f"]) for t in range(old, new)
-        )
+            last = self.optimizer.last_mask_update(group)
+            return last is None or old <= last < new
+        return any(self.optimizer.mask_update_due(group, t) for t in range(old, new))
 
     def after_step(self) -> bool | None:
         """Verify the masks if a real step since the last call may have changed one.

@@ -15,7 +15,7 @@ import torch
 
 from bame_optim.core.evolution import evolve_mask
 from bame_optim.core.nm import param_to_blocks, random_nm_mask
-from bame_optim.optim.bame_sgd import _SEED_STRIDE
+from bame_optim.optim.rules import SEED_STRIDE as _SEED_STRIDE
 
 
 def blocks_of(tensor: torch.Tensor, m: int) -> torch.Tensor:

@@ -343,14 +343,10 @@ def test_mask_sync_timing(monkeypatch):
         final.after_step()
     # update steps: 0, 2, 4 (= t_i), 6, 8; t_f = 10; the last update is at 8.
     assert calls == [0, 2, 4, 6, 8, 8]
-    assert integration.last_update_step(opt.param_groups[0]) == 8
+    assert opt.last_mask_update(opt.param_groups[0]) == 8
     assert [r for r in results if r is not None] == [True] * 5
 
 
-def test_last_update_step_and_unwrap():
-    assert integration.last_update_step({"t_i": 5, "t_f": 5, "delta_t": 3}) == 5
-    assert integration.last_update_step({"t_i": 4, "t_f": 20, "delta_t": 7}) == 14
-    assert integration.last_update_step({"t_i": 4, "t_f": 6, "delta_t": 100}) == 4
-    assert integration.last_update_step({"t_i": 0, "t_f": 0, "delta_t": 100}) == 0
-    with pytest.raises(TypeError, match="holds no BAMESGD"):
+def test_unwrap_refuses_a_dense_optimizer():
+    with pytest.raises(TypeError, match="holds no N:M optimizer"):
         integration.unwrap_optimizer(torch.optim.SGD([nn.Parameter(torch.ones(1))]))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bame_optim.core.nm import param_to_blocks
-from bame_optim.optim.asp import ASPSGD
+from bame_optim.optim.sgd import ASPSGD
 
 
 def test_prunes_by_magnitude_once_and_keeps_the_mask():
@@ -27,9 +27,11 @@ def test_prunes_by_magnitude_once_and_keeps_the_mask():
     assert (param_to_blocks(p.detach(), 4)[~mask] == 0).all()
 
 
-def test_schedule_arguments_are_refused():
+@pytest.mark.parametrize("name", ["total_steps", "t_i", "t_f", "delta_t", "alpha", "seed"])
+def test_schedule_arguments_are_refused(name):
+    """ASP prunes once, at the first step: schedule and OBF keywords are not taken."""
     p = torch.randn(4, 8, requires_grad=True)
-    with pytest.raises(ValueError, match="Invalid t_i value: 5"):
-        ASPSGD([p], lr=0.1, t_i=5, t_f=5)
-    with pytest.raises(ValueError, match="Invalid t_f value: 3"):
-        ASPSGD([{"params": [p], "t_f": 3}], lr=0.1)
+    with pytest.raises(TypeError, match=rf"ASPSGD\(\) does not use the keywords \['{name}'\]"):
+        ASPSGD([p], lr=0.1, **{name: 5})
+    with pytest.raises(ValueError, match=rf"Invalid param group keys \['{name}'\]"):
+        ASPSGD([{"params": [p], name: 5}], lr=0.1)

@@ -1,4 +1,4 @@
-"""bame_optim.integrations.checkpoints: finding the complete checkpoints and the atomic save."""
+"""bame_optim.integrations.training.checkpoints: finding complete checkpoints, atomic save."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ pytest.importorskip("accelerate")
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
-from bame_optim.integrations.checkpoints import checkpoint_epoch, find_checkpoint, save_checkpoint
-
-from .test_mask_oscillation import _model_and_optimizer
+from bame_optim.integrations.training.checkpoints import (
+    checkpoint_epoch,
+    find_checkpoint,
+    save_checkpoint,
+)
 
 
 @pytest.fixture
@@ -42,8 +44,10 @@ def test_find_checkpoint_ignores_temporary_and_partial_folders(tmp_path):
         checkpoint_epoch(root / ".tmp-epoch_0012")
 
 
-def test_save_checkpoint_is_atomic_and_keeps_the_latest(accelerator, tmp_path, monkeypatch):
-    model, opt = _model_and_optimizer()
+def test_save_checkpoint_is_atomic_and_keeps_the_latest(
+    accelerator, tmp_path, monkeypatch, model_and_optimizer
+):
+    model, opt = model_and_optimizer()
     model, opt = accelerator.prepare(model, opt)
     root = tmp_path / "checkpoints"
     extra = {"trainer_state": {"epoch": 1}, "oscillation": {}}

@@ -33,9 +33,6 @@ from bame_optim.integrations.datasets import (
 )
 from bame_optim.integrations.idx import load_idx_dataset
 
-from .test_idx import write_idx_folder
-from .test_local_data import write_cifar_folder
-
 SHARED_FASHION = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist"
 CLASSES = ("cat", "ant", "dog")
 
@@ -64,7 +61,7 @@ def labels(ds: datasets.Dataset) -> np.ndarray:
 
 
 @pytest.fixture
-def cifar(tmp_path) -> tuple[Path, datasets.DatasetDict]:
+def cifar(tmp_path, write_cifar_folder) -> tuple[Path, datasets.DatasetDict]:
     write_cifar_folder(tmp_path / "cifar")
     return tmp_path / "cifar", load_image_dataset(tmp_path / "cifar")
 
@@ -121,7 +118,7 @@ def test_cifar_round_trip(cifar):
     assert dd["test"][0]["image"].mode == "RGB"
 
 
-def test_idx_round_trip_and_class_names(tmp_path):
+def test_idx_round_trip_and_class_names(tmp_path, write_idx_folder):
     arrays = write_idx_folder(tmp_path / "digits")
     assert detect_kind(tmp_path / "digits") == "mnist"
     dd = load_image_dataset(tmp_path / "digits")
@@ -133,7 +130,7 @@ def test_idx_round_trip_and_class_names(tmp_path):
     assert fashion["test"].features["label"].names == list(FASHION_MNIST_CLASSES)
 
 
-def test_idx_missing_and_corrupt_files_are_named(tmp_path):
+def test_idx_missing_and_corrupt_files_are_named(tmp_path, write_idx_folder):
     write_idx_folder(tmp_path)
     gz = tmp_path / "t10k-images-idx3-ubyte.gz"
     gz.write_bytes(gz.read_bytes()[:40])
@@ -144,7 +141,7 @@ def test_idx_missing_and_corrupt_files_are_named(tmp_path):
         load_image_dataset(tmp_path)
 
 
-def test_cifar_corrupt_batch_is_named(tmp_path):
+def test_cifar_corrupt_batch_is_named(tmp_path, write_cifar_folder):
     write_cifar_folder(tmp_path)
     (tmp_path / "test_batch").write_bytes((tmp_path / "test_batch").read_bytes()[:50])
     with pytest.raises(ValueError, match=r"test_batch is not a readable CIFAR-10 batch"):

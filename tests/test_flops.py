@@ -22,15 +22,16 @@ from bame_optim import BAMESGD, nm_param_groups
 from bame_optim import flops as flops_module
 from bame_optim.core.schedule import Phase, gradual_budget, is_update_step, phase
 from bame_optim.flops import (
-    METHODS,
     flops_breakdown,
     layer_flops,
     step_density_sums,
     training_flops_ratio,
 )
 from bame_optim.integrations.models import resnet32
+from bame_optim.methods import METHODS as REGISTRY
 
 PATTERNS = [(2, 4), (1, 4), (1, 16)]
+METHODS = [*REGISTRY, "bimask"]  # every method of the registry, and Bi-Mask's profile
 SPARSE_METHODS = [method for method in METHODS if method not in ("dense", "asp")]
 
 
@@ -329,7 +330,7 @@ def test_fixed_profiles_on_an_all_sparse_model(n, m):
     kwargs = {"exclude": (), "total_steps": 1234}
     assert ratio(model, (16,), "srste", n, m, **kwargs) == (d + 2) / 3
     assert ratio(model, (16,), "static", n, m, **kwargs) == d
-    assert ratio(model, (16,), "bidir", n, m, **kwargs) == (2 * d + 1) / 3
+    assert ratio(model, (16,), "bimask", n, m, **kwargs) == (2 * d + 1) / 3
     # floats: the same correctly rounded numbers
     as_float = training_flops_ratio(model, (16,), "srste", n=n, m=m, total_steps=9, exclude=())
     assert as_float == (n / m + 2) / 3
@@ -481,7 +482,7 @@ def test_orderings_on_resnet32(resnet_layers):
     for n, m in PATTERNS:
         r = {method: ratios[method, n, m] for method in METHODS}
         assert r["static"] < r["bame_bidir"] < r["bame"] < r["srste"] < r["lbc"] < r["dense"]
-        assert r["bidir"] < r["srste"] and r["bame"] < r["bidir"]
+        assert r["bimask"] < r["srste"] and r["bame"] < r["bimask"]
         assert r["lma"] == r["rigl"] == r["bame"]
         assert r["dense"] < r["asp"]
     for method in [*SPARSE_METHODS, "asp"]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -14,31 +13,7 @@ from bame_optim.integrations.idx import IMAGES_MAGIC, LABELS_MAGIC, load_idx_dat
 SHARED_FASHION = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist"
 
 
-def _idx_bytes(array: np.ndarray, magic: int) -> bytes:
-    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    return header + array.astype(np.uint8).tobytes()
-
-
-def write_idx_folder(folder: Path, seed: int = 0, checksums: bool = True) -> dict:
-    rng = np.random.default_rng(seed)
-    arrays = {
-        "train-images-idx3-ubyte": (rng.integers(0, 256, (12, 28, 28)), IMAGES_MAGIC),
-        "train-labels-idx1-ubyte": (rng.integers(0, 10, 12), LABELS_MAGIC),
-        "t10k-images-idx3-ubyte": (rng.integers(0, 256, (5, 28, 28)), IMAGES_MAGIC),
-        "t10k-labels-idx1-ubyte": (rng.integers(0, 10, 5), LABELS_MAGIC),
-    }
-    folder.mkdir(parents=True, exist_ok=True)
-    sums = []
-    for name, (array, magic) in arrays.items():
-        raw = _idx_bytes(array, magic)
-        (folder / f"{name}.gz").write_bytes(gzip.compress(raw))
-        sums.append(f"{hashlib.md5(raw).hexdigest()}  {name}")
-    if checksums:
-        (folder / "MD5SUMS.decompressed").write_text("\n".join(sums) + "\n")
-    return {name: array for name, (array, _) in arrays.items()}
-
-
-def test_round_trip(tmp_path):
+def test_round_trip(tmp_path, write_idx_folder):
     arrays = write_idx_folder(tmp_path)
     (xs, ys), (xt, yt) = load_idx_dataset(tmp_path)
     np.testing.assert_array_equal(xs, arrays["train-images-idx3-ubyte"])
@@ -47,7 +22,7 @@ def test_round_trip(tmp_path):
     np.testing.assert_array_equal(yt, arrays["t10k-labels-idx1-ubyte"])
 
 
-def test_uncompressed_files_without_checksums(tmp_path):
+def test_uncompressed_files_without_checksums(tmp_path, write_idx_folder):
     arrays = write_idx_folder(tmp_path, checksums=False)
     for gz in tmp_path.glob("*.gz"):
         gz.with_suffix("").write_bytes(gzip.decompress(gz.read_bytes()))
@@ -67,7 +42,7 @@ def _rewrite(path: Path, raw: bytes) -> None:
         (lambda raw: raw[:2] + b"\x00\x00" + raw[4:], "MD5"),
     ],
 )
-def test_checksum_mismatch_is_named(tmp_path, corrupt, message):
+def test_checksum_mismatch_is_named(tmp_path, corrupt, message, write_idx_folder):
     write_idx_folder(tmp_path)
     target = tmp_path / "t10k-images-idx3-ubyte.gz"
     _rewrite(target, corrupt(gzip.decompress(target.read_bytes())))
@@ -75,7 +50,7 @@ def test_checksum_mismatch_is_named(tmp_path, corrupt, message):
         load_idx_dataset(tmp_path)
 
 
-def test_truncated_payload_and_wrong_magic_without_checksums(tmp_path):
+def test_truncated_payload_and_wrong_magic_without_checksums(tmp_path, write_idx_folder):
     write_idx_folder(tmp_path, checksums=False)
     target = tmp_path / "train-labels-idx1-ubyte.gz"
     raw = gzip.decompress(target.read_bytes())
@@ -87,7 +62,7 @@ def test_truncated_payload_and_wrong_magic_without_checksums(tmp_path):
         load_idx_dataset(tmp_path)
 
 
-def test_truncated_gzip_stream(tmp_path):
+def test_truncated_gzip_stream(tmp_path, write_idx_folder):
     write_idx_folder(tmp_path)
     target = tmp_path / "train-images-idx3-ubyte.gz"
     target.write_bytes(target.read_bytes()[:100])
@@ -95,7 +70,7 @@ def test_truncated_gzip_stream(tmp_path):
         load_idx_dataset(tmp_path)
 
 
-def test_missing_file_and_folder(tmp_path):
+def test_missing_file_and_folder(tmp_path, write_idx_folder):
     write_idx_folder(tmp_path)
     (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(FileNotFoundError, match=r"t10k-labels-idx1-ubyte"):
@@ -104,9 +79,9 @@ def test_missing_file_and_folder(tmp_path):
         load_idx_dataset(tmp_path / "nowhere")
 
 
-def test_count_mismatch(tmp_path):
+def test_count_mismatch(tmp_path, write_idx_folder, idx_bytes):
     write_idx_folder(tmp_path, checksums=False)
-    _rewrite(tmp_path / "t10k-labels-idx1-ubyte.gz", _idx_bytes(np.zeros(4), LABELS_MAGIC))
+    _rewrite(tmp_path / "t10k-labels-idx1-ubyte.gz", idx_bytes(np.zeros(4), LABELS_MAGIC))
     with pytest.raises(ValueError, match=r"test split has 5 images but 4 labels"):
         load_idx_dataset(tmp_path)
 

@@ -308,13 +308,19 @@ BAD_ARGUMENTS = [
     ({"score_lr": -1.0}, "score_lr", "-1.0"),
     ({"score_lr": float("inf")}, "score_lr", "inf"),
     ({"score_lr": "fast"}, "score_lr", "'fast'"),
-    ({"t_i": 3}, "t_i", "3"),
     ({"total_steps": None}, "total_steps", "None"),
     ({"t_f": 200}, "t_f", "200"),
     ({"t_f": -1}, "t_f", "-1"),
     ({"n": 0, "m": 4}, "n", "0"),
     ({"momentum": -0.5}, "momentum", "-0.5"),
 ]
+
+
+@pytest.mark.parametrize("name", ["t_i", "delta_t", "alpha", "beta", "gamma", "seed"])
+def test_bame_keywords_are_not_taken(name):
+    """LBC removes combinations from step 0: BAME's keywords are refused, not ignored."""
+    with pytest.raises(TypeError, match=rf"unexpected keyword arguments: \['{name}'\]"):
+        LBCSGD([torch.randn(4, 8, requires_grad=True)], lr=0.1, total_steps=10, **{name: 1})
 
 
 @pytest.mark.parametrize(("kwargs", "name", "value"), BAD_ARGUMENTS)

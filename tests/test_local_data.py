@@ -10,20 +10,6 @@ import torch
 
 from bame_optim.integrations.local_data import load_split, read_cifar10_batches
 
-from .test_idx import write_idx_folder
-
-
-def write_cifar_folder(folder, per_batch: int = 4, seed: int = 0) -> None:
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {
-            b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-            b"labels": rng.integers(0, 10, per_batch).tolist(),
-        }
-        with open(folder / name, "wb") as f:
-            pickle.dump(batch, f)
-
 
 def test_digits_split_is_normalised_and_stratified():
     (x, _y), (xt, yt) = load_split("digits")
@@ -33,14 +19,14 @@ def test_digits_split_is_normalised_and_stratified():
     assert set(yt.tolist()) == set(range(10))
 
 
-def test_idx_split(tmp_path):
+def test_idx_split(tmp_path, write_idx_folder):
     write_idx_folder(tmp_path)
     (x, y), (xt, _yt) = load_split("fashion-mnist", tmp_path)
     assert x.shape == (12, 1, 28, 28) and xt.shape == (5, 1, 28, 28)
     assert y.dtype == torch.int64
 
 
-def test_cifar_batches(tmp_path):
+def test_cifar_batches(tmp_path, write_cifar_folder):
     write_cifar_folder(tmp_path)
     (xs, _ys), (xt, _yt) = read_cifar10_batches(tmp_path)
     assert xs.shape == (20, 3, 32, 32) and xt.shape == (4, 3, 32, 32)
@@ -51,7 +37,7 @@ def test_cifar_batches(tmp_path):
     assert x.shape == (20, 3, 32, 32)
 
 
-def test_cifar_errors_name_the_file(tmp_path):
+def test_cifar_errors_name_the_file(tmp_path, write_cifar_folder):
     write_cifar_folder(tmp_path)
     (tmp_path / "data_batch_3").write_bytes((tmp_path / "data_batch_3").read_bytes()[:50])
     with pytest.raises(ValueError, match=r"data_batch_3 is not a readable CIFAR-10 batch"):

@@ -1,4 +1,4 @@
-"""bame_optim.integrations.mask_oscillation: the accumulated SAD per N:M block (the paper's
+"""bame_optim.integrations.training.mask_oscillation: the accumulated SAD per N:M block (the paper's
 Figure 2)."""
 
 from __future__ import annotations
@@ -9,19 +9,8 @@ from torch import nn
 
 pytest.importorskip("accelerate")
 
-from bame_optim import BAMESGD, nm_param_groups
-from bame_optim.integrations.mask_oscillation import MaskOscillation
-from bame_optim.methods import make_optimizer
-
-
-def _model_and_optimizer(method: str = "bame", **kwargs):
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)
-    )
-    schedule = {"total_steps": 24, "delta_t": 2, "n": 1, "m": 4} | kwargs
-    opt = make_optimizer(method, nm_param_groups(model, 1, 4), lr=0.5, momentum=0.9, **schedule)
-    return model, opt
+from bame_optim import BAMESGD
+from bame_optim.integrations.training.mask_oscillation import MaskOscillation
 
 
 def _step(model, opt, generator):
@@ -33,10 +22,10 @@ def _step(model, opt, generator):
 
 
 @pytest.mark.parametrize("method, every_step", [("bame", False), ("srste", True)])
-def test_mask_oscillation_accumulates_sad_of_n_m_blocks(method, every_step):
+def test_mask_oscillation_accumulates_sad_of_n_m_blocks(method, every_step, model_and_optimizer):
     """Against masks read after every step: SAD summed over consecutive masks, counting only
     blocks whose previous mask kept exactly N (so gradual pruning is not oscillation)."""
-    model, opt = _model_and_optimizer(method)
+    model, opt = model_and_optimizer(method)
     weight = model[2].weight
     tracker = MaskOscillation(opt, every_step=every_step)
     generator = torch.Generator().manual_seed(1)
@@ -69,7 +58,7 @@ def test_mask_oscillation_accumulates_sad_of_n_m_blocks(method, every_step):
 
 def test_mask_oscillation_needs_a_mask_optimizer():
     model = nn.Linear(4, 4)
-    with pytest.raises(TypeError, match="holds no BAMESGD"):
+    with pytest.raises(TypeError, match="holds no N:M optimizer"):
         MaskOscillation(torch.optim.SGD(model.parameters(), lr=0.1))
     opt = BAMESGD(model.parameters(), lr=0.1, n=1, m=4, t_i=0, t_f=0)
     assert MaskOscillation(opt).after_step() is False  # no step yet

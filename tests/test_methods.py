@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from bame_optim import BAMESGD, nm_param_groups
+from bame_optim import nm_param_groups
 from bame_optim.core.nm import is_nm_sparse
 from bame_optim.methods import METHODS, make_optimizer
+from bame_optim.optim.base import NMOptimizer
 
 
 def _model() -> nn.Module:
@@ -38,7 +39,7 @@ def test_every_method_trains_and_ends_n_m_sparse(method):
     if method == "dense":
         assert isinstance(opt, torch.optim.SGD) and (middle != 0).all()
     else:
-        assert isinstance(opt, BAMESGD)
+        assert isinstance(opt, NMOptimizer)
         assert is_nm_sparse(middle, 1, 4)
         assert (model[0].weight != 0).all(), "the stem stays dense"
 

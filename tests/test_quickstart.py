@@ -15,8 +15,6 @@ import torch
 from bame_optim.core.nm import is_nm_sparse
 from bame_optim.integrations.idx import IMAGES_MAGIC
 
-from .test_idx import write_idx_folder
-
 QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
 TINY = ["--epochs", "2", "--hidden", "64", "--delta-t", "2"]
 SPARSE_LAYERS = (3, 5)
@@ -95,7 +93,7 @@ def test_limit_train(quickstart, capsys):
     assert "argument --limit-train: invalid value 5000 (the training set has 1437 images)" in err
 
 
-def test_idx_folder(quickstart, tmp_path, capsys):
+def test_idx_folder(quickstart, tmp_path, capsys, write_idx_folder):
     write_idx_folder(tmp_path)
     argv = ["--data", str(tmp_path), "--epochs", "2", "--seeds", "2", "--hidden", "32"]
     results = quickstart.main([*argv, "--n", "2", "--m", "8", "--batch-size", "5"])
@@ -155,7 +153,7 @@ def _wrong_magic(raw: bytes) -> bytes:
     ],
 )
 def test_damaged_idx_folder_is_named(
-    quickstart, tmp_path, capsys, name, damage, checksums, message
+    quickstart, tmp_path, capsys, name, damage, checksums, message, write_idx_folder
 ):
     """Each damaged or missing file stops the job before training, naming the file."""
     write_idx_folder(tmp_path, checksums=checksums)
@@ -171,7 +169,7 @@ def test_damaged_idx_folder_is_named(
     assert str(tmp_path / name.removesuffix(".gz")) in err
 
 
-def test_corrupt_gzip_stream_exits_cleanly(quickstart, tmp_path, capsys):
+def test_corrupt_gzip_stream_exits_cleanly(quickstart, tmp_path, capsys, write_idx_folder):
     """A damaged deflate stream raises ``zlib.error`` in the loader, not a named error."""
     write_idx_folder(tmp_path)
     target = tmp_path / "train-labels-idx1-ubyte.gz"

@@ -16,6 +16,7 @@ from bame_optim.core.schedule import (
     Phase,
     gradual_budget,
     is_update_step,
+    last_update_step,
     phase,
     resolve_schedule,
 )
@@ -218,3 +219,19 @@ def test_gradual_budget_hand_written():
     assert [gradual_budget(t, 1, 4, 4) for t in range(6)] == [4, 4, 3, 2, 1, 1]
     # 2:4 over t_i = 3: 2 + ceil(2, 4/3, 2/3) = 4, 4, 3
     assert [gradual_budget(t, 2, 4, 3) for t in range(4)] == [4, 4, 3, 2]
+
+
+def test_last_update_step():
+    assert last_update_step(5, 5, 3) == 5
+    assert last_update_step(4, 20, 7) == 14
+    assert last_update_step(4, 6, 100) == 4
+    assert last_update_step(0, 0, 100) == 0
+
+
+@given(schedules())
+def test_last_update_step_is_the_last_update_step(schedule):
+    """Against the definition: the largest t that is an update step."""
+    t_i, t_f, delta_t = schedule.t_i, schedule.t_f, schedule.delta_t
+    horizon = max(t_f, t_i) + 2 * delta_t
+    updates = [t for t in range(horizon) if is_update_step(t, delta_t, t_i, t_f)]
+    assert last_update_step(t_i, t_f, delta_t) == max(updates)

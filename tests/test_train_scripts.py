@@ -25,9 +25,6 @@ from accelerate.state import AcceleratorState, GradientState
 
 from bame_optim.core.nm import is_nm_sparse
 
-from .test_idx import write_idx_folder
-from .test_local_data import write_cifar_folder
-
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 PNG = b"\x89PNG\r\n\x1a\n"
 TIME_KEYS = {"train_seconds", "eval_seconds"}
@@ -72,7 +69,7 @@ def fresh_accelerate_state():
 
 
 @pytest.fixture(scope="module")
-def cifar_dir(tmp_path_factory) -> Path:
+def cifar_dir(tmp_path_factory, write_cifar_folder) -> Path:
     folder = tmp_path_factory.mktemp("data") / "cifar"
     write_cifar_folder(folder, per_batch=8)  # 40 train, 8 test images of 32x32
     return folder
@@ -221,7 +218,7 @@ def test_resume_and_crash_recovery_end_where_the_uninterrupted_run_ends(
         other = _tiny(cifar_dir, tmp_path / "other", "--epochs", "4", "--resume", str(first))
         _run(cifar_script, other)
     err = capsys.readouterr().err
-    assert "argument --epochs: invalid value 4" in err and "--epochs 3" in err
+    assert "argument --epochs: invalid value 4" in err and "made with epochs=3" in err
 
 
 def test_imagenet_script_trains_deit_attention_n_m(imagenet_script, tmp_path):
@@ -250,7 +247,7 @@ def test_imagenet_script_trains_deit_attention_n_m(imagenet_script, tmp_path):
     assert metrics["args"]["weight_decay"] == 1e-4
 
 
-def test_grayscale_idx_data_with_resnet32(cifar_script, tmp_path):
+def test_grayscale_idx_data_with_resnet32(cifar_script, tmp_path, write_idx_folder):
     data = tmp_path / "fashion"
     write_idx_folder(data)  # 12 train, 5 test images of 28x28
     out = tmp_path / "resnet32"

@@ -22,6 +22,7 @@ __all__ = [
     "Phase",
     "gradual_budget",
     "is_update_step",
+    "last_update_step",
     "phase",
     "resolve_schedule",
 ]
@@ -97,3 +98,12 @@ def gradual_budget(t: int, n: int, m: int, t_i: int) -> int:
     if t >= t_i:
         return n
     return n + -(-(m - n) * (t_i - t) // t_i)
+
+
+def last_update_step(t_i: int, t_f: int, delta_t: int) -> int:
+    """The last step at which the mask may change (the masks are final after the ``step()``
+    that ran with this counter): ``t_i`` if ``t_f <= t_i``, else the last multiple of
+    ``delta_t`` before ``t_f`` (but not before ``t_i``)."""
+    if t_f <= t_i:
+        return t_i
+    return max(t_i, (t_f - 1) // delta_t * delta_t)

@@ -27,7 +27,7 @@ from torch.utils.hooks import RemovableHandle
 
 from bame_optim.core.nm import blocks_to_param, param_to_blocks, top_n_mask
 from bame_optim.groups import SPARSE_LAYER_TYPES
-from bame_optim.optim.bame_sgd import BAMESGD
+from bame_optim.optim.sgd import BAMESGD
 from bame_optim.optim.sharded import is_sharded
 
 __all__ = ["BidirBAMESGD", "attach_backward_masks", "backward_mask"]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from functools import lru_cache
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -30,6 +30,8 @@ from torch import Tensor
 from bame_optim.core.evolution import score_dtype
 from bame_optim.core.kept import combination_table
 from bame_optim.core.nm import param_to_blocks, top_n_mask
+from bame_optim.core.schedule import resolve_schedule
+from bame_optim.optim.base import check_nonnegative
 from bame_optim.peers.ste import DenseSTESGD
 
 __all__ = [
@@ -119,8 +121,8 @@ class LBCSGD(DenseSTESGD):
         score_lr: :math:`\eta_S`; ``None`` (default) uses the group's current ``lr``, so LR
             schedulers scale the score updates too.
 
-    ``t_i`` must be 0 (removal starts at the first step); ``delta_t``, ``alpha``, ``beta``,
-    ``gamma``, ``seed`` are accepted (validated) but unused. ``sparsity_report`` rows have
+    Removal starts at the first step; BAME's ``t_i``, ``delta_t``, ``alpha``, ``beta``,
+    ``gamma``, ``seed`` are not taken. ``sparsity_report`` rows have
     ``phase`` ``"evolve"`` until the step with counter ``t_f`` and ``"frozen"`` after, and
     sparse rows add ``combinations`` (candidates left per block).
 
@@ -135,7 +137,7 @@ class LBCSGD(DenseSTESGD):
     .. note:: The dense weights live in the optimizer: save its state dict with the model.
     """
 
-    _extra_defaults = ("score_lr",)
+    method_defaults: ClassVar[dict[str, Any]] = {"total_steps": None, "t_f": None, "score_lr": None}
     _exact_dtype_state = (*DenseSTESGD._exact_dtype_state, "scores", "remaining")
 
     def __init__(
@@ -147,27 +149,19 @@ class LBCSGD(DenseSTESGD):
         weight_decay: float = 0.0,
         nesterov: bool = False,
         *,
+        total_steps: int | None = None,
+        t_f: int | None = None,
         score_lr: float | None = None,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("t_i", 0)
         super().__init__(
-            params, lr, momentum, dampening, weight_decay, nesterov, score_lr=score_lr, **kwargs
+            params, lr, momentum, dampening, weight_decay, nesterov, total_steps=total_steps,
+            t_f=t_f, score_lr=score_lr, **kwargs,
         )
 
-    def _validate_extra(self, group: dict[str, Any]) -> None:
-        value = group["score_lr"]
-        if value is not None and (
-            isinstance(value, (bool, Tensor))
-            or not isinstance(value, (int, float))
-            or not 0 <= value < float("inf")
-        ):
-            raise ValueError(f"Invalid score_lr value: {value!r} (None or a float >= 0)")
-        if group["t_i"] != 0:
-            raise ValueError(
-                f"Invalid t_i value: {group['t_i']} (LBC removes combinations from step 0 "
-                f"to t_f; leave t_i at 0)"
-            )
+    def _prepare_group(self, group: dict[str, Any]) -> None:
+        check_nonnegative(group, "score_lr", optional=True)
+        _, group["t_f"] = resolve_schedule(group["total_steps"], 0, group["t_f"])
 
     def _init_state(self, state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> None:
         k, c = state["mask"].shape[0], math.comb(group["m"], group["n"])
@@ -196,8 +190,14 @@ class LBCSGD(DenseSTESGD):
         state["remaining"] = remaining
         return union_mask(remaining, _table(group["n"], group["m"], p.device))
 
-    def _phase_name(self, group: dict[str, Any]) -> str:
+    def phase_name(self, group: dict[str, Any]) -> str:
         return "evolve" if group["step"] <= group["t_f"] else "frozen"
+
+    def mask_update_due(self, group: dict[str, Any], t: int) -> bool:
+        return t <= group["t_f"]
+
+    def last_mask_update(self, group: dict[str, Any]) -> int | None:
+        return group["t_f"]
 
     def sparsity_report(self) -> list[dict[str, Any]]:
         """As :meth:`BAMESGD.sparsity_report`, sparse rows with ``combinations``."""

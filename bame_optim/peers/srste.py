@@ -20,13 +20,14 @@ every weight, pruned ones included. That is :math:`(N/M + 2)/3` of dense trainin
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from bame_optim.core.evolution import score_dtype
 from bame_optim.core.nm import blocks_to_param, param_to_blocks, top_n_mask
+from bame_optim.optim.base import check_nonnegative
 from bame_optim.peers.ste import DenseSTESGD
 
 __all__ = ["DEFAULT_SRSTE_DECAY", "SRSTESGD", "srste_decay_term", "srste_mask"]
@@ -71,16 +72,16 @@ class SRSTESGD(DenseSTESGD):
         srste_decay: :math:`\lambda_W` (default ``2e-4``, the SR-STE paper's value);
             ``0`` gives the plain STE.
 
-    There is no mask schedule: ``total_steps`` is not needed, ``t_i`` and ``t_f`` must be 0
-    (their defaults here), and BAME's ``delta_t``, ``alpha``, ``beta``, ``gamma``, ``seed`` are
-    accepted (validated) but unused. ``sparsity_report`` rows have ``phase == "evolve"`` and
+    There is no mask schedule: BAME's schedule and OBF keywords (``total_steps``, ``t_i``,
+    ``t_f``, ``delta_t``, ``alpha``, ``beta``, ``gamma``, ``seed``) are not taken.
+    ``sparsity_report`` rows have ``phase == "evolve"`` and
     ``flips`` counts the mask entries that changed at the last step.
 
     .. note:: The dense weights live in the optimizer: save the optimizer's state dict with
        the model. Loading only the model's parameters gives ``W ⊙ B``, the deployable weights.
     """
 
-    _extra_defaults = ("srste_decay",)
+    method_defaults: ClassVar[dict[str, Any]] = {"srste_decay": DEFAULT_SRSTE_DECAY}
 
     def __init__(
         self,
@@ -94,39 +95,19 @@ class SRSTESGD(DenseSTESGD):
         srste_decay: float = DEFAULT_SRSTE_DECAY,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("t_i", 0)
-        kwargs.setdefault("t_f", 0)
         super().__init__(
-            params,
-            lr,
-            momentum,
-            dampening,
-            weight_decay,
-            nesterov,
-            srste_decay=srste_decay,
+            params, lr, momentum, dampening, weight_decay, nesterov, srste_decay=srste_decay,
             **kwargs,
         )
 
-    def _validate_extra(self, group: dict[str, Any]) -> None:
-        value = group["srste_decay"]
-        if (
-            isinstance(value, (bool, Tensor))
-            or not isinstance(value, (int, float))
-            or not 0 <= value < float("inf")
-        ):
-            raise ValueError(f"Invalid srste_decay value: {value!r} (a float >= 0 is required)")
-        for name in ("t_i", "t_f"):
-            if group[name] != 0:
-                raise ValueError(
-                    f"Invalid {name} value: {group[name]} (SR-STE recomputes the mask at every "
-                    f"step and has no schedule; leave t_i and t_f at 0)"
-                )
+    def _prepare_group(self, group: dict[str, Any]) -> None:
+        check_nonnegative(group, "srste_decay")
 
     def _dense_grad(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
         decay = group["srste_decay"]
         if decay == 0:
             return grad
-        # masked_sgd negates the gradient when maximizing: the decay must survive that.
+        # torch's sgd negates the gradient when maximizing: the decay must survive that.
         sign = -1.0 if group["maximize"] else 1.0
         term = srste_decay_term(state["dense_weight"], state["mask"])
         return grad.add(term, alpha=sign * decay)

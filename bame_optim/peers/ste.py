@@ -8,8 +8,8 @@ weight" shape. :class:`DenseSTESGD` fits them into the optimizer shape instead:
   copied from the parameter at the first ``step()``;
 * the parameter holds ``W ⊙ B`` (``B``: ``state["mask"]``, ``[K, M]`` bool block view) for the
   forward, so ``p.grad = dL/d(W ⊙ B)`` (dense) is the straight-through gradient of ``W``;
-* ``step()`` runs the SGD arithmetic (:func:`bame_optim.optim.masked_sgd.masked_sgd` with every mask
-  ``None``: momentum buffer, weight decay and update are dense) on ``W``, asks the subclass for
+* ``step()`` runs :func:`torch.optim.sgd.sgd` (momentum buffer, weight decay and update
+  are dense) on ``W``, asks the subclass for
   the new mask, and writes ``W ⊙ B`` back into the parameter.
 
 Dense parameters are passed to the same call unchanged, so they follow ``torch.optim.SGD``.
@@ -17,38 +17,61 @@ Dense parameters are passed to the same call unchanged, so they follow ``torch.o
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+from torch.optim.sgd import sgd
 
 from bame_optim.core.nm import blocks_to_param, num_blocks
-from bame_optim.optim.bame_sgd import BAMESGD
+from bame_optim.optim.base import SGD_DEFAULTS, NMOptimizer
 from bame_optim.optim.sharded import is_sharded
 
 __all__ = ["DenseSTESGD"]
 
+_SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "foreach")
 
-class DenseSTESGD(BAMESGD):
-    """Base class: :class:`BAMESGD`'s validation, param groups, step counter,
-    ``load_state_dict`` and ``sparsity_report``, with dense weights in the optimizer state.
 
-    Subclasses set :attr:`_extra_defaults` (their own group keywords, validated in
-    :meth:`_validate_extra`) and implement :meth:`_new_mask`; they may override
-    :meth:`_dense_grad` (change the gradient of ``W``) and :meth:`_observe` (read ``G`` and ``W``
-    before the update). The private hooks of :class:`BAMESGD` used are ``_step_group`` and
-    ``_sparse_state``.
+class DenseSTESGD(NMOptimizer):
+    """Base class of the straight-through peers: :class:`~bame_optim.optim.base.NMOptimizer`'s
+    validation, step counter, ``load_state_dict`` and ``sparsity_report``, with dense weights
+    in the optimizer state.
+
+    Subclasses set :attr:`method_defaults` (their own group keywords and defaults, validated in
+    :meth:`_prepare_group`) and implement :meth:`_new_mask`; they may override
+    :meth:`_dense_grad` (change the gradient of ``W``), :meth:`_observe` (read ``G`` and ``W``
+    before the update) and :meth:`_init_state`.
     """
 
-    _exact_dtype_state: tuple[str, ...] = ("mask",)
+    method_defaults: ClassVar[dict[str, Any]] = {}
+    """The subclass's own keywords and their defaults."""
+    _exact_dtype_state: ClassVar[tuple[str, ...]] = ("mask",)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group (see :meth:`BAMESGD.add_param_group`), validating the extra keywords."""
-        super().add_param_group(param_group)
-        self._validate_extra(self.param_groups[-1])
-
-    def _validate_extra(self, group: dict[str, Any]) -> None:
-        """Raise ``ValueError`` naming a bad group keyword of the subclass."""
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        n: int = 2,
+        m: int = 4,
+        sparse: bool | None = None,
+        **method_keywords: Any,
+    ) -> None:
+        unknown = sorted(set(method_keywords) - set(self.method_defaults))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}() got unexpected keyword arguments: {unknown}")
+        defaults = SGD_DEFAULTS | dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+            nesterov=nesterov, maximize=maximize, foreach=foreach, n=n, m=m, sparse=sparse,
+        ) | self.method_defaults | method_keywords
+        super().__init__(params, defaults)
 
     def _sparse_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         state = self.state[p]
@@ -81,8 +104,8 @@ class DenseSTESGD(BAMESGD):
         """The mask ``[K, M]`` bool after this step's update of ``state["dense_weight"]``."""
         raise NotImplementedError
 
-    def _step_group(self, group: dict[str, Any], *, first_index: int, evolve: bool) -> None:
-        targets, grads, owners = [], [], []
+    def _step_group(self, group: dict[str, Any], *, first_index: int, advance: bool) -> None:
+        targets, grads, buffers, owners = [], [], [], []
         sparse = []
         for p in group["params"]:
             target, state = p, None
@@ -94,14 +117,19 @@ class DenseSTESGD(BAMESGD):
                 continue
             grad = p.grad
             if state is not None:
-                if evolve:
+                if advance:
                     self._observe(p, state, group)
                 grad = self._dense_grad(grad, state, group)
             targets.append(target)
             grads.append(grad)
+            buffers.append(self.state[p].get("momentum_buffer"))
             owners.append(p)
-        self._sgd_update(group, targets, grads, [None] * len(targets), owners)
-        if not evolve:  # the state-initialising call: state exists now, nothing else changes
+        if targets:
+            sgd(targets, grads, buffers, **{k: group[k] for k in _SGD_KEYS})
+            if group["momentum"] != 0:
+                for p, buffer in zip(owners, buffers, strict=True):
+                    self.state[p]["momentum_buffer"] = buffer
+        if not advance:  # the state-initialising call: state exists now, nothing else changes
             return
         # Every sparse parameter gets its mask, with or without a gradient, so the parameter
         # is always ``dense_weight ⊙ mask``.
@@ -122,12 +150,11 @@ class DenseSTESGD(BAMESGD):
         buffer = self.state.get(p, {}).get("momentum_buffer")
         return None if buffer is None else buffer.clone()
 
-    def sparsity_report(self) -> list[dict[str, Any]]:
-        """As :meth:`BAMESGD.sparsity_report`, with ``phase`` from :meth:`_phase_name`."""
-        rows = super().sparsity_report()
-        for row in rows:
-            row["phase"] = self._phase_name(self.param_groups[row["group"]])
-        return rows
-
-    def _phase_name(self, group: dict[str, Any]) -> str:
+    def phase_name(self, group: dict[str, Any]) -> str:
         return "evolve"
+
+    def mask_update_due(self, group: dict[str, Any], t: int) -> bool:
+        return True
+
+    def last_mask_update(self, group: dict[str, Any]) -> int | None:
+        return None

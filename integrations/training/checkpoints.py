@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from torch import Tensor
+
+from .config import json_default
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -22,32 +23,19 @@ __all__ = [
     "checkpoint_epoch",
     "complete_checkpoints",
     "find_checkpoint",
-    "json_default",
     "save_checkpoint",
 ]
 
 CHECKPOINT_DIR = "checkpoints"
-"""Sub-folder of ``--output-dir`` holding the checkpoints."""
+"""Sub-folder of ``output_dir`` holding the checkpoints."""
 TRAINER_STATE = "trainer_state.json"
-"""The loop's own state in a checkpoint (epoch, step, history, times, run-defining args). It
-is written last, so a folder holding it is complete."""
+"""The loop's own state in a checkpoint (epoch, step, history, times, run-defining config
+fields). It is written last, so a folder holding it is complete."""
 OSCILLATION_FILE = "mask_oscillation.pt"
 """The accumulated SAD tensors (:meth:`MaskOscillation.state_dict
-<bame_optim.integrations.mask_oscillation.MaskOscillation.state_dict>`), in a checkpoint and in
-``--output-dir``."""
+<bame_optim.integrations.training.mask_oscillation.MaskOscillation.state_dict>`), in a
+checkpoint and in ``output_dir``."""
 _CHECKPOINT_NAME = re.compile(r"epoch_(\d+)")
-
-
-def json_default(value: Any) -> Any:
-    """``json.dumps(..., default=json_default)``: paths and other objects as strings, tensors,
-    sets and tuples as lists."""
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, Tensor):
-        return value.tolist()
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    return str(value)
 
 
 def complete_checkpoints(root: Path) -> list[Path]:

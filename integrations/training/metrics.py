@@ -1,10 +1,9 @@
-"""What a training run writes at its end in ``--output-dir``: ``metrics.json`` (history, times,
-arguments, final accuracy, training-FLOPs ratio, sparsity report, mask oscillation summary), the
+"""What a training run writes at its end in ``output_dir``: ``metrics.json`` (history, times,
+the config, final accuracy, training-FLOPs ratio, sparsity report, mask oscillation summary), the
 plots, and ``mask_oscillation.pt``."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -17,35 +16,46 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from bame_optim.flops import training_flops_ratio
+from bame_optim.flops import FlopsProfile, training_flops_ratio
+from bame_optim.methods import get_method
 
-from .checkpoints import OSCILLATION_FILE, json_default
+from .checkpoints import OSCILLATION_FILE
+from .config import TrainingConfig, config_dict, json_default
 from .mask_oscillation import MaskOscillation
-from .training_args import ScriptConfig, args_dict
-from .training_plots import plot_curves, plot_mask_oscillation
+from .plots import plot_curves, plot_mask_oscillation
 
 __all__ = ["write_metrics"]
 
 
 def write_metrics(
-    args: argparse.Namespace,
-    config: ScriptConfig,
-    argv: Sequence[str] | None,
+    config: TrainingConfig,
     data_info: dict[str, Any],
     model: nn.Module,
     optimizer: Optimizer,
     tracker: MaskOscillation | None,
     history: list[dict[str, Any]],
     times: dict[str, float],
-    **facts: Any,
+    *,
+    argv: Sequence[str] | None,
+    world: int,
+    device: str,
+    steps_per_epoch: int,
+    total_steps: int,
+    global_step: int,
+    invocation_seconds: float,
+    resumed_from: Path | None = None,
 ) -> dict[str, Any]:
-    """Write ``metrics.json`` (atomically), the plots and ``mask_oscillation.pt``; return the
-    metrics as read back from the JSON text."""
-    output_dir: Path = args.output_dir
-    ratio, note = _flops_ratio(args, model, data_info["input_shape"], facts["total_steps"])
+    """Write ``metrics.json`` (atomically), the plots and ``mask_oscillation.pt`` into
+    ``config.output_dir``; return the metrics as read back from the JSON text.
+
+    ``argv`` is the command line recorded (``None``: none), ``world`` the number of processes,
+    ``global_step`` the optimizer steps done, ``invocation_seconds`` this process's time.
+    """
+    output_dir: Path = config.output_dir
+    ratio, note = _flops_ratio(config, model, data_info["input_shape"], total_steps)
     evaluated = [row for row in history if row["eval_accuracy"] is not None]
     report = optimizer.sparsity_report() if hasattr(optimizer, "sparsity_report") else []
-    title = f"{args.model} {args.method} {args.n}:{args.m}"
+    title = f"{config.model} {config.method} {config.n}:{config.m}"
     plots = [str(plot_curves(history, output_dir / "curves.png", title))]
     oscillation = None
     if tracker is not None:
@@ -59,22 +69,23 @@ def write_metrics(
         )
         oscillation = tracker.summary()
     metrics = {
-        "script": config.name,
-        "argv": list(argv) if argv is not None else sys.argv[1:],
-        "args": args_dict(args),
+        "script": config.script,
+        "argv": None if argv is None else list(argv),
+        "args": config_dict(config),
+        "resumed_from": None if resumed_from is None else str(resumed_from),
         "data": data_info,
-        "world_size": facts["world"],
-        "device": facts["device"],
-        "global_batch_size": args.batch_size * facts["world"] * args.grad_accum,
-        "steps_per_epoch": facts["steps_per_epoch"],
-        "total_steps": facts["total_steps"],
-        "steps_done": facts["global_step"],
+        "world_size": world,
+        "device": device,
+        "global_batch_size": config.batch_size * world * config.grad_accum,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "steps_done": global_step,
         "epochs_done": len(history),
         "history": history,
         "final_eval_accuracy": evaluated[-1]["eval_accuracy"] if evaluated else None,
         "best_eval_accuracy": max(row["eval_accuracy"] for row in evaluated) if evaluated else None,
         "final_train_loss": history[-1]["train_loss"] if history else None,
-        "times": {**times, "this_invocation_seconds": facts["invocation_seconds"]},
+        "times": {**times, "this_invocation_seconds": invocation_seconds},
         "training_flops_ratio": ratio,
         "training_flops_note": note,
         "sparsity_report": report,
@@ -91,14 +102,14 @@ def write_metrics(
 
 
 def _flops_ratio(
-    args: argparse.Namespace, model: nn.Module, input_shape: Sequence[int], total_steps: int
+    config: TrainingConfig, model: nn.Module, input_shape: Sequence[int], total_steps: int
 ) -> tuple[float | None, str]:
     note = (
         "training FLOPs relative to dense training of the same steps, from "
         "bame_optim.flops.training_flops_ratio (Linear, Conv and MultiheadAttention products)"
     )
     extra: dict[str, Any] = {}
-    if args.method == "asp":
+    if get_method(config.method).flops is FlopsProfile.PRETRAIN_FIXED:
         extra = {"pretrain_steps": 0, "finetune_steps": total_steps}
         note += "; asp: no dense pre-training in this run (pretrain_steps=0)"
     with warnings.catch_warnings():
@@ -107,12 +118,12 @@ def _flops_ratio(
             ratio = training_flops_ratio(
                 model,
                 tuple(input_shape),
-                args.method,
-                n=args.n,
-                m=args.m,
+                config.method,
+                n=config.n,
+                m=config.m,
                 total_steps=total_steps,
-                delta_t=args.delta_t,
-                exclude=None if args.exclude is None else list(args.exclude),
+                delta_t=config.delta_t,
+                exclude=None if config.exclude is None else list(config.exclude),
                 **extra,
             )
         except (ValueError, RuntimeError) as err:

@@ -9,15 +9,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from bame_optim.core.schedule import is_update_step
+from ..accelerate import unwrap_optimizer
 
-from .accelerate import unwrap_optimizer
-
-__all__ = ["SCHEDULED_MASK_METHODS", "MaskOscillation"]
-
-SCHEDULED_MASK_METHODS = frozenset({"static", "rigl", "lma", "bame", "bame_bidir", "asp"})
-"""Methods whose masks change only on the schedule's update steps (DESIGN.md section 3); the
-others (``srste``, ``lbc``) may change them at every step."""
+__all__ = ["MaskOscillation"]
 
 
 class MaskOscillation:
@@ -25,7 +19,7 @@ class MaskOscillation:
 
     Call :meth:`after_step` after every ``optimizer.step()`` (skipped ones included). It reads
     the masks when a real step ran whose counter ``t`` is a mask-update step of its group
-    (:func:`bame_optim.core.schedule.is_update_step`), or after every real step when
+    (the optimizer's ``mask_update_due``), or after every real step when
     ``every_step`` (methods whose masks move at every step). For every sparse parameter,
     ``SAD_k = sum_m |B_old[k, m] - B_new[k, m]|`` is added to ``sad[name][k]`` for the blocks
     whose old mask kept exactly ``n`` weights (the N:M phase: BAME's gradual pruning is not
@@ -59,7 +53,7 @@ class MaskOscillation:
             return old != new
         groups = self.optimizer.param_groups
         return any(
-            is_update_step(t, g["delta_t"], g["t_i"], g["t_f"])
+            self.optimizer.mask_update_due(g, t)
             for g, a, b in zip(groups, old, new, strict=True)
             for t in range(a, b)
         )

@@ -1,0 +1,284 @@
+r"""Fused CPU kernel for the ordinary step of compact N:M state: SGD on kept entries only.
+
+The optimizer stores, per sparse parameter ``p``, the kept set of every block (``kept``, see
+:mod:`bame_optim.core.kept`) and the momentum of kept weights only, ``[K, count]`` in block
+order. The eager ordinary step is, per parameter::
+
+    pos = kept_indices(kept, count, m)
+    w, g = gather_kept(p, pos, m), gather_kept(p.grad, pos, m)
+    masked_sgd([w], [g], [buf], [None], lr=..., momentum=..., ...)
+    scatter_kept_(p, pos, w, m)
+
+:func:`fused_kept_sgd_` does the same in one native pass over the kept entries of a whole list
+of parameters (parallel over blocks with ``at::parallel_for``), with no gathered copies. For
+each kept entry, with :math:`\gamma` = ``lr``, :math:`\lambda` = ``weight_decay``,
+:math:`\mu` = ``momentum``, :math:`\tau` = ``dampening`` (as in :class:`torch.optim.SGD`):
+
+.. math::
+    \begin{aligned}
+    g_t &\leftarrow -g_t \ \text{if maximize} \\
+    g_t &\leftarrow g_t + \lambda \theta_{t-1} \ \text{if } \lambda \neq 0 \\
+    \text{if } \mu \neq 0:\ b_t &\leftarrow g_t \ \text{(first step: no buffer yet)},
+        \quad\text{else } b_t \leftarrow \mu b_{t-1} + (1 - \tau) g_t \\
+    g_t &\leftarrow g_t + \mu b_t \ \text{if nesterov, else } g_t \leftarrow b_t \\
+    \theta_t &\leftarrow \theta_{t-1} - \gamma g_t
+    \end{aligned}
+
+Results are **bit-identical** to the eager composition: each operation rounds as ATen's CPU
+kernel does (``add(a, b, alpha)`` is ``fmadd(b, alpha, a)`` with ``alpha`` cast to the dtype;
+``mul_`` then ``add_`` for the momentum; every eager intermediate rounded to the parameter's
+dtype, float16/bfloat16 computed in float32 per operation). Whether ATen's ``fmadd`` is fused
+depends on the CPU capability it dispatched to, so on first use a probe runs the kernel both
+ways against ATen and keeps the one that matches; if neither does, :func:`available` is False.
+
+Float16/bfloat16 caveat: ATen's own scalar tail loop (the last elements of each vectorised
+chunk) computes ``a + alpha * b`` with two roundings, so there the eager path differs from its
+own vectorised body; the kernel follows the vectorised body (one rounding), and may differ from
+eager by 1 ulp on those few tail entries. float32/float64 are exact everywhere.
+
+Compiled with :func:`torch.utils.cpp_extension.load` on first use (never at import), cached by
+torch in its extensions directory. ``BAME_OPTIM_NO_NATIVE=1`` (read at every call) disables it.
+Only plain, contiguous CPU tensors are handled (:func:`supports`); callers use the eager path
+for anything else (non-contiguous or channels_last, DTensor, CUDA).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import threading
+import time
+import warnings
+from functools import lru_cache
+from numbers import Real
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+__all__ = ["available", "disabled", "fused_kept_sgd_", "supports"]
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "kept_sgd_cpu.cpp"
+"""The C++ source, shipped as package data."""
+
+DISABLE_ENV = "BAME_OPTIM_NO_NATIVE"
+"""Environment variable: set to anything but ``""`` or ``"0"`` to disable native kernels."""
+
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+"""Parameter dtypes the kernel handles."""
+
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "module", "fma", "error", "compile_seconds"
+
+
+def disabled() -> bool:
+    """Whether ``BAME_OPTIM_NO_NATIVE`` disables the native kernels (read now)."""
+    return os.environ.get(DISABLE_ENV, "") not in ("", "0")
+
+
+def available() -> bool:
+    """Whether :func:`fused_kept_sgd_` can run: not disabled, compiled, and its rounding
+    matches ATen's on this machine. Compiles on the first call (the result is cached); on
+    failure it warns once with the reason and returns False."""
+    if disabled():
+        return False
+    return _load() is not None
+
+
+def compile_seconds() -> float | None:
+    """Seconds the first :func:`available` call spent loading (building) the extension."""
+    return _state.get("compile_seconds")  # type: ignore[return-value]
+
+
+def supports(param: Tensor, grad: Tensor | None) -> bool:
+    """Whether the kernel handles ``param`` and its ``grad``: plain (not DTensor or other
+    subclass) strided CPU tensors of one shape and a dtype in :data:`DTYPES`, both contiguous,
+    ``ndim >= 2``."""
+    if grad is None:
+        return False
+    for t in (param, grad):
+        if type(t) not in _PLAIN_TYPES or t.device.type != "cpu" or t.layout != torch.strided:
+            return False
+        if t.dtype not in DTYPES or not t.is_contiguous() or t.is_neg():
+            return False
+    return param.ndim >= 2 and grad.shape == param.shape and grad.dtype == param.dtype
+
+
+def fused_kept_sgd_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    kept: list[Tensor],
+    counts: list[int],
+    *,
+    m: int,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+) -> None:
+    """SGD on the kept entries of N:M sparse ``params``, in place (see the module docstring).
+
+    Args:
+        params: parameters (``[out, in]`` or ``[out, in, *k]``), contiguous CPU tensors.
+        grads: their gradients, same shape, dtype and layout.
+        momentum_buffers: ``[K, count]`` contiguous momentum of the kept entries in block
+            order, or ``None`` (first step: a new buffer is created, as torch's SGD does, and
+            put back into this list). Untouched when ``momentum == 0``.
+        kept: per parameter, colex ranks ``[K]`` (``uint8``/``int16``) or sorted positions
+            ``[K, count]``, as stored by :mod:`bame_optim.core.kept`.
+        counts: kept entries per block, per parameter.
+        m: block size ``M``.
+
+    Raises:
+        ValueError: on unsupported or inconsistent input (checked before anything is written).
+        RuntimeError: if the kernel is disabled or unavailable (check :func:`available`).
+    """
+    if disabled():
+        raise RuntimeError(f"native kernels are disabled ({DISABLE_ENV} is set)")
+    module = _load()
+    if module is None:
+        raise RuntimeError(f"the fused kept-SGD kernel is unavailable: {_state.get('error')}")
+    size = len(params)
+    if not len(grads) == len(momentum_buffers) == len(kept) == len(counts) == size:
+        raise ValueError(
+            "params, grads, momentum_buffers, kept and counts must have equal lengths, got "
+            f"{size}, {len(grads)}, {len(momentum_buffers)}, {len(kept)}, {len(counts)}"
+        )
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ValueError(f"Invalid m value: {m!r} (a positive integer is required)")
+    for name, value in (
+        ("lr", lr),
+        ("momentum", momentum),
+        ("dampening", dampening),
+        ("weight_decay", weight_decay),
+    ):
+        if isinstance(value, Tensor) or not isinstance(value, Real):
+            raise ValueError(f"Invalid {name} value: {value!r} (a real number is required)")
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        if not supports(p, g):
+            raise ValueError(
+                f"params[{i}]/grads[{i}] are not supported by the fused kernel: plain contiguous "
+                f"CPU tensors of one shape, dtype in {DTYPES}, ndim >= 2 are required"
+            )
+    tables = []
+    for i, (code, count) in enumerate(zip(kept, counts, strict=True)):
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise ValueError(f"Invalid counts[{i}] value: {count!r} (an integer is required)")
+        if isinstance(code, Tensor) and code.ndim == 1 and 0 <= count <= m:
+            tables.append(_rank_table(count, m))
+        else:
+            tables.append(None)
+    created = module.fused_kept_sgd(
+        params,
+        grads,
+        momentum_buffers,
+        kept,
+        tables,
+        counts,
+        m,
+        float(lr),
+        float(momentum),
+        float(dampening),
+        float(weight_decay),
+        bool(nesterov),
+        bool(maximize),
+        _state["fma"],
+    )
+    if momentum != 0:
+        for i, buffer in enumerate(created):
+            if buffer is not None:
+                momentum_buffers[i] = buffer
+
+
+@lru_cache(maxsize=32)
+def _rank_table(count: int, m: int) -> Tensor:
+    # [C, count] int32: the sorted positions of colex rank r in row r (cached, never written).
+    from bame_optim.core.kept import MAX_RANKED, _positions_by_rank
+
+    if math.comb(m, count) > MAX_RANKED:
+        raise ValueError(
+            f"Invalid kept form for count={count}, m={m}: binom(m, count) > {MAX_RANKED}, so the "
+            "sorted positions [K, count] are stored, not ranks"
+        )
+    return _positions_by_rank(count, m, torch.device("cpu")).to(torch.int32).contiguous()
+
+
+def _flags() -> list[str]:
+    flags = ["-O3", "-ffp-contract=off", "-fopenmp"]
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in (
+        "AVX2",
+        "AVX512",
+    ):
+        flags += ["-mavx2", "-mfma"]  # std::fma as one instruction
+    return flags
+
+
+def _load() -> ModuleType | None:
+    if "module" in _state or "error" in _state:
+        return _state.get("module")  # type: ignore[return-value]
+    with _lock:
+        if "module" in _state or "error" in _state:
+            return _state.get("module")  # type: ignore[return-value]
+        try:
+            from torch.utils import cpp_extension
+
+            if not cpp_extension.is_ninja_available():
+                raise RuntimeError("ninja is not installed (pip install ninja)")
+            flags = _flags()
+            name = "bame_optim_kept_sgd_cpu" + ("_fma" if "-mfma" in flags else "")
+            start = time.perf_counter()
+            module = cpp_extension.load(
+                name=name,
+                sources=[str(SOURCE)],
+                extra_cflags=flags,
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
+            _state["compile_seconds"] = time.perf_counter() - start
+            _state["fma"] = _probe_fma(module)
+        except Exception as error:  # a missing compiler, a build error, a failed probe
+            _state["error"] = f"{type(error).__name__}: {error}"
+            warnings.warn(
+                f"bame_optim: the fused CPU kept-SGD kernel is unavailable, using the eager "
+                f"path ({_state['error']})",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return None
+        _state["module"] = module
+        return module
+
+
+def _probe_fma(module: ModuleType) -> bool:
+    """Whether ATen's CPU ``add(a, b, alpha)`` is a fused multiply-add here, in both its
+    vectorised body and its scalar tail; raises if neither rounding reproduces it."""
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        # 1000 + 7 entries: several vector chunks and a scalar tail at any vector width.
+        a = torch.randn(1007, generator=generator, dtype=torch.float64).to(dtype)
+        b = torch.randn(1007, generator=generator, dtype=torch.float64).to(dtype)
+        matches = []
+        for alpha in (-0.1, 0.9, 5e-4, -0.0123):
+            expected = a.add(b, alpha=alpha)
+            matches.append(
+                [torch.equal(module.probe_add(a, b, alpha, fma), expected) for fma in (True, False)]
+            )
+        fused = all(m[0] for m in matches)
+        unfused = all(m[1] for m in matches)
+        if not (fused or unfused):
+            raise RuntimeError(
+                f"ATen's add(alpha) rounding on {dtype} matches neither a fused nor an unfused "
+                "multiply-add on this CPU, so the kernel cannot be bit-identical"
+            )
+        if dtype == torch.float32:
+            result = fused
+        elif fused != result and not (fused and unfused):
+            raise RuntimeError("ATen's add(alpha) fuses on one float dtype but not the other")
+    return result

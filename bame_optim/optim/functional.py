@@ -1,0 +1,104 @@
+r"""The update rules of the engine's optimizers as pure functions over compact state.
+
+:func:`kept_sgd` is SGD restricted to the kept weights of N:M sparse parameters. For each
+parameter with kept set :math:`B` (stored form ``kept``, ``count`` kept per block) it runs
+
+.. math::
+    w \leftarrow W[B],\quad g \leftarrow G[B],\quad
+    (w, b) \leftarrow \text{SGD}(w, g, b),\quad W[B] \leftarrow w
+
+where :math:`b` is the compact momentum ``[K, count]`` and SGD is exactly
+:func:`torch.optim.sgd.sgd` (weight decay, momentum, dampening, Nesterov, maximize) on the
+gathered ``[K, count]`` copies: the same arithmetic, element by element, as
+:class:`torch.optim.SGD` on the kept entries, and nothing moves at pruned entries.
+Dense parameters are not handled here: the optimizers pass them to
+:func:`torch.optim.sgd.sgd` directly.
+
+Paths, chosen by ``fused`` (as ``foreach`` chooses in torch): the fused native kernel of
+:mod:`bame_optim.kernels.kept_sgd_cpu` where it is available and supports every tensor
+(``fused=None`` tries it), else gather, :func:`torch.optim.sgd.sgd` (per-tensor or
+``foreach``) and scatter. The paths agree bit for bit (tested).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+from torch.optim.sgd import sgd
+
+from bame_optim.core.kept import gather_kept, kept_indices, scatter_kept_
+
+__all__ = ["kept_sgd"]
+
+
+def kept_sgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    kept: list[Tensor],
+    counts: list[int],
+    *,
+    m: int,
+    lr: float | Tensor,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+) -> None:
+    """SGD on the kept weights, in place on ``params`` and ``momentum_buffers`` (a ``None``
+    buffer is replaced by a new ``[K, count]`` one, as :func:`torch.optim.sgd.sgd` does).
+
+    Args:
+        params, grads: parameter-shaped tensors (this rank's part of a sharded parameter).
+        momentum_buffers: compact momentum ``[K, count]`` per parameter, or ``None``.
+        kept, counts: the stored kept sets (:func:`bame_optim.core.kept.encode_kept`) and the
+            number kept per block.
+        m: block size ``M``.
+        lr, momentum, dampening, weight_decay, nesterov, maximize, foreach: as
+            :func:`torch.optim.sgd.sgd`.
+        fused: ``True`` requires the fused native kernel, ``False`` never uses it, ``None``
+            uses it where it is available and supports the tensors.
+    """
+    if not params:
+        return
+    if fused is not False:
+        try:  # TEMPORARY until the kernel lands
+            from bame_optim.kernels import kept_sgd_cpu
+        except ImportError:
+            kept_sgd_cpu = None
+        usable = kept_sgd_cpu is not None and kept_sgd_cpu.available() and all(
+            kept_sgd_cpu.supports(p, g) for p, g in zip(params, grads, strict=True)
+        )
+        if fused and not usable:
+            raise ValueError(
+                "Invalid fused value: True (the fused kept-SGD kernel is unavailable or does "
+                "not support these tensors: CPU, contiguous, float32/float64 are required)"
+            )
+        if usable:
+            kept_sgd_cpu.fused_kept_sgd_(
+                params, grads, momentum_buffers, kept, counts, m=m, lr=float(lr),
+                momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                nesterov=nesterov, maximize=maximize,
+            )
+            return
+    positions = [kept_indices(k, c, m) for k, c in zip(kept, counts, strict=True)]
+    kept_params = [gather_kept(p, i, m) for p, i in zip(params, positions, strict=True)]
+    kept_grads = [gather_kept(g, i, m) for g, i in zip(grads, positions, strict=True)]
+    if foreach is None:
+        foreach = all(p.is_cuda for p in params)
+    sgd(
+        kept_params,
+        kept_grads,
+        momentum_buffers,
+        foreach=foreach,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        lr=lr,
+        dampening=dampening,
+        nesterov=nesterov,
+        maximize=maximize,
+    )
+    for p, i, w in zip(params, positions, kept_params, strict=True):
+        scatter_kept_(p, i, w, m)

@@ -1,0 +1,178 @@
+"""Mask rules: what a method does to a parameter's mask on an update step.
+
+A rule is a function ``(weight, grad, kept, oscillation, group, context) -> MaskUpdate`` of
+block tensors (``weight``, ``grad``, ``kept``: ``[K, M]``; ``oscillation``: ``[K]`` or
+``None``; ``group``: the param group's hyper-parameters; ``context``: the step and the
+parameter's place, :class:`MaskContext`). A method is a :class:`MaskRules` record choosing one
+rule per phase of the schedule (:mod:`bame_optim.core.schedule`):
+
+* ``start``: at ``t == t_i == 0`` (no gradual phase): a seeded random N:M mask
+  (:func:`random_start`, the "static" start) or one-shot magnitude pruning (:func:`one_shot`,
+  ASP);
+* ``gradual``: before and at ``t_i``: :func:`gradual_magnitude`;
+* ``evolve``: between ``t_i`` and ``t_f``: :func:`lma_obf` (BAME) or :func:`rigl` (RigL in N:M
+  blocks); these need the gradient, and the optimizer skips a parameter without a finite one.
+
+All the N:M math is in :mod:`bame_optim.core`; rules only choose and combine it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from bame_optim.core.evolution import (
+    DEFAULT_ALPHA,
+    DEFAULT_BETA,
+    DEFAULT_GAMMA,
+    evolve_mask,
+    magnitude_mask,
+)
+from bame_optim.core.nm import random_nm_mask, top_n_mask
+from bame_optim.core.schedule import DEFAULT_DELTA_T, gradual_budget
+
+__all__ = [
+    "ASP_RULES",
+    "BAME_RULES",
+    "RIGL_RULES",
+    "MaskContext",
+    "MaskRule",
+    "MaskRules",
+    "MaskUpdate",
+    "gradual_magnitude",
+    "lma_obf",
+    "one_shot",
+    "random_start",
+    "rigl",
+    "rigl_mask",
+]
+
+SEED_STRIDE = 1_000_003
+"""Separates the per-parameter generator seeds ``seed * stride + index`` (a prime, so seeds of
+nearby (seed, index) pairs do not collide for models with fewer parameters than that)."""
+
+
+class MaskContext(NamedTuple):
+    """Where a rule runs: the step, and the parameter's place among the optimizer's."""
+
+    step: int
+    """The step counter ``t``."""
+    index: int
+    """The parameter's position over all param groups (seeds its random start mask)."""
+    total_blocks: int
+    """``K`` of the whole parameter (more than the rows given on one FSDP2 shard)."""
+    first_block: int
+    """Index of the first block given (0 unless the parameter is sharded)."""
+    freeze: Callable[[Tensor, Tensor], Tensor] | None = None
+    """OBF over all shards' blocks for a sharded parameter (Eq. 10 ranks all ``K`` blocks)."""
+
+
+class MaskUpdate(NamedTuple):
+    """A rule's result for one parameter."""
+
+    kept: Tensor
+    """New mask ``[K, M]`` bool."""
+    count: int
+    """Weights kept per block in ``kept``."""
+    oscillation: Tensor | None = None
+    """Updated oscillation EMA ``[K]`` (Eq. 8), for rules that track it."""
+    frozen: Tensor | None = None
+    """Blocks that kept their mask by OBF ``[K]`` bool, for rules that freeze."""
+
+
+MaskRule = Callable[[Tensor, Tensor | None, Tensor, Tensor | None, dict[str, Any], MaskContext],
+                    MaskUpdate]
+
+
+def random_start(weight, grad, kept, oscillation, group, context) -> MaskUpdate:
+    """A uniformly random N:M mask from a generator seeded with the group's ``seed`` and the
+    parameter's index, the same on every rank (drawn for all blocks, sliced to this rank's)."""
+    generator = torch.Generator().manual_seed(group["seed"] * SEED_STRIDE + context.index)
+    whole = random_nm_mask(context.total_blocks, group["n"], group["m"], generator, kept.device)
+    first = context.first_block
+    return MaskUpdate(whole[first : first + kept.shape[0]], group["n"])
+
+
+def one_shot(weight, grad, kept, oscillation, group, context) -> MaskUpdate:
+    """The ``n`` largest ``|W|`` of every block (ASP's one-shot pruning of a trained model)."""
+    return MaskUpdate(magnitude_mask(weight, kept, group["n"]), group["n"])
+
+
+def gradual_magnitude(weight, grad, kept, oscillation, group, context) -> MaskUpdate:
+    """The ``n(t)`` largest ``|W|`` among the kept weights of every block (the gradual budget
+    of :func:`bame_optim.core.schedule.gradual_budget`; exactly ``n`` at ``t_i``)."""
+    count = gradual_budget(context.step, group["n"], group["m"], group["t_i"])
+    return MaskUpdate(magnitude_mask(weight, kept, count), count)
+
+
+def lma_obf(weight, grad, kept, oscillation, group, context) -> MaskUpdate:
+    """BAME's evolve step: LMA scores and proposal (Eq. 4-6), SAD and the oscillation EMA
+    (Eq. 7-8), OBF freezing (Eq. 10); :func:`bame_optim.core.evolution.evolve_mask`."""
+    evolution = evolve_mask(
+        weight, grad, kept, oscillation, n=group["n"], lr=group["lr"], alpha=group["alpha"],
+        beta=group["beta"], gamma=group["gamma"], freeze=context.freeze,
+    )
+    return MaskUpdate(evolution.kept, group["n"], evolution.oscillation, evolution.frozen)
+
+
+def rigl_mask(weight: Tensor, grad: Tensor, kept: Tensor, n: int) -> Tensor:
+    """Drop the kept weight with the smallest ``|W|`` and grow the pruned one with the largest
+    ``|G|``, inside every block ``[K, M]`` holding ``n`` kept weights.
+
+    .. note:: The dropped weight competes with the pruned ones for regrowth (as in RigL,
+       where growth is chosen among all inactive connections after the drop), and wins ties,
+       so a block changes only when some pruned weight has a strictly larger ``|G|``.
+    """
+    survivors = magnitude_mask(weight, kept, n - 1)
+    grow_scores = grad.abs().to(torch.promote_types(grad.dtype, torch.float32))
+    grow_scores = grow_scores.masked_fill(survivors, float("-inf"))
+    grown = top_n_mask(grow_scores, 1, prefer=kept & ~survivors)
+    return survivors | grown
+
+
+def rigl(weight, grad, kept, oscillation, group, context) -> MaskUpdate:
+    """RigL inside N:M blocks (:func:`rigl_mask`); no OBF."""
+    return MaskUpdate(rigl_mask(weight, grad, kept, group["n"]), group["n"])
+
+
+@dataclass(frozen=True)
+class MaskRules:
+    """The rules of one method, one per phase, and the group keywords they read.
+
+    ``keywords`` maps each keyword a rule reads (beyond ``n``, ``m``, ``lr``) to its default;
+    an optimizer accepts exactly these, so no keyword is accepted and then ignored.
+    ``scheduled=False`` fixes ``t_i = t_f = 0`` (the mask is chosen at the first step, by
+    ``start``, and never changes).
+    """
+
+    start: MaskRule
+    gradual: MaskRule | None = gradual_magnitude
+    evolve: MaskRule | None = None
+    keywords: dict[str, Any] = field(default_factory=dict)
+    scheduled: bool = True
+
+    def tracks_oscillation(self) -> bool:
+        """Whether the evolve rule reads and returns the oscillation EMA."""
+        return self.evolve is lma_obf
+
+
+_SCHEDULE = {"total_steps": None, "t_i": None, "t_f": None, "delta_t": DEFAULT_DELTA_T}
+
+BAME_RULES = MaskRules(
+    start=random_start,
+    evolve=lma_obf,
+    keywords=_SCHEDULE
+    | {"alpha": DEFAULT_ALPHA, "beta": DEFAULT_BETA, "gamma": DEFAULT_GAMMA, "seed": 0},
+)
+"""BAME: gradual magnitude pruning, LMA + OBF, a seeded random start when ``t_i = 0``."""
+
+RIGL_RULES = MaskRules(start=random_start, evolve=rigl, keywords=_SCHEDULE | {"seed": 0})
+"""RigL in N:M blocks inside BAME's schedule (the paper's Table 4 row)."""
+
+ASP_RULES = MaskRules(start=one_shot, gradual=None, evolve=None, scheduled=False)
+"""ASP: one-shot magnitude pruning at the first step, fixed mask after."""
+

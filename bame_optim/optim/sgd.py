@@ -1,0 +1,323 @@
+r"""BAMESGD: SGD that trains N:M sparse weights with Block-Aware Mask Evolution, and the
+methods that differ from it only by their mask rules (RigL in N:M blocks, ASP)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+from torch import Tensor
+from torch.optim.sgd import sgd
+
+from bame_optim.core.evolution import obf_freeze, score_dtype
+from bame_optim.core.nm import num_blocks, param_to_blocks
+from bame_optim.core.schedule import (
+    Phase,
+    is_update_step,
+    last_update_step,
+    phase,
+    resolve_schedule,
+)
+from bame_optim.optim.base import (
+    SGD_DEFAULTS,
+    NMOptimizer,
+    check_fraction,
+    check_integer,
+)
+from bame_optim.optim.engine import NMEngine
+from bame_optim.optim.functional import kept_sgd
+from bame_optim.optim.rules import ASP_RULES, BAME_RULES, RIGL_RULES, MaskContext, MaskRules
+from bame_optim.optim.sharded import block_range, gather_blocks, is_sharded, local_tensor
+
+__all__ = ["ASPSGD", "BAMESGD", "RULE_KEYWORDS", "RigLSGD"]
+
+RULE_KEYWORDS = ("total_steps", "t_i", "t_f", "delta_t", "alpha", "beta", "gamma", "seed")
+"""Keywords that only some mask rules read (:attr:`bame_optim.optim.rules.MaskRules.keywords`)."""
+
+
+class BAMESGD(NMOptimizer):
+    r"""SGD with momentum that keeps N:M sparse weights and evolves their masks (BAME).
+
+    Dense parameters (``sparse=False`` groups, and with ``sparse=None`` every parameter with
+    ``ndim < 2`` or whose dimension 1 does not divide by ``m``) go through
+    :func:`torch.optim.sgd.sgd`, so they follow :class:`torch.optim.SGD` exactly. For a sparse
+    parameter with mask :math:`B` (:meth:`kept_mask`) and gradient
+    :math:`G = \partial L/\partial(W\odot B)` each ``step()`` at counter :math:`t` does
+
+    .. math::
+        &\textbf{if } t \text{ is an update step: } B \leftarrow \text{rule}(W, G, B, O, t),
+            \quad W \leftarrow W \odot B,\quad b \leftarrow b \odot B_{old} \odot B \\
+        &g \leftarrow G \odot B \; (+\, \lambda W),\quad
+        b \leftarrow \mu b + (1-\tau) g,\quad
+        g \leftarrow g + \mu b \text{ (Nesterov) else } b,\quad
+        W \leftarrow W - \eta g
+
+    (:func:`bame_optim.optim.functional.kept_sgd`), so momentum, weight decay and the weight
+    change exist only on kept entries and pruned weights stay exactly 0. Update steps are
+    ``t % delta_t == 0`` and ``t == t_i`` (:mod:`bame_optim.core.schedule`); the rule of each
+    phase is the class's :attr:`rules` (:mod:`bame_optim.optim.rules`): gradual magnitude
+    pruning from M to N kept per block before ``t_i``, N at ``t_i`` (a seeded random N:M mask
+    if ``t_i == 0``), LMA + OBF until ``t_f``, fixed after.
+
+    Args:
+        params: parameters or param groups (e.g. from :func:`bame_optim.nm_param_groups`).
+            A group may override any keyword below and may set ``sparse`` to ``True``
+            (every parameter must be N:M-divisible), ``False`` (plain SGD) or ``None`` (auto).
+        lr, momentum, dampening, weight_decay, nesterov, maximize, foreach: as
+            :class:`torch.optim.SGD`.
+        n, m: keep ``n`` of every ``m`` consecutive weights (``1 <= n < m``).
+        total_steps: planned number of optimizer steps ``T``; needed unless ``t_i`` and
+            ``t_f`` are both given.
+        t_i, t_f: end of gradual pruning and end of mask evolution (default ``T // 3`` and
+            ``2 * T // 3``, the paper's even split).
+        delta_t: mask update interval ΔT (default 100, the paper's setting).
+        alpha, beta: OBF fractions of Eq. 10 (default 0.5 each); 0 disables freezing.
+        gamma: oscillation EMA momentum of Eq. 8 (default 0.9).
+        seed: seeds the random start mask used when ``t_i == 0``.
+        fused: as :func:`bame_optim.optim.functional.kept_sgd` (``None``: the fused native
+            kernel where it is available).
+
+    ``None`` for a rule keyword means the rules' default; a rule keyword that :attr:`rules`
+    does not read raises ``TypeError``.
+
+    State of a sparse parameter (:class:`bame_optim.optim.engine.NMEngine`): ``kept``,
+    ``kept_count``, ``momentum_buffer`` (kept weights only, ``[K, kept_count]``),
+    ``oscillation`` (the EMA of Eq. 8 during the evolve phase), ``last_flips`` and
+    ``last_frozen``. Read it through :meth:`kept_mask` and :meth:`momentum_buffer`.
+
+    .. note:: Magnitude-based updates (gradual phase, ``t_i``) need no gradient and apply to
+       every sparse parameter of the group, so the N:M guarantee also holds for parameters
+       that received no gradient; LMA needs one, and skips (with a warning) a parameter whose
+       gradient has NaN or Inf on an update step.
+    """
+
+    rules: ClassVar[MaskRules] = BAME_RULES
+    """The mask rule of each phase, and the keywords they read."""
+    _exact_dtype_state = ("kept", "oscillation", "kept_mask")
+    engine = NMEngine(("momentum_buffer",))
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        n: int = 2,
+        m: int = 4,
+        total_steps: int | None = None,
+        t_i: int | None = None,
+        t_f: int | None = None,
+        delta_t: int | None = None,
+        alpha: float | None = None,
+        beta: float | None = None,
+        gamma: float | None = None,
+        seed: int | None = None,
+        sparse: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        given = dict(total_steps=total_steps, t_i=t_i, t_f=t_f, delta_t=delta_t, alpha=alpha,
+                     beta=beta, gamma=gamma, seed=seed)
+        taken = self.rules.keywords
+        unused = sorted(k for k, v in given.items() if v is not None and k not in taken)
+        if unused:
+            raise TypeError(f"{type(self).__name__}() does not use the keywords {unused}")
+        rule_defaults = {k: given[k] if given[k] is not None else default
+                         for k, default in self.rules.keywords.items()}
+        defaults = SGD_DEFAULTS | dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+            nesterov=nesterov, maximize=maximize, foreach=foreach, n=n, m=m, sparse=sparse,
+            fused=fused,
+        ) | rule_defaults
+        super().__init__(params, defaults)
+
+    def _prepare_group(self, group: dict[str, Any]) -> None:
+        unused = sorted(k for k in RULE_KEYWORDS if k in group and k not in self.rules.keywords)
+        if unused:
+            raise ValueError(f"Invalid param group keys {unused}: {type(self).__name__} does "
+                             "not use them")
+        for name in ("alpha", "beta"):
+            if name in group:
+                check_fraction(group, name)
+        if "gamma" in group and not (
+            isinstance(group["gamma"], (int, float)) and 0.0 <= group["gamma"] < 1.0
+        ):
+            raise ValueError(f"Invalid gamma value: {group['gamma']!r} (must be in [0, 1))")
+        if "delta_t" in group:
+            check_integer(group, "delta_t", 1)
+        if "seed" in group:
+            check_integer(group, "seed", 0)
+        if group["fused"] not in (None, True, False):
+            raise ValueError(f"Invalid fused value: {group['fused']!r} (True, False or None)")
+        if self.rules.scheduled:
+            group["t_i"], group["t_f"] = resolve_schedule(
+                group["total_steps"], group["t_i"], group["t_f"]
+            )
+        else:
+            group["t_i"] = group["t_f"] = 0
+            group["delta_t"] = 1
+
+    def _step_group(self, group: dict[str, Any], *, first_index: int, advance: bool) -> None:
+        t, t_f = group["step"], group["t_f"]
+        update = advance and is_update_step(t, group["delta_t"], group["t_i"], t_f)
+        engine, m = self.engine, group["m"]
+        dense, sparse = [], []
+        for offset, p in enumerate(group["params"]):
+            if not self._is_sparse(p, group):
+                if p.grad is not None:
+                    dense.append(p)
+                continue
+            state = self.state[p]
+            if not engine.initialised(state):
+                engine.initialise(p, state, m)
+            if update:
+                self._update_mask(p, state, group, first_index + offset)
+            if advance and t >= t_f:
+                state.pop("oscillation", None)  # the mask is fixed from here on
+            if p.grad is not None:
+                sparse.append((p, state))
+        hyper = {k: group[k] for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov",
+                                      "maximize", "foreach")}
+        if dense:
+            buffers = [self.state[p].get("momentum_buffer") for p in dense]
+            sgd(dense, [p.grad for p in dense], buffers, **hyper)
+            if group["momentum"] != 0:
+                for p, buffer in zip(dense, buffers, strict=True):
+                    self.state[p]["momentum_buffer"] = buffer
+        if sparse:
+            buffers = [engine.local_buffers(p, state)[0] for p, state in sparse]
+            kept_sgd(
+                [local_tensor(p) for p, _ in sparse],
+                [local_tensor(p.grad) for p, _ in sparse],
+                buffers,
+                [engine.local_kept(state) for _, state in sparse],
+                [state["kept_count"] for _, state in sparse],
+                m=m, fused=group["fused"], **hyper,
+            )
+            if group["momentum"] != 0:
+                for (p, state), buffer in zip(sparse, buffers, strict=True):
+                    engine.store_buffers(p, state, [buffer], m)
+
+    def _update_mask(self, p: Tensor, state: dict[str, Any], group: dict[str, Any], index: int):
+        t, t_i, t_f, m = group["step"], group["t_i"], group["t_f"], group["m"]
+        current = phase(t, t_i, t_f)
+        if current is Phase.PRUNE and t_i == 0:
+            rule = self.rules.start
+        elif current is Phase.EVOLVE:
+            rule = self.rules.evolve
+        else:
+            rule = self.rules.gradual
+        grad = None
+        if current is Phase.EVOLVE:
+            if p.grad is None:
+                return
+            if not _all_finite(p.grad):
+                warnings.warn(
+                    f"{type(self).__name__}: the gradient of parameter {index} (shape "
+                    f"{tuple(p.shape)}) has NaN or Inf at step {t}; its mask update is skipped "
+                    "for this step",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                return
+            grad = param_to_blocks(local_tensor(p.grad), m)
+        kept = self.engine.kept_mask(state, m)
+        oscillation = None
+        if current is Phase.EVOLVE and self.rules.tracks_oscillation():
+            oscillation = self.engine.oscillation(p, state, m, score_dtype(p.dtype))
+        first, _ = block_range(p, m)
+        context = MaskContext(
+            step=t, index=index, total_blocks=num_blocks(p.shape, m), first_block=first,
+            freeze=_sharded_freeze(p, group) if is_sharded(p) else None,
+        )
+        result = rule(param_to_blocks(local_tensor(p), m), grad, kept, oscillation, group, context)
+        if result.oscillation is not None:
+            self.engine.store_oscillation(p, state, result.oscillation, m)
+        changed = self.engine.apply_mask(p, state, result.kept, result.count, m)
+        state["last_flips"] = int(changed.sum())
+        state["last_frozen"] = 0 if result.frozen is None else int(result.frozen.sum())
+
+    def phase_name(self, group: dict[str, Any]) -> str:
+        return phase(group["step"], group["t_i"], group["t_f"]).value
+
+    def mask_update_due(self, group: dict[str, Any], t: int) -> bool:
+        return is_update_step(t, group["delta_t"], group["t_i"], group["t_f"])
+
+    def last_mask_update(self, group: dict[str, Any]) -> int | None:
+        return last_update_step(group["t_i"], group["t_f"], group["delta_t"])
+
+    def state_dict(self) -> dict[str, Any]:
+        """As :meth:`torch.optim.Optimizer.state_dict`; a sharded (FSDP2) sparse parameter's
+        state is given in the engine's phase-independent checkpoint form
+        (:meth:`bame_optim.optim.engine.NMEngine.checkpoint_form`)."""
+        saved = super().state_dict()
+        for i, (p, group) in enumerate(self._params_and_groups()):
+            state = saved["state"].get(i)
+            if state is not None and self.engine.initialised(state) and is_sharded(p):
+                saved["state"][i] = self.engine.checkpoint_form(
+                    p, state, group["m"], score_dtype(p.dtype)
+                )
+        return saved
+
+    def _loaded(self, p: Tensor) -> None:
+        if "kept_mask" in self.state.get(p, {}):
+            self.engine.compact_form(p, self.state[p], self._group_of(p)["m"])
+
+    def _params_and_groups(self):
+        return [(p, group) for group in self.param_groups for p in group["params"]]
+
+    def kept_mask(self, p: Tensor) -> Tensor | None:
+        state = self.state.get(p, {})
+        if not self.engine.initialised(state):
+            return None
+        return self.engine.kept_mask(state, self._group_of(p)["m"])  # this rank's blocks
+
+    def momentum_buffer(self, p: Tensor) -> Tensor | None:
+        """The momentum buffer of ``p`` in the parameter's layout (for a sparse parameter,
+        zeros at pruned entries), or ``None`` before it exists (or with ``momentum=0``)."""
+        state = self.state.get(p, {})
+        buffer = state.get("momentum_buffer")
+        if buffer is None or not self.engine.initialised(state):
+            return None if buffer is None else buffer.clone()
+        return self.engine.dense_buffer(p, state, "momentum_buffer", self._group_of(p)["m"])
+
+
+class RigLSGD(BAMESGD):
+    """:class:`BAMESGD` whose evolve-phase rule is RigL inside N:M blocks
+    (:func:`bame_optim.optim.rules.rigl`) instead of LMA + OBF; no oscillation EMA."""
+
+    rules = RIGL_RULES
+
+
+class ASPSGD(BAMESGD):
+    """ASP (Mishra et al. 2021): fixed-mask sparse fine-tuning after one-shot magnitude N:M
+    pruning (:func:`bame_optim.optim.rules.one_shot`) at the first step. There is no
+    schedule: ``total_steps``, ``t_i``, ``t_f``, ``delta_t`` and the OBF keywords are not
+    taken. The dense pre-training is an ordinary run (``torch.optim.SGD``)."""
+
+    rules = ASP_RULES
+
+
+def _all_finite(tensor: Tensor) -> bool:
+    finite = tensor.isfinite().all()
+    return bool(finite.full_tensor() if is_sharded(finite) else finite)
+
+
+def _sharded_freeze(p: Tensor, group: dict[str, Any]) -> Callable[[Tensor, Tensor], Tensor]:
+    """OBF (Eq. 10) for one shard: rank the blocks of all shards, keep this rank's."""
+    m = group["m"]
+    first, count = block_range(p, m)
+
+    def freeze(oscillation: Tensor, norms: Tensor) -> Tensor:
+        whole = obf_freeze(
+            gather_blocks(oscillation, p, m), gather_blocks(norms, p, m), group["alpha"],
+            group["beta"],
+        )
+        return whole[first : first + count]
+
+    return freeze

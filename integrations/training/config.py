@@ -1,0 +1,294 @@
+"""The one frozen description of a training run, :class:`TrainingConfig`, and its validation.
+
+Every field is checked when the config is built: a bad value raises :class:`ConfigError` (a
+``ValueError``) whose message names the field and the value. Checks that need the data or the
+file system (splits, ``exclude`` patterns, checkpoints) raise the same error later, from the
+function that finds the problem. Only the command line
+(:mod:`bame_optim.integrations.training.cli`) turns these errors into ``parser.error``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bame_optim.core.schedule import DEFAULT_DELTA_T
+from bame_optim.methods import METHODS, accepted_keywords, fixed_settings
+
+from ..datasets import KINDS
+from ..models import DEIT_SMALL, MODELS
+
+__all__ = [
+    "MIXED_PRECISION",
+    "PRESETS",
+    "RUN_DEFINING",
+    "ConfigError",
+    "TrainingConfig",
+    "config_dict",
+    "json_default",
+]
+
+PRESETS = ("cifar10", "imagenet", "fashion-mnist", "mnist")
+"""``preset`` values: the transform pipelines of
+:func:`bame_optim.integrations.datasets.image_transforms`."""
+MIXED_PRECISION = ("no", "fp16", "bf16")
+"""``mixed_precision`` values (``None``: Accelerate's configuration)."""
+RUN_DEFINING = (
+    "model",
+    "method",
+    "n",
+    "m",
+    "epochs",
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "warmup_epochs",
+    "label_smoothing",
+    "delta_t",
+    "alpha",
+    "beta",
+    "seed",
+    "max_train_samples",
+    "image_size",
+    "preset",
+    "exclude",
+    "train_split",
+    "vit_depth",
+)
+"""Fields a resumed run must share with its checkpoint (they change what is computed)."""
+
+
+class ConfigError(ValueError):
+    """An invalid value of one field of :class:`TrainingConfig`.
+
+    Attributes:
+        field: the field's name (``"epochs"``).
+        value: the offending value.
+        reason: why it is invalid (the part of the message in parentheses).
+    """
+
+    def __init__(self, field: str, value: Any, reason: str) -> None:
+        self.field = field
+        self.value = value
+        self.reason = reason
+        super().__init__(f"Invalid {field} value: {_shown(value)} ({reason})")
+
+
+def _shown(value: Any) -> str:
+    """``repr`` of a value, paths as their quoted text."""
+    return repr(str(value)) if isinstance(value, Path) else repr(value)
+
+
+def json_default(value: Any) -> Any:
+    """``json.dumps(..., default=json_default)``: paths and other objects as strings, sets and
+    tuples as lists, tensors through ``tolist()``."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Everything a training run depends on (defaults: the paper's CIFAR-10 recipe, section
+    4.1). Build it once; it is validated on construction and never changed (derive another
+    with :func:`dataclasses.replace`, which validates again).
+
+    Data: ``data`` (a local dataset or a Hub name), ``data_kind`` (one of
+    :data:`~bame_optim.integrations.datasets.KINDS`, ``None``: detected), ``cache_dir``,
+    ``train_split``, ``eval_split`` (``None``: the first of test, validation, val),
+    ``preset`` (one of :data:`PRESETS`; ``None``: from the data kind, else
+    ``default_preset``), ``image_size`` (crop size of the cifar10/imagenet presets and DeiT's
+    input; ``None``: the data's own), ``max_train_samples`` / ``max_eval_samples`` (seeded
+    random subsets), ``workers`` (loader processes).
+
+    Model and method: ``model`` (a key of :data:`~bame_optim.integrations.models.MODELS`),
+    ``vit_depth`` (DeiT-small's encoder blocks), ``method`` (one of
+    :data:`bame_optim.methods.METHODS`), ``n`` and ``m`` (N:M), ``exclude`` (module-name
+    patterns kept dense; ``None``: the stem and classifier), ``delta_t`` (mask update interval),
+    ``alpha`` and ``beta`` (OBF; ``None``: what the method fixes, else 0.5).
+
+    Optimization: ``epochs``, ``batch_size`` (per process), ``grad_accum``, ``lr`` (peak, cosine
+    annealed to 0 per optimizer step), ``momentum``, ``weight_decay``, ``warmup_epochs``
+    (linear warm-up), ``label_smoothing``, ``seed``, ``mixed_precision`` (one of
+    :data:`MIXED_PRECISION`; ``None``: Accelerate's configuration), ``cpu``.
+
+    Outputs: ``output_dir``, ``checkpoint_every`` (epochs; 0: only at the end),
+    ``keep_checkpoints``, ``resume`` (a checkpoint folder, a folder holding checkpoints, or
+    ``"auto"``: the latest in ``output_dir`` if any), ``eval_every`` (epochs), ``progress``
+    (progress bars), ``script`` (the name recorded in ``metrics.json``).
+    """
+
+    data: str
+    output_dir: Path
+    data_kind: str | None = None
+    cache_dir: Path | None = None
+    train_split: str = "train"
+    eval_split: str | None = None
+    preset: str | None = None
+    default_preset: str = "cifar10"
+    image_size: int | None = None
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    workers: int = 4
+    model: str = "resnet32"
+    vit_depth: int = DEIT_SMALL["num_layers"]
+    method: str = "bame"
+    n: int = 2
+    m: int = 4
+    exclude: tuple[str, ...] | None = None
+    delta_t: int = DEFAULT_DELTA_T
+    alpha: float | None = None
+    beta: float | None = None
+    epochs: int = 300
+    batch_size: int = 256
+    grad_accum: int = 1
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-3
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    seed: int = 0
+    mixed_precision: str | None = None
+    cpu: bool = False
+    checkpoint_every: int = 1
+    keep_checkpoints: int = 2
+    resume: str | Path | None = None
+    eval_every: int = 1
+    progress: bool = True
+    script: str = "train"
+
+    def __post_init__(self) -> None:
+        # normal forms (a frozen dataclass sets them through object.__setattr__)
+        if isinstance(self.output_dir, str):
+            object.__setattr__(self, "output_dir", Path(self.output_dir))
+        if isinstance(self.cache_dir, str):
+            object.__setattr__(self, "cache_dir", Path(self.cache_dir))
+        if isinstance(self.exclude, list):
+            object.__setattr__(self, "exclude", tuple(self.exclude))
+        _validate(self)
+
+    @property
+    def obf(self) -> tuple[float, float]:
+        """``(alpha, beta)`` with the defaults filled in: what the method fixes, else 0.5."""
+        fixed = fixed_settings(self.method)
+        alpha = self.alpha if self.alpha is not None else fixed.get("alpha", 0.5)
+        beta = self.beta if self.beta is not None else fixed.get("beta", 0.5)
+        return float(alpha), float(beta)
+
+
+def config_dict(config: TrainingConfig) -> dict[str, Any]:
+    """``config`` as plain JSON values, with ``alpha`` and ``beta`` filled in (what
+    ``metrics.json`` and a checkpoint record)."""
+    values = asdict(config)
+    values["alpha"], values["beta"] = config.obf
+    return json.loads(json.dumps(values, default=json_default))
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _int_at_least(config: TrainingConfig, name: str, low: int, optional: bool = False) -> None:
+    value = getattr(config, name)
+    if optional and value is None:
+        return
+    if not _is_int(value) or value < low:
+        raise ConfigError(name, value, f"an integer >= {low} is required")
+
+
+def _real_in(
+    config: TrainingConfig, name: str, low: float, high: float, *, high_open: bool = True
+) -> None:
+    value = getattr(config, name)
+    ok = _is_real(value) and math.isfinite(value) and low <= value
+    ok = ok and (value < high if high_open else value <= high)
+    if not ok:
+        bound = f"< {high}" if high_open else f"<= {high}"
+        raise ConfigError(name, value, f"a finite number {low} <= value {bound} is required")
+
+
+def _one_of(config: TrainingConfig, name: str, choices: Any, optional: bool = False) -> None:
+    value = getattr(config, name)
+    if optional and value is None:
+        return
+    if value not in choices:
+        raise ConfigError(name, value, f"one of {', '.join(map(str, choices))} is required")
+
+
+def _validate(config: TrainingConfig) -> None:
+    """Raise :class:`ConfigError` for the first invalid field of ``config``."""
+    if not isinstance(config.data, (str, Path)) or not str(config.data):
+        raise ConfigError("data", config.data, "a dataset path or Hub name is required")
+    if not isinstance(config.output_dir, Path):
+        raise ConfigError("output_dir", config.output_dir, "a path is required")
+    _one_of(config, "data_kind", KINDS, optional=True)
+    _one_of(config, "preset", PRESETS, optional=True)
+    _one_of(config, "default_preset", PRESETS)
+    _one_of(config, "model", tuple(MODELS))
+    _one_of(config, "method", METHODS)
+    _one_of(config, "mixed_precision", MIXED_PRECISION, optional=True)
+    for name in ("train_split", "script"):
+        if not isinstance(getattr(config, name), str) or not getattr(config, name):
+            raise ConfigError(name, getattr(config, name), "a non-empty string is required")
+    if config.eval_split is not None and not isinstance(config.eval_split, str):
+        raise ConfigError("eval_split", config.eval_split, "a split name or None is required")
+    for name in ("image_size", "max_train_samples", "max_eval_samples"):
+        _int_at_least(config, name, 1, optional=True)
+    for name in ("vit_depth", "delta_t", "epochs", "batch_size", "grad_accum"):
+        _int_at_least(config, name, 1)
+    for name in ("keep_checkpoints", "eval_every"):
+        _int_at_least(config, name, 1)
+    for name in ("workers", "seed", "checkpoint_every"):
+        _int_at_least(config, name, 0)
+    _int_at_least(config, "m", 2)
+    if not _is_int(config.n) or not 1 <= config.n < config.m:
+        raise ConfigError("n", config.n, f"an integer 1 <= n < m = {config.m} is required")
+    if config.exclude is not None and (
+        not isinstance(config.exclude, tuple) or not all(isinstance(p, str) for p in config.exclude)
+    ):
+        raise ConfigError("exclude", config.exclude, "a sequence of module-name patterns")
+    if not _is_real(config.lr) or not math.isfinite(config.lr) or config.lr <= 0:
+        raise ConfigError("lr", config.lr, "a finite number > 0 is required")
+    _real_in(config, "momentum", 0.0, 1.0)
+    _real_in(config, "weight_decay", 0.0, math.inf)
+    _real_in(config, "warmup_epochs", 0.0, config.epochs)
+    _real_in(config, "label_smoothing", 0.0, 1.0)
+    fixed = fixed_settings(config.method)
+    for name in ("alpha", "beta"):
+        value = getattr(config, name)
+        if value is None:
+            continue
+        _real_in(config, name, 0.0, 1.0, high_open=False)
+        if name not in accepted_keywords(config.method):
+            raise ConfigError(name, value, f"method {config.method} does not use {name}")
+        if name in fixed and value != fixed[name]:
+            raise ConfigError(name, value, f"method {config.method} fixes {name}={fixed[name]}")
+    if config.model == "deit_small" and config.image_size is not None and config.image_size % 16:
+        raise ConfigError(
+            "image_size", config.image_size, "DeiT-small needs a multiple of its patch size 16"
+        )
+    for name in ("cpu", "progress"):
+        if not isinstance(getattr(config, name), bool):
+            raise ConfigError(name, getattr(config, name), "True or False is required")
+    if config.resume is not None and (
+        not isinstance(config.resume, (str, Path)) or not str(config.resume)
+    ):
+        raise ConfigError("resume", config.resume, "a checkpoint path or 'auto' is required")

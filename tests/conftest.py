@@ -1,0 +1,103 @@
+"""Shared test fixtures: writers of small on-disk datasets and a small N:M model + optimizer.
+
+Test modules take these as fixtures instead of importing helpers from one another. Each
+fixture returns a plain function (session-scoped, so module-scoped fixtures can use them).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+
+def idx_bytes(array: np.ndarray, magic: int) -> bytes:
+    """Encode ``array`` as uint8 IDX bytes: 4-byte big-endian magic, dims, then the payload."""
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_idx_folder(folder: Path, seed: int = 0, checksums: bool = True) -> dict[str, np.ndarray]:
+    """Write a tiny gzipped (Fashion-)MNIST IDX folder (12 train, 5 test images of 28x28).
+
+    With ``checksums`` also writes ``MD5SUMS.decompressed``. Returns the arrays by file stem.
+    """
+    from bame_optim.integrations.idx import IMAGES_MAGIC, LABELS_MAGIC
+
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "train-images-idx3-ubyte": (rng.integers(0, 256, (12, 28, 28)), IMAGES_MAGIC),
+        "train-labels-idx1-ubyte": (rng.integers(0, 10, 12), LABELS_MAGIC),
+        "t10k-images-idx3-ubyte": (rng.integers(0, 256, (5, 28, 28)), IMAGES_MAGIC),
+        "t10k-labels-idx1-ubyte": (rng.integers(0, 10, 5), LABELS_MAGIC),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    sums = []
+    for name, (array, magic) in arrays.items():
+        raw = idx_bytes(array, magic)
+        (folder / f"{name}.gz").write_bytes(gzip.compress(raw))
+        sums.append(f"{hashlib.md5(raw).hexdigest()}  {name}")
+    if checksums:
+        (folder / "MD5SUMS.decompressed").write_text("\n".join(sums) + "\n")
+    return {name: array for name, (array, _) in arrays.items()}
+
+
+def write_cifar_folder(folder: Path, per_batch: int = 4, seed: int = 0) -> None:
+    """Write a tiny CIFAR-10 python-pickle folder: ``data_batch_1..5`` and ``test_batch``,
+    each a dict with ``b"data"`` (uint8 ``[per_batch, 3072]``) and ``b"labels"``."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {
+            b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            b"labels": rng.integers(0, 10, per_batch).tolist(),
+        }
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+
+
+def model_and_optimizer(method: str = "bame", **kwargs: Any) -> tuple[nn.Sequential, Any]:
+    """A seeded 8-16-16-3 MLP and its 1:4 mask optimizer ``method`` (24 steps, delta_t 2);
+    ``kwargs`` override the schedule."""
+    from bame_optim import nm_param_groups
+    from bame_optim.methods import make_optimizer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)
+    )
+    schedule = {"total_steps": 24, "delta_t": 2, "n": 1, "m": 4} | kwargs
+    opt = make_optimizer(method, nm_param_groups(model, 1, 4), lr=0.5, momentum=0.9, **schedule)
+    return model, opt
+
+
+@pytest.fixture(scope="session", name="idx_bytes")
+def idx_bytes_fixture() -> Callable[[np.ndarray, int], bytes]:
+    """The IDX encoder :func:`idx_bytes`."""
+    return idx_bytes
+
+
+@pytest.fixture(scope="session", name="write_idx_folder")
+def write_idx_folder_fixture() -> Callable[..., dict[str, np.ndarray]]:
+    """The IDX folder writer :func:`write_idx_folder`."""
+    return write_idx_folder
+
+
+@pytest.fixture(scope="session", name="write_cifar_folder")
+def write_cifar_folder_fixture() -> Callable[..., None]:
+    """The CIFAR-10 folder writer :func:`write_cifar_folder`."""
+    return write_cifar_folder
+
+
+@pytest.fixture(scope="session", name="model_and_optimizer")
+def model_and_optimizer_fixture() -> Callable[..., tuple[nn.Sequential, Any]]:
+    """The factory :func:`model_and_optimizer`."""
+    return model_and_optimizer

@@ -1,0 +1,188 @@
+"""bame_optim.integrations.training's config and command line: every invalid field of
+TrainingConfig raises a ValueError naming the field and the value, the command line turns each
+into an exit (status 2) naming the flag, defaults that depend on other flags are filled in, and
+resume targets are checked before anything is built."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("accelerate")
+
+from bame_optim.integrations.training import (
+    ConfigError,
+    ScriptConfig,
+    TrainingConfig,
+    build_parser,
+    parse_config,
+)
+from bame_optim.integrations.training.cli import flag_of
+from bame_optim.integrations.training.config import config_dict
+from bame_optim.integrations.training.resume import check_resume_compatible, resolve_resume
+
+SCRIPT = ScriptConfig(
+    name="train_test",
+    description="test script",
+    models=("small_cnn", "resnet32", "deit_small"),
+    default_model="small_cnn",
+    default_epochs={"deit_small": 7, "*": 3},
+    default_preset="cifar10",
+    default_weight_decay=1e-4,
+)
+
+# (field, bad value, flag value as typed, what the message says of the value)
+BAD = [
+    ("data", "", "", "''"),
+    ("model", "lenet", None, "'lenet'"),
+    ("method", "sgd", None, "'sgd'"),
+    ("data_kind", "csv", None, "'csv'"),
+    ("preset", "svhn", None, "'svhn'"),
+    ("mixed_precision", "fp8", None, "'fp8'"),
+    ("m", 1, "1", "1"),
+    ("n", 4, "4", "4"),
+    ("n", 0, "0", "0"),
+    ("epochs", 0, "0", "0"),
+    ("batch_size", -3, "-3", "-3"),
+    ("grad_accum", 0, "0", "0"),
+    ("delta_t", 0, "0", "0"),
+    ("vit_depth", 0, "0", "0"),
+    ("image_size", 0, "0", "0"),
+    ("max_train_samples", 0, "0", "0"),
+    ("max_eval_samples", -1, "-1", "-1"),
+    ("workers", -1, "-1", "-1"),
+    ("seed", -1, "-1", "-1"),
+    ("checkpoint_every", -1, "-1", "-1"),
+    ("keep_checkpoints", 0, "0", "0"),
+    ("eval_every", 0, "0", "0"),
+    ("lr", 0.0, "0", "0.0"),
+    ("lr", math.nan, "nan", "nan"),
+    ("lr", math.inf, "inf", "inf"),
+    ("momentum", 1.0, "1", "1.0"),
+    ("momentum", -0.1, "-0.1", "-0.1"),
+    ("weight_decay", -1e-4, "-1e-4", "-0.0001"),
+    ("label_smoothing", 1.0, "1", "1.0"),
+    ("warmup_epochs", -1.0, "-1", "-1.0"),
+    ("alpha", 2.0, "2", "2.0"),
+    ("beta", -0.5, "-0.5", "-0.5"),
+    ("train_split", "", "", "''"),
+]
+
+
+def _config(tmp_path: Path, **fields) -> TrainingConfig:
+    return TrainingConfig(**{"data": "data", "output_dir": tmp_path / "out", **fields})
+
+
+def _exit_message(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(argv, SCRIPT)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field, value, typed, shown", BAD)
+def test_each_bad_field_raises_a_value_error_naming_it(tmp_path, field, value, typed, shown):
+    with pytest.raises(ValueError, match=rf"^Invalid {field} value: ") as info:
+        _config(tmp_path, **{field: value})
+    assert isinstance(info.value, ConfigError) and info.value.field == field
+    assert str(info.value).startswith(f"Invalid {field} value: {shown} (")
+
+
+@pytest.mark.parametrize("field, value, typed, shown", [b for b in BAD if b[2] is not None])
+def test_the_command_line_exits_naming_the_flag(tmp_path, capsys, field, value, typed, shown):
+    # the bad flag comes last: it overrides the valid --data given first
+    argv = ["--data", "data", "--output-dir", str(tmp_path), f"{flag_of(field)}={typed}"]
+    err = _exit_message(capsys, argv)
+    assert f"argument {flag_of(field)}: invalid value {shown} (" in err, err
+
+
+@pytest.mark.parametrize(
+    "fields, field, reason",
+    [
+        ({"method": "lma", "alpha": 0.3}, "alpha", "method lma fixes alpha=0.0"),
+        ({"method": "srste", "beta": 0.3}, "beta", "method srste does not use beta"),
+        ({"method": "dense", "alpha": 0.5}, "alpha", "method dense does not use alpha"),
+        ({"epochs": 5, "warmup_epochs": 5.0}, "warmup_epochs", "< 5"),
+        ({"model": "deit_small", "image_size": 40}, "image_size", "patch size 16"),
+        ({"epochs": True}, "epochs", "an integer >= 1"),
+        ({"lr": "0.1"}, "lr", "a finite number > 0"),
+        ({"exclude": (1, 2)}, "exclude", "module-name patterns"),
+        ({"progress": "yes"}, "progress", "True or False"),
+    ],
+)
+def test_cross_field_and_type_checks(tmp_path, fields, field, reason):
+    with pytest.raises(ConfigError, match=rf"^Invalid {field} value: ") as info:
+        _config(tmp_path, **fields)
+    assert info.value.field == field and reason in info.value.reason
+
+
+def test_cross_field_errors_on_the_command_line(tmp_path, capsys):
+    out = ["--data", "d", "--output-dir", str(tmp_path)]
+    err = _exit_message(capsys, [*out, "--method", "lma", "--alpha", "0.3"])
+    assert "argument --alpha: invalid value 0.3 (method lma fixes alpha=0.0)" in err
+    err = _exit_message(capsys, [*out, "--epochs", "5", "--warmup-epochs", "5"])
+    assert "argument --warmup-epochs: invalid value 5.0" in err
+    err = _exit_message(capsys, [*out, "--model", "deit_small", "--image-size", "40"])
+    assert "argument --image-size: invalid value 40" in err
+    err = _exit_message(capsys, [*out, "--model", "resnet50"])  # not one of the script's
+    assert "argument --model: invalid choice: 'resnet50'" in err
+
+
+def test_a_valid_config_is_frozen_normalised_and_recorded(tmp_path):
+    config = TrainingConfig(data="d", output_dir=str(tmp_path), exclude=["fc"], method="lma")
+    assert config.output_dir == tmp_path and config.exclude == ("fc",)
+    assert config.obf == (0.0, 0.5) and _config(tmp_path).obf == (0.5, 0.5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.epochs = 3  # type: ignore[misc]
+    record = config_dict(config)
+    assert record == json.loads(json.dumps(record))
+    assert record["alpha"] == 0.0 and record["exclude"] == ["fc"]
+    assert record["output_dir"] == str(tmp_path)
+    with pytest.raises(ConfigError, match="Invalid epochs value: 0"):
+        dataclasses.replace(config, epochs=0)  # replace validates again
+
+
+def test_parse_config_fills_the_script_defaults(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = parse_config(["--data", "d", "--no-progress"], SCRIPT)
+    assert config.model == "small_cnn" and config.epochs == 3 and config.weight_decay == 1e-4
+    assert config.output_dir == Path("runs") / "train_test-small_cnn-bame-2of4"
+    assert config.script == "train_test" and config.default_preset == "cifar10"
+    assert config.progress is False and config.alpha is None and config.exclude is None
+    deit = parse_config(["--data", "d", "--model", "deit_small", "--exclude"], SCRIPT)
+    assert deit.epochs == 7 and deit.exclude == ()
+    assert "--resume PATH|auto" in build_parser(SCRIPT).format_help()
+
+
+def test_resume_targets_are_checked(tmp_path):
+    out = tmp_path / "out"
+    assert resolve_resume(_config(tmp_path)) is None
+    assert resolve_resume(_config(tmp_path, resume="auto")) is None  # nothing yet: fresh
+    checkpoint = out / "checkpoints" / "epoch_0002"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    with pytest.raises(ConfigError, match="Invalid output_dir value") as info:
+        resolve_resume(_config(tmp_path))
+    assert "epoch_0002" in info.value.reason
+    assert resolve_resume(_config(tmp_path, resume="auto")) == checkpoint
+    assert resolve_resume(_config(tmp_path, resume=str(out))) == checkpoint
+    with pytest.raises(ConfigError, match="Invalid resume value: '/no/such'"):
+        resolve_resume(_config(tmp_path, resume="/no/such"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        resolve_resume(_config(tmp_path, resume=str(tmp_path / "empty")))
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(ConfigError, match="exists and is not a folder"):
+        resolve_resume(TrainingConfig(data="d", output_dir=afile))
+
+    saved = {"args": config_dict(_config(tmp_path, epochs=3)), "world_size": 1}
+    check_resume_compatible(saved, _config(tmp_path, epochs=3), 1, checkpoint)
+    with pytest.raises(ConfigError, match=r"Invalid epochs value: 4 .*made with epochs=3"):
+        check_resume_compatible(saved, _config(tmp_path, epochs=4), 1, checkpoint)
+    with pytest.raises(ConfigError, match="made with 1 processes, this run has 2"):
+        check_resume_compatible(saved, _config(tmp_path, epochs=3), 2, checkpoint)
