@@ -53,7 +53,8 @@ __all__ = [
 ]
 
 SGD_KEYWORDS = frozenset(SGD_DEFAULTS)
-""":class:`torch.optim.SGD`'s keywords: every method takes them."""
+"""The keywords of :class:`torch.optim.SGD` that every method takes."""
+_TORCH_SGD_KEYWORDS = SGD_KEYWORDS | {"fused", "differentiable"}
 CONTEXT_KEYWORDS = frozenset({"n", "m", "total_steps", "t_i", "t_f", "delta_t", "seed"})
 """Keywords that describe the run (its N:M pattern, schedule and seed) rather than the method:
 :func:`make_optimizer` drops them for a method that does not take them (``dense`` has no N:M
@@ -121,7 +122,7 @@ def accepted_keywords(name: str) -> frozenset[str]:
         return SGD_KEYWORDS | {"n", "m", "sparse", "fused"} | set(factory.rules.keywords)
     if isinstance(factory, type) and issubclass(factory, DenseSTESGD):
         return SGD_KEYWORDS | {"n", "m", "sparse"} | set(factory.method_defaults)
-    return SGD_KEYWORDS
+    return _TORCH_SGD_KEYWORDS
 
 
 def make_optimizer(

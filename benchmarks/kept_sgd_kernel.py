@@ -1,14 +1,15 @@
 """The fused CPU kept-SGD kernel against the eager composition and ``SGD(foreach=True)``.
 
 For each model's parameter set and N:M pattern, with fixed random gradients and steady-state
-momentum (buffers already present), it times one ordinary optimizer step three ways, in the
-same process and interleaved (the order rotates every round, so machine noise hits all three),
+momentum (buffers already present), it times one ordinary optimizer step four ways, in the
+same process and interleaved (the order rotates every round, so machine noise hits all of them),
 and reports the median over rounds:
 
 * ``sgd``: :func:`torch.optim.sgd.sgd` with ``foreach=True`` on every parameter, dense;
 * ``eager``: per sparse parameter ``kept_indices`` + ``gather_kept`` (weights and gradients),
   one :func:`torch.optim.sgd.sgd` (``foreach=True``) over the gathered copies, ``scatter_kept_``;
-* ``fused``: :func:`bame_optim.kernels.kept_sgd_cpu.fused_kept_sgd_` on the sparse parameters.
+* ``fused``: :func:`bame_optim.kernels.kept_sgd_cpu.fused_kept_sgd_` on the sparse parameters;
+* ``all``: one ``fused_kept_sgd_`` call on the sparse and the dense parameters (``kept`` None).
 
 ``eager`` and ``fused`` also step the dense parameters (biases, norms, weights whose dim 1
 does not divide by M) with ``sgd(foreach=True)``, as the optimizer does. Sparse parameters are
@@ -19,6 +20,7 @@ Run from the repository root::
 
     .venv/bin/python -m benchmarks.kept_sgd_kernel                    # all models, 2:4 1:4 1:16
     .venv/bin/python -m benchmarks.kept_sgd_kernel --models resnet32 --rounds 20
+    .venv/bin/python -m benchmarks.kept_sgd_kernel --threads 1     # steadier on a busy machine
 """
 
 from __future__ import annotations
@@ -65,14 +67,18 @@ class Setup:
             encode_kept(random_nm_mask(base[i].numel() // m, n, m, gen), n) for i in self.sparse
         ]
         self.counts = [n] * len(self.sparse)
-        self.params = {name: [p.clone() for p in base] for name in ("sgd", "eager", "fused")}
+        contenders = ("sgd", "eager", "fused", "all")
+        self.params = {name: [p.clone() for p in base] for name in contenders}
         self.sgd_buffers: list[Tensor | None] = [torch.randn_like(p) for p in base]
         self.buffers: dict[str, dict[str, list[Tensor | None]]] = {}
-        for name in ("eager", "fused"):
+        for name in ("eager", "fused", "all"):
             self.buffers[name] = {
-                "sparse": [torch.randn(base[i].numel() // m, n, generator=gen) for i in self.sparse],
+                "sparse": [
+                    torch.randn(base[i].numel() // m, n, generator=gen) for i in self.sparse
+                ],
                 "dense": [torch.randn_like(base[i]) for i in self.dense],
             }
+        self.buffers["all"]["all"] = [*self.buffers["all"]["sparse"], *self.buffers["all"]["dense"]]
 
     def sparse_numel(self) -> int:
         return sum(self.grads[i].numel() for i in self.sparse)
@@ -109,6 +115,19 @@ class Setup:
         )
         self._step_dense("fused")
 
+    def step_all(self) -> None:
+        """Sparse and dense parameters in one kernel call (``kept`` None for the dense)."""
+        order = self.sparse + self.dense
+        kept_sgd_cpu.fused_kept_sgd_(
+            [self.params["all"][i] for i in order],
+            [self.grads[i] for i in order],
+            self.buffers["all"]["all"],
+            [*self.kept, *[None] * len(self.dense)],
+            [*self.counts, *[None] * len(self.dense)],
+            m=self.m,
+            **HYPER,
+        )
+
 
 def interleaved(steps: dict[str, Callable[[], None]], rounds: int, warmup: int) -> dict:
     """Median seconds per call of each step, the order rotating every round."""
@@ -138,28 +157,45 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--rounds", type=int, default=40, help="timed rounds (median)")
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: unchanged)"
+    )
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     start = time.perf_counter()
     if not kept_sgd_cpu.available():
         raise SystemExit("the fused kernel is unavailable (see the warning above)")
     seconds = kept_sgd_cpu.compile_seconds() or time.perf_counter() - start
-    print(f"kernel ready in {seconds:.1f} s (build or cache load); torch threads: "
-          f"{torch.get_num_threads()}; {args.rounds} interleaved rounds, median")
+    print(
+        f"kernel ready in {seconds:.1f} s (build or cache load); torch threads: "
+        f"{torch.get_num_threads()}; {args.rounds} interleaved rounds, median"
+    )
     for model in args.models:
         shapes = model_shapes(model)
         total = sum(s.numel() for s in shapes)
         print(f"\n{model} ({total / 1e6:.2f} M parameters)")
-        print(f"{'N:M':>5} {'sparse':>7} {'sgd ms':>8} {'eager ms':>9} {'fused ms':>9} "
-              f"{'eager/sgd':>10} {'fused/sgd':>10} {'fused/eager':>12}")
+        print(
+            f"{'N:M':>5} {'sparse':>7} {'sgd ms':>8} {'eager ms':>9} {'fused ms':>9} "
+            f"{'all ms':>7} {'eager/sgd':>10} {'fused/sgd':>10} {'all/sgd':>8}"
+        )
         for n, m in args.patterns:
             setup = Setup(shapes, n, m)
-            steps = {"sgd": setup.step_sgd, "eager": setup.step_eager, "fused": setup.step_fused}
+            steps = {
+                "sgd": setup.step_sgd,
+                "eager": setup.step_eager,
+                "fused": setup.step_fused,
+                "all": setup.step_all,
+            }
             t = interleaved(steps, args.rounds, args.warmup)
             share = setup.sparse_numel() / total
-            print(f"{n}:{m:<3} {share:>7.1%} {t['sgd'] * 1e3:>8.2f} {t['eager'] * 1e3:>9.2f} "
-                  f"{t['fused'] * 1e3:>9.2f} {t['eager'] / t['sgd']:>9.2f}x "
-                  f"{t['fused'] / t['sgd']:>9.2f}x {t['fused'] / t['eager']:>11.2f}x")
+            sgd_s = t["sgd"]
+            print(
+                f"{n}:{m:<3} {share:>7.1%} {sgd_s * 1e3:>8.2f} {t['eager'] * 1e3:>9.2f} "
+                f"{t['fused'] * 1e3:>9.2f} {t['all'] * 1e3:>7.2f} "
+                f"{t['eager'] / sgd_s:>9.2f}x {t['fused'] / sgd_s:>9.2f}x {t['all'] / sgd_s:>7.2f}x"
+            )
 
 
 if __name__ == "__main__":

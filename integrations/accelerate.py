@@ -16,7 +16,9 @@ What already works without this module (and is tested in ``tests/test_accelerate
 
 What this module adds is the *check* of the last point, for when something outside BAMESGD
 breaks it (a rank that edits a mask, non-deterministic gradient reduction, a resumed rank that
-loaded another checkpoint): :func:`verify_masks` and the step hook :class:`MaskSync`.
+loaded another checkpoint): :func:`verify_masks` and the step hook :class:`MaskSync`. The
+check compares checksums of each parameter's mask, oscillation EMA and weights and of the step
+counters, says which of them differed on which ranks, and repairs them from rank 0.
 
 .. code-block:: python
 
@@ -59,12 +61,91 @@ from bame_optim.optim.sharded import is_sharded
 
 __all__ = ["MaskSync", "unwrap_optimizer", "verify_masks"]
 
-_HASH = 2654435761
-"""Knuth's multiplicative hash constant: per-block weights of the mask checksum."""
-_PARAM_FIELDS = 4
-"""Checksum row per parameter: has mask, kept count, mask hash, oscillation hash (-1 without
-an oscillation EMA)."""
-_INT_OF = {8: torch.int64, 4: torch.int32, 2: torch.int16}
+_INT_OF = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+_CHUNK = 2**20
+"""Entries per pass of the codes: bounds their ``int64`` temporaries (8 MiB each)."""
+_BITS = 62
+"""Positions per exact block code ``sum(2**j * kept_j)`` (``< 2**62``; a longer block is
+cut into pieces of 62)."""
+_FIELDS = {
+    "mask": slice(0, 4),
+    "oscillation EMA": slice(4, 6),
+    "weights": slice(6, 7),
+}
+"""What each part of a parameter's checksum row covers: has mask, kept count, block code,
+entry code | has oscillation EMA, its code | code of the weights."""
+_PARAM_FIELDS = 7
+
+
+def _mix(index: Tensor) -> Tensor:
+    """MurmurHash3's 64-bit finaliser of ``index + 1`` (``int64``, wrapping): a bijection of
+    64-bit words that maps only 0 to 0, so distinct indices get distinct non-zero values."""
+    z = index + 1
+    for multiplier in (-49064778989728563, -4265267296055464877):  # 0xff51...cd, 0xc4ce...53
+        z = (z ^ _shift_right(z, 33)) * multiplier
+    return z ^ _shift_right(z, 33)
+
+
+def _shift_right(z: Tensor, bits: int) -> Tensor:
+    """Logical right shift of ``int64`` words (torch shifts arithmetically)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _code(values: Tensor, *, odd: bool, start: int = 0) -> Tensor:
+    """``sum_i values_i * w_(start + i)`` modulo ``2**64`` (wrapping ``int64``; exact, so
+    independent of the reduction order and equal on every rank for equal inputs) over the
+    flattened ``values`` (an integer tensor), with ``w_i = _mix(i)``, or ``_mix(i) | 1`` when
+    ``odd``; in chunks of :data:`_CHUNK` entries.
+
+    With odd weights any difference in a **single** entry changes the code (``d * w != 0``
+    modulo ``2**64`` for odd ``w`` and ``d != 0`` modulo ``2**64``); with ``_mix(i)`` (distinct,
+    non-zero) a 0/1 tensor's code changes when one entry flips or when two entries swap
+    (``w_a - w_b != 0``). Differences in several entries are missed only if their weighted sum
+    cancels modulo ``2**64``; nothing rules that out, but no structure of the data makes it
+    likely (the weights are pseudo-random)."""
+    flat = values.reshape(-1)
+    total = torch.zeros((), dtype=torch.int64, device=flat.device)
+    for first in range(0, flat.numel(), _CHUNK):
+        part = flat[first : first + _CHUNK].to(torch.int64)
+        index = torch.arange(part.numel(), dtype=torch.int64, device=flat.device) + start + first
+        weights = _mix(index) | 1 if odd else _mix(index)
+        total += (part * weights).sum()
+    return total
+
+
+def _bits_code(tensor: Tensor) -> Tensor:
+    """:func:`_code` of the raw bits of ``tensor`` (each entry read as an integer of its size):
+    bitwise, so any single changed entry (a last-bit rounding difference, ``-0.0`` against
+    ``0.0``, another NaN) changes it."""
+    tensor = tensor.detach()
+    if tensor.is_complex():
+        tensor = torch.view_as_real(tensor)
+    return _code(tensor.contiguous().view(_INT_OF[tensor.element_size()]), odd=True)
+
+
+def _mask_codes(mask: Tensor) -> list[Tensor]:
+    """Kept count, block code and entry code of a ``[K, M]`` bool mask.
+
+    Block code: per block (pieces of :data:`_BITS` positions when ``M > 62``) the exact,
+    one-to-one code ``c = sum_j 2**j * kept_j``, combined as :func:`_code` with odd weights.
+    So **any** difference inside one block of ``M <= 62`` (any other kept set: a moved kept
+    entry, the swap ``{0, 3}`` / ``{1, 2}`` of 2:4, ...) changes it. Entry code: :func:`_code`
+    of the flattened mask; it changes with any single flipped entry and any single swap of
+    two entries, for every ``M``. Differences in several blocks are very likely but not
+    certainly seen (see :func:`_code`)."""
+    k, m = mask.shape
+    width = min(m, _BITS)
+    pieces = -(-m // width)
+    powers = 2 ** torch.arange(width, dtype=torch.int64, device=mask.device)
+    rows = max(1, _CHUNK // (pieces * width))
+    block_code = torch.zeros((), dtype=torch.int64, device=mask.device)
+    for first in range(0, k, rows):
+        part = mask[first : first + rows].to(torch.int64)
+        if pieces * width != m:  # M > 62, not a multiple of 62: pad the last piece
+            part = torch.nn.functional.pad(part, (0, pieces * width - m))
+        codes = (part.reshape(-1, width) * powers).sum(-1)
+        block_code += _code(codes, odd=True, start=first * pieces)
+    return [mask.sum().to(torch.int64), block_code, _code(mask, odd=False)]
 
 
 def unwrap_optimizer(optimizer: Optimizer) -> NMOptimizer:
@@ -126,36 +207,40 @@ def _broadcast_objects_(objects: list[Any], accelerator: Accelerator | None) -> 
         dist.broadcast_object_list(objects, src=0)
 
 
-def _hash(values: Tensor, device: torch.device) -> Tensor:
-    """Position-weighted sum of an integer tensor, in wrapping int64 arithmetic (exact and
-    independent of the reduction order, so equal inputs give equal sums on every rank)."""
-    flat = values.reshape(-1).to(torch.int64)
-    weights = torch.arange(flat.numel(), dtype=torch.int64, device=device) * _HASH % 2**31 + 1
-    return (flat * weights).sum()
-
-
 def _has_mask(state: dict[str, Any]) -> bool:
     return "kept" in state or "mask" in state  # BAMESGD's codes, the dense-weight peers' mask
 
 
 def _param_row(optimizer: NMOptimizer, p: Tensor, device: torch.device) -> list[Tensor]:
+    """The ``int64`` checksums of ``p`` (see :data:`_FIELDS`), on ``device``. Each is
+    computed on the device of the tensor it covers. A sharded parameter's blocks and weights
+    exist once, on different ranks: its row is constant."""
     zero = torch.zeros((), dtype=torch.int64, device=device)
+    if is_sharded(p):
+        return [zero] * _PARAM_FIELDS
     state = optimizer.state.get(p, {})
-    # A sharded parameter's blocks exist once, on different ranks: nothing to compare.
-    mask = optimizer.kept_mask(p) if _has_mask(state) and not is_sharded(p) else None
-    if mask is None:
-        return [zero, zero, zero, zero]
-    mask = mask.to(device)
-    m = mask.shape[-1]
-    position = torch.arange(1, m + 1, dtype=torch.int64, device=device)
-    codes = (mask.to(torch.int64) * position).sum(-1)  # one code per block, order-aware
+    mask = optimizer.kept_mask(p) if _has_mask(state) else None
+    row = [zero] * 4 if mask is None else [zero + 1, *_mask_codes(mask)]
     oscillation = state.get("oscillation")
-    if oscillation is None:
-        oscillation_hash = zero - 1
-    else:
-        oscillation = oscillation.to(device).contiguous()
-        oscillation_hash = _hash(oscillation.view(_INT_OF[oscillation.element_size()]), device)
-    return [zero + 1, mask.sum().to(torch.int64), _hash(codes, device), oscillation_hash]
+    row += [zero, zero] if oscillation is None else [zero + 1, _bits_code(oscillation)]
+    row.append(_bits_code(p))
+    return [x.to(device) for x in row]
+
+
+def _differences(rows: Tensor) -> dict[str, list[int]]:
+    """For the ``[world, _PARAM_FIELDS]`` rows of one parameter: what differs from rank 0
+    (keys of :data:`_FIELDS`) and on which ranks."""
+    found = {}
+    for what, fields in _FIELDS.items():
+        ranks = (rows[:, fields] != rows[0, fields]).any(1).nonzero().flatten().tolist()
+        if ranks:
+            found[what] = ranks
+    return found
+
+
+def _describe(name: str, found: dict[str, list[int]]) -> str:
+    parts = [f"the {what} (ranks {ranks})" for what, ranks in found.items()]
+    return f"{name!r}: " + ", ".join(parts)
 
 
 def _names(optimizer: NMOptimizer) -> list[str]:
@@ -185,24 +270,34 @@ def _repair(optimizer: NMOptimizer, p: Tensor, accelerator: Accelerator | None) 
 def verify_masks(
     optimizer: Optimizer, accelerator: Accelerator | None = None, *, fix: bool = True
 ) -> bool:
-    """Check that every rank holds the same BAMESGD masks, oscillation EMA and step counters.
+    """Check that every rank holds the same masks, oscillation EMA, weights and step counters.
 
-    A **collective**: every process must call it at the same point. It computes on the
-    parameters' device, per parameter, a few int64 checksums (whether it has a mask, the kept
-    count, a position-weighted hash of the mask bits and a hash of the raw bits of the
-    oscillation EMA; any single changed bit or moved kept entry changes them), adds each
-    group's ``step``, and runs one ``gather`` of that small vector.
+    A **collective**: every process must call it at the same point. It computes, per
+    parameter, seven ``int64`` checksums on the device of the tensors they cover
+    (:func:`_param_row`): for the mask whether there is one, its kept count, a block code and
+    an entry code; for the oscillation EMA whether there is one and a bitwise code; a bitwise
+    code of the weights. It adds each group's ``step`` and runs one ``gather`` of that vector.
+
+    What a difference is certain to show (codes modulo ``2**64``, see :func:`_mask_codes` and
+    :func:`_code`): any difference of the mask inside one block (``M <= 62``; for larger
+    ``M`` inside one piece of 62 positions) and any single flipped or swapped mask entry;
+    any single differing entry of the oscillation EMA or of the weights (bitwise, down to the
+    last bit); any step counter. Differences spread over several blocks or entries are missed
+    only if their pseudo-randomly weighted sum cancels modulo ``2**64``: not impossible, but
+    no pattern of the data makes it likely. Momentum is not compared (a differing momentum
+    makes the weights differ at the next check).
 
     Without an ``accelerator`` it uses :mod:`torch.distributed` if initialised; in a single
     process it returns ``True`` at once.
 
-    If some rank differs from rank 0 and ``fix`` is true, every rank (i) takes rank 0's step
-    counter for the groups that differ and (ii) for each parameter that differs, receives rank
-    0's weight (``broadcast``) and whole optimizer state of that parameter (mask codes,
-    oscillation EMA, momentum, ...; ``broadcast_object_list``), so afterwards every rank
-    continues exactly as rank 0 would; and a ``RuntimeWarning`` naming the parameters
-    (``param_names`` of the group, else ``group{g}.param{j}``) and the ranks is issued on
-    every rank.
+    If some rank differs from rank 0, a ``RuntimeWarning`` is issued on every rank that says
+    what differed and where: the step counter of which param group, and for each parameter
+    (``param_names`` of the group, else ``group{g}.param{j}``) whether its mask, oscillation
+    EMA or weights differed, each with the ranks. If ``fix`` is true, every rank then (i) takes
+    rank 0's step counter for the groups that differ and (ii) for each parameter that
+    differs, receives rank 0's weight (``broadcast``) and whole optimizer state of that
+    parameter (mask codes, oscillation EMA, momentum, ...; ``broadcast_object_list``), so
+    afterwards every rank continues exactly as rank 0 would.
 
     Args:
         optimizer: a :class:`BAMESGD`, or the ``AcceleratedOptimizer`` around one.
@@ -227,30 +322,36 @@ def verify_masks(
     num_groups = len(steps)
     step_rows = gathered[:, :num_groups]
     param_rows = gathered[:, num_groups:].reshape(world, len(params), _PARAM_FIELDS)
-    bad_groups = (step_rows != step_rows[0]).any(0).nonzero().flatten().tolist()
-    compared = param_rows
-    bad_params = (compared != compared[0]).any(-1).any(0).nonzero().flatten().tolist()
+    bad_groups = {
+        g: ranks
+        for g in range(num_groups)
+        if (ranks := (step_rows[:, g] != step_rows[0, g]).nonzero().flatten().tolist())
+    }
+    bad_params = {i: found for i in range(len(params)) if (found := _differences(param_rows[:, i]))}
     if not bad_groups and not bad_params:
         return True
 
-    ranks = (
-        ((step_rows != step_rows[0]).any(1) | (compared != compared[0]).flatten(1).any(1))
-        .nonzero()
-        .flatten()
-        .tolist()
+    ranks = sorted(
+        {r for found in bad_groups.values() for r in found}
+        | {r for found in bad_params.values() for ranks in found.values() for r in ranks}
     )
     names = _names(opt)
-    message = (
-        f"verify_masks (rank {rank}): ranks {ranks} differ from rank 0 in "
-        + (f"the step counter of param groups {bad_groups}; " if bad_groups else "")
-        + (f"the masks of {[names[i] for i in bad_params]}" if bad_params else "")
+    details = [f"the step counter of param group {g} (ranks {r})" for g, r in bad_groups.items()]
+    details += [_describe(names[i], found) for i, found in bad_params.items()]
+    message = f"verify_masks (rank {rank}): ranks {ranks} differ from rank 0 in " + "; ".join(
+        details
     )
     if fix:
         for g in bad_groups:
             opt.param_groups[g]["step"] = int(step_rows[0, g])
         for i in bad_params:
             _repair(opt, params[i][1], accelerator)
-        message += "; rank 0's masks, oscillation EMA, weights and momentum were broadcast"
+        message += (
+            "; repaired: rank 0's step counters and, for those parameters, its weights and "
+            "whole optimizer state (mask, oscillation EMA, momentum) were broadcast"
+        )
+    else:
+        message += "; not repaired (fix=False)"
     warnings.warn(message, RuntimeWarning, stacklevel=2)
     return False
 

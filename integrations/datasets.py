@@ -17,8 +17,12 @@ a PIL image on access) and ``"label"`` (:class:`datasets.ClassLabel`). Sources (
   network, this raises :class:`DatasetUnavailableError` naming the dataset.
 
 With ``kind=None`` a path that exists is inspected (in the order above: IDX files, CIFAR batches,
-a ``save_to_disk`` folder, parquet, arrow, then image files) and any other string is taken as a
-Hub name. Nothing here writes to ``~/.cache``: what ``datasets`` caches (the Arrow files built
+a ``save_to_disk`` folder, parquet, arrow, then image files); a string that does not exist is a
+Hub name only if it can be one (``name`` or ``owner/name`` whose ``owner`` is not a local
+folder, see :func:`detect_kind`), else ``FileNotFoundError`` names the path at once.
+Labels are checked when loaded: each split's labels must lie in ``0..num_classes-1`` of its
+``ClassLabel`` (a ``ValueError`` names the source, the split, the value and its index).
+Nothing here writes to ``~/.cache``: what ``datasets`` caches (the Arrow files built
 from an image folder, parquet or arrow files, or a Hub download) goes to ``cache_dir``; pass a
 folder you control (tests pass ``tmp_path``). ``cache_dir=None`` keeps the ``datasets`` default
 (``$HF_DATASETS_CACHE``, else ``~/.cache/huggingface/datasets``).
@@ -43,6 +47,7 @@ from typing import Any
 import datasets
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from datasets.table import InMemoryTable
 from torch.utils.data import DataLoader
@@ -150,18 +155,47 @@ class DatasetUnavailableError(ConnectionError):
 # --------------------------------------------------------------------------------------------
 
 
+def _why_local(source: str | Path) -> str | None:
+    """Why ``source`` (which does not exist) is meant as a local path, or ``None`` if it may be
+    a Hub name (the rule of :func:`detect_kind`)."""
+    if not isinstance(source, str):
+        return "it is a Path"
+    if source.startswith((".", "/", "~")):
+        return f"it starts with {source[0]!r}"
+    if "\\" in source:  # a Windows separator; never in a Hub name
+        return "it contains a backslash"
+    if source.endswith("/"):
+        return "it ends with '/'"
+    parts = source.split("/")
+    if len(parts) > 2:
+        return "it has more than one '/'"
+    if len(parts) == 2 and Path(parts[0]).exists():
+        return f"{parts[0]!r} exists here"
+    if not _HUB_NAME.fullmatch(source):
+        return "it is not of the form 'name' or 'owner/name'"
+    return None
+
+
 def detect_kind(source: str | Path) -> str:
     """The ``kind`` :func:`load_image_dataset` would use for ``source`` (see module doc).
 
-    A ``Path``, or a string that exists, or a string that cannot be a Hub name (absolute,
-    ``./``, ``~``) is local; raises ``FileNotFoundError`` if it does not exist and ``ValueError``
-    if it holds nothing recognisable.
+    A path that exists is inspected. A ``source`` that does not exist is a Hub name
+    (``"hub"``) only if it is a string of the form ``name`` or ``owner/name`` (letters, digits,
+    ``_ . -``) whose ``owner`` is not a file or folder of the working directory; anything else
+    is a mistyped local path and raises ``FileNotFoundError`` at once, naming it and why it is
+    not taken as a Hub name (e.g. ``./dat/x``, ``~/x``, ``/x``, ``a/b/c``, ``a\\b``, ``x/``, or
+    ``data/x`` when ``data`` exists). No network is used here. Raises ``ValueError`` if an
+    existing path holds nothing recognisable.
     """
     path = Path(source).expanduser()
     if not path.exists():
-        if isinstance(source, str) and _HUB_NAME.fullmatch(source):
+        reason = _why_local(source)
+        if reason is None:
             return "hub"
-        raise FileNotFoundError(f"dataset path not found: {path}")
+        raise FileNotFoundError(
+            f"no such file or folder: {path.absolute()} ({reason}, so not a Hugging Face Hub "
+            f"name); a Hub dataset name looks like 'owner/name'"
+        )
     if path.is_file():
         if path.suffix in (".parquet", ".arrow"):
             return path.suffix[1:]
@@ -362,7 +396,8 @@ def _load_imagefolder(path: Path, cache_dir: str | None, verify: bool) -> datase
 def _standardise(
     dd: datasets.DatasetDict, source: str, image_column: str | None, label_column: str | None
 ) -> datasets.DatasetDict:
-    """Rename the image and label columns to ``"image"`` / ``"label"`` in every split."""
+    """Rename the image and label columns to ``"image"`` / ``"label"`` in every split and
+    check the labels (:func:`_check_labels`)."""
     out = {}
     for split, ds in dd.items():
         image = image_column or _only(ds, datasets.Image, "image", source, split)
@@ -371,8 +406,33 @@ def _standardise(
             if column not in ds.column_names:
                 raise ValueError(f"{source}: split {split!r} has no column {column!r}")
         ds = ds.rename_columns({c: n for c, n in ((image, "image"), (label, "label")) if c != n})
+        _check_labels(ds, source, split)
         out[split] = ds
     return datasets.DatasetDict(out)
+
+
+def _check_labels(ds: datasets.Dataset, source: str, split: str) -> None:
+    """Raise ``ValueError`` naming ``source``, ``split``, the value and its index if a label of
+    a ``ClassLabel`` column is missing or outside ``0..num_classes-1`` (``datasets`` stores -1
+    for "no label" and does not check labels written by ``cast_column`` or parquet files)."""
+    feature = ds.features["label"]
+    if not isinstance(feature, datasets.ClassLabel):
+        return
+    column = ds.with_format("arrow")["label"]  # the rows of a selection only
+    if column.null_count:
+        raise ValueError(f"{source}: split {split!r} has {column.null_count} missing labels")
+    count = feature.num_classes
+    low, high = (value.as_py() for value in pc.min_max(column).values())
+    if low is None or (low >= 0 and high < count):
+        return
+    values = column.to_numpy()
+    bad = np.flatnonzero((values < 0) | (values >= count))
+    value = int(values[bad[0]])
+    hint = " (-1 is datasets' 'no label')" if value == -1 else ""
+    raise ValueError(
+        f"{source}: split {split!r}: label {value} at index {int(bad[0])} is outside "
+        f"0..{count - 1} ({count} classes){hint}; {bad.size} label(s) out of range"
+    )
 
 
 def _only(ds: datasets.Dataset, feature: type, role: str, source: str, split: str) -> str:

@@ -3,14 +3,17 @@
 A folder holds ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
 ``t10k-images-idx3-ubyte`` and ``t10k-labels-idx1-ubyte``, each optionally gzipped, and
 optionally ``MD5SUMS.decompressed`` (``<md5>  <name>`` per line, of the decompressed bytes), which
-is verified when present. Every problem names the file: missing, checksum mismatch, wrong
-magic number, truncated or oversized payload, image/label count mismatch.
+is verified when present. Every problem names the file: missing, corrupt gzip data, checksum
+mismatch, a malformed checksum line (and its number), wrong magic number, truncated or oversized
+payload, image/label count mismatch, a label outside ``0..num_classes-1`` (and its value).
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import re
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +29,9 @@ IDX_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 CHECKSUMS = "MD5SUMS.decompressed"
+NUM_CLASSES = 10
+"""Classes of MNIST and Fashion-MNIST: labels are ``0..9``."""
+_MD5 = re.compile(r"[0-9a-fA-F]{32}")
 
 
 def _find(folder: Path, name: str) -> Path:
@@ -40,10 +46,16 @@ def _checksums(folder: Path) -> dict[str, str]:
     if not file.is_file():
         return {}
     sums = {}
-    for line in file.read_text().splitlines():
-        if line.strip():
-            digest, name = line.split(maxsplit=1)
-            sums[name.strip().lstrip("*")] = digest.lower()
+    for number, line in enumerate(file.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split(maxsplit=1)
+        if len(fields) != 2 or not _MD5.fullmatch(fields[0]):
+            raise ValueError(
+                f"{file}, line {number}: expected '<32 hex digit md5>  <file name>', got {line!r}"
+            )
+        digest, name = fields
+        sums[name.strip().lstrip("*")] = digest.lower()
     return sums
 
 
@@ -55,7 +67,7 @@ def read_idx(path: str | Path, magic: int, expected_md5: str | None = None) -> n
     path = Path(path)
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as err:
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
         raise ValueError(
             f"{path}: cannot decompress ({err}); the file is truncated or corrupt"
         ) from err
@@ -82,11 +94,21 @@ def read_idx(path: str | Path, magic: int, expected_md5: str | None = None) -> n
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
+def _check_labels(path: Path, labels: np.ndarray, num_classes: int) -> None:
+    bad = np.flatnonzero(labels >= num_classes)
+    if bad.size:
+        raise ValueError(
+            f"{path}: label {int(labels[bad[0]])} at index {int(bad[0])} is outside "
+            f"0..{num_classes - 1} ({num_classes} classes); {bad.size} label(s) out of range"
+        )
+
+
 def load_idx_dataset(
-    folder: str | Path,
+    folder: str | Path, num_classes: int = NUM_CLASSES
 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """``((train_images, train_labels), (test_images, test_labels))`` from an IDX folder;
-    images ``uint8 [N, H, W]``, labels ``uint8 [N]``."""
+    images ``uint8 [N, H, W]``, labels ``uint8 [N]`` in ``0..num_classes-1`` (a label outside
+    raises ``ValueError`` naming the file, the value and its index)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"IDX data folder not found: {folder}")
@@ -95,7 +117,9 @@ def load_idx_dataset(
     for split in ("train", "test"):
         images_name, labels_name = IDX_FILES[split]
         images = read_idx(_find(folder, images_name), IMAGES_MAGIC, sums.get(images_name))
-        labels = read_idx(_find(folder, labels_name), LABELS_MAGIC, sums.get(labels_name))
+        labels_path = _find(folder, labels_name)
+        labels = read_idx(labels_path, LABELS_MAGIC, sums.get(labels_name))
+        _check_labels(labels_path, labels, num_classes)
         if len(images) != len(labels):
             raise ValueError(
                 f"{folder}: {split} split has {len(images)} images but {len(labels)} labels"

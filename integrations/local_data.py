@@ -83,8 +83,12 @@ def read_cifar10_batches(path: str | Path) -> tuple[tuple[np.ndarray, np.ndarray
                     f"{file}: expected data of shape [N, 3072] (N images of 3x32x32) and N labels,"
                     f" got data {data.shape} and {rows} labels (truncated or corrupt?)"
                 )
-            if batch_labels.min() < 0 or batch_labels.max() > 9:
-                raise ValueError(f"{file}: labels outside 0..9")
+            bad = np.flatnonzero((batch_labels < 0) | (batch_labels > 9))
+            if bad.size:
+                raise ValueError(
+                    f"{file}: label {int(batch_labels[bad[0]])} at index {int(bad[0])} is outside"
+                    f" 0..9 (10 classes); {bad.size} label(s) out of range"
+                )
             images.append(data.reshape(-1, 3, 32, 32))
             labels.append(batch_labels)
         splits.append((np.concatenate(images), np.concatenate(labels)))

@@ -3,15 +3,19 @@
 Launched by ``torch.distributed.run --nproc_per_node 2``: ``Accelerator(cpu=True)`` (gloo),
 the MLP and data of :func:`build` (shared with the single-process reference of the test),
 :class:`~bame_optim.integrations.accelerate.MaskSync` after every step. With
-``--corrupt-step T`` rank 1 moves one kept entry of a mask right after the step with counter
-``T`` (before the check), so the check must see the mismatch and repair it from rank 0.
-Writes ``rank{r}.pt`` with the final masks, weights, step counter, the result of every check
-and the warnings raised, into the folder given as first argument.
+``--corrupt-step T`` rank 1, right after the step with counter ``T`` (before the check),
+swaps the kept set of one block of ``2.weight`` between ``{0, 3}`` and ``{1, 2}`` (through the
+optimizer's engine, which also zeroes the newly pruned weights): the swap that the former
+checksum (sum of kept positions) missed. The check must see it and repair it from rank 0.
+Writes ``rank{r}.pt`` into the folder given as first argument: the final masks, weights,
+optimizer state and step counter, the swap made, the masks, weights and optimizer state
+right after the check at ``T``, the result of every check and the warnings raised.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import warnings
 from pathlib import Path
 
@@ -19,7 +23,6 @@ import torch
 from torch import nn
 
 from bame_optim import BAMESGD, nm_param_groups
-from bame_optim.core.kept import encode_kept
 
 STEPS = 40
 PER_RANK_BATCH = 8
@@ -50,6 +53,29 @@ def masks(optimizer: BAMESGD) -> dict[str, torch.Tensor]:
     }
 
 
+def swap_0_3_with_1_2(optimizer: BAMESGD, p: torch.Tensor) -> tuple[int, list[bool]]:
+    """Swap the kept set of the first block of ``p`` holding ``{0, 3}`` or ``{1, 2}`` (2:4)
+    for the other one; returns the block and its new kept set."""
+    pair = torch.tensor([[True, False, False, True], [False, True, True, False]])
+    mask = optimizer.kept_mask(p)
+    block = next(k for k in range(mask.shape[0]) if (mask[k] == pair).all(1).any())
+    mask[block] = pair[1] if torch.equal(mask[block], pair[0]) else pair[0]
+    group = optimizer.param_groups[0]
+    state = optimizer.state[p]
+    with torch.no_grad():
+        optimizer.engine.apply_mask(p, state, mask, state["kept_count"], group["m"])
+    return block, mask[block].tolist()
+
+
+def snapshot(optimizer: BAMESGD, model: nn.Module) -> dict:
+    """Masks, weights and optimizer state, copied."""
+    return {
+        "masks": masks(optimizer),
+        "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "optimizer": copy.deepcopy(optimizer.state_dict()),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
@@ -66,7 +92,7 @@ def main() -> None:
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     sync = MaskSync(optimizer, accelerator)
     rank = accelerator.process_index
-    checks = []
+    checks, swap, repaired = [], None, None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for x, y in loader:
@@ -75,23 +101,21 @@ def main() -> None:
             optimizer.step()
             optimizer.zero_grad()
             t = optimizer.param_groups[0]["step"] - 1
+            bame = optimizer.optimizer
             if t == args.corrupt_step and rank == 1:
-                bame = optimizer.optimizer
-                p = bame.param_groups[0]["params"][1]
-                mask = bame.kept_mask(p)
-                mask[0] = mask[0].roll(1)  # move the kept entries of block 0 (2:4 stays valid)
-                bame.state[p]["kept"] = encode_kept(mask, bame.state[p]["kept_count"])
+                swap = swap_0_3_with_1_2(bame, bame.param_groups[0]["params"][1])
             result = sync.after_step()
             if result is not None:
                 checks.append((t, result))
+            if t == args.corrupt_step:
+                repaired = snapshot(bame, accelerator.unwrap_model(model))
     bame = optimizer.optimizer
     torch.save(
         {
-            "masks": masks(bame),
-            "weights": {
-                k: v.detach().clone()
-                for k, v in accelerator.unwrap_model(model).state_dict().items()
-            },
+            **snapshot(bame, accelerator.unwrap_model(model)),
+            "swap": swap,
+            "repaired": repaired,
+            "rank": rank,
             "step": bame.param_groups[0]["step"],
             "checks": checks,
             "warnings": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)],

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from bame_optim import BAMESGD, nm_param_groups
-from bame_optim.core.kept import encode_kept
+from bame_optim.core.kept import combination_table, encode_kept
 
 accelerate = pytest.importorskip("accelerate")
 from accelerate import Accelerator  # noqa: E402
@@ -37,12 +37,12 @@ def fresh_accelerate_state():
     GradientState._reset_state()
 
 
-def _setup(seed: int = 0) -> tuple[nn.Module, BAMESGD]:
+def _setup(seed: int = 0, n: int = 1) -> tuple[nn.Module, BAMESGD]:
     torch.manual_seed(seed)
     model = nn.Sequential(
         nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)
     )
-    groups = nm_param_groups(model, n=1, m=4, exclude=())
+    groups = nm_param_groups(model, n=n, m=4, exclude=())
     return model, BAMESGD(groups, lr=0.1, momentum=0.9, weight_decay=1e-3, **SCHEDULE)
 
 
@@ -270,15 +270,16 @@ def _move_kept_entries(opt: BAMESGD, p: torch.Tensor, block: int) -> None:
     opt.state[p]["kept"] = encode_kept(mask, opt.state[p]["kept_count"])
 
 
-def _trained(steps: int = 7) -> tuple[nn.Module, BAMESGD, nn.Module, BAMESGD]:
-    """A model and optimizer after ``steps`` steps, and an exact copy ("the other rank")."""
-    model, opt = _setup()
+def _trained(steps: int = 7, n: int = 1) -> tuple[nn.Module, BAMESGD, nn.Module, BAMESGD]:
+    """A model and optimizer (``n``:4) after ``steps`` steps, and an exact copy ("the other
+    rank")."""
+    model, opt = _setup(n=n)
     for batch in _batches(steps):
         _loss(model, batch).backward()
         opt.step()
         opt.zero_grad()
     other_model = copy.deepcopy(model)
-    other = BAMESGD(nm_param_groups(other_model, n=1, m=4, exclude=()), **SCHEDULE)
+    other = BAMESGD(nm_param_groups(other_model, n=n, m=4, exclude=()), **SCHEDULE)
     other.load_state_dict(copy.deepcopy(opt.state_dict()))  # load_state_dict aliases tensors
     _assert_same_state(other, opt, other_model, model)
     return model, opt, other_model, other
@@ -305,9 +306,66 @@ def test_verify_masks_detects_and_repairs_a_simulated_mismatch(monkeypatch):
     for rank, message in enumerate(messages):
         assert message.startswith(
             f"verify_masks (rank {rank}): ranks [1] differ from rank 0 in the step counter of "
-            "param groups [1]; the masks of ['0.weight', '2.weight', '4.weight']; rank 0's"
+            "param group 1 (ranks [1]); '0.weight': the oscillation EMA (ranks [1]); "
+            "'2.weight': the mask (ranks [1]), the weights (ranks [1]); "
+            "'4.weight': the mask (ranks [1]), the oscillation EMA (ranks [1]); repaired: "
         )
     _assert_same_state(other, opt, other_model, model)
+
+
+def _compare(opt: BAMESGD, p: torch.Tensor, other: BAMESGD, q: torch.Tensor) -> dict:
+    """What ``verify_masks`` reports for ``q`` of ``other`` (rank 1) against ``p`` of ``opt``
+    (rank 0), from the checksum rows of the two optimizers."""
+    rows = [torch.stack(integration._param_row(o, x, x.device)) for o, x in ((opt, p), (other, q))]
+    assert not torch.equal(rows[0], rows[1]) or not integration._differences(torch.stack(rows))
+    return integration._differences(torch.stack(rows))
+
+
+_PAIR = torch.tensor([[True, False, False, True], [False, True, True, False]])  # {0,3}, {1,2}
+
+
+def test_mask_code_tells_the_kept_sets_0_3_and_1_2_apart():
+    # The sum of kept positions (1-based) is 5 for both {0, 3} and {1, 2}: such a swap on one
+    # rank went unseen by the former checksum.
+    model, opt, other_model, other = _trained(n=2)
+    p, q = model[2].weight, other_model[2].weight
+    assert _compare(opt, p, other, q) == {}
+    mask = other.kept_mask(q)
+    block = next(k for k in range(mask.shape[0]) if (mask[k] == _PAIR).all(1).any())
+    mask[block] = _PAIR[1] if torch.equal(mask[block], _PAIR[0]) else _PAIR[0]
+    other.state[q]["kept"] = encode_kept(mask, 2)
+    assert _compare(opt, p, other, q) == {"mask": [1]}
+
+
+def test_every_other_kept_set_of_any_one_block_changes_the_mask_code():
+    model, opt, other_model, other = _trained(n=2)
+    p, q = model[2].weight, other_model[2].weight
+    sets = combination_table(2, 4)
+    mask = opt.kept_mask(p)
+    for block in range(mask.shape[0]):
+        for kept in sets:
+            if torch.equal(kept, mask[block]):
+                continue
+            changed = mask.clone()
+            changed[block] = kept
+            other.state[q]["kept"] = encode_kept(changed, 2)
+            assert _compare(opt, p, other, q) == {"mask": [1]}, (block, kept)
+
+
+def test_every_single_entry_difference_of_weights_or_oscillation_is_seen():
+    model, opt, other_model, other = _trained(n=2)
+    p, q = model[2].weight, other_model[2].weight
+    oscillation = other.state[q]["oscillation"]
+    assert oscillation.any()
+    for tensor, what in ((q.data, "weights"), (oscillation, "oscillation EMA")):
+        flat = tensor.view(-1)
+        for i in range(flat.numel()):
+            kept = flat[i].clone()
+            for changed in (torch.nextafter(kept, torch.tensor(2.0)), -kept):  # last, sign bit
+                flat[i] = changed
+                assert _compare(opt, p, other, q) == {what: [1]}, (what, i)
+            flat[i] = kept
+    assert _compare(opt, p, other, q) == {}
 
 
 def test_verify_masks_without_fix_only_reports(monkeypatch):
@@ -318,7 +376,8 @@ def test_verify_masks_without_fix_only_reports(monkeypatch):
     results, messages = _simulate_two_ranks(monkeypatch, [opt, other], fix=False)
     assert results == [False, False]
     assert messages[1] == (
-        "verify_masks (rank 1): ranks [1] differ from rank 0 in the masks of ['2.weight']"
+        "verify_masks (rank 1): ranks [1] differ from rank 0 in '2.weight': the mask "
+        "(ranks [1]); not repaired (fix=False)"
     )
     assert torch.equal(other.state[w]["kept"], drifted)
 

@@ -2,8 +2,9 @@
 
 One launch of :mod:`tests.accelerate_worker` checks both that the ranks keep identical masks
 and weights through every mask update (and equal to a single-process run on the same global
-batches), and that :func:`~bame_optim.integrations.accelerate.verify_masks` detects a mask that
-rank 1 corrupts and repairs it from rank 0.
+batches), and that :func:`~bame_optim.integrations.accelerate.verify_masks` detects the swap of
+one block's kept set ``{0, 3}`` / ``{1, 2}`` (2:4) on rank 1, says that the mask (and the
+weights) of that parameter differ, and repairs it from rank 0.
 """
 
 from __future__ import annotations
@@ -52,8 +53,38 @@ def test_checks_run_on_every_update_step_and_catch_the_corruption(ranks):
         assert [ok for t, ok in r["checks"] if t != CORRUPT_STEP] == [True] * 9
         assert dict(r["checks"])[CORRUPT_STEP] is False
         assert len(r["warnings"]) == 1
-        assert "ranks [1] differ from rank 0" in r["warnings"][0]
-        assert "['2.weight']" in r["warnings"][0]
+        assert r["warnings"][0].startswith(
+            f"verify_masks (rank {r['rank']}): ranks [1] differ from rank 0 in '2.weight': "
+            "the mask (ranks [1]), the weights (ranks [1]); repaired: "
+        )
+
+
+def test_rank_1_swapped_0_3_and_1_2_in_one_block(ranks):
+    assert ranks[0]["swap"] is None
+    block, kept = ranks[1]["swap"]
+    assert kept in ([True, False, False, True], [False, True, True, False])
+    assert ranks[0]["repaired"]["masks"]["2.weight"][block].tolist() != kept
+
+
+def _assert_equal(a, b, where: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _assert_equal(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_equal(x, y, f"{where}/{i}")
+    else:
+        assert a == b, where
+
+
+def test_repair_leaves_identical_masks_weights_and_state(ranks):
+    first, second = (r["repaired"] for r in ranks)
+    _assert_equal(first, second)
+    _assert_equal(ranks[0]["optimizer"], ranks[1]["optimizer"])
 
 
 def test_ranks_are_identical(ranks):

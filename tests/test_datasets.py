@@ -193,7 +193,7 @@ def test_detection_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"empty: no dataset found; expected IDX files"):
         load_image_dataset(tmp_path / "empty")
-    with pytest.raises(FileNotFoundError, match=r"dataset path not found: .*nowhere"):
+    with pytest.raises(FileNotFoundError, match=r"no such file or folder: .*nowhere"):
         load_image_dataset(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=r"cifar10 dataset path not found"):
         load_image_dataset(tmp_path / "nowhere", kind="cifar10")
@@ -296,3 +296,70 @@ def test_real_fashion_mnist():
     )
     x, y = next(iter(test))
     assert x.shape == (256, 1, 28, 28) and y.shape == (256,)
+
+
+def _with_labels(split: datasets.Dataset, values: list[int]) -> datasets.Dataset:
+    """``split`` with its labels replaced by ``values`` (``cast_column`` does not check them)."""
+    feature = split.features["label"]
+    return split.remove_columns("label").add_column("label", values).cast_column("label", feature)
+
+
+@pytest.mark.parametrize("bad, hint", [(10, ""), (-1, r" \(-1 is datasets' 'no label'\)")])
+def test_saved_labels_out_of_range_are_named(tmp_path, cifar, bad, hint):
+    _, dd = cifar
+    broken = datasets.DatasetDict(train=dd["train"], test=_with_labels(dd["test"], [0, 1, bad, 2]))
+    broken.save_to_disk(tmp_path / "disk")
+    (tmp_path / "pq").mkdir()
+    for split in broken:
+        broken[split].to_parquet(tmp_path / "pq" / f"{split}-00000-of-00001.parquet")
+    for folder in ("disk", "pq"):
+        pattern = (
+            rf"{folder}: split 'test': label {bad} at index 2 is outside 0\.\.9 \(10 classes\)"
+            rf"{hint}; 1 label\(s\) out of range"
+        )
+        with pytest.raises(ValueError, match=pattern):
+            load_image_dataset(tmp_path / folder, cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.parametrize(
+    "source, reason",
+    [
+        ("./dat/fashion-mnist", r"it starts with '\.'"),
+        ("~/no-such-dataset-folder", r"it starts with '~'"),
+        ("/no/such/folder", r"it starts with '/'"),
+        ("data/fashion-mnst", r"'data' exists here"),
+        ("dat/", r"it ends with '/'"),
+        ("some/deep/folder", r"it has more than one '/'"),
+        ("dat\\fashion", "it contains a backslash"),
+        ("my data", r"it is not of the form 'name' or 'owner/name'"),
+    ],
+)
+def test_a_missing_local_path_is_not_taken_as_a_hub_name(tmp_path, monkeypatch, source, reason):
+    """Rule of :func:`detect_kind`: such a string fails at once, naming the path; the Hub
+    loader is never called (no network, no retries)."""
+    import bame_optim.integrations.datasets as image_datasets
+
+    def no_hub(*args, **kwargs):
+        pytest.fail(f"the Hub loader was called with {args} {kwargs}")
+
+    monkeypatch.setattr(image_datasets, "_load_hub", no_hub)
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    pattern = (
+        rf"no such file or folder: .*\({reason}, so not a Hugging Face Hub name\); "
+        r"a Hub dataset name looks like 'owner/name'"
+    )
+    with pytest.raises(FileNotFoundError, match=pattern):
+        detect_kind(source)
+    with pytest.raises(FileNotFoundError, match=pattern):
+        load_image_dataset(source)
+
+
+def test_hub_names_stay_hub_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for name in ("uoft-cs/cifar10", "fashion_mnist", "zalando-datasets/fashion_mnist"):
+        assert detect_kind(name) == "hub", name
+    with pytest.raises(ValueError, match="data: no dataset found"):  # it exists: local
+        detect_kind("data")

@@ -97,3 +97,42 @@ def test_real_fashion_mnist_labels_match_the_readme():
     assert train[:10].tolist() == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]
     assert np.bincount(train).tolist() == [6000] * 10
     assert np.bincount(test).tolist() == [1000] * 10
+
+
+def test_bad_deflate_data_is_named(tmp_path, write_idx_folder):
+    """A gzip header followed by garbage: zlib's 'invalid block type', not a bare zlib.error."""
+    write_idx_folder(tmp_path)
+    target = tmp_path / "train-images-idx3-ubyte.gz"
+    data = bytearray(target.read_bytes())
+    data[10:30] = b"\xff" * 20  # the deflate stream starts after the 10-byte gzip header
+    target.write_bytes(bytes(data))
+    with pytest.raises(
+        ValueError, match=r"train-images-idx3-ubyte\.gz: cannot decompress .*corrupt"
+    ):
+        load_idx_dataset(tmp_path)
+
+
+@pytest.mark.parametrize("split, bad", [("train", 10), ("t10k", 255)])
+def test_labels_out_of_range_are_named(tmp_path, write_idx_folder, idx_bytes, split, bad):
+    arrays = write_idx_folder(tmp_path, checksums=False)
+    name = f"{split}-labels-idx1-ubyte"
+    labels = arrays[name].copy()
+    labels[3] = bad
+    _rewrite(tmp_path / f"{name}.gz", idx_bytes(labels, LABELS_MAGIC))
+    pattern = rf"{name}\.gz: label {bad} at index 3 is outside 0\.\.9 \(10 classes\)"
+    with pytest.raises(ValueError, match=pattern):
+        load_idx_dataset(tmp_path)
+    load_idx_dataset(tmp_path, num_classes=bad + 1)  # in range for more classes
+
+
+@pytest.mark.parametrize(
+    "line, shown",
+    [("0123abcd", "'0123abcd'"), ("not-an-md5  train-images-idx3-ubyte", "'not-an-md5  ")],
+)
+def test_malformed_checksum_line_is_named(tmp_path, write_idx_folder, line, shown):
+    write_idx_folder(tmp_path)
+    sums = tmp_path / "MD5SUMS.decompressed"
+    lines = sums.read_text().splitlines()
+    sums.write_text("\n".join([lines[0], "", line, *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match=rf"MD5SUMS\.decompressed, line 3: expected .*{shown}"):
+        load_idx_dataset(tmp_path)

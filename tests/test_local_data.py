@@ -58,3 +58,16 @@ def test_bad_names():
         load_split("imagenet")
     with pytest.raises(ValueError, match=r"Invalid path value: None"):
         load_split("cifar10")
+
+
+@pytest.mark.parametrize("bad", [10, -1])
+def test_cifar_label_out_of_range_names_the_batch_and_value(tmp_path, write_cifar_folder, bad):
+    write_cifar_folder(tmp_path)
+    with open(tmp_path / "test_batch", "rb") as f:
+        batch = pickle.load(f)
+    batch[b"labels"][2] = bad
+    with open(tmp_path / "test_batch", "wb") as f:
+        pickle.dump(batch, f)
+    pattern = rf"test_batch: label {bad} at index 2 is outside 0\.\.9 \(10 classes\)"
+    with pytest.raises(ValueError, match=pattern):
+        read_cifar10_batches(tmp_path)

@@ -261,10 +261,13 @@ def test_grayscale_idx_data_with_resnet32(cifar_script, tmp_path, write_idx_fold
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_0001"]
 
 
-def test_dense_method_has_no_masks(cifar_script, cifar_dir, tmp_path):
+def test_dense_method_has_no_masks(cifar_script, cifar_dir, tmp_path, capsys):
     result = _run(
         cifar_script, _tiny(cifar_dir, tmp_path / "d", "--epochs", "1", "--method", "dense")
     )
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.startswith("train_cifar: small_cnn dense on "), header  # no "2:4"
+    assert ":4" not in header
     assert isinstance(result.optimizer, torch.optim.SGD)
     assert result.metrics["sparsity_report"] == [] and result.metrics["mask_oscillation"] is None
     assert result.metrics["training_flops_ratio"] == 1.0
@@ -321,6 +324,32 @@ def test_bad_data_and_occupied_output_dir(
     with pytest.raises(SystemExit):
         _run(cifar_script, _tiny(cifar_dir, occupied))
     assert "argument --output-dir" in capsys.readouterr().err
+
+
+def test_labels_out_of_range_stop_the_run_before_training(
+    cifar_script, cifar_dir, tmp_path, capsys
+):
+    import datasets
+
+    from bame_optim.integrations.datasets import load_image_dataset
+
+    dd = load_image_dataset(cifar_dir)
+    test = dd["test"]
+    labels = [11, *list(test["label"])[1:]]
+    wider = datasets.ClassLabel(names=[*test.features["label"].names, "x", "y"])
+    test = test.remove_columns("label").add_column("label", labels).cast_column("label", wider)
+    datasets.DatasetDict(train=dd["train"], test=test).save_to_disk(tmp_path / "wider")
+    with pytest.raises(SystemExit):
+        _run(cifar_script, _tiny(tmp_path / "wider", tmp_path / "o"))
+    err = capsys.readouterr().err
+    assert "argument --eval-split: invalid value 'test' (its labels have 12 classes" in err, err
+    test = test.cast_column("label", dd["train"].features["label"])  # 11 out of 0..9
+    datasets.DatasetDict(train=dd["train"], test=test).save_to_disk(tmp_path / "bad")
+    with pytest.raises(SystemExit):
+        _run(cifar_script, _tiny(tmp_path / "bad", tmp_path / "o"))
+    err = capsys.readouterr().err
+    assert "argument --data" in err and "split 'test': label 11 at index 0 is outside 0..9" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_script_runs_as_a_plain_python_command(tmp_path):

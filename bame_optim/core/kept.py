@@ -44,6 +44,11 @@ MAX_RANKED = 2**15
 decoding table of at most ``2**15 * count`` bytes); above it positions are stored."""
 
 
+_BINOMIAL_CAP = 2**40
+"""Larger than any rank sum of a ranked pattern (``< MAX_RANKED``) by far, and far below
+int64's limit even summed over ``M`` positions."""
+
+
 def combination_table(n: int, m: int) -> Tensor:
     """Bool ``[C, M]``, ``C = binom(m, n)``: row ``c`` marks the ``c``-th ``n``-subset of
     ``range(m)`` in :func:`itertools.combinations` (lexicographic) order."""
@@ -68,8 +73,11 @@ def _position_dtype(m: int) -> torch.dtype:
 
 @lru_cache(maxsize=16)
 def _binomials(m: int, device: torch.device) -> Tensor:
-    # binom(j, i) for positions j < m and ranks i <= m; cached, never written.
-    table = [[math.comb(j, i) for i in range(m + 1)] for j in range(m)]
+    # binom(j, i) for positions j < m and ranks i <= m; cached, never written. Entries above
+    # _BINOMIAL_CAP only ever meet masked-out positions or ranks of unranked patterns (ranked
+    # patterns have at most MAX_RANKED subsets), so capping them keeps int64 from overflowing
+    # for any m.
+    table = [[min(math.comb(j, i), _BINOMIAL_CAP) for i in range(m + 1)] for j in range(m)]
     return torch.tensor(table, dtype=torch.int64, device=device)
 
 

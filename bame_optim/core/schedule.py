@@ -20,7 +20,9 @@ from enum import Enum
 __all__ = [
     "DEFAULT_DELTA_T",
     "Phase",
+    "evolve_updates",
     "gradual_budget",
+    "gradual_updates",
     "is_update_step",
     "last_update_step",
     "phase",
@@ -107,3 +109,15 @@ def last_update_step(t_i: int, t_f: int, delta_t: int) -> int:
     if t_f <= t_i:
         return t_i
     return max(t_i, (t_f - 1) // delta_t * delta_t)
+
+
+def gradual_updates(t_i: int, delta_t: int) -> int:
+    """Mask updates of the gradual phase: the steps ``0 <= t < t_i`` with ``t % ΔT == 0``."""
+    return -(-t_i // delta_t)
+
+
+def evolve_updates(t_i: int, t_f: int, delta_t: int) -> int:
+    """Mask updates of the evolve phase: the steps ``t_i < t < t_f`` with ``t % ΔT == 0``."""
+    if t_f <= t_i + 1:
+        return 0
+    return (t_f - 1) // delta_t - t_i // delta_t

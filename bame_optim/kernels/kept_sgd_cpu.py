@@ -6,11 +6,13 @@ order. The eager ordinary step is, per parameter::
 
     pos = kept_indices(kept, count, m)
     w, g = gather_kept(p, pos, m), gather_kept(p.grad, pos, m)
-    masked_sgd([w], [g], [buf], [None], lr=..., momentum=..., ...)
+    torch.optim.sgd.sgd([w], [g], [buf], lr=..., momentum=..., ...)
     scatter_kept_(p, pos, w, m)
 
 :func:`fused_kept_sgd_` does the same in one native pass over the kept entries of a whole list
-of parameters (parallel over blocks with ``at::parallel_for``), with no gathered copies. For
+of parameters (parallel over blocks with ``at::parallel_for``; a few thousand kept entries at a
+time go through per-thread scratch arrays that stay in L1, no parameter-sized copies). Dense
+parameters (``kept`` None) can ride in the same call, so one call steps a whole group. For
 each kept entry, with :math:`\gamma` = ``lr``, :math:`\lambda` = ``weight_decay``,
 :math:`\mu` = ``momentum``, :math:`\tau` = ``dampening`` (as in :class:`torch.optim.SGD`):
 
@@ -31,10 +33,13 @@ dtype, float16/bfloat16 computed in float32 per operation). Whether ATen's ``fma
 depends on the CPU capability it dispatched to, so on first use a probe runs the kernel both
 ways against ATen and keeps the one that matches; if neither does, :func:`available` is False.
 
-Float16/bfloat16 caveat: ATen's own scalar tail loop (the last elements of each vectorised
-chunk) computes ``a + alpha * b`` with two roundings, so there the eager path differs from its
-own vectorised body; the kernel follows the vectorised body (one rounding), and may differ from
-eager by 1 ulp on those few tail entries. float32/float64 are exact everywhere.
+Float16/bfloat16 (``supports(..., exact=False)`` only): ATen's scalar tail loop (the last
+< 64 entries of each per-thread chunk of every eager op) computes ``a + alpha * b`` in the
+16-bit type with two roundings, unlike its vectorised body (one rounding in float32), so the
+eager result itself depends on where an entry falls. The kernel always rounds once, as the
+vectorised body: it matches eager except at those tail entries, where the two differ by the
+extra rounding of ``alpha * b`` (half an ulp of that product per op, more ulps of the result
+where the sum cancels). float32/float64 are exact everywhere.
 
 Compiled with :func:`torch.utils.cpp_extension.load` on first use (never at import), cached by
 torch in its extensions directory. ``BAME_OPTIM_NO_NATIVE=1`` (read at every call) disables it.
@@ -44,6 +49,7 @@ for anything else (non-contiguous or channels_last, DTensor, CUDA).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import platform
@@ -58,7 +64,15 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-__all__ = ["available", "disabled", "fused_kept_sgd_", "supports"]
+__all__ = [
+    "DTYPES",
+    "EXACT_DTYPES",
+    "available",
+    "compile_seconds",
+    "disabled",
+    "fused_kept_sgd_",
+    "supports",
+]
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "kept_sgd_cpu.cpp"
 """The C++ source, shipped as package data."""
@@ -66,8 +80,10 @@ SOURCE = Path(__file__).resolve().parent / "csrc" / "kept_sgd_cpu.cpp"
 DISABLE_ENV = "BAME_OPTIM_NO_NATIVE"
 """Environment variable: set to anything but ``""`` or ``"0"`` to disable native kernels."""
 
-DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-"""Parameter dtypes the kernel handles."""
+EXACT_DTYPES = (torch.float32, torch.float64)
+"""Parameter dtypes on which the kernel is bit-identical to the eager composition."""
+DTYPES = (*EXACT_DTYPES, torch.float16, torch.bfloat16)
+"""Parameter dtypes the kernel handles (``supports(..., exact=False)``)."""
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _lock = threading.Lock()
@@ -93,26 +109,28 @@ def compile_seconds() -> float | None:
     return _state.get("compile_seconds")  # type: ignore[return-value]
 
 
-def supports(param: Tensor, grad: Tensor | None) -> bool:
+def supports(param: Tensor, grad: Tensor | None, *, exact: bool = True) -> bool:
     """Whether the kernel handles ``param`` and its ``grad``: plain (not DTensor or other
-    subclass) strided CPU tensors of one shape and a dtype in :data:`DTYPES`, both contiguous,
-    ``ndim >= 2``."""
+    subclass) strided CPU tensors of one shape, both contiguous, and a dtype in
+    :data:`EXACT_DTYPES` (float32, float64: bit-identical to the eager path), or with
+    ``exact=False`` also float16/bfloat16 (see the module docstring for where those differ)."""
     if grad is None:
         return False
+    dtypes = EXACT_DTYPES if exact else DTYPES
     for t in (param, grad):
         if type(t) not in _PLAIN_TYPES or t.device.type != "cpu" or t.layout != torch.strided:
             return False
-        if t.dtype not in DTYPES or not t.is_contiguous() or t.is_neg():
+        if t.dtype not in dtypes or not t.is_contiguous() or t.is_neg():
             return False
-    return param.ndim >= 2 and grad.shape == param.shape and grad.dtype == param.dtype
+    return grad.shape == param.shape and grad.dtype == param.dtype
 
 
 def fused_kept_sgd_(
     params: list[Tensor],
     grads: list[Tensor],
     momentum_buffers: list[Tensor | None],
-    kept: list[Tensor],
-    counts: list[int],
+    kept: list[Tensor | None],
+    counts: list[int | None],
     *,
     m: int,
     lr: float,
@@ -125,14 +143,18 @@ def fused_kept_sgd_(
     """SGD on the kept entries of N:M sparse ``params``, in place (see the module docstring).
 
     Args:
-        params: parameters (``[out, in]`` or ``[out, in, *k]``), contiguous CPU tensors.
+        params: parameters (``[out, in]`` or ``[out, in, *k]``), contiguous CPU tensors
+            (:func:`supports`); float32/float64 are bit-identical to the eager path.
         grads: their gradients, same shape, dtype and layout.
         momentum_buffers: ``[K, count]`` contiguous momentum of the kept entries in block
             order, or ``None`` (first step: a new buffer is created, as torch's SGD does, and
             put back into this list). Untouched when ``momentum == 0``.
         kept: per parameter, colex ranks ``[K]`` (``uint8``/``int16``) or sorted positions
-            ``[K, count]``, as stored by :mod:`bame_optim.core.kept`.
-        counts: kept entries per block, per parameter.
+            ``[K, count]`` (``uint8``/``int16``/``int64``), as stored by
+            :mod:`bame_optim.core.kept`; or ``None`` for a dense parameter (any shape: every
+            entry is updated, as :func:`torch.optim.sgd.sgd` does, with a parameter-shaped
+            momentum buffer), so one call can step a whole parameter group.
+        counts: kept entries per block, per parameter (ignored where ``kept`` is ``None``).
         m: block size ``M``.
 
     Raises:
@@ -160,27 +182,25 @@ def fused_kept_sgd_(
     ):
         if isinstance(value, Tensor) or not isinstance(value, Real):
             raise ValueError(f"Invalid {name} value: {value!r} (a real number is required)")
-    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-        if not supports(p, g):
-            raise ValueError(
-                f"params[{i}]/grads[{i}] are not supported by the fused kernel: plain contiguous "
-                f"CPU tensors of one shape, dtype in {DTYPES}, ndim >= 2 are required"
-            )
-    tables = []
+    # Tensors are checked in C++ (cheaper per parameter than here).
+    tables: list[Tensor | None] = []
+    codes: list[int] = []
     for i, (code, count) in enumerate(zip(kept, counts, strict=True)):
+        if code is None:  # a dense parameter
+            tables.append(None)
+            codes.append(0)
+            continue
         if isinstance(count, bool) or not isinstance(count, int):
             raise ValueError(f"Invalid counts[{i}] value: {count!r} (an integer is required)")
-        if isinstance(code, Tensor) and code.ndim == 1 and 0 <= count <= m:
-            tables.append(_rank_table(count, m))
-        else:
-            tables.append(None)
+        tables.append(_rank_table(count, m) if code.ndim == 1 and 0 <= count <= m else None)
+        codes.append(count)
     created = module.fused_kept_sgd(
         params,
         grads,
         momentum_buffers,
         kept,
         tables,
-        counts,
+        codes,
         m,
         float(lr),
         float(momentum),
@@ -227,7 +247,14 @@ def _load() -> ModuleType | None:
         if "module" in _state or "error" in _state:
             return _state.get("module")  # type: ignore[return-value]
         try:
-            from torch.utils import cpp_extension
+            # Importing cpp_extension logs a CUDA_HOME warning on CPU-only machines: not ours.
+            cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+            level = cpp_logger.level
+            cpp_logger.setLevel(logging.ERROR)
+            try:
+                from torch.utils import cpp_extension
+            finally:
+                cpp_logger.setLevel(level)
 
             if not cpp_extension.is_ninja_available():
                 raise RuntimeError("ninja is not installed (pip install ninja)")
@@ -260,25 +287,27 @@ def _probe_fma(module: ModuleType) -> bool:
     """Whether ATen's CPU ``add(a, b, alpha)`` is a fused multiply-add here, in both its
     vectorised body and its scalar tail; raises if neither rounding reproduces it."""
     generator = torch.Generator().manual_seed(0)
+    modes = []
     for dtype in (torch.float32, torch.float64):
         # 1000 + 7 entries: several vector chunks and a scalar tail at any vector width.
         a = torch.randn(1007, generator=generator, dtype=torch.float64).to(dtype)
         b = torch.randn(1007, generator=generator, dtype=torch.float64).to(dtype)
-        matches = []
-        for alpha in (-0.1, 0.9, 5e-4, -0.0123):
-            expected = a.add(b, alpha=alpha)
-            matches.append(
-                [torch.equal(module.probe_add(a, b, alpha, fma), expected) for fma in (True, False)]
-            )
-        fused = all(m[0] for m in matches)
-        unfused = all(m[1] for m in matches)
-        if not (fused or unfused):
-            raise RuntimeError(
-                f"ATen's add(alpha) rounding on {dtype} matches neither a fused nor an unfused "
-                "multiply-add on this CPU, so the kernel cannot be bit-identical"
-            )
-        if dtype == torch.float32:
-            result = fused
-        elif fused != result and not (fused and unfused):
-            raise RuntimeError("ATen's add(alpha) fuses on one float dtype but not the other")
-    return result
+        alphas = (-0.1, 0.9, 5e-4, -0.0123)
+        expected = [a.add(b, alpha=alpha) for alpha in alphas]
+        modes.append(
+            [
+                all(
+                    torch.equal(module.probe_add(a, b, alpha, fma), e)
+                    for alpha, e in zip(alphas, expected, strict=True)
+                )
+                for fma in (True, False)
+            ]
+        )
+    if all(fused for fused, _ in modes):
+        return True
+    if all(unfused for _, unfused in modes):
+        return False
+    raise RuntimeError(
+        "ATen's CPU add(alpha) rounds neither as a fused nor as an unfused multiply-add "
+        f"(float32, float64: {modes}), so the kernel could not be bit-identical"
+    )

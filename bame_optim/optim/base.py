@@ -8,7 +8,8 @@ A subclass writes :meth:`NMOptimizer._step_group` (one group's update), :meth:`k
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Any, ClassVar
 
@@ -44,6 +45,16 @@ class NMOptimizer(Optimizer):
 
     _exact_dtype_state: ClassVar[tuple[str, ...]] = ()
     """State that ``Optimizer.load_state_dict`` would cast to the parameter's dtype."""
+
+    def __init__(
+        self, params: Iterable[Tensor] | Iterable[dict[str, Any]], defaults: dict[str, Any]
+    ) -> None:
+        if params is None or isinstance(params, (str, bytes)):
+            raise TypeError(
+                f"Invalid params value: {params!r} ({type(self).__name__} needs an iterable of "
+                "Tensors or of param-group dicts, e.g. model.parameters())"
+            )
+        super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (see :meth:`torch.optim.Optimizer.add_param_group`) and validate it."""
@@ -101,7 +112,11 @@ class NMOptimizer(Optimizer):
             index += len(group["params"])
             if advance:
                 group["step"] += 1
+        self._after_step(advance)
         return loss
+
+    def _after_step(self, advanced: bool) -> None:
+        """Called at the end of a ``step()`` that ran (``advanced``: its counter moved)."""
 
     def _step_group(self, group: dict[str, Any], *, first_index: int, advance: bool) -> None:
         """Update one group. ``advance=False`` is the state-initialising call: create state,
@@ -136,7 +151,14 @@ class NMOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a ``state_dict()``, keeping masks and other exact state in their saved dtypes
         (``Optimizer.load_state_dict`` casts every state tensor to the parameter's dtype;
-        ``Accelerator.prepare`` round-trips through it once)."""
+        ``Accelerator.prepare`` round-trips through it once).
+
+        Group keys missing from the saved groups get this optimizer's defaults, as
+        :class:`torch.optim.SGD` does. A state dict of another optimizer (no ``step`` in its
+        groups, e.g. a :class:`torch.optim.SGD` checkpoint) starts this optimizer's schedule
+        at step 0 (see :meth:`_loaded` for its per-parameter state). The saved groups' N:M
+        pattern wins over the current one, with a warning when they differ.
+        """
         saved = state_dict["state"]
         ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         exact = {
@@ -144,7 +166,25 @@ class NMOptimizer(Optimizer):
             for i in ids
             if i in saved
         }
+        patterns = [(g["n"], g["m"]) for g in self.param_groups]
+        keys = [set(g) - {"params", "step"} for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for index, (group, before) in enumerate(zip(self.param_groups, patterns, strict=True)):
+            foreign = "step" not in group
+            for key in keys[index] - set(group):
+                if key in self.defaults:
+                    group[key] = self.defaults[key]
+            if foreign:
+                group["step"] = 0
+                self._prepare_group(group)
+            if (group["n"], group["m"]) != before:
+                warnings.warn(
+                    f"{type(self).__name__}.load_state_dict: param group {index} was saved at "
+                    f"{group['n']}:{group['m']} and now trains at that pattern instead of "
+                    f"{before[0]}:{before[1]}",
+                    UserWarning,
+                    stacklevel=2,
+                )
         params = chain.from_iterable(group["params"] for group in self.param_groups)
         for i, p in zip(ids, params, strict=True):
             for key, value in exact.get(i, {}).items():
@@ -216,9 +256,14 @@ def check_integer(group: dict[str, Any], name: str, minimum: int) -> None:
 
 
 def _validate_sgd(group: dict[str, Any]) -> None:
+    lr = group["lr"]
+    if isinstance(lr, Tensor) and (lr.numel() != 1 or not lr.is_floating_point()):
+        raise ValueError(f"Invalid lr value: a Tensor lr must be one floating element, got "
+                         f"shape {tuple(lr.shape)} dtype {lr.dtype}")
     for name in ("lr", "momentum", "dampening", "weight_decay"):
         value = group[name]
-        if isinstance(value, Tensor) or not isinstance(value, (int, float)) or not value >= 0:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (number or (name == "lr" and isinstance(value, Tensor))) or not value >= 0:
             raise ValueError(f"Invalid {name} value: {value!r} (a float >= 0 is required)")
     if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
         raise ValueError(

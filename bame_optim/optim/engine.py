@@ -72,6 +72,30 @@ class NMEngine:
         state["last_frozen"] = 0
 
     @staticmethod
+    def check(p: Tensor, state: State, m: int, name: str) -> None:
+        """``ValueError`` naming ``name`` if ``state`` was not made for ``p`` at block size
+        ``m`` (e.g. the group's ``n`` / ``m`` were changed after a state dict was loaded)."""
+        kept = local_state(state["kept"])
+        blocks = local_tensor(p).numel() // m
+        if kept.shape[0] != blocks or state["kept_count"] > m:
+            raise ValueError(
+                f"Invalid state for {name} (shape {tuple(p.shape)}): it holds {kept.shape[0]} "
+                f"blocks keeping {state['kept_count']} each, but m={m} gives {blocks} blocks; "
+                "the state was made at another N:M pattern (load a state dict made at this "
+                "pattern, or keep the loaded pattern)"
+            )
+
+    def adopt_dense(self, p: Tensor, state: State, m: int) -> None:
+        """Take over the state of a dense optimizer (e.g. :class:`torch.optim.SGD`'s
+        parameter-shaped ``momentum_buffer``): every weight kept, buffers compacted."""
+        dense = {name: state.pop(name) for name in self.buffers if name in state}
+        self.initialise(p, state, m)
+        positions = self.positions(state, m)
+        for name, buffer in dense.items():
+            compact = gather_kept(local_tensor(buffer).to(local_tensor(p).dtype), positions, m)
+            state[name] = distribute_state(compact, p, m)
+
+    @staticmethod
     def positions(state: State, m: int) -> Tensor:
         """Sorted kept positions ``[K, count]`` (``int64``) of this rank's blocks."""
         return kept_indices(local_state(state["kept"]), state["kept_count"], m)

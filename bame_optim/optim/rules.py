@@ -18,6 +18,7 @@ All the N:M math is in :mod:`bame_optim.core`; rules only choose and combine it.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -33,12 +34,20 @@ from bame_optim.core.evolution import (
     magnitude_mask,
 )
 from bame_optim.core.nm import random_nm_mask, top_n_mask
-from bame_optim.core.schedule import DEFAULT_DELTA_T, gradual_budget
+from bame_optim.core.schedule import (
+    DEFAULT_DELTA_T,
+    Phase,
+    evolve_updates,
+    gradual_budget,
+    resolve_schedule,
+)
+from bame_optim.optim.base import check_fraction, check_integer
 
 __all__ = [
     "ASP_RULES",
     "BAME_RULES",
     "RIGL_RULES",
+    "RULE_KEYWORDS",
     "MaskContext",
     "MaskRule",
     "MaskRules",
@@ -159,6 +168,62 @@ class MaskRules:
         """Whether the evolve rule reads and returns the oscillation EMA."""
         return self.evolve is lma_obf
 
+    def rule_for(self, current: Phase, t_i: int, *, untouched: bool) -> MaskRule | None:
+        """The rule of an update step in phase ``current`` (``untouched``: the mask still
+        keeps every weight, so a ``t_i = 0`` start may replace it)."""
+        if current is Phase.PRUNE and t_i == 0 and untouched:
+            return self.start
+        if current is Phase.EVOLVE:
+            return self.evolve
+        return self.gradual
+
+    def prepare(self, group: dict[str, Any], owner: str, *, has_sparse: bool) -> None:
+        """Validate the rule keywords of a param group (``ValueError`` naming a bad one, or a
+        keyword these rules do not read) and resolve its schedule in place.
+
+        A group without sparse parameters needs no schedule (``total_steps`` may be
+        missing). A schedule whose evolve window holds fewer than
+        :data:`MIN_EVOLVE_UPDATES` update steps warns, naming the numbers."""
+        unused = sorted(k for k in RULE_KEYWORDS if k in group and k not in self.keywords)
+        if unused:
+            raise ValueError(f"Invalid param group keys {unused}: {owner} does not use them")
+        for name in ("alpha", "beta"):
+            if name in group:
+                check_fraction(group, name)
+        gamma = group.get("gamma", 0.0)
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma < 1:
+            raise ValueError(f"Invalid gamma value: {gamma!r} (must be in [0, 1))")
+        if "delta_t" in group:
+            check_integer(group, "delta_t", 1)
+        if "seed" in group:
+            check_integer(group, "seed", 0)
+        if not self.scheduled:
+            group["t_i"], group["t_f"], group["delta_t"] = 0, 0, DEFAULT_DELTA_T
+            return
+        if not has_sparse and group["total_steps"] is None:
+            group["t_i"] = 0 if group["t_i"] is None else group["t_i"]
+            group["t_f"] = group["t_i"] if group["t_f"] is None else group["t_f"]
+            return
+        t_i, t_f = resolve_schedule(group["total_steps"], group["t_i"], group["t_f"])
+        group["t_i"], group["t_f"] = t_i, t_f
+        updates = evolve_updates(t_i, t_f, group["delta_t"])
+        if has_sparse and self.evolve is not None and t_f > t_i and updates < MIN_EVOLVE_UPDATES:
+            warnings.warn(
+                f"{owner}: the evolve window t_i={t_i} .. t_f={t_f} holds {updates} mask "
+                f"update(s) at delta_t={group['delta_t']} (fewer than {MIN_EVOLVE_UPDATES}): "
+                "the masks barely evolve, which is gradual magnitude pruning, not BAME; choose "
+                f"delta_t <= {max(1, (t_f - t_i) // (MIN_EVOLVE_UPDATES + 1))} for this run",
+                UserWarning,
+                stacklevel=7,  # the optimizer's constructor call
+            )
+
+
+MIN_EVOLVE_UPDATES = 3
+"""Fewer evolve-phase mask updates than this is almost certainly a mistake (ΔT too large for a
+short run): DESIGN.md section 3."""
+
+RULE_KEYWORDS = ("total_steps", "t_i", "t_f", "delta_t", "alpha", "beta", "gamma", "seed")
+"""Keywords that only some rules read (:attr:`MaskRules.keywords`)."""
 
 _SCHEDULE = {"total_steps": None, "t_i": None, "t_f": None, "delta_t": DEFAULT_DELTA_T}
 

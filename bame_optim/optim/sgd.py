@@ -7,33 +7,27 @@ import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 from torch.optim.sgd import sgd
 
-from bame_optim.core.evolution import obf_freeze, score_dtype
+from bame_optim.core.evolution import magnitude_mask, obf_freeze, score_dtype
 from bame_optim.core.nm import num_blocks, param_to_blocks
 from bame_optim.core.schedule import (
     Phase,
+    evolve_updates,
+    gradual_updates,
     is_update_step,
     last_update_step,
     phase,
-    resolve_schedule,
 )
-from bame_optim.optim.base import (
-    SGD_DEFAULTS,
-    NMOptimizer,
-    check_fraction,
-    check_integer,
-)
+from bame_optim.optim.base import SGD_DEFAULTS, NMOptimizer
 from bame_optim.optim.engine import NMEngine
 from bame_optim.optim.functional import kept_sgd
 from bame_optim.optim.rules import ASP_RULES, BAME_RULES, RIGL_RULES, MaskContext, MaskRules
 from bame_optim.optim.sharded import block_range, gather_blocks, is_sharded, local_tensor
 
-__all__ = ["ASPSGD", "BAMESGD", "RULE_KEYWORDS", "RigLSGD"]
-
-RULE_KEYWORDS = ("total_steps", "t_i", "t_f", "delta_t", "alpha", "beta", "gamma", "seed")
-"""Keywords that only some mask rules read (:attr:`bame_optim.optim.rules.MaskRules.keywords`)."""
+__all__ = ["ASPSGD", "BAMESGD", "RigLSGD"]
 
 
 class BAMESGD(NMOptimizer):
@@ -134,37 +128,25 @@ class BAMESGD(NMOptimizer):
             nesterov=nesterov, maximize=maximize, foreach=foreach, n=n, m=m, sparse=sparse,
             fused=fused,
         ) | rule_defaults
+        self._reapply_masks = True
         super().__init__(params, defaults)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._reapply_masks = True
+
     def _prepare_group(self, group: dict[str, Any]) -> None:
-        unused = sorted(k for k in RULE_KEYWORDS if k in group and k not in self.rules.keywords)
-        if unused:
-            raise ValueError(f"Invalid param group keys {unused}: {type(self).__name__} does "
-                             "not use them")
-        for name in ("alpha", "beta"):
-            if name in group:
-                check_fraction(group, name)
-        if "gamma" in group and not (
-            isinstance(group["gamma"], (int, float)) and 0.0 <= group["gamma"] < 1.0
-        ):
-            raise ValueError(f"Invalid gamma value: {group['gamma']!r} (must be in [0, 1))")
-        if "delta_t" in group:
-            check_integer(group, "delta_t", 1)
-        if "seed" in group:
-            check_integer(group, "seed", 0)
+        has_sparse = any(self._is_sparse(p, group) for p in group["params"])
+        self.rules.prepare(group, type(self).__name__, has_sparse=has_sparse)
         if group["fused"] not in (None, True, False):
             raise ValueError(f"Invalid fused value: {group['fused']!r} (True, False or None)")
-        if self.rules.scheduled:
-            group["t_i"], group["t_f"] = resolve_schedule(
-                group["total_steps"], group["t_i"], group["t_f"]
-            )
-        else:
-            group["t_i"] = group["t_f"] = 0
-            group["delta_t"] = 1
 
     def _step_group(self, group: dict[str, Any], *, first_index: int, advance: bool) -> None:
         t, t_f = group["step"], group["t_f"]
         update = advance and is_update_step(t, group["delta_t"], group["t_i"], t_f)
+        # Weights written from outside (a model load_state_dict) lose their pruned entries on
+        # every ΔT-aligned step, and on the first step of this optimizer or after a load.
+        reapply = advance and (self._reapply_masks or t % group["delta_t"] == 0)
         engine, m = self.engine, group["m"]
         dense, sparse = [], []
         for offset, p in enumerate(group["params"]):
@@ -175,17 +157,25 @@ class BAMESGD(NMOptimizer):
             state = self.state[p]
             if not engine.initialised(state):
                 engine.initialise(p, state, m)
+            engine.check(p, state, m, f"parameter {first_index + offset}")
             if update:
                 self._update_mask(p, state, group, first_index + offset)
+            if reapply:
+                engine.zero_pruned_(p, state, m)
             if advance and t >= t_f:
                 state.pop("oscillation", None)  # the mask is fixed from here on
             if p.grad is not None:
+                _check_strided_grad(p, first_index + offset)
                 sparse.append((p, state))
+        if advance:
+            self._warn_past_total_steps(group)
         hyper = {k: group[k] for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov",
                                       "maximize", "foreach")}
         if dense:
-            buffers = [self.state[p].get("momentum_buffer") for p in dense]
-            sgd(dense, [p.grad for p in dense], buffers, **hyper)
+            buffers = [self.state[p].get("momentum_buffer") if p in self.state else None
+                       for p in dense]
+            has_sparse_grad = any(p.grad.is_sparse for p in dense)
+            sgd(dense, [p.grad for p in dense], buffers, has_sparse_grad, **hyper)
             if group["momentum"] != 0:
                 for p, buffer in zip(dense, buffers, strict=True):
                     self.state[p]["momentum_buffer"] = buffer
@@ -203,15 +193,29 @@ class BAMESGD(NMOptimizer):
                 for (p, state), buffer in zip(sparse, buffers, strict=True):
                     engine.store_buffers(p, state, [buffer], m)
 
+    def _after_step(self, advanced: bool) -> None:
+        if advanced:
+            self._reapply_masks = False
+
+    def _warn_past_total_steps(self, group: dict[str, Any]) -> None:
+        total = group.get("total_steps")
+        if total is None or group["step"] < total:
+            return
+        if any(self.state.get(p, {}).get("kept_count", 0) > group["n"] for p in group["params"]):
+            warnings.warn(
+                f"{type(self).__name__}: step() ran past total_steps={total} while the masks "
+                f"still keep more than {group['n']} of {group['m']} weights per block (the "
+                "schedule has not reached t_i): the model is not N:M. total_steps counts "
+                "optimizer steps (with gradient accumulation, len(loader) // accumulation per "
+                "epoch); call finalize_masks() to prune to N:M now",
+                UserWarning,
+                stacklevel=4,
+            )
+
     def _update_mask(self, p: Tensor, state: dict[str, Any], group: dict[str, Any], index: int):
         t, t_i, t_f, m = group["step"], group["t_i"], group["t_f"], group["m"]
         current = phase(t, t_i, t_f)
-        if current is Phase.PRUNE and t_i == 0:
-            rule = self.rules.start
-        elif current is Phase.EVOLVE:
-            rule = self.rules.evolve
-        else:
-            rule = self.rules.gradual
+        rule = self.rules.rule_for(current, t_i, untouched=state["kept_count"] == m)
         grad = None
         if current is Phase.EVOLVE:
             if p.grad is None:
@@ -265,8 +269,55 @@ class BAMESGD(NMOptimizer):
         return saved
 
     def _loaded(self, p: Tensor) -> None:
-        if "kept_mask" in self.state.get(p, {}):
-            self.engine.compact_form(p, self.state[p], self._group_of(p)["m"])
+        self._reapply_masks = True
+        state, group = self.state.get(p, {}), self._group_of(p)
+        if "kept_mask" in state:
+            self.engine.compact_form(p, state, group["m"])
+        elif state and not self.engine.initialised(state) and self._is_sparse(p, group):
+            # A dense optimizer's state (e.g. torch.optim.SGD): every weight kept at step 0,
+            # its buffers compacted.
+            self.engine.adopt_dense(p, state, group["m"])
+
+    @torch.no_grad()
+    def finalize_masks(self) -> None:
+        """Prune every sparse parameter to exactly ``n`` per block now (the ``n`` largest
+        ``|W|`` among its kept weights) and fix the masks from this step on.
+
+        For a run that stops before the schedule reaches ``t_i`` (fewer steps than
+        ``total_steps``): afterwards every block holds exactly N and ``t_i = t_f`` is the
+        current step, so the masks no longer change.
+        """
+        for group in self.param_groups:
+            m = group["m"]
+            sparse = [p for p in group["params"] if self._is_sparse(p, group)]
+            for p in sparse:
+                state = self.state[p]
+                if not self.engine.initialised(state):
+                    self.engine.initialise(p, state, m)
+                kept = self.engine.kept_mask(state, m)
+                new = magnitude_mask(param_to_blocks(local_tensor(p), m), kept, group["n"])
+                changed = self.engine.apply_mask(p, state, new, group["n"], m)
+                self.engine.zero_pruned_(p, state, m)
+                state.pop("oscillation", None)
+                state["last_flips"], state["last_frozen"] = int(changed.sum()), 0
+            if sparse:
+                group["t_i"] = group["t_f"] = group["step"]
+
+    def schedule_summary(self) -> str:
+        """One line: per group with sparse parameters, its N:M pattern, the steps of each
+        phase and the number of mask updates in the gradual and evolve phases."""
+        parts = []
+        for index, group in enumerate(self.param_groups):
+            if not any(self._is_sparse(p, group) for p in group["params"]):
+                continue
+            t_i, t_f, delta_t = group["t_i"], group["t_f"], group["delta_t"]
+            parts.append(
+                f"group {index} {group['n']}:{group['m']}: gradual to t_i={t_i} "
+                f"({gradual_updates(t_i, delta_t)} mask updates), evolve to t_f={t_f} "
+                f"({evolve_updates(t_i, t_f, delta_t)} updates, ΔT={delta_t}), then fixed"
+                + (f" (total_steps={group['total_steps']})" if group.get("total_steps") else "")
+            )
+        return f"{type(self).__name__}: " + ("; ".join(parts) or "no sparse parameters")
 
     def _params_and_groups(self):
         return [(p, group) for group in self.param_groups for p in group["params"]]
@@ -301,6 +352,15 @@ class ASPSGD(BAMESGD):
     taken. The dense pre-training is an ordinary run (``torch.optim.SGD``)."""
 
     rules = ASP_RULES
+
+
+def _check_strided_grad(p: Tensor, index: int) -> None:
+    if p.grad.layout != torch.strided:
+        raise ValueError(
+            f"Invalid gradient layout {p.grad.layout} for sparse parameter {index} (shape "
+            f"{tuple(p.shape)}): N:M masks need dense gradients; put the parameter in a group "
+            "with sparse=False (e.g. an nn.Embedding(sparse=True))"
+        )
 
 
 def _all_finite(tensor: Tensor) -> bool:

@@ -5,7 +5,8 @@ weight decay), :func:`build_parser` makes a script's parser, :func:`parse_config
 line into a :class:`~.config.TrainingConfig`, and :func:`main` parses and trains. A
 :class:`~.config.ConfigError` of the library (raised when the config is built, or by the run for
 data, splits, ``--exclude`` patterns and checkpoints) exits through ``parser.error`` (status 2)
-with a message that names the flag and the value.
+with a message that names the flag and the value; so does a
+:class:`~.loop.LaunchError` (processes that would each train alone), with its own message.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from bame_optim.methods import METHODS
 from ..datasets import KINDS
 from ..models import DEIT_SMALL
 from .config import MIXED_PRECISION, PRESETS, ConfigError, TrainingConfig
-from .loop import TrainResult, run
+from .loop import LaunchError, TrainResult, run
 
 __all__ = ["ScriptConfig", "build_parser", "flag_of", "main", "parse_config"]
 
@@ -70,7 +71,7 @@ def build_parser(script: ScriptConfig) -> argparse.ArgumentParser:
         required=True,
         help="a local dataset (CIFAR-10 python batches folder, IDX folder, image folder with "
         "train/ and test/ or val/, save_to_disk folder, parquet/arrow files) or a Hugging Face "
-        "Hub name (needs network)",
+        "Hub name, name or owner/name (needs network); a path that does not exist fails at once",
     )
     data.add_argument("--data-kind", choices=KINDS, help="override the detected dataset kind")
     data.add_argument("--cache-dir", type=Path, help="datasets' Arrow cache (default: its own)")
@@ -246,7 +247,7 @@ def parse_config(
 def main(argv: Sequence[str] | None, script: ScriptConfig) -> TrainResult:
     """Parse ``argv`` (``None``: ``sys.argv[1:]``) for ``script`` and train; a config error
     found during the run (data, splits, patterns, checkpoints) exits through
-    ``parser.error`` too."""
+    ``parser.error`` too, and so does a launch that :func:`~.loop.check_launch` refuses."""
     parser = build_parser(script)
     argv = sys.argv[1:] if argv is None else list(argv)
     config = parse_config(argv, script, parser)
@@ -254,3 +255,5 @@ def main(argv: Sequence[str] | None, script: ScriptConfig) -> TrainResult:
         return run(config, argv=argv)
     except ConfigError as err:
         _exit(parser, err)
+    except LaunchError as err:
+        parser.error(str(err))

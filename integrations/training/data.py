@@ -61,8 +61,9 @@ class TrainingData:
 def load_training_data(config: TrainingConfig, accelerator: Accelerator) -> TrainingData:
     """The train and evaluation datasets ``config`` names, with their transforms.
 
-    The main process loads (and caches) first. A bad ``data``, split or class count raises
-    :class:`~.config.ConfigError` naming that field.
+    The main process loads (and caches) first. A bad ``data`` (missing, corrupt, labels out of
+    range), split or class count (an evaluation split with more classes than the train split)
+    raises :class:`~.config.ConfigError` naming that field.
     """
     try:
         kind = config.data_kind or detect_kind(config.data)
@@ -89,6 +90,15 @@ def load_training_data(config: TrainingConfig, accelerator: Accelerator) -> Trai
     num_classes = int(getattr(label, "num_classes", 0) or 0)
     if num_classes < 2:
         raise ConfigError("data", config.data, "fewer than 2 classes")
+    eval_label = dataset_dict[eval_split].features["label"]
+    eval_classes = int(getattr(eval_label, "num_classes", 0) or 0)
+    if eval_classes > num_classes:  # its labels may exceed the model's outputs
+        raise ConfigError(
+            "eval_split",
+            eval_split,
+            f"its labels have {eval_classes} classes, the train split {config.train_split!r} "
+            f"{num_classes}",
+        )
     info = {
         "source": str(config.data),
         "kind": kind,

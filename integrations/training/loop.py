@@ -2,11 +2,13 @@
 :func:`run` trains as one :class:`~.config.TrainingConfig` says and returns a
 :class:`TrainResult`.
 
-* **Loop** under 🤗 Accelerate (``accelerate launch`` or plain ``python``): gradient
+* **Loop** under 🤗 Accelerate (``accelerate launch``, ``torchrun`` or plain ``python``;
+  :func:`check_launch` refuses processes that would each train alone): gradient
   accumulation with ``accelerator.accumulate``; the optimizer's ``total_steps`` and the lr
   schedule (:func:`~.lr_schedule.make_lr_scheduler`, stepped after every optimizer step that
   ran) count optimizer steps (``ceil(batches per process / accumulation)`` per epoch);
-  :class:`~bame_optim.integrations.accelerate.MaskSync` after every step.
+  :class:`~bame_optim.integrations.accelerate.MaskSync` after every step; train loss and
+  accuracy count every sample once (:func:`batch_sums`).
 * **Reproducible data order** (:mod:`.sampling`): a resumed run sees the same batches and
   augmentation as the uninterrupted run.
 * **Checkpoints** (:func:`~.checkpoints.save_checkpoint`): ``accelerator.save_state`` (model,
@@ -30,8 +32,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,11 +59,63 @@ from .config import RUN_DEFINING, TrainingConfig, config_dict
 from .data import TrainingData, load_training_data
 from .lr_schedule import make_lr_scheduler
 from .mask_oscillation import MaskOscillation
-from .metrics import write_metrics
+from .metrics import run_title, write_metrics
 from .resume import check_resume_compatible, resolve_resume
 from .sampling import EpochSampler, epoch_seed
 
-__all__ = ["TrainResult", "run"]
+__all__ = ["LaunchError", "TrainResult", "batch_sums", "check_launch", "run"]
+
+_CPU_RECIPE = (
+    "on CPUs give the script --cpu (TrainingConfig(cpu=True)): "
+    "`torchrun --nproc_per_node 2 examples/train_cifar.py --cpu --data ...` or "
+    "`accelerate launch --multi_gpu --num_processes 2 examples/train_cifar.py --cpu --data ...`"
+)
+
+
+class LaunchError(RuntimeError):
+    """The processes were launched so that each would train alone (:func:`check_launch`)."""
+
+
+def _env_int(environ: Mapping[str, str], name: str) -> int:
+    try:
+        return int(environ.get(name, "1"))
+    except ValueError:
+        return 1
+
+
+def check_launch(num_processes: int, environ: Mapping[str, str] | None = None) -> None:
+    """Refuse a launch whose processes would not train together.
+
+    A launcher that starts several processes (``torchrun``, ``accelerate launch --multi_gpu``)
+    sets ``WORLD_SIZE`` and ``LOCAL_WORLD_SIZE``. If Accelerate nevertheless set up one process
+    (``num_processes == 1``: e.g. no GPU and no ``--cpu``), each process would train the whole
+    run alone and write the same output folder: raises :class:`LaunchError` with the CPU
+    recipe. ``accelerate launch --cpu --num_processes N`` starts one process whatever ``N`` is
+    (it sets ``MASTER_ADDR`` but no ``WORLD_SIZE``): that gets a ``UserWarning`` with the
+    recipe and trains on the one process. ``environ`` defaults to ``os.environ``.
+    """
+    environ = os.environ if environ is None else environ
+    world = max(_env_int(environ, "WORLD_SIZE"), _env_int(environ, "LOCAL_WORLD_SIZE"))
+    if num_processes != 1:
+        return
+    if world > 1:
+        shown = ", ".join(
+            f"{k}={environ[k]}" for k in ("WORLD_SIZE", "LOCAL_WORLD_SIZE") if k in environ
+        )
+        raise LaunchError(
+            f"{world} processes were launched ({shown}) but Accelerate set up a single-process "
+            f"run in each (no GPU for them, or no --cpu): each would train the whole run alone "
+            f"and write the same output folder. To train with several processes "
+            f"{_CPU_RECIPE}; on GPUs check that torch sees them (torch.cuda.device_count())."
+        )
+    use_cpu = environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if use_cpu and "MASTER_ADDR" in environ and "WORLD_SIZE" not in environ:
+        warnings.warn(
+            f"accelerate launch --cpu runs one process whatever --num_processes says: training "
+            f"with 1 process. To train with several processes {_CPU_RECIPE}",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 @dataclass
@@ -129,6 +185,7 @@ def _prepare(config: TrainingConfig) -> tuple[_Loop, TrainingData]:
         mixed_precision=config.mixed_precision,
         cpu=config.cpu,
     )
+    check_launch(accelerator.num_processes)
     set_seed(config.seed)
     data = load_training_data(config, accelerator)
     config = dataclasses.replace(config, preset=data.preset)
@@ -233,10 +290,7 @@ def _train_epoch(loop: _Loop, progress: _Progress, epoch: int) -> dict[str, Any]
             loop.sync.after_step()
         if tracker is not None and main_process:
             tracker.after_step()
-        with torch.no_grad():  # summed on the device: no host sync per step
-            sums[0] += loss.detach().double() * len(y)
-            sums[1] += (logits.argmax(1) == y).sum()
-            sums[2] += len(y)
+        sums += batch_sums(accelerator, loss, logits, y, config.label_smoothing)
         if loop.show and index % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.4f}")
     bar.close()
@@ -256,6 +310,35 @@ def _train_epoch(loop: _Loop, progress: _Progress, epoch: int) -> dict[str, Any]
     if tracker is not None:
         row["mask_changes"] = tracker.total() - changes_before
     return row
+
+
+def batch_sums(
+    accelerator: Accelerator,
+    loss: torch.Tensor,
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """``[loss sum, correct, samples]`` (float64, on the device) of one training batch of this
+    process, such that their sum over the epoch's batches and the processes counts every sample
+    once. Under several processes Accelerate fills the epoch's last round of batches with
+    samples from its start (every process gets a full batch); on that round the per-sample
+    losses and hits are gathered with ``gather_for_metrics``, which drops the padding, and the
+    main process alone adds them. Other batches add ``loss * len(y)`` (``loss`` the batch mean)
+    without any communication or host sync."""
+    with torch.no_grad():
+        sums = torch.zeros(3, dtype=torch.float64, device=logits.device)
+        hits = (logits.argmax(1) == y).double()
+        if accelerator.num_processes > 1 and accelerator.gradient_state.end_of_dataloader:
+            losses = F.cross_entropy(
+                logits.detach().float(), y, reduction="none", label_smoothing=label_smoothing
+            )
+            losses, hits = accelerator.gather_for_metrics((losses.double(), hits))
+            if accelerator.is_main_process:
+                sums[0], sums[1], sums[2] = losses.sum(), hits.sum(), len(hits)
+            return sums
+        sums[0], sums[1], sums[2] = loss.detach().double() * len(y), hits.sum(), len(y)
+        return sums
 
 
 def _evaluate(loop: _Loop, row: dict[str, Any], times: dict[str, float]) -> None:
@@ -343,7 +426,7 @@ def run(config: TrainingConfig, *, argv: Sequence[str] | None = None) -> TrainRe
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.print(
-        f"{config.script}: {config.model} {config.method} {config.n}:{config.m} on "
+        f"{config.script}: {run_title(config)} on "
         f"{data.info['source']} ({data.info['train_samples']} train / "
         f"{data.info['eval_samples']} eval images), {accelerator.num_processes} process(es) on "
         f"{accelerator.device}, {loop.steps_per_epoch} steps/epoch, {loop.total_steps} steps"

@@ -24,7 +24,15 @@ from .config import TrainingConfig, config_dict, json_default
 from .mask_oscillation import MaskOscillation
 from .plots import plot_curves, plot_mask_oscillation
 
-__all__ = ["write_metrics"]
+__all__ = ["run_title", "write_metrics"]
+
+
+def run_title(config: TrainingConfig) -> str:
+    """``"resnet32 bame 2:4"``: the model, the method and its N:M pattern (none for dense
+    training, ``"resnet32 dense"``), as the run's header line and plots show it."""
+    if get_method(config.method).flops is FlopsProfile.DENSE:
+        return f"{config.model} {config.method}"
+    return f"{config.model} {config.method} {config.n}:{config.m}"
 
 
 def write_metrics(
@@ -55,7 +63,7 @@ def write_metrics(
     ratio, note = _flops_ratio(config, model, data_info["input_shape"], total_steps)
     evaluated = [row for row in history if row["eval_accuracy"] is not None]
     report = optimizer.sparsity_report() if hasattr(optimizer, "sparsity_report") else []
-    title = f"{config.model} {config.method} {config.n}:{config.m}"
+    title = run_title(config)
     plots = [str(plot_curves(history, output_dir / "curves.png", title))]
     oscillation = None
     if tracker is not None:
