@@ -107,6 +107,8 @@ def train(method: str, data: tuple[Split, Split], args: argparse.Namespace, seed
     total_steps = args.epochs * math.ceil(len(x) / args.batch_size)
     optimizer = make_optimizer(method, model, args, total_steps, seed)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    if method == "BAME" and seed == args.seed:
+        print(optimizer.schedule_summary())
     order = torch.Generator().manual_seed(seed)
     model.train()
     start = time.perf_counter()

@@ -44,6 +44,7 @@ is given, and through :mod:`torch.distributed` otherwise.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -59,7 +60,7 @@ from torch.optim import Optimizer
 from bame_optim.optim.base import NMOptimizer
 from bame_optim.optim.sharded import is_sharded
 
-__all__ = ["MaskSync", "unwrap_optimizer", "verify_masks"]
+__all__ = ["MaskSync", "optimizer_steps", "unwrap_optimizer", "verify_masks"]
 
 _INT_OF = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 _CHUNK = 2**20
@@ -146,6 +147,19 @@ def _mask_codes(mask: Tensor) -> list[Tensor]:
         codes = (part.reshape(-1, width) * powers).sum(-1)
         block_code += _code(codes, odd=True, start=first * pieces)
     return [mask.sum().to(torch.int64), block_code, _code(mask, odd=False)]
+
+
+def optimizer_steps(batches_per_epoch: int, epochs: int, gradient_accumulation_steps: int) -> int:
+    """The ``total_steps`` of an N:M optimizer under ``accelerator.accumulate``: optimizer
+    steps, not batches. Accelerate also steps at the end of every epoch's loader, so an epoch
+    of ``B`` batches gives ``ceil(B / gradient_accumulation_steps)`` steps (a plain loop that
+    steps every ``k``-th batch gives ``B // k``). Give ``len()`` of the prepared loader (one
+    process's share of the batches)."""
+    for name, value, least in (("batches_per_epoch", batches_per_epoch, 1), ("epochs", epochs, 1),
+                               ("gradient_accumulation_steps", gradient_accumulation_steps, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"Invalid {name} value: {value!r} (an integer >= {least} is required)")
+    return epochs * math.ceil(batches_per_epoch / gradient_accumulation_steps)
 
 
 def unwrap_optimizer(optimizer: Optimizer) -> NMOptimizer:

@@ -409,3 +409,24 @@ def test_mask_sync_timing(monkeypatch):
 def test_unwrap_refuses_a_dense_optimizer():
     with pytest.raises(TypeError, match="holds no N:M optimizer"):
         integration.unwrap_optimizer(torch.optim.SGD([nn.Parameter(torch.ones(1))]))
+
+
+def test_optimizer_steps_is_the_number_of_real_steps_under_accumulate():
+    """10 batches an epoch at accumulation 4: Accelerate steps after batches 4, 8 and at the
+    end of the loader, so 3 optimizer steps an epoch (not 10, not 10 // 4)."""
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=4)
+    data = torch.utils.data.TensorDataset(torch.randn(20, 8), torch.randint(0, 3, (20,)))
+    loader = accelerator.prepare(torch.utils.data.DataLoader(data, batch_size=2))
+    model, optimizer = accelerator.prepare(*_setup())
+    epochs = 2
+    for _ in range(epochs):
+        for batch in loader:
+            with accelerator.accumulate(model):
+                accelerator.backward(_loss(model, batch))
+                optimizer.step()
+                optimizer.zero_grad()
+    steps = integration.unwrap_optimizer(optimizer).param_groups[0]["step"]
+    assert steps == integration.optimizer_steps(len(loader), epochs, 4) == 6
+    with pytest.raises(ValueError, match="Invalid gradient_accumulation_steps value: 0"):
+        integration.optimizer_steps(10, 1, 0)
+

@@ -181,3 +181,13 @@ def test_corrupt_gzip_stream_exits_cleanly(quickstart, tmp_path, capsys, write_i
     assert exit_info.value.code == 2
     err = capsys.readouterr().err  # zlib names no file, so the job names the folder
     assert "argument --data:" in err and str(tmp_path) in err and "corrupt" in err
+
+
+def test_default_schedule_gives_bame_at_least_ten_evolve_updates(quickstart):
+    """The main job must run BAME, not gradual pruning with a mask that never evolves."""
+    from bame_optim.core.schedule import evolve_updates
+
+    args = quickstart.parse_args([])
+    steps = args.epochs * math.ceil(1437 / args.batch_size)  # digits: 1797 - 360 test images
+    assert evolve_updates(steps // 3, 2 * steps // 3, args.delta_t) >= 10
+

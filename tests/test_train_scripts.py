@@ -261,6 +261,12 @@ def test_grayscale_idx_data_with_resnet32(cifar_script, tmp_path, write_idx_fold
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_0001"]
 
 
+def test_the_run_prints_its_schedule_summary_first(cifar_script, cifar_dir, tmp_path, capsys):
+    _run(cifar_script, _tiny(cifar_dir, tmp_path / "s", "--epochs", "1", "--delta-t", "1"))
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("BAMESGD: group 0 2:4: gradual to t_i=1 (1 mask updates)"), first
+
+
 def test_dense_method_has_no_masks(cifar_script, cifar_dir, tmp_path, capsys):
     result = _run(
         cifar_script, _tiny(cifar_dir, tmp_path / "d", "--epochs", "1", "--method", "dense")

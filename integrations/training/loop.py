@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 import warnings
@@ -52,7 +51,7 @@ from tqdm.auto import tqdm
 
 from bame_optim.methods import get_method
 
-from ..accelerate import MaskSync, unwrap_optimizer
+from ..accelerate import MaskSync, optimizer_steps, unwrap_optimizer
 from .build import build_training_model, build_training_optimizer
 from .checkpoints import CHECKPOINT_DIR, OSCILLATION_FILE, TRAINER_STATE, save_checkpoint
 from .config import RUN_DEFINING, TrainingConfig, config_dict
@@ -197,8 +196,8 @@ def _prepare(config: TrainingConfig) -> tuple[_Loop, TrainingData]:
     train_loader = DataLoader(data.train, batch_size=config.batch_size, sampler=sampler, **common)
     eval_loader = DataLoader(data.eval, batch_size=config.batch_size, shuffle=False, **common)
     train_loader, eval_loader = accelerator.prepare(train_loader, eval_loader)
-    steps_per_epoch = math.ceil(len(train_loader) / config.grad_accum)
-    total_steps = config.epochs * steps_per_epoch
+    steps_per_epoch = optimizer_steps(len(train_loader), 1, config.grad_accum)
+    total_steps = optimizer_steps(len(train_loader), config.epochs, config.grad_accum)
 
     set_seed(config.seed)  # the initial weights depend on the seed only
     model = build_training_model(config, data)
@@ -425,6 +424,9 @@ def run(config: TrainingConfig, *, argv: Sequence[str] | None = None) -> TrainRe
     output_dir = config.output_dir
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+    summary = getattr(loop.inner, "schedule_summary", None)
+    if summary is not None:
+        accelerator.print(summary())
     accelerator.print(
         f"{config.script}: {run_title(config)} on "
         f"{data.info['source']} ({data.info['train_samples']} train / "

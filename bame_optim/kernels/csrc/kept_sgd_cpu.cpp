@@ -238,6 +238,9 @@ void run_dense(const Item& it, int64_t e0, int64_t e1, const Hyper& hyper) {
 template <typename T, typename Code>
 void* pick_gather(bool ranked, int64_t count) {
   GatherFn<T> fn;
+#ifdef BAME_NO_SPECIALIZE
+  count = 0;
+#endif
   if (ranked) {
     fn = count == 1 ? &gather<T, Code, true, 1>
          : count == 2 ? &gather<T, Code, true, 2>
