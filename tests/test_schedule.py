@@ -14,7 +14,10 @@ from hypothesis import strategies as st
 from bame_optim.core.schedule import (
     DEFAULT_DELTA_T,
     Phase,
+    describe_schedule,
+    evolve_updates,
     gradual_budget,
+    gradual_updates,
     is_update_step,
     last_update_step,
     phase,
@@ -235,3 +238,15 @@ def test_last_update_step_is_the_last_update_step(schedule):
     horizon = max(t_f, t_i) + 2 * delta_t
     updates = [t for t in range(horizon) if is_update_step(t, delta_t, t_i, t_f)]
     assert last_update_step(t_i, t_f, delta_t) == max(updates)
+
+
+@given(schedules())
+def test_update_counts_are_the_update_steps_of_each_phase(schedule):
+    """gradual_updates / evolve_updates against the definition of an update step."""
+    t_i, t_f, delta_t = schedule.t_i, schedule.t_f, schedule.delta_t
+    updates = [t for t in range(max(t_f, t_i) + 1) if is_update_step(t, delta_t, t_i, t_f)]
+    assert gradual_updates(t_i, delta_t) == sum(t < t_i for t in updates)
+    assert evolve_updates(t_i, t_f, delta_t) == sum(t_i < t < t_f for t in updates)
+    line = describe_schedule(2, 4, t_i, t_f, delta_t)
+    assert f"({gradual_updates(t_i, delta_t)} mask updates)" in line and "\n" not in line
+

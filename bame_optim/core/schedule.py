@@ -20,6 +20,7 @@ from enum import Enum
 __all__ = [
     "DEFAULT_DELTA_T",
     "Phase",
+    "describe_schedule",
     "evolve_updates",
     "gradual_budget",
     "gradual_updates",
@@ -121,3 +122,16 @@ def evolve_updates(t_i: int, t_f: int, delta_t: int) -> int:
     if t_f <= t_i + 1:
         return 0
     return (t_f - 1) // delta_t - t_i // delta_t
+
+
+def describe_schedule(
+    n: int, m: int, t_i: int, t_f: int, delta_t: int, total_steps: int | None = None
+) -> str:
+    """One line: the N:M pattern, the phases and their numbers of mask updates."""
+    line = (
+        f"{n}:{m}: gradual to t_i={t_i} ({gradual_updates(t_i, delta_t)} mask updates), "
+        f"evolve to t_f={t_f} ({evolve_updates(t_i, t_f, delta_t)} updates, ΔT={delta_t}), "
+        "then fixed"
+    )
+    return line if total_steps is None else f"{line} (total_steps={total_steps})"
+

@@ -1,6 +1,9 @@
 """2:4 semi-structured kernels on CUDA (``torch.sparse.to_sparse_semi_structured``), chosen per
 layer at run time, with the masked dense math as the fallback everywhere else.
 
+**Experimental until verified on a GPU:** the CUDA paths were written and tested on the CPU
+fallback only; ``python -m benchmarks.gpu_check`` runs their checks in one call.
+
 A Linear weight ``W [out, in]`` that is 2:4 along its input dimension (DESIGN.md section 2,
 ``n=2, m=4``) can be packed for the sparse tensor-core kernels of cuSPARSELt (default) or
 CUTLASS. The kernels exist only on CUDA with compute capability >= 8.0, for float16/bfloat16,

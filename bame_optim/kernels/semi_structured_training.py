@@ -2,6 +2,9 @@
 allows it, their input gradient) on packed semi-structured tensors, re-packed after every
 optimizer step.
 
+**Experimental until verified on a GPU:** the CUDA paths were written and tested on the CPU
+fallback only; ``python -m benchmarks.gpu_check`` runs their checks in one call.
+
 :class:`SemiStructuredLinearFunction` gives the packed tensors (which have no autograd formula)
 one: ``Y = X Wᵀ + b`` and ``dX = dY W`` through the packed tensors when given, ``dW = dYᵀ X``
 always dense; with no packed tensors it is the masked dense math (the CPU fallback).

@@ -15,8 +15,7 @@ from bame_optim.core.evolution import magnitude_mask, obf_freeze, score_dtype
 from bame_optim.core.nm import num_blocks, param_to_blocks
 from bame_optim.core.schedule import (
     Phase,
-    evolve_updates,
-    gradual_updates,
+    describe_schedule,
     is_update_step,
     last_update_step,
     phase,
@@ -310,13 +309,10 @@ class BAMESGD(NMOptimizer):
         for index, group in enumerate(self.param_groups):
             if not any(self._is_sparse(p, group) for p in group["params"]):
                 continue
-            t_i, t_f, delta_t = group["t_i"], group["t_f"], group["delta_t"]
-            parts.append(
-                f"group {index} {group['n']}:{group['m']}: gradual to t_i={t_i} "
-                f"({gradual_updates(t_i, delta_t)} mask updates), evolve to t_f={t_f} "
-                f"({evolve_updates(t_i, t_f, delta_t)} updates, ΔT={delta_t}), then fixed"
-                + (f" (total_steps={group['total_steps']})" if group.get("total_steps") else "")
-            )
+            parts.append(f"group {index} " + describe_schedule(
+                group["n"], group["m"], group["t_i"], group["t_f"], group["delta_t"],
+                group.get("total_steps"),
+            ))
         return f"{type(self).__name__}: " + ("; ".join(parts) or "no sparse parameters")
 
     def _params_and_groups(self):
