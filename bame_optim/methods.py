@@ -87,7 +87,9 @@ METHODS: Mapping[str, Method] = _register(
     Method("dense", torch.optim.SGD, "torch.optim.SGD, no sparsity", FlopsProfile.DENSE),
     Method("static", BAMESGD, "random N:M mask at step 0, never changed", FlopsProfile.FIXED,
            fixed={"t_i": 0, "t_f": 0}),
-    Method("rigl", RigLSGD, "RigL inside N:M blocks", FlopsProfile.SCHEDULED),
+    Method("rigl", RigLSGD, "RigL inside N:M blocks: annealed layer-wise drop of the smallest "
+           "|W|, per-block regrowth by |G| (defaults: RigLSGD.rules.keywords)",
+           FlopsProfile.SCHEDULED),
     Method("lma", BAMESGD, "BAME without OBF", FlopsProfile.SCHEDULED, fixed={"alpha": 0.0}),
     Method("bame", BAMESGD, "LMA + OBF", FlopsProfile.SCHEDULED),
     Method("bame_bidir", BidirBAMESGD, "BAME with bidirectional masks (BAME†)",

@@ -334,12 +334,13 @@ BAD_NM = {
 BAD_KEYWORD = {  # a keyword of some method and a bad value of it
     "alpha": 1.5, "beta": -0.1, "gamma": 1.0, "delta_t": 0, "seed": -1, "total_steps": -1,
     "t_i": -1, "t_f": -1, "srste_decay": -1.0, "score_lr": -1.0, "fused": "yes", "sparse": "yes",
+    "zeta": 1.5, "t_end": -1,
 }
 ALL_KEYWORDS = frozenset().union(*(accepted_keywords(name) for name in METHODS))
 SOME_VALUE = {  # a valid, non-default value of every keyword
     "n": 1, "m": 8, "sparse": True, "fused": False, "total_steps": 30, "t_i": 6, "t_f": 12,
     "delta_t": 3, "alpha": 0.25, "beta": 0.25, "gamma": 0.5, "seed": 3, "srste_decay": 1e-3,
-    "score_lr": 0.05, "differentiable": True,
+    "score_lr": 0.05, "differentiable": True, "zeta": 0.5, "t_end": 10,
 }
 
 

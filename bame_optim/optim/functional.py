@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.optim.sgd import sgd
 
 from bame_optim.core.kept import gather_kept, kept_indices, scatter_kept_
+from bame_optim.kernels import kept_sgd_cpu
 
 __all__ = ["kept_sgd"]
 
@@ -64,17 +65,14 @@ def kept_sgd(
     if not params:
         return
     if fused is not False:
-        try:  # TEMPORARY until the kernel lands
-            from bame_optim.kernels import kept_sgd_cpu
-        except ImportError:
-            kept_sgd_cpu = None
-        usable = kept_sgd_cpu is not None and kept_sgd_cpu.available() and all(
+        usable = kept_sgd_cpu.available() and all(
             kept_sgd_cpu.supports(p, g) for p, g in zip(params, grads, strict=True)
         )
         if fused and not usable:
             raise ValueError(
                 "Invalid fused value: True (the fused kept-SGD kernel is unavailable or does "
-                "not support these tensors: CPU, contiguous, float32/float64 are required)"
+                "not support these tensors: plain contiguous float32/float64 CPU tensors are "
+                "required; see bame_optim.kernels.kept_sgd_cpu)"
             )
         if usable:
             kept_sgd_cpu.fused_kept_sgd_(

@@ -11,13 +11,15 @@ rule per phase of the schedule (:mod:`bame_optim.core.schedule`):
   ASP);
 * ``gradual``: before and at ``t_i``: :func:`gradual_magnitude`;
 * ``evolve``: between ``t_i`` and ``t_f``: :func:`lma_obf` (BAME) or :func:`rigl` (RigL in N:M
-  blocks); these need the gradient, and the optimizer skips a parameter without a finite one.
+  blocks: a cosine-annealed share of the layer's smallest ``|W|`` dropped, regrown per block by
+  ``|G|``); these need the gradient, and the optimizer skips a parameter without a finite one.
 
 All the N:M math is in :mod:`bame_optim.core`; rules only choose and combine it.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ from bame_optim.core.evolution import (
     DEFAULT_GAMMA,
     evolve_mask,
     magnitude_mask,
+    score_dtype,
 )
 from bame_optim.core.nm import random_nm_mask, top_n_mask
 from bame_optim.core.schedule import (
@@ -57,7 +60,9 @@ __all__ = [
     "one_shot",
     "random_start",
     "rigl",
+    "rigl_drop_fraction",
     "rigl_mask",
+    "rigl_t_end",
 ]
 
 SEED_STRIDE = 1_000_003
@@ -128,24 +133,89 @@ def lma_obf(weight, grad, kept, oscillation, group, context) -> MaskUpdate:
     return MaskUpdate(evolution.kept, group["n"], evolution.oscillation, evolution.frozen)
 
 
-def rigl_mask(weight: Tensor, grad: Tensor, kept: Tensor, n: int) -> Tensor:
-    """Drop the kept weight with the smallest ``|W|`` and grow the pruned one with the largest
-    ``|G|``, inside every block ``[K, M]`` holding ``n`` kept weights.
+def rigl_drop_fraction(t: int, zeta: float, t_end: int) -> float:
+    """RigL's cosine-annealed drop fraction (Evci et al. 2020, Eq. 1)::
 
-    .. note:: The dropped weight competes with the pruned ones for regrowth (as in RigL,
-       where growth is chosen among all inactive connections after the drop), and wins ties,
-       so a block changes only when some pruned weight has a strictly larger ``|G|``.
+        ζ_t = ζ / 2 · (1 + cos(π t / T_end))  for t < T_end,   0 from T_end on.
     """
-    survivors = magnitude_mask(weight, kept, n - 1)
-    grow_scores = grad.abs().to(torch.promote_types(grad.dtype, torch.float32))
-    grow_scores = grow_scores.masked_fill(survivors, float("-inf"))
-    grown = top_n_mask(grow_scores, 1, prefer=kept & ~survivors)
-    return survivors | grown
+    if t >= t_end:
+        return 0.0
+    return zeta / 2 * (1 + math.cos(math.pi * t / t_end))
+
+
+def rigl_t_end(group: dict[str, Any]) -> int:
+    """``T_end`` of a group: its ``t_end``, or ``3 * total_steps // 4`` (RigL's default
+    ``0.75 T``) when ``t_end`` is ``None``; ``ValueError`` naming both if neither is set."""
+    t_end = group.get("t_end")
+    if t_end is not None:
+        return t_end
+    total = group.get("total_steps")
+    if total is None:
+        raise ValueError(
+            "Invalid t_end value: None (RigL needs t_end, or total_steps for the default "
+            "t_end = 3 * total_steps // 4)"
+        )
+    return 3 * total // 4
+
+
+def rigl_mask(weight: Tensor, grad: Tensor, kept: Tensor, n: int, drop: int) -> Tensor:
+    """RigL's drop and grow inside N:M blocks ``[K, M]`` holding ``n`` kept weights each.
+
+    Drop: the ``drop`` kept weights with the smallest ``|W|`` across the whole layer (ties:
+    the lower flat index ``k * M + j`` of the block view goes first). Grow: each block regrows
+    as many weights as it lost, those with the largest ``|G|`` among its non-surviving
+    weights (pruned and just dropped), so every block again holds exactly ``n``.
+
+    .. note:: A dropped weight competes with the pruned ones for regrowth (as in RigL, where
+       growth is chosen among all inactive connections after the drop) and wins ties, then
+       the lower index within the block wins (:func:`top_n_mask` with ``prefer=kept``); a
+       block may end unchanged. ``grad`` must be finite (survivors are ranked at ``+inf``).
+    """
+    dtype = score_dtype(weight.dtype)
+    survivors = kept
+    if drop > 0:
+        candidates = kept.flatten().nonzero().squeeze(1)  # ascending flat index
+        magnitude = weight.to(dtype).abs().flatten()[candidates]
+        order = magnitude.sort(stable=True).indices[:drop]
+        dropped = torch.zeros(kept.numel(), dtype=torch.bool, device=kept.device)
+        dropped[candidates[order]] = True
+        survivors = kept & ~dropped.view_as(kept)
+    grow_scores = grad.abs().to(torch.promote_types(grad.dtype, dtype))
+    grow_scores = grow_scores.masked_fill(survivors, float("inf"))
+    return top_n_mask(grow_scores, n, prefer=kept)
 
 
 def rigl(weight, grad, kept, oscillation, group, context) -> MaskUpdate:
-    """RigL inside N:M blocks (:func:`rigl_mask`); no OBF."""
-    return MaskUpdate(rigl_mask(weight, grad, kept, group["n"]), group["n"])
+    """RigL (Evci et al., ICML 2020) inside N:M blocks; no OBF.
+
+    At an evolve-phase update with step counter ``t``, drop
+    ``floor(ζ_t · count)`` of the layer's ``count`` kept weights (smallest ``|W|`` across the
+    parameter) and regrow, per block, as many as it lost by largest ``|G|``
+    (:func:`rigl_mask`, :func:`rigl_drop_fraction`); regrown weights start at 0 (pruned
+    weights are 0), a dropped weight that wins regrowth keeps its value. Reads ``zeta``
+    (ζ, default 0.3) and ``t_end`` (:func:`rigl_t_end`).
+
+    .. note:: Reading of RigL's schedule inside BAME's: ``t`` in the cosine is the
+       optimizer's step counter (the ``t`` of ``t_i`` and ``t_f``, counted from the start of
+       training, not from ``t_i``), and ``T_end`` defaults to ``3 * total_steps // 4``:
+       RigL's ``0.75 T`` with ``T`` the planned training length ``total_steps``. Updates
+       happen only where BAME's schedule has them (``t_i < t < t_f``, ``t % delta_t == 0``);
+       updates at ``t >= t_end`` drop nothing. With BAME's default ``t_f = 2T/3 < 0.75 T``
+       the cosine is cut at ``t_f`` (ζ_t ≈ 0.03 ζ at the last update); pass ``t_end=t_f`` to
+       anneal to 0 exactly at the end of the evolve window.
+
+    .. note:: Sharded (FSDP2) parameters are not supported yet: the layer-wide ranking needs
+       every shard's ``|W|``; this raises ``ValueError`` (and :class:`RigLSGD
+       <bame_optim.optim.sgd.RigLSGD>` at construction).
+    """
+    if context.freeze is not None or context.total_blocks != kept.shape[0]:
+        raise ValueError(
+            f"Invalid parameter {context.index}: RigL does not support sharded (FSDP2) "
+            "parameters yet (its drop ranks |W| across the whole layer)"
+        )
+    fraction = rigl_drop_fraction(context.step, group["zeta"], rigl_t_end(group))
+    drop = int(fraction * int(kept.sum()))
+    return MaskUpdate(rigl_mask(weight, grad, kept, group["n"], drop), group["n"])
 
 
 @dataclass(frozen=True)
@@ -197,6 +267,10 @@ class MaskRules:
             check_integer(group, "delta_t", 1)
         if "seed" in group:
             check_integer(group, "seed", 0)
+        if "zeta" in group:
+            check_fraction(group, "zeta")
+        if group.get("t_end") is not None:
+            check_integer(group, "t_end", 0)
         if not self.scheduled:
             group["t_i"], group["t_f"], group["delta_t"] = 0, 0, DEFAULT_DELTA_T
             return
@@ -206,6 +280,8 @@ class MaskRules:
             return
         t_i, t_f = resolve_schedule(group["total_steps"], group["t_i"], group["t_f"])
         group["t_i"], group["t_f"] = t_i, t_f
+        if has_sparse and "t_end" in self.keywords:
+            group["t_end"] = rigl_t_end(group)
         updates = evolve_updates(t_i, t_f, group["delta_t"])
         if has_sparse and self.evolve is not None and t_f > t_i and updates < MIN_EVOLVE_UPDATES:
             warnings.warn(
@@ -222,7 +298,8 @@ MIN_EVOLVE_UPDATES = 3
 """Fewer evolve-phase mask updates than this is almost certainly a mistake (ΔT too large for a
 short run): DESIGN.md section 3."""
 
-RULE_KEYWORDS = ("total_steps", "t_i", "t_f", "delta_t", "alpha", "beta", "gamma", "seed")
+RULE_KEYWORDS = ("total_steps", "t_i", "t_f", "delta_t", "alpha", "beta", "gamma", "seed", "zeta",
+                 "t_end")
 """Keywords that only some rules read (:attr:`MaskRules.keywords`)."""
 
 _SCHEDULE = {"total_steps": None, "t_i": None, "t_f": None, "delta_t": DEFAULT_DELTA_T}
@@ -235,8 +312,16 @@ BAME_RULES = MaskRules(
 )
 """BAME: gradual magnitude pruning, LMA + OBF, a seeded random start when ``t_i = 0``."""
 
-RIGL_RULES = MaskRules(start=random_start, evolve=rigl, keywords=_SCHEDULE | {"seed": 0})
-"""RigL in N:M blocks inside BAME's schedule (the paper's Table 4 row)."""
+DEFAULT_ZETA = 0.3
+"""RigL's initial drop fraction ζ (Evci et al. 2020)."""
+
+RIGL_RULES = MaskRules(
+    start=random_start,
+    evolve=rigl,
+    keywords=_SCHEDULE | {"seed": 0, "zeta": DEFAULT_ZETA, "t_end": None},
+)
+"""RigL in N:M blocks inside BAME's schedule (the paper's Table 4 row): ``zeta`` 0.3,
+``t_end`` ``None`` (``3 * total_steps // 4``, :func:`rigl_t_end`)."""
 
 ASP_RULES = MaskRules(start=one_shot, gradual=None, evolve=None, scheduled=False)
 """ASP: one-shot magnitude pruning at the first step, fixed mask after."""

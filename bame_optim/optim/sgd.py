@@ -68,6 +68,8 @@ class BAMESGD(NMOptimizer):
         alpha, beta: OBF fractions of Eq. 10 (default 0.5 each); 0 disables freezing.
         gamma: oscillation EMA momentum of Eq. 8 (default 0.9).
         seed: seeds the random start mask used when ``t_i == 0``.
+        zeta, t_end: RigL's drop fraction and the end of its annealing (:class:`RigLSGD`
+            only).
         fused: as :func:`bame_optim.optim.functional.kept_sgd` (``None``: the fused native
             kernel where it is available).
 
@@ -111,11 +113,13 @@ class BAMESGD(NMOptimizer):
         beta: float | None = None,
         gamma: float | None = None,
         seed: int | None = None,
+        zeta: float | None = None,
+        t_end: int | None = None,
         sparse: bool | None = None,
         fused: bool | None = None,
     ) -> None:
         given = dict(total_steps=total_steps, t_i=t_i, t_f=t_f, delta_t=delta_t, alpha=alpha,
-                     beta=beta, gamma=gamma, seed=seed)
+                     beta=beta, gamma=gamma, seed=seed, zeta=zeta, t_end=t_end)
         taken = self.rules.keywords
         unused = sorted(k for k, v in given.items() if v is not None and k not in taken)
         if unused:
@@ -336,9 +340,29 @@ class BAMESGD(NMOptimizer):
 
 class RigLSGD(BAMESGD):
     """:class:`BAMESGD` whose evolve-phase rule is RigL inside N:M blocks
-    (:func:`bame_optim.optim.rules.rigl`) instead of LMA + OBF; no oscillation EMA."""
+    (:func:`bame_optim.optim.rules.rigl`) instead of LMA + OBF; no oscillation EMA, no OBF.
+
+    Gradual pruning and the prune step at ``t_i`` are BAME's. At each evolve-phase update
+    (``t_i < t < t_f``, ``t % delta_t == 0``) a layer drops the
+    ``floor(ζ_t · K N)`` kept weights of smallest ``|W|`` across the parameter, with
+    ``ζ_t = zeta / 2 · (1 + cos(π t / t_end))`` (0 from ``t_end`` on), and every block regrows
+    as many as it lost by largest ``|G|``, so it keeps exactly N.
+
+    Takes ``zeta`` (ζ, default 0.3) and ``t_end`` (default ``3 * total_steps // 4``, RigL's
+    ``0.75 T``), but not ``alpha``, ``beta``, ``gamma``. Sharded (FSDP2) parameters raise
+    ``ValueError``: the layer-wide drop is not implemented across shards yet.
+    """
 
     rules = RIGL_RULES
+
+    def _prepare_group(self, group: dict[str, Any]) -> None:
+        super()._prepare_group(group)
+        for p in group["params"]:
+            if is_sharded(p) and self._is_sparse(p, group):
+                raise ValueError(
+                    f"Invalid parameter of shape {tuple(p.shape)}: RigLSGD does not support "
+                    "sharded (FSDP2) parameters yet (its drop ranks |W| across the whole layer)"
+                )
 
 
 class ASPSGD(BAMESGD):

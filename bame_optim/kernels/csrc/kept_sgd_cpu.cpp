@@ -139,24 +139,25 @@ struct Update {
 constexpr int64_t kChunkElements = 2048;  // scratch per thread: a few L1-resident arrays
 
 // Copies the kept weights and gradients of blocks [k0, k1) into w and g (block order) and
-// their element offsets into offsets. N > 0: count known at compile time.
+// their element offsets into offsets.
 template <typename T>
 using GatherFn = void (*)(const Item&, int64_t, int64_t, T*, T*, int64_t*);
 
-// GCC 12 crashes (internal compiler error) vectorising this loop; it gains nothing from it.
+// GCC 12.2 hit an internal compiler error vectorising this loop (with a compile-time count);
+// vectorising a gather gains nothing here anyway.
 #if defined(__GNUC__) && !defined(__clang__)
 #define BAME_NO_VECTORIZE __attribute__((optimize("no-tree-vectorize")))
 #else
 #define BAME_NO_VECTORIZE
 #endif
 
-template <typename T, typename Code, bool RANKED, int N>
-BAME_NO_VECTORIZE void gather(const Item& it, int64_t k0, int64_t k1, T* __restrict w, T* __restrict g,
-            int64_t* __restrict offsets) {
+template <typename T, typename Code, bool RANKED>
+BAME_NO_VECTORIZE void gather(const Item& it, int64_t k0, int64_t k1, T* __restrict w,
+                              T* __restrict g, int64_t* __restrict offsets) {
   const T* param = static_cast<const T*>(it.param);
   const T* grad = static_cast<const T*>(it.grad);
   const Code* code = static_cast<const Code*>(it.code);
-  const int64_t n = N > 0 ? N : it.count;
+  const int64_t n = it.count;
   const int64_t S = it.spatial, B = it.blocks_per_row;
   const int64_t row_stride = it.channels * S;  // entries per output channel
   const int64_t block_stride = it.m * S;       // entries between blocks along C
@@ -235,33 +236,18 @@ void run_dense(const Item& it, int64_t e0, int64_t e1, const Hyper& hyper) {
   }
 }
 
-template <typename T, typename Code>
-void* pick_gather(bool ranked, int64_t count) {
-  GatherFn<T> fn;
-#ifdef BAME_NO_SPECIALIZE
-  count = 0;
-#endif
-  if (ranked) {
-    fn = count == 1 ? &gather<T, Code, true, 1>
-         : count == 2 ? &gather<T, Code, true, 2>
-                      : &gather<T, Code, true, 0>;
-  } else {
-    fn = count == 1 ? &gather<T, Code, false, 1>
-         : count == 2 ? &gather<T, Code, false, 2>
-                      : &gather<T, Code, false, 0>;
-  }
-  return reinterpret_cast<void*>(fn);
-}
-
 template <typename T>
-void* pick_gather(at::ScalarType code_dtype, bool ranked, int64_t count) {
+void* pick_gather(at::ScalarType code_dtype, bool ranked) {
   switch (code_dtype) {
     case at::kByte:
-      return pick_gather<T, uint8_t>(ranked, count);
+      return ranked ? reinterpret_cast<void*>(&gather<T, uint8_t, true>)
+                    : reinterpret_cast<void*>(&gather<T, uint8_t, false>);
     case at::kShort:
-      return pick_gather<T, int16_t>(ranked, count);
+      return ranked ? reinterpret_cast<void*>(&gather<T, int16_t, true>)
+                    : reinterpret_cast<void*>(&gather<T, int16_t, false>);
     case at::kLong:
-      return pick_gather<T, int64_t>(ranked, count);
+      return ranked ? reinterpret_cast<void*>(&gather<T, int64_t, true>)
+                    : reinterpret_cast<void*>(&gather<T, int64_t, false>);
     default:
       return nullptr;
   }
@@ -269,10 +255,10 @@ void* pick_gather(at::ScalarType code_dtype, bool ranked, int64_t count) {
 
 // Fills it.fn and, for sparse items, it.gather; false for an unsupported dtype.
 bool pick(Item& it, at::ScalarType dtype, at::ScalarType code_dtype, bool dense, bool fma) {
-#define BAME_PICK(T)                                                                 \
-  it.fn = dense ? (fma ? &run_dense<T, true> : &run_dense<T, false>)                 \
-                : (fma ? &run_sparse<T, true> : &run_sparse<T, false>);              \
-  it.gather = dense ? nullptr : pick_gather<T>(code_dtype, it.table != nullptr, it.count); \
+#define BAME_PICK(T)                                                            \
+  it.fn = dense ? (fma ? &run_dense<T, true> : &run_dense<T, false>)            \
+                : (fma ? &run_sparse<T, true> : &run_sparse<T, false>);         \
+  it.gather = dense ? nullptr : pick_gather<T>(code_dtype, it.table != nullptr); \
   return dense || it.gather != nullptr;
   switch (dtype) {
     case at::kFloat: {
