@@ -97,7 +97,8 @@ def test_small_run_table_and_csv(tmp_path, capsys):
 
 
 def test_verdict_applies_the_stated_targets():
-    row = {"method": "bame", "n": 2, "m": 4, "ordinary_ratio": 1.1, "amortised_pct": 1.9}
+    row = {"model": "resnet32", "method": "bame", "n": 2, "m": 4, "ordinary_ratio": 1.1,
+           "amortised_pct": 1.9}
     assert step.verdict(row) == "PASS"
     assert step.verdict({**row, "ordinary_ratio": 1.2}).startswith("MISS: ordinary 1.20x")
     assert step.verdict({**row, "amortised_pct": 2.0}).startswith("MISS: update 2.00%")
@@ -105,6 +106,12 @@ def test_verdict_applies_the_stated_targets():
     assert step.verdict({**row, "n": 1, "m": 16, "ordinary_ratio": 0.99}) == "PASS"
     assert step.verdict({**row, "n": 1, "amortised_pct": None}) == "-"  # 1:4: no target
     assert step.verdict({**row, "method": "static"}) == "-"
+    on_resnet50 = {**row, "model": "resnet50", "update_vs_ordinary": 10.0}
+    assert step.verdict(on_resnet50) == "PASS"
+    assert step.verdict({**on_resnet50, "update_vs_ordinary": 10.5}).startswith(
+        "MISS: update step 10.5x ordinary"
+    )
+    assert step.verdict({**row, "update_vs_ordinary": 50.0}) == "PASS"  # no target off resnet50
 
 
 @pytest.mark.parametrize(
