@@ -16,7 +16,8 @@ as a percentage of (c) a whole training step (forward + backward + optimizer ste
 on CIFAR-shaped random data (batch 128 x 3 x 32 x 32), timed with BAMESGD and SGD interleaved.
 
 Targets: ordinary step <= 1.1x SGD at 2:4 and < 1.0x at 1:16; amortised mask-update cost < 2%
-of a training step; on ResNet-50 at 2:4 and 1:16 an update step <= 10x an ordinary step. The defaults took 9 minutes on 2 shared, busy CPU cores (``--quick``: a
+of a training step; on ResNet-50 at 2:4 and 1:16 an update step <= 10x an ordinary step. The
+defaults took 9 minutes on 2 shared, busy CPU cores (``--quick``: a
 smoke run of about a minute per model)::
 
     .venv/bin/python -m benchmarks.step                                # cpu, all models
