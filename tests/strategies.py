@@ -167,3 +167,15 @@ def block_mask(k: int, m: int, seed: int, min_kept: int, max_kept: int | None = 
 def exact_nm_mask(k: int, n: int, m: int, seed: int) -> torch.Tensor:
     """Bool ``[k, m]`` with exactly ``n`` entries per block, at random positions."""
     return block_mask(k, m, seed, n)
+
+
+# One table of SGD configurations, as torch's optimizer tests do.
+SGD_CONFIGS = [
+    dict(lr=0.1),
+    dict(lr=0.05, momentum=0.9),
+    dict(lr=0.05, momentum=0.9, dampening=0.3),
+    dict(lr=0.05, momentum=0.9, nesterov=True),
+    dict(lr=0.05, momentum=0.9, weight_decay=1e-2),
+    dict(lr=0.05, momentum=0.9, weight_decay=1e-2, nesterov=True, maximize=True),
+    dict(lr=0.0, momentum=0.5, weight_decay=1e-3),
+]

@@ -12,16 +12,8 @@ from bame_optim.core.nm import blocks_to_param, random_nm_mask
 from bame_optim.kernels import kept_sgd_cpu
 from bame_optim.optim.functional import kept_sgd
 
-# One table of configurations, as torch's optimizer tests do.
-CONFIGS = [
-    dict(lr=0.1),
-    dict(lr=0.05, momentum=0.9),
-    dict(lr=0.05, momentum=0.9, dampening=0.3),
-    dict(lr=0.05, momentum=0.9, nesterov=True),
-    dict(lr=0.05, momentum=0.9, weight_decay=1e-2),
-    dict(lr=0.05, momentum=0.9, weight_decay=1e-2, nesterov=True, maximize=True),
-    dict(lr=0.0, momentum=0.5, weight_decay=1e-3),
-]
+from .strategies import SGD_CONFIGS
+
 SHAPES = [(8, 16), (4, 8, 3), (6, 8, 2, 2)]  # Linear, Conv1d, Conv2d: blocks along dim 1
 PATTERNS = [(2, 4), (1, 8)]
 PATHS = [
@@ -66,7 +58,7 @@ def _reference(param, grad, buffer, kept, *, lr, momentum, dampening, weight_dec
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("config", SGD_CONFIGS)
 def test_kept_sgd_matches_float64_reference(config, path, pattern):
     n, m = pattern
     config = _full(config)
@@ -92,7 +84,7 @@ def test_kept_sgd_matches_float64_reference(config, path, pattern):
 
 
 @pytest.mark.parametrize(("config", "dtype"),
-                         list(itertools.product(CONFIGS, [torch.float32, torch.float64])))
+                         list(itertools.product(SGD_CONFIGS, [torch.float32, torch.float64])))
 def test_every_path_is_bit_identical(config, dtype):
     """The per-tensor loop, foreach and (where it compiles) the fused kernel agree bit for bit,
     on parameters and momentum."""

@@ -18,7 +18,7 @@ from bame_optim import BAMESGD
 from bame_optim.core.nm import blocks_to_param, param_to_blocks
 
 from .reference import ReferenceBAME, budget
-from .strategies import nm_patterns
+from .strategies import SGD_CONFIGS, nm_patterns
 
 
 @st.composite
@@ -426,16 +426,6 @@ def test_ordinary_cuda_steps_read_nothing_back_and_match_the_cpu(foreach):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-# One table of configurations, as torch's optimizer tests do.
-SGD_CONFIGS = [
-    dict(lr=0.1),
-    dict(lr=0.05, momentum=0.9),
-    dict(lr=0.05, momentum=0.9, dampening=0.3),
-    dict(lr=0.05, momentum=0.9, nesterov=True),
-    dict(lr=0.05, momentum=0.9, weight_decay=1e-2),
-    dict(lr=0.05, momentum=0.9, weight_decay=1e-2, nesterov=True, maximize=True),
-    dict(lr=0.0, momentum=0.5, weight_decay=1e-3),
-]
 SHAPES = [(8, 16), (16,), (4, 8, 3), (6, 4, 2, 2)]
 
 
