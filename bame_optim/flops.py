@@ -72,13 +72,21 @@ every sparse layer whose output dimension divides by ``M`` uses
 output dimension from the first ``step()`` on: input-grad ``d`` from ``t = 1`` (1 at ``t = 0``),
 also during the gradual phase. Other sparse layers count as ``bame``.
 
-``lbc`` (LBC, Zhang et al. NeurIPS 2022): the forward uses the union of the candidate N:M
-combinations still alive, whose density falls from 1 to ``d`` on a cubic schedule over
-``[0, t_f)``: ``d + (1 - d)(1 - t / t_f)^3``, then ``d``; input-grad and weight-grad 1 on every
-step (``t_i`` is not used). :class:`~bame_optim.peers.lbc.LBCSGD` removes *combinations* on that
-cubic; the union of those left is data-dependent and never sparser than this model (``r``
-distinct N-subsets of a block cover at least the smallest ``k`` with ``C(k, N) >= r``
-entries), so the forward here is a lower bound (and at most a third of the cost).
+``lbc`` (LBC, Zhang et al. NeurIPS 2022): input-grad and weight-grad 1 on every step (``t_i``
+is not used); the forward runs the union of the candidate combinations still alive, counted
+step by step as :class:`~bame_optim.peers.lbc.LBCSGD` runs it: at ``t = 0`` all ``C =
+binom(M, N)`` combinations (density 1), at ``t >= 1`` the ``r = remaining_count(t - 1, C, t_f)``
+left by the previous ``step()`` (:func:`~bame_optim.peers.lbc.remaining_count`: cubic from
+``C`` to 1 over ``[0, t_f)``), so from ``t = t_f + 1`` on exactly N:M. Which ``r`` combinations
+remain depends on the data, and so does the size of their union; ``r`` distinct N-subsets of a
+block cover (:func:`lbc_union_bounds`)
+
+* at most ``min(M, r N)`` entries (disjoint combinations): the ``lbc`` forward, per block and
+  step, as the density a kernel must be ready to run (an upper bound of what ``LBCSGD`` runs);
+* at least the smallest ``k`` with ``binom(k, N) >= r`` (all inside ``k`` entries): the
+  ``lbc_lower`` profile (no optimizer of its own; a lower bound).
+
+For ``N = 1`` the two agree (``r`` singletons cover ``r`` entries) and the count is exact.
 
 ``asp`` (NVIDIA ASP, Mishra et al. 2021, Table 1): ``pretrain_steps`` of dense training, then
 ``finetune_steps`` of fine-tuning with the mask pruned by magnitude before the first sparse
@@ -86,9 +94,9 @@ forward: forward, input-grad and weight-grad at ``d`` (the ratio the paper's Tab
 1.5x = 1 + 0.5 at 2:4; with ASP's masked dense kernels the fine-tuning backward would cost 1).
 Both default to ``total_steps``; the ratio is still relative to a dense run of ``total_steps``.
 
-Everything is summed in closed form over the schedule (``O(M - N)`` work, not ``O(T)``), with
-exact rational arithmetic: :func:`flops_breakdown` returns the exact ratio as a
-:class:`fractions.Fraction`.
+Everything is summed in closed form over the schedule (``O(M - N)`` work, ``O((M - N) log
+t_f)`` for LBC, not ``O(T)``), with exact rational arithmetic: :func:`flops_breakdown` returns
+the exact ratio as a :class:`fractions.Fraction`.
 """
 
 from __future__ import annotations
@@ -113,9 +121,11 @@ __all__ = [
     "LayerFlops",
     "flops_breakdown",
     "layer_flops",
+    "lbc_union_bounds",
     "step_density_sums",
     "training_flops_ratio",
 ]
+
 
 class FlopsProfile(str, Enum):
     """The FLOPs profiles of the module docstring; each method of
@@ -127,7 +137,8 @@ class FlopsProfile(str, Enum):
     SCHEDULED_BIDIR = "scheduled_bidir"  # bame_bidir
     STE = "ste"  # srste
     BIMASK = "bimask"  # Bi-Mask (the paper's comparison; no optimizer here)
-    LBC = "lbc"
+    LBC = "lbc"  # union of the remaining combinations at its largest (upper bound)
+    LBC_LOWER = "lbc_lower"  # ... at its smallest (no optimizer of its own)
     PRETRAIN_FIXED = "pretrain_fixed"  # asp
 
 
@@ -139,9 +150,11 @@ def _profile(method: str | FlopsProfile) -> FlopsProfile:
 
     if method in METHODS:
         return METHODS[method].flops
-    names = [*METHODS, FlopsProfile.BIMASK.value]
-    if method == FlopsProfile.BIMASK.value:
-        return FlopsProfile.BIMASK
+    extra = (FlopsProfile.BIMASK, FlopsProfile.LBC_LOWER)  # profiles without an optimizer
+    names = [*METHODS, *(profile.value for profile in extra)]
+    for profile in extra:
+        if method == profile.value:
+            return profile
     raise ValueError(f"Invalid method value: {method!r} (one of {', '.join(names)})")
 
 
@@ -380,10 +393,9 @@ def step_density_sums(
         return d * steps, Fraction(steps), Fraction(steps)
     if profile is FlopsProfile.BIMASK:
         return d * steps, d * steps, Fraction(steps)
-    if profile is FlopsProfile.LBC:
-        # sum_{t < t_f} (1 - t/t_f)^3 = sum_{j=1}^{t_f} j^3 / t_f^3 = (t_f + 1)^2 / (4 t_f)
-        cubic = Fraction((t_f + 1) ** 2, 4 * t_f) if t_f else Fraction(0)
-        return d * steps + (1 - d) * cubic, Fraction(steps), Fraction(steps)
+    if profile in (FlopsProfile.LBC, FlopsProfile.LBC_LOWER):
+        forward = _lbc_forward_entries(n, m, steps, t_f, upper=profile is FlopsProfile.LBC)
+        return Fraction(forward, m), Fraction(steps), Fraction(steps)
 
     # BAME-like. Kept per block in the forward of step t: m at t = 0; for t >= 1 the budget
     # after step s = t - 1: gradual_budget(u) with u = delta_t * (s // delta_t) while s < t_i,
@@ -403,6 +415,52 @@ def step_density_sums(
     if profile is FlopsProfile.SCHEDULED_BIDIR and backward_mask:
         input_grad = 1 + d * (steps - 1)
     return forward, input_grad, weight_grad
+
+
+def lbc_union_bounds(r: int, n: int, m: int) -> tuple[int, int]:
+    """``(least, most)`` entries of a block of ``m`` that the union of ``r`` distinct
+    ``n``-subsets can cover (``1 <= r <= binom(m, n)``): the smallest ``k`` with
+    ``binom(k, n) >= r`` (all of them inside ``k`` entries) and ``min(m, r n)`` (as disjoint as
+    they can be). The forward density of LBC with ``r`` combinations left lies in between.
+    """
+    check_nm(n, m)
+    _check_int("r", r, 1)
+    if r > math.comb(m, n):
+        raise ValueError(f"Invalid r value: {r!r} (at most binom({m}, {n}) = {math.comb(m, n)})")
+    least = n
+    while math.comb(least, n) < r:
+        least += 1
+    return least, min(m, r * n)
+
+
+def _lbc_forward_entries(n: int, m: int, steps: int, t_f: int, upper: bool) -> int:
+    """``sum over t < steps`` of the entries per block of LBC's forward (``m`` at ``t = 0``,
+    then a bound of the union of ``r(t - 1)`` combinations; module docstring), in closed form.
+
+    The bound ``U(r)`` is non-decreasing in ``r``, so ``U(r) = U(1) + sum_j [r >= j] (U(j) -
+    U(j - 1))`` over the ``j`` where it steps up. ``r(s) >= j >= 2`` holds iff ``s < t_f`` and
+    ``(C - 1)(t_f - s)^3 >= (j - 1) t_f^3``, i.e. for ``s`` in ``[0, t_f - x_j]`` with ``x_j``
+    the least positive integer meeting it: ``O((M - N) log t_f)`` work.
+    """
+    c = math.comb(m, n)
+    if upper:  # min(m, j n) steps up at j = 2 .. ceil(m / n)
+        steps_up = [(j, min(m, j * n) - (j - 1) * n) for j in range(2, min(c, -(-m // n)) + 1)]
+    else:  # the least k with binom(k, n) >= j steps up by one at j = binom(k, n) + 1
+        steps_up = [(math.comb(k, n) + 1, 1) for k in range(n, m)]
+    later = steps - 1  # the steps t >= 1, whose forward follows step() s = t - 1
+    entries = m + n * later
+    for j, rise in steps_up:
+        if not t_f:
+            break
+        low, high = 1, t_f  # x_j: (c - 1) x^3 >= (j - 1) t_f^3 holds at x = t_f since j <= c
+        while low < high:
+            mid = (low + high) // 2
+            if (c - 1) * mid**3 >= (j - 1) * t_f**3:
+                high = mid
+            else:
+                low = mid + 1
+        entries += rise * min(later, t_f - low + 1)
+    return entries
 
 
 def flops_breakdown(

@@ -17,21 +17,25 @@ STEPS_PER_EPOCH = 196  # ceil(50_000 / 256)
 DELTA_T = 100
 INPUT_SHAPE = (3, 32, 32)
 
-# (method, n, m, the paper's Table 1 ratio or None; "(T2)" marks a Table 2 number)
+# (method, n, m, the paper's Table 1 ratio or "-"; "(T2)" marks a Table 2 number); lbc_lower
+# is LBC's forward at its least dense (bame_optim.flops docstring), the same as lbc when N = 1
 ROWS: list[tuple[str, int, int, str]] = [
     ("asp", 2, 4, "1.5"),
     ("srste", 2, 4, "0.83"),
     ("lbc", 2, 4, "0.72"),
+    ("lbc_lower", 2, 4, "-"),
     ("bimask", 2, 4, "0.66 (T2)"),
     ("static", 2, 4, "-"),
     ("bame", 2, 4, "0.63"),
     ("bame_bidir", 2, 4, "0.59 (T2)"),
     ("srste", 1, 4, "0.74"),
+    ("lbc", 1, 4, "-"),
     ("bimask", 1, 4, "0.49"),
     ("static", 1, 4, "-"),
     ("bame", 1, 4, "0.39"),
     ("bame_bidir", 1, 4, "-"),
     ("srste", 1, 16, "0.67"),
+    ("lbc", 1, 16, "-"),
     ("bimask", 1, 16, "0.37"),
     ("static", 1, 16, "-"),
     ("bame", 1, 16, "0.29"),

@@ -7,6 +7,7 @@ import contextlib
 import doctest
 import io
 import itertools
+import math
 import re
 import time
 from fractions import Fraction
@@ -24,11 +25,13 @@ from bame_optim.core.schedule import Phase, gradual_budget, is_update_step, phas
 from bame_optim.flops import (
     flops_breakdown,
     layer_flops,
+    lbc_union_bounds,
     step_density_sums,
     training_flops_ratio,
 )
 from bame_optim.integrations.models import resnet32
 from bame_optim.methods import METHODS as REGISTRY
+from bame_optim.peers.lbc import LBCSGD, remaining_count
 
 PATTERNS = [(2, 4), (1, 4), (1, 16)]
 METHODS = [*REGISTRY, "bimask"]  # every method of the registry, and Bi-Mask's profile
@@ -404,13 +407,60 @@ def check_against_loop(
             method, n=n, m=m, total_steps=steps, t_i=t_i, t_f=t_f, delta_t=delta_t
         )
         assert got == loop_sums(method, n, m, steps, t_i, t_f, delta_t), (method, got)
-    d = Fraction(n, m)
-    cubic = Fraction(sum((t_f - t) ** 3 for t in range(t_f)), t_f**3) if t_f else 0
-    assert step_density_sums("lbc", n=n, m=m, total_steps=steps, t_i=t_i, t_f=t_f) == (
-        steps * d + (1 - d) * cubic,
-        steps,
-        steps,
-    )
+    for method in ("lbc", "lbc_lower"):
+        got = step_density_sums(method, n=n, m=m, total_steps=steps, t_i=t_i, t_f=t_f)
+        assert got == lbc_loop_sums(method, n, m, steps, t_f), (method, got)
+
+
+def lbc_loop_sums(method: str, n: int, m: int, steps: int, t_f: int):
+    """Step by step, as LBCSGD runs: the forward of step t uses the union of the combinations
+    the previous step() left, r(t - 1) of them (all C at t = 0), at its largest (``lbc``) or
+    smallest (``lbc_lower``) size; the backward is dense."""
+    c = math.comb(m, n)
+    forward = 0
+    for t in range(steps):
+        r = c if t == 0 else remaining_count(t - 1, c, t_f)
+        least, most = lbc_union_bounds(r, n, m)
+        forward += most if method == "lbc" else least
+    return Fraction(forward, m), steps, steps
+
+
+@pytest.mark.parametrize("n, m", [(1, 2), (1, 3), (2, 3), (1, 4), (2, 4), (3, 4), (2, 5), (3, 5)])
+def test_lbc_union_bounds_are_the_extremes_over_all_sets_of_combinations(n, m):
+    combos = [frozenset(c) for c in itertools.combinations(range(m), n)]
+    for r in range(1, len(combos) + 1):
+        sizes = {len(frozenset().union(*chosen)) for chosen in itertools.combinations(combos, r)}
+        assert lbc_union_bounds(r, n, m) == (min(sizes), max(sizes)), r
+    for r in (0, len(combos) + 1):
+        with pytest.raises(ValueError, match="r value"):
+            lbc_union_bounds(r, n, m)
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (3, 8)])
+def test_lbc_bounds_hold_the_masks_of_lbcsgd(n, m):
+    """The density of the mask LBCSGD holds before each step (the one the forward uses) lies
+    between the two profiles at every step, and equals both when N = 1."""
+    torch.manual_seed(0)
+    model = nn.Linear(16, 8, bias=False)
+    steps, t_f = 30, 21
+    opt = LBCSGD(nm_param_groups(model, n, m, exclude=()), lr=0.1, momentum=0.9, n=n, m=m,
+                 total_steps=steps, t_f=t_f)  # fmt: skip
+    x = torch.randn(32, 16)
+    c = math.comb(m, n)
+    forward = Fraction(0)
+    for t in range(steps):
+        mask = opt.state[model.weight]["mask"] if t else torch.ones(1, m, dtype=torch.bool)
+        kept = Fraction(int(mask.sum()), mask.numel())
+        least, most = lbc_union_bounds(c if t == 0 else remaining_count(t - 1, c, t_f), n, m)
+        assert Fraction(least, m) <= kept <= Fraction(most, m), t
+        forward += kept
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    lower = step_density_sums("lbc_lower", n=n, m=m, total_steps=steps, t_f=t_f)[0]
+    upper = step_density_sums("lbc", n=n, m=m, total_steps=steps, t_f=t_f)[0]
+    assert lower <= forward <= upper
+    assert (lower == forward == upper) == (n == 1)
 
 
 def test_bame_closed_form_equals_the_step_loop_on_a_grid():

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bame_optim.core.nm import (
@@ -221,6 +221,59 @@ def test_top_n_mask_exactly_n_and_minus_inf_last(case):
         finite = sum(s != -INF for s in row)
         kept_inf = sum(s == -INF and keep for s, keep in zip(row, kept, strict=True))
         assert kept_inf == max(0, n - finite)
+
+
+def _reference_top_n_mask(scores, n, prefer=None):
+    """``top_n_mask`` as it was before the sort-free rewrite: two stable sorts."""
+    if prefer is None:
+        order = scores.sort(dim=1, descending=True, stable=True).indices
+    else:
+        # Two stable sorts give the lexicographic order (score desc, preferred first, index).
+        first = (~prefer).to(torch.uint8).sort(dim=1, stable=True).indices
+        by_score = scores.gather(1, first).sort(dim=1, descending=True, stable=True).indices
+        order = first.gather(1, by_score)
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    return mask.scatter_(1, order[:, :n], True)
+
+
+NAN = float("nan")
+# Few distinct values, so most blocks hold ties; signed zeros, both infinities, NaNs of both signs.
+SPECIAL_VALUES = st.sampled_from([-2.0, -1.0, -0.0, 0.0, 0.5, 1.0, 2.0, INF, -INF, NAN, -NAN])
+BIT_VIEW = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
+
+
+@st.composite
+def special_cases(draw):
+    m = draw(st.sampled_from([1, 2, 3, 4, 5, 8, 16, 17, 32, 33]))  # 32+: 16-bit tie codes
+    k = draw(st.integers(0, 6))
+    n = draw(st.integers(0, m))
+    pool = st.sampled_from(draw(st.lists(SPECIAL_VALUES, min_size=1, max_size=3)))
+    values = draw(st.sampled_from([pool, SPECIAL_VALUES, st.one_of(pool, st.floats(width=32))]))
+    flat = draw(st.lists(values, min_size=k * m, max_size=k * m))
+    with_prefer = draw(st.booleans())
+    prefer = draw(st.lists(st.booleans(), min_size=k * m, max_size=k * m)) if with_prefer else None
+    return k, m, n, flat, prefer, draw(st.booleans())
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=special_cases(), dtype=st.sampled_from(list(BIT_VIEW)))
+def test_top_n_mask_equals_two_sort_reference(case, dtype):
+    """The sort-free ``top_n_mask`` is bit-for-bit the two-sort one, NaN, infinities and signed
+    zeros included, for every n in [0, M], with and without ``prefer``, on strided input too."""
+    k, m, n, flat, prefer, transposed = case
+    base = torch.tensor(flat, dtype=torch.float64).to(dtype)
+    scores = base.reshape(m, k).t() if transposed else base.reshape(k, m)
+    prefer_t = None if prefer is None else torch.tensor(prefer, dtype=torch.bool).reshape(k, m)
+    bits = scores.view(BIT_VIEW[dtype]).clone()
+    mask = top_n_mask(scores, n, prefer=prefer_t)
+    assert mask.dtype == torch.bool and mask.shape == (k, m)
+    assert torch.equal(mask, _reference_top_n_mask(scores, n, prefer_t))
+    assert torch.equal(scores.view(BIT_VIEW[dtype]), bits)  # the input is left alone
 
 
 def test_top_n_mask_hand_written_ties():

@@ -14,6 +14,8 @@ back into the parameter's layout (a view when it can be one).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -88,7 +90,10 @@ def top_n_mask(scores: Tensor, n: int, prefer: Tensor | None = None) -> Tensor:
 
     Ties are broken deterministically, so every rank and every run get the same mask:
     among equal scores an entry with ``prefer`` set wins (the currently kept weight, DESIGN.md
-    section 4 step 2), and then the lower index within the block wins.
+    section 4 step 2), and then the lower index within the block wins. The mask is the first
+    ``n`` of each block in the lexicographic order (score descending, preferred first, index),
+    where scores compare as ``torch.sort`` compares them: ``-0.0 == 0.0``, NaN above ``+inf``
+    and all NaNs equal.
 
     Args:
         scores: ``[K, M]`` floating scores; larger is more important. ``-inf`` is never kept
@@ -98,21 +103,63 @@ def top_n_mask(scores: Tensor, n: int, prefer: Tensor | None = None) -> Tensor:
 
     Returns:
         ``[K, M]`` bool mask with exactly ``n`` entries set in every block.
+
+    .. note:: No sort: ``min(n, M - n)`` rounds each pick one winner (or, when ``n > M / 2``,
+       one loser) per block with a row max (min) of the scores, then, among the entries equal
+       to it, the row max of a small integer tie code (:func:`_tie_code`) that is unique
+       within a block. A few passes over ``[K, M]`` per round, against two stable sorts of
+       tiny rows before. Scores with a NaN cost a device sync (the check) and one more pass.
     """
     if scores.ndim != 2:
         raise ValueError(f"Invalid scores shape {tuple(scores.shape)}: expected [K, M]")
     m = scores.shape[1]
     if not 0 <= n <= m:
         raise ValueError(f"Invalid n value: {n} (0 <= n <= M={m} is required)")
+    top = 2 * n <= m  # pick the n winners, or the m - n losers: whichever takes fewer rounds
+    rounds = n if top else m - n
+    if rounds == 0:
+        return torch.full(scores.shape, not top, dtype=torch.bool, device=scores.device)
+    best_of = torch.amax if top else torch.amin
+    code = _tie_code(prefer, m, top, scores.device)
+    best = best_of(scores, dim=1, keepdim=True)
+    if scores.is_floating_point() and bool(best.isnan().any()):
+        # NaN sorts above +inf and NaNs tie: compare them as +inf, the tie code ranks them above.
+        nan = scores.isnan()
+        scores = scores.masked_fill(nan, math.inf)
+        code = code + (nan if top else ~nan).to(code.dtype) * (2 * m)
+        best = best_of(scores, dim=1, keepdim=True)
+    removed = _extreme(scores.dtype, low=top)
+    chosen = None
+    for round_ in range(rounds):
+        if round_:
+            best = best_of(scores, dim=1, keepdim=True)
+        tied = code * (scores == best)  # 0 off the best score and at entries already chosen
+        pick = tied == tied.amax(dim=1, keepdim=True)  # one entry per block: codes are unique
+        chosen = pick if chosen is None else chosen.logical_or_(pick)
+        if round_ + 1 < rounds:
+            scores = scores.masked_fill(pick, removed)
+            code = code * ~pick
+    return chosen if top else chosen.logical_not_()
+
+
+def _tie_code(prefer: Tensor | None, m: int, top: bool, device: torch.device) -> Tensor:
+    """Positive integer codes ``[K or 1, M]``, unique within a block, larger first among equal
+    scores: for winners (``top``) preferred then lower index; for losers the reverse (not
+    preferred, then higher index). Values stay below ``2 M`` (``4 M`` with the NaN tier)."""
+    dtype = torch.int8 if 4 * m < 2**7 else torch.int16 if 4 * m < 2**15 else torch.int64
+    index = torch.arange(m, device=device, dtype=dtype).unsqueeze(0)
+    code = m - index if top else index + 1
     if prefer is None:
-        order = scores.sort(dim=1, descending=True, stable=True).indices
-    else:
-        # Two stable sorts give the lexicographic order (score desc, preferred first, index).
-        first = (~prefer).to(torch.uint8).sort(dim=1, stable=True).indices
-        by_score = scores.gather(1, first).sort(dim=1, descending=True, stable=True).indices
-        order = first.gather(1, by_score)
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    return mask.scatter_(1, order[:, :n], True)
+        return code
+    return code + (prefer if top else ~prefer).to(dtype) * m
+
+
+def _extreme(dtype: torch.dtype, low: bool) -> float | int:
+    """A value no score is below (``low``) or above: ``-inf`` / ``+inf`` or the integer bound."""
+    if dtype.is_floating_point:
+        return -math.inf if low else math.inf
+    info = torch.iinfo(dtype)
+    return info.min if low else info.max
 
 
 def random_nm_mask(
