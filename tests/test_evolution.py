@@ -484,3 +484,22 @@ def test_magnitude_mask_from_dense_to_n(n, m):
     )
     new = magnitude_mask(weight, torch.ones(3, m, dtype=torch.bool), n)
     assert new.tolist() == ref_magnitude(weight.double(), torch.ones(3, m, dtype=torch.bool), n)
+
+
+@MODERATE
+@given(
+    values=st.lists(
+        st.sampled_from([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1.0, 2.5]),
+        max_size=40,
+    ),
+    fraction=fractions,
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_top_fraction_equals_the_stable_descending_sort(values, fraction, dtype):
+    """The selection path (kthvalue and tied entries in index order) keeps what a stable
+    descending sort keeps, NaN, infinities and signed zeros included."""
+    tensor = torch.tensor(values, dtype=dtype)
+    count = math.floor(fraction * len(values))
+    order = tensor.sort(descending=True, stable=True).indices[:count]
+    expected = torch.zeros(len(values), dtype=torch.bool).scatter_(0, order, True)
+    assert torch.equal(top_fraction(tensor, fraction), expected)

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bame_optim import BAMESGD
+from bame_optim.core import kept as kept_module
 from bame_optim.core.kept import (
     MAX_RANKED,
     encode_kept,
@@ -22,7 +23,7 @@ from bame_optim.core.kept import (
 )
 from bame_optim.core.nm import blocks_to_param, param_to_blocks
 
-from .strategies import nm_patterns
+from .strategies import MODERATE, nm_patterns
 
 PATTERNS = [(1, 4), (2, 4), (1, 8), (2, 8), (4, 8), (1, 16), (8, 16), (16, 32), (3, 32)]
 
@@ -121,3 +122,18 @@ def test_frozen_phase_state_is_a_fraction_of_sgd_momentum(n, m, bound):
     k = p.numel() // m
     assert state_bytes == k * n * 4 + k  # fp32 momentum of kept weights + one byte per block
     assert state_bytes < bound * sgd_bytes
+
+
+@MODERATE
+@given(st.data())
+def test_bit_table_encoding_equals_the_binomial_sum(data):
+    """Blocks of M <= MAX_BIT_TABLE_M are encoded through a table of bit patterns: the same
+    colex ranks as summing binomials per position."""
+    m = data.draw(st.integers(1, kept_module.MAX_BIT_TABLE_M))
+    count = data.draw(st.integers(0, m))
+    k = data.draw(st.integers(0, 40))
+    seed = data.draw(st.integers(0, 2**16))
+    scores = torch.rand(k, m, generator=torch.Generator().manual_seed(seed))
+    mask = torch.zeros(k, m, dtype=torch.bool).scatter_(1, scores.argsort(1)[:, :count], True)
+    expected = kept_module._encode_by_binomials(mask)
+    assert torch.equal(encode_kept(mask, count).long(), expected)

@@ -100,10 +100,21 @@ def top_fraction(values: Tensor, fraction: float) -> Tensor:
     """
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"Invalid fraction value: {fraction!r} (must be in [0, 1])")
-    count = int(fraction * values.numel())
-    order = values.sort(descending=True, stable=True).indices
+    size = values.numel()
+    count = int(fraction * size)
     chosen = torch.zeros_like(values, dtype=torch.bool)
-    return chosen.scatter_(0, order[:count], True)
+    if count == 0 or count == size:
+        return chosen.fill_(count == size)
+    if values.is_floating_point() and bool(values.isnan().any()):
+        # torch.sort ranks NaN above everything; keep its order exactly.
+        order = values.sort(descending=True, stable=True).indices
+        return chosen.scatter_(0, order[:count], True)
+    # The count-th largest value by selection (O(K), not a sort): everything above it, then
+    # the tied entries in index order, which is what the stable descending sort keeps.
+    threshold = values.kthvalue(size - count + 1).values
+    above = values > threshold
+    tied = values == threshold
+    return above | (tied & (tied.cumsum(0) <= count - above.sum()))
 
 
 def obf_freeze(oscillation: Tensor, norms: Tensor, alpha: float, beta: float) -> Tensor:

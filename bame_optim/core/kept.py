@@ -39,6 +39,10 @@ __all__ = [
     "scatter_kept_",
 ]
 
+MAX_BIT_TABLE_M = 16
+"""Up to this ``M`` a block's kept set is encoded through its bit pattern and a ``2**M`` table
+(65536 int64 entries at most); larger ``M`` sums binomials per position."""
+
 MAX_RANKED = 2**15
 """Largest number of subsets ``binom(M, count)`` stored as a rank (an ``int16`` code and a
 decoding table of at most ``2**15 * count`` bytes); above it positions are stored."""
@@ -103,15 +107,34 @@ def encode_kept(mask: Tensor, count: int) -> Tensor:
     the sorted kept positions ``[K, count]``."""
     if mask.ndim != 2 or mask.dtype != torch.bool:
         raise ValueError(f"Invalid mask {tuple(mask.shape)} {mask.dtype}: expected [K, M] bool")
-    k, m = mask.shape
+    m = mask.shape[1]
     if not 0 <= count <= m:
         raise ValueError(f"Invalid count value: {count} (0 <= count <= M={m} is required)")
     if not _ranked(count, m):
         return _sorted_positions(mask, count).to(_position_dtype(m))
+    if m <= MAX_BIT_TABLE_M:
+        # One small integer per block (its bit pattern) and a table lookup.
+        bits = (mask.to(torch.int32) << torch.arange(m, device=mask.device, dtype=torch.int32))
+        ranks = _rank_by_bits(m, mask.device).index_select(0, bits.sum(dim=1))
+        return ranks.to(_code_dtype(count, m))
+    return _encode_by_binomials(mask).to(_code_dtype(count, m))
+
+
+def _encode_by_binomials(mask: Tensor) -> Tensor:
+    # The colex rank, sum of binom(c_i, i) over the kept positions (int64), for any M.
+    k, m = mask.shape
     ranks = mask.cumsum(dim=1).clamp_(max=m)
     columns = torch.arange(m, device=mask.device).expand(k, m)
     terms = _binomials(m, mask.device)[columns, ranks]
-    return terms.masked_fill_(~mask, 0).sum(dim=1).to(_code_dtype(count, m))
+    return terms.masked_fill_(~mask, 0).sum(dim=1)
+
+
+@lru_cache(maxsize=16)
+def _rank_by_bits(m: int, device: torch.device) -> Tensor:
+    # Row b: the colex rank of the subset whose bit pattern is b (any popcount); cached.
+    patterns = torch.arange(2**m, dtype=torch.int64)
+    mask = (patterns.unsqueeze(1) >> torch.arange(m)) & 1
+    return _encode_by_binomials(mask.bool()).to(device)
 
 
 def _sorted_positions(mask: Tensor, count: int) -> Tensor:
