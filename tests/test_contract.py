@@ -33,6 +33,7 @@ from bame_optim.core.evolution import score_dtype
 from bame_optim.core.nm import is_nm_sparse, param_to_blocks
 from bame_optim.flops import FlopsProfile, layer_flops, step_density_sums, training_flops_ratio
 from bame_optim.methods import (
+    ADAMW_KEYWORDS,
     CONTEXT_KEYWORDS,
     METHODS,
     SGD_KEYWORDS,
@@ -50,10 +51,17 @@ TOTAL_STEPS, DELTA_T, T_I, T_F = 24, 2, 8, 16  # t_i, t_f: the defaults T // 3 a
 INPUT_SHAPE = (4, 4, 4)
 RUN = {"total_steps": TOTAL_STEPS, "delta_t": DELTA_T}
 """The same keywords for every method (``make_optimizer`` drops those a method does not take)."""
-HYPER = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3}
+HYPER = {
+    "sgd": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3},
+    "adamw": {"lr": 1e-2, "weight_decay": 1e-3},
+}
+"""The same hyper-parameters for every method of one optimizer family (:attr:`Method.optimizer`)."""
+DENSE_FACTORIES = (torch.optim.SGD, torch.optim.AdamW)
 
 ALL_METHODS = list(METHODS)
-SPARSE_METHODS = [name for name, record in METHODS.items() if record.factory is not torch.optim.SGD]
+SPARSE_METHODS = [name for name, record in METHODS.items() if record.factory not in DENSE_FACTORIES]
+SGD_METHODS = [name for name, record in METHODS.items() if record.optimizer == "sgd"]
+ADAMW_METHODS = [name for name, record in METHODS.items() if record.optimizer == "adamw"]
 RESUME_POINTS = {3: "gradual", 8: "prune-next", 9: "evolve-first", 12: "evolve", 16: "frozen-first",
                  20: "frozen"}
 
@@ -81,7 +89,8 @@ def build_optimizer(
     """``method``'s optimizer over ``model`` (every Linear/Conv weight sparse), attached to the
     model where the method needs it."""
     groups = nm_param_groups(model, n, m, exclude=())
-    opt = make_optimizer(method, groups, n=n, m=m, **RUN, **(HYPER | hyper))
+    family = HYPER[METHODS[method].optimizer]
+    opt = make_optimizer(method, groups, n=n, m=m, **RUN, **(family | hyper))
     record = METHODS[method]
     if attach and record.attach is not None:
         record.attach(model, opt)
@@ -233,6 +242,9 @@ def test_load_state_dict_keeps_dtypes(method, dtype):
     for (i, key), found in dtypes.items():
         expected = {
             "momentum_buffer": dtype,
+            "exp_avg": dtype,
+            "exp_avg_sq": dtype,
+            "step": torch.float32,  # torch.optim.AdamW's counter
             "dense_weight": dtype,
             "oscillation": score_dtype(dtype),
             "scores": score_dtype(dtype),
@@ -245,9 +257,10 @@ def test_load_state_dict_keeps_dtypes(method, dtype):
         else:
             assert found == expected, (i, key, found)
         assert params[i].dtype == dtype
-    if method != "dense":
+    if METHODS[method].factory not in DENSE_FACTORIES:
         kinds = {k for _, k in dtypes}
-        assert {"momentum_buffer"} < kinds
+        buffers = {"momentum_buffer"} if METHODS[method].optimizer == "sgd" else {"exp_avg"}
+        assert buffers < kinds
     train(model, opt, 12, 14)  # and it still trains
     for p, group in sparse_params(opt):
         assert is_nm_sparse(p.detach(), group["n"], group["m"])
@@ -266,9 +279,27 @@ SGD_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("config", SGD_CONFIGS.values(), ids=SGD_CONFIGS)
-@pytest.mark.parametrize("method", ALL_METHODS)
-def test_dense_params_equal_torch_sgd(method, config):
+ADAMW_CONFIGS = {
+    "plain": {"lr": 1e-2},
+    "decay": {"lr": 1e-2, "weight_decay": 0.1, "betas": (0.8, 0.99), "eps": 1e-6},
+    "amsgrad": {"lr": 1e-2, "weight_decay": 0.01, "amsgrad": True},
+    "maximize": {"lr": 1e-2, "weight_decay": 0.1, "maximize": True},
+    "lr0": {"lr": 0.0, "weight_decay": 0.1},
+    "foreach": {"lr": 1e-2, "weight_decay": 0.01, "foreach": True, "amsgrad": True},
+    "tensor_lr": {"lr": torch.tensor(1e-2), "weight_decay": 0.01},
+}
+DENSE_CASES = [(name, config) for name in SGD_METHODS for config in SGD_CONFIGS] + [
+    (name, config) for name in ADAMW_METHODS for config in ADAMW_CONFIGS
+]
+STATES = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")
+
+
+@pytest.mark.parametrize(("method", "config"), DENSE_CASES)
+def test_dense_params_equal_torch(method, config):
+    """Dense parameters follow torch.optim.SGD (SGD methods) or torch.optim.AdamW (AdamW
+    methods) bit for bit: parameters and every state tensor."""
+    adamw = METHODS[method].optimizer == "adamw"
+    config = (ADAMW_CONFIGS if adamw else SGD_CONFIGS)[config]
     model = build_model()
     reference = copy.deepcopy(model)
     # the default exclusion keeps the stem and the classifier in a sparse=False group
@@ -281,7 +312,7 @@ def test_dense_params_equal_torch_sgd(method, config):
         if not g["sparse"]
     ]
     dense_names = {name for g in ref_groups for name, _ in g["params"]}
-    ref = torch.optim.SGD(ref_groups, **config)
+    ref = (torch.optim.AdamW if adamw else torch.optim.SGD)(ref_groups, **config)
     assert dense_names == {"0.weight", "0.bias", "3.bias", "5.weight", "5.bias"}
     pairs = list(zip(model.named_parameters(), reference.parameters(), strict=True))
     for t in range(6):
@@ -295,10 +326,11 @@ def test_dense_params_equal_torch_sgd(method, config):
             if name not in dense_names:
                 continue
             assert torch.equal(p, q), (t, name)
-            buffer, expected = momentum_of(opt, p), ref.state[q].get("momentum_buffer")
-            assert (buffer is None) == (expected is None), (t, name)
-            if expected is not None:
-                assert torch.equal(buffer, expected), (t, name)
+            for key in STATES:
+                found, expected = opt.state.get(p, {}).get(key), ref.state[q].get(key)
+                assert (found is None) == (expected is None), (t, name, key)
+                if expected is not None:
+                    assert torch.equal(found, expected), (t, name, key)
 
 
 # -- 4. argument errors -----------------------------------------------------------------------
@@ -334,18 +366,47 @@ BAD_NM = {
 BAD_KEYWORD = {  # a keyword of some method and a bad value of it
     "alpha": 1.5, "beta": -0.1, "gamma": 1.0, "delta_t": 0, "seed": -1, "total_steps": -1,
     "t_i": -1, "t_f": -1, "srste_decay": -1.0, "score_lr": -1.0, "fused": "yes", "sparse": "yes",
-    "zeta": 1.5, "t_end": -1,
+    "zeta": 1.5, "t_end": -1, "revive_score": "sgd2",
 }
 ALL_KEYWORDS = frozenset().union(*(accepted_keywords(name) for name in METHODS))
 SOME_VALUE = {  # a valid, non-default value of every keyword
     "n": 1, "m": 8, "sparse": True, "fused": False, "total_steps": 30, "t_i": 6, "t_f": 12,
     "delta_t": 3, "alpha": 0.25, "beta": 0.25, "gamma": 0.5, "seed": 3, "srste_decay": 1e-3,
-    "score_lr": 0.05, "differentiable": True, "zeta": 0.5, "t_end": 10,
+    "score_lr": 0.05, "differentiable": True, "zeta": 0.5, "t_end": 10, "betas": (0.8, 0.99),
+    "eps": 1e-6, "amsgrad": True, "capturable": True, "revive_score": "sgd", "momentum": 0.5,
+    "dampening": 0.1, "nesterov": True,
 }
 
 
+BAD_ADAMW = {
+    "lr": ({"lr": -0.1}, "Invalid lr value: -0.1", "Invalid learning rate: -0.1"),
+    "eps": ({"eps": -1e-8}, "Invalid eps value: -1e-08", "Invalid epsilon value: -1e-08"),
+    "weight_decay": ({"weight_decay": -0.01}, "Invalid weight_decay value: -0.01",
+                     "Invalid weight_decay value: -0.01"),
+    "beta1": ({"betas": (1.0, 0.999)}, "Invalid betas value: (1.0, 0.999)",
+              "Invalid beta parameter at index 0: 1.0"),
+    "beta2": ({"betas": (0.9, -0.1)}, "Invalid betas value: (0.9, -0.1)",
+              "Invalid beta parameter at index 1: -0.1"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ADAMW.values(), ids=BAD_ADAMW)
+@pytest.mark.parametrize("method", ADAMW_METHODS)
+def test_bad_adamw_values_raise_naming_them(method, case):
+    kwargs, message, torch_message = case
+    if METHODS[method].factory is torch.optim.AdamW:
+        message = torch_message
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make_optimizer(method, plain_groups(), **({"lr": 1e-3} | RUN | kwargs))
+    if METHODS[method].factory is not torch.optim.AdamW:  # per-group values are checked too
+        groups = plain_groups()
+        groups[1].update(kwargs)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            make_optimizer(method, groups, lr=1e-3, **RUN)
+
+
 @pytest.mark.parametrize("case", BAD_SGD.values(), ids=BAD_SGD)
-@pytest.mark.parametrize("method", ALL_METHODS)
+@pytest.mark.parametrize("method", SGD_METHODS)
 def test_bad_sgd_values_raise_naming_them(method, case):
     kwargs, message, torch_message = case
     if method == "dense":
@@ -383,7 +444,7 @@ def test_indivisible_sparse_group_raises_naming_the_shape(method):
 @pytest.mark.parametrize(
     ("method", "keyword"),
     [(name, k) for name in ALL_METHODS for k in sorted(accepted_keywords(name))
-     if k in BAD_KEYWORD and name != "dense"],  # torch.optim.SGD checks none of these
+     if k in BAD_KEYWORD and METHODS[name].factory not in DENSE_FACTORIES],  # torch: unchecked
 )
 def test_bad_method_keyword_raises_naming_it(method, keyword):
     value = BAD_KEYWORD[keyword]
@@ -469,7 +530,8 @@ def test_every_sparse_weight_ends_n_m(method, n, m):
 def test_flops_profile_works_on_the_model(method):
     record = METHODS[method]
     assert record.name == method and isinstance(record.flops, FlopsProfile)
-    assert accepted_keywords(method) >= SGD_KEYWORDS
+    family = SGD_KEYWORDS if record.optimizer == "sgd" else ADAMW_KEYWORDS
+    assert accepted_keywords(method) >= family
     fixed = {k: v for k, v in record.fixed.items() if k in ("t_i", "t_f")}
     schedule = {"t_i": T_I, "t_f": T_F} | fixed
     ratio = training_flops_ratio(

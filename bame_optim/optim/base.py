@@ -8,6 +8,7 @@ A subclass writes :meth:`NMOptimizer._step_group` (one group's update), :meth:`k
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 from itertools import chain
@@ -20,7 +21,7 @@ from torch.optim import Optimizer
 from bame_optim.core.nm import check_nm, is_nm_sparse, num_blocks
 from bame_optim.optim.sharded import is_sharded, local_tensor
 
-__all__ = ["SGD_DEFAULTS", "NMOptimizer"]
+__all__ = ["SGD_DEFAULTS", "NMOptimizer", "user_stacklevel"]
 
 SGD_DEFAULTS: dict[str, Any] = {
     "lr": 1e-3,
@@ -60,7 +61,7 @@ class NMOptimizer(Optimizer):
         """Add a group (see :meth:`torch.optim.Optimizer.add_param_group`) and validate it."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _validate_sgd(group)
+        self._validate_update(group)
         check_nm(group["n"], group["m"])
         if group["sparse"] not in (None, True, False):
             raise ValueError(f"Invalid sparse value: {group['sparse']!r} (True, False or None)")
@@ -69,6 +70,10 @@ class NMOptimizer(Optimizer):
         if group["sparse"]:
             for p in group["params"]:
                 _check_sparse_param(p, group["m"])
+
+    def _validate_update(self, group: dict[str, Any]) -> None:
+        """``ValueError`` naming a bad hyper-parameter of the update rule (SGD's here)."""
+        _validate_sgd(group)
 
     def _prepare_group(self, group: dict[str, Any]) -> None:
         """Validate and resolve the subclass's own keywords of a new group."""
@@ -226,6 +231,19 @@ class NMOptimizer(Optimizer):
                     "blocks": num_blocks(p.shape, group["m"]) if sparse else None,
                 })
         return rows
+
+
+_INTERNAL_MODULES = ("bame_optim.optim.", "bame_optim.core.", "bame_optim.peers.", "torch.")
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning raised by the caller point at the first frame
+    outside the optimizers and torch (the user's ``step()`` or constructor call), however
+    deep the class hierarchy between them."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(_INTERNAL_MODULES):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def check_fraction(group: dict[str, Any], name: str) -> None:

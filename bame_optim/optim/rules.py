@@ -32,6 +32,7 @@ from bame_optim.core.evolution import (
     DEFAULT_ALPHA,
     DEFAULT_BETA,
     DEFAULT_GAMMA,
+    REVIVE_SCORES,
     evolve_mask,
     magnitude_mask,
     score_dtype,
@@ -44,7 +45,7 @@ from bame_optim.core.schedule import (
     gradual_budget,
     resolve_schedule,
 )
-from bame_optim.optim.base import check_fraction, check_integer
+from bame_optim.optim.base import check_fraction, check_integer, user_stacklevel
 
 __all__ = [
     "ASP_RULES",
@@ -125,10 +126,13 @@ def gradual_magnitude(weight, grad, kept, oscillation, group, context) -> MaskUp
 
 def lma_obf(weight, grad, kept, oscillation, group, context) -> MaskUpdate:
     """BAME's evolve step: LMA scores and proposal (Eq. 4-6), SAD and the oscillation EMA
-    (Eq. 7-8), OBF freezing (Eq. 10); :func:`bame_optim.core.evolution.evolve_mask`."""
+    (Eq. 7-8), OBF freezing (Eq. 10); :func:`bame_optim.core.evolution.evolve_mask`. The
+    revive score is the group's ``revive_score`` where the rules take it (BAMEAdamW), else
+    Eq. 5's ``"sgd"``."""
     evolution = evolve_mask(
         weight, grad, kept, oscillation, n=group["n"], lr=group["lr"], alpha=group["alpha"],
         beta=group["beta"], gamma=group["gamma"], freeze=context.freeze,
+        revive=group.get("revive_score", "sgd"),
     )
     return MaskUpdate(evolution.kept, group["n"], evolution.oscillation, evolution.frozen)
 
@@ -269,6 +273,9 @@ class MaskRules:
             check_integer(group, "seed", 0)
         if "zeta" in group:
             check_fraction(group, "zeta")
+        if "revive_score" in group and group["revive_score"] not in REVIVE_SCORES:
+            raise ValueError(f"Invalid revive_score value: {group['revive_score']!r} (one of "
+                             f"{REVIVE_SCORES})")
         if group.get("t_end") is not None:
             check_integer(group, "t_end", 0)
         if not self.scheduled:
@@ -290,7 +297,7 @@ class MaskRules:
                 "the masks barely evolve, which is gradual magnitude pruning, not BAME; choose "
                 f"delta_t <= {max(1, (t_f - t_i) // (MIN_EVOLVE_UPDATES + 1))} for this run",
                 UserWarning,
-                stacklevel=7,  # the optimizer's constructor call
+                stacklevel=user_stacklevel(),
             )
 
 
@@ -299,7 +306,7 @@ MIN_EVOLVE_UPDATES = 3
 short run): DESIGN.md section 3."""
 
 RULE_KEYWORDS = ("total_steps", "t_i", "t_f", "delta_t", "alpha", "beta", "gamma", "seed", "zeta",
-                 "t_end")
+                 "t_end", "revive_score")
 """Keywords that only some rules read (:attr:`MaskRules.keywords`)."""
 
 _SCHEDULE = {"total_steps": None, "t_i": None, "t_f": None, "delta_t": DEFAULT_DELTA_T}

@@ -1,0 +1,290 @@
+"""The optimizer side of the state engine: schedules, mask updates, checkpoints and reports.
+
+:class:`MaskedOptimizer` is everything an optimizer over :class:`NMEngine` does except the
+update of the weights: on each ``step()`` it applies the mask rule of the current phase
+(:attr:`MaskedOptimizer.rules`, :mod:`bame_optim.optim.rules`) on update steps, keeps pruned
+weights at 0, and hands the parameters with gradients to :meth:`MaskedOptimizer._update`,
+the one method an update rule writes (:class:`bame_optim.BAMESGD` for SGD,
+:class:`bame_optim.BAMEAdamW` for AdamW).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from bame_optim.core.evolution import magnitude_mask, obf_freeze, score_dtype
+from bame_optim.core.nm import num_blocks, param_to_blocks
+from bame_optim.core.schedule import (
+    Phase,
+    describe_schedule,
+    is_update_step,
+    last_update_step,
+    phase,
+)
+from bame_optim.optim.base import NMOptimizer, user_stacklevel
+from bame_optim.optim.engine import NMEngine
+from bame_optim.optim.rules import BAME_RULES, MaskContext, MaskRules
+from bame_optim.optim.sharded import block_range, gather_blocks, is_sharded, local_tensor
+
+__all__ = ["MaskedOptimizer", "SparseState"]
+
+SparseState = tuple[Tensor, dict[str, Any]]
+"""A sparse parameter with a gradient and its state, as :meth:`MaskedOptimizer._update`
+receives them."""
+
+
+class MaskedOptimizer(NMOptimizer):
+    """Base of the optimizers over :class:`NMEngine`: the schedule and the masks.
+
+    A subclass sets :attr:`engine` (the names of its per-weight buffers), :attr:`rules` (the
+    mask rule of each phase) and writes :meth:`_update`; its constructor passes its update
+    hyper-parameters and the rule keywords to :meth:`__init__`. See :class:`BAMESGD
+    <bame_optim.BAMESGD>` for the schedule and the state layout.
+    """
+
+    rules: ClassVar[MaskRules] = BAME_RULES
+    """The mask rule of each phase, and the keywords they read."""
+    engine: ClassVar[NMEngine] = NMEngine(())
+    """The compact state of the sparse parameters (which buffers the update rule keeps)."""
+    update_keywords: ClassVar[frozenset[str]] = frozenset()
+    """The keywords of the update rule (beyond ``n``, ``m``, ``sparse`` and the rules')."""
+    _exact_dtype_state = ("kept", "oscillation", "kept_mask")
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        defaults: dict[str, Any],
+        rule_keywords: dict[str, Any],
+    ) -> None:
+        """``defaults``: the update's hyper-parameters with ``n``, ``m``, ``sparse``;
+        ``rule_keywords``: the rule keywords as given (``None``: the rules' default), each
+        ``TypeError`` unless :attr:`rules` reads it."""
+        taken = self.rules.keywords
+        unused = sorted(k for k, v in rule_keywords.items() if v is not None and k not in taken)
+        if unused:
+            raise TypeError(f"{type(self).__name__}() does not use the keywords {unused}")
+        resolved = {k: rule_keywords.get(k) if rule_keywords.get(k) is not None else default
+                    for k, default in taken.items()}
+        self._reapply_masks = True
+        super().__init__(params, defaults | resolved)
+
+    def _update(
+        self, group: dict[str, Any], dense: list[Tensor], sparse: list[SparseState]
+    ) -> None:
+        """Update the weights of one group: ``dense`` parameters (with gradients) exactly as
+        the dense optimizer would, ``sparse`` ones on their kept weights only, their compact
+        buffers through :attr:`engine`."""
+        raise NotImplementedError
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._reapply_masks = True
+
+    def _prepare_group(self, group: dict[str, Any]) -> None:
+        has_sparse = any(self._is_sparse(p, group) for p in group["params"])
+        self.rules.prepare(group, type(self).__name__, has_sparse=has_sparse)
+
+    def _step_group(self, group: dict[str, Any], *, first_index: int, advance: bool) -> None:
+        t, t_f = group["step"], group["t_f"]
+        update = advance and is_update_step(t, group["delta_t"], group["t_i"], t_f)
+        # Weights written from outside (a model load_state_dict) lose their pruned entries on
+        # every ΔT-aligned step, and on the first step of this optimizer or after a load.
+        reapply = advance and (self._reapply_masks or t % group["delta_t"] == 0)
+        engine, m = self.engine, group["m"]
+        dense, sparse = [], []
+        for offset, p in enumerate(group["params"]):
+            if not self._is_sparse(p, group):
+                if p.grad is not None:
+                    dense.append(p)
+                continue
+            state = self.state[p]
+            if not engine.initialised(state):
+                engine.initialise(p, state, m)
+            engine.check(p, state, m, f"parameter {first_index + offset}")
+            if update:
+                self._update_mask(p, state, group, first_index + offset)
+            if reapply:
+                engine.zero_pruned_(p, state, m)
+            if advance and t >= t_f:
+                state.pop("oscillation", None)  # the mask is fixed from here on
+            if p.grad is not None:
+                _check_strided_grad(p, first_index + offset)
+                sparse.append((p, state))
+        if advance:
+            self._warn_past_total_steps(group)
+        self._update(group, dense, sparse)
+
+    def _after_step(self, advanced: bool) -> None:
+        if advanced:
+            self._reapply_masks = False
+
+    def _warn_past_total_steps(self, group: dict[str, Any]) -> None:
+        total = group.get("total_steps")
+        if total is None or group["step"] < total:
+            return
+        if any(self.state.get(p, {}).get("kept_count", 0) > group["n"] for p in group["params"]):
+            warnings.warn(
+                f"{type(self).__name__}: step() ran past total_steps={total} while the masks "
+                f"still keep more than {group['n']} of {group['m']} weights per block (the "
+                "schedule has not reached t_i): the model is not N:M. total_steps counts "
+                "optimizer steps (with gradient accumulation, len(loader) // accumulation per "
+                "epoch); call finalize_masks() to prune to N:M now",
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )
+
+    def _update_mask(self, p: Tensor, state: dict[str, Any], group: dict[str, Any], index: int):
+        t, t_i, t_f, m = group["step"], group["t_i"], group["t_f"], group["m"]
+        current = phase(t, t_i, t_f)
+        rule = self.rules.rule_for(current, t_i, untouched=state["kept_count"] == m)
+        grad = None
+        if current is Phase.EVOLVE:
+            if p.grad is None:
+                return
+            if not _all_finite(p.grad):
+                warnings.warn(
+                    f"{type(self).__name__}: the gradient of parameter {index} (shape "
+                    f"{tuple(p.shape)}) has NaN or Inf at step {t}; its mask update is skipped "
+                    "for this step",
+                    RuntimeWarning,
+                    stacklevel=user_stacklevel(),
+                )
+                return
+            grad = param_to_blocks(local_tensor(p.grad), m)
+        kept = self.engine.kept_mask(state, m)
+        oscillation = None
+        if current is Phase.EVOLVE and self.rules.tracks_oscillation():
+            oscillation = self.engine.oscillation(p, state, m, score_dtype(p.dtype))
+        first, _ = block_range(p, m)
+        context = MaskContext(
+            step=t, index=index, total_blocks=num_blocks(p.shape, m), first_block=first,
+            freeze=_sharded_freeze(p, group) if is_sharded(p) else None,
+        )
+        result = rule(param_to_blocks(local_tensor(p), m), grad, kept, oscillation, group, context)
+        if result.oscillation is not None:
+            self.engine.store_oscillation(p, state, result.oscillation, m)
+        changed = self.engine.apply_mask(p, state, result.kept, result.count, m)
+        state["last_flips"] = int(changed.sum())
+        state["last_frozen"] = 0 if result.frozen is None else int(result.frozen.sum())
+
+    def phase_name(self, group: dict[str, Any]) -> str:
+        return phase(group["step"], group["t_i"], group["t_f"]).value
+
+    def mask_update_due(self, group: dict[str, Any], t: int) -> bool:
+        return is_update_step(t, group["delta_t"], group["t_i"], group["t_f"])
+
+    def last_mask_update(self, group: dict[str, Any]) -> int | None:
+        return last_update_step(group["t_i"], group["t_f"], group["delta_t"])
+
+    def state_dict(self) -> dict[str, Any]:
+        """As :meth:`torch.optim.Optimizer.state_dict`; a sharded (FSDP2) sparse parameter's
+        state is given in the engine's phase-independent checkpoint form
+        (:meth:`bame_optim.optim.engine.NMEngine.checkpoint_form`)."""
+        saved = super().state_dict()
+        for i, (p, group) in enumerate(self._params_and_groups()):
+            state = saved["state"].get(i)
+            if state is not None and self.engine.initialised(state) and is_sharded(p):
+                saved["state"][i] = self.engine.checkpoint_form(
+                    p, state, group["m"], score_dtype(p.dtype)
+                )
+        return saved
+
+    def _loaded(self, p: Tensor) -> None:
+        self._reapply_masks = True
+        state, group = self.state.get(p, {}), self._group_of(p)
+        if "kept_mask" in state:
+            self.engine.compact_form(p, state, group["m"])
+        elif state and not self.engine.initialised(state) and self._is_sparse(p, group):
+            # A dense optimizer's state (e.g. torch.optim.SGD): every weight kept at step 0,
+            # its buffers compacted.
+            self.engine.adopt_dense(p, state, group["m"])
+
+    @torch.no_grad()
+    def finalize_masks(self) -> None:
+        """Prune every sparse parameter to exactly ``n`` per block now (the ``n`` largest
+        ``|W|`` among its kept weights) and fix the masks from this step on.
+
+        For a run that stops before the schedule reaches ``t_i`` (fewer steps than
+        ``total_steps``): afterwards every block holds exactly N and ``t_i = t_f`` is the
+        current step, so the masks no longer change.
+        """
+        for group in self.param_groups:
+            m = group["m"]
+            sparse = [p for p in group["params"] if self._is_sparse(p, group)]
+            for p in sparse:
+                state = self.state[p]
+                if not self.engine.initialised(state):
+                    self.engine.initialise(p, state, m)
+                kept = self.engine.kept_mask(state, m)
+                new = magnitude_mask(param_to_blocks(local_tensor(p), m), kept, group["n"])
+                changed = self.engine.apply_mask(p, state, new, group["n"], m)
+                self.engine.zero_pruned_(p, state, m)
+                state.pop("oscillation", None)
+                state["last_flips"], state["last_frozen"] = int(changed.sum()), 0
+            if sparse:
+                group["t_i"] = group["t_f"] = group["step"]
+
+    def schedule_summary(self) -> str:
+        """One line: per group with sparse parameters, its N:M pattern, the steps of each
+        phase and the number of mask updates in the gradual and evolve phases."""
+        parts = []
+        for index, group in enumerate(self.param_groups):
+            if not any(self._is_sparse(p, group) for p in group["params"]):
+                continue
+            parts.append(f"group {index} " + describe_schedule(
+                group["n"], group["m"], group["t_i"], group["t_f"], group["delta_t"],
+                group.get("total_steps"),
+            ))
+        return f"{type(self).__name__}: " + ("; ".join(parts) or "no sparse parameters")
+
+    def _params_and_groups(self):
+        return [(p, group) for group in self.param_groups for p in group["params"]]
+
+    def kept_mask(self, p: Tensor) -> Tensor | None:
+        state = self.state.get(p, {})
+        if not self.engine.initialised(state):
+            return None
+        return self.engine.kept_mask(state, self._group_of(p)["m"])  # this rank's blocks
+
+    def _dense_view(self, p: Tensor, name: str) -> Tensor | None:
+        """State buffer ``name`` of ``p`` in the parameter's layout (for a sparse parameter,
+        zeros at pruned entries), or ``None`` before it exists."""
+        state = self.state.get(p, {})
+        buffer = state.get(name)
+        if buffer is None or not self.engine.initialised(state):
+            return None if buffer is None else buffer.clone()
+        return self.engine.dense_buffer(p, state, name, self._group_of(p)["m"])
+
+
+def _check_strided_grad(p: Tensor, index: int) -> None:
+    if p.grad.layout != torch.strided:
+        raise ValueError(
+            f"Invalid gradient layout {p.grad.layout} for sparse parameter {index} (shape "
+            f"{tuple(p.shape)}): N:M masks need dense gradients; put the parameter in a group "
+            "with sparse=False (e.g. an nn.Embedding(sparse=True))"
+        )
+
+
+def _all_finite(tensor: Tensor) -> bool:
+    finite = tensor.isfinite().all()
+    return bool(finite.full_tensor() if is_sharded(finite) else finite)
+
+
+def _sharded_freeze(p: Tensor, group: dict[str, Any]) -> Callable[[Tensor, Tensor], Tensor]:
+    """OBF (Eq. 10) for one shard: rank the blocks of all shards, keep this rank's."""
+    m = group["m"]
+    first, count = block_range(p, m)
+
+    def freeze(oscillation: Tensor, norms: Tensor) -> Tensor:
+        whole = obf_freeze(
+            gather_blocks(oscillation, p, m), gather_blocks(norms, p, m), group["alpha"],
+            group["beta"],
+        )
+        return whole[first : first + count]
+
+    return freeze
