@@ -1,21 +1,41 @@
-"""Which parameters of a model are N:M sparse: :func:`nm_param_groups`."""
+"""Which parameters of a model are N:M sparse, and which are decayed: :func:`nm_param_groups`."""
 
 from __future__ import annotations
 
+import math
+import sys
 import warnings
 from collections.abc import Iterable
 from fnmatch import fnmatchcase
+from numbers import Real
 from typing import Any
 
 from torch import nn
 
 from bame_optim.core.nm import check_nm
 
-__all__ = ["SPARSE_LAYER_TYPES", "default_exclude", "nm_param_groups"]
+__all__ = [
+    "SPARSE_LAYER_TYPES",
+    "TIMM_OPTIONAL_TOKENS",
+    "TORCHVISION_VIT_NO_DECAY",
+    "default_exclude",
+    "nm_param_groups",
+]
 
 SPARSE_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 """Layers whose ``weight`` is made N:M sparse: their dimension 1 is the input dimension
 (transposed convolutions put output channels there, so they stay dense)."""
+
+TIMM_OPTIONAL_TOKENS: frozenset[str] = frozenset(
+    {"pos_embed", "cls_token", "reg_token", "dist_token"}
+)
+"""Names timm's ViT-family ``no_weight_decay()`` returns whatever the configuration (timm's
+``VisionTransformer`` always lists ``reg_token`` and ``dist_token``); on a timm module they may
+match no parameter without a warning."""
+
+TORCHVISION_VIT_NO_DECAY: tuple[str, ...] = ("class_token", "encoder.pos_embedding")
+"""The class token and position embedding of ``torchvision.models.VisionTransformer``, which
+defines no ``no_weight_decay()``."""
 
 
 def default_exclude(model: nn.Module) -> list[str]:
@@ -56,50 +76,88 @@ def _candidate_weights(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return []
 
 
-def nm_param_groups(
-    model: nn.Module,
-    n: int,
-    m: int,
-    exclude: Iterable[str] | str | None = None,
-    no_decay_1d: bool = True,
-) -> list[dict[str, Any]]:
-    """Param groups for :class:`bame_optim.BAMESGD` with the peers' choice of sparse layers.
+def _is_switched_off(module: nn.Module, dotted: str) -> bool:
+    """Whether ``dotted`` names a buffer of ``module`` or an attribute set to ``None`` (an
+    optional token or embedding this configuration of the model does not have)."""
+    owner: Any = module
+    *path, leaf = dotted.split(".")
+    for part in path:
+        owner = getattr(owner, part, None)
+        if not isinstance(owner, nn.Module):
+            return False
+    if leaf in owner._buffers:
+        return True
+    return hasattr(owner, leaf) and getattr(owner, leaf) is None
 
-    Linear and Conv1d/2d/3d weights, and the input projections of
-    :class:`torch.nn.MultiheadAttention` (``in_proj_weight``, ``[3E, E]``; see
-    :func:`_candidate_weights`), are N:M sparse, except the excluded layers. Everything else
-    is dense: biases and norm parameters (without weight decay when ``no_decay_1d``),
-    embeddings, excluded layers, and weights whose input dimension does not divide by ``m``.
 
-    Weights left dense for their shape: those whose input dimension is 1 (depthwise
-    convolutions such as MobileNet-V2's, where a block could hold only one weight) are left
-    dense silently, as no ``m`` could ever apply to them; every other weight whose input
-    dimension does not divide by ``m`` is named, all together in **one** ``UserWarning``.
+def _declared_no_decay(model: nn.Module) -> tuple[set[str], list[str]]:
+    """Full names of the parameters that ``model`` declares should not be weight-decayed, and
+    the declared names that match no parameter.
 
-    Args:
-        model: the model.
-        n, m: the N:M pattern of the sparse group.
-        exclude: module names (``fnmatch`` patterns such as ``"head.*"``) to keep dense.
-            ``None`` keeps the stem and the classifier dense (:func:`default_exclude`);
-            ``()`` makes every eligible layer sparse. A pattern that matches no module raises
-            ``ValueError``, so typos do not pass silently.
-        no_decay_1d: put parameters with ``ndim <= 1`` in a group with ``weight_decay=0``.
+    * Every module (the model or a submodule, e.g. a timm backbone inside a wrapper) with a
+      callable ``no_weight_decay()`` (timm's convention, also in DeiT's code): it returns
+      names or ``fnmatch`` patterns (``"*.relative_position_bias_table"``) relative to that
+      module, matched against its full parameter names as timm does.
+    * Every ``torchvision.models.VisionTransformer``: its ``class_token`` and
+      ``encoder.pos_embedding`` (:data:`TORCHVISION_VIT_NO_DECAY`).
 
-    Returns:
-        Up to three groups (empty ones left out), each holding ``(name, parameter)`` pairs so
-        that the optimizer records ``param_names``: ``{"sparse": True, "n": n, "m": m}``,
-        ``{"sparse": False}`` and ``{"sparse": False, "weight_decay": 0.0}``.
+    A declared name that matches no parameter is returned in the second list (to be named in a
+    warning), except buffers, attributes set to ``None`` (switched-off tokens) and, on a timm
+    module, :data:`TIMM_OPTIONAL_TOKENS`, which timm lists whether or not the model has them.
+
+    Raises:
+        TypeError: a ``no_weight_decay()`` returned something other than names.
     """
-    check_nm(n, m)
-    if exclude is None:
-        patterns = default_exclude(model)
-    else:
-        patterns = [exclude] if isinstance(exclude, str) else list(exclude)
-    module_names = [name for name, _ in model.named_modules()]
-    for pattern in patterns:
-        if not any(fnmatchcase(name, pattern) for name in module_names):
-            raise ValueError(f"Invalid exclude value: {pattern!r} matches no module of the model")
+    names: set[str] = set()
+    unmatched: list[str] = []
+    vit_module = sys.modules.get("torchvision.models.vision_transformer")
+    torchvision_vit = getattr(vit_module, "VisionTransformer", None)
+    for prefix, module in model.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        local = [name for name, _ in module.named_parameters()]
+        if torchvision_vit is not None and isinstance(module, torchvision_vit):
+            names.update(dot + name for name in TORCHVISION_VIT_NO_DECAY if name in local)
+        declare = getattr(module, "no_weight_decay", None)
+        if not callable(declare):
+            continue
+        declared = declare()
+        declared = [declared] if isinstance(declared, str) else declared
+        where = f"{type(module).__name__} {prefix!r}" if prefix else type(module).__name__
+        if declared is None:
+            declared = ()
+        if not isinstance(declared, Iterable) or not all(isinstance(p, str) for p in declared):
+            raise TypeError(
+                f"no_weight_decay() of {where} returned {declared!r}: "
+                "an iterable of parameter names is required"
+            )
+        is_timm = type(module).__module__.startswith("timm.")
+        for pattern in sorted(set(declared)):
+            matched = [name for name in local if fnmatchcase(name, pattern)]
+            names.update(dot + name for name in matched)
+            if matched or _is_switched_off(module, pattern):
+                continue
+            if not (is_timm and pattern in TIMM_OPTIONAL_TOKENS):
+                unmatched.append(f"{pattern!r} (no_weight_decay() of {where})")
+    return names, unmatched
 
+
+def _check_weight_decay(weight_decay: float) -> None:
+    """Raise ``ValueError`` unless ``weight_decay`` is a finite real ``>= 0``."""
+    if (
+        isinstance(weight_decay, bool)
+        or not isinstance(weight_decay, Real)
+        or not math.isfinite(weight_decay)
+        or weight_decay < 0
+    ):
+        raise ValueError(
+            f"Invalid weight_decay value: {weight_decay!r} (a finite number >= 0 is required)"
+        )
+
+
+def _sparse_weights(model: nn.Module, m: int, patterns: list[str]) -> dict[int, str]:
+    """``id(weight) -> name`` of the weights made N:M sparse (see :func:`nm_param_groups`);
+    one ``UserWarning`` names those left dense because their input dimension is not
+    divisible by ``m``."""
     sparse_weights: dict[int, str] = {}
     indivisible: list[str] = []
     for name, module in model.named_modules():
@@ -122,20 +180,126 @@ def nm_param_groups(
             f"nm_param_groups: {len(indivisible)} weight(s) whose input dimension is not "
             f"divisible by m={m}: " + "; ".join(indivisible),
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
+    return sparse_weights
 
-    sparse, dense, no_decay = [], [], []
-    for name, param in model.named_parameters():
+
+def nm_param_groups(
+    model: nn.Module,
+    n: int,
+    m: int,
+    exclude: Iterable[str] | str | None = None,
+    no_decay_1d: bool = True,
+    *,
+    weight_decay: float | None = None,
+    no_weight_decay: Iterable[str] | str = (),
+) -> list[dict[str, Any]]:
+    """Param groups for :class:`bame_optim.BAMESGD` (or any ``torch.optim`` optimizer, e.g.
+    ``AdamW``) with the peers' choice of sparse layers and, on request, of decayed ones.
+
+    **Sparse or dense.** Linear and Conv1d/2d/3d weights, and the input projections of
+    :class:`torch.nn.MultiheadAttention` (``in_proj_weight``, ``[3E, E]``; see
+    :func:`_candidate_weights`), are N:M sparse, except the excluded layers. Everything else
+    is dense: biases and norm parameters, embeddings, excluded layers, and weights whose input
+    dimension does not divide by ``m``. Weights whose input dimension is 1 (depthwise
+    convolutions such as MobileNet-V2's, where a block could hold only one weight) are left
+    dense silently, as no ``m`` could ever apply to them; every other weight whose input
+    dimension does not divide by ``m`` is named, all together in **one** ``UserWarning``.
+    Weight decay never changes which parameters are sparse.
+
+    **Weight decay.** A parameter gets ``weight_decay=0.0`` when any of these holds:
+
+    * ``no_decay_1d`` and ``param.ndim <= 1`` (biases, norm weights);
+    * its full name matches a pattern of ``no_weight_decay`` (always applied);
+    * only when ``weight_decay`` is given: the model declares it (:func:`_declared_no_decay`:
+      the ``no_weight_decay()`` method of the model or a submodule, as in timm and DeiT, and
+      torchvision ViT's ``class_token`` and ``encoder.pos_embedding``).
+
+    Every other group carries ``weight_decay=weight_decay`` when it is given, and no
+    ``weight_decay`` key (the optimizer's default) when it is ``None``, the default, which
+    gives the groups this function always gave (the 1-D rule only), so existing callers are
+    unaffected.
+
+    .. note::
+        DeiT (Touvron et al. 2021) trains with AdamW, weight decay 0.05, and, through timm's
+        ``create_optimizer`` (``param_groups_weight_decay``), no decay on 1-D parameters and on
+        the names of ``model.no_weight_decay()`` (``pos_embed``, ``cls_token``,
+        ``dist_token``). ``nm_param_groups(model, n, m, weight_decay=0.05)`` reproduces that
+        split for timm and torchvision ViTs, with the sparse weights in their own groups.
+
+    Args:
+        model: the model.
+        n, m: the N:M pattern of the sparse group.
+        exclude: module names (``fnmatch`` patterns such as ``"head.*"``) to keep dense.
+            ``None`` keeps the stem and the classifier dense (:func:`default_exclude`);
+            ``()`` makes every eligible layer sparse. A pattern that matches no module raises
+            ``ValueError``, so typos do not pass silently.
+        no_decay_1d: put parameters with ``ndim <= 1`` in a group with ``weight_decay=0``.
+        weight_decay: the decay of every decayed group (a finite number ``>= 0``); given, it
+            also turns on the model's own no-decay names. ``None``: no split by name.
+        no_weight_decay: further full parameter names (``fnmatch`` patterns) without decay. A
+            pattern that matches no parameter raises ``ValueError``; a name the *model*
+            declares that matches none only warns (see :func:`_declared_no_decay`).
+
+    Returns:
+        Up to four groups (empty ones left out, in this order), each holding
+        ``(name, parameter)`` pairs so that the optimizer records ``param_names``:
+        ``{"sparse": True, "n": n, "m": m}``, the same with ``"weight_decay": 0.0``,
+        ``{"sparse": False}`` and ``{"sparse": False, "weight_decay": 0.0}``; the first and the
+        third also carry ``"weight_decay": weight_decay`` when it is given.
+
+    Raises:
+        ValueError: invalid ``n, m`` or ``weight_decay``, or an ``exclude`` / ``no_weight_decay``
+            pattern that matches nothing.
+        TypeError: a ``no_weight_decay()`` of the model returned something other than names.
+    """
+    check_nm(n, m)
+    if weight_decay is not None:
+        _check_weight_decay(weight_decay)
+    if exclude is None:
+        patterns = default_exclude(model)
+    else:
+        patterns = [exclude] if isinstance(exclude, str) else list(exclude)
+    module_names = [name for name, _ in model.named_modules()]
+    for pattern in patterns:
+        if not any(fnmatchcase(name, pattern) for name in module_names):
+            raise ValueError(f"Invalid exclude value: {pattern!r} matches no module of the model")
+    named = list(model.named_parameters())
+    extra = [no_weight_decay] if isinstance(no_weight_decay, str) else list(no_weight_decay)
+    for pattern in extra:
+        if not any(fnmatchcase(name, pattern) for name, _ in named):
+            raise ValueError(
+                f"Invalid no_weight_decay value: {pattern!r} matches no parameter of the model"
+            )
+    declared: set[str] = set()
+    if weight_decay is not None:
+        declared, unmatched = _declared_no_decay(model)
+        if unmatched:
+            warnings.warn(
+                f"nm_param_groups: {len(unmatched)} no_weight_decay name(s) match no parameter "
+                "and are ignored: " + "; ".join(unmatched),
+                UserWarning,
+                stacklevel=2,
+            )
+
+    sparse_weights = _sparse_weights(model, m, patterns)
+    sparse, sparse_no_decay, dense, no_decay = [], [], [], []
+    for name, param in named:
+        skip_decay = (
+            (no_decay_1d and param.ndim <= 1)
+            or name in declared
+            or any(fnmatchcase(name, pattern) for pattern in extra)
+        )
         if id(param) in sparse_weights:
-            sparse.append((name, param))
-        elif no_decay_1d and param.ndim <= 1:
-            no_decay.append((name, param))
+            (sparse_no_decay if skip_decay else sparse).append((name, param))
         else:
-            dense.append((name, param))
+            (no_decay if skip_decay else dense).append((name, param))
+    decay = {} if weight_decay is None else {"weight_decay": weight_decay}
     groups = [
-        {"params": sparse, "sparse": True, "n": n, "m": m},
-        {"params": dense, "sparse": False},
+        {"params": sparse, "sparse": True, "n": n, "m": m, **decay},
+        {"params": sparse_no_decay, "sparse": True, "n": n, "m": m, "weight_decay": 0.0},
+        {"params": dense, "sparse": False, **decay},
         {"params": no_decay, "sparse": False, "weight_decay": 0.0},
     ]
     return [group for group in groups if group["params"]]

@@ -192,3 +192,194 @@ def test_mobilenet_v2_gives_at_most_one_warning():
         warnings.simplefilter("always")
         nm_param_groups(model, 1, 16)  # 24-channel inputs do not divide by 16
     assert len(caught) == 1 and "m=16" in str(caught[0].message)
+
+
+# --- weight decay split for ViT / DeiT training (weight_decay=, no_weight_decay=) ---
+
+
+class TokenNet(nn.Module):
+    """A ViT-shaped toy with timm's ``no_weight_decay()`` convention; ``declare`` is what that
+    method returns."""
+
+    def __init__(self, declare: object = ("pos_embed", "cls_token")) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 8))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 5, 8))
+        self.reg_token = None  # an optional token switched off
+        self.register_buffer("rel_index", torch.zeros(4, dtype=torch.long))
+        self.stem = nn.Linear(3, 8)
+        self.norm = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 2)
+        self.declare = declare
+
+    def no_weight_decay(self) -> object:
+        return self.declare
+
+
+def _group_of(groups, name):
+    """The flags (everything but ``params``) of the group holding parameter ``name``."""
+    (found,) = [g for g in groups if name in [n for n, _ in g["params"]]]
+    return {k: v for k, v in found.items() if k != "params"}
+
+
+def _no_decay_names(groups):
+    return {n for g in groups if g.get("weight_decay") == 0.0 for n, _ in g["params"]}
+
+
+def test_weight_decay_none_keeps_the_old_groups_and_ignores_model_declarations():
+    model = TokenNet()
+    groups = nm_param_groups(model, 2, 4)
+    assert [sorted(g) for g in groups] == [
+        ["m", "n", "params", "sparse"],
+        ["params", "sparse"],
+        ["params", "sparse", "weight_decay"],
+    ]
+    # pos_embed and cls_token are 3-D: decayed by the optimizer's default, as before
+    assert {"cls_token", "pos_embed"} <= {n for n, _ in groups[1]["params"]}
+    assert _no_decay_names(groups) == {"stem.bias", "norm.weight", "norm.bias", "fc.bias",
+                                       "head.bias"}
+
+
+def test_weight_decay_splits_by_model_declaration_and_sets_every_group():
+    model = TokenNet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # reg_token (None) and buffers are not typos
+        groups = nm_param_groups(model, 2, 4, weight_decay=0.05)
+    assert _group_of(groups, "fc.weight") == {"sparse": True, "n": 2, "m": 4,
+                                              "weight_decay": 0.05}
+    assert _group_of(groups, "head.weight") == {"sparse": False, "weight_decay": 0.05}
+    assert _group_of(groups, "pos_embed") == {"sparse": False, "weight_decay": 0.0}
+    assert _no_decay_names(groups) == {"cls_token", "pos_embed", "stem.bias", "norm.weight",
+                                       "norm.bias", "fc.bias", "head.bias"}
+    all_names = sorted(n for g in groups for n, _ in g["params"])
+    assert all_names == sorted(n for n, _ in model.named_parameters())
+    # weight_decay=0.0 is a request too: the split happens, every group says 0
+    groups = nm_param_groups(model, 2, 4, weight_decay=0.0)
+    assert all(g["weight_decay"] == 0.0 for g in groups)
+    # no_decay_1d=False: only the declared names skip decay
+    groups = nm_param_groups(model, 2, 4, weight_decay=0.1, no_decay_1d=False)
+    assert _no_decay_names(groups) == {"cls_token", "pos_embed"}
+
+
+def test_no_weight_decay_argument_patterns_and_sparse_weights_without_decay():
+    model = TokenNet(declare=set())
+    groups = nm_param_groups(model, 2, 4, no_weight_decay=["pos_*", "fc.weight"])
+    # the argument applies even without weight_decay; sparsity is unchanged
+    assert _group_of(groups, "fc.weight") == {"sparse": True, "n": 2, "m": 4,
+                                              "weight_decay": 0.0}
+    assert _group_of(groups, "pos_embed") == {"sparse": False, "weight_decay": 0.0}
+    assert _group_of(groups, "cls_token") == {"sparse": False}
+    with pytest.raises(ValueError, match=r"Invalid no_weight_decay value: 'pos_embedding'"):
+        nm_param_groups(model, 2, 4, weight_decay=0.05, no_weight_decay="pos_embedding")
+
+
+def test_declared_name_matching_no_parameter_warns_naming_it():
+    model = TokenNet(declare={"pos_embed", "cls_tokn", "reg_token", "rel_index"})
+    with pytest.warns(UserWarning, match=r"1 no_weight_decay name\(s\).*'cls_tokn' "
+                                         r"\(no_weight_decay\(\) of TokenNet\)") as caught:
+        groups = nm_param_groups(model, 2, 4, weight_decay=0.05)
+    assert len(caught) == 1
+    assert "cls_token" not in _no_decay_names(groups)  # the typo left it decayed
+    assert "pos_embed" in _no_decay_names(groups)
+
+
+def test_submodule_declarations_are_prefixed_and_bad_returns_raise():
+    model = nn.Sequential(TokenNet(declare=["*_embed"]), nn.Linear(2, 2))
+    groups = nm_param_groups(model, 2, 4, weight_decay=0.05)
+    assert "0.pos_embed" in _no_decay_names(groups)
+    assert "0.cls_token" not in _no_decay_names(groups)
+    with pytest.raises(TypeError, match=r"no_weight_decay\(\) of TokenNet returned 3"):
+        nm_param_groups(TokenNet(declare=3), 2, 4, weight_decay=0.05)
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), True, "0.05"])
+def test_invalid_weight_decay_raises_naming_it(bad):
+    with pytest.raises(ValueError, match=r"Invalid weight_decay value"):
+        nm_param_groups(TokenNet(), 2, 4, weight_decay=bad)
+
+
+def test_negative_weight_decay_message_names_the_value():
+    with pytest.raises(ValueError, match=r"Invalid weight_decay value: -0\.1 "):
+        nm_param_groups(TokenNet(), 2, 4, weight_decay=-0.1)
+
+
+def _train_and_check_nm(model, groups, x, y, steps: int = 6):
+    """BAMESGD over ``groups`` for ``steps`` steps (past ``t_i``); every sparse weight is N:M."""
+    with warnings.catch_warnings():
+        # 10 steps leave only 2 mask updates in the evolve window; fine for this check
+        warnings.filterwarnings("ignore", message=r"BAMESGD: the evolve window")
+        opt = BAMESGD(groups, lr=0.1, momentum=0.9, n=2, m=4, total_steps=10, delta_t=1)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert opt.param_groups[0]["step"] > opt.param_groups[0]["t_i"]
+    rows = [row for row in opt.sparsity_report() if row["sparse"]]
+    assert rows and all(row["nm_valid"] and row["density"] == 0.5 for row in rows)
+    return opt
+
+
+def test_timm_vit_groups_and_bamesgd_keep_nm():
+    timm = pytest.importorskip("timm", reason="timm is not installed (pip install .[timm])")
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+        num_classes=10,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # timm lists reg_token / dist_token it may not have
+        groups = nm_param_groups(model, 2, 4, weight_decay=0.05)
+    sparse, dense, no_decay = groups
+    assert sparse["sparse"] and sparse["weight_decay"] == 0.05
+    assert [n for n, _ in sparse["params"]] == [
+        f"blocks.{i}.{layer}.weight"
+        for i in range(2)
+        for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+    ]
+    assert [n for n, _ in dense["params"]] == ["patch_embed.proj.weight", "head.weight"]
+    assert dense == dense | {"sparse": False, "weight_decay": 0.05}
+    assert no_decay["weight_decay"] == 0.0
+    names = {n for n, _ in no_decay["params"]}
+    assert {"pos_embed", "cls_token", "norm.weight", "blocks.0.norm1.weight"} <= names
+    assert all(n.endswith(("bias", "weight")) or n in {"pos_embed", "cls_token"} for n in names)
+    assert {n for n, p in model.named_parameters() if p.ndim <= 1} <= names
+    # the groups suit torch's AdamW too (DeiT's optimizer); extra keys are kept
+    adamw = torch.optim.AdamW(nm_param_groups(model, 2, 4, weight_decay=0.05), lr=1e-3)
+    assert [g["weight_decay"] for g in adamw.param_groups] == [0.05, 0.05, 0.0]
+    opt = _train_and_check_nm(model, groups, torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    assert opt.param_groups[0]["param_names"][0] == "blocks.0.attn.qkv.weight"
+
+
+def test_timm_distilled_deit_dist_token_gets_no_decay():
+    timm = pytest.importorskip("timm", reason="timm is not installed (pip install .[timm])")
+    model = timm.create_model(
+        "deit_tiny_distilled_patch16_224", pretrained=False, img_size=32, patch_size=8,
+        depth=1, num_classes=10,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        groups = nm_param_groups(model, 2, 4, weight_decay=0.05)
+    assert {"pos_embed", "cls_token", "dist_token"} <= _no_decay_names(groups)
+
+
+def test_torchvision_vit_class_token_and_pos_embedding_get_no_decay():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+        num_classes=10,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        groups = nm_param_groups(model, 2, 4, weight_decay=0.05)
+    assert {"class_token", "encoder.pos_embedding", "encoder.ln.weight"} <= _no_decay_names(
+        groups
+    )
+    assert _group_of(groups, "encoder.layers.encoder_layer_0.self_attention.in_proj_weight") == {
+        "sparse": True, "n": 2, "m": 4, "weight_decay": 0.05,
+    }
+    assert _group_of(groups, "conv_proj.weight") == {"sparse": False, "weight_decay": 0.05}
+    # without weight_decay the old groups: the 3-D tokens are left to the optimizer's default
+    assert "class_token" not in _no_decay_names(nm_param_groups(model, 2, 4))
+    _train_and_check_nm(model, groups, torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
