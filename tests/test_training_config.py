@@ -43,6 +43,7 @@ BAD = [
     ("data_kind", "csv", None, "'csv'"),
     ("preset", "svhn", None, "'svhn'"),
     ("mixed_precision", "fp8", None, "'fp8'"),
+    ("report_to", "neptune", None, "'neptune'"),
     ("m", 1, "1", "1"),
     ("n", 4, "4", "4"),
     ("n", 0, "0", "0"),

@@ -8,13 +8,16 @@ line (:mod:`.cli`: :class:`ScriptConfig`, :func:`parse_config`, :func:`main`) kn
 * :mod:`.config`: :class:`TrainingConfig`, its validation (:class:`ConfigError`, a
   ``ValueError`` naming the field and value);
 * :mod:`.cli`: the scripts' flags, errors turned into ``parser.error`` naming the flag;
-* :mod:`.loop`: :func:`run`, the epochs under 🤗 Accelerate;
+* :mod:`.loop`: :func:`run`, the epochs under 🤗 Accelerate; :mod:`.launch`: the check
+  that launched processes train together;
+* :mod:`.tracking`: live logging to Accelerate's trackers (``report_to``: TensorBoard, wandb);
 * :mod:`.data`, :mod:`.build`: the datasets, the model and the method's optimizer;
 * :mod:`.lr_schedule`: warm-up and cosine annealing per optimizer step (torch schedulers);
 * :mod:`.sampling`: the epoch-seeded data order that makes resuming exact;
 * :mod:`.checkpoints`, :mod:`.resume`: atomic checkpoints and where a run resumes;
-* :mod:`.metrics`, :mod:`.plots`, :mod:`.mask_oscillation`: ``metrics.json``, the PNG plots,
-  the accumulated SAD per N:M block (the paper's Figure 2).
+* :mod:`.metrics`, :mod:`.plots`, :mod:`.mask_oscillation`: ``metrics.json`` (rewritten
+  atomically after every epoch, with the library versions), the PNG plots, the accumulated SAD
+  per N:M block (the paper's Figure 2).
 """
 
 from .cli import ScriptConfig, build_parser, main, parse_config

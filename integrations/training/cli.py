@@ -6,7 +6,7 @@ line into a :class:`~.config.TrainingConfig`, and :func:`main` parses and trains
 :class:`~.config.ConfigError` of the library (raised when the config is built, or by the run for
 data, splits, ``--exclude`` patterns and checkpoints) exits through ``parser.error`` (status 2)
 with a message that names the flag and the value; so does a
-:class:`~.loop.LaunchError` (processes that would each train alone), with its own message.
+:class:`~.launch.LaunchError` (processes that would each train alone), with its own message.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from bame_optim.methods import METHODS
 
 from ..datasets import KINDS
 from ..models import DEIT_SMALL
-from .config import MIXED_PRECISION, PRESETS, ConfigError, TrainingConfig
+from .config import MIXED_PRECISION, PRESETS, REPORT_TO, ConfigError, TrainingConfig
 from .loop import LaunchError, TrainResult, run
+from .tracking import check_report_to
 
 __all__ = ["ScriptConfig", "build_parser", "flag_of", "main", "parse_config"]
 
@@ -194,6 +195,15 @@ def build_parser(script: ScriptConfig) -> argparse.ArgumentParser:
     )
     out.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations")
     out.add_argument("--no-progress", action="store_true", help="no progress bars")
+    out.add_argument(
+        "--report-to",
+        choices=REPORT_TO,
+        default="none",
+        help="live logging through Accelerate's trackers: per optimizer step loss and lr, per "
+        "mask update flips, frozen blocks and density, per epoch the metrics; tensorboard "
+        "writes OUTPUT_DIR/tensorboard (pip install 'bame_optim[tensorboard]'); all: those of "
+        "tensorboard and wandb installed (%(default)s)",
+    )
     return parser
 
 
@@ -219,7 +229,8 @@ def parse_config(
     ``sys.argv[1:]``) for ``script``.
 
     Fills the defaults that depend on other flags (``--epochs`` per model, ``--output-dir``
-    ``runs/SCRIPT-MODEL-METHOD-NofM``). An invalid value exits through ``parser.error``.
+    ``runs/SCRIPT-MODEL-METHOD-NofM``). An invalid value, or a ``--report-to`` tracker whose
+    package is not installed, exits through ``parser.error``.
     """
     parser = parser or build_parser(script)
     args = parser.parse_args(None if argv is None else list(argv))
@@ -239,15 +250,17 @@ def parse_config(
         default_preset=script.default_preset,
     )
     try:
-        return TrainingConfig(**values)
+        config = TrainingConfig(**values)
+        check_report_to(config)
     except ConfigError as err:
         _exit(parser, err)
+    return config
 
 
 def main(argv: Sequence[str] | None, script: ScriptConfig) -> TrainResult:
     """Parse ``argv`` (``None``: ``sys.argv[1:]``) for ``script`` and train; a config error
     found during the run (data, splits, patterns, checkpoints) exits through
-    ``parser.error`` too, and so does a launch that :func:`~.loop.check_launch` refuses."""
+    ``parser.error`` too, and so does a launch that :func:`~.launch.check_launch` refuses."""
     parser = build_parser(script)
     argv = sys.argv[1:] if argv is None else list(argv)
     config = parse_config(argv, script, parser)

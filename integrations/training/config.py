@@ -24,6 +24,7 @@ from ..models import DEIT_SMALL, MODELS
 __all__ = [
     "MIXED_PRECISION",
     "PRESETS",
+    "REPORT_TO",
     "RUN_DEFINING",
     "ConfigError",
     "TrainingConfig",
@@ -36,6 +37,9 @@ PRESETS = ("cifar10", "imagenet", "fashion-mnist", "mnist")
 :func:`bame_optim.integrations.datasets.image_transforms`."""
 MIXED_PRECISION = ("no", "fp16", "bf16")
 """``mixed_precision`` values (``None``: Accelerate's configuration)."""
+REPORT_TO = ("none", "tensorboard", "wandb", "all")
+"""``report_to`` values: the live-logging trackers (:mod:`.tracking`; ``all``: those of
+tensorboard and wandb that are installed)."""
 RUN_DEFINING = (
     "model",
     "method",
@@ -124,7 +128,9 @@ class TrainingConfig:
     Outputs: ``output_dir``, ``checkpoint_every`` (epochs; 0: only at the end),
     ``keep_checkpoints``, ``resume`` (a checkpoint folder, a folder holding checkpoints, or
     ``"auto"``: the latest in ``output_dir`` if any), ``eval_every`` (epochs), ``progress``
-    (progress bars), ``script`` (the name recorded in ``metrics.json``).
+    (progress bars), ``script`` (the name recorded in ``metrics.json``), ``report_to`` (one of
+    :data:`REPORT_TO`: live logging through Accelerate's trackers, :mod:`.tracking`; whether
+    the tracker's package is installed is checked when the run starts).
     """
 
     data: str
@@ -165,6 +171,7 @@ class TrainingConfig:
     eval_every: int = 1
     progress: bool = True
     script: str = "train"
+    report_to: str = "none"
 
     def __post_init__(self) -> None:
         # normal forms (a frozen dataclass sets them through object.__setattr__)
@@ -245,6 +252,7 @@ def _validate(config: TrainingConfig) -> None:
     _one_of(config, "model", tuple(MODELS))
     _one_of(config, "method", METHODS)
     _one_of(config, "mixed_precision", MIXED_PRECISION, optional=True)
+    _one_of(config, "report_to", REPORT_TO)
     for name in ("train_split", "script"):
         if not isinstance(getattr(config, name), str) or not getattr(config, name):
             raise ConfigError(name, getattr(config, name), "a non-empty string is required")

@@ -3,7 +3,7 @@
 :class:`TrainResult`.
 
 * **Loop** under 🤗 Accelerate (``accelerate launch``, ``torchrun`` or plain ``python``;
-  :func:`check_launch` refuses processes that would each train alone): gradient
+  :func:`~.launch.check_launch` refuses processes that would each train alone): gradient
   accumulation with ``accelerator.accumulate``; the optimizer's ``total_steps`` and the lr
   schedule (:func:`~.lr_schedule.make_lr_scheduler`, stepped after every optimizer step that
   ran) count optimizer steps (``ceil(batches per process / accumulation)`` per epoch);
@@ -15,8 +15,10 @@
   optimizer, lr scheduler, RNGs) plus the loop's own state, written atomically every
   ``checkpoint_every`` epochs and at the end; ``resume`` continues from one
   (:mod:`.resume`).
-* **Outputs** in ``output_dir`` (:mod:`.metrics`, :mod:`.plots`): ``metrics.json``,
-  ``curves.png``, ``mask_oscillation.png`` and ``mask_oscillation.pt``. Times:
+* **Outputs** in ``output_dir`` (:mod:`.metrics`, :mod:`.plots`): ``metrics.json`` (rewritten
+  atomically after every epoch), ``curves.png``, ``mask_oscillation.png`` and
+  ``mask_oscillation.pt``; live logging to Accelerate's trackers (``report_to``,
+  :mod:`.tracking`). Times:
   ``train_seconds`` / ``eval_seconds`` summed over epochs, ``wall_seconds`` the epoch loops'
   wall time (all invocations of a resumed run, set-up excluded), ``this_invocation_seconds``
   this process from start to end.
@@ -31,10 +33,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
-import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,65 +56,15 @@ from .build import build_training_model, build_training_optimizer
 from .checkpoints import CHECKPOINT_DIR, OSCILLATION_FILE, TRAINER_STATE, save_checkpoint
 from .config import RUN_DEFINING, TrainingConfig, config_dict
 from .data import TrainingData, load_training_data
+from .launch import LaunchError, check_launch
 from .lr_schedule import make_lr_scheduler
 from .mask_oscillation import MaskOscillation
-from .metrics import run_title, write_metrics
+from .metrics import MetricsWriter, run_title
 from .resume import check_resume_compatible, resolve_resume
 from .sampling import EpochSampler, epoch_seed
+from .tracking import LiveLog, accelerator_kwargs
 
 __all__ = ["LaunchError", "TrainResult", "batch_sums", "check_launch", "run"]
-
-_CPU_RECIPE = (
-    "on CPUs give the script --cpu (TrainingConfig(cpu=True)): "
-    "`torchrun --nproc_per_node 2 examples/train_cifar.py --cpu --data ...` or "
-    "`accelerate launch --multi_gpu --num_processes 2 examples/train_cifar.py --cpu --data ...`"
-)
-
-
-class LaunchError(RuntimeError):
-    """The processes were launched so that each would train alone (:func:`check_launch`)."""
-
-
-def _env_int(environ: Mapping[str, str], name: str) -> int:
-    try:
-        return int(environ.get(name, "1"))
-    except ValueError:
-        return 1
-
-
-def check_launch(num_processes: int, environ: Mapping[str, str] | None = None) -> None:
-    """Refuse a launch whose processes would not train together.
-
-    A launcher that starts several processes (``torchrun``, ``accelerate launch --multi_gpu``)
-    sets ``WORLD_SIZE`` and ``LOCAL_WORLD_SIZE``. If Accelerate nevertheless set up one process
-    (``num_processes == 1``: e.g. no GPU and no ``--cpu``), each process would train the whole
-    run alone and write the same output folder: raises :class:`LaunchError` with the CPU
-    recipe. ``accelerate launch --cpu --num_processes N`` starts one process whatever ``N`` is
-    (it sets ``MASTER_ADDR`` but no ``WORLD_SIZE``): that gets a ``UserWarning`` with the
-    recipe and trains on the one process. ``environ`` defaults to ``os.environ``.
-    """
-    environ = os.environ if environ is None else environ
-    world = max(_env_int(environ, "WORLD_SIZE"), _env_int(environ, "LOCAL_WORLD_SIZE"))
-    if num_processes != 1:
-        return
-    if world > 1:
-        shown = ", ".join(
-            f"{k}={environ[k]}" for k in ("WORLD_SIZE", "LOCAL_WORLD_SIZE") if k in environ
-        )
-        raise LaunchError(
-            f"{world} processes were launched ({shown}) but Accelerate set up a single-process "
-            f"run in each (no GPU for them, or no --cpu): each would train the whole run alone "
-            f"and write the same output folder. To train with several processes "
-            f"{_CPU_RECIPE}; on GPUs check that torch sees them (torch.cuda.device_count())."
-        )
-    use_cpu = environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    if use_cpu and "MASTER_ADDR" in environ and "WORLD_SIZE" not in environ:
-        warnings.warn(
-            f"accelerate launch --cpu runs one process whatever --num_processes says: training "
-            f"with 1 process. To train with several processes {_CPU_RECIPE}",
-            UserWarning,
-            stacklevel=2,
-        )
 
 
 @dataclass
@@ -157,8 +107,9 @@ class _Progress:
 @dataclass
 class _Loop:
     """What the epochs run on: the prepared (Accelerate-wrapped) loaders, model and optimizer,
-    the optimizer inside its wrapper, the lr scheduler, the step counts, and the mask
-    bookkeeping of sparse methods."""
+    the optimizer inside its wrapper, the lr scheduler, the step counts, the mask
+    bookkeeping of sparse methods, the live log (``None``: ``report_to="none"``) and the
+    ``metrics.json`` writer (``None`` off the main process)."""
 
     config: TrainingConfig
     accelerator: Accelerator
@@ -174,6 +125,8 @@ class _Loop:
     show: bool
     sync: MaskSync | None = None
     tracker: MaskOscillation | None = None
+    live: LiveLog | None = None
+    metrics: MetricsWriter | None = None
 
 
 def _prepare(config: TrainingConfig) -> tuple[_Loop, TrainingData]:
@@ -183,6 +136,7 @@ def _prepare(config: TrainingConfig) -> tuple[_Loop, TrainingData]:
         gradient_accumulation_steps=config.grad_accum,
         mixed_precision=config.mixed_precision,
         cpu=config.cpu,
+        **accelerator_kwargs(config),
     )
     check_launch(accelerator.num_processes)
     set_seed(config.seed)
@@ -256,7 +210,7 @@ def _train_epoch(loop: _Loop, progress: _Progress, epoch: int) -> dict[str, Any]
     epoch's last optimizer step."""
     config, accelerator = loop.config, loop.accelerator
     model, optimizer = loop.model, loop.optimizer
-    tracker = loop.tracker
+    tracker, live = loop.tracker, loop.live
     main_process = accelerator.is_main_process
     set_seed(epoch_seed(config.seed, epoch), device_specific=True)
     loop.sampler.set_epoch(epoch)
@@ -282,9 +236,14 @@ def _train_epoch(loop: _Loop, progress: _Progress, epoch: int) -> dict[str, Any]
                 lr = float(loop.inner.param_groups[0]["lr"])
             optimizer.step()
             optimizer.zero_grad()
-        if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+        if live is not None:
+            live.add_loss(loss)
+        skipped = accelerator.optimizer_step_was_skipped
+        if accelerator.sync_gradients and not skipped:
             loop.scheduler.step()
             progress.global_step += 1
+        if live is not None and accelerator.sync_gradients:
+            live.after_step(progress.global_step, lr, skipped=skipped)
         if loop.sync is not None:
             loop.sync.after_step()
         if tracker is not None and main_process:
@@ -390,6 +349,10 @@ def _train(loop: _Loop, progress: _Progress) -> None:
         progress.epoch = epoch + 1
         record_wall_time()
         accelerator.print(_epoch_line(row, config.epochs))
+        if loop.live is not None:
+            loop.live.end_epoch(row)
+        if loop.metrics is not None and not last:  # the end writes the complete file
+            loop.metrics.write(progress.history, progress.times, progress.global_step, final=False)
         if last or (config.checkpoint_every and (epoch + 1) % config.checkpoint_every == 0):
             save_checkpoint(
                 accelerator,
@@ -407,8 +370,9 @@ def _train(loop: _Loop, progress: _Progress) -> None:
 def run(config: TrainingConfig, *, argv: Sequence[str] | None = None) -> TrainResult:
     """Train as ``config`` says (see the module docstring) and return the
     :class:`TrainResult`. ``argv`` is only recorded in ``metrics.json`` (the command line the
-    config came from). Invalid data, splits, ``exclude`` patterns or checkpoints raise
-    :class:`~.config.ConfigError` naming the field, before any training."""
+    config came from). Invalid data, splits, ``exclude`` patterns or checkpoints, and a
+    ``report_to`` tracker whose package is missing, raise :class:`~.config.ConfigError` naming
+    the field, before any training."""
     started = time.perf_counter()
     checkpoint = resolve_resume(config)
     loop, data = _prepare(config)
@@ -422,8 +386,31 @@ def run(config: TrainingConfig, *, argv: Sequence[str] | None = None) -> TrainRe
             loop.tracker.load_state_dict(oscillation_state)
 
     output_dir = config.output_dir
+    unwrapped = accelerator.unwrap_model(loop.model)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        loop.metrics = MetricsWriter(
+            config,
+            data.info,
+            unwrapped,
+            loop.inner,
+            loop.tracker,
+            argv=argv,
+            world=accelerator.num_processes,
+            device=str(accelerator.device),
+            steps_per_epoch=loop.steps_per_epoch,
+            total_steps=loop.total_steps,
+            resumed_from=checkpoint,
+            started=started,
+        )
+    if accelerator.log_with:
+        loop.live = LiveLog(
+            accelerator,
+            loop.inner,
+            scheduled_masks=get_method(config.method).scheduled_masks,
+            mask_interval=config.delta_t,
+        )
+        loop.live.start(config, progress.global_step)
     summary = getattr(loop.inner, "schedule_summary", None)
     if summary is not None:
         accelerator.print(summary())
@@ -435,25 +422,10 @@ def run(config: TrainingConfig, *, argv: Sequence[str] | None = None) -> TrainRe
     )
     _train(loop, progress)
 
-    unwrapped = accelerator.unwrap_model(loop.model)
     metrics: dict[str, Any] = {}
-    if accelerator.is_main_process:
-        metrics = write_metrics(
-            config,
-            data.info,
-            unwrapped,
-            loop.inner,
-            loop.tracker,
-            progress.history,
-            progress.times,
-            argv=argv,
-            world=accelerator.num_processes,
-            device=str(accelerator.device),
-            steps_per_epoch=loop.steps_per_epoch,
-            total_steps=loop.total_steps,
-            global_step=progress.global_step,
-            invocation_seconds=time.perf_counter() - started,
-            resumed_from=checkpoint,
+    if loop.metrics is not None:
+        metrics = loop.metrics.write(
+            progress.history, progress.times, progress.global_step, final=True
         )
     accelerator.wait_for_everyone()
     accelerator.end_training()
