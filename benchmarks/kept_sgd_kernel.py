@@ -38,7 +38,8 @@ from bame_optim.core.kept import encode_kept, gather_kept, kept_indices, scatter
 from bame_optim.core.nm import random_nm_mask
 from bame_optim.integrations.models import MODELS
 from bame_optim.kernels import kept_sgd_cpu
-from benchmarks.cli import nm_pattern
+
+from .cli import nm_pattern
 
 HYPER = {
     "lr": 0.1,

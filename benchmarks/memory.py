@@ -42,7 +42,8 @@ from bame_optim import nm_param_groups
 from bame_optim.core.schedule import Phase, phase
 from bame_optim.integrations.models import MODELS
 from bame_optim.methods import METHODS, fixed_settings, make_optimizer
-from benchmarks.cli import nm_pattern, resolve_device, write_csv
+
+from .cli import nm_pattern, resolve_device, write_csv
 
 DEFAULT_MODELS = ("resnet32", "resnet50", "deit_small")
 DEFAULT_PATTERNS = ((2, 4), (1, 4), (1, 16))

@@ -1,0 +1,128 @@
+"""Console scripts of the installed package (``[project.scripts]`` of ``pyproject.toml``).
+
+The repository's ``examples/`` and ``benchmarks/`` folders are installed as the packages
+``bame_optim.examples`` and ``bame_optim.benchmarks`` (``[tool.setuptools.package-dir]``), so
+after ``pip install "bame_optim[examples]"`` they run without a checkout, as these commands or
+as ``python -m bame_optim.examples.NAME`` / ``python -m bame_optim.benchmarks.NAME``:
+
+* ``bame-quickstart``, ``bame-train-cifar``, ``bame-train-imagenet``: ``main()`` of
+  ``bame_optim.examples.quickstart`` / ``.train_cifar`` / ``.train_imagenet`` (in a checkout:
+  ``python examples/NAME.py``);
+* ``bame-bench-accuracy``, ``bame-bench-step``, ``bame-bench-memory``, ``bame-bench-flops``,
+  ``bame-bench-kernel``, ``bame-bench-semi-structured``: ``main()`` of
+  ``bame_optim.benchmarks.accuracy`` / ``.step`` / ``.memory`` / ``.flops_table`` /
+  ``.kept_sgd_kernel`` / ``.semi_structured`` (in a checkout: ``python -m benchmarks.NAME``).
+
+Each function here imports its script only when called (``import bame_optim`` stays torch-only)
+and returns ``None``: the scripts' ``main`` returns the run's results, and a console script
+passes its function's return value to :func:`sys.exit`, which would print them and exit 1.
+
+Two differences from a checkout run: ``bame-bench-accuracy`` writes to ``./runs/accuracy``
+(the current directory) unless ``--out`` says otherwise, where ``python -m benchmarks.accuracy``
+writes into the checkout; and it needs ``--data PATH`` for Fashion-MNIST (``docs/data.md``),
+since its default data folder is relative to the checkout. ``benchmarks/gpu_check.py`` has no
+command: it runs the repository's test files and needs a checkout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+__all__ = [
+    "SCRIPTS",
+    "bench_accuracy",
+    "bench_flops",
+    "bench_kernel",
+    "bench_memory",
+    "bench_semi_structured",
+    "bench_step",
+    "quickstart",
+    "train_cifar",
+    "train_imagenet",
+]
+
+SCRIPTS: dict[str, tuple[str, str]] = {
+    "bame-quickstart": ("quickstart", "bame_optim.examples.quickstart"),
+    "bame-train-cifar": ("train_cifar", "bame_optim.examples.train_cifar"),
+    "bame-train-imagenet": ("train_imagenet", "bame_optim.examples.train_imagenet"),
+    "bame-bench-accuracy": ("bench_accuracy", "bame_optim.benchmarks.accuracy"),
+    "bame-bench-step": ("bench_step", "bame_optim.benchmarks.step"),
+    "bame-bench-memory": ("bench_memory", "bame_optim.benchmarks.memory"),
+    "bame-bench-flops": ("bench_flops", "bame_optim.benchmarks.flops_table"),
+    "bame-bench-kernel": ("bench_kernel", "bame_optim.benchmarks.kept_sgd_kernel"),
+    "bame-bench-semi-structured": (
+        "bench_semi_structured",
+        "bame_optim.benchmarks.semi_structured",
+    ),
+}
+"""``{command: (function of this module, module whose main() it runs)}``; ``pyproject.toml``
+declares each command as ``bame_optim.console:<function>`` (checked by the tests)."""
+
+ACCURACY_OUT = Path("runs") / "accuracy"
+"""Where ``bame-bench-accuracy`` writes without ``--out``: relative to the current directory."""
+
+
+def _arguments(argv: Sequence[str] | None) -> list[str]:
+    return list(sys.argv[1:] if argv is None else argv)
+
+
+def _main_of(module: str) -> Callable[..., object]:
+    main: Callable[..., object] = importlib.import_module(module).main
+    return main
+
+
+def quickstart(argv: Sequence[str] | None = None) -> None:
+    """``bame-quickstart``: dense SGD vs static N:M vs BAME on one small real dataset."""
+    _main_of(SCRIPTS["bame-quickstart"][1])(_arguments(argv))
+
+
+def train_cifar(argv: Sequence[str] | None = None) -> None:
+    """``bame-train-cifar``: an N:M sparse ResNet-32 / MobileNet-V2 on CIFAR-10."""
+    _main_of(SCRIPTS["bame-train-cifar"][1])(_arguments(argv))
+
+
+def train_imagenet(argv: Sequence[str] | None = None) -> None:
+    """``bame-train-imagenet``: an N:M sparse ResNet-18/50 or DeiT-small on ImageNet-1K."""
+    _main_of(SCRIPTS["bame-train-imagenet"][1])(_arguments(argv))
+
+
+def bench_accuracy(argv: Sequence[str] | None = None) -> None:
+    """``bame-bench-accuracy``: every method's test accuracy; writes to ``./runs/accuracy``
+    unless ``--out`` is given (a later ``--out`` overrides the one put first here)."""
+    _main_of(SCRIPTS["bame-bench-accuracy"][1])(["--out", str(ACCURACY_OUT), *_arguments(argv)])
+
+
+def bench_step(argv: Sequence[str] | None = None) -> None:
+    """``bame-bench-step``: optimizer-step time of BAMESGD against ``torch.optim.SGD``."""
+    _main_of(SCRIPTS["bame-bench-step"][1])(_arguments(argv))
+
+
+def bench_memory(argv: Sequence[str] | None = None) -> None:
+    """``bame-bench-memory``: optimizer-state bytes per method and phase against SGD."""
+    _main_of(SCRIPTS["bame-bench-memory"][1])(_arguments(argv))
+
+
+def bench_flops(argv: Sequence[str] | None = None) -> None:
+    """``bame-bench-flops``: the training-FLOPs table of ``docs/flops.md``.
+
+    The script takes no flags; this parses the command line anyway, so ``--help`` prints what
+    it does and an unknown flag exits 2 instead of being ignored.
+    """
+    module = importlib.import_module(SCRIPTS["bame-bench-flops"][1])
+    doc = (module.__doc__ or "").split("\n\n")[0]
+    argparse.ArgumentParser(description=doc).parse_args(_arguments(argv))
+    module.main()
+
+
+def bench_kernel(argv: Sequence[str] | None = None) -> None:
+    """``bame-bench-kernel``: the fused CPU kept-SGD kernel against the eager path and SGD."""
+    _main_of(SCRIPTS["bame-bench-kernel"][1])(_arguments(argv))
+
+
+def bench_semi_structured(argv: Sequence[str] | None = None) -> None:
+    """``bame-bench-semi-structured``: 2:4 semi-structured GEMMs and training step on CUDA."""
+    _main_of(SCRIPTS["bame-bench-semi-structured"][1])(_arguments(argv))
