@@ -20,6 +20,11 @@ method          what it is                                                      
 ``lbc``         LBC (:mod:`bame_optim.peers.lbc`)                                   Tables 1-2
 ``asp``         fixed-mask fine-tuning after one-shot magnitude pruning             Table 1
 ==============  ==================================================================  ==========
+
+AdamW variants, for the transformers that train with it (``optimizer="adamw"``):
+``dense_adamw`` (:class:`torch.optim.AdamW`), ``static_adamw`` and ``bame_adamw``
+(:class:`bame_optim.BAMEAdamW`). :func:`method_name` maps a method and an optimizer to the
+registered name.
 """
 
 from __future__ import annotations
@@ -34,7 +39,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from bame_optim.flops import FlopsProfile
+from bame_optim.optim.adamw import ADAMW_DEFAULTS, BAMEAdamW
 from bame_optim.optim.base import SGD_DEFAULTS
+from bame_optim.optim.masked import MaskedOptimizer
 from bame_optim.optim.sgd import ASPSGD, BAMESGD, RigLSGD
 from bame_optim.peers.bidir import BidirBAMESGD, attach_backward_masks
 from bame_optim.peers.lbc import LBCSGD
@@ -42,19 +49,30 @@ from bame_optim.peers.srste import SRSTESGD
 from bame_optim.peers.ste import DenseSTESGD
 
 __all__ = [
+    "ADAMW_KEYWORDS",
     "CONTEXT_KEYWORDS",
     "METHODS",
+    "OPTIMIZERS",
     "SGD_KEYWORDS",
     "Method",
     "accepted_keywords",
     "fixed_settings",
     "get_method",
     "make_optimizer",
+    "method_name",
 ]
 
 SGD_KEYWORDS = frozenset(SGD_DEFAULTS)
-"""The keywords of :class:`torch.optim.SGD` that every method takes."""
-_TORCH_SGD_KEYWORDS = SGD_KEYWORDS | {"fused", "differentiable"}
+"""The keywords of :class:`torch.optim.SGD` that every SGD method takes."""
+ADAMW_KEYWORDS = frozenset(ADAMW_DEFAULTS)
+"""The keywords of :class:`torch.optim.AdamW` that every AdamW method takes."""
+OPTIMIZERS = ("sgd", "adamw")
+"""The update rules a method may use (:attr:`Method.optimizer`)."""
+_TORCH_KEYWORDS = {
+    torch.optim.SGD: SGD_KEYWORDS | {"fused", "differentiable"},
+    torch.optim.AdamW: ADAMW_KEYWORDS | {"fused", "differentiable", "capturable"},
+}
+_NM_KEYWORDS = frozenset({"n", "m", "sparse"})
 CONTEXT_KEYWORDS = frozenset({"n", "m", "total_steps", "t_i", "t_f", "delta_t", "seed"})
 """Keywords that describe the run (its N:M pattern, schedule and seed) rather than the method:
 :func:`make_optimizer` drops them for a method that does not take them (``dense`` has no N:M
@@ -77,6 +95,8 @@ class Method:
     """Masks change only on the schedule's update steps (else possibly at every step)."""
     attach: Callable[[nn.Module, Optimizer], Any] | None = None
     """What the model needs from the optimizer (``attach(model, optimizer)``), if anything."""
+    optimizer: str = "sgd"
+    """The update rule on the (kept) weights: ``"sgd"`` or ``"adamw"``."""
 
 
 def _register(*methods: Method) -> Mapping[str, Method]:
@@ -100,6 +120,12 @@ METHODS: Mapping[str, Method] = _register(
            scheduled_masks=False),
     Method("asp", ASPSGD, "one-shot magnitude N:M pruning, fixed-mask fine-tuning",
            FlopsProfile.PRETRAIN_FIXED),
+    Method("dense_adamw", torch.optim.AdamW, "torch.optim.AdamW, no sparsity",
+           FlopsProfile.DENSE, optimizer="adamw"),
+    Method("static_adamw", BAMEAdamW, "random N:M mask at step 0, never changed; AdamW",
+           FlopsProfile.FIXED, fixed={"t_i": 0, "t_f": 0}, optimizer="adamw"),
+    Method("bame_adamw", BAMEAdamW, "LMA + OBF, AdamW on the kept weights (revive score "
+           "lr * |G|)", FlopsProfile.SCHEDULED, optimizer="adamw"),
 )
 """Every method, by name, in the order of the comparison tables."""
 
@@ -120,11 +146,28 @@ def fixed_settings(name: str) -> dict[str, Any]:
 def accepted_keywords(name: str) -> frozenset[str]:
     """The keywords the optimizer of method ``name`` takes."""
     factory = get_method(name).factory
-    if isinstance(factory, type) and issubclass(factory, BAMESGD):
-        return SGD_KEYWORDS | {"n", "m", "sparse", "fused"} | set(factory.rules.keywords)
+    if isinstance(factory, type) and issubclass(factory, MaskedOptimizer):
+        return factory.update_keywords | _NM_KEYWORDS | set(factory.rules.keywords)
     if isinstance(factory, type) and issubclass(factory, DenseSTESGD):
-        return SGD_KEYWORDS | {"n", "m", "sparse"} | set(factory.method_defaults)
-    return _TORCH_SGD_KEYWORDS
+        return SGD_KEYWORDS | _NM_KEYWORDS | set(factory.method_defaults)
+    return _TORCH_KEYWORDS[factory]
+
+
+def method_name(method: str, optimizer: str) -> str:
+    """The registered name of ``method`` trained with ``optimizer`` (``"sgd"``: ``method``
+    itself; ``"adamw"``: its AdamW variant, e.g. ``bame`` -> ``bame_adamw``). ``ValueError``
+    naming the pair when the registry has no such variant."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"Invalid optimizer value: {optimizer!r} (one of {', '.join(OPTIMIZERS)})")
+    base = get_method(method)
+    if base.optimizer == optimizer:
+        return method
+    name = f"{method}_{optimizer}"
+    if name not in METHODS:
+        variants = [m.name for m in METHODS.values() if m.optimizer == optimizer]
+        raise ValueError(f"Invalid method value: {method!r} has no {optimizer} variant (those with "
+                         f"one: {', '.join(v.removesuffix('_' + optimizer) for v in variants)})")
+    return name
 
 
 def make_optimizer(
@@ -153,9 +196,9 @@ def make_optimizer(
         raise ValueError(f"Invalid keywords for method {method!r}: {unusable} (it does not use "
                          f"them; it takes {sorted(accepted)})")
     kwargs = {k: v for k, v in kwargs.items() if k in accepted}
-    if record.factory is torch.optim.SGD:
+    if record.factory in _TORCH_KEYWORDS:  # a dense torch optimizer: no N:M group keys
         params = [
-            {k: v for k, v in g.items() if k in SGD_KEYWORDS or k in ("params", "param_names")}
+            {k: v for k, v in g.items() if k in accepted or k in ("params", "param_names")}
             if isinstance(g, dict)
             else g
             for g in params

@@ -27,12 +27,14 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from bame_optim import nm_param_groups
+from bame_optim.core.evolution import REVIVE_SCORES
 from bame_optim.flops import training_flops_ratio
 from bame_optim.integrations.local_data import load_split
 from bame_optim.integrations.models import resnet32, small_cnn
-from bame_optim.methods import METHODS, fixed_settings, make_optimizer
+from bame_optim.methods import METHODS, accepted_keywords, fixed_settings, make_optimizer
 from bame_optim.peers.bidir import attach_backward_masks
-from benchmarks.cli import nm_pattern, write_csv
+
+from .cli import nm_pattern, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,6 +55,10 @@ class Config:
     beta: float
     limit_train: int | None
     augment: bool
+    adamw_lr: float = 2e-3
+    """Peak lr of the AdamW methods (``*_adamw``)."""
+    adamw_weight_decay: float = 0.05
+    """Decoupled weight decay of the AdamW methods (DeiT's 0.05)."""
 
 
 SMALL = Config(
@@ -138,8 +144,11 @@ def _train(model, optimizer, data, cfg: Config, epochs: int, seed: int) -> None:
             scheduler.step()
 
 
-def run_one(method, pattern, seed, train, test, cfg: Config, shape) -> dict:
-    """Train ``method`` at ``pattern`` from seed ``seed``; return its metrics."""
+def run_one(
+    method, pattern, seed, train, test, cfg: Config, shape, revive_score: str | None = None
+) -> dict:
+    """Train ``method`` at ``pattern`` from seed ``seed``; return its metrics.
+    ``revive_score`` overrides LMA's revive score of the methods that take one."""
     n, m = pattern
     channels, size, classes = shape
     torch.manual_seed(seed)
@@ -163,7 +172,12 @@ def run_one(method, pattern, seed, train, test, cfg: Config, shape) -> dict:
     }
     for key in fixed_settings(method):  # e.g. lma fixes alpha = 0
         schedule.pop(key, None)
-    hyper = {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay}
+    if METHODS[method].optimizer == "adamw":
+        hyper = {"lr": cfg.adamw_lr, "weight_decay": cfg.adamw_weight_decay}
+        if revive_score is not None and "revive_score" in accepted_keywords(method):
+            hyper["revive_score"] = revive_score
+    else:
+        hyper = {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay}
     optimizer = make_optimizer(method, groups, **hyper, **schedule)
     handles = attach_backward_masks(model, optimizer) if method == "bame_bidir" else []
     _train(model, optimizer, train, cfg, cfg.epochs, seed + 1)
@@ -184,12 +198,16 @@ def run_one(method, pattern, seed, train, test, cfg: Config, shape) -> dict:
     )
     return {
         "method": method,
-        "pattern": f"{n}:{m}" if method != "dense" else "-",
+        "pattern": "-" if _is_dense(method) else f"{n}:{m}",
         "seed": seed,
         "top1": _evaluate(model, *test),
         "flops": flops,
         "seconds": seconds,
     }
+
+
+def _is_dense(method: str) -> bool:
+    return METHODS[method].factory in (torch.optim.SGD, torch.optim.AdamW)
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -234,7 +252,7 @@ def plot(table: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     patterns = [p for p in dict.fromkeys(r["pattern"] for r in table) if p != "-"]
-    methods = [m for m in dict.fromkeys(r["method"] for r in table) if m != "dense"]
+    methods = [m for m in dict.fromkeys(r["method"] for r in table) if not _is_dense(m)]
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(methods) * len(patterns)), 4))
     width = 0.8 / max(1, len(patterns))
     for i, pattern in enumerate(patterns):
@@ -243,9 +261,8 @@ def plot(table: list[dict], path: Path, title: str) -> None:
         means = [rows[method]["top1_mean"] for method in methods if method in rows]
         stds = [rows[method]["top1_std"] for method in methods if method in rows]
         ax.bar(xs, means, width, yerr=stds, capsize=3, label=pattern)
-    for r in table:
-        if r["method"] == "dense":
-            ax.axhline(r["top1_mean"], color="black", linestyle="--", label="dense")
+    for r, style in zip([r for r in table if _is_dense(r["method"])], ("--", ":"), strict=False):
+        ax.axhline(r["top1_mean"], color="black", linestyle=style, label=r["method"])
     ax.set_xticks([j + width * (len(patterns) - 1) / 2 for j in range(len(methods))], methods)
     lows = [r["top1_mean"] - r["top1_std"] for r in table]
     ax.set_ylim(max(0.0, min(lows) - 2), min(100.0, max(r["top1_mean"] for r in table) + 1))
@@ -271,6 +288,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     parser.add_argument("--patterns", nargs="+", type=nm_pattern, default=[(1, 16), (2, 4)])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument(
+        "--revive-score",
+        choices=REVIVE_SCORES,
+        default=None,
+        help="LMA's revive score for the methods that take one (bame_adamw; default: theirs)",
+    )
     parser.add_argument("--full", action="store_true", help="the paper's ResNet-32 recipe")
     parser.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
     parser.add_argument(
@@ -313,20 +336,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     except (RuntimeError, AssertionError) as err:
         raise SystemExit(f"argument --device: cannot use {args.device!r}: {err}") from err
     shape = (train[0].shape[1], train[0].shape[2], int(train[1].max()) + 1)
-    jobs = [("dense", (1, 2))] if "dense" in args.methods else []
-    jobs += [(m, p) for p in args.patterns for m in args.methods if m != "dense"]
+    jobs = [(m, (1, 2)) for m in args.methods if _is_dense(m)]
+    jobs += [(m, p) for p in args.patterns for m in args.methods if not _is_dense(m)]
     rows = []
     with tqdm(total=len(jobs) * len(args.seeds), desc="runs", unit="run") as bar:
         for method, pattern in jobs:
             for seed in args.seeds:
-                label = method if method == "dense" else f"{method} {pattern[0]}:{pattern[1]}"
+                label = method if _is_dense(method) else f"{method} {pattern[0]}:{pattern[1]}"
                 bar.set_postfix_str(f"{label} seed {seed}")
-                rows.append(run_one(method, pattern, seed, train, test, cfg, shape))
+                rows.append(
+                    run_one(method, pattern, seed, train, test, cfg, shape, args.revive_score)
+                )
                 bar.update()
     table = summarise(rows)
     print(
         f"\n{args.dataset} ({len(train[0])} train / {len(test[0])} test images), {cfg.model}, "
-        f"{cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}, ΔT {cfg.delta_t}"
+        f"{cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr} (AdamW {cfg.adamw_lr}), "
+        f"ΔT {cfg.delta_t}" + (f", revive score {args.revive_score}" if args.revive_score else "")
     )
     print(format_table(table))
     write_csv(table, args.out / "accuracy.csv")

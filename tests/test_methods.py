@@ -23,8 +23,11 @@ def _model() -> nn.Module:
 def test_every_method_trains_and_ends_n_m_sparse(method):
     model = _model()
     x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
-    kwargs = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3}
-    if method != "dense":
+    if METHODS[method].optimizer == "sgd":
+        kwargs = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3}
+    else:
+        kwargs = {"lr": 1e-2, "weight_decay": 1e-3}
+    if METHODS[method].factory not in (torch.optim.SGD, torch.optim.AdamW):
         kwargs |= {"n": 1, "m": 4, "total_steps": 30, "delta_t": 3}
     opt = make_optimizer(method, nm_param_groups(model, 1, 4), **kwargs)
     losses = []
@@ -36,8 +39,8 @@ def test_every_method_trains_and_ends_n_m_sparse(method):
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     middle = model[2].weight.detach()
-    if method == "dense":
-        assert isinstance(opt, torch.optim.SGD) and (middle != 0).all()
+    if METHODS[method].factory in (torch.optim.SGD, torch.optim.AdamW):
+        assert type(opt) is METHODS[method].factory and (middle != 0).all()
     else:
         assert isinstance(opt, NMOptimizer)
         assert is_nm_sparse(middle, 1, 4)

@@ -20,6 +20,7 @@ __all__ = [
     "DEFAULT_ALPHA",
     "DEFAULT_BETA",
     "DEFAULT_GAMMA",
+    "REVIVE_SCORES",
     "MaskEvolution",
     "block_norms",
     "evolve_mask",
@@ -50,22 +51,41 @@ def score_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def lma_scores(weight: Tensor, grad: Tensor, kept: Tensor, lr: float) -> Tensor:
+REVIVE_SCORES = ("sgd", "adam")
+"""The revive scores of :func:`lma_scores`: ``"sgd"`` is Eq. 5 (``η G²``), ``"adam"`` its
+counterpart for Adam-type updates (``η |G|``)."""
+
+
+def lma_scores(
+    weight: Tensor, grad: Tensor, kept: Tensor, lr: float | Tensor, *, revive: str = "sgd"
+) -> Tensor:
     """Expected loss change of flipping each weight (loss-aware mask adaption).
 
-    Kept weights (Eq. 4) and pruned weights (Eq. 5)::
+    Kept weights (Eq. 4) and pruned weights (Eq. 5, or its Adam counterpart)::
 
         ΔL(W_ki) = |G_ki · W_ki|    if B_ki = 1   (loss increase from pruning it)
-        ΔL(W_kj) = η · G_kj²        if B_kj = 0   (loss drop from reviving it: one SGD step)
+        ΔL(W_kj) = η · G_kj²        if B_kj = 0   (revive="sgd": drop of one SGD step)
+        ΔL(W_kj) = η · |G_kj|       if B_kj = 0   (revive="adam": drop of one Adam step)
 
     Args:
         weight, grad: ``[K, M]`` block views of ``W`` and ``G = dL/d(W ⊙ B)``.
         kept: ``[K, M]`` bool mask ``B``.
         lr: the current learning rate ``η``.
+        revive: ``"sgd"`` or ``"adam"`` (:data:`REVIVE_SCORES`).
+
+    .. note:: Eq. 5 is the first-order loss drop ``G · Δw`` of the first SGD step of a
+       revived weight, ``Δw = -η G``. Adam's first step from zero moments is
+       ``Δw = -η m̂ / (sqrt(v̂) + ε) = -η sign(G)`` (``m̂ = G``, ``v̂ = G²`` after bias
+       correction, ``ε`` neglected), so the matching drop is ``η |G|``. It is linear in
+       ``|G|`` like the prune score ``|G W|``, so the two stay comparable when the gradient
+       scale changes, which ``η G²`` is not.
     """
+    if revive not in REVIVE_SCORES:
+        raise ValueError(f"Invalid revive value: {revive!r} (one of {REVIVE_SCORES})")
     dtype = score_dtype(weight.dtype)
     w, g = weight.to(dtype), grad.to(dtype)
-    return torch.where(kept, (g * w).abs(), g.square().mul_(lr))
+    revived = g.square().mul_(lr) if revive == "sgd" else g.abs().mul_(lr)
+    return torch.where(kept, (g * w).abs(), revived)
 
 
 def magnitude_mask(weight: Tensor, kept: Tensor, budget: int) -> Tensor:
@@ -157,6 +177,7 @@ def evolve_mask(
     beta: float,
     gamma: float,
     freeze: Callable[[Tensor, Tensor], Tensor] | None = None,
+    revive: str = "sgd",
 ) -> MaskEvolution:
     """One BAME mask update of one parameter (DESIGN.md section 4, steps 1-5).
 
@@ -166,8 +187,9 @@ def evolve_mask(
 
     ``freeze(oscillation, norms)`` replaces :func:`obf_freeze` (with ``alpha``, ``beta``)
     where the blocks given are a shard of the parameter: Eq. 10 ranks all its blocks.
+    ``revive`` chooses the revive score of :func:`lma_scores`.
     """
-    proposed = top_n_mask(lma_scores(weight, grad, kept, lr), n, prefer=kept)
+    proposed = top_n_mask(lma_scores(weight, grad, kept, lr, revive=revive), n, prefer=kept)
     new_oscillation = update_oscillation(oscillation, sad(kept, proposed), gamma)
     norms = block_norms(weight)
     if freeze is None:

@@ -1,4 +1,5 @@
-r"""The update rules of the engine's optimizers as pure functions over compact state.
+r"""The update rules of the engine's optimizers as pure functions over compact state:
+:func:`kept_sgd` and :func:`kept_adamw`.
 
 :func:`kept_sgd` is SGD restricted to the kept weights of N:M sparse parameters. For each
 parameter with kept set :math:`B` (stored form ``kept``, ``count`` kept per block) it runs
@@ -23,12 +24,13 @@ Paths, chosen by ``fused`` (as ``foreach`` chooses in torch): the fused native k
 from __future__ import annotations
 
 from torch import Tensor
+from torch.optim.adamw import adamw
 from torch.optim.sgd import sgd
 
 from bame_optim.core.kept import gather_kept, kept_indices, scatter_kept_
 from bame_optim.kernels import kept_sgd_cpu
 
-__all__ = ["kept_sgd"]
+__all__ = ["kept_adamw", "kept_sgd"]
 
 
 def kept_sgd(
@@ -81,9 +83,7 @@ def kept_sgd(
                 nesterov=nesterov, maximize=maximize,
             )
             return
-    positions = [kept_indices(k, c, m) for k, c in zip(kept, counts, strict=True)]
-    kept_params = [gather_kept(p, i, m) for p, i in zip(params, positions, strict=True)]
-    kept_grads = [gather_kept(g, i, m) for g, i in zip(grads, positions, strict=True)]
+    positions, kept_params, kept_grads = _gather(params, grads, kept, counts, m)
     if foreach is None:
         foreach = all(p.is_cuda for p in params)
     sgd(
@@ -98,5 +98,80 @@ def kept_sgd(
         nesterov=nesterov,
         maximize=maximize,
     )
-    for p, i, w in zip(params, positions, kept_params, strict=True):
+    _scatter(params, positions, kept_params, m)
+
+
+def kept_adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    kept: list[Tensor],
+    counts: list[int],
+    *,
+    m: int,
+    amsgrad: bool,
+    beta1: float,
+    beta2: float,
+    lr: float | Tensor,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    foreach: bool | None = None,
+) -> None:
+    r"""AdamW on the kept weights, in place on ``params``, the moments and ``state_steps``.
+
+    For each parameter, :math:`w \leftarrow W[B],\ g \leftarrow G[B]`, then
+    :func:`torch.optim.adamw.adamw` on ``w`` with the compact moments ``[K, count]``
+    (:math:`w \leftarrow w(1 - \eta\lambda)`, :math:`m \leftarrow \beta_1 m + (1-\beta_1) g`,
+    :math:`v \leftarrow \beta_2 v + (1-\beta_2) g^2`,
+    :math:`w \leftarrow w - \eta \hat m / (\sqrt{\hat v} + \epsilon)` with the bias
+    corrections of the parameter's step count), and :math:`W[B] \leftarrow w`: the arithmetic
+    of :class:`torch.optim.AdamW` on the kept entries, and nothing moves at pruned entries.
+
+    Args:
+        params, grads: parameter-shaped tensors (this rank's part of a sharded parameter).
+        exp_avgs, exp_avg_sqs: compact moments ``[K, count]``, one per parameter.
+        max_exp_avg_sqs: compact running maxima ``[K, count]`` (``amsgrad`` only, else empty).
+        state_steps: one scalar step tensor per parameter (advanced here).
+        kept, counts, m: as :func:`kept_sgd`.
+        amsgrad, beta1, beta2, lr, weight_decay, eps, maximize, foreach: as
+            :func:`torch.optim.adamw.adamw`.
+    """
+    if not params:
+        return
+    positions, kept_params, kept_grads = _gather(params, grads, kept, counts, m)
+    adamw(
+        kept_params,
+        kept_grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+        state_steps,
+        foreach=foreach,
+        amsgrad=amsgrad,
+        beta1=beta1,
+        beta2=beta2,
+        lr=lr,
+        weight_decay=weight_decay,
+        eps=eps,
+        maximize=maximize,
+    )
+    _scatter(params, positions, kept_params, m)
+
+
+def _gather(
+    params: list[Tensor], grads: list[Tensor], kept: list[Tensor], counts: list[int], m: int
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """Kept positions, and compact copies ``[K, count]`` of the kept weights and gradients."""
+    positions = [kept_indices(k, c, m) for k, c in zip(kept, counts, strict=True)]
+    kept_params = [gather_kept(p, i, m) for p, i in zip(params, positions, strict=True)]
+    kept_grads = [gather_kept(g, i, m) for g, i in zip(grads, positions, strict=True)]
+    return positions, kept_params, kept_grads
+
+
+def _scatter(params: list[Tensor], positions: list[Tensor], values: list[Tensor], m: int) -> None:
+    for p, i, w in zip(params, positions, values, strict=True):
         scatter_kept_(p, i, w, m)

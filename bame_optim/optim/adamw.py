@@ -1,0 +1,232 @@
+r"""BAMEAdamW: AdamW over the same masks, schedule and compact state as BAMESGD."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+from torch.optim.adamw import adamw
+from torch.optim.optimizer import _get_scalar_dtype
+
+from bame_optim.optim.engine import NMEngine
+from bame_optim.optim.functional import kept_adamw
+from bame_optim.optim.masked import MaskedOptimizer, SparseState
+from bame_optim.optim.rules import BAME_RULES, MaskRules
+from bame_optim.optim.sharded import local_tensor
+
+__all__ = ["ADAMW_DEFAULTS", "BAME_ADAMW_RULES", "BAMEAdamW"]
+
+ADAMW_DEFAULTS: dict[str, Any] = {
+    "lr": 1e-3,
+    "betas": (0.9, 0.999),
+    "eps": 1e-8,
+    "weight_decay": 1e-2,
+    "amsgrad": False,
+    "maximize": False,
+    "foreach": None,
+}
+""":class:`torch.optim.AdamW`'s keywords and defaults (those this package takes)."""
+
+BAME_ADAMW_RULES = dataclasses.replace(
+    BAME_RULES, keywords=BAME_RULES.keywords | {"revive_score": "adam"}
+)
+"""BAME's rules, with the revive score of LMA chosen by ``revive_score`` (default
+``"adam"``: ``η |G|``, see :func:`bame_optim.core.evolution.lma_scores`)."""
+
+
+class BAMEAdamW(MaskedOptimizer):
+    r"""AdamW (decoupled weight decay) that keeps N:M sparse weights and evolves their masks
+    with BAME: the schedule, mask rules and compact state of :class:`bame_optim.BAMESGD`,
+    with Adam's update on the kept weights.
+
+    Dense parameters (``sparse=False`` groups, and with ``sparse=None`` every parameter with
+    ``ndim < 2`` or whose dimension 1 does not divide by ``m``) go through
+    :func:`torch.optim.adamw.adamw` with :class:`torch.optim.AdamW`'s state, so they follow
+    it exactly. For a sparse parameter with mask :math:`B` and gradient :math:`G` each
+    ``step()`` at counter :math:`t` does
+
+    .. math::
+        &\textbf{if } t \text{ is an update step: } B \leftarrow \text{rule}(W, G, B, O, t),
+            \quad W \leftarrow W \odot B,\quad (m, v) \leftarrow (m, v) \odot B_{old} \odot B \\
+        &g \leftarrow G \odot B,\quad s \leftarrow s + 1,\quad W \leftarrow W (1 - \eta\lambda)
+            \odot B,\\
+        &m \leftarrow \beta_1 m + (1-\beta_1) g,\quad v \leftarrow \beta_2 v + (1-\beta_2) g^2,
+        \quad W \leftarrow W - \eta\,\frac{m / (1-\beta_1^s)}{\sqrt{v / (1-\beta_2^s)}+\epsilon}
+            \odot B
+
+    (:func:`bame_optim.optim.functional.kept_adamw`): ``exp_avg`` (:math:`m`) and
+    ``exp_avg_sq`` (:math:`v`) are kept for the kept weights only (``[K, kept_count]``), a
+    revived weight starts with zero moments, and pruned weights stay exactly 0. The rules of
+    the phases are :class:`BAMESGD`'s, except that LMA's revive score is ``η |G|``
+    (``revive_score="adam"``, the loss drop of Adam's first step on a revived weight) rather
+    than Eq. 5's ``η G²`` (``revive_score="sgd"``); see
+    :func:`bame_optim.core.evolution.lma_scores` for the derivation.
+
+    Args:
+        params: parameters or param groups, as :class:`bame_optim.BAMESGD`.
+        lr, betas, eps, weight_decay, amsgrad, maximize, foreach: as
+            :class:`torch.optim.AdamW` (``lr`` may be a Tensor).
+        n, m, total_steps, t_i, t_f, delta_t, alpha, beta, gamma, seed, sparse: as
+            :class:`bame_optim.BAMESGD`.
+        revive_score: ``"adam"`` (default) or ``"sgd"``: LMA's score of a pruned weight.
+
+    State of a sparse parameter: the engine's ``kept``, ``kept_count``, ``oscillation``,
+    ``last_flips``, ``last_frozen``; ``step`` (a scalar tensor, as :class:`torch.optim.AdamW`),
+    ``exp_avg``, ``exp_avg_sq`` and with ``amsgrad`` ``max_exp_avg_sq`` (``[K, kept_count]``).
+    Read the moments in the parameter's layout through :meth:`exp_avg` / :meth:`exp_avg_sq`.
+
+    .. note:: Bias correction of a revived weight. The step count ``s`` is one per parameter,
+       as in :class:`torch.optim.AdamW`, not one per weight: a weight revived at ``s`` starts
+       from zero moments but is corrected by ``1 - β^s`` (≈ 1 late in training), so its first
+       move is ``η (1-β_1) / sqrt(1-β_2) · sign(G)`` ≈ ``3.16 η sign(G)`` at the default betas
+       instead of a fresh Adam's ``η sign(G)``, and its later moves stay larger than the
+       steady ``η`` for about ``1 / (1-β_2)`` steps while ``v`` fills. A per-weight count
+       would give the textbook correction at the cost of a third ``[K, kept_count]`` buffer,
+       which would take the state above AdamW's 0.6x at 2:4. The magnitude of a revived
+       weight stays within a few ``η`` either way.
+    """
+
+    rules: ClassVar[MaskRules] = BAME_ADAMW_RULES
+    engine: ClassVar[NMEngine] = NMEngine(("exp_avg", "exp_avg_sq", "max_exp_avg_sq"))
+    update_keywords: ClassVar[frozenset[str]] = frozenset(ADAMW_DEFAULTS)
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        n: int = 2,
+        m: int = 4,
+        total_steps: int | None = None,
+        t_i: int | None = None,
+        t_f: int | None = None,
+        delta_t: int | None = None,
+        alpha: float | None = None,
+        beta: float | None = None,
+        gamma: float | None = None,
+        seed: int | None = None,
+        revive_score: str | None = None,
+        sparse: bool | None = None,
+    ) -> None:
+        rule_keywords = dict(total_steps=total_steps, t_i=t_i, t_f=t_f, delta_t=delta_t,
+                             alpha=alpha, beta=beta, gamma=gamma, seed=seed,
+                             revive_score=revive_score)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, foreach=foreach, n=n, m=m, sparse=sparse)
+        super().__init__(params, defaults, rule_keywords)
+
+    def _validate_update(self, group: dict[str, Any]) -> None:
+        _validate_adamw(group)
+
+    def _update(
+        self, group: dict[str, Any], dense: list[Tensor], sparse: list[SparseState]
+    ) -> None:
+        beta1, beta2 = group["betas"]
+        hyper = dict(amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
+                     weight_decay=group["weight_decay"], eps=group["eps"],
+                     maximize=group["maximize"], foreach=group["foreach"])
+        if dense:
+            states = [self._dense_state(p, group["amsgrad"]) for p in dense]
+            adamw(
+                dense, [p.grad for p in dense],
+                [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
+                [s["step"] for s in states],
+                has_complex=any(torch.is_complex(p) for p in dense), **hyper,
+            )
+        if sparse:
+            engine, m = self.engine, group["m"]
+            moments = [self._kept_moments(p, state, group) for p, state in sparse]
+            kept_adamw(
+                [local_tensor(p) for p, _ in sparse],
+                [local_tensor(p.grad) for p, _ in sparse],
+                [b[0] for b in moments], [b[1] for b in moments],
+                [b[2] for b in moments] if group["amsgrad"] else [],
+                [state["step"] for _, state in sparse],
+                [engine.local_kept(state) for _, state in sparse],
+                [state["kept_count"] for _, state in sparse],
+                m=m, **hyper,
+            )
+            for (p, state), buffers in zip(sparse, moments, strict=True):
+                missing = len(engine.buffers) - len(buffers)  # no max_exp_avg_sq without amsgrad
+                engine.store_buffers(p, state, [*buffers, *[None] * missing], m)
+
+    def _dense_state(self, p: Tensor, amsgrad: bool) -> dict[str, Any]:
+        """:class:`torch.optim.AdamW`'s lazily created state of a dense parameter."""
+        if p.grad.is_sparse:
+            raise RuntimeError(
+                f"Invalid gradient layout for a dense parameter of shape {tuple(p.shape)}: "
+                "AdamW does not support sparse gradients, use torch.optim.SparseAdam"
+            )
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = _new_step()
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if amsgrad and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _kept_moments(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]
+                      ) -> list[Tensor]:
+        """This rank's compact moments of a sparse parameter, created as zeros
+        ``[K, kept_count]`` on its first step (and ``max_exp_avg_sq`` with ``amsgrad``)."""
+        state.setdefault("step", _new_step())
+        local = local_tensor(p)
+        shape = (local.numel() // group["m"], state["kept_count"])
+        wanted = 3 if group["amsgrad"] else 2
+        return [
+            torch.zeros(shape, dtype=local.dtype, device=local.device) if buffer is None
+            else buffer
+            for buffer in self.engine.local_buffers(p, state)[:wanted]
+        ]
+
+    def exp_avg(self, p: Tensor) -> Tensor | None:
+        """``exp_avg`` of ``p`` in the parameter's layout (zeros at pruned entries), or
+        ``None`` before ``p``'s first step."""
+        return self._dense_view(p, "exp_avg")
+
+    def exp_avg_sq(self, p: Tensor) -> Tensor | None:
+        """``exp_avg_sq`` of ``p`` in the parameter's layout (zeros at pruned entries), or
+        ``None`` before ``p``'s first step."""
+        return self._dense_view(p, "exp_avg_sq")
+
+
+def _new_step() -> Tensor:
+    # torch.optim.AdamW's step counter: a CPU scalar in the default float dtype.
+    return torch.tensor(0.0, dtype=_get_scalar_dtype())
+
+
+def _validate_adamw(group: dict[str, Any]) -> None:
+    """``ValueError`` naming a bad AdamW hyper-parameter of ``group``."""
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise ValueError(f"Invalid lr value: a Tensor lr must be one floating element, got "
+                             f"shape {tuple(lr.shape)} dtype {lr.dtype}")
+        if group["foreach"]:
+            raise ValueError("Invalid foreach value: True (a Tensor lr needs foreach=False or "
+                             "None, as in torch.optim.AdamW)")
+    for name in ("lr", "eps", "weight_decay"):
+        value = group[name]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (number or (name == "lr" and isinstance(value, Tensor))) or not value >= 0:
+            raise ValueError(f"Invalid {name} value: {value!r} (a float >= 0 is required)")
+    betas = group["betas"]
+    if (
+        not isinstance(betas, (tuple, list))
+        or len(betas) != 2
+        or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas)
+        or not all(0 <= b < 1 for b in betas)
+    ):
+        raise ValueError(f"Invalid betas value: {betas!r} (two floats in [0, 1) are required)")
+    group["betas"] = (float(betas[0]), float(betas[1]))
