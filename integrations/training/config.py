@@ -16,12 +16,20 @@ from pathlib import Path
 from typing import Any
 
 from bame_optim.core.schedule import DEFAULT_DELTA_T
-from bame_optim.methods import METHODS, accepted_keywords, fixed_settings
+from bame_optim.methods import (
+    METHODS,
+    OPTIMIZERS,
+    accepted_keywords,
+    fixed_settings,
+    method_name,
+)
+from bame_optim.optim.adamw import ADAMW_DEFAULTS
 
 from ..datasets import KINDS
 from ..models import DEIT_SMALL, MODELS
 
 __all__ = [
+    "BASE_METHODS",
     "MIXED_PRECISION",
     "PRESETS",
     "REPORT_TO",
@@ -40,9 +48,13 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 REPORT_TO = ("none", "tensorboard", "wandb", "all")
 """``report_to`` values: the live-logging trackers (:mod:`.tracking`; ``all``: those of
 tensorboard and wandb that are installed)."""
+BASE_METHODS = tuple(name for name, record in METHODS.items() if record.optimizer == "sgd")
+"""``method`` values: the methods of :data:`bame_optim.methods.METHODS` under their own names
+(the AdamW variants, ``bame_adamw``..., are chosen with ``optimizer="adamw"``)."""
 RUN_DEFINING = (
     "model",
     "method",
+    "optimizer",
     "n",
     "m",
     "epochs",
@@ -50,6 +62,8 @@ RUN_DEFINING = (
     "grad_accum",
     "lr",
     "momentum",
+    "betas",
+    "eps",
     "weight_decay",
     "warmup_epochs",
     "label_smoothing",
@@ -63,6 +77,8 @@ RUN_DEFINING = (
     "exclude",
     "train_split",
     "vit_depth",
+    "vit_width",
+    "vit_patch",
 )
 """Fields a resumed run must share with its checkpoint (they change what is computed)."""
 
@@ -115,15 +131,23 @@ class TrainingConfig:
     random subsets), ``workers`` (loader processes).
 
     Model and method: ``model`` (a key of :data:`~bame_optim.integrations.models.MODELS`),
-    ``vit_depth`` (DeiT-small's encoder blocks), ``method`` (one of
-    :data:`bame_optim.methods.METHODS`), ``n`` and ``m`` (N:M), ``exclude`` (module-name
-    patterns kept dense; ``None``: the stem and classifier), ``delta_t`` (mask update interval),
-    ``alpha`` and ``beta`` (OBF; ``None``: what the method fixes, else 0.5).
+    ``vit_depth``, ``vit_width`` and ``vit_patch`` (DeiT-small's encoder blocks, width and
+    patch size; the heads are ``vit_width / 64`` and the MLP ``4 x vit_width``, as in DeiT:
+    ``vit_width=192`` is DeiT-Ti's width), ``method`` (one of :data:`BASE_METHODS`), ``n`` and
+    ``m`` (N:M), ``exclude`` (module-name patterns kept dense; ``None``: the stem and
+    classifier), ``delta_t`` (mask update interval), ``alpha`` and ``beta`` (OBF; ``None``:
+    what the method fixes, else 0.5).
 
-    Optimization: ``epochs``, ``batch_size`` (per process), ``grad_accum``, ``lr`` (peak, cosine
-    annealed to 0 per optimizer step), ``momentum``, ``weight_decay``, ``warmup_epochs``
-    (linear warm-up), ``label_smoothing``, ``seed``, ``mixed_precision`` (one of
-    :data:`MIXED_PRECISION`; ``None``: Accelerate's configuration), ``cpu``.
+    Optimization: ``optimizer`` (one of :data:`bame_optim.methods.OPTIMIZERS`: the method runs
+    as :attr:`registered_method`, e.g. ``bame`` with ``"adamw"`` as ``bame_adamw``),
+    ``epochs``, ``batch_size`` (per process), ``grad_accum``, ``lr`` (peak, cosine annealed to 0
+    per optimizer step), ``momentum`` (SGD only), ``betas`` and ``eps`` (AdamW only),
+    ``weight_decay`` (with AdamW none on 1-D parameters, position embeddings and class tokens;
+    with SGD none on 1-D parameters), ``warmup_epochs`` (linear warm-up), ``label_smoothing``,
+    ``seed``, ``mixed_precision`` (one of :data:`MIXED_PRECISION`; ``None``: Accelerate's
+    configuration), ``cpu``. The scripts' per-model defaults (DeiT's AdamW recipe for
+    ``deit_small`` in ``train_imagenet``) are :mod:`.recipes`; a config built here has the
+    plain defaults below.
 
     Outputs: ``output_dir``, ``checkpoint_every`` (epochs; 0: only at the end),
     ``keep_checkpoints``, ``resume`` (a checkpoint folder, a folder holding checkpoints, or
@@ -147,7 +171,10 @@ class TrainingConfig:
     workers: int = 4
     model: str = "resnet32"
     vit_depth: int = DEIT_SMALL["num_layers"]
+    vit_width: int = DEIT_SMALL["hidden_dim"]
+    vit_patch: int = DEIT_SMALL["patch_size"]
     method: str = "bame"
+    optimizer: str = "sgd"
     n: int = 2
     m: int = 4
     exclude: tuple[str, ...] | None = None
@@ -159,6 +186,8 @@ class TrainingConfig:
     grad_accum: int = 1
     lr: float = 0.1
     momentum: float = 0.9
+    betas: tuple[float, float] = ADAMW_DEFAULTS["betas"]
+    eps: float = ADAMW_DEFAULTS["eps"]
     weight_decay: float = 5e-3
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
@@ -181,12 +210,20 @@ class TrainingConfig:
             object.__setattr__(self, "cache_dir", Path(self.cache_dir))
         if isinstance(self.exclude, list):
             object.__setattr__(self, "exclude", tuple(self.exclude))
+        if isinstance(self.betas, list):
+            object.__setattr__(self, "betas", tuple(self.betas))
         _validate(self)
+
+    @property
+    def registered_method(self) -> str:
+        """The name of the method in :data:`bame_optim.methods.METHODS`:
+        ``method_name(method, optimizer)`` (``bame`` with ``"adamw"``: ``bame_adamw``)."""
+        return method_name(self.method, self.optimizer)
 
     @property
     def obf(self) -> tuple[float, float]:
         """``(alpha, beta)`` with the defaults filled in: what the method fixes, else 0.5."""
-        fixed = fixed_settings(self.method)
+        fixed = fixed_settings(self.registered_method)
         alpha = self.alpha if self.alpha is not None else fixed.get("alpha", 0.5)
         beta = self.beta if self.beta is not None else fixed.get("beta", 0.5)
         return float(alpha), float(beta)
@@ -240,6 +277,20 @@ def _one_of(config: TrainingConfig, name: str, choices: Any, optional: bool = Fa
         raise ConfigError(name, value, f"one of {', '.join(map(str, choices))} is required")
 
 
+def _check_optimizer(config: TrainingConfig) -> None:
+    """Raise :class:`ConfigError` naming ``optimizer`` when ``method`` has no variant for it."""
+    try:
+        method_name(config.method, config.optimizer)
+    except ValueError:
+        with_one = [name for name in BASE_METHODS if f"{name}_{config.optimizer}" in METHODS]
+        raise ConfigError(
+            "optimizer",
+            config.optimizer,
+            f"method {config.method} has no {config.optimizer} variant; the methods with one: "
+            f"{', '.join(with_one)}",
+        ) from None
+
+
 def _validate(config: TrainingConfig) -> None:
     """Raise :class:`ConfigError` for the first invalid field of ``config``."""
     if not isinstance(config.data, (str, Path)) or not str(config.data):
@@ -250,7 +301,9 @@ def _validate(config: TrainingConfig) -> None:
     _one_of(config, "preset", PRESETS, optional=True)
     _one_of(config, "default_preset", PRESETS)
     _one_of(config, "model", tuple(MODELS))
-    _one_of(config, "method", METHODS)
+    _one_of(config, "method", BASE_METHODS)
+    _one_of(config, "optimizer", OPTIMIZERS)
+    _check_optimizer(config)
     _one_of(config, "mixed_precision", MIXED_PRECISION, optional=True)
     _one_of(config, "report_to", REPORT_TO)
     for name in ("train_split", "script"):
@@ -260,8 +313,13 @@ def _validate(config: TrainingConfig) -> None:
         raise ConfigError("eval_split", config.eval_split, "a split name or None is required")
     for name in ("image_size", "max_train_samples", "max_eval_samples"):
         _int_at_least(config, name, 1, optional=True)
-    for name in ("vit_depth", "delta_t", "epochs", "batch_size", "grad_accum"):
+    for name in ("vit_depth", "vit_patch", "delta_t", "epochs", "batch_size", "grad_accum"):
         _int_at_least(config, name, 1)
+    _int_at_least(config, "vit_width", 64)
+    if config.vit_width % 64:
+        raise ConfigError(
+            "vit_width", config.vit_width, "a multiple of 64 is required (heads of width 64)"
+        )
     for name in ("keep_checkpoints", "eval_every"):
         _int_at_least(config, name, 1)
     for name in ("workers", "seed", "checkpoint_every"):
@@ -276,22 +334,31 @@ def _validate(config: TrainingConfig) -> None:
     if not _is_real(config.lr) or not math.isfinite(config.lr) or config.lr <= 0:
         raise ConfigError("lr", config.lr, "a finite number > 0 is required")
     _real_in(config, "momentum", 0.0, 1.0)
+    betas = config.betas
+    if not (isinstance(betas, tuple) and len(betas) == 2 and all(_is_real(b) for b in betas)):
+        raise ConfigError("betas", betas, "two numbers (beta1, beta2) are required")
+    if not all(math.isfinite(b) and 0.0 <= b < 1.0 for b in betas):
+        raise ConfigError("betas", betas, "each beta must be a finite number 0 <= beta < 1")
+    if not _is_real(config.eps) or not math.isfinite(config.eps) or config.eps <= 0:
+        raise ConfigError("eps", config.eps, "a finite number > 0 is required")
     _real_in(config, "weight_decay", 0.0, math.inf)
     _real_in(config, "warmup_epochs", 0.0, config.epochs)
     _real_in(config, "label_smoothing", 0.0, 1.0)
-    fixed = fixed_settings(config.method)
+    registered = config.registered_method
+    fixed = fixed_settings(registered)
     for name in ("alpha", "beta"):
         value = getattr(config, name)
         if value is None:
             continue
         _real_in(config, name, 0.0, 1.0, high_open=False)
-        if name not in accepted_keywords(config.method):
-            raise ConfigError(name, value, f"method {config.method} does not use {name}")
+        if name not in accepted_keywords(registered):
+            raise ConfigError(name, value, f"method {registered} does not use {name}")
         if name in fixed and value != fixed[name]:
-            raise ConfigError(name, value, f"method {config.method} fixes {name}={fixed[name]}")
-    if config.model == "deit_small" and config.image_size is not None and config.image_size % 16:
+            raise ConfigError(name, value, f"method {registered} fixes {name}={fixed[name]}")
+    patch = config.vit_patch
+    if config.model == "deit_small" and config.image_size is not None and config.image_size % patch:
         raise ConfigError(
-            "image_size", config.image_size, "DeiT-small needs a multiple of its patch size 16"
+            "image_size", config.image_size, f"DeiT needs a multiple of its patch size {patch}"
         )
     for name in ("cpu", "progress"):
         if not isinstance(getattr(config, name), bool):
