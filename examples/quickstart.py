@@ -9,7 +9,7 @@ their test accuracy and wall time side by side:
    first third, mask evolution every ``--delta-t`` steps over the second, a fixed mask after).
 
 Data: scikit-learn's bundled digits by default; ``--data PATH`` reads the four Fashion-MNIST
-(or MNIST) IDX files of a folder, e.g. ``../shared/data/fashion-mnist``, verifying
+(or MNIST) IDX files of a folder (docs/data.md says where to get them), verifying
 ``MD5SUMS.decompressed`` when present. Nothing is downloaded.
 
 Defaults (measured on digits, 5 seeds, 2 CPU cores): 1:16 (the paper's headline

@@ -25,7 +25,7 @@ DENSE_LAYERS = (1, 7)
 
 @pytest.fixture(scope="module")
 def quickstart() -> ModuleType:
-    """examples/ is not a package: import the script by path."""
+    """Import the script by its path, as ``python examples/quickstart.py`` runs it."""
     spec = importlib.util.spec_from_file_location("quickstart", QUICKSTART)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
