@@ -54,10 +54,14 @@ def test_state_bytes_splits_sparse_dense_and_other():
     assert memory.state_bytes(opt, {id(sparse)}, {id(sparse): 3})["sparse"] == 3 * 36
 
 
-def test_torch_sgd_momentum_is_4_bytes_per_fp32_parameter():
+def test_references_sgd_momentum_and_adamw_moments_and_steps():
     run = memory.Run(_tiny(), torch.device("cpu"))
-    out = memory.measure_sgd(run, set())
+    out = memory.measure_reference(run, set())
     assert out["total"] == out["dense"] == 4 * run.numel
+    # exp_avg + exp_avg_sq (8 bytes per fp32 parameter) and a 4-byte step tensor per parameter
+    out = memory.measure_reference(run, set(), "adamw")
+    assert out["total"] == out["dense"] == 8 * run.numel + 4 * len(run.params)
+    assert out["tensors"] == 3 * len(run.params)
 
 
 @pytest.mark.parametrize("pattern", [(1, 4), (2, 4)])
@@ -70,6 +74,32 @@ def test_one_parameter_per_shape_gives_the_exact_numbers(pattern):
         fast = memory.measure_method(run, method, pattern, 5)
         exact = memory.measure_method(run, method, pattern, 5, exact=True)
         assert fast == exact, method
+    # BAMEAdamW by hand. Each sparse weight of K blocks keeps exp_avg and exp_avg_sq as
+    # [K, kept] fp32 (kept = M at t = 0, then N), one uint8 code per block and a 4-byte step
+    # tensor, plus the fp32 oscillation EMA [K] in the evolve phase; dense parameters carry
+    # torch.optim.AdamW's state: two fp32 moments and the step.
+    n, m = pattern
+    groups = memory.sparse_groups(run.model, n, m)
+    sparse = [p for g in groups if g.get("sparse") for p in memory._params([g])]
+    assert sparse and len(sparse) < len(run.params)
+    blocks = sum(p.numel() for p in sparse) // m
+    steps = 4 * len(sparse)
+    kept = {"gradual": m, "prune": n, "evolve": n, "frozen": n}
+    expected = {
+        label: 2 * 4 * blocks * k + blocks + steps + (4 * blocks if label == "evolve" else 0)
+        for label, k in kept.items()
+    }
+    dense_numel = run.numel - m * blocks
+    dense = 8 * dense_numel + 4 * (len(run.params) - len(sparse))
+    peaks = memory.measure_method(run, "bame_adamw", pattern, 5)
+    assert {label: b["sparse"] for label, b in peaks.items()} == expected
+    assert {(b["dense"], b["other"]) for b in peaks.values()} == {(dense, 0)}
+    # against torch.optim.AdamW's state of the same parameters, measured the same way
+    ref = memory.measure_reference(run, {id(p) for p in sparse}, "adamw")
+    assert ref["sparse"] == 8 * m * blocks + steps and ref["dense"] == dense
+    assert ref["other"] == 0
+    frozen = (2 * 4 * n + 1) / (8 * m)  # fp32 moments of N of M weights + a code per block
+    assert peaks["frozen"]["sparse"] / ref["sparse"] == pytest.approx(frozen, rel=0.01)
 
 
 def test_every_phase_is_reached_and_measured():
@@ -85,6 +115,9 @@ def test_every_phase_is_reached_and_measured():
     assert set(static) == {"prune", "frozen"}
     sgd = memory.measure_method(run, "dense", (1, 4), 5)
     assert set(sgd) == {"-"} and sgd["-"]["total"] == 4 * run.numel
+    adamw = memory.measure_method(run, "bame_adamw", (1, 4), 5)
+    assert {k: v["steps"] for k, v in adamw.items()} == {k: v["steps"] for k, v in peaks.items()}
+    assert set(memory.measure_method(run, "static_adamw", (1, 4), 5)) == {"prune", "frozen"}
 
 
 def test_resnet32_table_and_csv(tmp_path, capsys):
@@ -98,6 +131,7 @@ def test_resnet32_table_and_csv(tmp_path, capsys):
             "--methods",
             "static",
             "bame",
+            "bame_adamw",
             "--csv",
             str(path),
         ]
@@ -106,21 +140,43 @@ def test_resnet32_table_and_csv(tmp_path, capsys):
     sgd = [r for r in rows if r["method"] == "sgd"]
     assert len(sgd) == 1 and sgd[0]["state_bytes"] == 4 * numel and sgd[0]["ratio"] == 1.0
     assert sgd[0]["sparse_ratio"] == 1.0
+    adamw = [r for r in rows if r["method"] == "adamw"]
+    assert len(adamw) == 1 and adamw[0]["ratio"] == adamw[0]["sparse_ratio"] == 1.0
+    n_params = len(list(memory.MODELS["resnet32"]().parameters()))
+    assert adamw[0]["state_bytes"] == 8 * numel + 4 * n_params
+    # each row is against its family's reference
+    assert {r["method"]: r["reference"] for r in rows} == {
+        "sgd": "sgd",
+        "static": "sgd",
+        "bame": "sgd",
+        "adamw": "adamw",
+        "bame_adamw": "adamw",
+    }
     for r in rows:
         assert r["state_bytes"] >= r["sparse_bytes"] + r["dense_bytes"]
         assert r["state_bytes"] > 0 and r["ratio"] > 0
     bame = {r["phase"]: r for r in rows if r["method"] == "bame"}
     assert set(bame) == {"gradual", "prune", "evolve", "frozen"}
-    # dense parameters carry SGD momentum in every method and phase
-    assert {r["dense_bytes"] for r in rows} == {sgd[0]["dense_bytes"]}
+    # dense parameters carry the family's dense state in every method and phase
+    for ref in sgd + adamw:
+        family = [r for r in rows if r["reference"] == ref["method"]]
+        assert {r["dense_bytes"] for r in family} == {ref["dense_bytes"]}
     with open(path) as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     out = capsys.readouterr().out
-    assert "| resnet32 | 2:4 | torch SGD (1.0) |" in out and "| resnet32 | 2:4 | bame |" in out
+    assert "| resnet32 | 2:4 | torch SGD (1.0) | torch SGD |" in out
+    assert "| resnet32 | 2:4 | bame | torch SGD |" in out
+    assert "| resnet32 | 2:4 | torch AdamW (1.0) | torch AdamW |" in out
+    assert "| resnet32 | 2:4 | bame_adamw | torch AdamW |" in out
     # the frozen-phase state is [K, 2] fp32 momentum + one uint8 code per block: 9/16 of SGD's
     assert "| resnet32 | 2:4 | frozen | < 0.60 | 0.562 | PASS |" in out
     # at t = 0 every weight is kept: all momentum plus the codes, above SGD's
     assert "| resnet32 | 2:4 | gradual | < 0.60 | 1.062 | MISS |" in out
+    # BAMEAdamW, outside the evolve phase: two [K, 2] fp32 moments + a code per block, 17/32
+    assert "outside the evolve phase" in out and "sparse part x AdamW" in out
+    assert "| resnet32 | 2:4 | frozen | < 0.60 | 0.531 | PASS |" in out
+    assert "| resnet32 | 2:4 | prune | < 0.60 | 0.531 | PASS |" in out
+    assert "| resnet32 | 2:4 | evolve | < 0.60 | 0.656 |" not in out
 
 
 @pytest.mark.parametrize(
