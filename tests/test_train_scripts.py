@@ -244,7 +244,9 @@ def test_imagenet_script_trains_deit_attention_n_m(imagenet_script, tmp_path):
     weight = dict(result.model.named_parameters())[qkv].detach()
     assert is_nm_sparse(weight, 2, 4) and (weight.reshape(-1, 4) != 0).sum(-1).max() == 2
     assert 0 < metrics["training_flops_ratio"] < 1  # attention products counted too
-    assert metrics["args"]["weight_decay"] == 1e-4
+    # DeiT's recipe by default (tests/test_deit_recipe.py): AdamW, weight decay 0.05
+    assert metrics["args"]["optimizer"] == "adamw" and metrics["args"]["weight_decay"] == 0.05
+    assert type(result.optimizer).__name__ == "BAMEAdamW"
 
 
 def test_grayscale_idx_data_with_resnet32(cifar_script, tmp_path, write_idx_folder):

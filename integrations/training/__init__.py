@@ -12,6 +12,7 @@ line (:mod:`.cli`: :class:`ScriptConfig`, :func:`parse_config`, :func:`main`) kn
   that launched processes train together;
 * :mod:`.tracking`: live logging to Accelerate's trackers (``report_to``: TensorBoard, wandb);
 * :mod:`.data`, :mod:`.build`: the datasets, the model and the method's optimizer;
+* :mod:`.recipes`: per-model optimization defaults (DeiT's AdamW recipe for ``deit_small``);
 * :mod:`.lr_schedule`: warm-up and cosine annealing per optimizer step (torch schedulers);
 * :mod:`.sampling`: the epoch-seeded data order that makes resuming exact;
 * :mod:`.checkpoints`, :mod:`.resume`: atomic checkpoints and where a run resumes;

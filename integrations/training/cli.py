@@ -1,8 +1,10 @@
 """The command line of the training scripts, the only layer that knows about ``argparse``.
 
 :class:`ScriptConfig` says what differs between the scripts (models, default epochs, preset,
-weight decay), :func:`build_parser` makes a script's parser, :func:`parse_config` turns a command
-line into a :class:`~.config.TrainingConfig`, and :func:`main` parses and trains. A
+weight decay, per-model recipes), :func:`build_parser` makes a script's parser,
+:func:`parse_config` turns a command line into a :class:`~.config.TrainingConfig` (the flags not
+given from the model's :class:`~.recipes.Recipe`, else the script's defaults), and :func:`main`
+parses and trains. A
 :class:`~.config.ConfigError` of the library (raised when the config is built, or by the run for
 data, splits, ``--exclude`` patterns and checkpoints) exits through ``parser.error`` (status 2)
 with a message that names the flag and the value; so does a
@@ -12,19 +14,29 @@ with a message that names the flag and the value; so does a
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
 from bame_optim.core.schedule import DEFAULT_DELTA_T
-from bame_optim.methods import METHODS
+from bame_optim.methods import OPTIMIZERS, method_name
+from bame_optim.optim.adamw import ADAMW_DEFAULTS
 
 from ..datasets import KINDS
 from ..models import DEIT_SMALL
-from .config import MIXED_PRECISION, PRESETS, REPORT_TO, ConfigError, TrainingConfig
+from .config import (
+    BASE_METHODS,
+    MIXED_PRECISION,
+    PRESETS,
+    REPORT_TO,
+    ConfigError,
+    TrainingConfig,
+)
 from .loop import LaunchError, TrainResult, run
+from .recipes import Recipe, fill_optimization
 from .tracking import check_report_to
 
 __all__ = ["ScriptConfig", "build_parser", "flag_of", "main", "parse_config"]
@@ -44,6 +56,8 @@ class ScriptConfig:
         default_weight_decay: the default ``--weight-decay``.
         default_image_size: the default ``--image-size`` (``None``: the data's own size).
         epilog: text after the ``--help`` flag list.
+        recipes: per model name, the :class:`~.recipes.Recipe` whose values fill the
+            optimization flags not given (``train_imagenet``: DeiT's for ``deit_small``).
     """
 
     name: str
@@ -55,6 +69,30 @@ class ScriptConfig:
     default_weight_decay: float
     default_image_size: int | None = None
     epilog: str = field(default="")
+    recipes: Mapping[str, Recipe] = field(default_factory=dict)
+
+
+_SCRIPT_DEFAULTS: dict[str, Any] = {
+    "optimizer": "sgd",
+    "lr": 0.1,
+    "momentum": 0.9,
+    "betas": ADAMW_DEFAULTS["betas"],
+    "eps": ADAMW_DEFAULTS["eps"],
+    "warmup_epochs": 0.0,
+    "label_smoothing": 0.0,
+}
+"""The optimization defaults of every script (the paper's SGD recipe; ``weight_decay``:
+:attr:`ScriptConfig.default_weight_decay`), for the flags neither given nor set by a recipe."""
+
+
+def _recipe_note(script: ScriptConfig, name: str) -> str:
+    """``"; deit_small: 0.05"``: what the recipes of ``script`` set field ``name`` to."""
+    notes = []
+    for model, recipe in script.recipes.items():
+        value = getattr(recipe, "base_lr" if name == "lr" else name)
+        shown = f"{value:g} x global batch / {recipe.base_batch}" if name == "lr" else f"{value}"
+        notes.append(f"{model}: {shown}")
+    return "; " + ", ".join(notes) if notes else ""
 
 
 def build_parser(script: ScriptConfig) -> argparse.ArgumentParser:
@@ -116,7 +154,23 @@ def build_parser(script: ScriptConfig) -> argparse.ArgumentParser:
             default=DEIT_SMALL["num_layers"],
             help="encoder blocks of deit_small (%(default)s, the paper's; fewer: smoke tests)",
         )
-    model.add_argument("--method", choices=METHODS, default="bame", help="default: %(default)s")
+        model.add_argument(
+            "--vit-width",
+            type=int,
+            default=DEIT_SMALL["hidden_dim"],
+            help="width of deit_small, a multiple of 64: heads = width / 64, MLP = 4 x width "
+            "(%(default)s, DeiT-S; 192: DeiT-Ti's width, for CPU runs)",
+        )
+        model.add_argument(
+            "--vit-patch",
+            type=int,
+            default=DEIT_SMALL["patch_size"],
+            help="patch size of deit_small; the image size must divide by it (%(default)s; "
+            "e.g. 4 or 7 for 28x28 images)",
+        )
+    model.add_argument(
+        "--method", choices=BASE_METHODS, default="bame", help="default: %(default)s"
+    )
     model.add_argument("--n", type=int, default=2, help="kept per block (%(default)s)")
     model.add_argument("--m", type=int, default=4, help="block size (%(default)s)")
     model.add_argument(
@@ -139,6 +193,13 @@ def build_parser(script: ScriptConfig) -> argparse.ArgumentParser:
 
     optim = parser.add_argument_group("optimization")
     optim.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        help="the update rule: sgd, or adamw (the method's AdamW variant: dense, static and "
+        "bame have one; AdamW gets no decay on 1-D parameters, position embeddings and class "
+        "tokens) (default: sgd" + _recipe_note(script, "optimizer") + ")",
+    )
+    optim.add_argument(
         "--epochs",
         type=int,
         help="default: "
@@ -151,21 +212,38 @@ def build_parser(script: ScriptConfig) -> argparse.ArgumentParser:
         help="per process; the global batch is this x processes x --grad-accum (%(default)s)",
     )
     optim.add_argument("--grad-accum", type=int, default=1, help="accumulation steps (%(default)s)")
-    optim.add_argument("--lr", type=float, default=0.1, help="peak lr (%(default)s)")
-    optim.add_argument("--momentum", type=float, default=0.9, help="%(default)s")
+    optim.add_argument(
+        "--lr", type=float, help="peak lr (default: 0.1" + _recipe_note(script, "lr") + ")"
+    )
+    optim.add_argument("--momentum", type=float, help="sgd only (default: 0.9)")
+    optim.add_argument(
+        "--betas",
+        type=float,
+        nargs=2,
+        metavar=("BETA1", "BETA2"),
+        help="adamw only (default: {:g} {:g})".format(*ADAMW_DEFAULTS["betas"]),
+    )
+    optim.add_argument("--eps", type=float, help=f"adamw only (default: {ADAMW_DEFAULTS['eps']})")
     optim.add_argument(
         "--weight-decay",
         type=float,
-        default=script.default_weight_decay,
-        help="on weights; biases and norms get none (%(default)s)",
+        help="on weights; biases and norms get none, with adamw neither do position "
+        "embeddings and class tokens (default: "
+        f"{script.default_weight_decay}" + _recipe_note(script, "weight_decay") + ")",
     )
     optim.add_argument(
         "--warmup-epochs",
         type=float,
-        default=0.0,
-        help="linear warm-up before the cosine decay (%(default)s: the paper states none)",
+        help="linear warm-up before the cosine decay (default: 0, the paper states none"
+        + _recipe_note(script, "warmup_epochs")
+        + (", at most half the epochs" if script.recipes else "")
+        + ")",
     )
-    optim.add_argument("--label-smoothing", type=float, default=0.0, help="%(default)s")
+    optim.add_argument(
+        "--label-smoothing",
+        type=float,
+        help="default: 0.0" + _recipe_note(script, "label_smoothing"),
+    )
     optim.add_argument("--seed", type=int, default=0, help="%(default)s")
     optim.add_argument(
         "--mixed-precision",
@@ -228,9 +306,11 @@ def parse_config(
     """The :class:`~.config.TrainingConfig` of the command line ``argv`` (``None``:
     ``sys.argv[1:]``) for ``script``.
 
-    Fills the defaults that depend on other flags (``--epochs`` per model, ``--output-dir``
-    ``runs/SCRIPT-MODEL-METHOD-NofM``). An invalid value, or a ``--report-to`` tracker whose
-    package is not installed, exits through ``parser.error``.
+    Fills the defaults that depend on other flags (``--epochs`` per model, the optimization
+    flags from the model's :class:`~.recipes.Recipe` if the script has one, which is printed,
+    ``--output-dir`` ``runs/SCRIPT-MODEL-METHOD-NofM`` with the registered method name, e.g.
+    ``bame_adamw``). An invalid value, or a ``--report-to`` tracker whose package is not
+    installed, exits through ``parser.error``.
     """
     parser = parser or build_parser(script)
     args = parser.parse_args(None if argv is None else list(argv))
@@ -239,8 +319,19 @@ def parse_config(
     }
     if values["epochs"] is None:
         values["epochs"] = script.default_epochs.get(args.model, script.default_epochs.get("*", 1))
+    if values["betas"] is not None:
+        values["betas"] = tuple(values["betas"])
+    defaults = {**_SCRIPT_DEFAULTS, "weight_decay": script.default_weight_decay}
+    try:
+        chosen = fill_optimization(values, script.recipes.get(args.model), defaults)
+    except ConfigError as err:
+        _exit(parser, err)
     if values["output_dir"] is None:
-        run_name = f"{script.name}-{args.model}-{args.method}-{args.n}of{args.m}"
+        try:
+            method = method_name(args.method, values["optimizer"])
+        except ValueError:  # the config names the error
+            method = args.method
+        run_name = f"{script.name}-{args.model}-{method}-{args.n}of{args.m}"
         values["output_dir"] = Path("runs") / run_name
     if values["exclude"] is not None:
         values["exclude"] = tuple(values["exclude"])
@@ -254,6 +345,8 @@ def parse_config(
         check_report_to(config)
     except ConfigError as err:
         _exit(parser, err)
+    if chosen is not None and os.environ.get("RANK", "0") == "0":
+        print(chosen, flush=True)
     return config
 
 

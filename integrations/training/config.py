@@ -318,7 +318,7 @@ def _validate(config: TrainingConfig) -> None:
     _int_at_least(config, "vit_width", 64)
     if config.vit_width % 64:
         raise ConfigError(
-            "vit_width", config.vit_width, "a multiple of 64 is required (heads of width 64)"
+            "vit_width", config.vit_width, "a multiple of 64 is required: heads of width 64"
         )
     for name in ("keep_checkpoints", "eval_every"):
         _int_at_least(config, name, 1)

@@ -158,7 +158,7 @@ def _prepare(config: TrainingConfig) -> tuple[_Loop, TrainingData]:
     optimizer = build_training_optimizer(config, model, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
-    attach = get_method(config.method).attach
+    attach = get_method(config.registered_method).attach
     if attach is not None:  # e.g. bame_bidir's backward masks
         attach(accelerator.unwrap_model(model), unwrap_optimizer(inner))
     # Not accelerator.prepare(scheduler): Accelerate would step it once per process per step.
@@ -380,7 +380,7 @@ def run(config: TrainingConfig, *, argv: Sequence[str] | None = None) -> TrainRe
     progress, oscillation_state = _resume(loop, checkpoint)
     if hasattr(loop.inner, "kept_mask"):  # an N:M method (dense SGD has no masks)
         loop.sync = MaskSync(loop.optimizer, accelerator)
-        every_step = not get_method(config.method).scheduled_masks
+        every_step = not get_method(config.registered_method).scheduled_masks
         loop.tracker = MaskOscillation(loop.inner, every_step=every_step)
         if oscillation_state is not None:
             loop.tracker.load_state_dict(oscillation_state)
@@ -407,7 +407,7 @@ def run(config: TrainingConfig, *, argv: Sequence[str] | None = None) -> TrainRe
         loop.live = LiveLog(
             accelerator,
             loop.inner,
-            scheduled_masks=get_method(config.method).scheduled_masks,
+            scheduled_masks=get_method(config.registered_method).scheduled_masks,
             mask_interval=config.delta_t,
         )
         loop.live.start(config, progress.global_step)

@@ -87,11 +87,13 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def run_title(config: TrainingConfig) -> str:
-    """``"resnet32 bame 2:4"``: the model, the method and its N:M pattern (none for dense
-    training, ``"resnet32 dense"``), as the run's header line and plots show it."""
-    if get_method(config.method).flops is FlopsProfile.DENSE:
-        return f"{config.model} {config.method}"
-    return f"{config.model} {config.method} {config.n}:{config.m}"
+    """``"resnet32 bame 2:4"``: the model, the registered method (``bame_adamw`` with AdamW)
+    and its N:M pattern (none for dense training, ``"resnet32 dense"``), as the run's header
+    line and plots show it."""
+    method = config.registered_method
+    if get_method(method).flops is FlopsProfile.DENSE:
+        return f"{config.model} {method}"
+    return f"{config.model} {method} {config.n}:{config.m}"
 
 
 @dataclass
@@ -194,7 +196,7 @@ def _flops_ratio(
         "bame_optim.flops.training_flops_ratio (Linear, Conv and MultiheadAttention products)"
     )
     extra: dict[str, Any] = {}
-    if get_method(config.method).flops is FlopsProfile.PRETRAIN_FIXED:
+    if get_method(config.registered_method).flops is FlopsProfile.PRETRAIN_FIXED:
         extra = {"pretrain_steps": 0, "finetune_steps": total_steps}
         note += "; asp: no dense pre-training in this run (pretrain_steps=0)"
     with warnings.catch_warnings():
@@ -203,7 +205,7 @@ def _flops_ratio(
             ratio = training_flops_ratio(
                 model,
                 tuple(input_shape),
-                config.method,
+                config.registered_method,
                 n=config.n,
                 m=config.m,
                 total_steps=total_steps,
