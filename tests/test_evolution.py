@@ -8,9 +8,10 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bame_optim.core import evolution as evolution_module
 from bame_optim.core.evolution import (
     DEFAULT_ALPHA,
     DEFAULT_BETA,
@@ -25,6 +26,7 @@ from bame_optim.core.evolution import (
     top_fraction,
     update_oscillation,
 )
+from bame_optim.core.nm import top_n_mask
 
 from .strategies import (
     GAMMAS,
@@ -503,3 +505,148 @@ def test_top_fraction_equals_the_stable_descending_sort(values, fraction, dtype)
     order = tensor.sort(descending=True, stable=True).indices[:count]
     expected = torch.zeros(len(values), dtype=torch.bool).scatter_(0, order, True)
     assert torch.equal(top_fraction(tensor, fraction), expected)
+
+
+# --------------------------------------------------------------------------- faster forms
+# Each function against the formulation it replaced, bit for bit.
+
+FLOAT_BITS = {torch.float64: torch.int64, torch.float32: torch.int32}
+
+
+def _bits_tensor(shape, dtype, gen):
+    """Every bit pattern of ``dtype``: NaN payloads, infinities, signed zeros, subnormals."""
+    raw = torch.randint(-(2**62), 2**62, shape, generator=gen, dtype=torch.int64)
+    return raw.to(FLOAT_BITS[dtype]).view(dtype)
+
+
+@MODERATE
+@given(
+    pattern=st.sampled_from(NM_PATTERNS),
+    k=st.integers(0, 40),
+    seed=seeds,
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
+    lr=lrs,
+    revive=st.sampled_from(["sgd", "adam"]),
+    special=st.booleans(),
+)
+def test_lma_scores_equal_the_where_formula(pattern, k, seed, dtype, lr, revive, special):
+    n, m = pattern
+    gen = torch.Generator().manual_seed(seed)
+    if special:  # any bits (float32 / float64 only: the 16-bit ones go through float32)
+        wide = dtype if dtype in FLOAT_BITS else torch.float32
+        weight, grad = _bits_tensor((k, m), wide, gen), _bits_tensor((k, m), wide, gen)
+    else:
+        weight = torch.randn(k, m, generator=gen).to(dtype)
+        grad = torch.randn(k, m, generator=gen).to(dtype)
+    kept = exact_nm_mask(k, n, m, seed)
+    scores = lma_scores(weight, grad, kept, lr, revive=revive)
+    w, g = weight.to(score_dtype(weight.dtype)), grad.to(score_dtype(grad.dtype))
+    revived = g.square().mul_(lr) if revive == "sgd" else g.abs().mul_(lr)
+    expected = torch.where(kept, (g * w).abs(), revived)
+    view = FLOAT_BITS[expected.dtype]
+    assert scores.dtype == expected.dtype
+    assert torch.equal(scores.view(view), expected.view(view))
+
+
+@MODERATE
+@given(
+    pattern=st.sampled_from(NM_PATTERNS),
+    k=st.integers(0, 40),
+    seed=seeds,
+    exact=st.booleans(),
+    special=st.booleans(),
+)
+def test_magnitude_mask_equals_top_n_of_the_masked_magnitudes(pattern, k, seed, exact, special):
+    """Blocks that keep exactly the budget (the gradual phase between budget drops) and blocks
+    that keep more; NaN and infinite weights included."""
+    n, m = pattern
+    gen = torch.Generator().manual_seed(seed)
+    budget = n
+    kept = exact_nm_mask(k, n, m, seed) if exact else block_mask(k, m, seed, n, m)
+    weight = _bits_tensor((k, m), torch.float32, gen) if special else torch.randn(
+        k, m, generator=gen
+    )
+    scores = weight.abs().masked_fill(~kept, float("-inf"))
+    expected = top_n_mask(scores, budget, prefer=kept)
+    new = magnitude_mask(weight, kept, budget)
+    assert new.dtype == torch.bool and new.is_contiguous()
+    assert torch.equal(new, expected)
+
+
+@MODERATE
+@given(case=evolution_cases(), dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_sad_and_oscillation_equal_the_old_formulas(case, dtype):
+    k, m = case["kept"].shape
+    other = exact_nm_mask(k, case["n"], m, 11)
+    divergence = sad(case["kept"], other)
+    assert divergence.dtype == torch.int64
+    assert torch.equal(divergence, (case["kept"] != other).sum(dim=1))
+    oscillation = case["oscillation"].to(dtype)
+    before = oscillation.clone(), divergence.clone()
+    gamma = case["gamma"]
+    new = update_oscillation(oscillation, divergence, gamma)
+    expected = oscillation * gamma + divergence.to(dtype) * (1.0 - gamma)
+    assert torch.equal(new.view(FLOAT_BITS[dtype]), expected.view(FLOAT_BITS[dtype]))
+    assert torch.equal(oscillation, before[0]) and torch.equal(divergence, before[1])
+    float_divergence = divergence.to(dtype)
+    update_oscillation(oscillation, float_divergence, gamma)
+    assert torch.equal(float_divergence, divergence.to(dtype))  # not scaled in place
+
+
+LARGE_POOLS = [
+    [0.0, 0.1, 0.2, 0.5, 1.0],  # the oscillation EMA early on: a few values, heavy ties
+    [0.0, -0.0, 1.0, float("inf"), -float("inf")],
+    [0.0, 0.5, float("nan")],
+]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    k=st.integers(1, 20000),
+    seed=seeds,
+    fraction=fractions,
+    kind=st.sampled_from(["continuous", "pool 0", "pool 1", "pool 2", "mixed", "adversarial"]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_top_fraction_of_many_blocks_equals_the_stable_descending_sort(
+    k, seed, fraction, kind, dtype
+):
+    """Large K: the sampled bracket, its one-value form, its misses, and the chunked tie cut."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "continuous":
+        values = torch.rand(k, generator=gen, dtype=torch.float64)
+    elif kind.startswith("pool"):
+        pool = torch.tensor(LARGE_POOLS[int(kind[-1])], dtype=torch.float64)
+        values = pool[torch.randint(0, len(pool), (k,), generator=gen)]
+    elif kind == "mixed":
+        values = torch.rand(k, generator=gen, dtype=torch.float64).mul_(4).floor_()
+        values[torch.rand(k, generator=gen) < 0.5] = 0.25
+    else:  # the sampled entries (every SAMPLE_STRIDE-th) far from all the others
+        values = torch.rand(k, generator=gen, dtype=torch.float64)
+        values[:: evolution_module.SAMPLE_STRIDE] += 10
+    values = values.to(dtype)
+    count = math.floor(fraction * k)
+    order = values.sort(descending=True, stable=True).indices[:count]
+    expected = torch.zeros(k, dtype=torch.bool).scatter_(0, order, True)
+    assert torch.equal(top_fraction(values, fraction), expected)
+
+
+@settings(max_examples=60, deadline=None)
+@given(k=st.integers(1, 20000), seed=seeds, fraction=st.floats(0.0, 1.0), ties=st.booleans())
+def test_kth_largest_is_kthvalue(k, seed, fraction, ties):
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.rand(k, generator=gen)
+    if ties:
+        values = values.mul_(7).floor_()
+    count = max(1, math.floor(fraction * k))
+    expected = values.kthvalue(k - count + 1).values
+    assert float(evolution_module._kth_largest(values, count)) == float(expected)
+
+
+@settings(max_examples=60, deadline=None)
+@given(size=st.integers(0, 20000), density=st.floats(0.0, 1.0), seed=seeds, data=st.data())
+def test_keep_first_is_the_cumulative_sum_cut(size, density, seed, data):
+    mask = torch.rand(size, generator=torch.Generator().manual_seed(seed)) < density
+    count = data.draw(st.integers(0, int(mask.sum())))
+    expected = mask & (mask.cumsum(0) <= count)
+    assert torch.equal(evolution_module._keep_first(mask.clone(), count), expected)

@@ -35,7 +35,7 @@ from bame_optim.peers.lbc import LBCSGD, remaining_count
 
 PATTERNS = [(2, 4), (1, 4), (1, 16)]
 METHODS = [*REGISTRY, "bimask"]  # every method of the registry, and Bi-Mask's profile
-SPARSE_METHODS = [method for method in METHODS if method not in ("dense", "asp")]
+SPARSE_METHODS = [method for method in METHODS if method not in ("dense", "dense_adamw", "asp")]
 
 
 def only(model: nn.Module, shape: tuple[int, ...]) -> dict[str, tuple[int, int, int, bool]]:
@@ -535,6 +535,9 @@ def test_orderings_on_resnet32(resnet_layers):
         assert r["bimask"] < r["srste"] and r["bame"] < r["bimask"]
         assert r["lma"] == r["rigl"] == r["bame"]
         assert r["dense"] < r["asp"]
+        # the AdamW variants count as their SGD methods: the update rule adds no products
+        assert (r["dense_adamw"], r["static_adamw"], r["bame_adamw"]) == (
+            r["dense"], r["static"], r["bame"])
     for method in [*SPARSE_METHODS, "asp"]:
         assert ratios[method, 1, 16] < ratios[method, 1, 8] < ratios[method, 1, 4]
         assert ratios[method, 1, 4] < ratios[method, 2, 4]

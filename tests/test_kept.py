@@ -15,10 +15,12 @@ from bame_optim import BAMESGD
 from bame_optim.core import kept as kept_module
 from bame_optim.core.kept import (
     MAX_RANKED,
+    decode_kept,
     encode_kept,
     gather_kept,
     kept_indices,
     mask_from_indices,
+    remap_kept,
     scatter_kept_,
 )
 from bame_optim.core.nm import blocks_to_param, param_to_blocks
@@ -137,3 +139,78 @@ def test_bit_table_encoding_equals_the_binomial_sum(data):
     mask = torch.zeros(k, m, dtype=torch.bool).scatter_(1, scores.argsort(1)[:, :count], True)
     expected = kept_module._encode_by_binomials(mask)
     assert torch.equal(encode_kept(mask, count).long(), expected)
+
+
+@pytest.mark.parametrize("m", range(1, kept_module.MAX_BIT_TABLE_M + 1))
+def test_bit_patterns_of_every_row(m):
+    """Rows read as integers and folded (M of 2, 4, 8, 16) or weighted and summed: the bit
+    pattern of every possible row, contiguous or not."""
+    patterns = torch.arange(2**m)
+    mask = ((patterns.unsqueeze(1) >> torch.arange(m)) & 1).bool()
+    assert torch.equal(kept_module._bit_patterns(mask).long(), patterns)
+    strided = torch.stack([mask, ~mask], dim=2)[:, :, 0]
+    assert not strided.is_contiguous()
+    assert torch.equal(kept_module._bit_patterns(strided).long(), patterns)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.sampled_from([*PATTERNS, (0, 4), (4, 4), (3, 5)]), st.integers(0, 40),
+       st.integers(0, 2**16))
+def test_decode_equals_the_mask_of_the_positions(pattern, k, seed):
+    count, m = pattern
+    mask = _random_mask(k, count, m, seed)
+    stored = encode_kept(mask, count)
+    decoded = decode_kept(stored, count, m)
+    assert decoded.dtype == torch.bool and decoded.is_contiguous()
+    assert torch.equal(decoded, mask_from_indices(kept_indices(stored, count, m), m))
+    assert torch.equal(decoded, mask)
+    assert torch.equal(decode_kept(stored, count, m, pruned=True), ~mask)
+
+
+def _dense_remap(values, old, old_count, new, new_count, m):
+    """The remap of BAMESGD's buffers before remap_kept: each block's values scattered into a
+    dense row, entries whose mask flipped zeroed, the new kept positions gathered."""
+    old_positions = kept_indices(old, old_count, m)
+    new_positions = kept_indices(new, new_count, m)
+    changed = mask_from_indices(old_positions, m) != mask_from_indices(new_positions, m)
+    dense = torch.zeros(old_positions.shape[0], m, dtype=values.dtype)
+    dense.scatter_(1, old_positions, values).masked_fill_(changed, 0)
+    return dense.gather(1, new_positions)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_remap_equals_the_dense_row(data):
+    """Same count (evolve phase) or a lower one (gradual budget, from dense too), ranked
+    codes through the table of pairs or the dense row, and stored positions; values of
+    every bit pattern come through unchanged."""
+    m = data.draw(st.sampled_from([2, 3, 4, 5, 8, 16, 32]))
+    old_count = data.draw(st.integers(0, m) if m < 32 else st.sampled_from([1, 3, 16]))
+    new_count = data.draw(st.sampled_from([old_count, data.draw(st.integers(0, old_count))]))
+    k, seed = data.draw(st.integers(0, 30)), data.draw(st.integers(0, 2**16))
+    gen = torch.Generator().manual_seed(seed)
+    old = _random_mask(k, old_count, m, seed)
+    if new_count == old_count:
+        new = torch.where(torch.rand(k, 1, generator=gen) < 0.5, old,
+                          _random_mask(k, new_count, m, seed + 1))
+    else:
+        scores = torch.rand(k, m, generator=gen).masked_fill(~old, -1)
+        new = mask_from_indices(scores.topk(new_count, dim=1).indices, m)
+    bits = torch.randint(-(2**31), 2**31 - 1, (k, old_count), generator=gen, dtype=torch.int64)
+    values = bits.to(torch.int32).view(torch.float32)
+    old_kept, new_kept = encode_kept(old, old_count), encode_kept(new, new_count)
+    remapped = remap_kept(values, old_kept, old_count, new_kept, new_count, m)
+    expected = _dense_remap(values, old_kept, old_count, new_kept, new_count, m)
+    assert remapped.shape == (k, new_count) and remapped.dtype == torch.float32
+    assert torch.equal(remapped.view(torch.int32), expected.view(torch.int32))
+
+
+def test_remap_through_the_dense_row_where_the_table_would_be_large(monkeypatch):
+    old = _random_mask(20, 2, 4, 0)
+    new = _random_mask(20, 2, 4, 1)
+    values = torch.randn(20, 2)
+    args = (values, encode_kept(old, 2), 2, encode_kept(new, 2), 2, 4)
+    by_table = remap_kept(*args)
+    monkeypatch.setattr(kept_module, "MAX_PAIR_TABLE", 0)
+    assert torch.equal(remap_kept(*args), by_table)
+    assert torch.equal(by_table, _dense_remap(*args))

@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bame_optim.core import nm as nm_module
 from bame_optim.core.nm import (
     blocks_to_param,
     check_nm,
@@ -18,7 +19,9 @@ from bame_optim.core.nm import (
     num_blocks,
     param_to_blocks,
     random_nm_mask,
+    select,
     top_n_mask,
+    top_n_mask_,
 )
 
 from .strategies import MODERATE, NM_PATTERNS, block_mask, nm_shapes, seeded_tensor, seeds
@@ -276,6 +279,18 @@ def test_top_n_mask_equals_two_sort_reference(case, dtype):
     assert torch.equal(scores.view(BIT_VIEW[dtype]), bits)  # the input is left alone
 
 
+@settings(max_examples=150, deadline=None)
+@given(case=special_cases(), dtype=st.sampled_from(list(BIT_VIEW)))
+def test_top_n_mask_on_scratch_scores_is_top_n_mask(case, dtype):
+    """top_n_mask_ (scores as scratch space) gives top_n_mask's mask."""
+    k, m, n, flat, prefer, transposed = case
+    base = torch.tensor(flat, dtype=torch.float64).to(dtype)
+    scores = base.reshape(m, k).t() if transposed else base.reshape(k, m)
+    prefer_t = None if prefer is None else torch.tensor(prefer, dtype=torch.bool).reshape(k, m)
+    expected = top_n_mask(scores, n, prefer=prefer_t)
+    assert torch.equal(top_n_mask_(scores.clone(), n, prefer=prefer_t), expected)
+
+
 def test_top_n_mask_hand_written_ties():
     scores = torch.tensor([[1.0, 2.0, 2.0, 1.0], [0.0, 0.0, 0.0, 0.0], [-INF, 3.0, -INF, -INF]])
     prefer = torch.tensor([[False, False, True, True], [False, True, False, True], [True] * 4])
@@ -431,3 +446,57 @@ def test_check_nm_rejects_m(m):
     with pytest.raises(ValueError, match=r"\bm\b") as info:
         check_nm(1, m)
     assert repr(m) in str(info.value)
+
+
+# --------------------------------------------------------------------------- select and rows
+
+SELECT_DTYPES = [*BIT_VIEW, torch.int64, torch.int32, torch.int8, torch.uint8, torch.bool]
+
+
+@MODERATE
+@given(
+    dtype=st.sampled_from(SELECT_DTYPES),
+    shape=st.sampled_from([(0, 4), (3, 4), (5, 16), (7, 3), (9, 8), (4, 1), (2, 3, 5)]),
+    layout=st.sampled_from(["contiguous", "transposed", "broadcast", "rows"]),
+    seed=seeds,
+)
+def test_select_is_torch_where_bit_for_bit(dtype, shape, layout, seed):
+    """Every bit pattern (NaN payloads, signed zeros) comes through as torch.where's does."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def bits(size):
+        raw = torch.randint(-(2**62), 2**62, size, generator=gen, dtype=torch.int64)
+        if dtype == torch.bool:
+            return raw > 0
+        view = BIT_VIEW.get(dtype, dtype)
+        return raw.to(view).view(dtype)
+
+    a, b = bits(shape), bits(shape)
+    condition = torch.rand(shape, generator=gen) < 0.5
+    if layout == "transposed":
+        a, b, condition = a.mT, b.mT, condition.mT
+    elif layout == "broadcast":
+        condition = condition[..., :1, :]
+    elif layout == "rows":  # one flag per row
+        condition = condition[..., :1]
+    got, expected = select(condition, a, b), torch.where(condition, a, b)
+    view = BIT_VIEW.get(dtype, dtype)
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    assert torch.equal(got.view(view), expected.view(view))
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 16, 17])
+def test_repeat_rows_and_add_row_are_broadcasts(m):
+    gen = torch.Generator().manual_seed(m)
+    k = 37
+    values = torch.randint(0, 128, (k,), generator=gen, dtype=torch.int8)
+    repeated = nm_module._repeat_rows(values, m)
+    assert repeated.is_contiguous()
+    assert torch.equal(repeated, values.unsqueeze(1).expand(k, m))
+    flags = values > 60
+    assert torch.equal(nm_module._repeat_rows(flags, m), flags.unsqueeze(1).expand(k, m))
+    tensor = torch.randint(0, 64, (k, m), generator=gen, dtype=torch.int8)
+    row = torch.randint(0, 64, (m,), generator=gen, dtype=torch.int8)
+    expected = tensor + row
+    assert nm_module._add_row_(tensor, row) is tensor
+    assert torch.equal(tensor, expected)

@@ -60,6 +60,30 @@ def test_update_configuration_updates_masks_every_step(pattern):
     assert optimizer.param_groups[0]["step"] == 4
 
 
+@pytest.mark.parametrize("pattern", [(2, 4), (1, 16)])
+def test_gradual_configuration_updates_every_step_at_a_steady_budget(pattern):
+    """Late in the gradual phase: every step is a gradual update, each block keeps n + 1
+    (pruned to it by the first step), and the masks no longer change."""
+    n = pattern[0]
+    model, optimizer = _start("gradual", pattern)
+    group = optimizer.param_groups[0]
+    assert group["step"] == step.FAR - step.GRADUAL_LEAD + 1 < group["t_i"]
+    before = _masks(optimizer, model)
+    for _ in range(3):
+        assert step.update_flags(optimizer) == [True]
+        optimizer.step()
+    after = _masks(optimizer, model)
+    for name, mask in after.items():
+        if mask is not None:
+            assert mask.sum(dim=1).tolist() == [n + 1] * mask.shape[0]
+            assert torch.equal(mask, before[name]), name
+
+
+def test_unknown_configuration():
+    with pytest.raises(ValueError, match="Invalid kind value: 'frozen'"):
+        step.make_bame(_mlp(), 2, 4, "frozen")
+
+
 def test_interleaving_rotates_the_order_and_skips_warmup():
     order: list[str] = []
     calls = {name: (lambda name=name: order.append(name)) for name in "abc"}
@@ -84,14 +108,17 @@ def test_small_run_table_and_csv(tmp_path, capsys):
         assert 0.46 < r["params_m"] < 0.47
         if r["method"] == "bame":
             assert r["update_ms"] > 0 and r["train_bame_ms"] > 0 and r["train_sgd_ms"] > 0
+            assert r["gradual_ms"] > 0 and r["sgd_gradual_loop_ms"] > 0
+            assert r["gradual_vs_ordinary"] == pytest.approx(r["gradual_ms"] / r["ordinary_ms"])
             assert r["amortised_pct"] is not None
             assert r["target"] == step.verdict(r)  # the verdict of this row's own ratios
         else:
-            assert r["update_ms"] is None and r["target"] == "-"
+            assert r["update_ms"] is None and r["gradual_ms"] is None and r["target"] == "-"
     with open(path) as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     out = capsys.readouterr().out
     assert "| model | N:M | method | params (M) | SGD ms |" in out
+    assert "| evolve / ordinary | gradual update ms | gradual / ordinary |" in out
     assert "| resnet32 | 1:16 | bame | 0.46 |" in out
     assert "training step of resnet32 (batch 8" in out and "BAMESGD 1:16" in out
 
@@ -112,6 +139,9 @@ def test_verdict_applies_the_stated_targets():
         "MISS: update step 10.5x ordinary"
     )
     assert step.verdict({**row, "update_vs_ordinary": 50.0}) == "PASS"  # no target off resnet50
+    gradual = {**on_resnet50, "gradual_vs_ordinary": 12.0}
+    assert step.verdict(gradual) == "MISS: gradual step 12.0x ordinary !<= 10.0x"
+    assert step.verdict({**gradual, "gradual_vs_ordinary": 3.0}) == "PASS"
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ that :func:`gather_kept` / :func:`scatter_kept_` use on the parameter, through t
 from __future__ import annotations
 
 import math
+import sys
 from functools import lru_cache
 from itertools import combinations
 
@@ -32,10 +33,12 @@ from bame_optim.core.nm import block_view
 __all__ = [
     "MAX_RANKED",
     "combination_table",
+    "decode_kept",
     "encode_kept",
     "gather_kept",
     "kept_indices",
     "mask_from_indices",
+    "remap_kept",
     "scatter_kept_",
 ]
 
@@ -47,6 +50,11 @@ MAX_RANKED = 2**15
 """Largest number of subsets ``binom(M, count)`` stored as a rank (an ``int16`` code and a
 decoding table of at most ``2**15 * count`` bytes); above it positions are stored."""
 
+
+MAX_PAIR_TABLE = 2**13
+"""Largest ``binom(M, old) * binom(M, new)`` for which :func:`remap_kept` looks its sources up
+in a table of all pairs of kept sets (at most ``2**13 * new`` int64 entries); above it (and
+for stored positions) it goes through a dense ``[K, M]`` row."""
 
 _BINOMIAL_CAP = 2**40
 """Larger than any rank sum of a ranked pattern (``< MAX_RANKED``) by far, and far below
@@ -114,9 +122,8 @@ def encode_kept(mask: Tensor, count: int) -> Tensor:
         return _sorted_positions(mask, count).to(_position_dtype(m))
     if m <= MAX_BIT_TABLE_M:
         # One small integer per block (its bit pattern) and a table lookup.
-        bits = (mask.to(torch.int32) << torch.arange(m, device=mask.device, dtype=torch.int32))
-        ranks = _rank_by_bits(m, mask.device).index_select(0, bits.sum(dim=1))
-        return ranks.to(_code_dtype(count, m))
+        table = _rank_by_bits(m, mask.device, _code_dtype(count, m))
+        return table.index_select(0, _bit_patterns(mask))
     return _encode_by_binomials(mask).to(_code_dtype(count, m))
 
 
@@ -130,11 +137,35 @@ def _encode_by_binomials(mask: Tensor) -> Tensor:
 
 
 @lru_cache(maxsize=16)
-def _rank_by_bits(m: int, device: torch.device) -> Tensor:
-    # Row b: the colex rank of the subset whose bit pattern is b (any popcount); cached.
+def _rank_by_bits(m: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    # Entry b: the colex rank of the subset whose bit pattern is b (any popcount), converted
+    # to the code dtype as encode_kept converts ranks; cached, never written.
     patterns = torch.arange(2**m, dtype=torch.int64)
     mask = (patterns.unsqueeze(1) >> torch.arange(m)) & 1
-    return _encode_by_binomials(mask.bool()).to(device)
+    return _encode_by_binomials(mask.bool()).to(dtype).to(device)
+
+
+_ROW_INTEGERS = {2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.int64}
+"""The integer a row of ``M`` bools is read as (two of them for ``M = 16``) by
+:func:`_bit_patterns`."""
+
+
+def _bit_patterns(mask: Tensor) -> Tensor:
+    """``sum_j mask[:, j] << j`` of each row of ``[K, M]`` bool (``M <= 16``), ``[K]`` int."""
+    m = mask.shape[1]
+    if m not in _ROW_INTEGERS or sys.byteorder != "little":
+        weights = torch.arange(m, device=mask.device, dtype=torch.int32)
+        return (mask.to(torch.int32) << weights).sum(dim=1)
+    # Each bool is one byte holding 0 or 1: read a row as integers (byte j at bit 8 j) and
+    # fold, halving the gaps each time (bit 8 j lands on bit j); no pass over [K, M].
+    words = mask.contiguous().view(_ROW_INTEGERS[m])
+    width = min(m, 8)  # bytes per integer
+    for shift in (7, 14, 28)[: width.bit_length() - 1]:
+        words = words | (words >> shift)
+    words = words & (2**width - 1)
+    if m == 16:
+        return words[:, 0] | (words[:, 1] << 8)
+    return words.squeeze(1) if m > 2 else words.squeeze(1).int()
 
 
 def _sorted_positions(mask: Tensor, count: int) -> Tensor:
@@ -148,6 +179,26 @@ def kept_indices(kept: Tensor, count: int, m: int) -> Tensor:
         return kept.long()
     # index_select, not table[kept.long()]: three times faster on the CPU (measured).
     return _positions_by_rank(count, m, kept.device).index_select(0, kept.int())
+
+
+@lru_cache(maxsize=32)
+def _masks_by_rank(count: int, m: int, device: torch.device, pruned: bool) -> Tensor:
+    # Row r: the [M] bool mask of the subset of colex rank r (its complement if pruned).
+    table = mask_from_indices(_positions_by_rank(count, m, torch.device("cpu")), m)
+    return (~table if pruned else table).to(device)
+
+
+def decode_kept(kept: Tensor, count: int, m: int, *, pruned: bool = False) -> Tensor:
+    """``[K, M]`` bool mask of the stored form ``kept`` (:func:`encode_kept`):
+    ``mask_from_indices(kept_indices(kept, count, m), m)``, or its complement (the pruned
+    entries) with ``pruned=True``.
+
+    A ranked form is decoded by one row lookup in a table of the ``binom(M, count)`` masks.
+    """
+    if kept.ndim == 2:
+        mask = mask_from_indices(kept.long(), m)
+        return mask.logical_not_() if pruned else mask
+    return _masks_by_rank(count, m, kept.device, pruned).index_select(0, kept.int())
 
 
 def mask_from_indices(indices: Tensor, m: int) -> Tensor:
@@ -171,3 +222,47 @@ def scatter_kept_(tensor: Tensor, indices: Tensor, values: Tensor, m: int) -> Te
     index = indices.view(*blocks.shape[:-1], indices.shape[1])
     blocks.scatter_(-1, index, values.view(index.shape))
     return tensor
+
+
+def remap_kept(
+    values: Tensor, old: Tensor, old_count: int, new: Tensor, new_count: int, m: int
+) -> Tensor:
+    """Per-kept-weight values ``[K, old_count]`` of the kept sets ``old`` moved to the kept sets
+    ``new`` (stored forms, :func:`encode_kept`): ``[K, new_count]`` where a weight kept by both
+    keeps its value and a newly kept one gets 0.
+
+    .. math::
+        v'_{k,i} = v_{k,j} \\text{ if } q_{k,i} = p_{k,j} \\text{ for some } j,
+        \\text{ else } 0
+
+    with ``p``, ``q`` the sorted old and new kept positions of block ``k``. Small ranked
+    patterns take each block's sources from a table of all pairs of kept sets (no ``[K, M]``
+    row); others scatter into a dense row and gather from it.
+    """
+    k = values.shape[0]
+    pairs = math.comb(m, old_count) * math.comb(m, new_count)
+    if old.ndim == 1 and new.ndim == 1 and pairs <= MAX_PAIR_TABLE:
+        table = _sources_by_pair(old_count, new_count, m, values.device)
+        # Pair index old * binom(M, new) + new: exact in int32 (at most MAX_PAIR_TABLE).
+        pair = torch.add(new.int(), old.int(), alpha=math.comb(m, new_count))
+        padded = torch.cat([values, values.new_zeros(k, 1)], dim=1)  # column old_count: 0
+        return padded.gather(1, table.index_select(0, pair))
+    old_positions = kept_indices(old, old_count, m)
+    new_positions = kept_indices(new, new_count, m)
+    dense = values.new_zeros(k, m).scatter_(1, old_positions, values)
+    return dense.gather(1, new_positions)
+
+
+@lru_cache(maxsize=32)
+def _sources_by_pair(old_count: int, new_count: int, m: int, device: torch.device) -> Tensor:
+    # Row (a * binom(M, new_count) + b): for each new kept position of rank b, its index among
+    # the old kept positions of rank a, or old_count where it was not kept. Cached.
+    cpu = torch.device("cpu")
+    old_mask = mask_from_indices(_positions_by_rank(old_count, m, cpu), m)  # [Co, M]
+    index = (old_mask.cumsum(dim=1) - 1).masked_fill_(~old_mask, old_count)  # [Co, M]
+    new_positions = _positions_by_rank(new_count, m, cpu)  # [Cn, new_count]
+    co, cn = old_mask.shape[0], new_positions.shape[0]
+    sources = index.unsqueeze(1).expand(co, cn, m).gather(
+        2, new_positions.unsqueeze(0).expand(co, cn, new_count)
+    )
+    return sources.reshape(co * cn, new_count).to(device)

@@ -15,6 +15,7 @@ back into the parameter's layout (a view when it can be one).
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import Tensor
@@ -28,7 +29,9 @@ __all__ = [
     "num_blocks",
     "param_to_blocks",
     "random_nm_mask",
+    "select",
     "top_n_mask",
+    "top_n_mask_",
 ]
 
 GROUPED_DIM = 1
@@ -110,6 +113,16 @@ def top_n_mask(scores: Tensor, n: int, prefer: Tensor | None = None) -> Tensor:
        within a block. A few passes over ``[K, M]`` per round, against two stable sorts of
        tiny rows before. Scores with a NaN cost a device sync (the check) and one more pass.
     """
+    return _top_n(scores, n, prefer, scratch=False)
+
+
+def top_n_mask_(scores: Tensor, n: int, prefer: Tensor | None = None) -> Tensor:
+    """:func:`top_n_mask`, using ``scores`` as scratch space: its values are unspecified
+    afterwards. For scores the caller computed only for this call (saves a copy)."""
+    return _top_n(scores, n, prefer, scratch=True)
+
+
+def _top_n(scores: Tensor, n: int, prefer: Tensor | None, scratch: bool) -> Tensor:
     if scores.ndim != 2:
         raise ValueError(f"Invalid scores shape {tuple(scores.shape)}: expected [K, M]")
     m = scores.shape[1]
@@ -125,33 +138,84 @@ def top_n_mask(scores: Tensor, n: int, prefer: Tensor | None = None) -> Tensor:
     if scores.is_floating_point() and bool(best.isnan().any()):
         # NaN sorts above +inf and NaNs tie: compare them as +inf, the tie code ranks them above.
         nan = scores.isnan()
-        scores = scores.masked_fill(nan, math.inf)
+        scores, scratch = scores.masked_fill(nan, math.inf), True
         code = code + (nan if top else ~nan).to(code.dtype) * (2 * m)
         best = best_of(scores, dim=1, keepdim=True)
     removed = _extreme(scores.dtype, low=top)
+    hit = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+    tied = torch.empty(scores.shape, dtype=code.dtype, device=scores.device)
     chosen = None
     for round_ in range(rounds):
         if round_:
             best = best_of(scores, dim=1, keepdim=True)
-        tied = code * (scores == best)  # 0 off the best score and at entries already chosen
-        pick = tied == tied.amax(dim=1, keepdim=True)  # one entry per block: codes are unique
+        # The code at the best score, 0 elsewhere and at entries already chosen; codes are
+        # unique within a block, so the row max of tied marks one entry per block.
+        torch.mul(code, _as_integers(torch.eq(scores, best, out=hit), code), out=tied)
+        pick = tied == _repeat_rows(tied.amax(dim=1), m)
         chosen = pick if chosen is None else chosen.logical_or_(pick)
         if round_ + 1 < rounds:
-            scores = scores.masked_fill(pick, removed)
-            code = code * ~pick
+            if scratch:
+                scores.masked_fill_(pick, removed)
+            else:
+                scores, scratch = scores.masked_fill(pick, removed), True
+            # code * ~pick: masked_fill is several times slower on small integers
+            unpicked = _as_integers(pick.logical_not(), code)
+            code = code.mul_(unpicked) if code.shape == pick.shape else code * unpicked
     return chosen if top else chosen.logical_not_()
+
+
+def _as_integers(mask: Tensor, like: Tensor) -> Tensor:
+    # A bool mask as 0 / 1 of like's dtype without a copy where that is one byte (mixed
+    # dtypes would make torch convert the mask first).
+    return mask.view(like.dtype) if like.element_size() == 1 else mask
 
 
 def _tie_code(prefer: Tensor | None, m: int, top: bool, device: torch.device) -> Tensor:
     """Positive integer codes ``[K or 1, M]``, unique within a block, larger first among equal
     scores: for winners (``top``) preferred then lower index; for losers the reverse (not
-    preferred, then higher index). Values stay below ``2 M`` (``4 M`` with the NaN tier)."""
+    preferred, then higher index). Values stay below ``2 M`` (``4 M`` with the NaN tier).
+    With ``prefer`` the codes are a new ``[K, M]`` tensor, which the caller may write."""
     dtype = torch.int8 if 4 * m < 2**7 else torch.int16 if 4 * m < 2**15 else torch.int64
-    index = torch.arange(m, device=device, dtype=dtype).unsqueeze(0)
+    index = torch.arange(m, device=device, dtype=dtype)
     code = m - index if top else index + 1
     if prefer is None:
-        return code
-    return code + (prefer if top else ~prefer).to(dtype) * m
+        return code.unsqueeze(0)
+    flags = prefer if top else ~prefer
+    tiers = flags.view(dtype) * m if dtype == torch.int8 else flags.to(dtype).mul_(m)
+    return _add_row_(tiers, code)
+
+
+_WORDS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+"""The integer one row of ``M`` bytes is read as by :func:`_repeat_rows` and
+:func:`_add_row_`."""
+
+
+def _repeat_rows(values: Tensor, m: int) -> Tensor:
+    """``[K]`` values in ``[0, 127]`` (bool or int8) as a new contiguous ``[K, M]``, each value
+    in every entry of its row.
+
+    .. note:: Where a row is one integer (``M`` of 2, 4 or 8 bytes, on the CPU) it is
+       ``value * 0x0101...`` on ``[K]``: broadcasting over a last dimension this small runs
+       an inner loop of ``M`` per row on the CPU, many times slower. No carry can occur (each
+       byte of the product is one value below 128).
+    """
+    word = _WORDS.get(m) if values.element_size() == 1 and values.is_cpu else None
+    if word is None:
+        return values.unsqueeze(1).expand(-1, m).contiguous()
+    ones = int.from_bytes(b"\x01" * m, "little")  # the same in either byte order
+    return (values.to(word) * ones).view(values.dtype).view(-1, m)
+
+
+def _add_row_(tensor: Tensor, row: Tensor) -> Tensor:
+    """``tensor += row`` in place for a contiguous ``[K, M]`` of one-byte integers and a row
+    ``[M]`` whose sums stay in ``[0, 127]``; one integer add per row where a row is one integer
+    (as :func:`_repeat_rows`). Returns ``tensor``."""
+    m = tensor.shape[1]
+    word = _WORDS.get(m) if tensor.is_cpu and sys.byteorder == "little" else None
+    if word is None or tensor.element_size() != 1 or not tensor.is_contiguous():
+        return tensor.add_(row)
+    tensor.view(word).add_(int.from_bytes(bytes(row.tolist()), "little"))
+    return tensor
 
 
 def _extreme(dtype: torch.dtype, low: bool) -> float | int:
@@ -160,6 +224,34 @@ def _extreme(dtype: torch.dtype, low: bool) -> float | int:
         return -math.inf if low else math.inf
     info = torch.iinfo(dtype)
     return info.min if low else info.max
+
+
+_INTS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def select(condition: Tensor, a: Tensor, b: Tensor, *, into_a: bool = False) -> Tensor:
+    """``torch.where(condition, a, b)``, equal to it bit for bit; with ``into_a`` the result
+    may be written into ``a`` (a scratch tensor of the caller's) and returned.
+
+    .. note:: On the CPU ``torch.where`` is not vectorised (for floating types too); for
+       ``a``, ``b`` of one shape and dtype and ``condition`` of their shape (or one flag per
+       row, ``[K, 1]`` for ``[K, M]``) this computes ``b ^ ((a ^ b) & -condition)`` on the
+       bits, as integers of the element size: a few vectorised passes, about three times
+       faster. Elsewhere it is ``torch.where``.
+    """
+    rows = a.ndim == 2 and condition.shape == (a.shape[0], 1) and a.shape[1] != 1
+    if rows and condition.dtype == torch.bool:
+        condition = _repeat_rows(condition.squeeze(1), a.shape[1])
+    word = _INTS.get(a.element_size())
+    if (
+        word is None or not a.is_cpu or a.dtype != b.dtype or a.is_complex()
+        or not a.shape == b.shape == condition.shape or condition.dtype != torch.bool
+    ):
+        return torch.where(condition, a, b)
+    ones = condition.to(word).neg_()  # all bits set where condition holds
+    bits, other = a.view(word), b.view(word)
+    bits = bits.bitwise_xor_(other) if into_a else torch.bitwise_xor(bits, other)
+    return bits.bitwise_and_(ones).bitwise_xor_(other).view(a.dtype)
 
 
 def random_nm_mask(

@@ -25,9 +25,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bame_optim.core.kept import encode_kept, gather_kept, kept_indices, mask_from_indices
+from bame_optim.core.kept import (
+    decode_kept,
+    encode_kept,
+    gather_kept,
+    kept_indices,
+    mask_from_indices,
+    remap_kept,
+)
 from bame_optim.core.kept import scatter_kept_ as scatter_kept_
-from bame_optim.core.nm import blocks_to_param
+from bame_optim.core.nm import block_view, blocks_to_param
 from bame_optim.optim.sharded import (
     block_range,
     check_row_sharded,
@@ -120,9 +127,10 @@ class NMEngine:
         """Store this rank's oscillation EMA (the inverse of :meth:`oscillation`)."""
         state["oscillation"] = distribute_state(oscillation, p, m)
 
-    def kept_mask(self, state: State, m: int) -> Tensor:
+    @staticmethod
+    def kept_mask(state: State, m: int) -> Tensor:
         """``[K, M]`` bool mask of this rank's blocks."""
-        return mask_from_indices(self.positions(state, m), m)
+        return decode_kept(local_state(state["kept"]), state["kept_count"], m)
 
     def dense_buffer(self, p: Tensor, state: State, name: str, m: int) -> Tensor | None:
         """Buffer ``name`` in the parameter's layout (zeros at pruned entries), or ``None``."""
@@ -156,30 +164,70 @@ class NMEngine:
         Newly pruned weights are set to 0; every buffer keeps the values of weights kept by
         both masks, and revived weights (newly kept) start at 0. Returns ``changed``
         (``[K, M]`` bool: entries whose mask flipped).
+
+        .. note:: Where the count stays, only the blocks whose stored kept set changed are
+           decoded and rewritten (usually a few percent: OBF freezes blocks, and most LMA
+           proposals keep the mask); the buffers' rows of those blocks change in place.
         """
-        old_positions = self.positions(state, m)
-        old = mask_from_indices(old_positions, m)
-        changed = old != new
-        local = local_tensor(p)
-        local.masked_fill_(blocks_to_param(old & ~new, local.shape), 0)
-        state["kept"] = distribute_state(encode_kept(new, count), p, m)
+        old_kept, old_count = local_state(state["kept"]), state["kept_count"]
+        new_kept = encode_kept(new, count)
+        state["kept"] = distribute_state(new_kept, p, m)
         state["kept_count"] = count
-        new_positions = self.positions(state, m)
-        for name in self.buffers:
-            buffer = state.get(name)
-            if buffer is None:
-                continue
-            buffer = local_state(buffer)
-            dense = torch.zeros(old.shape, dtype=buffer.dtype, device=buffer.device)
-            dense.scatter_(1, old_positions, buffer).masked_fill_(changed, 0)
-            state[name] = distribute_state(dense.gather(1, new_positions), p, m)
+        local = local_tensor(p)
+        buffers = [(name, local_state(state[name])) for name in self.buffers
+                   if state.get(name) is not None]
+        rows = None  # the blocks whose kept set changed (None: all of them)
+        exact_by_rows = not any(_rewrites_nans(t) for t in [local, *(b for _, b in buffers)])
+        if count == old_count and exact_by_rows:
+            moved = old_kept != new_kept
+            rows = (moved if moved.ndim == 1 else moved.any(dim=1)).nonzero().squeeze(1)
+            if 2 * rows.numel() > moved.shape[0]:
+                rows = None
+        if rows is None:
+            old = decode_kept(old_kept, old_count, m)
+            changed = old != new
+            local.masked_fill_(blocks_to_param(old.logical_and_(changed), local.shape), 0)
+        else:
+            changed = torch.zeros_like(new, memory_format=torch.contiguous_format)
+            if rows.numel() == 0:
+                return changed
+            old = decode_kept(old_kept.index_select(0, rows), old_count, m)
+            changed_rows = old != new.index_select(0, rows)
+            changed.index_copy_(0, rows, changed_rows)
+            _zero_in_blocks_(local, m, rows, old.logical_and_(changed_rows))
+        for name, buffer in buffers:
+            if rows is None:
+                buffer = remap_kept(buffer, old_kept, old_count, new_kept, count, m)
+            else:
+                moved_values = remap_kept(
+                    buffer.index_select(0, rows), old_kept.index_select(0, rows), old_count,
+                    new_kept.index_select(0, rows), count, m,
+                )
+                buffer.index_copy_(0, rows, moved_values)
+            state[name] = distribute_state(buffer, p, m)
         return changed
 
     def zero_pruned_(self, p: Tensor, state: State, m: int) -> None:
         """Set every pruned weight of ``p`` to 0 (weights written from outside the optimizer,
         e.g. by a model ``load_state_dict``, may have put values there)."""
         local = local_tensor(p)
-        local.masked_fill_(blocks_to_param(~self.kept_mask(state, m), local.shape), 0)
+        kept, count = local_state(state["kept"]), state["kept_count"]
+        pruned = None
+        # The fill changes nothing where every pruned entry already holds +0.0 (all bits 0;
+        # -0.0 is not), the usual case: find that out by reading, cheaper than writing.
+        bits = _bits(local)
+        if bits is None or _rewrites_nans(local):
+            dirty = True
+        elif 4 * count <= m:  # few kept: are all nonzero entries kept ones?
+            kept_bits = gather_kept(bits, kept_indices(kept, count, m), m)
+            dirty = bool(torch.count_nonzero(bits) != torch.count_nonzero(kept_bits))
+        else:
+            pruned = blocks_to_param(decode_kept(kept, count, m, pruned=True), local.shape)
+            dirty = bool(pruned.logical_and(bits != 0).any())
+        if dirty:
+            if pruned is None:
+                pruned = blocks_to_param(decode_kept(kept, count, m, pruned=True), local.shape)
+            local.masked_fill_(pruned, 0)
 
     # -- checkpoints ---------------------------------------------------------------------
 
@@ -213,6 +261,32 @@ class NMEngine:
             if buffer is not None:
                 compact = gather_kept(local_tensor(buffer), positions, m)
                 state[name] = distribute_state(compact, p, m)
+
+
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(tensor: Tensor) -> Tensor | None:
+    """``tensor`` viewed as integers of its element size (0 exactly where it holds +0.0), or
+    ``None`` for an element size without one."""
+    dtype = _SAME_SIZE_INT.get(tensor.element_size())
+    return None if dtype is None else tensor.view(dtype)
+
+
+def _rewrites_nans(tensor: Tensor) -> bool:
+    """Whether ATen's CPU ``masked_fill_`` / ``scatter_`` / ``gather`` change the bits of NaNs in
+    ``tensor`` (float16: signalling NaNs quieted; bfloat16: every NaN to ``0xFFFF``; they go
+    through float32), also at entries they leave unchanged. Such tensors take the paths that
+    rewrite every entry, as the dense formulation did, so results stay equal bit for bit."""
+    return tensor.is_floating_point() and tensor.element_size() < 4
+
+
+def _zero_in_blocks_(tensor: Tensor, m: int, rows: Tensor, zero: Tensor) -> None:
+    """Set to 0 the entries ``zero`` (``[J, M]`` bool) of the blocks ``rows`` (``[J]``) of a
+    parameter-shaped ``tensor``, in place; other entries are rewritten unchanged."""
+    blocks = block_view(tensor, m)
+    index = torch.unravel_index(rows, blocks.shape[:-1])
+    blocks[index] = blocks[index].masked_fill_(zero, 0)
 
 
 def _like(local: Tensor, p: Tensor) -> Tensor:

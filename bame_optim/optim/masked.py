@@ -169,8 +169,9 @@ class MaskedOptimizer(NMOptimizer):
         if result.oscillation is not None:
             self.engine.store_oscillation(p, state, result.oscillation, m)
         changed = self.engine.apply_mask(p, state, result.kept, result.count, m)
-        state["last_flips"] = int(changed.sum())
-        state["last_frozen"] = 0 if result.frozen is None else int(result.frozen.sum())
+        state["last_flips"] = int(torch.count_nonzero(changed))
+        frozen = result.frozen
+        state["last_frozen"] = 0 if frozen is None else int(torch.count_nonzero(frozen))
 
     def phase_name(self, group: dict[str, Any]) -> str:
         return phase(group["step"], group["t_i"], group["t_f"]).value
@@ -225,7 +226,7 @@ class MaskedOptimizer(NMOptimizer):
                 changed = self.engine.apply_mask(p, state, new, group["n"], m)
                 self.engine.zero_pruned_(p, state, m)
                 state.pop("oscillation", None)
-                state["last_flips"], state["last_frozen"] = int(changed.sum()), 0
+                state["last_flips"], state["last_frozen"] = int(torch.count_nonzero(changed)), 0
             if sparse:
                 group["t_i"] = group["t_f"] = group["step"]
 
@@ -271,6 +272,12 @@ def _check_strided_grad(p: Tensor, index: int) -> None:
 
 
 def _all_finite(tensor: Tensor) -> bool:
+    # A finite sum proves every entry finite (NaN and inf make the sum NaN or inf) in one
+    # reduction without a bool copy; a non-finite sum may be an overflow of finite values, so
+    # then every entry is checked.
+    total = tensor.sum()
+    if bool((total.full_tensor() if is_sharded(total) else total).isfinite()):
+        return True
     finite = tensor.isfinite().all()
     return bool(finite.full_tensor() if is_sharded(finite) else finite)
 
