@@ -189,8 +189,13 @@ def test_no_warning_past_total_steps_once_n_m():
 
 
 def test_a_schedule_with_almost_no_evolve_updates_warns_with_its_numbers():
-    with pytest.warns(UserWarning, match=r"t_i=100 .. t_f=200 holds 0 mask update.*delta_t=100"):
+    with pytest.warns(UserWarning, match=r"t_i=100 .. t_f=200 holds 0 mask update.*delta_t=100"
+                      r".*choose delta_t <= 25 for this run"):
         BAMESGD(_model().parameters(), lr=0.1, total_steps=300)
+    # a window too short for any delta_t: the advice is a longer run, not a smaller delta_t
+    with pytest.warns(UserWarning, match=r"holds 2 mask update.*delta_t=1 .*too short for 3 "
+                      r"updates at any delta_t: train for more steps"):
+        BAMESGD(_model().parameters(), lr=0.1, total_steps=9, delta_t=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         BAMESGD(_model().parameters(), lr=0.1, total_steps=300, delta_t=10)

@@ -291,11 +291,16 @@ class MaskRules:
             group["t_end"] = rigl_t_end(group)
         updates = evolve_updates(t_i, t_f, group["delta_t"])
         if has_sparse and self.evolve is not None and t_f > t_i and updates < MIN_EVOLVE_UPDATES:
+            fitting = (t_f - t_i) // (MIN_EVOLVE_UPDATES + 1)
+            advice = (
+                f"choose delta_t <= {fitting} for this run" if 1 <= fitting < group["delta_t"]
+                else f"the window is too short for {MIN_EVOLVE_UPDATES} updates at any delta_t: "
+                "train for more steps (total_steps) or move t_i and t_f apart"
+            )
             warnings.warn(
                 f"{owner}: the evolve window t_i={t_i} .. t_f={t_f} holds {updates} mask "
                 f"update(s) at delta_t={group['delta_t']} (fewer than {MIN_EVOLVE_UPDATES}): "
-                "the masks barely evolve, which is gradual magnitude pruning, not BAME; choose "
-                f"delta_t <= {max(1, (t_f - t_i) // (MIN_EVOLVE_UPDATES + 1))} for this run",
+                f"the masks barely evolve, which is gradual magnitude pruning, not BAME; {advice}",
                 UserWarning,
                 stacklevel=user_stacklevel(),
             )
