@@ -157,8 +157,7 @@ class BAMEAdamW(MaskedOptimizer):
                 m=m, **hyper,
             )
             for (p, state), buffers in zip(sparse, moments, strict=True):
-                missing = len(engine.buffers) - len(buffers)  # no max_exp_avg_sq without amsgrad
-                engine.store_buffers(p, state, [*buffers, *[None] * missing], m)
+                engine.store_buffers(p, state, buffers, m)
 
     def _dense_state(self, p: Tensor, amsgrad: bool) -> dict[str, Any]:
         """:class:`torch.optim.AdamW`'s lazily created state of a dense parameter."""
@@ -177,17 +176,20 @@ class BAMEAdamW(MaskedOptimizer):
         return state
 
     def _kept_moments(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]
-                      ) -> list[Tensor]:
-        """This rank's compact moments of a sparse parameter, created as zeros
-        ``[K, kept_count]`` on its first step (and ``max_exp_avg_sq`` with ``amsgrad``)."""
+                      ) -> list[Tensor | None]:
+        """This rank's compact moments of a sparse parameter in the order of the engine's
+        buffers, created as zeros ``[K, kept_count]`` on its first step; ``max_exp_avg_sq`` is
+        ``None`` without ``amsgrad``."""
         state.setdefault("step", _new_step())
         local = local_tensor(p)
         shape = (local.numel() // group["m"], state["kept_count"])
-        wanted = 3 if group["amsgrad"] else 2
+        wanted = {"exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if group["amsgrad"] else set())
         return [
-            torch.zeros(shape, dtype=local.dtype, device=local.device) if buffer is None
+            None if name not in wanted
+            else torch.zeros(shape, dtype=local.dtype, device=local.device) if buffer is None
             else buffer
-            for buffer in self.engine.local_buffers(p, state)[:wanted]
+            for name, buffer in zip(self.engine.buffers, self.engine.local_buffers(p, state),
+                                    strict=True)
         ]
 
     def exp_avg(self, p: Tensor) -> Tensor | None:
