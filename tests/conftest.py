@@ -1,4 +1,5 @@
-"""Shared test fixtures: writers of small on-disk datasets and a small N:M model + optimizer.
+"""Shared test fixtures: writers of small on-disk datasets, a small N:M model + optimizer, the
+example scripts imported by path, and a fresh Accelerate state.
 
 Test modules take these as fixtures instead of importing helpers from one another. Each
 fixture returns a plain function (session-scoped, so module-scoped fixtures can use them).
@@ -8,9 +9,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -101,3 +104,41 @@ def write_cifar_folder_fixture() -> Callable[..., None]:
 def model_and_optimizer_fixture() -> Callable[..., tuple[nn.Sequential, Any]]:
     """The factory :func:`model_and_optimizer`."""
     return model_and_optimizer
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name: str) -> ModuleType:
+    """Import ``examples/NAME.py`` by its path, as ``python examples/NAME.py`` runs it."""
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session", name="load_example")
+def load_example_fixture() -> Callable[[str], ModuleType]:
+    return load_example
+
+
+def reset_accelerate() -> None:
+    """Forget Accelerate's process-wide state (as ``accelerate.test_utils`` does)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="session", name="reset_accelerate")
+def reset_accelerate_fixture() -> Callable[[], None]:
+    return reset_accelerate
+
+
+@pytest.fixture
+def fresh_accelerate_state() -> Iterator[None]:
+    """Accelerate keeps process-wide state: the test starts and ends on a fresh one."""
+    reset_accelerate()
+    yield
+    reset_accelerate()

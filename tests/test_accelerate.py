@@ -19,22 +19,13 @@ from bame_optim.core.kept import combination_table, encode_kept
 accelerate = pytest.importorskip("accelerate")
 from accelerate import Accelerator  # noqa: E402
 from accelerate.optimizer import AcceleratedOptimizer  # noqa: E402
-from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 
 from bame_optim.integrations import accelerate as integration  # noqa: E402
 
 SCHEDULE = {"delta_t": 2, "t_i": 4, "t_f": 10, "total_steps": 14}
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Accelerate keeps process-wide shared state; reset it around each test (as
-    ``accelerate.test_utils.AccelerateTestCase`` does)."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def _setup(seed: int = 0, n: int = 1) -> tuple[nn.Module, BAMESGD]:
@@ -159,7 +150,7 @@ def test_prepare_round_trip_keeps_mask_and_oscillation_dtypes():
 
 
 @pytest.mark.parametrize("save_at", [3, 4, 7])  # gradual, t_i, evolve
-def test_save_state_load_state_continues_bit_identically(tmp_path, save_at):
+def test_save_state_load_state_continues_bit_identically(tmp_path, save_at, reset_accelerate):
     more = 6
     batches = _batches(save_at + more)
 
@@ -176,8 +167,7 @@ def test_save_state_load_state_continues_bit_identically(tmp_path, save_at):
         optimizer.zero_grad()
     ref_model, ref_opt = accelerator.unwrap_model(model), integration.unwrap_optimizer(optimizer)
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     accelerator = Accelerator(cpu=True)  # as a fresh process would
     model, optimizer = accelerator.prepare(*_setup(seed=1))  # other weights: load must set them
     accelerator.load_state(str(tmp_path))

@@ -8,7 +8,6 @@ import pytest
 
 pytest.importorskip("accelerate")
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 
 from bame_optim.integrations.training.checkpoints import (
     checkpoint_epoch,
@@ -18,13 +17,9 @@ from bame_optim.integrations.training.checkpoints import (
 
 
 @pytest.fixture
-def accelerator():
+def accelerator(fresh_accelerate_state):
     """A CPU ``Accelerator`` on a fresh process-wide Accelerate state (reset again after)."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield Accelerator(cpu=True)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    return Accelerator(cpu=True)
 
 
 def test_find_checkpoint_ignores_temporary_and_partial_folders(tmp_path):

@@ -7,7 +7,6 @@ variant are refused naming the flag, and a tiny DeiT trains end to end with the 
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
@@ -17,7 +16,6 @@ import torch
 from PIL import Image
 
 pytest.importorskip("accelerate")
-from accelerate.state import AcceleratorState, GradientState
 
 from bame_optim import BAMESGD, BAMEAdamW
 from bame_optim.integrations.training import ConfigError, TrainingConfig, parse_config
@@ -27,18 +25,13 @@ from bame_optim.integrations.training.build import (
 )
 from bame_optim.integrations.training.recipes import DEIT_RECIPE, launched_processes
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 NO_DECAY = {"class_token", "encoder.pos_embedding"}
 QKV = "encoder.layers.encoder_layer_0.self_attention.in_proj_weight"
 
 
 @pytest.fixture(scope="module")
-def imagenet_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("train_imagenet", EXAMPLES / "train_imagenet.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def imagenet_script(load_example) -> ModuleType:
+    return load_example("train_imagenet")
 
 
 @pytest.fixture(autouse=True)
@@ -249,13 +242,12 @@ def _write_colour_folder(root: Path) -> None:
                 Image.fromarray(pixels).save(root / split / label / f"{i}.png")
 
 
-def test_a_tiny_deit_trains_with_the_recipe(imagenet_script, tmp_path, capsys):
+def test_a_tiny_deit_trains_with_the_recipe(imagenet_script, tmp_path, capsys,
+                                           fresh_accelerate_state):
     root = tmp_path / "images"
     _write_colour_folder(root)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
     try:
         result = imagenet_script.main([
             "--data", str(root), "--model", "deit_small", "--vit-depth", "1", "--vit-width",
@@ -266,8 +258,6 @@ def test_a_tiny_deit_trains_with_the_recipe(imagenet_script, tmp_path, capsys):
         ])
     finally:
         torch.set_num_threads(threads)
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
     out = capsys.readouterr().out
     assert "--optimizer adamw" in out and "--weight-decay 0.05" in out
     assert "train_imagenet: deit_small bame_adamw 2:4 on " in out

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import shutil
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,6 @@ transformers = pytest.importorskip(
     reason="transformers is not installed (pip install 'bame_optim[transformers]')",
 )
 pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
-from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from transformers import (  # noqa: E402
     Trainer,
     TrainerCallback,
@@ -54,15 +53,7 @@ OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
 }
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state() -> Iterator[None]:
-    """The Trainer builds an ``Accelerator``, whose state is process-wide: start and end each
-    test on a fresh one (as ``test_accelerate.py`` does)."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def tiny_vit(seed: int = 0) -> ViTForImageClassification:

@@ -4,7 +4,6 @@ N:M weights, and rejects bad flags and damaged data with errors that name them."
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import math
 from pathlib import Path
 from types import ModuleType
@@ -15,7 +14,6 @@ import torch
 from bame_optim.core.nm import is_nm_sparse
 from bame_optim.integrations.idx import IMAGES_MAGIC
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
 TINY = ["--epochs", "2", "--hidden", "64", "--delta-t", "2"]
 SPARSE_LAYERS = (3, 5)
 """Indices in the ``nn.Sequential`` MLP of the two hidden-to-hidden Linear layers."""
@@ -24,13 +22,8 @@ DENSE_LAYERS = (1, 7)
 
 
 @pytest.fixture(scope="module")
-def quickstart() -> ModuleType:
-    """Import the script by its path, as ``python examples/quickstart.py`` runs it."""
-    spec = importlib.util.spec_from_file_location("quickstart", QUICKSTART)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def quickstart(load_example) -> ModuleType:
+    return load_example("quickstart")
 
 
 def _zero_pattern(model: torch.nn.Module, layer: int) -> torch.Tensor:

@@ -21,7 +21,6 @@ pytest.importorskip("accelerate")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tensorboard")
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from accelerate.tracking import GeneralTracker
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -40,30 +39,15 @@ from bame_optim.integrations.training.metrics import (
 )
 from bame_optim.integrations.training.tracking import LiveLog, hparams, trackers_of
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 EPOCHS, STEPS_PER_EPOCH = 2, 3  # 12 training images, batch 4
 
 
-def _reset_accelerate() -> None:
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Accelerate keeps process-wide state; every in-process run starts from a clean one."""
-    _reset_accelerate()
-    yield
-    _reset_accelerate()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
-def cifar_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("train_cifar", EXAMPLES / "train_cifar.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def cifar_script(load_example) -> ModuleType:
+    return load_example("train_cifar")
 
 
 def _argv(data: Path, out: Path, *extra: str) -> list[str]:
@@ -92,7 +76,9 @@ def _read_scalars(folder: Path) -> dict[str, dict[int, float]]:
 
 
 @pytest.fixture(scope="module")
-def tensorboard_run(tmp_path_factory, write_idx_folder, cifar_script) -> dict[str, Any]:
+def tensorboard_run(
+    tmp_path_factory, write_idx_folder, cifar_script, reset_accelerate
+) -> dict[str, Any]:
     """One tiny run (2 epochs of 3 optimizer steps, BAME 2:4, ΔT 1) with
     ``--report-to tensorboard``; every ``metrics.json`` write is read back as it happens."""
     root = tmp_path_factory.mktemp("tracking")
@@ -108,7 +94,7 @@ def tensorboard_run(tmp_path_factory, write_idx_folder, cifar_script) -> dict[st
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 2 xdist workers on 2 cores
-    _reset_accelerate()
+    reset_accelerate()
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(MetricsWriter, "write", write_and_read_back)
@@ -116,7 +102,7 @@ def tensorboard_run(tmp_path_factory, write_idx_folder, cifar_script) -> dict[st
             result = cifar_script.main(argv)
     finally:
         torch.set_num_threads(threads)
-        _reset_accelerate()
+        reset_accelerate()
     scalars = _read_scalars(out / "tensorboard" / "train_cifar")
     return {"result": result, "out": out, "seen": seen, "scalars": scalars}
 

@@ -5,7 +5,6 @@ attention projections trained N:M, grayscale IDX data, and flag errors that name
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -30,22 +29,14 @@ PNG = b"\x89PNG\r\n\x1a\n"
 TIME_KEYS = {"train_seconds", "eval_seconds"}
 
 
-def _import(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope="module")
+def cifar_script(load_example) -> ModuleType:
+    return load_example("train_cifar")
 
 
 @pytest.fixture(scope="module")
-def cifar_script() -> ModuleType:
-    return _import("train_cifar")
-
-
-@pytest.fixture(scope="module")
-def imagenet_script() -> ModuleType:
-    return _import("train_imagenet")
+def imagenet_script(load_example) -> ModuleType:
+    return load_example("train_imagenet")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -58,14 +49,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Accelerate keeps process-wide state; every in-process run starts from a clean one."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")

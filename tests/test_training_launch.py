@@ -10,14 +10,12 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 from torch.nn import functional as F
 
 pytest.importorskip("accelerate")
-from accelerate.state import AcceleratorState, GradientState
 
 from bame_optim.integrations.training import TrainingConfig, run
 from bame_optim.integrations.training.loop import LaunchError, check_launch
@@ -29,13 +27,7 @@ from .torchrun import run_ranks
 RECIPE = "torchrun --nproc_per_node 2 examples/train_cifar.py --cpu"
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.mark.parametrize(
@@ -78,14 +70,10 @@ def test_run_refuses_before_loading_data(tmp_path, monkeypatch, write_cifar_fold
     assert not (tmp_path / "out").exists()
 
 
-def test_script_exits_with_the_launch_message(tmp_path, monkeypatch, capsys, write_cifar_folder):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "train_cifar", Path(__file__).resolve().parents[1] / "examples" / "train_cifar.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+def test_script_exits_with_the_launch_message(
+    tmp_path, monkeypatch, capsys, write_cifar_folder, load_example
+):
+    script = load_example("train_cifar")
     write_cifar_folder(tmp_path / "cifar")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("LOCAL_RANK", raising=False)
