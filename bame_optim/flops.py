@@ -113,7 +113,7 @@ from torch import nn
 
 from bame_optim.core.nm import check_nm
 from bame_optim.core.schedule import DEFAULT_DELTA_T, resolve_schedule
-from bame_optim.groups import nm_param_groups
+from bame_optim.groups import is_hf_conv1d, nm_param_groups
 
 __all__ = [
     "FlopsBreakdown",
@@ -210,6 +210,8 @@ def _check_int(name: str, value: object, minimum: int) -> int:
 def _macs(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> int:
     if isinstance(module, nn.Linear):
         return output.numel() * module.in_features
+    if not isinstance(module, (*_CONV, *_CONV_T)):  # Hugging Face Conv1D: x @ W, W [in, out]
+        return output.numel() * module.weight.shape[0]
     conv: nn.modules.conv._ConvNd = module  # type: ignore[assignment]
     kernel = math.prod(conv.kernel_size)
     if isinstance(module, _CONV):
@@ -286,12 +288,12 @@ def layer_flops(
         )
     if (n is None) != (m is None):
         raise ValueError(f"Invalid n value: {n!r} (give both n and m, or neither; m={m!r})")
-    sparse_ids: set[int] = set()
+    sparse_ids: dict[int, int] = {}  # id(weight) -> its input dimension (nm_dim)
     if n is not None and m is not None:
         check_nm(n, m)
         for group in nm_param_groups(model, n, m, exclude=exclude):
             if group["sparse"]:
-                sparse_ids.update(id(p) for _, p in group["params"])
+                sparse_ids.update((id(p), group.get("nm_dim", 1)) for _, p in group["params"])
 
     params = list(model.parameters())
     device = params[0].device if params else torch.device("cpu")
@@ -327,7 +329,7 @@ def layer_flops(
     for module in names:
         if isinstance(module, nn.MultiheadAttention):
             handles.append(module.register_forward_hook(attention_hook, with_kwargs=True))
-        elif isinstance(module, (nn.Linear, *_CONV, *_CONV_T)):
+        elif isinstance(module, (nn.Linear, *_CONV, *_CONV_T)) or is_hf_conv1d(module):
             handles.append(module.register_forward_hook(hook))
     modes = {module: module.training for module in names}
     # nn.TransformerEncoder(Layer)'s inference fast path skips its modules' forward (and hooks)
@@ -356,7 +358,9 @@ def layer_flops(
                 input_grad=flops,
                 weight_grad=flops,
                 sparse=sparse,
-                backward_mask=sparse and m is not None and weight.shape[0] % m == 0,
+                # the backward mask runs along the output dimension, the other one
+                backward_mask=sparse and m is not None
+                and weight.shape[1 - sparse_ids[id(weight)]] % m == 0,
                 pattern=(n, m) if sparse and n is not None and m is not None else None,
             )
         )

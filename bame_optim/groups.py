@@ -19,6 +19,7 @@ __all__ = [
     "TIMM_OPTIONAL_TOKENS",
     "TORCHVISION_VIT_NO_DECAY",
     "default_exclude",
+    "is_hf_conv1d",
     "nm_param_groups",
 ]
 
@@ -38,41 +39,84 @@ TORCHVISION_VIT_NO_DECAY: tuple[str, ...] = ("class_token", "encoder.pos_embeddi
 defines no ``no_weight_decay()``."""
 
 
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is Hugging Face's ``Conv1D`` (GPT-2's projections: ``x @ W`` with
+    ``W [in, out]``). Checked without importing ``transformers``: a model holding one has
+    imported it."""
+    found = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(found, "Conv1D", None)
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def _is_attention(module: nn.Module) -> bool:
+    # nn.MultiheadAttention, and the attention modules of Hugging Face (GPT2Attention,
+    # LlamaAttention, BertSelfAttention, ...) and timm (Attention), named so by convention.
+    return isinstance(module, nn.MultiheadAttention) or type(module).__name__.endswith("Attention")
+
+
+def _stem(model: nn.Module) -> str | None:
+    """The name of the layer that reads the model's input, when it is a layer the peers keep
+    dense: the first Linear / Conv layer in module order (a convolutional stem, a patch
+    embedding, the input layer of an MLP), unless an ``nn.Embedding`` or an attention module
+    comes first. A token model's input layer is its embedding (dense anyway), and a layer that
+    follows an attention module is a transformer block's projection, never a stem."""
+    for name, module in model.named_modules():
+        if name and (isinstance(module, nn.Embedding) or _is_attention(module)):
+            return None
+        if isinstance(module, SPARSE_LAYER_TYPES):
+            return name
+    return None
+
+
+def _head(model: nn.Module) -> str | None:
+    """The name of the classifier or LM head: the last ``nn.Linear`` in module order, unless it
+    sits inside an ``nn.ModuleList`` (a stack of repeated blocks: a headless backbone such as
+    ``LlamaModel`` ends with its last block's projection, not a head)."""
+    in_stack: set[str] = set()
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList):
+            in_stack.add(f"{name}.")
+        if isinstance(module, nn.Linear):
+            last = name
+    if last is None or any(last.startswith(prefix) for prefix in in_stack):
+        return None
+    return last
+
+
 def default_exclude(model: nn.Module) -> list[str]:
-    """Names of the layers the peers keep dense: the first sparse-able layer (the stem) and
-    the last Linear layer (the classifier)."""
-    layers = [
-        (name, mod) for name, mod in model.named_modules() if isinstance(mod, SPARSE_LAYER_TYPES)
-    ]
-    if not layers:
-        return []
-    names = [layers[0][0]]
-    linears = [name for name, mod in layers if isinstance(mod, nn.Linear)]
-    if linears and linears[-1] not in names:
-        names.append(linears[-1])
-    return names
+    """Names of the layers the peers keep dense: the stem (:func:`_stem`: a convolutional stem
+    or patch embedding, never a transformer's first attention projection) and the classifier
+    or LM head (:func:`_head`). Embeddings are never sparse, and weights tied to one (an LM
+    head sharing the token embedding) stay dense whatever ``exclude`` says."""
+    names = [name for name in (_stem(model), _head(model)) if name is not None]
+    return list(dict.fromkeys(names))
 
 
-def _candidate_weights(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """The ``[out, in, ...]`` weights of ``module`` that may be N:M sparse (dimension 1 is the
-    input dimension), as ``(attribute name, parameter)`` pairs.
+def _candidate_weights(module: nn.Module) -> list[tuple[str, nn.Parameter, int]]:
+    """The weights of ``module`` that may be N:M sparse, as ``(attribute name, parameter,
+    nm_dim)``: ``nm_dim`` is the input dimension, along which the blocks run.
 
-    * Linear / ConvNd: ``weight``.
+    * Linear / ConvNd (``[out, in, ...]``): ``weight``, dimension 1.
+    * Hugging Face ``Conv1D`` (GPT-2's ``c_attn``, ``c_proj``, ``c_fc``; ``[in, out]``, it
+      computes ``x @ W``): ``weight``, dimension 0.
     * :class:`torch.nn.MultiheadAttention`: the packed ``in_proj_weight`` ``[3E, E]`` when
       ``_qkv_same_embed_dim`` (the Q, K and V projections stacked along the output dimension,
       so every row is one projection's row over the ``E`` inputs, exactly a Linear weight),
-      else the separate ``q_proj_weight`` / ``k_proj_weight`` / ``v_proj_weight``. Its
-      ``out_proj`` is an ``nn.Linear`` and is handled as one.
+      else the separate ``q_proj_weight`` / ``k_proj_weight`` / ``v_proj_weight``; dimension
+      1. Its ``out_proj`` is an ``nn.Linear`` and is handled as one.
     """
     if isinstance(module, SPARSE_LAYER_TYPES):
-        return [("weight", module.weight)]
+        return [("weight", module.weight, 1)]
+    if is_hf_conv1d(module):
+        return [("weight", module.weight, 0)]
     if isinstance(module, nn.MultiheadAttention):
         if module._qkv_same_embed_dim:
             names = ("in_proj_weight",)
         else:
             names = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
         found = [(name, getattr(module, name, None)) for name in names]
-        return [(name, p) for name, p in found if isinstance(p, nn.Parameter)]
+        return [(name, p, 1) for name, p in found if isinstance(p, nn.Parameter)]
     return []
 
 
@@ -154,31 +198,57 @@ def _check_weight_decay(weight_decay: float) -> None:
         )
 
 
-def _sparse_weights(model: nn.Module, m: int, patterns: list[str]) -> dict[int, str]:
-    """``id(weight) -> name`` of the weights made N:M sparse (see :func:`nm_param_groups`);
-    one ``UserWarning`` names those left dense because their input dimension is not
-    divisible by ``m``."""
-    sparse_weights: dict[int, str] = {}
+def _sparse_weights(model: nn.Module, m: int, patterns: list[str]) -> dict[int, tuple[str, int]]:
+    """``id(weight) -> (name, nm_dim)`` of the weights made N:M sparse (see
+    :func:`nm_param_groups`). One ``UserWarning`` names those left dense because their input
+    dimension is not divisible by ``m``; another says why when no weight is sparse at all."""
+    tied = {id(mod.weight) for mod in model.modules() if isinstance(mod, nn.Embedding)}
+    sparse_weights: dict[int, tuple[str, int]] = {}
     indivisible: list[str] = []
+    eligible = excluded = tied_found = 0
     for name, module in model.named_modules():
         candidates = _candidate_weights(module)
-        if not candidates or any(fnmatchcase(name, pattern) for pattern in patterns):
+        if not candidates:
             continue
-        for attribute, weight in candidates:
+        eligible += len(candidates)
+        if any(fnmatchcase(name, pattern) for pattern in patterns):
+            excluded += len(candidates)
+            continue
+        for attribute, weight, nm_dim in candidates:
             full_name = f"{name}.{attribute}" if name else attribute
-            if weight.ndim < 2 or weight.shape[1] == 1:
+            inputs = weight.shape[nm_dim] if weight.ndim >= 2 else 1
+            if id(weight) in tied:  # an LM head sharing the token embedding
+                tied_found += 1
+                continue
+            if inputs == 1:
                 continue  # depthwise: one input per group, never N:M
-            if weight.shape[1] % m:
+            if inputs % m:
                 indivisible.append(
                     f"{full_name} of shape {tuple(weight.shape)} stays dense "
-                    f"(input dimension {weight.shape[1]})"
+                    f"(input dimension {inputs})"
                 )
                 continue
-            sparse_weights[id(weight)] = full_name
+            sparse_weights[id(weight)] = (full_name, nm_dim)
     if indivisible:
         warnings.warn(
             f"nm_param_groups: {len(indivisible)} weight(s) whose input dimension is not "
             f"divisible by m={m}: " + "; ".join(indivisible),
+            UserWarning,
+            stacklevel=3,
+        )
+    if not sparse_weights:
+        if not eligible:
+            why = ("the model has no Linear, Conv1d/2d/3d, MultiheadAttention or Hugging Face "
+                   "Conv1D layer")
+        elif excluded == eligible:
+            why = (f"every eligible layer is excluded ({', '.join(patterns)}; exclude=() makes "
+                   "every eligible layer sparse)")
+        else:
+            why = (f"of {eligible} eligible weight(s), {excluded} are excluded, {tied_found} "
+                   f"tied to an embedding and {len(indivisible)} have an input dimension that "
+                   f"m={m} does not divide")
+        warnings.warn(
+            f"nm_param_groups: no weight is N:M sparse, every group is dense: {why}",
             UserWarning,
             stacklevel=3,
         )
@@ -198,15 +268,20 @@ def nm_param_groups(
     """Param groups for :class:`bame_optim.BAMESGD` (or any ``torch.optim`` optimizer, e.g.
     ``AdamW``) with the peers' choice of sparse layers and, on request, of decayed ones.
 
-    **Sparse or dense.** Linear and Conv1d/2d/3d weights, and the input projections of
-    :class:`torch.nn.MultiheadAttention` (``in_proj_weight``, ``[3E, E]``; see
-    :func:`_candidate_weights`), are N:M sparse, except the excluded layers. Everything else
-    is dense: biases and norm parameters, embeddings, excluded layers, and weights whose input
-    dimension does not divide by ``m``. Weights whose input dimension is 1 (depthwise
-    convolutions such as MobileNet-V2's, where a block could hold only one weight) are left
-    dense silently, as no ``m`` could ever apply to them; every other weight whose input
-    dimension does not divide by ``m`` is named, all together in **one** ``UserWarning``.
-    Weight decay never changes which parameters are sparse.
+    **Sparse or dense.** Linear and Conv1d/2d/3d weights, the input projections of
+    :class:`torch.nn.MultiheadAttention` (``in_proj_weight``, ``[3E, E]``) and Hugging Face
+    ``Conv1D`` weights (GPT-2; ``[in, out]``, N:M along dimension 0, in groups with
+    ``"nm_dim": 0``; see :func:`_candidate_weights`) are N:M sparse along their input
+    dimension, except the excluded layers (by default the stem and the classifier or LM
+    head, :func:`default_exclude`). Everything else is dense: biases and norm parameters,
+    embeddings and the weights tied to them (GPT-2's ``lm_head`` is ``wte``), excluded layers,
+    and weights whose input dimension does not divide by ``m``. Weights whose input dimension
+    is 1 (depthwise convolutions such as MobileNet-V2's, where a block could hold only one
+    weight) are left dense silently, as no ``m`` could ever apply to them; every other weight
+    whose input dimension does not divide by ``m`` is named, all together in **one**
+    ``UserWarning``. When no weight ends up sparse, a ``UserWarning`` says why (no eligible
+    layer, all excluded, ``m`` divides none). Weight decay never changes which parameters are
+    sparse.
 
     **Weight decay.** A parameter gets ``weight_decay=0.0`` when any of these holds:
 
@@ -232,7 +307,8 @@ def nm_param_groups(
         model: the model.
         n, m: the N:M pattern of the sparse group.
         exclude: module names (``fnmatch`` patterns such as ``"head.*"``) to keep dense.
-            ``None`` keeps the stem and the classifier dense (:func:`default_exclude`);
+            ``None`` keeps the stem and the classifier or LM head dense
+            (:func:`default_exclude`);
             ``()`` makes every eligible layer sparse. A pattern that matches no module raises
             ``ValueError``, so typos do not pass silently.
         no_decay_1d: put parameters with ``ndim <= 1`` in a group with ``weight_decay=0``.
@@ -243,11 +319,12 @@ def nm_param_groups(
             declares that matches none only warns (see :func:`_declared_no_decay`).
 
     Returns:
-        Up to four groups (empty ones left out, in this order), each holding
+        Up to six groups (empty ones left out, in this order), each holding
         ``(name, parameter)`` pairs so that the optimizer records ``param_names``:
-        ``{"sparse": True, "n": n, "m": m}``, the same with ``"weight_decay": 0.0``,
-        ``{"sparse": False}`` and ``{"sparse": False, "weight_decay": 0.0}``; the first and the
-        third also carry ``"weight_decay": weight_decay`` when it is given.
+        ``{"sparse": True, "n": n, "m": m}``, the same with ``"weight_decay": 0.0``, the same
+        two with ``"nm_dim": 0`` (``[in, out]`` weights), ``{"sparse": False}`` and
+        ``{"sparse": False, "weight_decay": 0.0}``; the decayed ones also carry
+        ``"weight_decay": weight_decay`` when it is given.
 
     Raises:
         ValueError: invalid ``n, m`` or ``weight_decay``, or an ``exclude`` / ``no_weight_decay``
@@ -284,22 +361,25 @@ def nm_param_groups(
             )
 
     sparse_weights = _sparse_weights(model, m, patterns)
-    sparse, sparse_no_decay, dense, no_decay = [], [], [], []
+    decay = {} if weight_decay is None else {"weight_decay": weight_decay}
+    no = {"weight_decay": 0.0}
+    # (sparse, nm_dim, decayed) -> group; the order below is the order of the groups.
+    groups = {
+        (True, 1, True): {"sparse": True, "n": n, "m": m, **decay},
+        (True, 1, False): {"sparse": True, "n": n, "m": m, **no},
+        (True, 0, True): {"sparse": True, "n": n, "m": m, "nm_dim": 0, **decay},
+        (True, 0, False): {"sparse": True, "n": n, "m": m, "nm_dim": 0, **no},
+        (False, 1, True): {"sparse": False, **decay},
+        (False, 1, False): {"sparse": False, **no},
+    }
+    members: dict[tuple[bool, int, bool], list[tuple[str, nn.Parameter]]] = {k: [] for k in groups}
     for name, param in named:
         skip_decay = (
             (no_decay_1d and param.ndim <= 1)
             or name in declared
             or any(fnmatchcase(name, pattern) for pattern in extra)
         )
-        if id(param) in sparse_weights:
-            (sparse_no_decay if skip_decay else sparse).append((name, param))
-        else:
-            (no_decay if skip_decay else dense).append((name, param))
-    decay = {} if weight_decay is None else {"weight_decay": weight_decay}
-    groups = [
-        {"params": sparse, "sparse": True, "n": n, "m": m, **decay},
-        {"params": sparse_no_decay, "sparse": True, "n": n, "m": m, "weight_decay": 0.0},
-        {"params": dense, "sparse": False, **decay},
-        {"params": no_decay, "sparse": False, "weight_decay": 0.0},
-    ]
-    return [group for group in groups if group["params"]]
+        found = sparse_weights.get(id(param))
+        key = (True, found[1], not skip_decay) if found else (False, 1, not skip_decay)
+        members[key].append((name, param))
+    return [{"params": members[key], **group} for key, group in groups.items() if members[key]]

@@ -198,8 +198,9 @@ def test_a_schedule_with_almost_no_evolve_updates_warns_with_its_numbers():
         BAMESGD(_model().parameters(), lr=0.1, total_steps=9, delta_t=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        BAMESGD(_model().parameters(), lr=0.1, total_steps=300, delta_t=10)
-        BAMESGD(_model().parameters(), lr=0.1, total_steps=300, t_i=0, t_f=0)  # static
+        groups = nm_param_groups(_model(), 2, 4, exclude=())  # no shape-only guess to warn of
+        BAMESGD(groups, lr=0.1, total_steps=300, delta_t=10)
+        BAMESGD(groups, lr=0.1, total_steps=300, t_i=0, t_f=0)  # static
         BAMESGD(_model().parameters(), lr=0.1, sparse=False)  # nothing to evolve
 
 

@@ -8,6 +8,10 @@ dimension (DESIGN.md section 2), giving the block view ``[K, M]`` used by the pa
   position), i.e. ``W`` is viewed as ``[out, *k, in]`` and rows of ``in`` are cut into blocks.
 
 Both rules are one rule: move dimension 1 last, then cut the last dimension into blocks.
+A weight stored ``[in, out]`` (Hugging Face ``Conv1D``, e.g. GPT-2's projections) has its input
+dimension at 0: its param group says so with ``"nm_dim": 0``, and every function here sees it
+through :func:`nm_layout` (the transposed *view* ``[out, in]``), so the blocks still run along
+the input dimension and every write through the view reaches the weight.
 Masks are ``bool`` tensors in the block view; :func:`blocks_to_param` turns a block tensor
 back into the parameter's layout (a view when it can be one).
 """
@@ -26,6 +30,7 @@ __all__ = [
     "check_nm",
     "grouped_dim",
     "is_nm_sparse",
+    "nm_layout",
     "num_blocks",
     "param_to_blocks",
     "random_nm_mask",
@@ -36,6 +41,27 @@ __all__ = [
 
 GROUPED_DIM = 1
 """The dimension cut into blocks: ``in`` of Linear ``[out, in]`` and ConvNd ``[out, in, *k]``."""
+
+
+NM_DIMS = (0, 1)
+"""The dimensions a weight's input (blocked) dimension may be at: 1 for ``nn.Linear``
+``[out, in]`` and ``ConvNd`` ``[out, in, *k]``, 0 for a 2-D ``[in, out]`` weight (HF
+``Conv1D``)."""
+
+
+def nm_layout(tensor: Tensor, nm_dim: int = GROUPED_DIM) -> Tensor:
+    """``tensor`` with its input dimension at 1, the layout every function of this module
+    takes: ``tensor`` itself when ``nm_dim == 1``, the transposed view ``tensor.t()`` of a 2-D
+    ``[in, out]`` tensor when ``nm_dim == 0`` (its own inverse: ``nm_layout(nm_layout(t, 0),
+    0)`` is ``t``'s layout again)."""
+    if nm_dim == GROUPED_DIM:
+        return tensor
+    if nm_dim != 0 or tensor.ndim != 2:
+        raise ValueError(
+            f"Invalid nm_dim value: {nm_dim!r} for a tensor of shape {tuple(tensor.shape)} "
+            "(1, or 0 for a 2-D [in, out] weight)"
+        )
+    return tensor.t()
 
 
 def check_nm(n: int, m: int) -> None:

@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.optim.adamw import adamw
 from torch.optim.optimizer import _get_scalar_dtype
 
+from bame_optim.optim.base import check_fused_flags
 from bame_optim.optim.engine import NMEngine
 from bame_optim.optim.functional import kept_adamw
 from bame_optim.optim.masked import MaskedOptimizer, SparseState
@@ -27,8 +28,11 @@ ADAMW_DEFAULTS: dict[str, Any] = {
     "amsgrad": False,
     "maximize": False,
     "foreach": None,
+    "capturable": False,
+    "differentiable": False,
+    "fused": None,
 }
-""":class:`torch.optim.AdamW`'s keywords and defaults (those this package takes)."""
+""":class:`torch.optim.AdamW`'s keywords and defaults."""
 
 BAME_ADAMW_RULES = dataclasses.replace(
     BAME_RULES, keywords=BAME_RULES.keywords | {"revive_score": "adam"}
@@ -68,7 +72,14 @@ class BAMEAdamW(MaskedOptimizer):
     Args:
         params: parameters or param groups, as :class:`bame_optim.BAMESGD`.
         lr, betas, eps, weight_decay, amsgrad, maximize, foreach: as
-            :class:`torch.optim.AdamW` (``lr`` may be a Tensor).
+            :class:`torch.optim.AdamW` (``lr`` and the betas may be Tensors).
+        fused: ``True``: the fused paths, torch's fused AdamW for dense parameters and the
+            fused kept-AdamW kernel for sparse ones (``ValueError`` at construction naming a
+            parameter whose device or dtype has none); ``None``: the fused kernel for sparse
+            parameters where it runs; ``False``: never.
+        capturable, differentiable: accepted as :class:`torch.optim.AdamW` takes them; only
+            ``False`` is supported (``ValueError`` otherwise: a mask update reads the masks
+            and scores on the host, and masks are not differentiable).
         n, m, total_steps, t_i, t_f, delta_t, alpha, beta, gamma, seed, sparse: as
             :class:`bame_optim.BAMESGD`.
         revive_score: ``"adam"`` (default) or ``"sgd"``: LMA's score of a pruned weight.
@@ -104,6 +115,9 @@ class BAMEAdamW(MaskedOptimizer):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
         n: int = 2,
         m: int = 4,
         total_steps: int | None = None,
@@ -121,11 +135,14 @@ class BAMEAdamW(MaskedOptimizer):
                              alpha=alpha, beta=beta, gamma=gamma, seed=seed,
                              revive_score=revive_score)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                        maximize=maximize, foreach=foreach, n=n, m=m, sparse=sparse)
+                        maximize=maximize, foreach=foreach, capturable=capturable,
+                        differentiable=differentiable, fused=fused, n=n, m=m, sparse=sparse)
         super().__init__(params, defaults, rule_keywords)
 
     def _validate_update(self, group: dict[str, Any]) -> None:
         _validate_adamw(group)
+        check_fused_flags(group, type(self).__name__, torch_keywords=("capturable",
+                                                                       "differentiable"))
 
     def _update(
         self, group: dict[str, Any], dense: list[Tensor], sparse: list[SparseState]
@@ -141,23 +158,24 @@ class BAMEAdamW(MaskedOptimizer):
                 [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                 [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
                 [s["step"] for s in states],
-                has_complex=any(torch.is_complex(p) for p in dense), **hyper,
+                has_complex=any(torch.is_complex(p) for p in dense),
+                fused=group["fused"] or None, **hyper,
             )
         if sparse:
             engine, m = self.engine, group["m"]
-            moments = [self._kept_moments(p, state, group) for p, state in sparse]
+            moments = [self._kept_moments(s.param, s.state, group) for s in sparse]
             kept_adamw(
-                [local_tensor(p) for p, _ in sparse],
-                [local_tensor(p.grad) for p, _ in sparse],
+                [local_tensor(s.param) for s in sparse],
+                [local_tensor(s.grad) for s in sparse],
                 [b[0] for b in moments], [b[1] for b in moments],
                 [b[2] for b in moments] if group["amsgrad"] else [],
-                [state["step"] for _, state in sparse],
-                [engine.local_kept(state) for _, state in sparse],
-                [state["kept_count"] for _, state in sparse],
-                m=m, **hyper,
+                [s.state["step"] for s in sparse],
+                [engine.local_kept(s.state) for s in sparse],
+                [s.state["kept_count"] for s in sparse],
+                m=m, fused=group["fused"], **hyper,
             )
-            for (p, state), buffers in zip(sparse, moments, strict=True):
-                engine.store_buffers(p, state, buffers, m)
+            for s, buffers in zip(sparse, moments, strict=True):
+                engine.store_buffers(s.param, s.state, buffers, m)
 
     def _dense_state(self, p: Tensor, amsgrad: bool) -> dict[str, Any]:
         """:class:`torch.optim.AdamW`'s lazily created state of a dense parameter."""
@@ -227,8 +245,15 @@ def _validate_adamw(group: dict[str, Any]) -> None:
     if (
         not isinstance(betas, (tuple, list))
         or len(betas) != 2
-        or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas)
-        or not all(0 <= b < 1 for b in betas)
+        or not all(_is_real(b) for b in betas)
+        or not all(0 <= float(b) < 1 for b in betas)
     ):
-        raise ValueError(f"Invalid betas value: {betas!r} (two floats in [0, 1) are required)")
-    group["betas"] = (float(betas[0]), float(betas[1]))
+        raise ValueError(f"Invalid betas value: {betas!r} (two floats in [0, 1) are required, "
+                         "or one-element floating Tensors)")
+    group["betas"] = tuple(b if isinstance(b, Tensor) else float(b) for b in betas)
+
+
+def _is_real(value: object) -> bool:
+    if isinstance(value, Tensor):
+        return value.numel() == 1 and value.is_floating_point()
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

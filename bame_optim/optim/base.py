@@ -18,10 +18,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from bame_optim.core.nm import check_nm, is_nm_sparse, num_blocks
+from bame_optim.core.nm import GROUPED_DIM, NM_DIMS, check_nm, is_nm_sparse, nm_layout, num_blocks
 from bame_optim.optim.sharded import is_sharded, local_tensor
 
-__all__ = ["SGD_DEFAULTS", "NMOptimizer", "user_stacklevel"]
+__all__ = ["SGD_DEFAULTS", "NMOptimizer", "check_fused_flags", "user_stacklevel"]
 
 SGD_DEFAULTS: dict[str, Any] = {
     "lr": 1e-3,
@@ -46,6 +46,8 @@ class NMOptimizer(Optimizer):
 
     _exact_dtype_state: ClassVar[tuple[str, ...]] = ()
     """State that ``Optimizer.load_state_dict`` would cast to the parameter's dtype."""
+    blocks_along_dim0: ClassVar[bool] = True
+    """Whether sparse groups may have ``"nm_dim": 0`` (``[in, out]`` weights)."""
 
     def __init__(
         self, params: Iterable[Tensor] | Iterable[dict[str, Any]], defaults: dict[str, Any]
@@ -55,7 +57,8 @@ class NMOptimizer(Optimizer):
                 f"Invalid params value: {params!r} ({type(self).__name__} needs an iterable of "
                 "Tensors or of param-group dicts, e.g. model.parameters())"
             )
-        super().__init__(params, defaults)
+        super().__init__(params, {"nm_dim": GROUPED_DIM} | defaults)
+        self._warn_about_sparse_choice()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (see :meth:`torch.optim.Optimizer.add_param_group`) and validate it."""
@@ -65,11 +68,18 @@ class NMOptimizer(Optimizer):
         check_nm(group["n"], group["m"])
         if group["sparse"] not in (None, True, False):
             raise ValueError(f"Invalid sparse value: {group['sparse']!r} (True, False or None)")
+        _check_nm_dim(group)
+        if group["nm_dim"] == 0 and not self.blocks_along_dim0 and group["sparse"] is not False:
+            raise ValueError(
+                f"Invalid nm_dim value: 0 ({type(self).__name__} keeps its masks along "
+                "dimension 1 only; [in, out] weights such as Hugging Face Conv1D train with "
+                "BAMESGD, BAMEAdamW, RigLSGD or ASPSGD)"
+            )
         self._prepare_group(group)
         group.setdefault("step", 0)
         if group["sparse"]:
             for p in group["params"]:
-                _check_sparse_param(p, group["m"])
+                _check_sparse_param(p, group["m"], group["nm_dim"])
 
     def _validate_update(self, group: dict[str, Any]) -> None:
         """``ValueError`` naming a bad hyper-parameter of the update rule (SGD's here)."""
@@ -82,12 +92,92 @@ class NMOptimizer(Optimizer):
     def _is_sparse(p: Tensor, group: dict[str, Any]) -> bool:
         if group["sparse"] is not None:
             return bool(group["sparse"])
+        nm_dim = group["nm_dim"]
         return (
             p.ndim >= 2
+            and (nm_dim == GROUPED_DIM or p.ndim == 2)
             and p.is_floating_point()
             and p.layout == torch.strided
-            and p.shape[1] % group["m"] == 0
+            and p.shape[nm_dim] % group["m"] == 0
         )
+
+    def _warn_about_sparse_choice(self) -> None:
+        """Warn at construction when no parameter is sparse (the optimizer would train dense;
+        not when the constructor was given ``sparse=False``), or when ``sparse=None`` made 2-D
+        parameters sparse by their shape alone."""
+        groups = self.param_groups
+        if self.defaults["sparse"] is False:
+            return  # asked to train dense
+        if not any(self._is_sparse(p, g) for g in groups for p in g["params"]):
+            if all(g["sparse"] is False for g in groups):
+                why = "every param group has sparse=False"
+            elif all(not g["params"] for g in groups if g["sparse"] is not False):
+                why = "the groups marked sparse hold no parameter"
+            else:
+                why = ("sparse=None found no floating parameter with ndim >= 2 whose input "
+                       "dimension divides by m=" + "/".join(sorted(
+                           {str(g["m"]) for g in groups if g["sparse"] is None})))
+            warnings.warn(
+                f"{type(self).__name__}: no parameter is N:M sparse ({why}), so it trains "
+                "dense; nm_param_groups(model, n, m) chooses the sparse layers of a model",
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )
+            return
+        guessed = [
+            (g, j) for g in groups if g["sparse"] is None
+            for j, p in enumerate(g["params"]) if p.ndim == 2 and self._is_sparse(p, g)
+        ]
+        if guessed:
+            group, j = guessed[0]
+            names = group.get("param_names")
+            example = names[j] if names else f"shape {tuple(group['params'][j].shape)}"
+            warnings.warn(
+                f"{type(self).__name__}: sparse=None made {len(guessed)} 2-D parameter(s) "
+                f"N:M along dimension {group['nm_dim']} by shape alone (e.g. {example}). A "
+                "tensor does not say which layer it belongs to: an embedding or LM head would "
+                "be pruned like a Linear weight, and an [in, out] weight (Hugging Face Conv1D, "
+                "e.g. GPT-2) along its output dimension. nm_param_groups(model, n, m) chooses "
+                "by layer and axis (and silences this warning)",
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )
+
+    def check_nm(self) -> list[str]:
+        """Check that the model is N:M sparse now: at least one parameter is sparse, and every
+        block of every sparse parameter (along its input dimension) holds at most ``n``
+        non-zeros. Returns the names of the sparse parameters checked (``param_names`` of the
+        group, else ``groupG.paramJ``); this rank's blocks of a sharded parameter.
+
+        Raises:
+            RuntimeError: no parameter is sparse (a check over nothing would pass), or a sparse
+                parameter is not N:M, named with its pattern and phase (e.g. still in the
+                gradual phase: call :meth:`finalize_masks` or train to ``t_i``).
+        """
+        checked, broken = [], []
+        for g, group in enumerate(self.param_groups):
+            names = group.get("param_names")
+            for j, p in enumerate(group["params"]):
+                if not self._is_sparse(p, group):
+                    continue
+                name = names[j] if names else f"group{g}.param{j}"
+                weight = nm_layout(local_tensor(p).detach(), group["nm_dim"])
+                checked.append(name)
+                if not is_nm_sparse(weight, group["n"], group["m"]):
+                    broken.append(f"{name} {tuple(p.shape)} (phase {self.phase_name(group)!r} "
+                                  f"at step {group['step']})")
+        if not checked:
+            raise RuntimeError(
+                f"{type(self).__name__}.check_nm: no parameter is N:M sparse, so there is "
+                "nothing to check (every group is dense; see nm_param_groups)"
+            )
+        if broken:
+            raise RuntimeError(
+                f"{type(self).__name__}.check_nm: {len(broken)} of {len(checked)} sparse "
+                f"parameter(s) are not N:M: " + "; ".join(broken) + ". Before t_i the masks "
+                "keep more than n per block: finalize_masks() prunes to N:M now"
+            )
+        return checked
 
     def _is_state_init_call(self) -> bool:
         # torch.distributed.checkpoint initialises optimizer state with lr 0 and zero grads.
@@ -171,22 +261,25 @@ class NMOptimizer(Optimizer):
             for i in ids
             if i in saved
         }
-        patterns = [(g["n"], g["m"]) for g in self.param_groups]
+        patterns = [(g["n"], g["m"], g["nm_dim"]) for g in self.param_groups]
         keys = [set(g) - {"params", "step"} for g in self.param_groups]
         super().load_state_dict(state_dict)
         for index, (group, before) in enumerate(zip(self.param_groups, patterns, strict=True)):
             foreign = "step" not in group
+            # The block axis is a fact of the layer, not a setting: a state dict saved before
+            # groups had one keeps the axis this optimizer was built with.
+            group.setdefault("nm_dim", before[2])
             for key in keys[index] - set(group):
                 if key in self.defaults:
                     group[key] = self.defaults[key]
             if foreign:
                 group["step"] = 0
                 self._prepare_group(group)
-            if (group["n"], group["m"]) != before:
+            if (group["n"], group["m"], group["nm_dim"]) != before:
+                saved = _pattern(group["n"], group["m"], group["nm_dim"])
                 warnings.warn(
                     f"{type(self).__name__}.load_state_dict: param group {index} was saved at "
-                    f"{group['n']}:{group['m']} and now trains at that pattern instead of "
-                    f"{before[0]}:{before[1]}",
+                    f"{saved} and now trains at that pattern instead of {_pattern(*before)}",
                     UserWarning,
                     stacklevel=2,
                 )
@@ -223,12 +316,17 @@ class NMOptimizer(Optimizer):
                     "step": group["step"],
                     "phase": self.phase_name(group),
                     "density": float(mask.float().mean()) if mask is not None else 1.0,
-                    "nm_valid": is_nm_sparse(local_tensor(p).detach(), group["n"], group["m"])
+                    "nm_valid": is_nm_sparse(
+                        nm_layout(local_tensor(p).detach(), group["nm_dim"]), group["n"],
+                        group["m"],
+                    )
                     if sparse
                     else None,
                     "flips": state.get("last_flips", 0),
                     "frozen_blocks": state.get("last_frozen", 0),
-                    "blocks": num_blocks(p.shape, group["m"]) if sparse else None,
+                    "blocks": num_blocks(nm_layout(p, group["nm_dim"]).shape, group["m"])
+                    if sparse else None,
+                    "nm_dim": group["nm_dim"] if sparse else None,
                 })
         return rows
 
@@ -273,6 +371,41 @@ def check_integer(group: dict[str, Any], name: str, minimum: int) -> None:
         raise ValueError(f"Invalid {name} value: {value!r} (an integer >= {minimum} is required)")
 
 
+FUSED_DEVICE_TYPES = ("cpu", "cuda")
+"""Devices with a fused step: the native CPU kernels and the Triton kernels on CUDA (torch's
+own fused optimizers for dense parameters)."""
+
+_UNSUPPORTED = {
+    "capturable": "a mask update reads masks and scores on the host, which CUDA graphs cannot "
+                  "capture",
+    "differentiable": "mask updates are not differentiable",
+}
+
+
+def check_fused_flags(group: dict[str, Any], owner: str, torch_keywords: tuple[str, ...]) -> None:
+    """``ValueError`` naming a bad ``fused`` of ``group`` (not ``None``/``True``/``False``, or
+    ``True`` with ``foreach=True``, or ``True`` for a parameter on a device without a fused
+    step), or one of torch's ``torch_keywords`` (``capturable``, ``differentiable``) set to
+    anything but ``False``, with the reason it is not supported."""
+    for name in torch_keywords:
+        if group[name] is not False:
+            raise ValueError(f"Invalid {name} value: {group[name]!r} ({owner} supports only "
+                             f"{name}=False: {_UNSUPPORTED[name]})")
+    fused = group["fused"]
+    if fused not in (None, True, False):
+        raise ValueError(f"Invalid fused value: {fused!r} (True, False or None)")
+    if fused and group["foreach"]:
+        raise ValueError("Invalid fused value: True with foreach=True (choose one, as in torch)")
+    if fused:
+        for p in group["params"]:
+            if p.device.type not in FUSED_DEVICE_TYPES or not p.is_floating_point():
+                raise ValueError(
+                    f"Invalid fused value: True for a parameter of shape {tuple(p.shape)} on "
+                    f"{p.device} with dtype {p.dtype} (fused steps run on "
+                    f"{'/'.join(FUSED_DEVICE_TYPES)} floating-point tensors; use fused=None)"
+                )
+
+
 def _validate_sgd(group: dict[str, Any]) -> None:
     lr = group["lr"]
     if isinstance(lr, Tensor) and (lr.numel() != 1 or not lr.is_floating_point()):
@@ -290,13 +423,33 @@ def _validate_sgd(group: dict[str, Any]) -> None:
         )
 
 
-def _check_sparse_param(p: Tensor, m: int) -> None:
+def _pattern(n: int, m: int, nm_dim: int) -> str:
+    return f"{n}:{m}" + ("" if nm_dim == GROUPED_DIM else f" along dimension {nm_dim}")
+
+
+def _check_nm_dim(group: dict[str, Any]) -> None:
+    """``ValueError`` unless the group's ``nm_dim`` is 0 or 1, and 0 only for plain 2-D
+    parameters (FSDP2 shards rows, so blocks along dimension 0 would cross shards)."""
+    nm_dim = group["nm_dim"]
+    if isinstance(nm_dim, bool) or nm_dim not in NM_DIMS:
+        raise ValueError(f"Invalid nm_dim value: {nm_dim!r} (1: [out, in, ...] weights such as "
+                         "nn.Linear; 0: [in, out] weights such as Hugging Face Conv1D)")
+    if nm_dim == 0:
+        for p in group["params"]:
+            if is_sharded(p) and group["sparse"] is not False:
+                raise ValueError(
+                    f"Invalid nm_dim value: 0 for a sharded (FSDP2) parameter of shape "
+                    f"{tuple(p.shape)}: its blocks would cross the row shards"
+                )
+
+
+def _check_sparse_param(p: Tensor, m: int, nm_dim: int = GROUPED_DIM) -> None:
     if not p.is_floating_point() or p.layout != torch.strided:
         raise ValueError(
             f"Invalid sparse parameter of shape {tuple(p.shape)}, dtype {p.dtype}, layout "
             f"{p.layout}: N:M masks need a dense floating-point tensor"
         )
-    num_blocks(p.shape, m)
+    num_blocks(nm_layout(p, nm_dim).shape, m)
 
 
 def _any(tensor: Tensor) -> bool:

@@ -120,6 +120,7 @@ def kept_adamw(
     eps: float,
     maximize: bool,
     foreach: bool | None = None,
+    fused: bool | None = None,
 ) -> None:
     r"""AdamW on the kept weights, in place on ``params``, the moments and ``state_steps``.
 
@@ -142,6 +143,10 @@ def kept_adamw(
     """
     if not params:
         return
+    if fused:
+        p = params[0]
+        raise ValueError(f"Invalid fused value: True (no fused kept-AdamW kernel for a parameter "
+                         f"on {p.device} with dtype {p.dtype}; use fused=None)")
     positions, kept_params, kept_grads = _gather(params, grads, kept, counts, m)
     adamw(
         kept_params,

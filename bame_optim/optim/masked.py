@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
 
 from bame_optim.core.evolution import magnitude_mask, obf_freeze, score_dtype
-from bame_optim.core.nm import num_blocks, param_to_blocks
+from bame_optim.core.nm import nm_layout, num_blocks, param_to_blocks
 from bame_optim.core.schedule import (
     Phase,
     describe_schedule,
@@ -33,9 +33,21 @@ from bame_optim.optim.sharded import block_range, gather_blocks, is_sharded, loc
 
 __all__ = ["MaskedOptimizer", "SparseState"]
 
-SparseState = tuple[Tensor, dict[str, Any]]
-"""A sparse parameter with a gradient and its state, as :meth:`MaskedOptimizer._update`
-receives them."""
+class SparseState(NamedTuple):
+    """A sparse parameter with a gradient, as :meth:`MaskedOptimizer._update` receives it:
+    ``param`` and ``grad`` in the block layout (input dimension at 1, :func:`blocked`; views of
+    the parameter and its gradient) and the parameter's ``state``."""
+
+    param: Tensor
+    grad: Tensor
+    state: dict[str, Any]
+
+
+def blocked(tensor: Tensor, group: dict[str, Any]) -> Tensor:
+    """A parameter-shaped ``tensor`` (the parameter, its gradient or a dense buffer) in the
+    layout the engine works in: its group's ``nm_dim`` moved to dimension 1
+    (:func:`bame_optim.core.nm.nm_layout`); the tensor itself for ``nm_dim == 1``."""
+    return nm_layout(tensor, group["nm_dim"])
 
 
 class MaskedOptimizer(NMOptimizer):
@@ -102,19 +114,19 @@ class MaskedOptimizer(NMOptimizer):
                 if p.grad is not None:
                     dense.append(p)
                 continue
-            state = self.state[p]
+            state, weight = self.state[p], blocked(p, group)
             if not engine.initialised(state):
-                engine.initialise(p, state, m)
-            engine.check(p, state, m, f"parameter {first_index + offset}")
+                engine.initialise(weight, state, m)
+            engine.check(weight, state, m, f"parameter {first_index + offset}")
             if update:
                 self._update_mask(p, state, group, first_index + offset)
             if reapply:
-                engine.zero_pruned_(p, state, m)
+                engine.zero_pruned_(weight, state, m)
             if advance and t >= t_f:
                 state.pop("oscillation", None)  # the mask is fixed from here on
             if p.grad is not None:
                 _check_strided_grad(p, first_index + offset)
-                sparse.append((p, state))
+                sparse.append(SparseState(weight, blocked(p.grad, group), state))
         if advance:
             self._warn_past_total_steps(group)
         self._update(group, dense, sparse)
@@ -140,6 +152,7 @@ class MaskedOptimizer(NMOptimizer):
 
     def _update_mask(self, p: Tensor, state: dict[str, Any], group: dict[str, Any], index: int):
         t, t_i, t_f, m = group["step"], group["t_i"], group["t_f"], group["m"]
+        weight = blocked(p, group)
         current = phase(t, t_i, t_f)
         rule = self.rules.rule_for(current, t_i, untouched=state["kept_count"] == m)
         grad = None
@@ -155,20 +168,21 @@ class MaskedOptimizer(NMOptimizer):
                     stacklevel=user_stacklevel(),
                 )
                 return
-            grad = param_to_blocks(local_tensor(p.grad), m)
+            grad = param_to_blocks(local_tensor(blocked(p.grad, group)), m)
         kept = self.engine.kept_mask(state, m)
         oscillation = None
         if current is Phase.EVOLVE and self.rules.tracks_oscillation():
-            oscillation = self.engine.oscillation(p, state, m, score_dtype(p.dtype))
-        first, _ = block_range(p, m)
+            oscillation = self.engine.oscillation(weight, state, m, score_dtype(p.dtype))
+        first, _ = block_range(weight, m)
         context = MaskContext(
-            step=t, index=index, total_blocks=num_blocks(p.shape, m), first_block=first,
+            step=t, index=index, total_blocks=num_blocks(weight.shape, m), first_block=first,
             freeze=_sharded_freeze(p, group) if is_sharded(p) else None,
         )
-        result = rule(param_to_blocks(local_tensor(p), m), grad, kept, oscillation, group, context)
+        result = rule(param_to_blocks(local_tensor(weight), m), grad, kept, oscillation, group,
+                      context)
         if result.oscillation is not None:
-            self.engine.store_oscillation(p, state, result.oscillation, m)
-        changed = self.engine.apply_mask(p, state, result.kept, result.count, m)
+            self.engine.store_oscillation(weight, state, result.oscillation, m)
+        changed = self.engine.apply_mask(weight, state, result.kept, result.count, m)
         state["last_flips"] = int(torch.count_nonzero(changed))
         frozen = result.frozen
         state["last_frozen"] = 0 if frozen is None else int(torch.count_nonzero(frozen))
@@ -203,7 +217,10 @@ class MaskedOptimizer(NMOptimizer):
         elif state and not self.engine.initialised(state) and self._is_sparse(p, group):
             # A dense optimizer's state (e.g. torch.optim.SGD): every weight kept at step 0,
             # its buffers compacted.
-            self.engine.adopt_dense(p, state, group["m"])
+            for name in self.engine.buffers:
+                if isinstance(state.get(name), Tensor) and state[name].shape == p.shape:
+                    state[name] = blocked(state[name], group)
+            self.engine.adopt_dense(blocked(p, group), state, group["m"])
 
     @torch.no_grad()
     def finalize_masks(self) -> None:
@@ -218,13 +235,13 @@ class MaskedOptimizer(NMOptimizer):
             m = group["m"]
             sparse = [p for p in group["params"] if self._is_sparse(p, group)]
             for p in sparse:
-                state = self.state[p]
+                state, weight = self.state[p], blocked(p, group)
                 if not self.engine.initialised(state):
-                    self.engine.initialise(p, state, m)
+                    self.engine.initialise(weight, state, m)
                 kept = self.engine.kept_mask(state, m)
-                new = magnitude_mask(param_to_blocks(local_tensor(p), m), kept, group["n"])
-                changed = self.engine.apply_mask(p, state, new, group["n"], m)
-                self.engine.zero_pruned_(p, state, m)
+                new = magnitude_mask(param_to_blocks(local_tensor(weight), m), kept, group["n"])
+                changed = self.engine.apply_mask(weight, state, new, group["n"], m)
+                self.engine.zero_pruned_(weight, state, m)
                 state.pop("oscillation", None)
                 state["last_flips"], state["last_frozen"] = int(torch.count_nonzero(changed)), 0
             if sparse:
@@ -259,7 +276,9 @@ class MaskedOptimizer(NMOptimizer):
         buffer = state.get(name)
         if buffer is None or not self.engine.initialised(state):
             return None if buffer is None else buffer.clone()
-        return self.engine.dense_buffer(p, state, name, self._group_of(p)["m"])
+        group = self._group_of(p)
+        dense = self.engine.dense_buffer(blocked(p, group), state, name, group["m"])
+        return blocked(dense, group)
 
 
 def _check_strided_grad(p: Tensor, index: int) -> None:

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 from torch import Tensor
 from torch.optim.sgd import sgd
 
-from bame_optim.optim.base import SGD_DEFAULTS
+from bame_optim.optim.base import SGD_DEFAULTS, check_fused_flags
 from bame_optim.optim.engine import NMEngine
 from bame_optim.optim.functional import kept_sgd
 from bame_optim.optim.masked import MaskedOptimizer, SparseState
@@ -61,7 +61,11 @@ class BAMESGD(MaskedOptimizer):
         zeta, t_end: RigL's drop fraction and the end of its annealing (:class:`RigLSGD`
             only).
         fused: as :func:`bame_optim.optim.functional.kept_sgd` (``None``: the fused native
-            kernel where it is available).
+            kernel where it is available); ``True`` also steps dense parameters with torch's
+            fused SGD, and raises ``ValueError`` at construction for a parameter on a device
+            without a fused step.
+        differentiable: accepted as :class:`torch.optim.SGD` takes it; only ``False`` is
+            supported (``ValueError`` otherwise: mask updates are not differentiable).
 
     ``None`` for a rule keyword means the rules' default; a rule keyword that :attr:`rules`
     does not read raises ``TypeError``.
@@ -80,7 +84,8 @@ class BAMESGD(MaskedOptimizer):
     rules: ClassVar[MaskRules] = BAME_RULES
     """The mask rule of each phase, and the keywords they read."""
     engine: ClassVar[NMEngine] = NMEngine(("momentum_buffer",))
-    update_keywords: ClassVar[frozenset[str]] = frozenset(SGD_DEFAULTS) | {"fused"}
+    update_keywords: ClassVar[frozenset[str]] = frozenset(SGD_DEFAULTS) | {"fused",
+                                                                            "differentiable"}
 
     def __init__(
         self,
@@ -107,6 +112,7 @@ class BAMESGD(MaskedOptimizer):
         t_end: int | None = None,
         sparse: bool | None = None,
         fused: bool | None = None,
+        differentiable: bool = False,
     ) -> None:
         rule_keywords = dict(total_steps=total_steps, t_i=t_i, t_f=t_f, delta_t=delta_t,
                              alpha=alpha, beta=beta, gamma=gamma, seed=seed, zeta=zeta,
@@ -114,14 +120,13 @@ class BAMESGD(MaskedOptimizer):
         defaults = SGD_DEFAULTS | dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
             nesterov=nesterov, maximize=maximize, foreach=foreach, n=n, m=m, sparse=sparse,
-            fused=fused,
+            fused=fused, differentiable=differentiable,
         )
         super().__init__(params, defaults, rule_keywords)
 
     def _prepare_group(self, group: dict[str, Any]) -> None:
         super()._prepare_group(group)
-        if group["fused"] not in (None, True, False):
-            raise ValueError(f"Invalid fused value: {group['fused']!r} (True, False or None)")
+        check_fused_flags(group, type(self).__name__, torch_keywords=("differentiable",))
 
     def _update(
         self, group: dict[str, Any], dense: list[Tensor], sparse: list[SparseState]
@@ -132,23 +137,24 @@ class BAMESGD(MaskedOptimizer):
             buffers = [self.state[p].get("momentum_buffer") if p in self.state else None
                        for p in dense]
             has_sparse_grad = any(p.grad.is_sparse for p in dense)
-            sgd(dense, [p.grad for p in dense], buffers, has_sparse_grad, **hyper)
+            sgd(dense, [p.grad for p in dense], buffers, has_sparse_grad,
+                fused=group["fused"] or None, **hyper)
             if group["momentum"] != 0:
                 for p, buffer in zip(dense, buffers, strict=True):
                     self.state[p]["momentum_buffer"] = buffer
         if sparse:
-            buffers = [engine.local_buffers(p, state)[0] for p, state in sparse]
+            buffers = [engine.local_buffers(s.param, s.state)[0] for s in sparse]
             kept_sgd(
-                [local_tensor(p) for p, _ in sparse],
-                [local_tensor(p.grad) for p, _ in sparse],
+                [local_tensor(s.param) for s in sparse],
+                [local_tensor(s.grad) for s in sparse],
                 buffers,
-                [engine.local_kept(state) for _, state in sparse],
-                [state["kept_count"] for _, state in sparse],
+                [engine.local_kept(s.state) for s in sparse],
+                [s.state["kept_count"] for s in sparse],
                 m=m, fused=group["fused"], **hyper,
             )
             if group["momentum"] != 0:
-                for (p, state), buffer in zip(sparse, buffers, strict=True):
-                    engine.store_buffers(p, state, [buffer], m)
+                for s, buffer in zip(sparse, buffers, strict=True):
+                    engine.store_buffers(s.param, s.state, [buffer], m)
 
     def momentum_buffer(self, p: Tensor) -> Tensor | None:
         """The momentum buffer of ``p`` in the parameter's layout (for a sparse parameter,

@@ -56,6 +56,7 @@ class BidirBAMESGD(BAMESGD):
     the updated sparse weights. Use with :func:`attach_backward_masks`."""
 
     _exact_dtype_state = (*BAMESGD._exact_dtype_state, "backward_mask")
+    blocks_along_dim0 = False
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]

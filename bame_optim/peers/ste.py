@@ -47,6 +47,7 @@ class DenseSTESGD(NMOptimizer):
     method_defaults: ClassVar[dict[str, Any]] = {}
     """The subclass's own keywords and their defaults."""
     _exact_dtype_state: ClassVar[tuple[str, ...]] = ("mask",)
+    blocks_along_dim0 = False
 
     def __init__(
         self,
