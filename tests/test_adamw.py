@@ -202,3 +202,55 @@ def test_schedule_warnings_point_at_the_callers_line():
         warnings.simplefilter("always")
         BAMEAdamW(params, total_steps=30, delta_t=10)
     assert caught and all(w.filename == __file__ for w in caught), [w.filename for w in caught]
+
+
+def test_every_keyword_of_torch_adamw_is_taken():
+    import inspect
+
+    torch_keywords = set(inspect.signature(torch.optim.AdamW).parameters) - {"params"}
+    assert torch_keywords <= set(inspect.signature(BAMEAdamW).parameters)
+    torch_keywords = set(inspect.signature(torch.optim.SGD).parameters) - {"params"}
+    assert torch_keywords <= set(inspect.signature(BAMESGD).parameters)
+
+
+def test_a_literal_swap_of_fused_adamw_with_tensor_betas_steps_dense_params_like_adamw():
+    torch.manual_seed(0)
+    weights = [torch.randn(6, 5), torch.randn(5)]
+    params_a = [torch.nn.Parameter(w.clone()) for w in weights]
+    params_b = [torch.nn.Parameter(w.clone()) for w in weights]
+    keywords = dict(lr=1e-2, betas=(torch.tensor(0.8), torch.tensor(0.95)), weight_decay=0.1,
+                    fused=True, capturable=False, differentiable=False)
+    ours = BAMEAdamW(params_a, sparse=False, **keywords)
+    theirs = torch.optim.AdamW(params_b, **keywords)
+    for step in range(4):
+        for a, b in zip(params_a, params_b, strict=True):
+            a.grad = b.grad = torch.randn(a.shape, generator=torch.Generator().manual_seed(step))
+        ours.step()
+        theirs.step()
+    for a, b in zip(params_a, params_b, strict=True):
+        assert torch.equal(a, b)
+        assert torch.equal(ours.state[a]["exp_avg_sq"], theirs.state[b]["exp_avg_sq"])
+
+
+@pytest.mark.parametrize("keywords, match", [
+    (dict(capturable=True), r"Invalid capturable value: True \(BAMEAdamW supports only "
+                            "capturable=False: a mask update reads"),
+    (dict(differentiable=True), "Invalid differentiable value: True .*not differentiable"),
+    (dict(fused=True, foreach=True), "Invalid fused value: True with foreach=True"),
+    (dict(fused="yes"), "Invalid fused value: 'yes'"),
+    (dict(betas=(torch.tensor([0.9, 0.8]), 0.99)), "Invalid betas value"),
+    (dict(betas=(torch.tensor(1.0), 0.99)), "Invalid betas value"),
+])
+def test_torch_keywords_we_cannot_honour_are_value_errors(keywords, match):
+    with pytest.raises(ValueError, match=match):
+        BAMEAdamW([torch.nn.Parameter(torch.randn(4, 8))], total_steps=30, **keywords)
+
+
+def test_fused_names_the_device_and_dtype_it_cannot_run_on():
+    meta = torch.nn.Parameter(torch.randn(4, 8, device="meta"))
+    with pytest.raises(ValueError, match=r"Invalid fused value: True for a parameter of shape "
+                       r"\(4, 8\) on meta with dtype torch.float32"):
+        BAMEAdamW([meta], fused=True, total_steps=30)
+    with pytest.raises(ValueError, match=r"Invalid differentiable value: True \(BAMESGD"):
+        BAMESGD([torch.nn.Parameter(torch.randn(4, 8))], lr=0.1, differentiable=True,
+                total_steps=30)
