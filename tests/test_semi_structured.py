@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F
 
+from bame_optim.core.nm import top_n_mask
 from bame_optim.core.transposable import is_transposable_24, transposable_mask
 from bame_optim.kernels import semi_structured_training
 from bame_optim.kernels.semi_structured import (
@@ -479,3 +480,40 @@ def test_cuda_training_under_bf16_autocast_with_fp32_weights():
         assert a.dtype == torch.float32
         assert (a - b).abs().max() <= 5e-2 * b.abs().max()
     training.remove()
+
+
+def test_export_of_a_gpt2_conv1d_packs_its_transpose(monkeypatch):
+    """HF Conv1D (``x @ W``, ``W [in, out]``) trained N:M along its input dimension: the export
+    packs ``W.T`` (``[out, in]``, 2:4 along its rows) and gives the layer the transposed view,
+    so the forward is unchanged (packing faked with a dense copy: the plumbing runs on CPU)."""
+    transformers = pytest.importorskip("transformers")
+    from bame_optim.kernels import semi_structured as module
+
+    packed = []
+
+    def fake_pack(weight, backend=None):
+        packed.append(tuple(weight.shape))
+        return weight.clone()
+
+    class Supported(AlwaysSparse):
+        def support(self, shape, dtype, device):
+            return "fake", None
+
+    monkeypatch.setattr(module, "pack_semi_structured", fake_pack)
+    layer = transformers.pytorch_utils.Conv1D(nf=12, nx=8)  # weight [8, 12]
+    with torch.no_grad():
+        along_input = layer.weight.t().reshape(-1, 4)
+        layer.weight.copy_((along_input * top_n_mask(along_input.abs(), 2)).reshape(12, 8).t())
+    model = nn.Sequential(layer)
+    reference = copy.deepcopy(model)
+    x = torch.randn(3, 5, 8)
+    report = export_semi_structured(model, x, Supported())
+    assert report.converted == ["0"] and packed == [(12, 8)]
+    assert report.layers[0].shape == (12, 8) and report.layers[0].rows == 15
+    assert torch.equal(layer.weight, reference[0].weight)
+    assert check_export(model, reference, (x,)).ok
+    layer.weight = nn.Parameter(reference[0].weight.detach().clone())
+    with torch.no_grad():
+        layer.weight[0, 0] = layer.weight[1, 0] = layer.weight[2, 0] = 1.0  # 3 of 4 in a block
+    report = export_semi_structured(model, x, Supported())
+    assert report.layers[0].reason == "weight is not 2:4 along the input dimension"

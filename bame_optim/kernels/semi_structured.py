@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from bame_optim.core.nm import is_nm_sparse, param_to_blocks, top_n_mask
+from bame_optim.groups import is_hf_conv1d
 
 __all__ = [
     "CHECK_TOLERANCES",
@@ -307,6 +308,12 @@ class ExportReport:
         return "\n".join(lines)
 
 
+def _out_in(module: nn.Module) -> Tensor:
+    """The ``[out, in]`` weight of a Linear, or the transposed view of a Hugging Face
+    ``Conv1D``'s ``[in, out]`` weight (2:4 along the input dimension is 2:4 along its rows)."""
+    return module.weight.t() if is_hf_conv1d(module) else module.weight
+
+
 def _call(model: nn.Module, inputs: Tensor | tuple[Any, ...]) -> Any:
     return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
 
@@ -314,8 +321,10 @@ def _call(model: nn.Module, inputs: Tensor | tuple[Any, ...]) -> Any:
 def export_semi_structured(
     model: nn.Module, example_inputs: Tensor | tuple[Any, ...], chooser: KernelChooser | None = None
 ) -> ExportReport:
-    """Replace the weights of a trained 2:4 model's ``nn.Linear`` layers by packed
-    ``SparseSemiStructuredTensor`` parameters, where this is supported and measured faster.
+    """Replace the weights of a trained 2:4 model's ``nn.Linear`` layers (and Hugging Face
+    ``Conv1D`` layers, GPT-2's, whose ``[in, out]`` weight becomes the transposed view of a
+    packed ``[out, in]`` one) by packed ``SparseSemiStructuredTensor`` parameters, where this is
+    supported and measured faster.
 
     One forward pass on ``example_inputs`` (no grad) records the rows each Linear sees; then per
     layer: skipped if not called through its own ``forward``, if the device, dtype or shape is
@@ -330,12 +339,14 @@ def export_semi_structured(
         reference for :func:`check_export`).
     """
     chooser = chooser or KernelChooser()
-    linears = [(n, mod) for n, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    linears = [(n, mod) for n, mod in model.named_modules()
+               if isinstance(mod, nn.Linear) or is_hf_conv1d(mod)]
     rows: dict[str, int] = {}
 
     def recorder(name: str):
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            rows[name] = max(rows.get(name, 0), args[0].numel() // module.in_features)
+            inputs = _out_in(module).shape[1]
+            rows[name] = max(rows.get(name, 0), args[0].numel() // inputs)
 
         return hook
 
@@ -349,7 +360,7 @@ def export_semi_structured(
 
     layers = []
     for name, module in linears:
-        weight = module.weight
+        weight = _out_in(module)
         shape = (int(weight.shape[0]), int(weight.shape[1]))
         backend, reason = chooser.support(shape, weight.dtype, weight.device)
         converted = False
@@ -364,6 +375,8 @@ def export_semi_structured(
             reason, converted = choice.reason, choice.sparse
             if converted:
                 packed = pack_semi_structured(weight.detach(), choice.backend)
+                if is_hf_conv1d(module):  # x @ W with W = packed.t(): addmm of a transposed
+                    packed = packed.t()  # 2:4 operand, as F.linear dispatches it
                 module.weight = nn.Parameter(packed, requires_grad=False)
         layers.append(LayerExport(name, shape, rows.get(name), converted, str(reason)))
     return ExportReport(tuple(layers))
