@@ -439,6 +439,30 @@ def test_cuda_export_converts_and_checks(dtype):
 
 @needs_sm80
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
+def test_cuda_export_of_a_gpt2_model_converts_its_conv1d_projections(dtype):
+    transformers = pytest.importorskip("transformers")
+    from bame_optim import BAMEAdamW, nm_param_groups
+
+    config = transformers.GPT2Config(vocab_size=256, n_positions=64, n_embd=256, n_layer=1,
+                                     n_head=4, bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config)
+    opt = BAMEAdamW(nm_param_groups(model, 2, 4), total_steps=3, t_i=0, t_f=0)
+    ids = torch.randint(0, 256, (2, 64))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.check_nm()
+    model = model.to("cuda", dtype).eval()
+    reference = copy.deepcopy(model)
+    x = ids.to("cuda")
+    report = export_semi_structured(model, x, KernelChooser(min_speedup=0.0, repeats=3))
+    assert {"transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc"} <= set(report.converted)
+    logits = model(input_ids=x).logits.double()
+    expected = reference(input_ids=x).logits.double()
+    assert torch.allclose(logits, expected, rtol=2e-2, atol=2e-2 * expected.abs().max())
+
+
+@needs_sm80
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
 def test_cuda_training_hooks_match_dense(dtype):
     model = sparse_mlp(dtype, "cuda", transposable=True, dims=(256, 512, 256))
     plain = copy.deepcopy(model)
