@@ -25,7 +25,11 @@ products ``Q Kᵀ`` and ``A V`` (``2 * L * S * E`` MACs over all heads; their tw
 products count as ``input_grad`` and ``weight_grad``). The projections are sparse when
 :func:`nm_param_groups` makes their weight sparse; ``attention`` has no weight and is always
 dense. ``nn.TransformerEncoderLayer``'s inference fast path, which would skip these hooks, is
-switched off during the forward.
+switched off during the forward. The attention modules of Hugging Face and timm models (the
+innermost module whose class name ends in ``Attention``; their projections are Linear or HF
+``Conv1D`` layers, counted as such) add the same ``attention`` entry for self-attention over
+their ``hidden_states`` ``[B, L, E]`` (``2 * L * L * E`` MACs per sample, masked positions
+included, as the dense kernels compute them).
 
 Not counted (elementwise or small next to the products): biases and their gradients, batch
 norm, layer norm, activations, pooling, residual additions, softmax and the loss, any other
@@ -252,6 +256,21 @@ def _attention_macs(
     ]
 
 
+def _innermost_attention(model: nn.Module) -> set[nn.Module]:
+    """The attention modules of Hugging Face / timm models whose products ``Q Kᵀ`` and ``A V``
+    no hook sees (innermost module named ``...Attention`` that is not an
+    ``nn.MultiheadAttention`` and holds none: BERT's ``BertSelfAttention``, not the
+    ``BertAttention`` around it)."""
+    named = [m for m in model.modules() if type(m).__name__.endswith("Attention")
+             and m is not model]
+    return {
+        m for m in named
+        if not isinstance(m, nn.MultiheadAttention)
+        and not any(c is not m and type(c).__name__.endswith("Attention") for c in m.modules())
+        and not any(isinstance(c, nn.MultiheadAttention) for c in m.modules())
+    }
+
+
 def layer_flops(
     model: nn.Module,
     input_shape: Sequence[int],
@@ -325,10 +344,21 @@ def layer_flops(
         for owner, part, kind, weight, n_macs in _attention_macs(module, args, kwargs):
             add(owner, part, kind, weight, n_macs)
 
+    def self_attention_hook(
+        module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object], output: object
+    ) -> None:
+        hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
+        if isinstance(hidden, torch.Tensor) and hidden.dim() == 3:
+            batch, tokens, width = hidden.shape
+            add(module, "attention", "attention", None, batch * 2 * tokens * tokens * width)
+
+    innermost = _innermost_attention(model)
     handles = []
     for module in names:
         if isinstance(module, nn.MultiheadAttention):
             handles.append(module.register_forward_hook(attention_hook, with_kwargs=True))
+        elif module in innermost:
+            handles.append(module.register_forward_hook(self_attention_hook, with_kwargs=True))
         elif isinstance(module, (nn.Linear, *_CONV, *_CONV_T)) or is_hf_conv1d(module):
             handles.append(module.register_forward_hook(hook))
     modes = {module: module.training for module in names}

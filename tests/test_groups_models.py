@@ -200,3 +200,18 @@ def test_gpt2_flops_count_the_conv1d_projections_as_sparse():
     assert c_attn.sparse and c_attn.pattern == (2, 4)
     assert c_attn.forward == 2 * 12 * 32 * 96  # tokens x in x out, 2 FLOPs per MAC
     assert not layers["lm_head"].sparse
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert", "timm_deit"])
+def test_flops_count_the_attention_products_of_hf_and_timm_models_once_per_layer(family):
+    from bame_optim.flops import layer_flops
+
+    model = FAMILIES[family][0]()
+    shape, dtype = ((12,), torch.long) if family != "timm_deit" else ((3, 32, 32), None)
+    attention = [layer for layer in layer_flops(model, shape, dtype=dtype)
+                 if layer.kind == "attention"]
+    tokens = 12 if family != "timm_deit" else 4 + 1  # 2x2 patches of 16 and the class token
+    width = 32 if family != "timm_deit" else 192  # DeiT-Ti
+    assert len(attention) == LAYERS
+    assert all(layer.forward == 2 * 2 * tokens * tokens * width and not layer.sparse
+               for layer in attention)
