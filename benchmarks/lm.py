@@ -12,8 +12,10 @@ validation loss and perplexity (mean ± std over seeds), the training-FLOPs rati
 (:mod:`bame_optim.flops`), the training time and the sparse parameters; the per-run rows, the
 validation curves (CSV) and a plot of them. The data: :mod:`benchmarks.lm_data`::
 
-    .venv/bin/python -m benchmarks.lm --quick       # a smoke run: a few minutes on 2 CPU cores
-    .venv/bin/python -m benchmarks.lm               # 3 methods x 3 seeds, ~25 min on 2 CPU cores
+    .venv/bin/python -m benchmarks.lm --quick    # smoke run: 1-3 min on 2 quiet CPU cores
+    .venv/bin/python -m benchmarks.lm            # 3 methods x 3 seeds: ~20-25 min, 2 quiet cores
+
+(Timings: :file:`docs/results/lm/README.md`.)
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ ADAMW_METHODS = tuple(name for name, method in METHODS.items() if method.optimiz
 class LMConfig:
     """One run's settings (the same for every method and seed)."""
 
-    steps: int = 300
+    steps: int = 240
     batch_size: int = 16
     block_size: int = 128
     n_layer: int = 4
@@ -56,7 +58,7 @@ class LMConfig:
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.1
-    warmup_steps: int = 15
+    warmup_steps: int = 12
     evals: int = 6
     """Evaluations during training, evenly spaced (plus the one at step 0)."""
     train_bytes: int = 2_000_000
@@ -139,14 +141,17 @@ def flops_ratio(
     breakdown = flops_breakdown(layers, method, n=n, m=m, total_steps=cfg.steps,
                                 delta_t=cfg.schedule_delta_t)
     counted = {layer.name for layer in layers}
-    macs: dict[str, int] = {}
+    macs: dict[str, int] = {}  # uncounted Conv1D layer -> MACs of one forward
+
+    def count(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: Any) -> None:
+            tokens = args[0].numel() // module.weight.shape[0]  # weight [in, out]
+            macs[name] = macs.get(name, 0) + tokens * module.weight.numel()
+
+        return hook
+
     hooks = [
-        module.register_forward_hook(
-            lambda mod, args, out, name=name: macs.__setitem__(
-                name, macs.get(name, 0) + args[0].numel() // mod.weight.shape[0]
-                * mod.weight.numel()
-            )
-        )
+        module.register_forward_hook(count(name))
         for name, module in model.named_modules()
         if isinstance(module, Conv1D) and name not in counted
     ]

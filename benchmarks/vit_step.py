@@ -17,7 +17,7 @@ order rotated every round), medians:
 each on its own copy of the same initial model, all with lr 1e-3 and weight decay 0.05
 (DeiT's). Prints the medians and their ratios to both AdamW timings::
 
-    .venv/bin/python -m benchmarks.vit_step                         # ~1 minute on 2 CPU cores
+    .venv/bin/python -m benchmarks.vit_step                  # ~1.5 min on 2 quiet CPU cores
     .venv/bin/python -m benchmarks.vit_step --steps 5 --warmup 1    # a smoke run
 """
 
