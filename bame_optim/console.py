@@ -9,18 +9,20 @@ as ``python -m bame_optim.examples.NAME`` / ``python -m bame_optim.benchmarks.NA
   ``bame_optim.examples.quickstart`` / ``.train_cifar`` / ``.train_imagenet`` (in a checkout:
   ``python examples/NAME.py``);
 * ``bame-bench-accuracy``, ``bame-bench-step``, ``bame-bench-memory``, ``bame-bench-flops``,
-  ``bame-bench-kernel``, ``bame-bench-semi-structured``: ``main()`` of
-  ``bame_optim.benchmarks.accuracy`` / ``.step`` / ``.memory`` / ``.flops_table`` /
-  ``.kept_sgd_kernel`` / ``.semi_structured`` (in a checkout: ``python -m benchmarks.NAME``).
+  ``bame-bench-kernel``, ``bame-bench-semi-structured``, ``bame-bench-lm``,
+  ``bame-bench-vit-step``: ``main()`` of ``bame_optim.benchmarks.accuracy`` / ``.step`` /
+  ``.memory`` / ``.flops_table`` / ``.kept_sgd_kernel`` / ``.semi_structured`` / ``.lm`` /
+  ``.vit_step`` (in a checkout: ``python -m benchmarks.NAME``).
 
 Each function here imports its script only when called (``import bame_optim`` stays torch-only)
 and returns ``None``: the scripts' ``main`` returns the run's results, and a console script
 passes its function's return value to :func:`sys.exit`, which would print them and exit 1.
 
-Two differences from a checkout run: ``bame-bench-accuracy`` writes to ``./runs/accuracy``
-(the current directory) unless ``--out`` says otherwise, where ``python -m benchmarks.accuracy``
-writes into the checkout; and it needs ``--data PATH`` for Fashion-MNIST (``docs/data.md``),
-since its default data folder is relative to the checkout. ``benchmarks/gpu_check.py`` has no
+Differences from a checkout run: ``bame-bench-accuracy`` writes to ``./runs/accuracy`` (the
+current directory) unless ``--out`` says otherwise, where ``python -m benchmarks.accuracy``
+writes into the checkout, and it needs ``--data PATH`` for Fashion-MNIST (``docs/data.md``),
+since its default data folder is relative to the checkout; likewise ``bame-bench-lm`` writes to
+``./runs/lm`` unless ``--output-dir`` says otherwise. ``benchmarks/gpu_check.py`` has no
 command: it runs the repository's test files and needs a checkout.
 """
 
@@ -37,9 +39,11 @@ __all__ = [
     "bench_accuracy",
     "bench_flops",
     "bench_kernel",
+    "bench_lm",
     "bench_memory",
     "bench_semi_structured",
     "bench_step",
+    "bench_vit_step",
     "quickstart",
     "train_cifar",
     "train_imagenet",
@@ -58,12 +62,16 @@ SCRIPTS: dict[str, tuple[str, str]] = {
         "bench_semi_structured",
         "bame_optim.benchmarks.semi_structured",
     ),
+    "bame-bench-lm": ("bench_lm", "bame_optim.benchmarks.lm"),
+    "bame-bench-vit-step": ("bench_vit_step", "bame_optim.benchmarks.vit_step"),
 }
 """``{command: (function of this module, module whose main() it runs)}``; ``pyproject.toml``
 declares each command as ``bame_optim.console:<function>`` (checked by the tests)."""
 
 ACCURACY_OUT = Path("runs") / "accuracy"
 """Where ``bame-bench-accuracy`` writes without ``--out``: relative to the current directory."""
+LM_OUT = Path("runs") / "lm"
+"""Where ``bame-bench-lm`` writes without ``--output-dir``: relative to the current directory."""
 
 
 def _arguments(argv: Sequence[str] | None) -> list[str]:
@@ -126,3 +134,14 @@ def bench_kernel(argv: Sequence[str] | None = None) -> None:
 def bench_semi_structured(argv: Sequence[str] | None = None) -> None:
     """``bame-bench-semi-structured``: 2:4 semi-structured GEMMs and training step on CUDA."""
     _main_of(SCRIPTS["bame-bench-semi-structured"][1])(_arguments(argv))
+
+
+def bench_lm(argv: Sequence[str] | None = None) -> None:
+    """``bame-bench-lm``: a small GPT-2 on the Python standard library through the Trainer;
+    writes to ``./runs/lm`` unless ``--output-dir`` is given (a later one overrides this)."""
+    _main_of(SCRIPTS["bame-bench-lm"][1])(["--output-dir", str(LM_OUT), *_arguments(argv)])
+
+
+def bench_vit_step(argv: Sequence[str] | None = None) -> None:
+    """``bame-bench-vit-step``: DeiT training-step time with BAMEAdamW against AdamW."""
+    _main_of(SCRIPTS["bame-bench-vit-step"][1])(_arguments(argv))
