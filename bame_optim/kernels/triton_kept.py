@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from functools import lru_cache
 from types import ModuleType
 
@@ -42,10 +43,10 @@ _OUTER_DIMS = 3
 """The kernels address blocks through at most three (coalesced) dimensions besides ``in``."""
 
 
-@lru_cache(maxsize=1)
 def available() -> bool:
     """Whether Triton can be imported (checked without importing it)."""
-    return importlib.util.find_spec("triton") is not None
+    # Not lru_cached: torch.compile traces this call, and warns about cache wrappers.
+    return "triton" in sys.modules or importlib.util.find_spec("triton") is not None
 
 
 def interpreting() -> bool:
