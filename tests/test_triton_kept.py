@@ -9,13 +9,15 @@ may already have imported Triton, which reads the variable once).
 Tolerance: the kernels do the eager path's operations in the same order, but the compiler (and
 ATen's CPU ``add(alpha)``) may fuse a multiply and an add into one FMA where the other rounds
 twice, so the two paths are not bit-identical. Both are compared with a float64 oracle (the
-eager path on float64 copies of the same inputs): each of the at most ten operations of a step
-rounds once (half an ulp of values of the scale of the tensor), over three steps whose
-recurrences are contractions (``momentum``, ``beta < 1``), so both must be within
-``TOLERANCE_ULPS`` ulps of the tensor's scale; the eager float32 result is checked against the
-same bound, so the bound is one the reference meets, and a wrong formula (a dropped dampening,
-a missing bias correction) is off by far more. Entries outside the kept sets are compared
-exactly: the kernels must not write them.
+eager path on float64 copies of the same, already rounded, inputs), within ``TOLERANCE_ULPS``
+ulps of the compared tensor's scale (its largest magnitude): each stored value is rounded after
+a handful of operations per step (half an ulp each, relative to values of that scale) and the
+recurrences (``momentum``, ``beta < 1``) are contractions, so three steps stay within a few
+ulps (1 suffices under the interpreter; 4 leaves room for FMA contraction on a GPU).
+The eager float32 result must meet the same bound, and a wrong formula (a dropped dampening, a
+missing bias correction) fails it by orders of magnitude (checked by mutating the kernels).
+float16/bfloat16 compute in float32 and round once per stored value: ``HALF_ULPS`` of their
+own ulp. Entries outside the kept sets are compared exactly: the kernels must not write them.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ from bame_optim.kernels import ops, triton_kept
 from bame_optim.optim.functional import kept_adamw, kept_sgd
 
 ROOT = Path(__file__).resolve().parents[1]
-TOLERANCE_ULPS = 16
+TOLERANCE_ULPS = 4
 STEPS = 3
+HALF_ULPS = 2
 
 # (shape, n, m, layout): Linear and conv, rank codes in uint8 (2:4, 1:16) and int16 (8:16),
 # stored positions (16:32), a transposed view and a channels_last conv.
@@ -93,8 +96,10 @@ def _problem(case, dtype, device, seed=0):
     return as_dtype(param), [as_dtype(g) for g in grads], code.to(device), kept.to(device)
 
 
-def _assert_near(actual: torch.Tensor, oracle: torch.Tensor, dtype: torch.dtype) -> None:
-    tolerance = TOLERANCE_ULPS * torch.finfo(dtype).eps
+def _assert_near(
+    actual: torch.Tensor, oracle: torch.Tensor, dtype: torch.dtype, ulps: int = TOLERANCE_ULPS
+) -> None:
+    tolerance = ulps * torch.finfo(dtype).eps
     scale = oracle.abs().max().item()
     torch.testing.assert_close(
         actual.double().cpu(), oracle, rtol=tolerance, atol=tolerance * max(scale, 1e-30)
@@ -193,6 +198,42 @@ def test_kernel_sgd_float64_computes_in_float64(device):
     _assert_near(b_kernel[0], b_eager[0].cpu(), torch.float64)
 
 
+@pytest.mark.parametrize("rule", ["sgd", "adamw"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernel_half_precision_near_oracle(dtype, rule, device):
+    # float16/bfloat16 compute in float32 and round once per stored value, so the kernel is
+    # within the same ulp bound of the float64 oracle (eager rounds after every operation and
+    # is not compared here).
+    case = ((2, 8, 3, 3), 2, 4, "channels_last")
+    _, n, m, _ = case
+    param, grads, code, kept = _problem(case, dtype, device, seed=5)
+    p, oracle = param.clone(), param.double().cpu()
+    if rule == "sgd":
+        config = SGD_CONFIGS[1]
+        buffers, oracle_buffers = [None], [None]
+        for grad in grads:
+            _kernel_sgd([p], [grad], buffers, [code], [n], m=m, **config)
+            kept_sgd([oracle], [grad.double().cpu()], oracle_buffers, [code.cpu()], [n], m=m,
+                     lr=0.1, fused=False, **config)
+        state, oracle_state = buffers, oracle_buffers
+    else:  # eps 1e-3: (1 - beta2) g^2 is near float16's subnormals, eps keeps denom normal
+        hyper = dict(m=m, amsgrad=True, beta1=0.9, beta2=0.999, lr=1e-2, weight_decay=1e-2,
+                     eps=1e-3, maximize=False)
+        k = p.numel() // m
+        state = [torch.zeros(k, n, dtype=dtype, device=device) for _ in range(3)]
+        oracle_state = [torch.zeros(k, n, dtype=torch.float64) for _ in range(3)]
+        steps = [torch.tensor(0.0), torch.tensor(0.0)]
+        for grad in grads:
+            triton_kept.kept_adamw_([p], [grad], *([s] for s in state), [steps[0]], [code],
+                                    [n], **hyper)
+            kept_adamw([oracle], [grad.double().cpu()], *([s] for s in oracle_state),
+                       [steps[1]], [code.cpu()], [n], **hyper)
+    _assert_near(p, oracle, dtype, HALF_ULPS)
+    for value, expected in zip(state, oracle_state, strict=True):
+        _assert_near(value, expected, dtype, HALF_ULPS)
+    assert p.dtype == dtype and torch.equal(p[kept == 0], param[kept == 0])
+
+
 def test_kernel_rejects_state_it_cannot_write(device):
     param, grads, code, _ = _problem(((4, 8), 2, 4, "contiguous"), torch.float32, device)
     strided = torch.zeros(2 * 8, 2, device=device)[::2]  # [8, 2], not contiguous
@@ -213,7 +254,7 @@ def test_kernels_under_the_triton_interpreter():
     )
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    expected = len(CASES) * (len(SGD_CONFIGS) + len(ADAMW_CONFIGS)) + 2
+    expected = len(CASES) * (len(SGD_CONFIGS) + len(ADAMW_CONFIGS)) + 2 + 4
     assert summary.startswith(f"{expected} passed"), summary  # none skipped
 
 

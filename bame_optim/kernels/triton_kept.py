@@ -32,6 +32,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from bame_optim.core.kept import _positions_by_rank
+
 __all__ = ["DTYPES", "available", "interpreting", "kept_adamw_", "kept_sgd_", "supports"]
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -223,7 +225,8 @@ def _launch(
             f"Invalid kept form {tuple(code.shape)} for {num_blocks} blocks of {count} kept"
         )
     code = code.contiguous()
-    table = _rank_table(count, m, p.device) if ranked else code
+    # The eager path's cached [C, count] table on the device (usually warm: no host copy).
+    table = _positions_by_rank(count, m, p.device) if ranked else code
     count_p2 = _next_power_of_2(count)
     block_k = max(1, _ELEMENTS_PER_PROGRAM // count_p2)
     (n1, n2), p_strides = _outer_layout(p)  # type: ignore[misc]
@@ -253,14 +256,6 @@ def _outer_layout(t: Tensor) -> tuple[tuple[int, int], tuple[int, int, int]] | N
         return None
     folded = [(1, 0)] * (_OUTER_DIMS - len(folded)) + folded
     return (folded[1][0], folded[2][0]), (folded[0][1], folded[1][1], folded[2][1])
-
-
-@lru_cache(maxsize=32)
-def _rank_table(count: int, m: int, device: torch.device) -> Tensor:
-    # [C, count] int32 sorted positions by colex rank, on the device; cached, never written.
-    from bame_optim.core.kept import _positions_by_rank
-
-    return _positions_by_rank(count, m, torch.device("cpu")).to(torch.int32).to(device)
 
 
 def _next_power_of_2(n: int) -> int:
