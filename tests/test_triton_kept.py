@@ -428,3 +428,26 @@ def test_cuda_functional_step_runs_the_op_and_compiles():
     compiled(mine, mine_b)
     step(theirs, theirs_b)
     assert torch.equal(mine[0], theirs[0]) and torch.equal(mine_b[0], theirs_b[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_cuda_bame_adamw_steps_match_the_cpu(amsgrad):
+    from bame_optim import BAMEAdamW
+
+    def run(device: str) -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(0)
+        params = [
+            torch.randn(32, 64, generator=gen).to(device).requires_grad_(),
+            torch.randn(16, 32, 3, 3, generator=gen).to(device).requires_grad_(),
+        ]
+        opt = BAMEAdamW(params, lr=1e-2, weight_decay=0.05, amsgrad=amsgrad, n=2, m=4, t_i=0,
+                        t_f=0)
+        for _ in range(4):  # step 0 draws the mask; the rest are ordinary (Triton) steps
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(device)
+            opt.step()
+        return [p.detach().cpu() for p in params] + [opt.exp_avg(p).cpu() for p in params]
+
+    for a, b in zip(run("cuda"), run("cpu"), strict=True):
+        _assert_near(a, b.double(), torch.float32)
