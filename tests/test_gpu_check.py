@@ -198,9 +198,10 @@ def test_checks_cover_the_cuda_tests_and_write_cifar(tmp_path):
 def test_triton_tests_run_uninterpreted_once_and_the_kernel_benchmark_is_a_check(tmp_path):
     checks = {c.name: c for c in gpu_check.build_checks(quick=True, workdir=tmp_path)}
     triton = checks["Triton kept-kernel tests"]
-    assert triton.kind == "pytest" and triton.command[-1] == "tests/test_triton_kept.py"
+    assert triton.kind == "pytest"
+    assert triton.command[-2:] == ["tests/test_triton_kept.py", "tests/test_kernel_ops.py"]
     assert triton.env == {"TRITON_INTERPRET": "0"}  # CUDA tensors, not the CPU interpreter
     others = checks.get("other CUDA-skipping tests")
-    assert others is None or "tests/test_triton_kept.py" not in others.command
+    assert others is None or not {*gpu_check.TRITON_TESTS} & {*others.command}
     bench = checks["fused-kernel step benchmark"].command
     assert bench[-4:] == ["benchmarks.kept_step_cuda", "--device", "cuda", "--quick"]

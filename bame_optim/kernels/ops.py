@@ -65,10 +65,12 @@ def kept_sgd_(
             p.new_empty((p.numel() // m, c)) if b is None else b
             for p, b, c in zip(params, momentum_buffers, counts, strict=True)
         ]
+    staged, originals = _stage(buffers, params)
     torch.ops.bame_optim.kept_sgd_(
-        params, grads, buffers, kept, counts, first, m=m, lr=float(lr), momentum=momentum,
+        params, grads, staged, kept, counts, first, m=m, lr=float(lr), momentum=momentum,
         dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
     )
+    _unstage(staged, originals)
     if momentum != 0:
         momentum_buffers[:] = buffers
 
@@ -95,11 +97,31 @@ def kept_adamw_(
     """``bame_optim::kept_adamw_`` with the arguments of
     :func:`bame_optim.optim.functional.kept_adamw` (``max_exp_avg_sqs`` empty without
     ``amsgrad``)."""
+    moments = [_stage(s, params) for s in (exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad
+                                              else [])]
     torch.ops.bame_optim.kept_adamw_(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [], state_steps,
-        kept, counts, m=m, amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=float(lr),
-        weight_decay=weight_decay, eps=eps, maximize=maximize,
+        params, grads, *(staged for staged, _ in moments), state_steps, kept, counts, m=m,
+        amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=float(lr), weight_decay=weight_decay,
+        eps=eps, maximize=maximize,
     )
+    for staged, originals in moments:
+        _unstage(staged, originals)
+
+
+def _stage(states: list[Tensor], params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """``states`` as the kernels write them in place (contiguous, in the parameter's dtype):
+    each tensor itself where it already is (the usual case), else a copy; and the originals."""
+    staged = [
+        s if s.is_contiguous() and s.dtype == p.dtype else s.to(p.dtype).contiguous()
+        for s, p in zip(states, params, strict=False)
+    ]
+    return staged, states
+
+
+def _unstage(staged: list[Tensor], originals: list[Tensor]) -> None:
+    for new, original in zip(staged, originals, strict=True):
+        if new is not original:
+            original.copy_(new)
 
 
 @torch.library.custom_op("bame_optim::kept_sgd_", mutates_args=("params", "momentum_buffers"))
