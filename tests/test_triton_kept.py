@@ -243,6 +243,18 @@ def test_kernel_rejects_state_it_cannot_write(device):
                               nesterov=False, maximize=False)
 
 
+def test_kernel_checks_every_parameter_before_writing_any(device):
+    param, grads, code, _ = _problem(((4, 8), 2, 4, "contiguous"), torch.float32, device)
+    before, step = param.clone(), torch.tensor(0.0)
+    moments = [[torch.zeros(8, 2, device=device)] * 2 for _ in range(2)]
+    with pytest.raises(ValueError, match="Invalid kept form"):
+        triton_kept.kept_adamw_([param, param], [grads[0]] * 2, *moments, [],
+                                [step, step.clone()], [code, code[:4]], [2, 2], m=4,
+                                amsgrad=False, beta1=0.9, beta2=0.999, lr=1e-2,
+                                weight_decay=0.0, eps=1e-8, maximize=False)
+    assert torch.equal(param, before) and step.item() == 0
+
+
 @pytest.mark.skipif(triton_kept.interpreting(), reason="this is the parent of the child run")
 def test_kernels_under_the_triton_interpreter():
     """The kernel tests, run on CPU tensors by Triton's interpreter in a child pytest."""
@@ -254,7 +266,7 @@ def test_kernels_under_the_triton_interpreter():
     )
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    expected = len(CASES) * (len(SGD_CONFIGS) + len(ADAMW_CONFIGS)) + 2 + 4
+    expected = len(CASES) * (len(SGD_CONFIGS) + len(ADAMW_CONFIGS)) + 3 + 4
     assert summary.startswith(f"{expected} passed"), summary  # none skipped
 
 

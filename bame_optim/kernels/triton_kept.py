@@ -104,8 +104,7 @@ def kept_sgd_(
     kernels = _kernels()
     with_momentum = momentum != 0
     _check_state(params, [momentum_buffers] if with_momentum else [], counts, m)
-    for i, (p, g, code, count) in enumerate(zip(params, grads, kept, counts, strict=True)):
-        launch = _launch(p, g, code, count, m)
+    for i, (p, g, launch) in enumerate(_launches(params, grads, kept, counts, m)):
         if launch is None:
             continue
         grid, args, meta = launch
@@ -161,10 +160,9 @@ def kept_adamw_(
     if len(state_steps) != len(params):
         raise ValueError(f"Invalid state_steps: {len(state_steps)} for {len(params)} params")
     lr, beta1, beta2 = float(lr), float(beta1), float(beta2)
-    for i, (p, g, code, count) in enumerate(zip(params, grads, kept, counts, strict=True)):
+    for i, (p, g, launch) in enumerate(_launches(params, grads, kept, counts, m)):
         state_steps[i] += 1
         step = state_steps[i].item()
-        launch = _launch(p, g, code, count, m)
         if launch is None:
             continue
         grid, args, meta = launch
@@ -202,6 +200,22 @@ def _check_state(
                     f"parameter {tuple(p.shape)} {p.dtype}: a contiguous {shape} tensor of the "
                     "parameter's dtype and device is required"
                 )
+
+
+def _launches(
+    params: list[Tensor], grads: list[Tensor], kept: list[Tensor], counts: list[int], m: int
+) -> list[tuple[Tensor, Tensor, tuple | None]]:
+    """``(param, grad, launch)`` per parameter (:func:`_launch`), all checked before any is
+    run, so that bad input raises before anything is written."""
+    if not len(grads) == len(kept) == len(counts) == len(params):
+        raise ValueError(
+            f"params, grads, kept and counts must have equal lengths, got {len(params)}, "
+            f"{len(grads)}, {len(kept)}, {len(counts)}"
+        )
+    return [
+        (p, g, _launch(p, g, code, count, m))
+        for p, g, code, count in zip(params, grads, kept, counts, strict=True)
+    ]
 
 
 def _launch(
