@@ -6,10 +6,16 @@ On a machine with CUDA it runs, each as a subprocess with a timeout and its outp
    ``tests/test_transposable.py``),
 2. the CUDA step test of ``tests/test_sgd.py`` (``-k cuda``: ordinary steps under
    ``torch.cuda.set_sync_debug_mode("error")``, compared with the CPU),
-3. any other test file that skips tests for want of CUDA (found by reading ``tests/``),
-4. the optimizer-step benchmark ``python -m benchmarks.step --device cuda``,
-5. the 2:4 kernel benchmark ``python -m benchmarks.semi_structured``,
-6. a two-epoch ``examples/train_cifar.py`` run on a tiny CIFAR-10 folder written to a
+3. the Triton kept-kernel tests (``tests/test_triton_kept.py``, ``tests/test_kernel_ops.py`` with
+   ``TRITON_INTERPRET=0``: the kernel tests on CUDA tensors, the ops, compiled and optimizer
+   steps on CUDA),
+4. any other test file that skips tests for want of CUDA (found by reading ``tests/``),
+5. the optimizer-step benchmark ``python -m benchmarks.step --device cuda``,
+6. the fused-kernel step benchmark ``python -m benchmarks.kept_step_cuda``: BAMESGD / BAMEAdamW
+   ordinary, evolve-update and ``torch.compile``-d steps against ``torch.optim.SGD/AdamW(
+   fused=True)``, with the ratios,
+7. the 2:4 kernel benchmark ``python -m benchmarks.semi_structured``,
+8. a two-epoch ``examples/train_cifar.py`` run on a tiny CIFAR-10 folder written to a
    temporary directory (Accelerate picks the GPU; the run's ``metrics.json`` must say cuda).
 
 A pytest check passes only if pytest exits 0, some test passed and no test was skipped for want
@@ -49,6 +55,9 @@ GPU_TEST_FILES = ("tests/test_semi_structured.py", "tests/test_transposable.py")
 """The 2:4 kernel tests (CUDA half skips without an sm80+ GPU) and the transposable masks."""
 CUDA_STEP_TEST = "tests/test_sgd.py"
 """The file of the sync-debug-mode CUDA step test (selected with ``-k cuda``)."""
+TRITON_TESTS = ("tests/test_triton_kept.py", "tests/test_kernel_ops.py")
+"""The Triton kept-kernel tests (on CUDA tensors when ``TRITON_INTERPRET`` is not set) and the
+ops' tests."""
 CUDA_REASON = re.compile(r"cuda|gpu|sm ?\d\d|cusparselt", re.IGNORECASE)
 """A skip reason that says the test needed CUDA."""
 SKIP_MARKER = re.compile(r"skipif\(|pytest\.skip\(|importorskip\(|mark\.skip\(")
@@ -408,7 +417,7 @@ def build_checks(quick: bool, workdir: Path) -> list[Check]:
     py = sys.executable
     pytest = [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider"]
     scale = 0.5 if quick else 1.0
-    covered = {*GPU_TEST_FILES, CUDA_STEP_TEST, "tests/test_gpu_check.py"}
+    covered = {*GPU_TEST_FILES, CUDA_STEP_TEST, *TRITON_TESTS, "tests/test_gpu_check.py"}
     extra = [f for f in cuda_test_files() if f not in covered]
     checks = [
         Check("2:4 kernel + transposable tests", [*pytest, *GPU_TEST_FILES], 900 * scale, "pytest"),
@@ -418,11 +427,22 @@ def build_checks(quick: bool, workdir: Path) -> list[Check]:
             300,
             "pytest",
         ),
+        Check(
+            "Triton kept-kernel tests",
+            [*pytest, *TRITON_TESTS],
+            600,
+            "pytest",
+            env={"TRITON_INTERPRET": "0"},
+        ),
     ]
     if extra:
         checks.append(Check("other CUDA-skipping tests", [*pytest, *extra], 900 * scale, "pytest"))
     step = [py, "-m", "benchmarks.step", "--device", "cuda"] + (["--quick"] if quick else [])
     checks.append(Check("step-benchmark", step, 1800 * scale))
+    kept = [py, "-m", "benchmarks.kept_step_cuda", "--device", "cuda"]
+    checks.append(
+        Check("fused-kernel step benchmark", kept + (["--quick"] if quick else []), 1800 * scale)
+    )
     semi = [py, "-m", "benchmarks.semi_structured"]
     if quick:
         semi += ["--batch", "32", "--warmup", "3", "--repeats", "10"]

@@ -49,6 +49,8 @@ def test_without_cuda_exits_0_and_reports_every_check_skipped(tmp_path):
     assert "0 passed, 0 failed" in report and "skipped (no CUDA device)" in report
     assert "Every check was skipped because there is no CUDA device" in report
     assert "benchmarks.step --device cuda --quick" in report
+    assert "benchmarks.kept_step_cuda --device cuda --quick" in report
+    assert "tests/test_triton_kept.py" in report
     assert "examples/train_cifar.py" in report
 
 
@@ -191,3 +193,15 @@ def test_checks_cover_the_cuda_tests_and_write_cifar(tmp_path):
     with open(tmp_path / "cifar10" / "test_batch", "rb") as f:
         batch = pickle.load(f)
     assert batch[b"data"].shape == (64, 3072) and len(batch[b"labels"]) == 64
+
+
+def test_triton_tests_run_uninterpreted_once_and_the_kernel_benchmark_is_a_check(tmp_path):
+    checks = {c.name: c for c in gpu_check.build_checks(quick=True, workdir=tmp_path)}
+    triton = checks["Triton kept-kernel tests"]
+    assert triton.kind == "pytest"
+    assert triton.command[-2:] == ["tests/test_triton_kept.py", "tests/test_kernel_ops.py"]
+    assert triton.env == {"TRITON_INTERPRET": "0"}  # CUDA tensors, not the CPU interpreter
+    others = checks.get("other CUDA-skipping tests")
+    assert others is None or not {*gpu_check.TRITON_TESTS} & {*others.command}
+    bench = checks["fused-kernel step benchmark"].command
+    assert bench[-4:] == ["benchmarks.kept_step_cuda", "--device", "cuda", "--quick"]

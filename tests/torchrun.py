@@ -23,7 +23,10 @@ def _free_port() -> int:
 def run_ranks(worker: str, out: Path, *args: str, timeout: float = 240) -> list[dict]:
     """Run ``tests/<worker>`` on ``WORLD`` processes with ``out`` and ``args``; return the
     ``rank{r}.pt`` each rank saved in ``out``. A failed run fails the test with its output."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "TORCH"))}
+    # TORCH_EXTENSIONS_DIR stays: without it every rank loads the native kernel from the shared
+    # default folder, which another checkout's build may have just replaced (a rebuild per rank).
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("ACCELERATE_", "TORCH")) or k == "TORCH_EXTENSIONS_DIR"}
     path = [str(ROOT), env.get("PYTHONPATH", "")]
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(p for p in path if p))
     command = [

@@ -1,4 +1,7 @@
-"""2:4 semi-structured kernels on CUDA (``torch.sparse`` semi-structured tensors).
+"""Kernels: the fused kept steps (native CPU: ``kept_sgd_cpu``; Triton on CUDA: ``triton_kept``;
+both as ``torch.library`` ops: ``ops``) and 2:4 semi-structured kernels on CUDA
+(``semi_structured``, ``torch.sparse`` semi-structured tensors).
 
-Experimental until verified on a GPU: every path here is tested on the CPU fallback only;
-``benchmarks/gpu_check.py`` runs the CUDA checks in one call."""
+Experimental until verified on a GPU: the CUDA paths here are tested on the CPU only (the Triton
+kernels under ``TRITON_INTERPRET=1``); ``benchmarks/gpu_check.py`` runs the CUDA checks in one
+call."""

@@ -18,7 +18,9 @@ Dense parameters are not handled here: the optimizers pass them to
 Paths, chosen by ``fused`` (as ``foreach`` chooses in torch): the fused native kernel of
 :mod:`bame_optim.kernels.kept_sgd_cpu` where it is available and supports every tensor
 (``fused=None`` tries it), else gather, :func:`torch.optim.sgd.sgd` (per-tensor or
-``foreach``) and scatter. The paths agree bit for bit (tested).
+``foreach``) and scatter. The paths agree bit for bit (tested). On CUDA both functions run the
+Triton kernels of :mod:`bame_optim.kernels.triton_kept` (as the ``torch.library`` ops of
+:mod:`bame_optim.kernels.ops`) where they support the tensors, unless ``fused=False``.
 """
 
 from __future__ import annotations
@@ -61,11 +63,22 @@ def kept_sgd(
         m: block size ``M``.
         lr, momentum, dampening, weight_decay, nesterov, maximize, foreach: as
             :func:`torch.optim.sgd.sgd`.
-        fused: ``True`` requires the fused native kernel, ``False`` never uses it, ``None``
-            uses it where it is available and supports the tensors.
+        fused: ``True`` requires the fused kernel (native on the CPU, Triton on CUDA),
+            ``False`` never uses it, ``None`` uses it where it is available and supports the
+            tensors.
     """
     if not params:
         return
+    if fused is not False and params[0].is_cuda:
+        from bame_optim.kernels import ops  # the Triton kernels, as a torch.library op
+
+        if ops.usable(params, grads, fused):
+            ops.kept_sgd_(
+                params, grads, momentum_buffers, kept, counts, m=m, lr=lr, momentum=momentum,
+                dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                maximize=maximize,
+            )
+            return
     if fused is not False:
         usable = kept_sgd_cpu.available() and all(
             kept_sgd_cpu.supports(p, g) for p, g in zip(params, grads, strict=True)
@@ -140,9 +153,21 @@ def kept_adamw(
         kept, counts, m: as :func:`kept_sgd`.
         amsgrad, beta1, beta2, lr, weight_decay, eps, maximize, foreach: as
             :func:`torch.optim.adamw.adamw`.
+        fused: on CUDA, ``True`` requires the Triton kernels, ``False`` never uses them,
+            ``None`` uses them where they support the tensors.
     """
     if not params:
         return
+    if fused is not False and params[0].is_cuda:
+        from bame_optim.kernels import ops  # the Triton kernels, as a torch.library op
+
+        if ops.usable(params, grads, fused):
+            ops.kept_adamw_(
+                params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, kept,
+                counts, m=m, amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr,
+                weight_decay=weight_decay, eps=eps, maximize=maximize,
+            )
+            return
     if fused:
         p = params[0]
         raise ValueError(f"Invalid fused value: True (no fused kept-AdamW kernel for a parameter "

@@ -1,0 +1,322 @@
+"""The fused kept steps as ``torch.library`` custom ops: ``bame_optim::kept_sgd_`` and
+``bame_optim::kept_adamw_``.
+
+One op per update rule, with a schema (it mutates the parameters and the compact state), a
+fake implementation (shapes only, so :func:`torch.compile` traces a step through the op with no
+graph break) and one implementation per device:
+
+* CUDA: the Triton kernels of :mod:`bame_optim.kernels.triton_kept`.
+* CPU (and any other device): :func:`bame_optim.optim.functional.kept_sgd` with ``fused=None``
+  (the native kernel of :mod:`bame_optim.kernels.kept_sgd_cpu` where it runs, else the eager
+  composition); for AdamW, :func:`_cpu_kept_adamw`.
+
+The ops take the momentum buffers as tensors: :func:`kept_sgd_` creates the missing ones
+(``None``, a parameter's first step with momentum) and tells the op which they are, so that
+they get torch's first-step rule (the buffer is the gradient). Registering the ops is this
+module's only effect on import; :mod:`bame_optim.optim.functional` imports it only when a step
+runs on CUDA tensors.
+"""
+
+import torch
+from torch import Tensor
+
+from bame_optim.kernels import triton_kept
+
+__all__ = ["kept_adamw_", "kept_sgd_", "usable"]
+
+
+def usable(params: list[Tensor], grads: list[Tensor], fused: bool | None) -> bool:
+    """Whether the Triton kernels run this step: Triton is importable and every parameter is a
+    CUDA tensor they support (:func:`bame_optim.kernels.triton_kept.supports`). ``fused=True``
+    raises ``ValueError`` where they do not."""
+    ok = triton_kept.available() and all(
+        p.is_cuda and triton_kept.supports(p, g) for p, g in zip(params, grads, strict=True)
+    )
+    if fused and not ok:
+        raise ValueError(
+            "Invalid fused value: True (the Triton kept kernels are unavailable or do not "
+            "support these CUDA tensors; see bame_optim.kernels.triton_kept.supports)"
+        )
+    return ok
+
+
+def kept_sgd_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    kept: list[Tensor],
+    counts: list[int],
+    *,
+    m: int,
+    lr: float | Tensor,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+) -> None:
+    """``bame_optim::kept_sgd_`` with the arguments of
+    :func:`bame_optim.optim.functional.kept_sgd`: a ``None`` buffer is replaced, in
+    ``momentum_buffers``, by a new ``[K, count]`` one (when ``momentum != 0``)."""
+    first = [b is None for b in momentum_buffers]
+    buffers: list[Tensor] = []
+    if momentum != 0:
+        buffers = [
+            p.new_empty((p.numel() // m, c)) if b is None else b
+            for p, b, c in zip(params, momentum_buffers, counts, strict=True)
+        ]
+    staged, originals = _stage(buffers, params)
+    torch.ops.bame_optim.kept_sgd_(
+        params, grads, staged, kept, counts, first, m=m, lr=float(lr), momentum=momentum,
+        dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+    )
+    _unstage(staged, originals)
+    if momentum != 0:
+        momentum_buffers[:] = buffers
+
+
+def kept_adamw_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    kept: list[Tensor],
+    counts: list[int],
+    *,
+    m: int,
+    amsgrad: bool,
+    beta1: float,
+    beta2: float,
+    lr: float | Tensor,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+) -> None:
+    """``bame_optim::kept_adamw_`` with the arguments of
+    :func:`bame_optim.optim.functional.kept_adamw` (``max_exp_avg_sqs`` empty without
+    ``amsgrad``)."""
+    moments = [_stage(s, params) for s in (exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad
+                                              else [])]
+    torch.ops.bame_optim.kept_adamw_(
+        params, grads, *(staged for staged, _ in moments), state_steps, kept, counts, m=m,
+        amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=float(lr), weight_decay=weight_decay,
+        eps=eps, maximize=maximize,
+    )
+    for staged, originals in moments:
+        _unstage(staged, originals)
+
+
+def _stage(states: list[Tensor], params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """``states`` as the kernels write them in place (contiguous, in the parameter's dtype):
+    each tensor itself where it already is (the usual case), else a copy; and the originals."""
+    staged = [
+        s if s.is_contiguous() and s.dtype == p.dtype else s.to(p.dtype).contiguous()
+        for s, p in zip(states, params, strict=False)
+    ]
+    return staged, states
+
+
+def _unstage(staged: list[Tensor], originals: list[Tensor]) -> None:
+    for new, original in zip(staged, originals, strict=True):
+        if new is not original:
+            original.copy_(new)
+
+
+@torch.library.custom_op("bame_optim::kept_sgd_", mutates_args=("params", "momentum_buffers"))
+def _kept_sgd_op(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    kept: list[Tensor],
+    counts: list[int],
+    first: list[bool],
+    *,
+    m: int,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+) -> None:
+    # Every device but CUDA: the native CPU kernel where it runs, else the eager composition.
+    from bame_optim.optim.functional import kept_sgd
+
+    buffers: list[Tensor | None] = [None] * len(params)
+    if momentum != 0:
+        buffers = [None if f else b for b, f in zip(momentum_buffers, first, strict=True)]
+    kept_sgd(
+        params, grads, buffers, kept, counts, m=m, lr=lr, momentum=momentum,
+        dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+        fused=None,
+    )
+    if momentum != 0:
+        for target, new, f in zip(momentum_buffers, buffers, first, strict=True):
+            if f:
+                target.copy_(new)
+
+
+@_kept_sgd_op.register_kernel("cuda")
+def _kept_sgd_cuda(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    kept: list[Tensor],
+    counts: list[int],
+    first: list[bool],
+    *,
+    m: int,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+) -> None:
+    triton_kept.kept_sgd_(
+        params, grads, momentum_buffers, kept, counts, first, m=m, lr=lr, momentum=momentum,
+        dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+    )
+
+
+@_kept_sgd_op.register_fake
+def _kept_sgd_fake(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    kept: list[Tensor],
+    counts: list[int],
+    first: list[bool],
+    *,
+    m: int,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+) -> None:
+    _check_lengths(len(params), grads=grads, kept=kept, counts=counts, first=first)
+    if momentum != 0:
+        _check_lengths(len(params), momentum_buffers=momentum_buffers)
+
+
+@torch.library.custom_op(
+    "bame_optim::kept_adamw_",
+    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"),
+)
+def _kept_adamw_op(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    kept: list[Tensor],
+    counts: list[int],
+    *,
+    m: int,
+    amsgrad: bool,
+    beta1: float,
+    beta2: float,
+    lr: float,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+) -> None:
+    _cpu_kept_adamw(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, kept, counts, m=m,
+        amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps,
+        maximize=maximize,
+    )
+
+
+def _cpu_kept_adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    kept: list[Tensor],
+    counts: list[int],
+    *,
+    m: int,
+    amsgrad: bool,
+    beta1: float,
+    beta2: float,
+    lr: float,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+) -> None:
+    # The CPU (non-CUDA) implementation of bame_optim::kept_adamw_: the eager composition until
+    # a native fused_kept_adamw_ is merged; switch it here.
+    from bame_optim.optim.functional import kept_adamw
+
+    kept_adamw(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, kept, counts, m=m,
+        amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps,
+        maximize=maximize,
+    )
+
+
+@_kept_adamw_op.register_kernel("cuda")
+def _kept_adamw_cuda(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    kept: list[Tensor],
+    counts: list[int],
+    *,
+    m: int,
+    amsgrad: bool,
+    beta1: float,
+    beta2: float,
+    lr: float,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+) -> None:
+    triton_kept.kept_adamw_(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, kept, counts, m=m,
+        amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps,
+        maximize=maximize,
+    )
+
+
+@_kept_adamw_op.register_fake
+def _kept_adamw_fake(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    kept: list[Tensor],
+    counts: list[int],
+    *,
+    m: int,
+    amsgrad: bool,
+    beta1: float,
+    beta2: float,
+    lr: float,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+) -> None:
+    moments = dict(exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, state_steps=state_steps)
+    if amsgrad:
+        moments["max_exp_avg_sqs"] = max_exp_avg_sqs
+    _check_lengths(len(params), grads=grads, kept=kept, counts=counts, **moments)
+
+
+def _check_lengths(size: int, **lists: list[object]) -> None:
+    for name, values in lists.items():
+        if len(values) != size:
+            raise ValueError(f"Invalid {name}: {len(values)} entries for {size} params")

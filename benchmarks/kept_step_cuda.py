@@ -1,0 +1,144 @@
+"""Step benchmark of the fused kept kernels: BAMESGD / BAMEAdamW against torch's fused optimizers.
+
+Per model, N:M pattern and rule (``sgd``, ``adamw``), with fixed random gradients and no
+forward or backward, the median time of
+
+* ``fused``: ``torch.optim.SGD(fused=True)`` / ``torch.optim.AdamW(fused=True)``, the baseline,
+* ``ordinary``: a BAME ordinary step (mask fixed; on CUDA the Triton kernels of
+  :mod:`bame_optim.kernels.triton_kept`),
+* ``update``: a BAME evolve-phase mask-update step (every step is one),
+* ``compiled``: ``torch.compile`` of the BAME optimizer's ``step`` (ordinary steps; the update
+  runs through the ``bame_optim::kept_*_`` ops),
+
+interleaved round by round (:func:`benchmarks.step.interleaved`), and each one's ratio to
+``fused``. Written for CUDA (``benchmarks/gpu_check.py`` runs it); ``--device cpu`` is a smoke
+run of the same code (torch's fused CPU optimizers are the baseline there)::
+
+    python -m benchmarks.kept_step_cuda                                  # cuda, defaults
+    python -m benchmarks.kept_step_cuda --quick
+    python -m benchmarks.kept_step_cuda --device cpu --quick --no-compile --models resnet32
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from bame_optim import BAMESGD, BAMEAdamW
+
+from .cli import nm_pattern, resolve_device
+from .step import FAR, Timer, assign_grads, build_model, interleaved, sparse_groups
+
+HYPER = {
+    "sgd": {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4},
+    "adamw": {"lr": 1e-3, "weight_decay": 0.05},
+}
+"""The hyper-parameters of both optimizers of each rule."""
+SCHEDULES = {
+    "ordinary": {"t_i": 0, "t_f": 0},
+    "update": {"t_i": 0, "t_f": FAR, "total_steps": FAR, "delta_t": 1},
+}
+"""``ordinary``: the mask drawn at step 0 and fixed; ``update``: every later step updates it."""
+
+
+def make_optimizers(
+    models: dict[str, nn.Module], rule: str, n: int, m: int
+) -> dict[str, Optimizer]:
+    """The baseline (``fused``) and the BAME optimizers of ``rule`` over their own models."""
+    bame = BAMESGD if rule == "sgd" else BAMEAdamW
+    base = torch.optim.SGD if rule == "sgd" else torch.optim.AdamW
+    hyper = HYPER[rule]
+    optimizers: dict[str, Optimizer] = {
+        "fused": base(models["fused"].parameters(), **hyper, fused=True)
+    }
+    for kind in ("ordinary", "update", "compiled"):
+        if kind in models:
+            schedule = SCHEDULES["update" if kind == "update" else "ordinary"]
+            groups = sparse_groups(models[kind], n, m)
+            optimizers[kind] = bame(groups, n=n, m=m, **hyper, **schedule)
+    return optimizers
+
+
+def time_rule(
+    model_name: str, rule: str, pattern: tuple[int, int], device: torch.device, *,
+    steps: int, warmup: int, compile_step: bool,
+) -> dict[str, Any]:
+    """Median milliseconds of each kind of step and their ratios to the fused baseline."""
+    n, m = pattern
+    base = build_model(model_name, device)
+    generator = torch.Generator().manual_seed(1)
+    grads = [torch.randn(p.shape, generator=generator).to(device) for p in base.parameters()]
+    kinds = ["fused", "ordinary", "update"] + (["compiled"] if compile_step else [])
+    models = {kind: copy.deepcopy(base) for kind in kinds}
+    optimizers = make_optimizers(models, rule, n, m)
+    for kind, optimizer in optimizers.items():  # step 0: state created, the mask drawn
+        assign_grads(models[kind], grads)
+        optimizer.step()
+    calls = {kind: optimizer.step for kind, optimizer in optimizers.items()}
+    if compile_step:
+        calls["compiled"] = torch.compile(optimizers["compiled"].step)
+
+    def before(kind: str) -> None:
+        assign_grads(models[kind], grads)
+
+    times = interleaved(calls, steps, warmup, Timer(device), before=before)
+    row: dict[str, Any] = {"model": model_name, "pattern": f"{n}:{m}", "rule": rule}
+    for kind in kinds:
+        row[f"{kind}_ms"] = times[kind]
+    for kind in kinds[1:]:
+        row[f"{kind}_ratio"] = times[kind] / times["fused"]
+    return row
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table: times and ratios to torch's fused optimizer."""
+    kinds = [k for k in ("ordinary", "update", "compiled") if f"{k}_ms" in rows[0]]
+    head = ["model", "N:M", "rule", "fused ms"] + [f"{k} ms (x fused)" for k in kinds]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["model"], row["pattern"], row["rule"], f"{row['fused_ms']:.3f}"]
+        cells += [f"{row[f'{k}_ms']:.3f} ({row[f'{k}_ratio']:.2f}x)" for k in kinds]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda", help="device (%(default)s)")
+    parser.add_argument("--models", nargs="+", default=["resnet32", "resnet50"])
+    parser.add_argument("--patterns", nargs="+", type=nm_pattern, default=[(2, 4), (1, 16)])
+    parser.add_argument("--rules", nargs="+", choices=tuple(HYPER), default=list(HYPER))
+    parser.add_argument("--steps", type=int, default=50, help="timed rounds (%(default)s)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed rounds (%(default)s)")
+    parser.add_argument("--quick", action="store_true", help="10 rounds, 2 of warm-up")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled step")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.warmup = 10, 2
+    return args, resolve_device(parser, args.device)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Time every (model, pattern, rule), print the table; the rows."""
+    args, device = parse_args(argv)
+    rows = []
+    for model in args.models:
+        for pattern in args.patterns:
+            for rule in args.rules:
+                row = time_rule(model, rule, pattern, device, steps=args.steps,
+                                warmup=args.warmup, compile_step=not args.no_compile)
+                rows.append(row)
+                print(", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                for k, v in row.items()), flush=True)
+    print(format_table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

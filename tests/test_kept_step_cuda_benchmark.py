@@ -1,0 +1,31 @@
+"""benchmarks.kept_step_cuda: a CPU smoke run of the code that times the fused kernels on CUDA."""
+
+from __future__ import annotations
+
+from benchmarks import kept_step_cuda
+
+
+def test_cpu_smoke_run_times_every_kind_against_the_fused_baseline(capsys):
+    argv = ["--device", "cpu", "--steps", "1", "--warmup", "0", "--no-compile",
+            "--models", "small_cnn", "--patterns", "2:4"]
+    rows = kept_step_cuda.main(argv)
+    assert [row["rule"] for row in rows] == ["sgd", "adamw"]
+    for row in rows:
+        for kind in ("fused", "ordinary", "update"):
+            assert row[f"{kind}_ms"] > 0
+        assert row["update_ratio"] == row["update_ms"] / row["fused_ms"]
+        assert "compiled_ms" not in row
+    table = capsys.readouterr().out
+    assert "| small_cnn | 2:4 | adamw |" in table and "(x fused)" in table
+
+
+def test_optimizers_are_torch_fused_and_bame_with_the_same_hyper_parameters():
+    from torch import nn
+
+    models = {kind: nn.Linear(8, 4) for kind in ("fused", "ordinary", "update")}
+    optimizers = kept_step_cuda.make_optimizers(models, "adamw", 2, 4)
+    assert optimizers["fused"].defaults["fused"] is True
+    for kind in ("ordinary", "update"):
+        defaults = optimizers[kind].defaults
+        assert defaults["lr"] == 1e-3 and defaults["weight_decay"] == 0.05
+    assert optimizers["update"].param_groups[-1]["delta_t"] == 1
