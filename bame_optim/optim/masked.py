@@ -93,8 +93,9 @@ class MaskedOptimizer(NMOptimizer):
         t, t_f = group["step"], group["t_f"]
         update = advance and is_update_step(t, group["delta_t"], group["t_i"], t_f)
         # Weights written from outside (a model load_state_dict) lose their pruned entries on
-        # every ΔT-aligned step, and on the first step of this optimizer or after a load.
-        reapply = advance and (self._reapply_masks or t % group["delta_t"] == 0)
+        # every ΔT-aligned or update step, and on the first step of this optimizer or after a
+        # load; before the mask update, so a weight it revives restarts from 0.
+        reapply = advance and (self._reapply_masks or update or t % group["delta_t"] == 0)
         engine, m = self.engine, group["m"]
         dense, sparse = [], []
         for offset, p in enumerate(group["params"]):
@@ -106,10 +107,10 @@ class MaskedOptimizer(NMOptimizer):
             if not engine.initialised(state):
                 engine.initialise(p, state, m)
             engine.check(p, state, m, f"parameter {first_index + offset}")
-            if update:
-                self._update_mask(p, state, group, first_index + offset)
             if reapply:
                 engine.zero_pruned_(p, state, m)
+            if update:
+                self._update_mask(p, state, group, first_index + offset)
             if advance and t >= t_f:
                 state.pop("oscillation", None)  # the mask is fixed from here on
             if p.grad is not None:

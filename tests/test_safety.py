@@ -1,0 +1,72 @@
+"""The silent cases of the second red-team round (issue 16): each test fails on the code before
+the fix it names.
+
+* S1: a weight revived at an evolve update after an outside write restarts from 0;
+* S2: :class:`MaskSync` also checks in the frozen phase and at its first step;
+* S3: a setting the method's schedule never reads is refused (``static`` with ``alpha``);
+* S4: schedule keywords passed to the new optimizer win over a loaded checkpoint's;
+* S5: a run that ends long before ``total_steps`` says so (``check_finished``).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from bame_optim import BAMEAdamW, BAMESGD, nm_param_groups
+from bame_optim.methods import make_optimizer
+
+OPTIMIZERS = {
+    "sgd": lambda params, **kw: BAMESGD(params, lr=0.1, momentum=0.9, **kw),
+    "adamw": lambda params, **kw: BAMEAdamW(params, lr=0.01, **kw),
+}
+
+
+def _param(seed: int = 0) -> nn.Parameter:
+    torch.manual_seed(seed)
+    return nn.Parameter(torch.randn(8, 16))
+
+
+def _run(opt: torch.optim.Optimizer, p: nn.Parameter, steps: int, seed: int = 1) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        p.grad = torch.randn(p.shape, generator=generator)
+        opt.step()
+
+
+# -- S1 ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", OPTIMIZERS)
+def test_s1_weight_revived_after_an_outside_write_restarts_from_zero(kind):
+    # total 30, delta_t 2: t_i 10, t_f 20; step 12 is an evolve update step.
+    p = _param()
+    opt = OPTIMIZERS[kind]([p], n=1, m=4, total_steps=30, delta_t=2, alpha=0.0)
+    _run(opt, p, 12)
+    assert opt.param_groups[0]["step"] == 12
+    p_ref = nn.Parameter(p.detach().clone())
+    opt_ref = OPTIMIZERS[kind]([p_ref], n=1, m=4, total_steps=30, delta_t=2, alpha=0.0)
+    opt_ref.load_state_dict(copy.deepcopy(opt.state_dict()))
+    before = opt.kept_mask(p).clone()
+
+    written = torch.randn(p.shape, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        p.copy_(written)  # e.g. model.load_state_dict of dense weights
+        p_ref.copy_(written * before.reshape(p.shape))  # the same write, pruned entries at 0
+    grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(8)) * 10
+    p.grad, p_ref.grad = grad.clone(), grad.clone()
+    opt.step()
+    opt_ref.step()
+
+    after = opt.kept_mask(p)
+    revived = after & ~before
+    assert revived.any(), "the test needs a revived weight"
+    assert torch.equal(after, opt_ref.kept_mask(p_ref))
+    assert torch.equal(p, p_ref)
+    # A revived weight took one step from 0: nowhere near the written value.
+    assert not torch.isclose(p.detach().reshape(-1, 4)[revived],
+                             written.reshape(-1, 4)[revived]).any()
