@@ -17,8 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from bame_optim import BAMEAdamW, BAMESGD, nm_param_groups
-from bame_optim.methods import make_optimizer
+from bame_optim import BAMESGD, BAMEAdamW
 
 OPTIMIZERS = {
     "sgd": lambda params, **kw: BAMESGD(params, lr=0.1, momentum=0.9, **kw),
@@ -70,3 +69,51 @@ def test_s1_weight_revived_after_an_outside_write_restarts_from_zero(kind):
     # A revived weight took one step from 0: nowhere near the written value.
     assert not torch.isclose(p.detach().reshape(-1, 4)[revived],
                              written.reshape(-1, 4)[revived]).any()
+
+
+# -- S4 ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", OPTIMIZERS)
+def test_s4_given_schedule_wins_over_the_checkpoint_with_a_warning(kind):
+    p = _param()
+    old = OPTIMIZERS[kind]([p], n=1, m=4, total_steps=40, delta_t=2)
+    _run(old, p, 5)
+    saved = copy.deepcopy(old.state_dict())
+    with pytest.warns(UserWarning, match="evolve window"):  # delta_t=100 at 400 steps
+        new = OPTIMIZERS[kind]([p], n=1, m=4, total_steps=400)
+    with pytest.warns(UserWarning, match=r"total_steps=400 \(the checkpoint's: 40\)") as record:
+        new.load_state_dict(saved)
+    message = str(record[0].message)
+    assert "t_i=133 (the checkpoint's: 13)" in message
+    assert "t_f=266 (the checkpoint's: 26)" in message
+    assert record[0].filename == __file__  # points at the user's line
+    group = new.param_groups[0]
+    assert (group["total_steps"], group["t_i"], group["t_f"]) == (400, 133, 266)
+    assert group["delta_t"] == 2  # not given: the checkpoint's
+    assert group["step"] == 5
+    _run(new, p, 3)  # and it trains on
+
+
+@pytest.mark.parametrize("kind", OPTIMIZERS)
+def test_s4_same_schedule_loads_silently(kind):
+    p = _param()
+    old = OPTIMIZERS[kind]([p], n=1, m=4, total_steps=40, delta_t=2)
+    _run(old, p, 5)
+    new = OPTIMIZERS[kind]([p], n=1, m=4, total_steps=40, delta_t=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        new.load_state_dict(copy.deepcopy(old.state_dict()))
+    assert new.param_groups[0]["t_i"] == 13
+
+
+def test_s4_fused_is_the_new_optimizers():
+    p = _param()
+    old = BAMESGD([p], lr=0.1, n=1, m=4, total_steps=40, delta_t=2, fused=False)
+    _run(old, p, 2)
+    saved = copy.deepcopy(old.state_dict())
+    saved["param_groups"][0]["fused"] = True  # saved on a machine with the kernel
+    new = BAMESGD([p], lr=0.1, n=1, m=4, total_steps=40, delta_t=2)
+    new.load_state_dict(saved)
+    assert new.param_groups[0]["fused"] is None  # auto: the kernel where this machine has it
+    _run(new, p, 2)

@@ -188,7 +188,7 @@ class NMOptimizer(Optimizer):
                     f"{group['n']}:{group['m']} and now trains at that pattern instead of "
                     f"{before[0]}:{before[1]}",
                     UserWarning,
-                    stacklevel=2,
+                    stacklevel=user_stacklevel(),
                 )
         params = chain.from_iterable(group["params"] for group in self.param_groups)
         for i, p in zip(ids, params, strict=True):

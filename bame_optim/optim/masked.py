@@ -71,7 +71,37 @@ class MaskedOptimizer(NMOptimizer):
         resolved = {k: rule_keywords.get(k) if rule_keywords.get(k) is not None else default
                     for k, default in taken.items()}
         self._reapply_masks = True
+        self._given = {k for k, v in rule_keywords.items() if v is not None}
+        self._given_schedule: list[dict[str, Any]] = []
         super().__init__(params, defaults | resolved)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        given = getattr(self, "_given", set()) | set(param_group)
+        super().add_param_group(param_group)
+        if hasattr(self, "_given_schedule"):
+            self._given_schedule.append(_given_schedule(self.param_groups[-1], given))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As :meth:`NMOptimizer.load_state_dict
+        <bame_optim.optim.base.NMOptimizer.load_state_dict>`, except that the schedule
+        keywords given to this optimizer (``total_steps``, ``t_i``, ``t_f``, ``delta_t``,
+        ``t_end``, as keywords or group keys; ``t_i``, ``t_f`` and ``t_end`` derived from a given
+        ``total_steps`` too) win over the checkpoint's, with a ``UserWarning`` naming each
+        that differs and both values; ``fused`` is always this optimizer's (a property of the
+        machine, not of the run). Keywords left at their default take the checkpoint's."""
+        given = getattr(self, "_given_schedule", [])
+        super().load_state_dict(state_dict)
+        for index, (group, kept) in enumerate(zip(self.param_groups, given, strict=False)):
+            differ = [f"{k}={v!r} (the checkpoint's: {group.get(k)!r})"
+                      for k, v in kept.items() if k != "fused" and group.get(k) != v]
+            group.update(kept)
+            if differ:
+                warnings.warn(
+                    f"{type(self).__name__}.load_state_dict: param group {index} keeps the "
+                    f"schedule this optimizer was built with: {', '.join(differ)}",
+                    UserWarning,
+                    stacklevel=user_stacklevel(),
+                )
 
     def _update(
         self, group: dict[str, Any], dense: list[Tensor], sparse: list[SparseState]
@@ -261,6 +291,19 @@ class MaskedOptimizer(NMOptimizer):
         if buffer is None or not self.engine.initialised(state):
             return None if buffer is None else buffer.clone()
         return self.engine.dense_buffer(p, state, name, self._group_of(p)["m"])
+
+
+_SCHEDULE_KEYS = ("total_steps", "t_i", "t_f", "t_end", "delta_t")
+
+
+def _given_schedule(group: dict[str, Any], given: set[str]) -> dict[str, Any]:
+    """The values of ``group`` a loaded checkpoint may not replace: the schedule keys in
+    ``given`` (with those derived from a given ``total_steps``) and ``fused``."""
+    keys = given & set(_SCHEDULE_KEYS)
+    if "total_steps" in keys:
+        keys |= {"t_i", "t_f", "t_end"}
+    return {k: group[k] for k in (*_SCHEDULE_KEYS, "fused") if k in group and
+            (k in keys or k == "fused")}
 
 
 def _check_strided_grad(p: Tensor, index: int) -> None:
