@@ -391,3 +391,16 @@ def test_total_steps_too_large_needs_finalize_masks(tmp_path):
     assert all(row["nm_valid"] and row["density"] == N / M for row in rows), rows
     trainer.save_model(str(tmp_path / "final"))
     assert saved_weights_nm(tmp_path / "final", [row["name"] for row in rows])
+
+
+def test_total_steps_too_large_warns_at_the_end_and_nm_check_finalizes(tmp_path):
+    from bame_optim.integrations.hf_trainer import NMCheck
+
+    trainer, opt = build("sgd", training_args(tmp_path / "run", save_strategy="no"),
+                         total_steps=10 * MAX_STEPS)
+    check = NMCheck(finalize=True)
+    trainer.add_callback(check)
+    with pytest.warns(UserWarning, match="training ended at step .* before t_i"):
+        trainer.train()
+    assert check.finished is False
+    assert all(row["nm_valid"] and row["density"] == N / M for row in sparse_rows(opt))

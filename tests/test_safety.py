@@ -117,3 +117,40 @@ def test_s4_fused_is_the_new_optimizers():
     new.load_state_dict(saved)
     assert new.param_groups[0]["fused"] is None  # auto: the kernel where this machine has it
     _run(new, p, 2)
+
+
+# -- S5 ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", OPTIMIZERS)
+def test_s5_run_ending_in_the_gradual_phase_says_so(kind):
+    # total_steps = epochs * len(loader) under accumulation 4: only a quarter of it runs.
+    p = _param()
+    opt = OPTIMIZERS[kind]([p], n=1, m=4, total_steps=40, delta_t=2)
+    _run(opt, p, 10)
+    with pytest.warns(UserWarning, match=r"training ended at step 10, before t_i=13 "
+                      r"\(total_steps=40\).* keeps up to 3 of 4 .* not 1:4") as record:
+        assert opt.check_finished() is False
+    assert record[0].filename == __file__
+    opt.finalize_masks()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert opt.check_finished() is True
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_s5_training_script_warns_when_it_ends_before_t_i(
+    tmp_path, monkeypatch, load_example, write_cifar_folder
+):
+    from bame_optim.integrations.training import loop
+
+    counted = loop.optimizer_steps
+    # A loop whose total_steps is 4 times the steps it runs (counted in batches under an
+    # accumulation of 4).
+    monkeypatch.setattr(loop, "optimizer_steps", lambda *args: 4 * counted(*args))
+    write_cifar_folder(tmp_path / "cifar", per_batch=8)
+    argv = ["--data", str(tmp_path / "cifar"), "--model", "small_cnn", "--batch-size", "8",
+            "--delta-t", "1", "--workers", "0", "--no-progress", "--epochs", "1",
+            "--output-dir", str(tmp_path / "out")]
+    with pytest.warns(UserWarning, match="training ended at step 5, before t_i=6"):
+        load_example("train_cifar").main(argv)

@@ -261,6 +261,32 @@ class MaskedOptimizer(NMOptimizer):
             if sparse:
                 group["t_i"] = group["t_f"] = group["step"]
 
+    def check_finished(self) -> bool:
+        """Call when training ends: ``True`` when every sparse parameter keeps exactly ``n``
+        per block (the schedule reached ``t_i``, or :meth:`finalize_masks` ran); otherwise a
+        ``UserWarning`` per unfinished group (its step, ``t_i``, ``total_steps`` and what its
+        blocks keep) and ``False``. The training scripts call it after the last epoch, and
+        :class:`bame_optim.integrations.hf_trainer.NMCheck` at the end of ``Trainer.train()``.
+        """
+        finished = True
+        for index, group in enumerate(self.param_groups):
+            kept = [self.state.get(p, {}).get("kept_count", group["m"])
+                    for p in group["params"] if self._is_sparse(p, group)]
+            if not kept or max(kept) <= group["n"]:
+                continue
+            finished = False
+            warnings.warn(
+                f"{type(self).__name__}: training ended at step {group['step']}, before t_i="
+                f"{group['t_i']} (total_steps={group.get('total_steps')}): param group {index} "
+                f"still keeps up to {max(kept)} of {group['m']} weights per block, so the model "
+                f"is not {group['n']}:{group['m']}. total_steps counts optimizer steps (with "
+                "gradient accumulation, len(loader) // accumulation per epoch); call "
+                "finalize_masks() to prune to N:M now",
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )
+        return finished
+
     def schedule_summary(self) -> str:
         """One line: per group with sparse parameters, its N:M pattern, the steps of each
         phase and the number of mask updates in the gradual and evolve phases."""
