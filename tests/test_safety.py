@@ -154,3 +154,25 @@ def test_s5_training_script_warns_when_it_ends_before_t_i(
             "--output-dir", str(tmp_path / "out")]
     with pytest.warns(UserWarning, match="training ended at step 5, before t_i=6"):
         load_example("train_cifar").main(argv)
+
+
+# -- S2 ----------------------------------------------------------------------------------------
+
+
+def test_s2_mask_sync_checks_after_the_last_mask_update(monkeypatch):
+    from bame_optim.integrations import accelerate as integration
+
+    p = _param()
+    opt = BAMESGD([p], lr=0.1, n=1, m=4, t_i=4, t_f=8, delta_t=2)
+    checked = []
+    monkeypatch.setattr(integration, "verify_masks",
+                        lambda o, acc, fix: checked.append(o.param_groups[0]["step"] - 1) or True)
+    _run(opt, p, 10)  # the last mask update ran at t = 6
+    # A rank resumed in the frozen phase (from another checkpoint, say) builds its MaskSync.
+    sync = integration.MaskSync(opt)
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(6):  # t = 10 .. 15
+        p.grad = torch.randn(p.shape, generator=generator)
+        opt.step()
+        sync.after_step()
+    assert checked == [10, 12, 14]  # the first step it sees, then every delta_t
