@@ -176,3 +176,29 @@ def test_s2_mask_sync_checks_after_the_last_mask_update(monkeypatch):
         opt.step()
         sync.after_step()
     assert checked == [10, 12, 14]  # the first step it sees, then every delta_t
+
+
+# -- S3 ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("method", "keyword", "value"), [
+    ("static", "alpha", 0.3), ("static", "beta", 0.1), ("static", "gamma", 0.5),
+    ("static_adamw", "alpha", 0.3), ("static_adamw", "revive_score", "sgd"),
+])
+def test_s3_static_refuses_the_evolve_keywords(method, keyword, value):
+    from bame_optim import nm_param_groups
+    from bame_optim.methods import make_optimizer
+
+    groups = nm_param_groups(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)),
+                             1, 4, exclude=())
+    with pytest.raises(ValueError, match=rf"Invalid {keyword} value: {value!r} \({method} fixes "
+                       r"t_i = t_f, so it has no evolve phase"):
+        make_optimizer(method, groups, lr=0.1, total_steps=30, **{keyword: value})
+    make_optimizer(method, groups, lr=0.1, total_steps=30, alpha=0.5)  # the default: no harm
+
+
+def test_s3_command_line_refuses_static_with_alpha(capsys, load_example):
+    with pytest.raises(SystemExit):
+        load_example("train_cifar").main(["--data", "d", "--method", "static", "--alpha", "0.3"])
+    assert "argument --alpha: invalid value 0.3 (method static has no evolve phase" in (
+        capsys.readouterr().err)
