@@ -91,6 +91,7 @@ class BAMEAdamW(MaskedOptimizer):
 
     rules: ClassVar[MaskRules] = BAME_ADAMW_RULES
     engine: ClassVar[NMEngine] = NMEngine(("exp_avg", "exp_avg_sq", "max_exp_avg_sq"))
+    dense_class = torch.optim.AdamW
     update_keywords: ClassVar[frozenset[str]] = frozenset(ADAMW_DEFAULTS)
 
     def __init__(

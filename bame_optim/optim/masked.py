@@ -26,6 +26,7 @@ from bame_optim.core.schedule import (
     last_update_step,
     phase,
 )
+from bame_optim.optim import interop
 from bame_optim.optim.base import NMOptimizer, user_stacklevel
 from bame_optim.optim.engine import NMEngine
 from bame_optim.optim.rules import BAME_RULES, MaskContext, MaskRules
@@ -53,6 +54,8 @@ class MaskedOptimizer(NMOptimizer):
     """The compact state of the sparse parameters (which buffers the update rule keeps)."""
     update_keywords: ClassVar[frozenset[str]] = frozenset()
     """The keywords of the update rule (beyond ``n``, ``m``, ``sparse`` and the rules')."""
+    dense_class: ClassVar[type[torch.optim.Optimizer] | None] = None
+    """The dense ``torch.optim`` optimizer this one replaces (:meth:`torch_state_dict`)."""
     _exact_dtype_state = ("kept", "oscillation", "kept_mask")
 
     def __init__(
@@ -226,9 +229,23 @@ class MaskedOptimizer(NMOptimizer):
                 )
         return saved
 
+    def torch_state_dict(self) -> dict[str, Any]:
+        """This optimizer's state as :attr:`dense_class` (``torch.optim.SGD`` / ``AdamW``)
+        over the same param groups holds it: load it into that optimizer and step on
+        (:func:`bame_optim.optim.interop.torch_state_dict`). ``state_dict()`` is not one."""
+        return interop.torch_state_dict(self)
+
+    def load_dense_state_dict(self, state_dict: dict[str, Any], params: Iterable[Tensor]
+                              ) -> None:
+        """Start from a dense optimizer's ``state_dict`` over ``params`` (in its order, e.g.
+        ``model.parameters()``), whatever its param groups
+        (:func:`bame_optim.optim.interop.load_dense_state_dict`)."""
+        interop.load_dense_state_dict(self, state_dict, params)
+
     def _loaded(self, p: Tensor) -> None:
         self._reapply_masks = True
         state, group = self.state.get(p, {}), self._group_of(p)
+        interop.check_not_cast(state, p)
         if "kept_mask" in state:
             self.engine.compact_form(p, state, group["m"])
         elif state and not self.engine.initialised(state) and self._is_sparse(p, group):
