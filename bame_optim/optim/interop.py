@@ -156,7 +156,8 @@ def check_not_cast(state: dict[str, Any], p: Tensor) -> None:
         raise ValueError(
             f"Invalid state for the parameter of shape {tuple(p.shape)}: its mask codes (kept) "
             f"are {kept.dtype}, so the state went through a torch.optim optimizer's "
-            "load_state_dict (which casts them) and its masks are lost. A BAME state_dict() is not a torch one: move state "
-            "to torch.optim with opt.torch_state_dict(), and back with "
+            "load_state_dict (which casts them) and its masks are lost. A BAME state_dict() "
+            "is not a torch one: move state to torch.optim with opt.torch_state_dict(), and "
+            "back with "
             "opt.load_dense_state_dict(state_dict, params)"
         )
