@@ -202,3 +202,35 @@ def test_s3_command_line_refuses_static_with_alpha(capsys, load_example):
         load_example("train_cifar").main(["--data", "d", "--method", "static", "--alpha", "0.3"])
     assert "argument --alpha: invalid value 0.3 (method static has no evolve phase" in (
         capsys.readouterr().err)
+
+
+# -- conformance with torch.optim ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("ours", "theirs"), [(BAMESGD, torch.optim.SGD),
+                                              (BAMEAdamW, torch.optim.AdamW)])
+def test_lr_is_checked_before_params_as_torch_does(ours, theirs):
+    lr = torch.tensor([0.1, 0.2])
+    with pytest.raises(ValueError):
+        theirs(None, lr=lr)
+    with pytest.raises(ValueError, match="Invalid lr value: a Tensor lr must be one floating"):
+        ours(None, lr=lr, total_steps=10)
+    with pytest.raises(TypeError, match="Invalid params value: None"):
+        ours(None, lr=0.1, total_steps=10)
+
+
+def test_adamw_loads_an_old_checkpoint_with_a_python_number_step():
+    p, q = _param(), _param()
+    opt = BAMEAdamW([p], lr=0.01, n=1, m=4, total_steps=40, delta_t=2)
+    _run(opt, p, 3)
+    saved = copy.deepcopy(opt.state_dict())
+    for state in saved["state"].values():
+        state["step"] = float(state["step"])  # as torch wrote it before 1.12
+    with torch.no_grad():
+        q.copy_(p)
+    other = BAMEAdamW([q], lr=0.01, n=1, m=4, total_steps=40, delta_t=2)
+    other.load_state_dict(saved)
+    assert torch.is_tensor(other.state[q]["step"])
+    _run(opt, p, 3, seed=5)
+    _run(other, q, 3, seed=5)
+    assert torch.equal(p, q)

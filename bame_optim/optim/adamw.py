@@ -128,6 +128,12 @@ class BAMEAdamW(MaskedOptimizer):
     def _validate_update(self, group: dict[str, Any]) -> None:
         _validate_adamw(group)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for saved in self.state.values():  # older checkpoints hold a Python number, as AdamW
+            if "step" in saved and not torch.is_tensor(saved["step"]):
+                saved["step"] = torch.tensor(float(saved["step"]), dtype=_get_scalar_dtype())
+
     def _update(
         self, group: dict[str, Any], dense: list[Tensor], sparse: list[SparseState]
     ) -> None:

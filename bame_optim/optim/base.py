@@ -50,6 +50,7 @@ class NMOptimizer(Optimizer):
     def __init__(
         self, params: Iterable[Tensor] | Iterable[dict[str, Any]], defaults: dict[str, Any]
     ) -> None:
+        self._validate_update(dict(defaults))  # before params, as torch.optim checks lr first
         if params is None or isinstance(params, (str, bytes)):
             raise TypeError(
                 f"Invalid params value: {params!r} ({type(self).__name__} needs an iterable of "
