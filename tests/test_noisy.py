@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 import warnings
 
 import pytest
@@ -60,3 +61,24 @@ def test_make_optimizer_warnings_point_at_the_callers_line():
         make_optimizer("bame", nm_param_groups(model, 1, 4, exclude=()), lr=0.1,
                        total_steps=30)  # delta_t 100: the evolve window holds no update
     assert record and all(w.filename == __file__ for w in record), [w.filename for w in record]
+
+
+def test_a_hub_name_fails_fast_when_the_hub_cannot_be_reached(tmp_path, monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    from bame_optim.integrations import datasets as image_datasets
+
+    def no_download(*args, **kwargs):
+        pytest.fail("load_dataset ran although the Hub could not be reached")
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # refused
+    monkeypatch.setattr(image_datasets, "getproxies", dict)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets, "load_dataset", no_download)
+    start = time.perf_counter()
+    with pytest.raises(image_datasets.DatasetUnavailableError,
+                       match=r"cannot load dataset 'fashion_mnist' .* set HF_HUB_OFFLINE=1 to "
+                             r"use a cached copy.* no connection to 127\.0\.0\.1:9 within 3 s"):
+        image_datasets.load_image_dataset("fashion_mnist", cache_dir=str(tmp_path))
+    assert time.perf_counter() - start < 5
