@@ -234,3 +234,17 @@ def test_adamw_loads_an_old_checkpoint_with_a_python_number_step():
     _run(opt, p, 3, seed=5)
     _run(other, q, 3, seed=5)
     assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("kind", OPTIMIZERS)
+def test_s4_a_later_t_i_does_not_bring_pruned_weights_back(kind):
+    p = _param()
+    old = OPTIMIZERS[kind]([p], n=1, m=4, total_steps=30, delta_t=2)
+    _run(old, p, 14)  # past t_i = 10: one weight kept per block
+    saved = copy.deepcopy(old.state_dict())
+    new = OPTIMIZERS[kind]([p], n=1, m=4, total_steps=300, delta_t=2)  # t_i = 100
+    with pytest.warns(UserWarning, match="total_steps=300"):
+        new.load_state_dict(saved)
+    _run(new, p, 4)
+    assert new.state[p]["kept_count"] == 1
+    assert (new.kept_mask(p).sum(dim=1) == 1).all()
