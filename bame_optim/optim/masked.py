@@ -219,7 +219,8 @@ class MaskedOptimizer(NMOptimizer):
     def state_dict(self) -> dict[str, Any]:
         """As :meth:`torch.optim.Optimizer.state_dict`; a sharded (FSDP2) sparse parameter's
         state is given in the engine's phase-independent checkpoint form
-        (:meth:`bame_optim.optim.engine.NMEngine.checkpoint_form`)."""
+        (:meth:`bame_optim.optim.engine.NMEngine.checkpoint_form`). It is not a state dict of
+        :attr:`dense_class` (compact buffers, mask codes): :meth:`torch_state_dict` is."""
         saved = super().state_dict()
         for i, (p, group) in enumerate(self._params_and_groups()):
             state = saved["state"].get(i)
