@@ -58,6 +58,7 @@ __all__ = [
     "accepted_keywords",
     "fixed_settings",
     "get_method",
+    "inert_keywords",
     "make_optimizer",
     "method_name",
 ]
@@ -153,6 +154,19 @@ def accepted_keywords(name: str) -> frozenset[str]:
     return _TORCH_KEYWORDS[factory]
 
 
+_EVOLVE_KEYWORDS = frozenset({"alpha", "beta", "gamma", "revive_score", "zeta", "t_end"})
+
+
+def inert_keywords(name: str) -> frozenset[str]:
+    """The keywords the optimizer of method ``name`` takes but that change nothing under the
+    settings the method fixes: those of the evolve phase when it fixes ``t_i = t_f``
+    (``static``: ``alpha``, ``beta``, ``gamma``, ...)."""
+    fixed = get_method(name).fixed
+    if "t_i" in fixed and fixed["t_i"] == fixed.get("t_f"):
+        return accepted_keywords(name) & _EVOLVE_KEYWORDS
+    return frozenset()
+
+
 def method_name(method: str, optimizer: str) -> str:
     """The registered name of ``method`` trained with ``optimizer`` (``"sgd"``: ``method``
     itself; ``"adamw"``: its AdamW variant, e.g. ``bame`` -> ``bame_adamw``). ``ValueError``
@@ -179,7 +193,8 @@ def make_optimizer(
     take them, keywords in :data:`CONTEXT_KEYWORDS` (and N:M group keys for ``dense``) are
     dropped, and so are other keywords whose value is ``None`` or :class:`BAMESGD`'s default.
     Any other keyword the method does not take raises ``ValueError`` naming it (a setting
-    the method cannot honour), and so does a value that contradicts a fixed setting.
+    the method cannot honour), and so does a value that contradicts a fixed setting or that
+    the fixed settings make inert (:func:`inert_keywords`: ``static`` with ``alpha=0.3``).
     """
     record = get_method(method)
     accepted = accepted_keywords(method)
@@ -187,6 +202,10 @@ def make_optimizer(
         if key in kwargs and kwargs[key] is not None and kwargs[key] != value:
             raise ValueError(f"Invalid {key} value: {kwargs[key]!r} ({method} fixes {key}={value})")
         kwargs[key] = value
+    for key in sorted(inert_keywords(method)):
+        if kwargs.get(key) is not None and kwargs[key] != record.factory.rules.keywords.get(key):
+            raise ValueError(f"Invalid {key} value: {kwargs[key]!r} ({method} fixes t_i = t_f, "
+                             f"so it has no evolve phase and {key} would change nothing)")
     unusable = sorted(
         k for k, v in kwargs.items()
         if k not in accepted and k not in CONTEXT_KEYWORDS and v is not None

@@ -377,8 +377,11 @@ class MaskSync:
     (including the ones Accelerate skips under gradient accumulation and the ones a grad scaler
     skips): it compares the step counters with those it saw last, so it checks only when a
     real step ran with a counter ``t = group["step"] - 1`` that is a mask-update step
-    (the optimizer's ``mask_update_due``) of a group holding masks. The counters are
-    equal on every rank, so every rank joins the collective at the same calls.
+    (the optimizer's ``mask_update_due``) of a group holding masks, after the first real step
+    it sees (a rank resumed from another checkpoint, in any phase), and, once the masks are
+    final, every ``delta_t`` steps (``t % delta_t == 0``, where the optimizer re-masks the
+    weights). The counters are equal on every rank (the first check makes them so), so every
+    rank joins the collective at the same calls.
 
     Args:
         optimizer: a :class:`BAMESGD` or the ``AcceleratedOptimizer`` around one.
@@ -404,6 +407,7 @@ class MaskSync:
         self.every_update = every_update
         self.fix = fix
         self._seen = self._steps()
+        self._checked = False
 
     def _steps(self) -> list[int]:
         return [group["step"] for group in self.optimizer.param_groups]
@@ -411,10 +415,15 @@ class MaskSync:
     def _due(self, group: dict[str, Any], old: int, new: int) -> bool:
         if not any(_has_mask(self.optimizer.state.get(p, {})) for p in group["params"]):
             return False
+        last = self.optimizer.last_mask_update(group)
         if not self.every_update:
-            last = self.optimizer.last_mask_update(group)
             return last is None or old <= last < new
-        return any(self.optimizer.mask_update_due(group, t) for t in range(old, new))
+        if any(self.optimizer.mask_update_due(group, t) for t in range(old, new)):
+            return True
+        interval = group.get("delta_t")
+        return last is not None and bool(interval) and any(
+            t > last and t % interval == 0 for t in range(old, new)
+        )
 
     def after_step(self) -> bool | None:
         """Verify the masks if a real step since the last call may have changed one.
@@ -426,6 +435,10 @@ class MaskSync:
         old = self._seen if len(self._seen) == len(steps) else [0] * len(steps)
         self._seen = steps
         groups = self.optimizer.param_groups
-        if not any(self._due(g, a, b) for g, a, b in zip(groups, old, steps, strict=True)):
+        first = not self._checked and steps != old
+        if not first and not any(
+            self._due(g, a, b) for g, a, b in zip(groups, old, steps, strict=True)
+        ):
             return None
+        self._checked = True
         return verify_masks(self.optimizer, self.accelerator, fix=self.fix)

@@ -14,7 +14,9 @@ a PIL image on access) and ``"label"`` (:class:`datasets.ClassLabel`). Sources (
 * ``"parquet"`` / ``"arrow"``: ``*.parquet`` / ``*.arrow`` files, e.g. from ``Dataset.to_parquet``
   (splits named after the files, ``train-*.parquet`` / ``test-*.parquet``, as ``datasets`` infers),
 * ``"hub"``: a Hugging Face Hub name (``datasets.load_dataset(name)``); offline, or without
-  network, this raises :class:`DatasetUnavailableError` naming the dataset.
+  network, this raises :class:`DatasetUnavailableError` naming the dataset, within a few
+  seconds (one connection attempt to the Hub first, unless ``HF_HUB_OFFLINE`` is set or a
+  proxy is configured).
 
 With ``kind=None`` a path that exists is inspected (in the order above: IDX files, CIFAR batches,
 a ``save_to_disk`` folder, parquet, arrow, then image files); a string that does not exist is a
@@ -40,11 +42,15 @@ like any image dataset.
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+from urllib.request import getproxies
 
 import datasets
+import huggingface_hub
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -307,16 +313,40 @@ def _in_memory(
     )
 
 
-def _load_hub(name: str, cache_dir: str | None) -> datasets.DatasetDict:
+HUB_PROBE_TIMEOUT = 3.0
+"""Seconds to wait for a connection to the Hub before a Hub name is given up as offline."""
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hub's endpoint cannot be reached now (one connection attempt with a
+    :data:`HUB_PROBE_TIMEOUT` timeout), or ``None`` when it can. Without it, an offline
+    ``load_dataset`` spends about 24 s in the Hub client's retries before failing."""
+    endpoint = urlsplit(huggingface_hub.constants.ENDPOINT)
+    if endpoint.scheme in getproxies():  # through a proxy only: let the Hub client try
+        return None
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:
+        socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_TIMEOUT).close()
+    except OSError as err:
+        return f"no connection to {endpoint.hostname}:{port} within {HUB_PROBE_TIMEOUT:g} s: {err}"
+    return None
+
+
+def _load_hub(name: str, cache_dir: str | None) -> datasets.DatasetDict:
+    offline = datasets.config.HF_HUB_OFFLINE
+    unreachable = None if offline else _hub_unreachable()
+    try:
+        if unreachable is not None:
+            raise ConnectionError(unreachable)
         return datasets.load_dataset(name, cache_dir=cache_dir)
     except ConnectionError as err:  # datasets' OfflineModeIsEnabled is a ConnectionError too
-        offline = " (HF_HUB_OFFLINE is set)" if datasets.config.HF_HUB_OFFLINE else ""
+        why = " (HF_HUB_OFFLINE is set)" if offline else ""
+        cached = "" if offline else " (set HF_HUB_OFFLINE=1 to use a cached copy)"
         raise DatasetUnavailableError(
-            f"cannot load dataset {name!r} from the Hugging Face Hub{offline}: it is not a local "
+            f"cannot load dataset {name!r} from the Hugging Face Hub{why}: it is not a local "
             f"path ({Path(name).resolve()} does not exist), the Hub cannot be reached and it is "
-            f"not in the cache ({cache_dir or 'the datasets default cache'}). Pass a local path "
-            f"instead: a save_to_disk folder, parquet files, an image folder "
+            f"not in the cache ({cache_dir or 'the datasets default cache'}){cached}. Pass a "
+            f"local path instead: a save_to_disk folder, parquet files, an image folder "
             f"(train/<class>/*.png), CIFAR-10 python batches or IDX files. [{err}]"
         ) from err
 

@@ -390,10 +390,11 @@ def test_mask_sync_timing(monkeypatch):
         results.append(every.after_step())
         assert every.after_step() is None  # no new step since the last call
         final.after_step()
-    # update steps: 0, 2, 4 (= t_i), 6, 8; t_f = 10; the last update is at 8.
-    assert calls == [0, 2, 4, 6, 8, 8]
+    # update steps: 0, 2, 4 (= t_i), 6, 8; t_f = 10; the last update is at 8. Both check at
+    # their first step; `every` also every delta_t steps once the masks are final (10, 12).
+    assert calls == [0, 0, 2, 4, 6, 8, 8, 10, 12]
     assert opt.last_mask_update(opt.param_groups[0]) == 8
-    assert [r for r in results if r is not None] == [True] * 5
+    assert [r for r in results if r is not None] == [True] * 7
 
 
 def test_unwrap_refuses_a_dense_optimizer():

@@ -48,9 +48,10 @@ def test_step_counter_counts_every_update(ranks):
 
 def test_checks_run_on_every_update_step_and_catch_the_corruption(ranks):
     update_steps = [0, 3, 6, 9, 12, 15, 18, 21, 24, 27]
+    frozen_checks = [30, 33, 36, 39]  # after t_f = 30, every delta_t
     for r in ranks:
-        assert [t for t, _ in r["checks"]] == update_steps
-        assert [ok for t, ok in r["checks"] if t != CORRUPT_STEP] == [True] * 9
+        assert [t for t, _ in r["checks"]] == update_steps + frozen_checks
+        assert [ok for t, ok in r["checks"] if t != CORRUPT_STEP] == [True] * 13
         assert dict(r["checks"])[CORRUPT_STEP] is False
         assert len(r["warnings"]) == 1
         assert r["warnings"][0].startswith(

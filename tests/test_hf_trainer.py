@@ -232,8 +232,9 @@ def test_trainer_trains_to_an_nm_model(tmp_path, method):
         output = trainer.train()
 
     assert math.isfinite(output.training_loss)
-    # Mask updates at t = 0..7 (gradual to t_i = 4, evolve to t_f = 8), checked on one process.
-    assert verify.results == [True] * 8 + [None] * 4
+    # Mask updates at t = 0..7 (gradual to t_i = 4, evolve to t_f = 8), then the frozen phase
+    # every delta_t = 1 steps: checked on one process at every step.
+    assert verify.results == [True] * 12
     assert trainer.state.global_step == MAX_STEPS
     assert [group["step"] for group in opt.param_groups] == [MAX_STEPS] * len(opt.param_groups)
     rows = sparse_rows(opt)
@@ -391,3 +392,16 @@ def test_total_steps_too_large_needs_finalize_masks(tmp_path):
     assert all(row["nm_valid"] and row["density"] == N / M for row in rows), rows
     trainer.save_model(str(tmp_path / "final"))
     assert saved_weights_nm(tmp_path / "final", [row["name"] for row in rows])
+
+
+def test_total_steps_too_large_warns_at_the_end_and_nm_check_finalizes(tmp_path):
+    from bame_optim.integrations.hf_trainer import NMCheck
+
+    trainer, opt = build("sgd", training_args(tmp_path / "run", save_strategy="no"),
+                         total_steps=10 * MAX_STEPS)
+    check = NMCheck(finalize=True)
+    trainer.add_callback(check)
+    with pytest.warns(UserWarning, match="training ended at step .* before t_i"):
+        trainer.train()
+    assert check.finished is False
+    assert all(row["nm_valid"] and row["density"] == N / M for row in sparse_rows(opt))

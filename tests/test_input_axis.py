@@ -125,3 +125,17 @@ def test_peers_whose_masks_run_along_dim_1_refuse_an_in_out_group(method):
     with pytest.raises(ValueError, match=r"Invalid nm_dim value: 0 .*along dimension 1 only"):
         make_optimizer(method, [{"params": [w], "sparse": True, "nm_dim": 0}], lr=0.1,
                        total_steps=12)
+
+
+def test_torch_state_dict_of_an_in_out_weight_is_in_the_weights_layout():
+    w0, w1 = _pair()
+    opt_a = BAMEAdamW([{"params": [w0], "sparse": True, "nm_dim": 0}], lr=1e-2, total_steps=12,
+                      delta_t=1)
+    opt_b = BAMEAdamW([{"params": [w1], "sparse": True}], lr=1e-2, total_steps=12, delta_t=1)
+    _run(opt_a, w0, opt_b, w1, 7)
+    state = opt_a.torch_state_dict()["state"][0]
+    assert state["exp_avg"].shape == w0.shape
+    assert torch.equal(state["exp_avg"].t(), opt_b.torch_state_dict()["state"][0]["exp_avg"])
+    dense = torch.optim.AdamW([w0], lr=1e-2)
+    dense.load_state_dict(opt_a.torch_state_dict())
+    dense.step()  # torch steps from it

@@ -179,8 +179,10 @@ def test_resume_from_state_dict_is_bit_identical(setup, data):
     torch.save(first.state_dict(), buffer)
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)  # what accelerate.utils.load does
-    # A fresh optimizer with other hyper-parameters: everything must come from the state dict.
-    second = BAMESGD(resumed, lr=1.0, n=setup["n"], m=setup["m"], total_steps=setup["total"])
+    # A fresh optimizer with other hyper-parameters: everything but the schedule keywords it
+    # is given (those win, tests/test_safety.py) must come from the state dict.
+    second = BAMESGD(resumed, lr=1.0, n=setup["n"], m=setup["m"], t_i=setup["t_i"],
+                     t_f=setup["t_f"])
     second.load_state_dict(saved)
     _train(resumed, second, setup["total"] + 2 - split, setup["seed"], start=split)
 

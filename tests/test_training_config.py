@@ -112,6 +112,7 @@ def test_the_command_line_exits_naming_the_flag(tmp_path, capsys, field, value, 
     [
         ({"method": "lma", "alpha": 0.3}, "alpha", "method lma fixes alpha=0.0"),
         ({"method": "srste", "beta": 0.3}, "beta", "method srste does not use beta"),
+        ({"method": "static", "alpha": 0.3}, "alpha", "method static has no evolve phase"),
         ({"method": "dense", "alpha": 0.5}, "alpha", "method dense does not use alpha"),
         ({"method": "rigl", "optimizer": "adamw"}, "optimizer", "rigl has no adamw variant"),
         ({"method": "dense", "optimizer": "adamw", "beta": 0.5}, "beta",

@@ -102,6 +102,7 @@ class BAMEAdamW(MaskedOptimizer):
 
     rules: ClassVar[MaskRules] = BAME_ADAMW_RULES
     engine: ClassVar[NMEngine] = NMEngine(("exp_avg", "exp_avg_sq", "max_exp_avg_sq"))
+    dense_class = torch.optim.AdamW
     update_keywords: ClassVar[frozenset[str]] = frozenset(ADAMW_DEFAULTS)
 
     def __init__(
@@ -143,6 +144,12 @@ class BAMEAdamW(MaskedOptimizer):
         _validate_adamw(group)
         check_fused_flags(group, type(self).__name__, torch_keywords=("capturable",
                                                                        "differentiable"))
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for saved in self.state.values():  # older checkpoints hold a Python number, as AdamW
+            if "step" in saved and not torch.is_tensor(saved["step"]):
+                saved["step"] = torch.tensor(float(saved["step"]), dtype=_get_scalar_dtype())
 
     def _update(
         self, group: dict[str, Any], dense: list[Tensor], sparse: list[SparseState]

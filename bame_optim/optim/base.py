@@ -52,6 +52,7 @@ class NMOptimizer(Optimizer):
     def __init__(
         self, params: Iterable[Tensor] | Iterable[dict[str, Any]], defaults: dict[str, Any]
     ) -> None:
+        self._validate_update(dict(defaults))  # before params, as torch.optim checks lr first
         if params is None or isinstance(params, (str, bytes)):
             raise TypeError(
                 f"Invalid params value: {params!r} ({type(self).__name__} needs an iterable of "
@@ -281,7 +282,7 @@ class NMOptimizer(Optimizer):
                     f"{type(self).__name__}.load_state_dict: param group {index} was saved at "
                     f"{saved} and now trains at that pattern instead of {_pattern(*before)}",
                     UserWarning,
-                    stacklevel=2,
+                    stacklevel=user_stacklevel(),
                 )
         params = chain.from_iterable(group["params"] for group in self.param_groups)
         for i, p in zip(ids, params, strict=True):
@@ -331,13 +332,15 @@ class NMOptimizer(Optimizer):
         return rows
 
 
-_INTERNAL_MODULES = ("bame_optim.optim.", "bame_optim.core.", "bame_optim.peers.", "torch.")
+_INTERNAL_MODULES = ("bame_optim.optim.", "bame_optim.core.", "bame_optim.peers.",
+                     "bame_optim.methods", "torch.", "accelerate.", "transformers.")
 
 
 def user_stacklevel() -> int:
     """The ``stacklevel`` that makes a warning raised by the caller point at the first frame
-    outside the optimizers and torch (the user's ``step()`` or constructor call), however
-    deep the class hierarchy between them."""
+    outside the optimizers, the method registry, torch and the wrappers that step them
+    (Accelerate, transformers): the user's ``step()``, constructor or ``make_optimizer`` call,
+    however deep the class hierarchy between them."""
     frame, level = sys._getframe(1), 1
     while frame is not None and frame.f_globals.get("__name__", "").startswith(_INTERNAL_MODULES):
         frame, level = frame.f_back, level + 1
@@ -397,7 +400,7 @@ def check_fused_flags(group: dict[str, Any], owner: str, torch_keywords: tuple[s
     if fused and group["foreach"]:
         raise ValueError("Invalid fused value: True with foreach=True (choose one, as in torch)")
     if fused:
-        for p in group["params"]:
+        for p in group.get("params", ()):  # absent when the defaults are checked
             if p.device.type not in FUSED_DEVICE_TYPES or not p.is_floating_point():
                 raise ValueError(
                     f"Invalid fused value: True for a parameter of shape {tuple(p.shape)} on "

@@ -26,6 +26,7 @@ from bame_optim.core.schedule import (
     last_update_step,
     phase,
 )
+from bame_optim.optim import interop
 from bame_optim.optim.base import NMOptimizer, user_stacklevel
 from bame_optim.optim.engine import NMEngine
 from bame_optim.optim.rules import BAME_RULES, MaskContext, MaskRules
@@ -65,6 +66,8 @@ class MaskedOptimizer(NMOptimizer):
     """The compact state of the sparse parameters (which buffers the update rule keeps)."""
     update_keywords: ClassVar[frozenset[str]] = frozenset()
     """The keywords of the update rule (beyond ``n``, ``m``, ``sparse`` and the rules')."""
+    dense_class: ClassVar[type[torch.optim.Optimizer] | None] = None
+    """The dense ``torch.optim`` optimizer this one replaces (:meth:`torch_state_dict`)."""
     _exact_dtype_state = ("kept", "oscillation", "kept_mask")
 
     def __init__(
@@ -83,7 +86,37 @@ class MaskedOptimizer(NMOptimizer):
         resolved = {k: rule_keywords.get(k) if rule_keywords.get(k) is not None else default
                     for k, default in taken.items()}
         self._reapply_masks = True
+        self._given = {k for k, v in rule_keywords.items() if v is not None}
+        self._given_schedule: list[dict[str, Any]] = []
         super().__init__(params, defaults | resolved)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        given = getattr(self, "_given", set()) | set(param_group)
+        super().add_param_group(param_group)
+        if hasattr(self, "_given_schedule"):
+            self._given_schedule.append(_given_schedule(self.param_groups[-1], given))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As :meth:`NMOptimizer.load_state_dict
+        <bame_optim.optim.base.NMOptimizer.load_state_dict>`, except that the schedule
+        keywords given to this optimizer (``total_steps``, ``t_i``, ``t_f``, ``delta_t``,
+        ``t_end``, as keywords or group keys; ``t_i``, ``t_f`` and ``t_end`` derived from a given
+        ``total_steps`` too) win over the checkpoint's, with a ``UserWarning`` naming each
+        that differs and both values; ``fused`` is always this optimizer's (a property of the
+        machine, not of the run). Keywords left at their default take the checkpoint's."""
+        given = getattr(self, "_given_schedule", [])
+        super().load_state_dict(state_dict)
+        for index, (group, kept) in enumerate(zip(self.param_groups, given, strict=False)):
+            differ = [f"{k}={v!r} (the checkpoint's: {group.get(k)!r})"
+                      for k, v in kept.items() if k != "fused" and group.get(k) != v]
+            group.update(kept)
+            if differ:
+                warnings.warn(
+                    f"{type(self).__name__}.load_state_dict: param group {index} keeps the "
+                    f"schedule this optimizer was built with: {', '.join(differ)}",
+                    UserWarning,
+                    stacklevel=user_stacklevel(),
+                )
 
     def _update(
         self, group: dict[str, Any], dense: list[Tensor], sparse: list[SparseState]
@@ -105,8 +138,9 @@ class MaskedOptimizer(NMOptimizer):
         t, t_f = group["step"], group["t_f"]
         update = advance and is_update_step(t, group["delta_t"], group["t_i"], t_f)
         # Weights written from outside (a model load_state_dict) lose their pruned entries on
-        # every ΔT-aligned step, and on the first step of this optimizer or after a load.
-        reapply = advance and (self._reapply_masks or t % group["delta_t"] == 0)
+        # every ΔT-aligned or update step, and on the first step of this optimizer or after a
+        # load; before the mask update, so a weight it revives restarts from 0.
+        reapply = advance and (self._reapply_masks or update or t % group["delta_t"] == 0)
         engine, m = self.engine, group["m"]
         dense, sparse = [], []
         for offset, p in enumerate(group["params"]):
@@ -118,10 +152,10 @@ class MaskedOptimizer(NMOptimizer):
             if not engine.initialised(state):
                 engine.initialise(weight, state, m)
             engine.check(weight, state, m, f"parameter {first_index + offset}")
-            if update:
-                self._update_mask(p, state, group, first_index + offset)
             if reapply:
                 engine.zero_pruned_(weight, state, m)
+            if update:
+                self._update_mask(p, state, group, first_index + offset)
             if advance and t >= t_f:
                 state.pop("oscillation", None)  # the mask is fixed from here on
             if p.grad is not None:
@@ -199,7 +233,8 @@ class MaskedOptimizer(NMOptimizer):
     def state_dict(self) -> dict[str, Any]:
         """As :meth:`torch.optim.Optimizer.state_dict`; a sharded (FSDP2) sparse parameter's
         state is given in the engine's phase-independent checkpoint form
-        (:meth:`bame_optim.optim.engine.NMEngine.checkpoint_form`)."""
+        (:meth:`bame_optim.optim.engine.NMEngine.checkpoint_form`). It is not a state dict of
+        :attr:`dense_class` (compact buffers, mask codes): :meth:`torch_state_dict` is."""
         saved = super().state_dict()
         for i, (p, group) in enumerate(self._params_and_groups()):
             state = saved["state"].get(i)
@@ -209,9 +244,23 @@ class MaskedOptimizer(NMOptimizer):
                 )
         return saved
 
+    def torch_state_dict(self) -> dict[str, Any]:
+        """This optimizer's state as :attr:`dense_class` (``torch.optim.SGD`` / ``AdamW``)
+        over the same param groups holds it: load it into that optimizer and step on
+        (:func:`bame_optim.optim.interop.torch_state_dict`). ``state_dict()`` is not one."""
+        return interop.torch_state_dict(self)
+
+    def load_dense_state_dict(self, state_dict: dict[str, Any], params: Iterable[Tensor]
+                              ) -> None:
+        """Start from a dense optimizer's ``state_dict`` over ``params`` (in its order, e.g.
+        ``model.parameters()``), whatever its param groups
+        (:func:`bame_optim.optim.interop.load_dense_state_dict`)."""
+        interop.load_dense_state_dict(self, state_dict, params)
+
     def _loaded(self, p: Tensor) -> None:
         self._reapply_masks = True
         state, group = self.state.get(p, {}), self._group_of(p)
+        interop.check_not_cast(state, p)
         if "kept_mask" in state:
             self.engine.compact_form(p, state, group["m"])
         elif state and not self.engine.initialised(state) and self._is_sparse(p, group):
@@ -247,6 +296,32 @@ class MaskedOptimizer(NMOptimizer):
             if sparse:
                 group["t_i"] = group["t_f"] = group["step"]
 
+    def check_finished(self) -> bool:
+        """Call when training ends: ``True`` when every sparse parameter keeps exactly ``n``
+        per block (the schedule reached ``t_i``, or :meth:`finalize_masks` ran); otherwise a
+        ``UserWarning`` per unfinished group (its step, ``t_i``, ``total_steps`` and what its
+        blocks keep) and ``False``. The training scripts call it after the last epoch, and
+        :class:`bame_optim.integrations.hf_trainer.NMCheck` at the end of ``Trainer.train()``.
+        """
+        finished = True
+        for index, group in enumerate(self.param_groups):
+            kept = [self.state.get(p, {}).get("kept_count", group["m"])
+                    for p in group["params"] if self._is_sparse(p, group)]
+            if not kept or max(kept) <= group["n"]:
+                continue
+            finished = False
+            warnings.warn(
+                f"{type(self).__name__}: training ended at step {group['step']}, before t_i="
+                f"{group['t_i']} (total_steps={group.get('total_steps')}): param group {index} "
+                f"still keeps up to {max(kept)} of {group['m']} weights per block, so the model "
+                f"is not {group['n']}:{group['m']}. total_steps counts optimizer steps (with "
+                "gradient accumulation, len(loader) // accumulation per epoch); call "
+                "finalize_masks() to prune to N:M now",
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )
+        return finished
+
     def schedule_summary(self) -> str:
         """One line: per group with sparse parameters, its N:M pattern, the steps of each
         phase and the number of mask updates in the gradual and evolve phases."""
@@ -279,6 +354,19 @@ class MaskedOptimizer(NMOptimizer):
         group = self._group_of(p)
         dense = self.engine.dense_buffer(blocked(p, group), state, name, group["m"])
         return blocked(dense, group)
+
+
+_SCHEDULE_KEYS = ("total_steps", "t_i", "t_f", "t_end", "delta_t")
+
+
+def _given_schedule(group: dict[str, Any], given: set[str]) -> dict[str, Any]:
+    """The values of ``group`` a loaded checkpoint may not replace: the schedule keys in
+    ``given`` (with those derived from a given ``total_steps``) and ``fused``."""
+    keys = given & set(_SCHEDULE_KEYS)
+    if "total_steps" in keys:
+        keys |= {"t_i", "t_f", "t_end"}
+    return {k: group[k] for k in (*_SCHEDULE_KEYS, "fused") if k in group and
+            (k in keys or k == "fused")}
 
 
 def _check_strided_grad(p: Tensor, index: int) -> None:

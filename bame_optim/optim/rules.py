@@ -119,8 +119,12 @@ def one_shot(weight, grad, kept, oscillation, group, context) -> MaskUpdate:
 
 def gradual_magnitude(weight, grad, kept, oscillation, group, context) -> MaskUpdate:
     """The ``n(t)`` largest ``|W|`` among the kept weights of every block (the gradual budget
-    of :func:`bame_optim.core.schedule.gradual_budget`; exactly ``n`` at ``t_i``)."""
+    of :func:`bame_optim.core.schedule.gradual_budget`; exactly ``n`` at ``t_i``), at most the
+    count kept now: pruned weights do not come back in this phase, also when a resumed run's
+    ``t_i`` lies later than the checkpoint's."""
     count = gradual_budget(context.step, group["n"], group["m"], group["t_i"])
+    if kept.shape[0]:  # never above the current count (a resume that moved t_i later)
+        count = min(count, int(kept[0].sum()))
     return MaskUpdate(magnitude_mask(weight, kept, count), count)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 from torch.optim.sgd import sgd
 
@@ -84,6 +85,7 @@ class BAMESGD(MaskedOptimizer):
     rules: ClassVar[MaskRules] = BAME_RULES
     """The mask rule of each phase, and the keywords they read."""
     engine: ClassVar[NMEngine] = NMEngine(("momentum_buffer",))
+    dense_class = torch.optim.SGD
     update_keywords: ClassVar[frozenset[str]] = frozenset(SGD_DEFAULTS) | {"fused",
                                                                             "differentiable"}
 

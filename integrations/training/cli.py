@@ -7,8 +7,8 @@ given from the model's :class:`~.recipes.Recipe`, else the script's defaults), a
 parses and trains. A
 :class:`~.config.ConfigError` of the library (raised when the config is built, or by the run for
 data, splits, ``--exclude`` patterns and checkpoints) exits through ``parser.error`` (status 2)
-with a message that names the flag and the value; so does a
-:class:`~.launch.LaunchError` (processes that would each train alone), with its own message.
+with a message that names the flag and the value; a :class:`~.launch.LaunchError` (processes
+that would each train alone) exits with status 2 and its one-line reason, without the usage.
 """
 
 from __future__ import annotations
@@ -95,11 +95,30 @@ def _recipe_note(script: ScriptConfig, name: str) -> str:
     return "; " + ", ".join(notes) if notes else ""
 
 
+def _epochs_note(epochs: Mapping[str, int]) -> str:
+    """``--epochs``'s default: per model, and ``"*"`` (any other model) last."""
+    named = [f"{k} {v}" for k, v in epochs.items() if k != "*"]
+    if "*" in epochs:
+        named.append(f"other models {epochs['*']}" if named else str(epochs["*"]))
+    return ", ".join(named)
+
+
+def _prog(script: ScriptConfig) -> str:
+    """The name ``usage:`` shows: the console command that runs the script (``bame-train-cifar``)
+    when it was started as one, else ``SCRIPT.py``."""
+    from bame_optim.console import SCRIPTS
+
+    command = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    if command in SCRIPTS and SCRIPTS[command][0] == script.name:
+        return command
+    return f"{script.name}.py"
+
+
 def build_parser(script: ScriptConfig) -> argparse.ArgumentParser:
     """The command line of the training script ``script`` (``--help`` lists it); every flag
     sets the :class:`~.config.TrainingConfig` field of its name."""
     parser = argparse.ArgumentParser(
-        prog=f"{script.name}.py",
+        prog=_prog(script),
         description=script.description,
         epilog=script.epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -202,8 +221,7 @@ def build_parser(script: ScriptConfig) -> argparse.ArgumentParser:
     optim.add_argument(
         "--epochs",
         type=int,
-        help="default: "
-        + ", ".join(f"{k} {v}" for k, v in script.default_epochs.items() if k != "*"),
+        help="default: " + _epochs_note(script.default_epochs),
     )
     optim.add_argument(
         "--batch-size",
@@ -361,5 +379,5 @@ def main(argv: Sequence[str] | None, script: ScriptConfig) -> TrainResult:
         return run(config, argv=argv)
     except ConfigError as err:
         _exit(parser, err)
-    except LaunchError as err:
-        parser.error(str(err))
+    except LaunchError as err:  # the reason alone: a usage per launched process buries it
+        parser.exit(2, f"{parser.prog}: error: {err}\n")

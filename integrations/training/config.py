@@ -21,6 +21,7 @@ from bame_optim.methods import (
     OPTIMIZERS,
     accepted_keywords,
     fixed_settings,
+    inert_keywords,
     method_name,
 )
 from bame_optim.optim.adamw import ADAMW_DEFAULTS
@@ -353,6 +354,9 @@ def _validate(config: TrainingConfig) -> None:
         _real_in(config, name, 0.0, 1.0, high_open=False)
         if name not in accepted_keywords(registered):
             raise ConfigError(name, value, f"method {registered} does not use {name}")
+        if name in inert_keywords(registered):
+            raise ConfigError(name, value, f"method {registered} has no evolve phase "
+                              f"(it fixes t_i = t_f), so {name} would change nothing")
         if name in fixed and value != fixed[name]:
             raise ConfigError(name, value, f"method {registered} fixes {name}={fixed[name]}")
     patch = config.vit_patch

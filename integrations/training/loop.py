@@ -421,6 +421,9 @@ def run(config: TrainingConfig, *, argv: Sequence[str] | None = None) -> TrainRe
         f"{accelerator.device}, {loop.steps_per_epoch} steps/epoch, {loop.total_steps} steps"
     )
     _train(loop, progress)
+    finished = getattr(loop.inner, "check_finished", None)
+    if finished is not None and accelerator.is_main_process:
+        finished()  # warns if the run ended before t_i (total_steps too large)
 
     metrics: dict[str, Any] = {}
     if loop.metrics is not None:
