@@ -11,9 +11,9 @@ from torch import Tensor
 from torch.optim.adamw import adamw
 from torch.optim.optimizer import _get_scalar_dtype
 
-from bame_optim.optim.base import check_fused_flags
 from bame_optim.optim.engine import NMEngine
 from bame_optim.optim.functional import kept_adamw
+from bame_optim.optim.keywords import check_fused_flags
 from bame_optim.optim.masked import MaskedOptimizer, SparseState
 from bame_optim.optim.rules import BAME_RULES, MaskRules
 from bame_optim.optim.sharded import local_tensor

@@ -10,9 +10,10 @@ import torch
 from torch import Tensor
 from torch.optim.sgd import sgd
 
-from bame_optim.optim.base import SGD_DEFAULTS, check_fused_flags
+from bame_optim.optim.base import SGD_DEFAULTS
 from bame_optim.optim.engine import NMEngine
 from bame_optim.optim.functional import kept_sgd
+from bame_optim.optim.keywords import check_fused_flags
 from bame_optim.optim.masked import MaskedOptimizer, SparseState
 from bame_optim.optim.rules import ASP_RULES, BAME_RULES, RIGL_RULES, MaskRules
 from bame_optim.optim.sharded import is_sharded, local_tensor
