@@ -239,9 +239,9 @@ def main() -> None:
     """``python -m bame_optim.kernels.build``: build (or find) the extension, say where."""
     if disabled():
         raise SystemExit(f"{DISABLE_ENV} is set: nothing to build")
-    os.environ[REQUIRE_ENV] = "1"
     start = time.perf_counter()
-    load()
+    if load() is None:
+        raise SystemExit(f"bame_optim: building the native CPU kernels failed: {error()}")
     print(f"bame_optim native CPU kernels ready in {_state['directory']} "
           f"({time.perf_counter() - start:.1f} s)")
 
