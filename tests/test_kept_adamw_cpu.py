@@ -18,7 +18,7 @@ from torch.optim.adamw import adamw
 from bame_optim import BAMEAdamW
 from bame_optim.core.kept import encode_kept, gather_kept, kept_indices, scatter_kept_
 from bame_optim.core.nm import random_nm_mask
-from bame_optim.kernels import build, kept_adamw_cpu
+from bame_optim.kernels import kept_adamw_cpu, native
 from bame_optim.optim.functional import kept_adamw
 
 from .test_kept_sgd_cpu import require_kernel
@@ -232,15 +232,15 @@ def test_bad_input_raises_value_error_before_writing():
 
 
 def test_disabled_by_environment(monkeypatch):
-    monkeypatch.setenv(build.DISABLE_ENV, "1")
+    monkeypatch.setenv(native.DISABLE_ENV, "1")
     assert not kept_adamw_cpu.available()
     case = make_case(2, 4, torch.float32, seed=0)
-    with pytest.raises(RuntimeError, match=build.DISABLE_ENV):
+    with pytest.raises(RuntimeError, match=native.DISABLE_ENV):
         fused_step(case, 4, **HYPERS[0])
-    with pytest.raises(ValueError, match="Invalid fused value: True .*disabled"):
+    with pytest.raises(ValueError, match=r"Invalid fused value: True .*disabled"):
         call_kept_adamw(case, fused=True)
     call_kept_adamw(case, fused=None)  # the eager path
-    monkeypatch.setenv(build.DISABLE_ENV, "0")
+    monkeypatch.setenv(native.DISABLE_ENV, "0")
     assert kept_adamw_cpu.available()
 
 
@@ -290,7 +290,7 @@ def test_bame_adamw_steps_through_the_kernel_like_the_eager_path(monkeypatch):
         return [p.detach().clone() for p in model.parameters()]
 
     fused = run()
-    monkeypatch.setenv(build.DISABLE_ENV, "1")
+    monkeypatch.setenv(native.DISABLE_ENV, "1")
     eager = run()
     for a, b in zip(eager, fused, strict=True):
         torch.testing.assert_close(b, a)

@@ -16,7 +16,7 @@ from torch.optim.sgd import sgd
 
 from bame_optim.core.kept import MAX_RANKED, encode_kept, gather_kept, kept_indices, scatter_kept_
 from bame_optim.core.nm import random_nm_mask
-from bame_optim.kernels import build, kept_sgd_cpu
+from bame_optim.kernels import kept_sgd_cpu, native
 
 SHAPES = [
     (5, 16),  # Linear
@@ -50,11 +50,11 @@ def _kernel():
 def require_kernel(kernel):
     """Skip where the kernel cannot run here, with the reason; with
     BAME_OPTIM_REQUIRE_NATIVE set (make test, CI) fail instead."""
-    if build.required():
-        assert kernel.available(), f"unavailable with {build.REQUIRE_ENV} set: {kernel.error()}"
+    if native.required():
+        assert kernel.available(), f"unavailable with {native.REQUIRE_ENV} set: {kernel.error()}"
         return
     if kernel.disabled():
-        pytest.skip(f"native kernels disabled by {build.DISABLE_ENV}")
+        pytest.skip(f"native kernels disabled by {native.DISABLE_ENV}")
     if not kernel.available():  # builds on first use; warns with the reason if it fails
         pytest.skip(f"fused CPU kernel unavailable: {kernel.error()}")
 

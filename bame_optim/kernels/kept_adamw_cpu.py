@@ -41,7 +41,7 @@ MKL (x86) is not always; the tests hold the weights to the tolerance torch's
 defaults: rtol 1.3e-6 / atol 1e-5 for float32, 1e-7 / 1e-7 for float64). float16/bfloat16
 are not handled (the eager path is used).
 
-Built on first use by :mod:`bame_optim.kernels.build` (one extension with the kept-SGD
+Built on first use by :mod:`bame_optim.kernels.native` (one extension with the kept-SGD
 kernel); ``BAME_OPTIM_NO_NATIVE`` disables it. Tensors are handled as
 :func:`bame_optim.kernels.kept_sgd_cpu.supports` describes (contiguous, or the transposed view
 of a contiguous 2-D tensor), float32/float64 only (:func:`supports`).
@@ -57,8 +57,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from bame_optim.kernels import build, kept_sgd_cpu
-from bame_optim.kernels.build import DISABLE_ENV, disabled
+from bame_optim.kernels import kept_sgd_cpu, native
+from bame_optim.kernels.native import DISABLE_ENV, disabled
 
 __all__ = ["DISABLE_ENV", "DTYPES", "available", "disabled", "fused_kept_adamw_", "supports"]
 
@@ -194,7 +194,7 @@ def _load() -> ModuleType | None:
                     _state["fma_addcmul"] = _probe_addcmul(module)
                 except RuntimeError as failure:
                     _state["error"] = str(failure)
-                    if build.required():
+                    if native.required():
                         raise
                     warnings.warn(f"bame_optim: the fused kept-AdamW kernel is unavailable, "
                                   f"using the eager path ({failure})", RuntimeWarning,

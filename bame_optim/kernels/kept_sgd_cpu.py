@@ -41,7 +41,7 @@ vectorised body: it matches eager except at those tail entries, where the two di
 extra rounding of ``alpha * b`` (half an ulp of that product per op, more ulps of the result
 where the sum cancels). float32/float64 are exact everywhere.
 
-Built on first use (never at import) by :mod:`bame_optim.kernels.build`, which also documents
+Built on first use (never at import) by :mod:`bame_optim.kernels.native`, which also documents
 the build cache and ``BAME_OPTIM_NO_NATIVE`` / ``BAME_OPTIM_REQUIRE_NATIVE``. Only plain CPU
 tensors are handled (:func:`supports`): contiguous, or for a sparse parameter also the
 transposed view ``w.t()`` of a contiguous 2-D ``w`` (transformers' ``Conv1D`` weights stepped
@@ -61,8 +61,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from bame_optim.kernels import build
-from bame_optim.kernels.build import DISABLE_ENV, disabled
+from bame_optim.kernels import native
+from bame_optim.kernels.native import DISABLE_ENV, disabled
 
 __all__ = [
     "DISABLE_ENV",
@@ -98,7 +98,7 @@ def available() -> bool:
 def compile_seconds() -> float | None:
     """Seconds the first :func:`available` call of this process spent loading (building) the
     extension."""
-    return build.compile_seconds()
+    return native.compile_seconds()
 
 
 def plain(t: Tensor, *, transposed: bool = True) -> bool:
@@ -246,11 +246,11 @@ def _rank_table(count: int, m: int) -> Tensor:
 
 def error() -> str | None:
     """Why the kernel is unavailable (``None`` if it is, or was not tried)."""
-    return build.error() or _state.get("error")  # type: ignore[return-value]
+    return native.error() or _state.get("error")  # type: ignore[return-value]
 
 
 def _load() -> ModuleType | None:
-    module = build.load()
+    module = native.load()
     if module is None:
         return None
     if "fma" not in _state and "error" not in _state:
@@ -260,7 +260,7 @@ def _load() -> ModuleType | None:
                     _state["fma"] = _probe_fma(module)
                 except RuntimeError as failure:
                     _state["error"] = str(failure)
-                    if build.required():
+                    if native.required():
                         raise
                     warnings.warn(f"bame_optim: the fused kept kernels are unavailable, using "
                                   f"the eager path ({failure})", RuntimeWarning, stacklevel=3)
