@@ -155,13 +155,15 @@ struct Item : Blocks {
   double step_size = 0;
   double bc2_sqrt = 1;
   void (*fn)(const Item&, int64_t, int64_t, const Hyper&) = nullptr;
-  void* gather = nullptr;
+  void* gather = nullptr;   // bame::MoveFn<T>
+  void* scatter = nullptr;
 };
 
 template <typename T, bool FMA, bool FMA_ADDCMUL>
 void run_sparse(const Item& it, int64_t k0, int64_t k1, const Hyper& hyper) {
   const Scalars<T> scalars(hyper, it.step_size, it.bc2_sqrt);
-  const auto gather_fn = reinterpret_cast<bame::GatherFn<T>>(it.gather);
+  const auto gather_fn = reinterpret_cast<bame::MoveFn<T>>(it.gather);
+  const auto scatter_fn = reinterpret_cast<bame::MoveFn<T>>(it.scatter);
   T* param = static_cast<T*>(it.param);
   T* m = static_cast<T*>(it.exp_avg);
   T* v = static_cast<T*>(it.exp_avg_sq);
@@ -169,20 +171,21 @@ void run_sparse(const Item& it, int64_t k0, int64_t k1, const Hyper& hyper) {
   const int64_t n = it.count;
   const int64_t chunk_blocks = std::max<int64_t>(1, kChunkElements / n);
   std::vector<T> w(chunk_blocks * n), g(chunk_blocks * n);
-  std::vector<int64_t> offsets(chunk_blocks * n);
   for (int64_t c0 = k0; c0 < k1; c0 += chunk_blocks) {
     const int64_t c1 = std::min(k1, c0 + chunk_blocks);
     const int64_t len = (c1 - c0) * n;
-    gather_fn(it, c0, c1, w.data(), g.data(), offsets.data());
+    gather_fn(it, c0, c1, w.data(), g.data());
     update<T, FMA, FMA_ADDCMUL>(scalars, w.data(), g.data(), m + c0 * n, v + c0 * n,
                                 vmax ? vmax + c0 * n : nullptr, len);
-    for (int64_t i = 0; i < len; ++i) param[offsets[i]] = w[i];
+    scatter_fn(it, c0, c1, w.data(), nullptr);
   }
 }
 
 template <typename T>
 bool pick(Item& it, at::ScalarType code_dtype, bool fma, bool fma_addcmul) {
-  it.gather = reinterpret_cast<void*>(bame::pick_gather<T>(code_dtype, it.table != nullptr));
+  const bool ranked = it.table != nullptr;
+  it.gather = reinterpret_cast<void*>(bame::pick_move<T, false>(code_dtype, ranked, it.count));
+  it.scatter = reinterpret_cast<void*>(bame::pick_move<T, true>(code_dtype, ranked, it.count));
   it.fn = fma ? (fma_addcmul ? &run_sparse<T, true, true> : &run_sparse<T, true, false>)
               : (fma_addcmul ? &run_sparse<T, false, true> : &run_sparse<T, false, false>);
   return it.gather != nullptr;

@@ -41,10 +41,11 @@ struct Blocks {
   int64_t blocks = 0;          // K
 };
 
-// Copies the kept weights and gradients of blocks [k0, k1) into w and g (block order) and
-// their element offsets into offsets.
+// Moves the kept entries of blocks [k0, k1) between the parameter and the chunk arrays (block
+// order): SCATTER false copies weights and gradients into w and g, true writes w back. The
+// positions are decoded again for the scatter (from L1) rather than stored.
 template <typename T>
-using GatherFn = void (*)(const Blocks&, int64_t, int64_t, T*, T*, int64_t*);
+using MoveFn = void (*)(const Blocks&, int64_t, int64_t, T*, T*);
 
 // GCC 12.2 hit an internal compiler error vectorising this loop (with a compile-time count);
 // vectorising a gather gains nothing here anyway.
@@ -54,13 +55,16 @@ using GatherFn = void (*)(const Blocks&, int64_t, int64_t, T*, T*, int64_t*);
 #define BAME_NO_VECTORIZE
 #endif
 
-template <typename T, typename Code, bool RANKED>
-BAME_NO_VECTORIZE void gather(const Blocks& it, int64_t k0, int64_t k1, T* __restrict w,
-                              T* __restrict g, int64_t* __restrict offsets) {
-  const T* param = static_cast<const T*>(it.param);
+constexpr int64_t kPrefetchBytes = 1024;
+
+// N: the count as a compile-time constant (the inner loop unrolled), or 0 for it.count.
+template <typename T, typename Code, bool RANKED, int N, bool SCATTER>
+BAME_NO_VECTORIZE void move_kept(const Blocks& it, int64_t k0, int64_t k1, T* __restrict w,
+                                 T* __restrict g) {
+  T* param = static_cast<T*>(it.param);
   const T* grad = static_cast<const T*>(it.grad);
   const Code* code = static_cast<const Code*>(it.code);
-  const int64_t n = it.count;
+  const int64_t n = N > 0 ? N : it.count;
   const int64_t S = it.spatial, B = it.blocks_per_row;
   const int64_t row_stride = it.channels * S;  // entries per output channel
   const int64_t block_stride = it.m * S;       // entries between blocks along C
@@ -72,22 +76,28 @@ BAME_NO_VECTORIZE void gather(const Blocks& it, int64_t k0, int64_t k1, T* __res
   for (int64_t k = k0; k < k1;) {
     // The blocks of one (o, s) row: b, b + 1, ... block_stride apart.
     const int64_t b_end = std::min(B, b + (k1 - k));
-    int64_t base = o * row_stride + s + b * block_stride;
-    for (; b < b_end; ++b, ++k, base += block_stride) {
-      const int32_t* ranked_row = nullptr;
-      const Code* position_row = nullptr;
-      if constexpr (RANKED) {
-        ranked_row = it.table + static_cast<int64_t>(code[k]) * n;
-      } else {
-        position_row = code + k * n;
+    T* base = param + o * row_stride + s + b * block_stride;
+    const T* gbase = grad + o * row_stride + s + b * block_stride;
+    for (; b < b_end; ++b, ++k, base += block_stride, gbase += block_stride, e += n) {
+      if constexpr (!SCATTER) {
+        // Every iteration waits on two new cache lines at sparse patterns: fetch ahead.
+        __builtin_prefetch(reinterpret_cast<const char*>(base) + kPrefetchBytes);
+        __builtin_prefetch(reinterpret_cast<const char*>(gbase) + kPrefetchBytes);
       }
-      for (int64_t j = 0; j < n; ++j, ++e) {
-        const int64_t pos = RANKED ? static_cast<int64_t>(ranked_row[j])
-                                   : static_cast<int64_t>(position_row[j]);
-        const int64_t off = base + pos * S;
-        offsets[e] = off;
-        w[e] = param[off];
-        g[e] = grad[off];
+      for (int64_t j = 0; j < n; ++j) {
+        int64_t pos;
+        if constexpr (RANKED) {
+          pos = it.table[static_cast<int64_t>(code[k]) * n + j];
+        } else {
+          pos = static_cast<int64_t>(code[k * n + j]);
+        }
+        const int64_t off = pos * S;
+        if constexpr (SCATTER) {
+          base[off] = w[e + j];
+        } else {
+          w[e + j] = base[off];
+          g[e + j] = gbase[off];
+        }
       }
     }
     b = 0;
@@ -98,15 +108,33 @@ BAME_NO_VECTORIZE void gather(const Blocks& it, int64_t k0, int64_t k1, T* __res
   }
 }
 
-template <typename T>
-GatherFn<T> pick_gather(at::ScalarType code_dtype, bool ranked) {
+template <typename T, typename Code, bool RANKED, bool SCATTER>
+MoveFn<T> pick_count(int64_t count) {
+  switch (count) {
+    case 1:
+      return &move_kept<T, Code, RANKED, 1, SCATTER>;
+    case 2:
+      return &move_kept<T, Code, RANKED, 2, SCATTER>;
+    case 4:
+      return &move_kept<T, Code, RANKED, 4, SCATTER>;
+    default:
+      return &move_kept<T, Code, RANKED, 0, SCATTER>;
+  }
+}
+
+// The gather (SCATTER false) or scatter of a code dtype, stored form and count.
+template <typename T, bool SCATTER>
+MoveFn<T> pick_move(at::ScalarType code_dtype, bool ranked, int64_t count) {
   switch (code_dtype) {
     case at::kByte:
-      return ranked ? &gather<T, uint8_t, true> : &gather<T, uint8_t, false>;
+      return ranked ? pick_count<T, uint8_t, true, SCATTER>(count)
+                    : pick_count<T, uint8_t, false, SCATTER>(count);
     case at::kShort:
-      return ranked ? &gather<T, int16_t, true> : &gather<T, int16_t, false>;
+      return ranked ? pick_count<T, int16_t, true, SCATTER>(count)
+                    : pick_count<T, int16_t, false, SCATTER>(count);
     case at::kLong:
-      return ranked ? &gather<T, int64_t, true> : &gather<T, int64_t, false>;
+      return ranked ? pick_count<T, int64_t, true, SCATTER>(count)
+                    : pick_count<T, int64_t, false, SCATTER>(count);
     default:
       return nullptr;
   }

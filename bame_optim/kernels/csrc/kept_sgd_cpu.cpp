@@ -54,7 +54,8 @@ struct Item : Blocks {
   void* buffer = nullptr;  // sparse: [K, count] in block order; dense: param-shaped; or nullptr
   bool first = false;      // momentum buffer created by this call
   SegmentFn fn = nullptr;
-  void* gather = nullptr;  // bame::GatherFn<T> of the item's dtype (sparse only)
+  void* gather = nullptr;   // bame::MoveFn<T> of the item's dtype (sparse only)
+  void* scatter = nullptr;  // likewise
 };
 
 template <typename T, bool FMA>
@@ -129,20 +130,20 @@ constexpr int64_t kChunkElements = 2048;  // scratch per thread: a few L1-reside
 template <typename T, bool FMA>
 void run_sparse(const Item& it, int64_t k0, int64_t k1, const Hyper& hyper) {
   const Update<T, FMA> update(hyper);
-  const auto gather_fn = reinterpret_cast<bame::GatherFn<T>>(it.gather);
+  const auto gather_fn = reinterpret_cast<bame::MoveFn<T>>(it.gather);
+  const auto scatter_fn = reinterpret_cast<bame::MoveFn<T>>(it.scatter);
   T* param = static_cast<T*>(it.param);
   T* buffer = static_cast<T*>(it.buffer);
   const int64_t n = it.count;
   const int64_t chunk_blocks = std::max<int64_t>(1, kChunkElements / n);
   std::vector<T> w(chunk_blocks * n), g(chunk_blocks * n), scratch;
-  std::vector<int64_t> offsets(chunk_blocks * n);
   if (buffer == nullptr) scratch.resize(chunk_blocks * n);
   for (int64_t c0 = k0; c0 < k1; c0 += chunk_blocks) {
     const int64_t c1 = std::min(k1, c0 + chunk_blocks);
     const int64_t len = (c1 - c0) * n;
-    gather_fn(it, c0, c1, w.data(), g.data(), offsets.data());
+    gather_fn(it, c0, c1, w.data(), g.data());
     update(w.data(), g.data(), buffer ? buffer + c0 * n : scratch.data(), len, it.first);
-    for (int64_t i = 0; i < len; ++i) param[offsets[i]] = w[i];
+    scatter_fn(it, c0, c1, w.data(), nullptr);
   }
 }
 
@@ -168,9 +169,13 @@ bool pick(Item& it, at::ScalarType dtype, at::ScalarType code_dtype, bool dense,
 #define BAME_PICK(T)                                                            \
   it.fn = dense ? (fma ? &run_dense<T, true> : &run_dense<T, false>)            \
                 : (fma ? &run_sparse<T, true> : &run_sparse<T, false>);         \
-  it.gather = dense ? nullptr                                                  \
-                   : reinterpret_cast<void*>(                                 \
-                         bame::pick_gather<T>(code_dtype, it.table != nullptr)); \
+  if (!dense) {                                                                \
+    const bool ranked = it.table != nullptr;                                  \
+    it.gather = reinterpret_cast<void*>(                                      \
+        bame::pick_move<T, false>(code_dtype, ranked, it.count));             \
+    it.scatter = reinterpret_cast<void*>(                                     \
+        bame::pick_move<T, true>(code_dtype, ranked, it.count));              \
+  }                                                                           \
   return dense || it.gather != nullptr;
   switch (dtype) {
     case at::kFloat: {
