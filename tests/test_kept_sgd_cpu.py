@@ -376,3 +376,37 @@ def test_empty_inputs():
     buffers = [None]
     _call([p], [g], buffers, [torch.empty(0, dtype=torch.uint8)], [2])
     assert buffers[0].shape == (0, 2)
+
+
+def test_bamesgd_fused_true_steps_dense_parameters_with_torch_fused_sgd(monkeypatch):
+    """BAMESGD(fused=True): sparse weights through the kernel, dense ones (biases, layers left
+    dense) through torch's fused SGD, equal to torch.optim.SGD(fused=True) bit for bit."""
+    from bame_optim import BAMESGD
+    from bame_optim.optim import sgd as sgd_module
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("fused"), kwargs.get("foreach")))
+        return sgd(*args, **kwargs)
+
+    monkeypatch.setattr(sgd_module, "sgd", spy)
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 3))
+    reference = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    hyper = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
+    groups = [{"params": [model[0].weight], "sparse": True},
+              {"params": [model[0].bias, model[1].weight, model[1].bias], "sparse": False}]
+    bame = BAMESGD(groups, fused=True, t_i=0, t_f=0, total_steps=10, **hyper)
+    torch_sgd = torch.optim.SGD(reference[1:], fused=True, **hyper)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for p, r in zip(model.parameters(), reference, strict=True):
+            p.grad = torch.randn(p.shape, generator=gen)
+            r.grad = p.grad.clone()
+        bame.step()
+        torch_sgd.step()
+    assert calls == [(True, False)] * 3
+    for p, r in zip(list(model.parameters())[1:], reference[1:], strict=True):
+        assert torch.equal(p, r)

@@ -61,7 +61,8 @@ class BAMESGD(MaskedOptimizer):
         zeta, t_end: RigL's drop fraction and the end of its annealing (:class:`RigLSGD`
             only).
         fused: as :func:`bame_optim.optim.functional.kept_sgd` (``None``: the fused native
-            kernel where it is available).
+            kernel where it is available); ``True`` also steps dense parameters with
+            :class:`torch.optim.SGD`'s ``fused=True`` kernel.
 
     ``None`` for a rule keyword means the rules' default; a rule keyword that :attr:`rules`
     does not read raises ``TypeError``.
@@ -132,6 +133,8 @@ class BAMESGD(MaskedOptimizer):
             buffers = [self.state[p].get("momentum_buffer") if p in self.state else None
                        for p in dense]
             has_sparse_grad = any(p.grad.is_sparse for p in dense)
+            if group["fused"]:  # torch's own fused kernel, as SGD(fused=True) would run
+                hyper |= {"foreach": False, "fused": True}
             sgd(dense, [p.grad for p in dense], buffers, has_sparse_grad, **hyper)
             if group["momentum"] != 0:
                 for p, buffer in zip(dense, buffers, strict=True):
