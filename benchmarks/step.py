@@ -42,9 +42,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -55,12 +53,20 @@ from torch.nn import functional as F
 from torch.optim import Optimizer
 from tqdm import tqdm
 
-from bame_optim import nm_param_groups
 from bame_optim.core.schedule import is_update_step
 from bame_optim.methods import METHODS, accepted_keywords, make_optimizer
 
 from .cli import nm_pattern, resolve_device, write_csv
-from .step_common import BENCH_MODELS, build_model, gbps, step_bytes
+from .step_common import (
+    BENCH_MODELS,
+    Timer,
+    assign_grads,
+    build_model,
+    gbps,
+    interleaved,
+    sparse_groups,
+    step_bytes,
+)
 
 DEFAULT_MODELS = ("resnet32", "resnet50", "deit_small", "gpt2_small")
 DEFAULT_PATTERNS = ((2, 4), (1, 4), (1, 16))
@@ -93,13 +99,6 @@ mask-update steps."""
 def _params(groups: list[dict[str, Any]]) -> list[Tensor]:
     """The parameters of ``nm_param_groups``-style groups (items may be ``(name, p)`` pairs)."""
     return [item[1] if isinstance(item, tuple) else item for g in groups for item in g["params"]]
-
-
-def sparse_groups(model: nn.Module, n: int, m: int) -> list[dict[str, Any]]:
-    """``nm_param_groups(model, n, m)`` without the warnings about layers left dense."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return nm_param_groups(model, n, m)
 
 
 def make_bame(
@@ -139,60 +138,6 @@ def update_flags(optimizer: Optimizer) -> list[bool]:
         for g in optimizer.param_groups
         if g.get("sparse") and "t_i" in g
     ]
-
-
-def assign_grads(model: nn.Module, grads: list[Tensor]) -> None:
-    """Give ``model``'s parameters clones of the fixed gradients ``grads``."""
-    for p, g in zip(model.parameters(), grads, strict=True):
-        p.grad = g.clone()
-
-
-class Timer:
-    """Wall time of a call in milliseconds; on CUDA with events, synchronising around it."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def __call__(self, fn: Callable[[], Any]) -> float:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end)
-        begin = time.perf_counter()
-        fn()
-        return 1000 * (time.perf_counter() - begin)
-
-
-def interleaved(
-    calls: dict[str, Callable[[], Any]],
-    steps: int,
-    warmup: int,
-    timer: Timer,
-    before: Callable[[str], None] | None = None,
-    bar: tqdm | None = None,
-) -> dict[str, float]:
-    """Median milliseconds of each call over ``steps`` rounds after ``warmup`` untimed ones.
-
-    Each round runs every call once, in an order rotated by one every round, so slow phases
-    of the machine hit every call alike. ``before(name)`` runs (untimed) before each call.
-    """
-    names = list(calls)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(warmup + steps):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            if before is not None:
-                before(name)
-            ms = timer(calls[name])
-            if r >= warmup:
-                times[name].append(ms)
-        if bar is not None:
-            bar.update()
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def time_optimizer_steps(

@@ -34,8 +34,17 @@ from tqdm import tqdm
 from bame_optim import BAMEAdamW
 
 from .cli import nm_pattern, write_csv
-from .step import DEFAULT_MODELS, FAR, Timer, assign_grads, interleaved, sparse_groups
-from .step_common import BENCH_MODELS, build_model, gbps, step_bytes
+from .step import DEFAULT_MODELS, FAR
+from .step_common import (
+    BENCH_MODELS,
+    Timer,
+    assign_grads,
+    build_model,
+    gbps,
+    interleaved,
+    sparse_groups,
+    step_bytes,
+)
 
 HYPER: dict[str, Any] = {"lr": 1e-3, "weight_decay": 0.05, "foreach": True}
 """The hyper-parameters of every optimizer."""
