@@ -1,4 +1,5 @@
-"""Optimizer-step benchmark: BAMESGD against ``torch.optim.SGD(foreach=True)`` in the same run.
+"""Optimizer-step benchmark: BAMESGD against ``torch.optim.SGD`` with ``foreach=True`` and with
+``fused=True``, in the same run.
 
 For each model's parameter set and N:M pattern (sparse layers from ``nm_param_groups``), with
 fixed random gradients assigned to ``.grad`` (no forward or backward), it times
@@ -15,16 +16,21 @@ fixed random gradients assigned to ``.grad`` (no forward or backward), it times
 
 each interleaved with SGD steps on an identical copy of the parameters (the order alternates
 every round, so machine noise hits both) and summarised by the median of many steps after a
-warm-up. Every timed step is checked with :func:`bame_optim.core.schedule.is_update_step`. The
-mask-update overhead (evolve update step minus ordinary step) is amortised over ΔT = 100 and
-reported as a percentage of (c) a whole training step (forward + backward + optimizer step) of
-ResNet-32 on CIFAR-shaped random data (batch 128 x 3 x 32 x 32), timed with BAMESGD and SGD
-interleaved.
+warm-up. Ordinary steps are also interleaved with ``SGD(fused=True)`` (BAMESGD then gets
+``fused=True`` too: the native kernel for sparse weights, torch's fused SGD for dense ones), and
+reported as GB/s of the bytes each step must move (:func:`benchmarks.step_common.step_bytes`).
+Models: ResNet-32, ResNet-50, DeiT-small and GPT-2 small's 48 block Linear layers
+(``gpt2_small``, :mod:`benchmarks.step_common`). Every timed step is checked with
+:func:`bame_optim.core.schedule.is_update_step`. The mask-update overhead (evolve update step
+minus ordinary step) is amortised over ΔT = 100 and reported as a percentage of (c) a whole
+training step (forward + backward + optimizer step) of ResNet-32 on CIFAR-shaped random data
+(batch 128 x 3 x 32 x 32), timed with BAMESGD and SGD interleaved.
 
-Targets: ordinary step <= 1.1x SGD at 2:4 and < 1.0x at 1:16; amortised mask-update cost < 2%
-of a training step; on ResNet-50 at 2:4 and 1:16 an update step (evolve and gradual) <= 10x
-an ordinary step. The defaults took 9 minutes on 2 shared, busy CPU cores (``--quick``: a
-smoke run of about a minute per model)::
+Targets: ordinary step <= 1.1x SGD(foreach) at 2:4 and < 1.0x at 1:16, and <= 1.0x SGD(fused)
+at 2:4 and <= 0.7x at 1:16; amortised mask-update cost < 2% of a training step; on ResNet-50
+at 2:4 and 1:16 an update step (evolve and gradual) <= 10x an ordinary step. The defaults took
+9 minutes on 2 shared, busy CPU cores before GPT-2 small was added (``--quick``: a smoke run
+of about a minute per model)::
 
     .venv/bin/python -m benchmarks.step                                # cpu, all models
     .venv/bin/python -m benchmarks.step --csv docs/results/step.csv    # record the table
@@ -36,9 +42,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,14 +53,22 @@ from torch.nn import functional as F
 from torch.optim import Optimizer
 from tqdm import tqdm
 
-from bame_optim import nm_param_groups
 from bame_optim.core.schedule import is_update_step
-from bame_optim.integrations.models import MODELS
-from bame_optim.methods import METHODS, make_optimizer
+from bame_optim.methods import METHODS, accepted_keywords, make_optimizer
 
 from .cli import nm_pattern, resolve_device, write_csv
+from .step_common import (
+    BENCH_MODELS,
+    Timer,
+    assign_grads,
+    build_model,
+    gbps,
+    interleaved,
+    sparse_groups,
+    step_bytes,
+)
 
-DEFAULT_MODELS = ("resnet32", "resnet50", "deit_small")
+DEFAULT_MODELS = ("resnet32", "resnet50", "deit_small", "gpt2_small")
 DEFAULT_PATTERNS = ((2, 4), (1, 4), (1, 16))
 HYPER: dict[str, Any] = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "foreach": True}
 """The hyper-parameters every optimizer of the benchmark gets (SGD's included)."""
@@ -69,7 +81,9 @@ GRADUAL_LEAD = 10**6
 ``n + ceil((m - n) * GRADUAL_LEAD / FAR)`` (:func:`bame_optim.core.schedule.gradual_budget`)
 is ``n + 1`` per block."""
 TARGET_ORDINARY = {(2, 4): (1.1, "<="), (1, 16): (1.0, "<")}
-"""Ordinary-step time over SGD's, per pattern: (bound, comparison)."""
+"""Ordinary-step time over SGD(foreach=True)'s, per pattern: (bound, comparison)."""
+TARGET_ORDINARY_FUSED = {(2, 4): (1.0, "<="), (1, 16): (0.7, "<=")}
+"""Ordinary-step time over SGD(fused=True)'s, per pattern (issue 19)."""
 TARGET_AMORTISED_PCT = 2.0
 """Amortised mask-update cost, % of a whole training step (strictly below)."""
 INPUT = {"resnet32": (10, 3, 32), "resnet50": (1000, 3, 224), "deit_small": (1000, 3, 224)}
@@ -85,19 +99,6 @@ mask-update steps."""
 def _params(groups: list[dict[str, Any]]) -> list[Tensor]:
     """The parameters of ``nm_param_groups``-style groups (items may be ``(name, p)`` pairs)."""
     return [item[1] if isinstance(item, tuple) else item for g in groups for item in g["params"]]
-
-
-def build_model(name: str, device: torch.device, seed: int = 0) -> nn.Module:
-    """Model ``name`` of :data:`bame_optim.integrations.models.MODELS` on ``device``."""
-    torch.manual_seed(seed)
-    return MODELS[name]().to(device)
-
-
-def sparse_groups(model: nn.Module, n: int, m: int) -> list[dict[str, Any]]:
-    """``nm_param_groups(model, n, m)`` without the warnings about layers left dense."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return nm_param_groups(model, n, m)
 
 
 def make_bame(
@@ -121,7 +122,8 @@ def make_bame(
     else:
         raise ValueError(f"Invalid kind value: {kind!r} (one of {KINDS})")
     groups = sparse_groups(model, n, m)
-    optimizer = make_optimizer(method, groups, **HYPER, n=n, m=m, **schedule)
+    fused = {"fused": True} if "fused" in accepted_keywords(method) else {}
+    optimizer = make_optimizer(method, groups, **HYPER, n=n, m=m, **schedule, **fused)
     if kind == "gradual":
         for group in optimizer.param_groups:
             group["step"] = FAR - GRADUAL_LEAD
@@ -138,60 +140,6 @@ def update_flags(optimizer: Optimizer) -> list[bool]:
     ]
 
 
-def assign_grads(model: nn.Module, grads: list[Tensor]) -> None:
-    """Give ``model``'s parameters clones of the fixed gradients ``grads``."""
-    for p, g in zip(model.parameters(), grads, strict=True):
-        p.grad = g.clone()
-
-
-class Timer:
-    """Wall time of a call in milliseconds; on CUDA with events, synchronising around it."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def __call__(self, fn: Callable[[], Any]) -> float:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end)
-        begin = time.perf_counter()
-        fn()
-        return 1000 * (time.perf_counter() - begin)
-
-
-def interleaved(
-    calls: dict[str, Callable[[], Any]],
-    steps: int,
-    warmup: int,
-    timer: Timer,
-    before: Callable[[str], None] | None = None,
-    bar: tqdm | None = None,
-) -> dict[str, float]:
-    """Median milliseconds of each call over ``steps`` rounds after ``warmup`` untimed ones.
-
-    Each round runs every call once, in an order rotated by one every round, so slow phases
-    of the machine hit every call alike. ``before(name)`` runs (untimed) before each call.
-    """
-    names = list(calls)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(warmup + steps):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            if before is not None:
-                before(name)
-            ms = timer(calls[name])
-            if r >= warmup:
-                times[name].append(ms)
-        if bar is not None:
-            bar.update()
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 def time_optimizer_steps(
     model_name: str,
     pattern: tuple[int, int],
@@ -204,8 +152,9 @@ def time_optimizer_steps(
 ) -> dict[str, float]:
     """Median ms of SGD, ordinary steps of every method in ``methods`` and BAME update steps
     (evolve and gradual phase) on ``model_name``'s parameters at ``pattern``. Keys: ``sgd``,
-    ``sgd_u`` / ``sgd_g`` (the SGD partners of the update-step loops), ``ordinary:<method>``,
-    ``update`` (evolve), ``gradual``; and ``params`` (the count)."""
+    ``sgd_fused`` (``fused=True``), ``sgd_u`` / ``sgd_g`` (the SGD partners of the update-step
+    loops), ``ordinary:<method>``, ``update`` (evolve), ``gradual``; ``params`` (the count),
+    ``bytes_dense`` / ``bytes_sparse`` (what an ordinary SGD / BAMESGD step moves)."""
     n, m = pattern
     timer = Timer(device)
     base = build_model(model_name, device)
@@ -215,8 +164,9 @@ def time_optimizer_steps(
     def setup(kind: str, method: str = "bame") -> tuple[Optimizer, nn.Module]:
         model = copy.deepcopy(base)
         assign_grads(model, grads)
-        if method == "sgd":
-            return torch.optim.SGD(model.parameters(), **HYPER), model
+        if method in ("sgd", "sgd_fused"):
+            fused = {"foreach": False, "fused": True} if method == "sgd_fused" else {}
+            return torch.optim.SGD(model.parameters(), **(HYPER | fused)), model
         optimizer, start = make_bame(model, n, m, kind, method)
         for _ in range(start):  # the step-0 mask draw, not part of either configuration
             optimizer.step()
@@ -235,7 +185,8 @@ def time_optimizer_steps(
 
         return before
 
-    optimizers: dict[str, Optimizer] = {"sgd": sgd, **ordinary}
+    optimizers: dict[str, Optimizer] = {"sgd": sgd, "sgd_fused": setup("ordinary", "sgd_fused")[0],
+                                        **ordinary}
     result = interleaved(
         {k: o.step for k, o in optimizers.items()}, steps, warmup, timer, check("ordinary"), bar
     )
@@ -252,6 +203,9 @@ def time_optimizer_steps(
         )
         result[partner], result[kind] = upd["sgd"], upd[kind]
     result["params"] = sum(p.numel() for p in base.parameters())
+    groups = sparse_groups(base, n, m)
+    result["bytes_dense"] = step_bytes(groups, None, None, "sgd")
+    result["bytes_sparse"] = step_bytes(groups, n, m, "sgd")
     return result
 
 
@@ -307,6 +261,12 @@ def verdict(row: dict[str, Any]) -> str:
         checked = True
         if not _check(row["ordinary_ratio"], *target):
             misses.append(f"ordinary {row['ordinary_ratio']:.2f}x !{target[1]} {target[0]}x")
+    target = TARGET_ORDINARY_FUSED.get((row["n"], row["m"]))
+    if target is not None and row.get("ordinary_vs_fused") is not None:
+        checked = True
+        if not _check(row["ordinary_vs_fused"], *target):
+            misses.append(f"ordinary {row['ordinary_vs_fused']:.2f}x fused "
+                          f"!{target[1]} {target[0]}x")
     bound = TARGET_UPDATE_VS_ORDINARY.get((row["model"], row["n"], row["m"]))
     for key, what in (("update_vs_ordinary", "update"), ("gradual_vs_ordinary", "gradual")):
         if bound is not None and row.get(key) is not None:
@@ -328,14 +288,17 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
     lines = [
         "| model | N:M | method | params (M) | SGD ms | ordinary ms | ratio "
+        "| fused SGD ms | x fused | GB/s fused SGD / ordinary "
         "| evolve update ms | ratio | evolve / ordinary | gradual update ms | gradual / ordinary "
         f"| amortised update (ΔT={AMORTISE_DELTA_T}) % of train step | target |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['n']}:{r['m']} | {r['method']} | {r['params_m']:.2f} "
             f"| {r['sgd_ms']:.2f} | {r['ordinary_ms']:.2f} | {r['ordinary_ratio']:.2f}x "
+            f"| {r['sgd_fused_ms']:.2f} | {r['ordinary_vs_fused']:.2f}x "
+            f"| {r['fused_gbps']:.1f} / {r['ordinary_gbps']:.1f} "
             f"| {num(r['update_ms'], '.1f')} | "
             f"{'-' if r['update_ratio'] is None else format(r['update_ratio'], '.1f') + 'x'} "
             f"| {num(r['update_vs_ordinary'], '.1f')} | {num(r['gradual_ms'], '.1f')} "
@@ -348,7 +311,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=list(INPUT))
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS),
+                        choices=list(BENCH_MODELS))
     parser.add_argument("--patterns", nargs="+", type=nm_pattern, default=list(DEFAULT_PATTERNS))
     parser.add_argument(
         "--methods",
@@ -444,6 +408,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     "sgd_ms": times["sgd"],
                     "ordinary_ms": times[f"ordinary:{method}"],
                     "ordinary_ratio": times[f"ordinary:{method}"] / times["sgd"],
+                    "sgd_fused_ms": times["sgd_fused"],
+                    "ordinary_vs_fused": times[f"ordinary:{method}"] / times["sgd_fused"],
+                    "fused_gbps": gbps(times["bytes_dense"], times["sgd_fused"]),
+                    "ordinary_gbps": gbps(times["bytes_sparse"], times[f"ordinary:{method}"]),
                     "sgd_update_loop_ms": None,
                     "update_ms": None,
                     "update_ratio": None,
@@ -477,7 +445,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print(
         f"\ndevice {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"lr {HYPER['lr']} momentum {HYPER['momentum']} weight decay {HYPER['weight_decay']}, "
-        f"foreach=True for both; medians of {args.steps} ordinary and {args.update_steps} update "
+        f"foreach=True for both (SGD fused=True against BAMESGD fused=True in the fused "
+        f"columns); medians of {args.steps} ordinary and {args.update_steps} update "
         f"steps per phase after {args.warmup} warm-up rounds, interleaved with SGD; "
         f"{seconds:.0f} s"
     )
@@ -494,7 +463,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             f"median of {args.train_steps}): SGD {step['sgd']:.1f} ms, {bame}"
         )
     print(
-        "targets: ordinary step <= 1.1x SGD at 2:4 and < 1.0x at 1:16; mask-update overhead "
+        "targets: ordinary step <= 1.1x SGD at 2:4 and < 1.0x at 1:16, <= 1.0x SGD(fused) at 2:4 "
+        "and <= 0.7x at 1:16; mask-update overhead "
         f"(update - ordinary step) / {AMORTISE_DELTA_T} < {TARGET_AMORTISED_PCT}% of a whole "
         "training step with BAMESGD (only where that training step is timed: --train-models); "
         "on ResNet-50 at 2:4 and 1:16 an evolve and a gradual update step <= 10x an ordinary "

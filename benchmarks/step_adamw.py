@@ -1,4 +1,5 @@
-"""Optimizer-step benchmark of BAMEAdamW against ``torch.optim.AdamW(foreach=True)``.
+"""Optimizer-step benchmark of BAMEAdamW against ``torch.optim.AdamW`` with ``foreach=True`` and
+with ``fused=True``.
 
 The AdamW counterpart of :mod:`benchmarks.step` (same models, gradients, timer and interleaving):
 per model and N:M pattern, the median time of
@@ -7,9 +8,13 @@ per model and N:M pattern, the median time of
   the compact moments, scatter back),
 * an evolve-phase update step (LMA + OBF with the ``lr·|G|`` revive score, then the update),
 
-each interleaved with ``torch.optim.AdamW(foreach=True)`` steps on an identical copy of the
-parameters, and their ratios to it. Both optimizers get ``foreach=True``, lr 1e-3, weight decay
-0.05 (DeiT's)::
+each interleaved with ``torch.optim.AdamW(foreach=True)`` and ``AdamW(fused=True)`` steps on
+identical copies of the parameters, and their ratios to both, with the GB/s of the bytes each
+step must move (:func:`benchmarks.step_common.step_bytes`). All get lr 1e-3, weight decay 0.05
+(DeiT's); BAMEAdamW gets ``foreach=True`` and, where it takes the keyword, ``fused=True``
+(the fused kept-AdamW kernel is used either way where it runs: its default is ``fused=None``).
+Targets (issue 19): an ordinary step <= 1.0x ``AdamW(fused=True)`` at 2:4 and <= 0.6x at
+1:16::
 
     .venv/bin/python -m benchmarks.step_adamw                      # all models, 2:4 and 1:16
     .venv/bin/python -m benchmarks.step_adamw --models resnet32 --steps 10   # smoke run
@@ -18,6 +23,7 @@ parameters, and their ratios to it. Both optimizers get ``foreach=True``, lr 1e-
 from __future__ import annotations
 
 import argparse
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +34,22 @@ from tqdm import tqdm
 from bame_optim import BAMEAdamW
 
 from .cli import nm_pattern, write_csv
-from .step import DEFAULT_MODELS, FAR, Timer, assign_grads, build_model, interleaved, sparse_groups
+from .step import DEFAULT_MODELS, FAR
+from .step_common import (
+    BENCH_MODELS,
+    Timer,
+    assign_grads,
+    build_model,
+    gbps,
+    interleaved,
+    sparse_groups,
+    step_bytes,
+)
 
 HYPER: dict[str, Any] = {"lr": 1e-3, "weight_decay": 0.05, "foreach": True}
-"""The hyper-parameters of both optimizers."""
+"""The hyper-parameters of every optimizer."""
+TARGET_FUSED = {"2:4": 1.0, "1:16": 0.6}
+"""Ordinary step over AdamW(fused=True)'s, at most (issue 19)."""
 
 
 def make_optimizer(model: nn.Module, n: int, m: int, kind: str) -> BAMEAdamW:
@@ -44,7 +62,8 @@ def make_optimizer(model: nn.Module, n: int, m: int, kind: str) -> BAMEAdamW:
         schedule = {"t_i": 0, "t_f": FAR, "total_steps": FAR, "delta_t": 1}
     else:
         raise ValueError(f"Invalid kind value: {kind!r} (ordinary or update)")
-    return BAMEAdamW(sparse_groups(model, n, m), n=n, m=m, **HYPER, **schedule)
+    fused = {"fused": True} if "fused" in inspect.signature(BAMEAdamW).parameters else {}
+    return BAMEAdamW(sparse_groups(model, n, m), n=n, m=m, **HYPER, **schedule, **fused)
 
 
 def time_steps(
@@ -53,12 +72,15 @@ def time_steps(
 ) -> dict[str, Any]:
     """Median ms of AdamW, BAMEAdamW ordinary and BAMEAdamW update steps, interleaved."""
     n, m = pattern
-    models = {kind: build_model(model_name, device) for kind in ("adamw", "ordinary", "update")}
+    kinds = ("adamw", "adamw_fused", "ordinary", "update")
+    models = {kind: build_model(model_name, device) for kind in kinds}
     generator = torch.Generator().manual_seed(1)
     grads = [torch.randn(p.shape, generator=generator).to(device)
              for p in models["adamw"].parameters()]
     optimizers: dict[str, torch.optim.Optimizer] = {
         "adamw": torch.optim.AdamW(models["adamw"].parameters(), **HYPER),
+        "adamw_fused": torch.optim.AdamW(models["adamw_fused"].parameters(),
+                                         **(HYPER | {"foreach": False, "fused": True})),
         "ordinary": make_optimizer(models["ordinary"], n, m, "ordinary"),
         "update": make_optimizer(models["update"], n, m, "update"),
     }
@@ -75,33 +97,46 @@ def time_steps(
     times = interleaved({kind: call(kind) for kind in optimizers}, steps, warmup, Timer(device),
                         before=before, bar=bar)
     params = sum(p.numel() for p in models["adamw"].parameters()) / 1e6
+    groups = sparse_groups(models["adamw"], n, m)
+    fused_bytes, ordinary_bytes = step_bytes(groups, None, None, "adamw"), step_bytes(
+        groups, n, m, "adamw")
+    ratio_fused = times["ordinary"] / times["adamw_fused"]
     return {
         "model": model_name, "pattern": f"{n}:{m}", "params_m": params,
         "adamw_ms": times["adamw"], "ordinary_ms": times["ordinary"],
         "update_ms": times["update"], "ordinary_ratio": times["ordinary"] / times["adamw"],
         "update_ratio": times["update"] / times["adamw"],
         "update_over_ordinary": times["update"] / times["ordinary"],
+        "adamw_fused_ms": times["adamw_fused"], "ordinary_vs_fused": ratio_fused,
+        "fused_gbps": gbps(fused_bytes, times["adamw_fused"]),
+        "ordinary_gbps": gbps(ordinary_bytes, times["ordinary"]),
+        "target": ("PASS" if ratio_fused <= TARGET_FUSED[f"{n}:{m}"] else "MISS")
+        if f"{n}:{m}" in TARGET_FUSED else "-",
     }
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| model | N:M | params (M) | AdamW ms | ordinary ms | ordinary x AdamW | update ms "
-        "| update x AdamW | update / ordinary |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | N:M | params (M) | AdamW ms | ordinary ms | ordinary x AdamW "
+        "| fused AdamW ms | x fused | GB/s fused AdamW / ordinary | update ms "
+        "| update x AdamW | update / ordinary | target (x fused) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['pattern']} | {r['params_m']:.1f} | {r['adamw_ms']:.1f} "
-            f"| {r['ordinary_ms']:.1f} | {r['ordinary_ratio']:.2f}x | {r['update_ms']:.1f} "
-            f"| {r['update_ratio']:.2f}x | {r['update_over_ordinary']:.1f}x |"
+            f"| {r['ordinary_ms']:.1f} | {r['ordinary_ratio']:.2f}x "
+            f"| {r['adamw_fused_ms']:.1f} | {r['ordinary_vs_fused']:.2f}x "
+            f"| {r['fused_gbps']:.1f} / {r['ordinary_gbps']:.1f} | {r['update_ms']:.1f} "
+            f"| {r['update_ratio']:.2f}x | {r['update_over_ordinary']:.1f}x | {r['target']} |"
         )
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS),
+                        choices=list(BENCH_MODELS))
     parser.add_argument("--patterns", nargs="+", type=nm_pattern, default=[(2, 4), (1, 16)])
     parser.add_argument("--steps", type=int, default=20, help="timed rounds (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds (default 3)")
@@ -122,7 +157,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     with tqdm(total=len(jobs) * (args.steps + args.warmup), desc="rounds", unit="round") as bar:
         for model, pattern in jobs:
             rows.append(time_steps(model, pattern, device, args.steps, args.warmup, bar))
-    print(f"\nBAMEAdamW against torch.optim.AdamW(foreach=True) on {device}; medians of "
+    print(f"\nBAMEAdamW against torch.optim.AdamW(foreach=True) and (fused=True) on {device}, "
+          f"{torch.get_num_threads()} threads; medians of "
           f"{args.steps} interleaved rounds after {args.warmup} warm-up rounds")
     print(format_table(rows))
     if args.csv:

@@ -2,7 +2,8 @@
 composition it replaces: kept_indices, gather_kept, torch.optim.sgd.sgd, scatter_kept_.
 
 float32/float64 must be bit-identical (torch.equal on parameters and momentum buffers). The
-tests skip, with the reason, where the kernel cannot be built here (no compiler or ninja)."""
+tests skip, with the reason, where the kernel cannot be built here (no compiler or ninja),
+and fail instead with BAME_OPTIM_REQUIRE_NATIVE=1 (make test)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from torch.optim.sgd import sgd
 
 from bame_optim.core.kept import MAX_RANKED, encode_kept, gather_kept, kept_indices, scatter_kept_
 from bame_optim.core.nm import random_nm_mask
-from bame_optim.kernels import kept_sgd_cpu
+from bame_optim.kernels import kept_sgd_cpu, native
 
 SHAPES = [
     (5, 16),  # Linear
@@ -43,10 +44,19 @@ HYPERS = [
 
 @pytest.fixture(scope="module", autouse=True)
 def _kernel():
-    if kept_sgd_cpu.disabled():
-        pytest.skip(f"native kernels disabled by {kept_sgd_cpu.DISABLE_ENV}")
-    if not kept_sgd_cpu.available():  # builds on first use; warns with the reason if it fails
-        pytest.skip(f"fused CPU kernel unavailable: {kept_sgd_cpu._state.get('error')}")
+    require_kernel(kept_sgd_cpu)
+
+
+def require_kernel(kernel):
+    """Skip where the kernel cannot run here, with the reason; with
+    BAME_OPTIM_REQUIRE_NATIVE set (make test, CI) fail instead."""
+    if native.required():
+        assert kernel.available(), f"unavailable with {native.REQUIRE_ENV} set: {kernel.error()}"
+        return
+    if kernel.disabled():
+        pytest.skip(f"native kernels disabled by {native.DISABLE_ENV}")
+    if not kernel.available():  # builds on first use; warns with the reason if it fails
+        pytest.skip(f"fused CPU kernel unavailable: {kernel.error()}")
 
 
 def eager_step(params, grads, buffers, kept, counts, m, *, foreach, **hyper):
@@ -260,7 +270,10 @@ def test_supports():
     assert kept_sgd_cpu.supports(p, g)
     assert kept_sgd_cpu.supports(torch.nn.Parameter(p), g)
     assert not kept_sgd_cpu.supports(p, None)
-    assert not kept_sgd_cpu.supports(p.t(), g.t())  # non-contiguous
+    assert kept_sgd_cpu.supports(p.t(), g.t())  # the transposed view of a contiguous [in, out]
+    assert not kept_sgd_cpu.supports(p.t(), g.t().contiguous())  # strides differ
+    assert not kept_sgd_cpu.supports(p[:, ::2], g[:, ::2])  # other strides
+    assert not kept_sgd_cpu.supports(p[:, 1:].t(), g[:, 1:].t())  # transposed slice: 16 != 15
     assert not kept_sgd_cpu.supports(p, g[:, :8])
     assert not kept_sgd_cpu.supports(p, g.double())
     assert not kept_sgd_cpu.supports(p.long(), g.long())
@@ -294,7 +307,7 @@ def test_bad_input_raises_value_error_before_writing():
     k = kept[0]
     cases = [
         ([params[0]], [grads[0]], buffers, kept, []),  # lengths
-        ([params[0].t()], [grads[0].t()], buffers, kept, counts),  # non-contiguous
+        ([torch.randn(4, 16)[:, ::2]], [grads[0]], buffers, kept, counts),  # strided
         (params, [grads[0][:, :4].contiguous()], buffers, kept, counts),  # grad shape
         ([params[0].long()], [grads[0].long()], buffers, kept, counts),  # dtype
         (params, grads, buffers, [k[:-1]], counts),  # kept length
@@ -326,6 +339,27 @@ def test_bad_input_raises_value_error_before_writing():
         )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_transposed_view_bit_identical(dtype):
+    """A parameter stepped through ``w.t()`` of a contiguous ``[in, out]`` ``w`` (HF Conv1D)."""
+    gen = torch.Generator().manual_seed(3)
+    for n, m, (d_in, d_out) in [(2, 4, (48, 7)), (1, 16, (64, 5)), (2, 8, (16, 300))]:
+        weights = [torch.randn(d_in, d_out, generator=gen, dtype=dtype) for _ in range(2)]
+        grads = [torch.randn(d_in, d_out, generator=gen, dtype=dtype) for _ in range(2)]
+        params = [w.t() for w in weights]
+        kept = [encode_kept(random_nm_mask(p.numel() // m, n, m, gen), n) for p in params]
+        buffers = [torch.randn(p.numel() // m, n, generator=gen, dtype=dtype) for p in params]
+        assert all(kept_sgd_cpu.supports(p, g.t()) for p, g in zip(params, grads, strict=True))
+        expected = [w.clone() for w in weights]
+        expected_buffers = clone_all(buffers)
+        eager_step([w.t() for w in expected], [g.t() for g in grads], expected_buffers, kept,
+                   [n, n], m, foreach=False, **HYPERS[2])
+        kept_sgd_cpu.fused_kept_sgd_(params, [g.t() for g in grads], buffers, kept, [n, n],
+                                     m=m, **HYPERS[2])
+        assert_same(expected, weights)
+        assert_same(expected_buffers, buffers)
+
+
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv(kept_sgd_cpu.DISABLE_ENV, "1")
     assert not kept_sgd_cpu.available()
@@ -342,3 +376,37 @@ def test_empty_inputs():
     buffers = [None]
     _call([p], [g], buffers, [torch.empty(0, dtype=torch.uint8)], [2])
     assert buffers[0].shape == (0, 2)
+
+
+def test_bamesgd_fused_true_steps_dense_parameters_with_torch_fused_sgd(monkeypatch):
+    """BAMESGD(fused=True): sparse weights through the kernel, dense ones (biases, layers left
+    dense) through torch's fused SGD, equal to torch.optim.SGD(fused=True) bit for bit."""
+    from bame_optim import BAMESGD
+    from bame_optim.optim import sgd as sgd_module
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("fused"), kwargs.get("foreach")))
+        return sgd(*args, **kwargs)
+
+    monkeypatch.setattr(sgd_module, "sgd", spy)
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 3))
+    reference = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    hyper = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
+    groups = [{"params": [model[0].weight], "sparse": True},
+              {"params": [model[0].bias, model[1].weight, model[1].bias], "sparse": False}]
+    bame = BAMESGD(groups, fused=True, t_i=0, t_f=0, total_steps=10, **hyper)
+    torch_sgd = torch.optim.SGD(reference[1:], fused=True, **hyper)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for p, r in zip(model.parameters(), reference, strict=True):
+            p.grad = torch.randn(p.shape, generator=gen)
+            r.grad = p.grad.clone()
+        bame.step()
+        torch_sgd.step()
+    assert calls == [(True, False)] * 3
+    for p, r in zip(list(model.parameters())[1:], reference[1:], strict=True):
+        assert torch.equal(p, r)

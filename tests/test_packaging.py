@@ -96,7 +96,8 @@ def test_wheel_holds_licence_typing_marker_and_kernel_source(installed: Installe
     metadata = next(n for n in installed.names if n.endswith(".dist-info/METADATA"))
     assert "License-Expression: MIT" in installed.read(metadata)
     assert "bame_optim/py.typed" in installed.names
-    sources = sorted((ROOT / "bame_optim" / "kernels" / "csrc").glob("*.cpp"))
+    csrc = ROOT / "bame_optim" / "kernels" / "csrc"
+    sources = sorted([*csrc.glob("*.cpp"), *csrc.glob("*.h")])
     assert sources, "no C++ kernel source found in the checkout"
     for cpp in sources:
         assert f"bame_optim/kernels/csrc/{cpp.name}" in installed.names

@@ -41,30 +41,31 @@ vectorised body: it matches eager except at those tail entries, where the two di
 extra rounding of ``alpha * b`` (half an ulp of that product per op, more ulps of the result
 where the sum cancels). float32/float64 are exact everywhere.
 
-Compiled with :func:`torch.utils.cpp_extension.load` on first use (never at import), cached by
-torch in its extensions directory. ``BAME_OPTIM_NO_NATIVE=1`` (read at every call) disables it.
-Only plain, contiguous CPU tensors are handled (:func:`supports`); callers use the eager path
-for anything else (non-contiguous or channels_last, DTensor, CUDA).
+Built on first use (never at import) by :mod:`bame_optim.kernels.native`, which also documents
+the build cache and ``BAME_OPTIM_NO_NATIVE`` / ``BAME_OPTIM_REQUIRE_NATIVE``. Only plain CPU
+tensors are handled (:func:`supports`): contiguous, or for a sparse parameter also the
+transposed view ``w.t()`` of a contiguous 2-D ``w`` (transformers' ``Conv1D`` weights stepped
+as ``[out, in]``); callers use the eager path for anything else (other strides or
+channels_last, DTensor, CUDA).
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import os
-import platform
 import threading
-import time
 import warnings
 from functools import lru_cache
 from numbers import Real
-from pathlib import Path
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
+from bame_optim.kernels import native
+from bame_optim.kernels.native import DISABLE_ENV, disabled
+
 __all__ = [
+    "DISABLE_ENV",
     "DTYPES",
     "EXACT_DTYPES",
     "available",
@@ -74,12 +75,6 @@ __all__ = [
     "supports",
 ]
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "kept_sgd_cpu.cpp"
-"""The C++ source, shipped as package data."""
-
-DISABLE_ENV = "BAME_OPTIM_NO_NATIVE"
-"""Environment variable: set to anything but ``""`` or ``"0"`` to disable native kernels."""
-
 EXACT_DTYPES = (torch.float32, torch.float64)
 """Parameter dtypes on which the kernel is bit-identical to the eager composition."""
 DTYPES = (*EXACT_DTYPES, torch.float16, torch.bfloat16)
@@ -87,42 +82,53 @@ DTYPES = (*EXACT_DTYPES, torch.float16, torch.bfloat16)
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _lock = threading.Lock()
-_state: dict[str, object] = {}  # "module", "fma", "error", "compile_seconds"
-
-
-def disabled() -> bool:
-    """Whether ``BAME_OPTIM_NO_NATIVE`` disables the native kernels (read now)."""
-    return os.environ.get(DISABLE_ENV, "") not in ("", "0")
+_state: dict[str, object] = {}  # "fma" (the probe's answer), "error"
 
 
 def available() -> bool:
     """Whether :func:`fused_kept_sgd_` can run: not disabled, compiled, and its rounding
-    matches ATen's on this machine. Compiles on the first call (the result is cached); on
-    failure it warns once with the reason and returns False."""
+    matches ATen's on this machine. Builds on the first call (the result is cached); on
+    failure it warns once with the reason and returns False (raises ``RuntimeError`` with
+    ``BAME_OPTIM_REQUIRE_NATIVE`` set)."""
     if disabled():
         return False
     return _load() is not None
 
 
 def compile_seconds() -> float | None:
-    """Seconds the first :func:`available` call spent loading (building) the extension."""
-    return _state.get("compile_seconds")  # type: ignore[return-value]
+    """Seconds the first :func:`available` call of this process spent loading (building) the
+    extension."""
+    return native.compile_seconds()
+
+
+def plain(t: Tensor, *, transposed: bool = True) -> bool:
+    """Whether ``t`` is a plain strided CPU tensor the kernels read directly: contiguous, or
+    (``transposed``) the transposed view of a contiguous 2-D tensor."""
+    if type(t) not in _PLAIN_TYPES or t.device.type != "cpu" or t.layout != torch.strided:
+        return False
+    if t.is_neg() or t.is_conj():
+        return False
+    if t.is_contiguous():
+        return True
+    return transposed and t.ndim == 2 and t.stride() == (1, t.shape[0])
 
 
 def supports(param: Tensor, grad: Tensor | None, *, exact: bool = True) -> bool:
-    """Whether the kernel handles ``param`` and its ``grad``: plain (not DTensor or other
-    subclass) strided CPU tensors of one shape, both contiguous, and a dtype in
-    :data:`EXACT_DTYPES` (float32, float64: bit-identical to the eager path), or with
-    ``exact=False`` also float16/bfloat16 (see the module docstring for where those differ)."""
-    if grad is None:
+    """Whether the kernel handles the sparse parameter ``param`` and its ``grad``: plain (not
+    DTensor or other subclass) strided CPU tensors of one shape and strides, contiguous or
+    both the transposed view of a contiguous 2-D tensor, and a dtype in :data:`EXACT_DTYPES`
+    (float32, float64: bit-identical to the eager path), or with ``exact=False`` also
+    float16/bfloat16 (see the module docstring for where those differ). A dense parameter
+    (``kept`` None) must also be contiguous."""
+    if grad is None or not (plain(param) and plain(grad)):
         return False
     dtypes = EXACT_DTYPES if exact else DTYPES
-    for t in (param, grad):
-        if type(t) not in _PLAIN_TYPES or t.device.type != "cpu" or t.layout != torch.strided:
-            return False
-        if t.dtype not in dtypes or not t.is_contiguous() or t.is_neg():
-            return False
-    return grad.shape == param.shape and grad.dtype == param.dtype
+    return (
+        param.dtype in dtypes
+        and grad.dtype == param.dtype
+        and grad.shape == param.shape
+        and grad.stride() == param.stride()
+    )
 
 
 def fused_kept_sgd_(
@@ -143,8 +149,8 @@ def fused_kept_sgd_(
     """SGD on the kept entries of N:M sparse ``params``, in place (see the module docstring).
 
     Args:
-        params: parameters (``[out, in]`` or ``[out, in, *k]``), contiguous CPU tensors
-            (:func:`supports`); float32/float64 are bit-identical to the eager path.
+        params: parameters (``[out, in]`` or ``[out, in, *k]``), CPU tensors as
+            :func:`supports` describes; float32/float64 are bit-identical to the eager path.
         grads: their gradients, same shape, dtype and layout.
         momentum_buffers: ``[K, count]`` contiguous momentum of the kept entries in block
             order, or ``None`` (first step: a new buffer is created, as torch's SGD does, and
@@ -165,7 +171,7 @@ def fused_kept_sgd_(
         raise RuntimeError(f"native kernels are disabled ({DISABLE_ENV} is set)")
     module = _load()
     if module is None:
-        raise RuntimeError(f"the fused kept-SGD kernel is unavailable: {_state.get('error')}")
+        raise RuntimeError(f"the fused kept-SGD kernel is unavailable: {error()}")
     size = len(params)
     if not len(grads) == len(momentum_buffers) == len(kept) == len(counts) == size:
         raise ValueError(
@@ -186,14 +192,9 @@ def fused_kept_sgd_(
     tables: list[Tensor | None] = []
     codes: list[int] = []
     for i, (code, count) in enumerate(zip(kept, counts, strict=True)):
-        if code is None:  # a dense parameter
-            tables.append(None)
-            codes.append(0)
-            continue
-        if isinstance(count, bool) or not isinstance(count, int):
-            raise ValueError(f"Invalid counts[{i}] value: {count!r} (an integer is required)")
-        tables.append(_rank_table(count, m) if code.ndim == 1 and 0 <= count <= m else None)
-        codes.append(count)
+        dense = code is None
+        tables.append(None if dense else table_for(code, count, m, i))
+        codes.append(0 if dense else count)
     created = module.fused_kept_sgd(
         params,
         grads,
@@ -216,6 +217,20 @@ def fused_kept_sgd_(
                 momentum_buffers[i] = buffer
 
 
+def fma() -> bool:
+    """Whether ATen's ``add(a, b, alpha)`` is a fused multiply-add here (the probe's answer;
+    :func:`available` must be True)."""
+    return bool(_state["fma"])
+
+
+def table_for(code: Tensor, count: int, m: int, i: int) -> Tensor | None:
+    """The decoding table of ``kept[i]`` (colex ranks ``[K]``), or ``None`` for sorted
+    positions ``[K, count]`` (``ValueError`` for a count that is not an int)."""
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise ValueError(f"Invalid counts[{i}] value: {count!r} (an integer is required)")
+    return _rank_table(count, m) if code.ndim == 1 and 0 <= count <= m else None
+
+
 @lru_cache(maxsize=32)
 def _rank_table(count: int, m: int) -> Tensor:
     # [C, count] int32: the sorted positions of colex rank r in row r (cached, never written).
@@ -229,58 +244,27 @@ def _rank_table(count: int, m: int) -> Tensor:
     return _positions_by_rank(count, m, torch.device("cpu")).to(torch.int32).contiguous()
 
 
-def _flags() -> list[str]:
-    flags = ["-O3", "-ffp-contract=off", "-fopenmp"]
-    machine = platform.machine().lower()
-    if machine in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in (
-        "AVX2",
-        "AVX512",
-    ):
-        flags += ["-mavx2", "-mfma"]  # std::fma as one instruction
-    return flags
+def error() -> str | None:
+    """Why the kernel is unavailable (``None`` if it is, or was not tried)."""
+    return native.error() or _state.get("error")  # type: ignore[return-value]
 
 
 def _load() -> ModuleType | None:
-    if "module" in _state or "error" in _state:
-        return _state.get("module")  # type: ignore[return-value]
-    with _lock:
-        if "module" in _state or "error" in _state:
-            return _state.get("module")  # type: ignore[return-value]
-        try:
-            # Importing cpp_extension logs a CUDA_HOME warning on CPU-only machines: not ours.
-            cpp_logger = logging.getLogger("torch.utils.cpp_extension")
-            level = cpp_logger.level
-            cpp_logger.setLevel(logging.ERROR)
-            try:
-                from torch.utils import cpp_extension
-            finally:
-                cpp_logger.setLevel(level)
-
-            if not cpp_extension.is_ninja_available():
-                raise RuntimeError("ninja is not installed (pip install ninja)")
-            flags = _flags()
-            name = "bame_optim_kept_sgd_cpu" + ("_fma" if "-mfma" in flags else "")
-            start = time.perf_counter()
-            module = cpp_extension.load(
-                name=name,
-                sources=[str(SOURCE)],
-                extra_cflags=flags,
-                extra_ldflags=["-fopenmp"],
-                verbose=False,
-            )
-            _state["compile_seconds"] = time.perf_counter() - start
-            _state["fma"] = _probe_fma(module)
-        except Exception as error:  # a missing compiler, a build error, a failed probe
-            _state["error"] = f"{type(error).__name__}: {error}"
-            warnings.warn(
-                f"bame_optim: the fused CPU kept-SGD kernel is unavailable, using the eager "
-                f"path ({_state['error']})",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            return None
-        _state["module"] = module
-        return module
+    module = native.load()
+    if module is None:
+        return None
+    if "fma" not in _state and "error" not in _state:
+        with _lock:
+            if "fma" not in _state and "error" not in _state:
+                try:
+                    _state["fma"] = _probe_fma(module)
+                except RuntimeError as failure:
+                    _state["error"] = str(failure)
+                    if native.required():
+                        raise
+                    warnings.warn(f"bame_optim: the fused kept kernels are unavailable, using "
+                                  f"the eager path ({failure})", RuntimeWarning, stacklevel=3)
+    return None if "error" in _state else module
 
 
 def _probe_fma(module: ModuleType) -> bool:

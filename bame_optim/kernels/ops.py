@@ -8,7 +8,8 @@ graph break) and one implementation per device:
 * CUDA: the Triton kernels of :mod:`bame_optim.kernels.triton_kept`.
 * CPU (and any other device): :func:`bame_optim.optim.functional.kept_sgd` with ``fused=None``
   (the native kernel of :mod:`bame_optim.kernels.kept_sgd_cpu` where it runs, else the eager
-  composition); for AdamW, :func:`_cpu_kept_adamw`.
+  composition); for AdamW, :func:`bame_optim.optim.functional.kept_adamw` likewise
+  (:mod:`bame_optim.kernels.kept_adamw_cpu`).
 
 The ops take the momentum buffers as tensors: :func:`kept_sgd_` creates the missing ones
 (``None``, a parameter's first step with momentum) and tells the op which they are, so that
@@ -252,8 +253,8 @@ def _cpu_kept_adamw(
     eps: float,
     maximize: bool,
 ) -> None:
-    # The CPU (non-CUDA) implementation of bame_optim::kept_adamw_: the eager composition until
-    # a native fused_kept_adamw_ is merged; switch it here.
+    # The CPU (non-CUDA) implementation of bame_optim::kept_adamw_: kept_adamw with fused=None
+    # (the native kernel of kept_adamw_cpu where it runs, else the eager composition).
     from bame_optim.optim.functional import kept_adamw
 
     kept_adamw(

@@ -15,22 +15,27 @@ gathered ``[K, count]`` copies: the same arithmetic, element by element, as
 Dense parameters are not handled here: the optimizers pass them to
 :func:`torch.optim.sgd.sgd` directly.
 
-Paths, chosen by ``fused`` (as ``foreach`` chooses in torch): the fused native kernel of
-:mod:`bame_optim.kernels.kept_sgd_cpu` where it is available and supports every tensor
-(``fused=None`` tries it), else gather, :func:`torch.optim.sgd.sgd` (per-tensor or
-``foreach``) and scatter. The paths agree bit for bit (tested). On CUDA both functions run the
-Triton kernels of :mod:`bame_optim.kernels.triton_kept` (as the ``torch.library`` ops of
+Paths, chosen by ``fused`` (as ``foreach`` chooses in torch): the fused native kernels of
+:mod:`bame_optim.kernels.kept_sgd_cpu` and :mod:`bame_optim.kernels.kept_adamw_cpu` where
+they are available and support every tensor (``fused=None`` tries them), else gather,
+:func:`torch.optim.sgd.sgd` / :func:`torch.optim.adamw.adamw` (per-tensor or ``foreach``) and
+scatter. The SGD paths agree bit for bit; the AdamW paths agree bit for bit on the moments and
+within the tolerance torch allows between its fused and for-loop AdamW on the weights (see
+:mod:`bame_optim.kernels.kept_adamw_cpu`; tested). On CUDA both functions run the Triton
+kernels of :mod:`bame_optim.kernels.triton_kept` (as the ``torch.library`` ops of
 :mod:`bame_optim.kernels.ops`) where they support the tensors, unless ``fused=False``.
 """
 
 from __future__ import annotations
+
+from types import ModuleType
 
 from torch import Tensor
 from torch.optim.adamw import adamw
 from torch.optim.sgd import sgd
 
 from bame_optim.core.kept import gather_kept, kept_indices, scatter_kept_
-from bame_optim.kernels import kept_sgd_cpu
+from bame_optim.kernels import kept_adamw_cpu, kept_sgd_cpu
 
 __all__ = ["kept_adamw", "kept_sgd"]
 
@@ -79,23 +84,13 @@ def kept_sgd(
                 maximize=maximize,
             )
             return
-    if fused is not False:
-        usable = kept_sgd_cpu.available() and all(
-            kept_sgd_cpu.supports(p, g) for p, g in zip(params, grads, strict=True)
+    if fused is not False and _use_fused(kept_sgd_cpu, "kept-SGD", params, grads, fused):
+        kept_sgd_cpu.fused_kept_sgd_(
+            params, grads, momentum_buffers, kept, counts, m=m, lr=float(lr),
+            momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+            nesterov=nesterov, maximize=maximize,
         )
-        if fused and not usable:
-            raise ValueError(
-                "Invalid fused value: True (the fused kept-SGD kernel is unavailable or does "
-                "not support these tensors: plain contiguous float32/float64 CPU tensors are "
-                "required; see bame_optim.kernels.kept_sgd_cpu)"
-            )
-        if usable:
-            kept_sgd_cpu.fused_kept_sgd_(
-                params, grads, momentum_buffers, kept, counts, m=m, lr=float(lr),
-                momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                nesterov=nesterov, maximize=maximize,
-            )
-            return
+        return
     positions, kept_params, kept_grads = _gather(params, grads, kept, counts, m)
     if foreach is None:
         foreach = all(p.is_cuda for p in params)
@@ -153,8 +148,9 @@ def kept_adamw(
         kept, counts, m: as :func:`kept_sgd`.
         amsgrad, beta1, beta2, lr, weight_decay, eps, maximize, foreach: as
             :func:`torch.optim.adamw.adamw`.
-        fused: on CUDA, ``True`` requires the Triton kernels, ``False`` never uses them,
-            ``None`` uses them where they support the tensors.
+        fused: ``True`` requires the fused kernel (native on the CPU for float32/float64,
+            Triton on CUDA), ``False`` never uses it, ``None`` uses it where it is available and
+            supports the tensors.
     """
     if not params:
         return
@@ -168,10 +164,13 @@ def kept_adamw(
                 weight_decay=weight_decay, eps=eps, maximize=maximize,
             )
             return
-    if fused:
-        p = params[0]
-        raise ValueError(f"Invalid fused value: True (no fused kept-AdamW kernel for a parameter "
-                         f"on {p.device} with dtype {p.dtype}; use fused=None)")
+    if fused is not False and _use_fused(kept_adamw_cpu, "kept-AdamW", params, grads, fused):
+        kept_adamw_cpu.fused_kept_adamw_(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, kept, counts,
+            m=m, amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay,
+            eps=eps, maximize=maximize,
+        )
+        return
     positions, kept_params, kept_grads = _gather(params, grads, kept, counts, m)
     adamw(
         kept_params,
@@ -190,6 +189,32 @@ def kept_adamw(
         maximize=maximize,
     )
     _scatter(params, positions, kept_params, m)
+
+
+def _use_fused(
+    kernel: ModuleType, what: str, params: list[Tensor], grads: list[Tensor], fused: bool | None
+) -> bool:
+    """Whether ``kernel`` runs this step; with ``fused=True`` a ``ValueError`` naming the
+    first tensor it cannot take (device, dtype, layout) or why it is unavailable. The tensors
+    are checked first, so that no step on tensors it cannot take builds the kernel."""
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        if not kernel.supports(p, g):
+            if fused:
+                raise ValueError(
+                    f"Invalid fused value: True (the fused {what} CPU kernel does not support "
+                    f"params[{i}]: {type(p).__name__} on {p.device} of dtype {p.dtype}, strides "
+                    f"{p.stride()}, grad {None if g is None else (g.device, g.dtype)}; it takes "
+                    "plain CPU float32/float64 tensors, contiguous or a transposed 2-D view)"
+                )
+            return False
+    if not kernel.available():
+        if fused:
+            raise ValueError(
+                f"Invalid fused value: True (the fused {what} CPU kernel is unavailable: "
+                f"{kernel.error() or 'disabled by ' + kernel.DISABLE_ENV})"
+            )
+        return False
+    return True
 
 
 def _gather(

@@ -140,8 +140,9 @@ class BAMESGD(MaskedOptimizer):
             buffers = [self.state[p].get("momentum_buffer") if p in self.state else None
                        for p in dense]
             has_sparse_grad = any(p.grad.is_sparse for p in dense)
+            fused = bool(group["fused"])  # torch's own fused kernel, as SGD(fused=True) runs
             sgd(dense, [p.grad for p in dense], buffers, has_sparse_grad,
-                fused=group["fused"] or None, **hyper)
+                **hyper | ({"foreach": False, "fused": True} if fused else {}))
             if group["momentum"] != 0:
                 for p, buffer in zip(dense, buffers, strict=True):
                     self.state[p]["momentum_buffer"] = buffer
