@@ -122,8 +122,8 @@ def make_bame(
     else:
         raise ValueError(f"Invalid kind value: {kind!r} (one of {KINDS})")
     groups = sparse_groups(model, n, m)
-    fused = {"fused": True} if "fused" in accepted_keywords(method) else {}
-    optimizer = make_optimizer(method, groups, **HYPER, n=n, m=m, **schedule, **fused)
+    fused = {"fused": True, "foreach": False} if "fused" in accepted_keywords(method) else {}
+    optimizer = make_optimizer(method, groups, **(HYPER | fused), n=n, m=m, **schedule)
     if kind == "gradual":
         for group in optimizer.param_groups:
             group["step"] = FAR - GRADUAL_LEAD

@@ -62,8 +62,9 @@ def make_optimizer(model: nn.Module, n: int, m: int, kind: str) -> BAMEAdamW:
         schedule = {"t_i": 0, "t_f": FAR, "total_steps": FAR, "delta_t": 1}
     else:
         raise ValueError(f"Invalid kind value: {kind!r} (ordinary or update)")
-    fused = {"fused": True} if "fused" in inspect.signature(BAMEAdamW).parameters else {}
-    return BAMEAdamW(sparse_groups(model, n, m), n=n, m=m, **HYPER, **schedule, **fused)
+    fused = ({"fused": True, "foreach": False}
+             if "fused" in inspect.signature(BAMEAdamW).parameters else {})
+    return BAMEAdamW(sparse_groups(model, n, m), n=n, m=m, **(HYPER | fused), **schedule)
 
 
 def time_steps(
