@@ -227,34 +227,8 @@ def _kept_adamw_op(
     eps: float,
     maximize: bool,
 ) -> None:
-    _cpu_kept_adamw(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, kept, counts, m=m,
-        amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps,
-        maximize=maximize,
-    )
-
-
-def _cpu_kept_adamw(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    kept: list[Tensor],
-    counts: list[int],
-    *,
-    m: int,
-    amsgrad: bool,
-    beta1: float,
-    beta2: float,
-    lr: float,
-    weight_decay: float,
-    eps: float,
-    maximize: bool,
-) -> None:
-    # The CPU (non-CUDA) implementation of bame_optim::kept_adamw_: kept_adamw with fused=None
-    # (the native kernel of kept_adamw_cpu where it runs, else the eager composition).
+    # The CPU (non-CUDA) implementation: the native kernel of kept_adamw_cpu where it runs
+    # (fused=None), else the eager composition.
     from bame_optim.optim.functional import kept_adamw
 
     kept_adamw(
