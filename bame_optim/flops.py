@@ -117,7 +117,7 @@ from torch import nn
 
 from bame_optim.core.nm import check_nm
 from bame_optim.core.schedule import DEFAULT_DELTA_T, resolve_schedule
-from bame_optim.groups import is_hf_conv1d, nm_param_groups
+from bame_optim.groups import is_attention, is_hf_conv1d, nm_param_groups
 
 __all__ = [
     "FlopsBreakdown",
@@ -258,16 +258,14 @@ def _attention_macs(
 
 def _innermost_attention(model: nn.Module) -> set[nn.Module]:
     """The attention modules of Hugging Face / timm models whose products ``Q Kᵀ`` and ``A V``
-    no hook sees (innermost module named ``...Attention`` that is not an
-    ``nn.MultiheadAttention`` and holds none: BERT's ``BertSelfAttention``, not the
+    no hook sees: the innermost :func:`~bame_optim.groups.is_attention` module below the model
+    that is not, and holds no, ``nn.MultiheadAttention`` (BERT's ``BertSelfAttention``, not the
     ``BertAttention`` around it)."""
-    named = [m for m in model.modules() if type(m).__name__.endswith("Attention")
-             and m is not model]
     return {
-        m for m in named
-        if not isinstance(m, nn.MultiheadAttention)
-        and not any(c is not m and type(c).__name__.endswith("Attention") for c in m.modules())
-        and not any(isinstance(c, nn.MultiheadAttention) for c in m.modules())
+        m for m in model.modules()
+        if m is not model and is_attention(m)
+        and not any(is_attention(c) for c in m.modules() if c is not m)
+        and not isinstance(m, nn.MultiheadAttention)
     }
 
 

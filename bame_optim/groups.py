@@ -19,6 +19,7 @@ __all__ = [
     "TIMM_OPTIONAL_TOKENS",
     "TORCHVISION_VIT_NO_DECAY",
     "default_exclude",
+    "is_attention",
     "is_hf_conv1d",
     "nm_param_groups",
 ]
@@ -48,9 +49,10 @@ def is_hf_conv1d(module: nn.Module) -> bool:
     return conv1d is not None and isinstance(module, conv1d)
 
 
-def _is_attention(module: nn.Module) -> bool:
-    # nn.MultiheadAttention, and the attention modules of Hugging Face (GPT2Attention,
-    # LlamaAttention, BertSelfAttention, ...) and timm (Attention), named so by convention.
+def is_attention(module: nn.Module) -> bool:
+    """Whether ``module`` is an attention module: :class:`torch.nn.MultiheadAttention`, or one
+    of Hugging Face (``GPT2Attention``, ``LlamaAttention``, ``BertSelfAttention``, ...) or timm
+    (``Attention``), which are named so by convention (no common base class)."""
     return isinstance(module, nn.MultiheadAttention) or type(module).__name__.endswith("Attention")
 
 
@@ -61,7 +63,7 @@ def _stem(model: nn.Module) -> str | None:
     comes first. A token model's input layer is its embedding (dense anyway), and a layer that
     follows an attention module is a transformer block's projection, never a stem."""
     for name, module in model.named_modules():
-        if name and (isinstance(module, nn.Embedding) or _is_attention(module)):
+        if name and (isinstance(module, nn.Embedding) or is_attention(module)):
             return None
         if isinstance(module, SPARSE_LAYER_TYPES):
             return name

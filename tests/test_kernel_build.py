@@ -126,3 +126,29 @@ def test_prebuild_entry_says_where(capsys):
         pytest.skip(str(failure))
     out = capsys.readouterr().out
     assert "ready in" in out and native.build_key() in out
+
+
+def test_a_failed_rounding_probe_makes_the_kernel_unavailable_once(monkeypatch):
+    import threading
+    import types
+
+    module, calls = types.ModuleType("fake"), []
+
+    def probe(m):
+        calls.append(m)
+        raise RuntimeError("rounds neither way")
+
+    monkeypatch.delenv(native.REQUIRE_ENV, raising=False)
+    state: dict[str, object] = {}
+    with pytest.warns(RuntimeWarning, match="the fake kernel is unavailable, using the eager "
+                      r"path \(rounds neither way\)"):
+        assert native.probe_once(lambda: module, state, threading.Lock(), "fma", probe,
+                                "the fake kernel is") is None
+    assert native.probe_once(lambda: module, state, threading.Lock(), "fma", probe,
+                            "the fake kernel is") is None
+    assert calls == [module] and state["error"] == "rounds neither way"
+    monkeypatch.setenv(native.REQUIRE_ENV, "1")
+    with pytest.raises(RuntimeError, match="rounds neither way"):
+        native.probe_once(lambda: module, {}, threading.Lock(), "fma", probe, "the fake kernel is")
+    assert native.probe_once(lambda: module, {}, threading.Lock(), "fma", lambda m: True,
+                            "the fake kernel is") is module

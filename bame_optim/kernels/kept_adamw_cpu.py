@@ -50,7 +50,6 @@ of a contiguous 2-D tensor), float32/float64 only (:func:`supports`).
 from __future__ import annotations
 
 import threading
-import warnings
 from numbers import Real
 from types import ModuleType
 
@@ -184,22 +183,8 @@ def _scalar(name: str, value: float | Tensor) -> float:
 
 
 def _load() -> ModuleType | None:
-    module = kept_sgd_cpu._load()
-    if module is None:
-        return None
-    if "fma_addcmul" not in _state and "error" not in _state:
-        with _lock:
-            if "fma_addcmul" not in _state and "error" not in _state:
-                try:
-                    _state["fma_addcmul"] = _probe_addcmul(module)
-                except RuntimeError as failure:
-                    _state["error"] = str(failure)
-                    if native.required():
-                        raise
-                    warnings.warn(f"bame_optim: the fused kept-AdamW kernel is unavailable, "
-                                  f"using the eager path ({failure})", RuntimeWarning,
-                                  stacklevel=3)
-    return None if "error" in _state else module
+    return native.probe_once(kept_sgd_cpu._load, _state, _lock, "fma_addcmul", _probe_addcmul,
+                             "the fused kept-AdamW kernel is")
 
 
 def _probe_addcmul(module: ModuleType) -> bool:

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import math
 import threading
-import warnings
 from functools import lru_cache
 from numbers import Real
 from types import ModuleType
@@ -250,21 +249,8 @@ def error() -> str | None:
 
 
 def _load() -> ModuleType | None:
-    module = native.load()
-    if module is None:
-        return None
-    if "fma" not in _state and "error" not in _state:
-        with _lock:
-            if "fma" not in _state and "error" not in _state:
-                try:
-                    _state["fma"] = _probe_fma(module)
-                except RuntimeError as failure:
-                    _state["error"] = str(failure)
-                    if native.required():
-                        raise
-                    warnings.warn(f"bame_optim: the fused kept kernels are unavailable, using "
-                                  f"the eager path ({failure})", RuntimeWarning, stacklevel=3)
-    return None if "error" in _state else module
+    return native.probe_once(native.load, _state, _lock, "fma", _probe_fma,
+                             "the fused kept kernels are")
 
 
 def _probe_fma(module: ModuleType) -> bool:

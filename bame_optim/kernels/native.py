@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -190,6 +191,36 @@ def load() -> ModuleType | None:
             )
         return None
     return _state["module"]  # type: ignore[return-value]
+
+
+def probe_once(
+    load_module: Callable[[], ModuleType | None],
+    state: dict[str, object],
+    lock: threading.Lock,
+    key: str,
+    probe: Callable[[ModuleType], object],
+    unavailable: str,
+) -> ModuleType | None:
+    """``load_module()``, then once per process ``state[key] = probe(module)`` (under
+    ``lock``): a kernel's check that it rounds as ATen does here. A probe that raises
+    ``RuntimeError`` makes the kernel unavailable for good (``state["error"]``): an error with
+    ``BAME_OPTIM_REQUIRE_NATIVE``, else one ``RuntimeWarning`` naming ``unavailable`` (the
+    subject, e.g. ``"the fused kept kernels are"``) and the eager path."""
+    module = load_module()
+    if module is None:
+        return None
+    if key not in state and "error" not in state:
+        with lock:
+            if key not in state and "error" not in state:
+                try:
+                    state[key] = probe(module)
+                except RuntimeError as failure:
+                    state["error"] = str(failure)
+                    if required():
+                        raise
+                    warnings.warn(f"bame_optim: {unavailable} unavailable, using the eager "
+                                  f"path ({failure})", RuntimeWarning, stacklevel=4)
+    return None if "error" in state else module
 
 
 def error() -> str | None:
