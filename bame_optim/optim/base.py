@@ -155,18 +155,10 @@ class NMOptimizer(Optimizer):
                 parameter is not N:M, named with its pattern and phase (e.g. still in the
                 gradual phase: call :meth:`finalize_masks` or train to ``t_i``).
         """
-        checked, broken = [], []
-        for g, group in enumerate(self.param_groups):
-            names = group.get("param_names")
-            for j, p in enumerate(group["params"]):
-                if not self._is_sparse(p, group):
-                    continue
-                name = names[j] if names else f"group{g}.param{j}"
-                weight = nm_layout(local_tensor(p).detach(), group["nm_dim"])
-                checked.append(name)
-                if not is_nm_sparse(weight, group["n"], group["m"]):
-                    broken.append(f"{name} {tuple(p.shape)} (phase {self.phase_name(group)!r} "
-                                  f"at step {group['step']})")
+        rows = [row for row in self.sparsity_report() if row["sparse"]]
+        checked = [row["name"] for row in rows]
+        broken = [f"{row['name']} {row['shape']} (phase {row['phase']!r} at step {row['step']})"
+                  for row in rows if not row["nm_valid"]]
         if not checked:
             raise RuntimeError(
                 f"{type(self).__name__}.check_nm: no parameter is N:M sparse, so there is "
