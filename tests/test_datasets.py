@@ -1,5 +1,7 @@
-"""Hugging Face ``datasets`` loaders: round trips from every local source, named errors for
-missing and corrupt files, offline Hub names, transforms and loaders, the real Fashion-MNIST."""
+"""Finding and loading image sources (``integrations/datasets/detect.py`` and ``load.py``):
+round trips from every local source, named errors for missing and corrupt files, offline Hub
+names, the real Fashion-MNIST. Transforms: test_datasets_transforms.py; torch loaders:
+test_datasets_torch_data.py."""
 
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from bame_optim.integrations.datasets import (
@@ -233,48 +234,6 @@ def test_hub_name_offline_fails_fast_with_a_clear_error(tmp_path):
     assert issubclass(DatasetUnavailableError, ConnectionError)
 
 
-def test_transform_shapes_and_dtypes():
-    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
-    grey = Image.fromarray(np.full((28, 28), round(255 * FASHION_MNIST_MEAN[0]), np.uint8))
-    for train in (True, False):
-        x = image_transforms("cifar10", train=train)(rgb)
-        assert x.shape == (3, 32, 32) and x.dtype == torch.float32
-        x = image_transforms("cifar10", train=train)(grey)  # greyscale input becomes RGB
-        assert x.shape[0] == 3
-        x = image_transforms("imagenet", train=train)(rgb.resize((300, 200)))
-        assert x.shape == (3, 224, 224) and x.dtype == torch.float32
-    x = image_transforms("fashion-mnist", train=False)(grey)
-    assert x.shape == (1, 28, 28) and x.dtype == torch.float32
-    assert abs(float(x.mean())) < 0.01  # the mean pixel normalises to ~0
-    x = image_transforms("mnist", train=True)(rgb)
-    assert x.shape == (1, 32, 32)
-    with pytest.raises(ValueError, match=r"Invalid preset value: 'svhn'"):
-        image_transforms("svhn", train=True)
-
-
-def test_make_loaders(cifar):
-    _, dd = cifar
-    kwargs = {
-        "batch_size": 8,
-        "train_transform": image_transforms("cifar10", train=True),
-        "test_transform": image_transforms("cifar10", train=False),
-        "seed": 3,
-    }
-    train, test = make_loaders(dd, **kwargs)
-    batches = list(train)
-    assert [len(y) for _, y in batches] == [8, 8, 4]
-    x, y = batches[0]
-    assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
-    again = [y for _, y in make_loaders(dd, **kwargs)[0]]
-    assert all(torch.equal(a, b) for (_, a), b in zip(batches, again, strict=True))
-    assert sorted(torch.cat(again).tolist()) == sorted(labels(dd["train"]).tolist())
-    (xt, yt), *_ = list(test)
-    assert xt.shape == (4, 3, 32, 32)
-    assert yt.tolist() == labels(dd["test"]).tolist()
-    with pytest.raises(KeyError, match=r"no split 'validation'.*\['train', 'test'\]"):
-        make_loaders(dd, test_split="validation", **kwargs)
-
-
 @pytest.mark.skipif(not SHARED_FASHION.is_dir(), reason="shared Fashion-MNIST not present")
 def test_real_fashion_mnist():
     dd = load_image_dataset(SHARED_FASHION)
@@ -337,7 +296,7 @@ def test_saved_labels_out_of_range_are_named(tmp_path, cifar, bad, hint):
 def test_a_missing_local_path_is_not_taken_as_a_hub_name(tmp_path, monkeypatch, source, reason):
     """Rule of :func:`detect_kind`: such a string fails at once, naming the path; the Hub
     loader is never called (no network, no retries)."""
-    import bame_optim.integrations.datasets as image_datasets
+    import bame_optim.integrations.datasets.load as image_datasets
 
     def no_hub(*args, **kwargs):
         pytest.fail(f"the Hub loader was called with {args} {kwargs}")

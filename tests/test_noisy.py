@@ -67,7 +67,7 @@ def test_a_hub_name_fails_fast_when_the_hub_cannot_be_reached(tmp_path, monkeypa
     import datasets
     import huggingface_hub
 
-    from bame_optim.integrations import datasets as image_datasets
+    from bame_optim.integrations.datasets import load as image_datasets
 
     def no_download(*args, **kwargs):
         pytest.fail("load_dataset ran although the Hub could not be reached")

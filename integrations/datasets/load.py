@@ -1,14 +1,16 @@
-"""Image-classification data as 🤗 ``datasets`` objects, and torch loaders over them.
+"""Loading an image-classification source as a 🤗 ``datasets.DatasetDict``
+(:func:`load_image_dataset`).
 
-:func:`load_image_dataset` returns a :class:`datasets.DatasetDict` with splits such as
-``"train"`` / ``"test"`` and two columns, ``"image"`` (:class:`datasets.Image`, decoded lazily to
-a PIL image on access) and ``"label"`` (:class:`datasets.ClassLabel`). Sources (``kind``):
+The result has splits such as ``"train"`` / ``"test"`` and two columns, ``"image"``
+(:class:`datasets.Image`, decoded lazily to a PIL image on access) and ``"label"``
+(:class:`datasets.ClassLabel`). Sources (``kind``, :data:`~.detect.KINDS`; ``None`` detects it
+with :func:`~.detect.detect_kind`):
 
 * ``"imagefolder"``: ``folder/train/<class>/*.png`` and ``folder/test/<class>/*.png``
   (``datasets.load_dataset("imagefolder")``; every image is opened once to check it, see
   ``verify_images``),
-* ``"cifar10"``: the CIFAR-10 "python version" batches (:func:`.local_data.read_cifar10_batches`),
-* ``"fashion-mnist"`` / ``"mnist"``: the four IDX files (:func:`.idx.load_idx_dataset`, MD5
+* ``"cifar10"``: the CIFAR-10 "python version" batches (:func:`..local_data.read_cifar10_batches`),
+* ``"fashion-mnist"`` / ``"mnist"``: the four IDX files (:func:`..idx.load_idx_dataset`, MD5
   checksums verified when ``MD5SUMS.decompressed`` is present),
 * ``"disk"``: a folder written by ``Dataset(Dict).save_to_disk`` (``datasets.load_from_disk``),
 * ``"parquet"`` / ``"arrow"``: ``*.parquet`` / ``*.arrow`` files, e.g. from ``Dataset.to_parquet``
@@ -18,10 +20,6 @@ a PIL image on access) and ``"label"`` (:class:`datasets.ClassLabel`). Sources (
   seconds (one connection attempt to the Hub first, unless ``HF_HUB_OFFLINE`` is set or a
   proxy is configured).
 
-With ``kind=None`` a path that exists is inspected (in the order above: IDX files, CIFAR batches,
-a ``save_to_disk`` folder, parquet, arrow, then image files); a string that does not exist is a
-Hub name only if it can be one (``name`` or ``owner/name`` whose ``owner`` is not a local
-folder, see :func:`detect_kind`), else ``FileNotFoundError`` names the path at once.
 Labels are checked when loaded: each split's labels must lie in ``0..num_classes-1`` of its
 ``ClassLabel`` (a ``ValueError`` names the source, the split, the value and its index).
 Nothing here writes to ``~/.cache``: what ``datasets`` caches (the Arrow files built
@@ -33,19 +31,13 @@ IDX and CIFAR arrays are held in memory as uncompressed PGM/PPM bytes in the ``I
 building it takes ~0.2 s for the 70,000 Fashion-MNIST images (letting ``datasets`` encode the
 arrays to PNG takes ~5 s), decoding is lossless and lazy, and the result saves to disk or parquet
 like any image dataset.
-
-:func:`make_loaders` wraps two splits in :class:`TorchImageDataset` (decode, transform, return
-``(image_tensor, label)``) and torch ``DataLoader`` s; :func:`image_transforms` builds the usual
-``torchvision.transforms.v2`` pipelines with the normalisation constants below.
 """
 
 from __future__ import annotations
 
-import re
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 from urllib.request import getproxies
 
@@ -54,53 +46,20 @@ import huggingface_hub
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 from datasets.table import InMemoryTable
-from torch.utils.data import DataLoader
-from torchvision.transforms import v2
 
-from .idx import IDX_FILES, load_idx_dataset
-from .local_data import CIFAR10_TRAIN_BATCHES, read_cifar10_batches
+from ..idx import load_idx_dataset
+from ..local_data import read_cifar10_batches
+from .detect import KINDS, detect_kind
 
 __all__ = [
     "CIFAR10_CLASSES",
-    "CIFAR10_MEAN",
-    "CIFAR10_STD",
     "FASHION_MNIST_CLASSES",
-    "FASHION_MNIST_MEAN",
-    "FASHION_MNIST_STD",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "KINDS",
+    "HUB_PROBE_TIMEOUT",
     "MNIST_CLASSES",
-    "MNIST_MEAN",
-    "MNIST_STD",
     "DatasetUnavailableError",
-    "TorchImageDataset",
-    "detect_kind",
-    "image_transforms",
     "load_image_dataset",
-    "make_loaders",
 ]
-
-# Normalisation statistics of images scaled to [0, 1], per channel.
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-"""CIFAR-10 per-channel mean over the 50,000 training images (Krizhevsky 2009 data)."""
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-"""CIFAR-10 per-channel std over all training pixels (not the often-copied 0.2023, 0.1994,
-0.2010, which averages per-image stds)."""
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-"""ImageNet-1k mean, as used by torchvision's pretrained models (``torchvision.models`` docs)."""
-IMAGENET_STD = (0.229, 0.224, 0.225)
-"""ImageNet-1k std, as used by torchvision's pretrained models."""
-FASHION_MNIST_MEAN = (0.2860,)
-"""Fashion-MNIST training-set pixel mean (``shared/data/README.md``; checked in the tests)."""
-FASHION_MNIST_STD = (0.3530,)
-"""Fashion-MNIST training-set pixel std (``shared/data/README.md``; checked in the tests)."""
-MNIST_MEAN = (0.1307,)
-"""MNIST training-set pixel mean (as in PyTorch's ``examples/mnist``)."""
-MNIST_STD = (0.3081,)
-"""MNIST training-set pixel std (as in PyTorch's ``examples/mnist``)."""
 
 CIFAR10_CLASSES = (
     "airplane",
@@ -130,105 +89,9 @@ FASHION_MNIST_CLASSES = (
 """Fashion-MNIST label names in label order (Xiao, Rasul and Vollgraf 2017, table 1)."""
 MNIST_CLASSES = tuple(str(d) for d in range(10))
 
-FASHION_MNIST_MD5 = frozenset(
-    {
-        "8181f5470baa50b63fa0f6fddb340f0a",  # t10k-images-idx3-ubyte
-        "15d484375f8d13e6eb1aabb0c3f46965",  # t10k-labels-idx1-ubyte
-        "f4a8712d7a061bf5bd6d2ca38dc4d50a",  # train-images-idx3-ubyte
-        "9018921c3c673c538a1fc5bad174d6f9",  # train-labels-idx1-ubyte
-    }
-)
-"""Published MD5s of the decompressed Fashion-MNIST files: tell Fashion-MNIST from MNIST."""
-
-KINDS = ("hub", "imagefolder", "cifar10", "fashion-mnist", "mnist", "disk", "parquet", "arrow")
-IMAGE_EXTENSIONS = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-)
-_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
-_EXPECTED = (
-    "expected IDX files (train-images-idx3-ubyte[.gz], ...), CIFAR-10 python batches "
-    "(data_batch_1..5, test_batch), a save_to_disk folder (dataset_dict.json or state.json), "
-    "*.parquet or *.arrow files, or an image folder (train/<class>/*.png, test/<class>/*.png)"
-)
-
 
 class DatasetUnavailableError(ConnectionError):
     """A Hub dataset could not be fetched (offline, or no network) and is not in the cache."""
-
-
-# --------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------
-
-
-def _why_local(source: str | Path) -> str | None:
-    """Why ``source`` (which does not exist) is meant as a local path, or ``None`` if it may be
-    a Hub name (the rule of :func:`detect_kind`)."""
-    if not isinstance(source, str):
-        return "it is a Path"
-    if source.startswith((".", "/", "~")):
-        return f"it starts with {source[0]!r}"
-    if "\\" in source:  # a Windows separator; never in a Hub name
-        return "it contains a backslash"
-    if source.endswith("/"):
-        return "it ends with '/'"
-    parts = source.split("/")
-    if len(parts) > 2:
-        return "it has more than one '/'"
-    if len(parts) == 2 and Path(parts[0]).exists():
-        return f"{parts[0]!r} exists here"
-    if not _HUB_NAME.fullmatch(source):
-        return "it is not of the form 'name' or 'owner/name'"
-    return None
-
-
-def detect_kind(source: str | Path) -> str:
-    """The ``kind`` :func:`load_image_dataset` would use for ``source`` (see module doc).
-
-    A path that exists is inspected. A ``source`` that does not exist is a Hub name
-    (``"hub"``) only if it is a string of the form ``name`` or ``owner/name`` (letters, digits,
-    ``_ . -``) whose ``owner`` is not a file or folder of the working directory; anything else
-    is a mistyped local path and raises ``FileNotFoundError`` at once, naming it and why it is
-    not taken as a Hub name (e.g. ``./dat/x``, ``~/x``, ``/x``, ``a/b/c``, ``a\\b``, ``x/``, or
-    ``data/x`` when ``data`` exists). No network is used here. Raises ``ValueError`` if an
-    existing path holds nothing recognisable.
-    """
-    path = Path(source).expanduser()
-    if not path.exists():
-        reason = _why_local(source)
-        if reason is None:
-            return "hub"
-        raise FileNotFoundError(
-            f"no such file or folder: {path.absolute()} ({reason}, so not a Hugging Face Hub "
-            f"name); a Hub dataset name looks like 'owner/name'"
-        )
-    if path.is_file():
-        if path.suffix in (".parquet", ".arrow"):
-            return path.suffix[1:]
-        raise ValueError(f"{path}: not a dataset file; {_EXPECTED}")
-    names = {p.name for p in path.iterdir()}
-    idx_names = {n for pair in IDX_FILES.values() for n in pair}
-    if names & (idx_names | {f"{n}.gz" for n in idx_names}):
-        return _idx_kind(path)
-    if names & {*CIFAR10_TRAIN_BATCHES, "test_batch"}:
-        return "cifar10"
-    if names & {"dataset_dict.json", "state.json"}:
-        return "disk"
-    files = [p for p in path.rglob("*") if p.is_file()]
-    for suffix in (".parquet", ".arrow"):
-        if any(p.suffix == suffix for p in files):
-            return suffix[1:]
-    if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in files):
-        return "imagefolder"
-    raise ValueError(f"{path}: no dataset found; {_EXPECTED}")
-
-
-def _idx_kind(folder: Path) -> str:
-    """``"fashion-mnist"`` if the checksums are Fashion-MNIST's or the folder says so."""
-    sums = folder / "MD5SUMS.decompressed"
-    if sums.is_file() and FASHION_MNIST_MD5 & set(sums.read_text().split()):
-        return "fashion-mnist"
-    return "fashion-mnist" if "fashion" in folder.name.lower() else "mnist"
 
 
 def load_image_dataset(
@@ -478,152 +341,3 @@ def _only(ds: datasets.Dataset, feature: type, role: str, source: str, split: st
         f"{source}: split {split!r} has {len(found)} {feature.__name__} columns {found} among "
         f"{ds.column_names}; pass {role}_column={{name}}{hint}"
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Transforms and loaders
-# --------------------------------------------------------------------------------------------
-
-_PRESETS = {
-    "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
-    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
-    "fashion-mnist": (FASHION_MNIST_MEAN, FASHION_MNIST_STD),
-    "mnist": (MNIST_MEAN, MNIST_STD),
-}
-
-
-def image_transforms(
-    preset: str,
-    *,
-    train: bool,
-    size: int | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-) -> v2.Compose:
-    """PIL image -> normalised ``float32 [C, H, W]`` tensor (``torchvision.transforms.v2``).
-
-    * ``"cifar10"`` (CIFAR-like, RGB): train ``RandomCrop(size or 32, padding=4)`` +
-      ``RandomHorizontalFlip``; test nothing extra.
-    * ``"imagenet"`` (RGB): train ``RandomResizedCrop(size or 224)`` + ``RandomHorizontalFlip``;
-      test ``Resize(size * 8 / 7)`` (256 for 224) + ``CenterCrop(size)``.
-    * ``"fashion-mnist"`` / ``"mnist"`` (1 channel): no augmentation.
-
-    ``mean`` / ``std`` override the preset's constants. Random augmentations draw from torch's
-    RNG: each ``DataLoader`` worker's is seeded from the loader's generator; with
-    ``num_workers=0`` they use the global RNG (seed it with ``torch.manual_seed``).
-    """
-    if preset not in _PRESETS:
-        raise ValueError(f"Invalid preset value: {preset!r} (one of {', '.join(_PRESETS)})")
-    default_mean, default_std = _PRESETS[preset]
-    steps: list[Any] = [v2.ToImage()]
-    if preset == "cifar10":
-        steps.append(v2.RGB())
-        if train:
-            steps += [v2.RandomCrop(size or 32, padding=4), v2.RandomHorizontalFlip()]
-    elif preset == "imagenet":
-        size = size or 224
-        steps.append(v2.RGB())
-        if train:
-            steps += [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
-        else:
-            steps += [v2.Resize(round(size * 8 / 7), antialias=True), v2.CenterCrop(size)]
-    else:
-        steps.append(v2.Grayscale(1))
-    steps += [
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=list(mean or default_mean), std=list(std or default_std)),
-    ]
-    return v2.Compose(steps)
-
-
-class TorchImageDataset(torch.utils.data.Dataset):
-    """A map-style torch dataset over one split: ``(transform(image), label)`` per item.
-
-    Images are decoded here (not by ``datasets``) so that a file that fails to decode raises
-    ``ValueError`` naming it and its index. Batched fetching (``__getitems__``) reads a whole
-    batch from Arrow at once.
-    """
-
-    def __init__(self, split: datasets.Dataset, transform: Callable[[Any], Any] | None = None):
-        feature = split.features.get("image")
-        if not isinstance(feature, datasets.Image) or "label" not in split.column_names:
-            raise ValueError(
-                f"expected columns 'image' (Image) and 'label', got {dict(split.features)}"
-            )
-        self.name = str(split.split or "split")
-        self.feature = feature
-        self.data = split.select_columns(["image", "label"]).cast_column(
-            "image", datasets.Image(decode=False)
-        )
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def _item(self, index: int, value: dict, label: int) -> tuple[Any, int]:
-        path = value.get("path")
-        try:
-            if value.get("bytes") is None and path and Path(path).is_file():
-                # read it here: datasets' decoder leaves the file open when decoding fails
-                value = {"bytes": Path(path).read_bytes(), "path": path}
-            image = self.feature.decode_example(value)
-        except Exception as err:
-            where = path or "in-memory bytes"
-            raise ValueError(
-                f"{where}: cannot decode image {self.name}[{index}] ({type(err).__name__}: {err})"
-            ) from err
-        return (self.transform(image) if self.transform else image), int(label)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        row = self.data[int(index)]
-        return self._item(int(index), row["image"], row["label"])
-
-    def __getitems__(self, indices: Sequence[int]) -> list[tuple[Any, int]]:
-        rows = self.data[list(indices)]
-        return [
-            self._item(int(i), v, y)
-            for i, v, y in zip(indices, rows["image"], rows["label"], strict=True)
-        ]
-
-
-def make_loaders(
-    dataset_dict: datasets.DatasetDict,
-    *,
-    batch_size: int,
-    train_transform: Callable[[Any], Any],
-    test_transform: Callable[[Any], Any],
-    num_workers: int = 0,
-    seed: int = 0,
-    train_split: str = "train",
-    test_split: str = "test",
-    test_batch_size: int | None = None,
-    drop_last: bool = False,
-    pin_memory: bool = False,
-) -> tuple[DataLoader, DataLoader]:
-    """``(train_loader, test_loader)`` yielding ``(float images [B, C, H, W], int64 labels [B])``.
-
-    The training loader shuffles with a ``torch.Generator`` seeded by ``seed`` (the same order
-    for the same seed) and drops the last incomplete batch if ``drop_last``; the test loader
-    keeps the split's order.
-    """
-    for split in (train_split, test_split):
-        if split not in dataset_dict:
-            raise KeyError(f"no split {split!r} in the dataset (splits: {list(dataset_dict)})")
-    common = {"num_workers": num_workers, "pin_memory": pin_memory}
-    if num_workers > 0:
-        common["persistent_workers"] = True
-    train = DataLoader(
-        TorchImageDataset(dataset_dict[train_split], train_transform),
-        batch_size=batch_size,
-        shuffle=True,
-        drop_last=drop_last,
-        generator=torch.Generator().manual_seed(seed),
-        **common,
-    )
-    test = DataLoader(
-        TorchImageDataset(dataset_dict[test_split], test_transform),
-        batch_size=test_batch_size or batch_size,
-        shuffle=False,
-        **common,
-    )
-    return train, test
