@@ -34,7 +34,7 @@ from bame_optim.integrations.models import resnet32, small_cnn
 from bame_optim.methods import METHODS, accepted_keywords, fixed_settings, make_optimizer
 from bame_optim.peers.bidir import attach_backward_masks
 
-from .cli import nm_pattern, write_csv
+from .harness import nm_pattern, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 

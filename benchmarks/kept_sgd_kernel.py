@@ -26,9 +26,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -39,7 +37,7 @@ from bame_optim.core.nm import random_nm_mask
 from bame_optim.integrations.models import MODELS
 from bame_optim.kernels import kept_sgd_cpu
 
-from .cli import nm_pattern
+from .harness import Timer, build_model, interleaved, machine, nm_pattern
 
 HYPER = {
     "lr": 0.1,
@@ -130,24 +128,9 @@ class Setup:
         )
 
 
-def interleaved(steps: dict[str, Callable[[], None]], rounds: int, warmup: int) -> dict:
-    """Median seconds per call of each step, the order rotating every round."""
-    names = list(steps)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(warmup + rounds):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for name in order:
-            start = time.perf_counter()
-            steps[name]()
-            elapsed = time.perf_counter() - start
-            if r >= warmup:
-                times[name].append(elapsed)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def model_shapes(name: str) -> list[torch.Size]:
-    torch.manual_seed(0)
-    return [p.shape for p in MODELS[name]().parameters()]
+    """The parameter shapes of model ``name``."""
+    return [p.shape for p in build_model(name, torch.device("cpu")).parameters()]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -170,8 +153,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("the fused kernel is unavailable (see the warning above)")
     seconds = kept_sgd_cpu.compile_seconds() or time.perf_counter() - start
     print(
-        f"kernel ready in {seconds:.1f} s (build or cache load); torch threads: "
-        f"{torch.get_num_threads()}; {args.rounds} interleaved rounds, median"
+        f"kernel ready in {seconds:.1f} s (build or cache load); {machine('cpu')}; "
+        f"{args.rounds} interleaved rounds, median"
     )
     for model in args.models:
         shapes = model_shapes(model)
@@ -189,13 +172,13 @@ def main(argv: list[str] | None = None) -> None:
                 "fused": setup.step_fused,
                 "all": setup.step_all,
             }
-            t = interleaved(steps, args.rounds, args.warmup)
+            t = interleaved(steps, args.rounds, args.warmup, Timer(torch.device("cpu")))
             share = setup.sparse_numel() / total
-            sgd_s = t["sgd"]
+            sgd = t["sgd"]
             print(
-                f"{n}:{m:<3} {share:>7.1%} {sgd_s * 1e3:>8.2f} {t['eager'] * 1e3:>9.2f} "
-                f"{t['fused'] * 1e3:>9.2f} {t['all'] * 1e3:>7.2f} "
-                f"{t['eager'] / sgd_s:>9.2f}x {t['fused'] / sgd_s:>9.2f}x {t['all'] / sgd_s:>7.2f}x"
+                f"{n}:{m:<3} {share:>7.1%} {sgd:>8.2f} {t['eager']:>9.2f} "
+                f"{t['fused']:>9.2f} {t['all']:>7.2f} "
+                f"{t['eager'] / sgd:>9.2f}x {t['fused'] / sgd:>9.2f}x {t['all'] / sgd:>7.2f}x"
             )
 
 

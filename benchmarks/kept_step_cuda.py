@@ -10,8 +10,8 @@ forward or backward, the median time of
 * ``compiled``: ``torch.compile`` of the BAME optimizer's ``step`` (ordinary steps; the update
   runs through the ``bame_optim::kept_*_`` ops),
 
-interleaved round by round (:func:`benchmarks.step.interleaved`), and each one's ratio to
-``fused``. Written for CUDA (``benchmarks/gpu_check.py`` runs it); ``--device cpu`` is a smoke
+interleaved round by round (:func:`benchmarks.harness.interleaved`), and each one's ratio to
+``fused``. Written for CUDA (``python -m tools.gpu_check`` runs it); ``--device cpu`` is a smoke
 run of the same code (torch's fused CPU optimizers are the baseline there)::
 
     python -m benchmarks.kept_step_cuda                                  # cuda, defaults
@@ -32,19 +32,24 @@ from torch.optim import Optimizer
 
 from bame_optim import BAMESGD, BAMEAdamW
 
-from .cli import nm_pattern, resolve_device
-from .step import FAR, Timer, assign_grads, build_model, interleaved, sparse_groups
+from .harness import (
+    Timer,
+    assign_grads,
+    build_model,
+    fixed_grads,
+    interleaved,
+    machine,
+    nm_pattern,
+    resolve_device,
+    schedule,
+    sparse_groups,
+)
 
 HYPER = {
     "sgd": {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4},
     "adamw": {"lr": 1e-3, "weight_decay": 0.05},
 }
 """The hyper-parameters of both optimizers of each rule."""
-SCHEDULES = {
-    "ordinary": {"t_i": 0, "t_f": 0},
-    "update": {"t_i": 0, "t_f": FAR, "total_steps": FAR, "delta_t": 1},
-}
-"""``ordinary``: the mask drawn at step 0 and fixed; ``update``: every later step updates it."""
 
 
 def make_optimizers(
@@ -59,9 +64,9 @@ def make_optimizers(
     }
     for kind in ("ordinary", "update", "compiled"):
         if kind in models:
-            schedule = SCHEDULES["update" if kind == "update" else "ordinary"]
+            keywords = schedule("update" if kind == "update" else "ordinary")
             groups = sparse_groups(models[kind], n, m)
-            optimizers[kind] = bame(groups, n=n, m=m, **hyper, **schedule)
+            optimizers[kind] = bame(groups, n=n, m=m, **hyper, **keywords)
     return optimizers
 
 
@@ -72,8 +77,7 @@ def time_rule(
     """Median milliseconds of each kind of step and their ratios to the fused baseline."""
     n, m = pattern
     base = build_model(model_name, device)
-    generator = torch.Generator().manual_seed(1)
-    grads = [torch.randn(p.shape, generator=generator).to(device) for p in base.parameters()]
+    grads = fixed_grads(base, device)
     kinds = ["fused", "ordinary", "update"] + (["compiled"] if compile_step else [])
     models = {kind: copy.deepcopy(base) for kind in kinds}
     optimizers = make_optimizers(models, rule, n, m)
@@ -127,6 +131,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Time every (model, pattern, rule), print the table; the rows."""
     args, device = parse_args(argv)
+    print(f"{machine(device)}; medians of {args.steps} interleaved rounds after {args.warmup} "
+          f"warm-up rounds", flush=True)
     rows = []
     for model in args.models:
         for pattern in args.patterns:

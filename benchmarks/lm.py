@@ -37,7 +37,7 @@ from bame_optim import nm_param_groups
 from bame_optim.flops import flops_breakdown, layer_flops
 from bame_optim.methods import METHODS, make_optimizer
 
-from .cli import nm_pattern, write_csv
+from .harness import nm_pattern, write_csv
 from .lm_data import SEPARATOR, VOCAB_SIZE, StdlibText, load_stdlib_text
 
 ROOT = Path(__file__).resolve().parents[1]

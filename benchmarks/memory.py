@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import time
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -43,12 +42,19 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from tqdm import tqdm
 
-from bame_optim import nm_param_groups
 from bame_optim.core.schedule import Phase, phase
 from bame_optim.integrations.models import MODELS
 from bame_optim.methods import METHODS, fixed_settings, make_optimizer
 
-from .cli import nm_pattern, resolve_device, write_csv
+from .harness import (
+    build_model,
+    fixed_grads,
+    nm_pattern,
+    params_of,
+    resolve_device,
+    sparse_groups,
+    write_csv,
+)
 
 DEFAULT_MODELS = ("resnet32", "resnet50", "deit_small")
 DEFAULT_PATTERNS = ((2, 4), (1, 4), (1, 16))
@@ -136,18 +142,6 @@ def state_bytes(
     return out
 
 
-def _params(groups: list[dict[str, Any]]) -> list[Tensor]:
-    """The parameters of ``nm_param_groups``-style groups (items may be ``(name, p)`` pairs)."""
-    return [item[1] if isinstance(item, tuple) else item for g in groups for item in g["params"]]
-
-
-def sparse_groups(model: nn.Module, n: int, m: int) -> list[dict[str, Any]]:
-    """``nm_param_groups(model, n, m)`` without the warnings about layers left dense."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return nm_param_groups(model, n, m)
-
-
 def representatives(groups: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[int, int]]:
     """``groups`` with one parameter per shape in each group, and how many parameters of the
     group each stands for (by ``id``).
@@ -188,13 +182,12 @@ class Run:
     method so every method starts from the same point."""
 
     def __init__(self, model: str | nn.Module, device: torch.device, seed: int = 0) -> None:
-        torch.manual_seed(seed)
-        self.model = (MODELS[model]() if isinstance(model, str) else model).to(device)
+        if isinstance(model, str):
+            model = build_model(model, device, seed)
+        self.model = model.to(device)
         self.params = list(self.model.parameters())
-        generator = torch.Generator(device="cpu").manual_seed(seed + 1)
-        self.grads = {
-            id(p): torch.randn(p.shape, generator=generator).to(device) for p in self.params
-        }
+        grads = fixed_grads(self.model, device, seed + 1)
+        self.grads = {id(p): g for p, g in zip(self.params, grads, strict=True)}
         self.initial = [p.detach().clone() for p in self.params]
         self.numel = sum(p.numel() for p in self.params)
 
@@ -235,8 +228,8 @@ def measure_method(
     counts: dict[int, int] = {}
     if not exact:
         groups, counts = representatives(groups)
-    stepped = _params(groups)
-    sparse_ids = {id(p) for g in groups if g.get("sparse") for p in _params([g])}
+    stepped = params_of(groups)
+    sparse_ids = {id(p) for p in params_of(groups, sparse=True)}
     schedule: dict[str, Any] = {"n": n, "m": m, "total_steps": total_steps, "delta_t": 1}
     for key in fixed_settings(method):
         schedule.pop(key, None)
@@ -299,7 +292,7 @@ def collect(
             run = Run(name, device)
             for pattern in patterns:
                 groups = sparse_groups(run.model, *pattern)
-                sparse_ids = {id(p) for g in groups if g.get("sparse") for p in _params([g])}
+                sparse_ids = {id(p) for p in params_of(groups, sparse=True)}
                 sparse_numel = sum(p.numel() for p in run.params if id(p) in sparse_ids)
                 for family, members in families.items():
                     ref = measure_reference(run, sparse_ids, family)

@@ -3,7 +3,7 @@
 timm's ``deit_tiny_patch16_224`` built with ``pretrained=False`` (no download), ``--depth``
 blocks, on ``--image-size`` images (default 4 blocks, 64 x 64, batch 32, 10 classes). One
 training step is ``zero_grad``, forward, cross-entropy, backward and ``step()``, on one fixed
-random batch. Timed, interleaved round by round (:func:`benchmarks.step.interleaved`, the
+random batch. Timed, interleaved round by round (:func:`benchmarks.harness.interleaved`, the
 order rotated every round), medians:
 
 * ``adamw_foreach``: ``torch.optim.AdamW(foreach=True)``,
@@ -37,8 +37,7 @@ from tqdm import tqdm
 from bame_optim import nm_param_groups
 from bame_optim.methods import make_optimizer
 
-from .cli import nm_pattern, resolve_device, write_csv
-from .step import FAR, Timer, interleaved
+from .harness import Timer, interleaved, machine, nm_pattern, resolve_device, schedule, write_csv
 
 HYPER: dict[str, Any] = {"lr": 1e-3, "weight_decay": 0.05}
 """The hyper-parameters of every optimizer."""
@@ -66,8 +65,8 @@ def build_optimizer(kind: str, model: nn.Module, pattern: tuple[int, int]) -> to
     if kind == "bame_ordinary":  # static_adamw's schedule: the mask drawn at step 0, then fixed
         return make_optimizer("static_adamw", groups, n=n, m=m, foreach=True, **HYPER)
     if kind == "bame_update":
-        return make_optimizer("bame_adamw", groups, n=n, m=m, t_i=0, t_f=FAR, total_steps=FAR,
-                              delta_t=1, foreach=True, **HYPER)
+        return make_optimizer("bame_adamw", groups, n=n, m=m, **schedule("update"), foreach=True,
+                              **HYPER)
     raise ValueError(f"Invalid kind value: {kind!r} (one of {', '.join(KINDS)})")
 
 
@@ -162,8 +161,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"\nDeiT-tiny (timm, random init), {args.depth} blocks, {args.image_size}x"
         f"{args.image_size} images, batch {args.batch}, {row['params_m']:.2f} M params; "
         f"BAMEAdamW {row['pattern']} on {row['sparse_params']} sparse weights "
-        f"({row['sparse_weights']:,}); device {args.device}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; forward + backward + step, medians of "
+        f"({row['sparse_weights']:,}); {machine(args.device)}; forward + backward + step, "
+        f"medians of "
         f"{args.steps} interleaved rounds after {max(args.warmup, 1)} warm-up rounds"
     )
     print(format_report(row))

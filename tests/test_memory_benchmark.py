@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from bame_optim.methods import METHODS
-from benchmarks import memory
+from benchmarks import harness, memory
 
 
 def _tiny() -> nn.Module:
@@ -67,9 +67,9 @@ def test_references_sgd_momentum_and_adamw_moments_and_steps():
 @pytest.mark.parametrize("pattern", [(1, 4), (2, 4)])
 def test_one_parameter_per_shape_gives_the_exact_numbers(pattern):
     run = memory.Run(_tiny(), torch.device("cpu"))
-    groups, counts = memory.representatives(memory.sparse_groups(run.model, *pattern))
+    groups, counts = memory.representatives(harness.sparse_groups(run.model, *pattern))
     assert sum(counts.values()) == len(run.params)
-    assert len(memory._params(groups)) < len(run.params)
+    assert len(harness.params_of(groups)) < len(run.params)
     for method in (m for m in METHODS if m != "dense"):
         fast = memory.measure_method(run, method, pattern, 5)
         exact = memory.measure_method(run, method, pattern, 5, exact=True)
@@ -79,8 +79,7 @@ def test_one_parameter_per_shape_gives_the_exact_numbers(pattern):
     # tensor, plus the fp32 oscillation EMA [K] in the evolve phase; dense parameters carry
     # torch.optim.AdamW's state: two fp32 moments and the step.
     n, m = pattern
-    groups = memory.sparse_groups(run.model, n, m)
-    sparse = [p for g in groups if g.get("sparse") for p in memory._params([g])]
+    sparse = harness.params_of(harness.sparse_groups(run.model, n, m), sparse=True)
     assert sparse and len(sparse) < len(run.params)
     blocks = sum(p.numel() for p in sparse) // m
     steps = 4 * len(sparse)

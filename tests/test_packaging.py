@@ -192,7 +192,7 @@ def test_generated_script_and_python_m_run_from_outside_the_checkout(
     installed: Installed, tmp_path: Path
 ) -> None:
     """The wrapper pip writes into ``bin/`` runs, and so does ``python -m`` on an installed
-    benchmark (its imports of ``.cli`` are relative, so they work under either name)."""
+    benchmark (its imports of ``.harness`` are relative, so they work under either name)."""
     cwd, env = _outside(installed, tmp_path)
     script = installed.target / "bin" / "bame-bench-flops"
     done = _run([sys.executable, str(script), "--help"], cwd, env)

@@ -1,0 +1,246 @@
+"""What every benchmark shares: the command-line pieces (N:M patterns, ``--device``, CSV
+output, the line naming the machine), the model-shape sets and their N:M groups and fixed
+gradients, the schedules that make a timed step ordinary or a mask update, the interleaved
+timer and its medians, and the bytes an optimizer step moves (to report GB/s against torch's
+fused step)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from bame_optim import nm_param_groups
+from bame_optim.integrations.models import MODELS
+
+__all__ = [
+    "BENCH_MODELS",
+    "FAR",
+    "GPT2_SMALL_LINEARS",
+    "GRADUAL_LEAD",
+    "SCHEDULE_KINDS",
+    "Timer",
+    "assign_grads",
+    "build_model",
+    "fixed_grads",
+    "gbps",
+    "interleaved",
+    "machine",
+    "nm_pattern",
+    "params_of",
+    "resolve_device",
+    "schedule",
+    "sparse_groups",
+    "step_bytes",
+    "write_csv",
+]
+
+# ----------------------------------------------------------------------------- command line
+
+
+def nm_pattern(text: str) -> tuple[int, int]:
+    """``argparse`` type of an ``N:M`` pattern such as ``2:4`` (``1 <= N < M``)."""
+    try:
+        n, m = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid N:M pattern {text!r} (e.g. 2:4)") from None
+    if not 1 <= n < m:
+        raise argparse.ArgumentTypeError(f"invalid N:M pattern {text!r} (need 1 <= N < M)")
+    return n, m
+
+
+def resolve_device(parser: argparse.ArgumentParser, name: str) -> torch.device:
+    """The device ``name``, after allocating on it; an unusable one is a parser error."""
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err:
+        parser.error(f"argument --device: cannot use {name!r}: {err}")
+    return device
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Write ``rows`` (dicts with the same keys) to ``path`` as CSV, creating its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def machine(device: torch.device | str) -> str:
+    """``"device cpu, torch 2.x, 2 threads"``: what a printed timing was measured on."""
+    return f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+# ----------------------------------------------------------------------------- models
+
+
+GPT2_SMALL_LINEARS = (("c_attn", 2304, 768), ("attn_c_proj", 768, 768), ("c_fc", 3072, 768),
+                      ("mlp_c_proj", 768, 3072))
+"""``(name, out, in)`` of the four Linear layers of each of GPT-2 small's 12 blocks (N:M along
+the input dimension, 768 or 3072); embeddings and layer norms are left out."""
+
+
+def gpt2_small_linears() -> nn.Module:
+    """GPT-2 small's 48 block Linear layers (85M weights) as ``[out, in]`` ``nn.Linear``
+    weights (HF stores them as Conv1D ``[in, out]``; the step moves the same bytes)."""
+    return nn.Sequential(*[
+        nn.Linear(d_in, d_out) for _ in range(12) for _, d_out, d_in in GPT2_SMALL_LINEARS
+    ])
+
+
+BENCH_MODELS = {**MODELS, "gpt2_small": gpt2_small_linears}
+"""The models of :data:`bame_optim.integrations.models.MODELS` and the GPT-2-small shapes."""
+
+
+def build_model(name: str, device: torch.device, seed: int = 0) -> nn.Module:
+    """Model ``name`` of :data:`BENCH_MODELS` on ``device``, initialised after
+    ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    return BENCH_MODELS[name]().to(device)
+
+
+def fixed_grads(model: nn.Module, device: torch.device, seed: int = 1) -> list[Tensor]:
+    """Standard-normal gradients of ``model``'s parameters' shapes, drawn on the CPU from a
+    generator seeded ``seed`` (the same numbers on every device), moved to ``device``."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return [torch.randn(p.shape, generator=generator).to(device) for p in model.parameters()]
+
+
+def assign_grads(model: nn.Module, grads: list[Tensor]) -> None:
+    """Give ``model``'s parameters clones of the fixed gradients ``grads``."""
+    for p, g in zip(model.parameters(), grads, strict=True):
+        p.grad = g.clone()
+
+
+def sparse_groups(model: nn.Module, n: int, m: int) -> list[dict[str, Any]]:
+    """``nm_param_groups(model, n, m)`` without the warnings about layers left dense."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return nm_param_groups(model, n, m)
+
+
+def params_of(groups: list[dict[str, Any]], sparse: bool | None = None) -> list[Tensor]:
+    """The parameters of ``nm_param_groups``-style groups (items may be ``(name, p)`` pairs):
+    all of them, or only those of the sparse (``sparse=True``) or dense groups."""
+    return [item[1] if isinstance(item, tuple) else item
+            for g in groups if sparse is None or bool(g.get("sparse")) == sparse
+            for item in g["params"]]
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+FAR = 10**9
+"""A ``t_f`` no benchmark run reaches."""
+GRADUAL_LEAD = 10**6
+"""Gradual-phase runs start this many steps before ``t_i = FAR``, where the budget
+``n + ceil((m - n) * GRADUAL_LEAD / FAR)`` (:func:`bame_optim.core.schedule.gradual_budget`)
+is ``n + 1`` per block."""
+SCHEDULE_KINDS = ("ordinary", "update", "gradual")
+"""What every timed step after the first is: ordinary, an evolve-phase or a gradual-phase
+mask update (:func:`schedule`)."""
+
+
+def schedule(kind: str) -> dict[str, int]:
+    """The schedule keywords that make every step from the second on a ``kind`` step.
+
+    ``"ordinary"``: ``t_i = t_f = 0`` (the mask drawn at step 0, frozen after: no later step
+    is an update step). ``"update"``: ``t_i = 0``, ``t_f`` far away, ``delta_t = 1``: every
+    step from 1 on is an evolve-phase update. ``"gradual"``: ``t_i = t_f`` far away,
+    ``delta_t = 1``; the caller starts the step counter at ``FAR - GRADUAL_LEAD``, where the
+    first step prunes every block to ``n + 1`` and every later one is a gradual update keeping
+    that budget.
+    """
+    if kind == "ordinary":
+        return {"t_i": 0, "t_f": 0}
+    if kind == "update":
+        return {"t_i": 0, "t_f": FAR, "total_steps": FAR, "delta_t": 1}
+    if kind == "gradual":
+        return {"t_i": FAR, "t_f": FAR, "total_steps": FAR, "delta_t": 1}
+    raise ValueError(f"Invalid kind value: {kind!r} (one of {SCHEDULE_KINDS})")
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+class Timer:
+    """Wall time of a call in milliseconds; on CUDA with events, synchronising around it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], Any]) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end)
+        begin = time.perf_counter()
+        fn()
+        return 1000 * (time.perf_counter() - begin)
+
+
+def interleaved(
+    calls: dict[str, Callable[[], Any]],
+    steps: int,
+    warmup: int,
+    timer: Timer,
+    before: Callable[[str], None] | None = None,
+    bar: tqdm | None = None,
+) -> dict[str, float]:
+    """Median milliseconds of each call over ``steps`` rounds after ``warmup`` untimed ones.
+
+    Each round runs every call once, in an order rotated by one every round, so slow phases
+    of the machine hit every call alike. ``before(name)`` runs (untimed) before each call.
+    """
+    names = list(calls)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(warmup + steps):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            if before is not None:
+                before(name)
+            ms = timer(calls[name])
+            if r >= warmup:
+                times[name].append(ms)
+        if bar is not None:
+            bar.update()
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+# ----------------------------------------------------------------------------- bandwidth
+
+
+def step_bytes(groups: list[dict[str, Any]], n: int | None, m: int | None, optimizer: str) -> int:
+    """Bytes one ordinary step must move, at least, for ``nm_param_groups``-style ``groups``.
+
+    A dense (torch fused) step reads weight, gradient and state and writes weight and state:
+    5 words per weight for SGD with momentum, 7 for AdamW. A compact step reads whole cache
+    lines of weight and gradient and writes the weight's back (3 words per weight) but reads
+    and writes the state of the kept ``n / m`` only (2 words for SGD, 4 for AdamW). With
+    ``n`` None every group counts as dense (the torch optimizer)."""
+    state_words = {"sgd": 1, "adamw": 2}[optimizer]
+    dense = sum(p.numel() * p.element_size() for p in params_of(groups, sparse=False))
+    sparse = sum(p.numel() * p.element_size() for p in params_of(groups, sparse=True))
+    if n is None or m is None:
+        return (dense + sparse) * (3 + 2 * state_words)
+    return dense * (3 + 2 * state_words) + round(sparse * (3 + 2 * state_words * n / m))
+
+
+def gbps(num_bytes: int, ms: float) -> float:
+    """GB/s of moving ``num_bytes`` in ``ms`` milliseconds."""
+    return num_bytes / ms / 1e6

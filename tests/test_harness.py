@@ -1,0 +1,96 @@
+"""What the benchmarks share (benchmarks.harness): the shape sets, fixed gradients, schedules,
+the interleaved timer, the byte model and the command-line pieces."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks import harness
+
+
+def test_gpt2_small_shape_set():
+    model = harness.build_model("gpt2_small", torch.device("cpu"))
+    weights = [p for p in model.parameters() if p.ndim == 2]
+    assert len(weights) == 48
+    assert {tuple(w.shape) for w in weights} == {(2304, 768), (768, 768), (3072, 768),
+                                                 (768, 3072)}
+    assert sum(w.numel() for w in weights) == 12 * (768 * 2304 + 768 * 768 + 2 * 768 * 3072)
+
+
+def test_models_and_gradients_are_the_same_every_time():
+    cpu = torch.device("cpu")
+    a, b = harness.build_model("small_cnn", cpu), harness.build_model("small_cnn", cpu)
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)
+    grads = harness.fixed_grads(a, cpu)
+    assert [g.shape for g in grads] == [p.shape for p in a.parameters()]
+    assert all(torch.equal(g, h) for g, h in zip(grads, harness.fixed_grads(b, cpu), strict=True))
+    harness.assign_grads(a, grads)
+    for p, g in zip(a.parameters(), grads, strict=True):
+        assert torch.equal(p.grad, g) and p.grad is not g  # a clone: a step cannot change g
+
+
+def test_params_of_splits_sparse_and_dense_groups():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 4))
+    groups = harness.sparse_groups(model, 2, 4)
+    sparse, dense = harness.params_of(groups, sparse=True), harness.params_of(groups, sparse=False)
+    assert [p.shape for p in sparse] == [torch.Size([32, 32])]  # stem and classifier dense
+    assert {id(p) for p in harness.params_of(groups)} == {id(p) for p in model.parameters()}
+    assert len(sparse) + len(dense) == len(list(model.parameters()))
+
+
+def test_schedules_of_each_kind():
+    assert harness.schedule("ordinary") == {"t_i": 0, "t_f": 0}
+    assert harness.schedule("update")["t_i"] == 0 and harness.schedule("update")["delta_t"] == 1
+    gradual = harness.schedule("gradual")
+    assert gradual["t_i"] == gradual["t_f"] == harness.FAR > harness.GRADUAL_LEAD
+    with pytest.raises(ValueError, match="Invalid kind value: 'frozen'"):
+        harness.schedule("frozen")
+
+
+def test_interleaving_rotates_the_order_and_skips_warmup():
+    order: list[str] = []
+    calls = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    seen: list[str] = []
+    times = harness.interleaved(calls, steps=2, warmup=1, timer=harness.Timer(torch.device("cpu")),
+                                before=seen.append)
+    assert order == list("abcbcacab") and seen == order
+    assert set(times) == set("abc") and all(t >= 0 for t in times.values())
+
+
+def test_interleaving_reports_the_median_of_the_timed_rounds():
+    ticks = iter([100.0, 1.0, 3.0, 2.0])  # the warm-up round (100) is not timed
+    times = harness.interleaved({"a": lambda: None}, steps=3, warmup=1,
+                                timer=lambda fn: next(ticks))
+    assert times == {"a": 2.0}
+
+
+def test_step_bytes_model():
+    dense = torch.zeros(10, 8)
+    sparse = torch.zeros(100, 16)
+    groups = [{"params": [sparse], "sparse": True}, {"params": [dense], "sparse": False}]
+    words = 4  # float32
+    assert harness.step_bytes(groups, None, None, "sgd") == (80 + 1600) * words * 5
+    assert harness.step_bytes(groups, None, None, "adamw") == (80 + 1600) * words * 7
+    # compact: 3 words per weight plus 2 (SGD) / 4 (AdamW) per kept weight
+    assert harness.step_bytes(groups, 2, 4, "sgd") == 80 * 4 * 5 + 1600 * 4 * (3 + 1)
+    assert harness.step_bytes(groups, 1, 16, "adamw") == 80 * 4 * 7 + round(
+        1600 * 4 * (3 + 4 / 16))
+    assert harness.gbps(2_000_000, 2.0) == pytest.approx(1.0)
+
+
+def test_command_line_pieces(tmp_path):
+    assert harness.nm_pattern("2:4") == (2, 4)
+    for bad in ("4:4", "2-4", "0:4"):
+        with pytest.raises(argparse.ArgumentTypeError, match="invalid N:M pattern"):
+            harness.nm_pattern(bad)
+    line = harness.machine("cpu")
+    assert line == f"device cpu, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    path = tmp_path / "sub" / "rows.csv"
+    harness.write_csv([{"a": 1, "b": None}, {"a": 2.5, "b": "x"}], path)
+    assert path.read_text().splitlines() == ["a,b", "1,", "2.5,x"]
