@@ -142,3 +142,20 @@ def fresh_accelerate_state() -> Iterator[None]:
     reset_accelerate()
     yield
     reset_accelerate()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Refuse a test skipped for want of CUDA without the ``cuda`` marker: ``python -m
+    tools.gpu_check`` runs the CUDA tests by that marker (``-m cuda``), so such a test would
+    never run on a GPU."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if item.get_closest_marker("cuda") is None
+        and any("cuda" in str(mark.kwargs.get("reason", "")).lower()
+                for mark in item.iter_markers("skipif"))
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            f"skipped without CUDA but not marked @pytest.mark.cuda: {', '.join(unmarked)}"
+        )

@@ -176,6 +176,7 @@ def test_ops_not_usable_for_cpu_tensors():
         ops.usable(params, grads, True)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_functional_step_runs_the_op_and_compiles():
     device = torch.device("cuda")
@@ -201,6 +202,7 @@ def test_cuda_functional_step_runs_the_op_and_compiles():
     assert torch.equal(mine[0], theirs[0]) and torch.equal(mine_b[0], theirs_b[0])
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_cuda_bame_adamw_steps_match_the_cpu(amsgrad):

@@ -380,6 +380,7 @@ CUDA_DTYPES = [torch.float16, torch.bfloat16]
 TOL = {torch.float16: dict(rtol=1e-2, atol=1e-2), torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}
 
 
+@pytest.mark.cuda
 @needs_sm80
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
 def test_cuda_packed_linear_matches_dense(dtype):
@@ -390,6 +391,7 @@ def test_cuda_packed_linear_matches_dense(dtype):
     torch.testing.assert_close(y, F.linear(x, w, bias), **TOL[dtype])
 
 
+@pytest.mark.cuda
 @needs_sm80
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
 def test_cuda_function_sparse_gradients_match_fallback(dtype):
@@ -413,6 +415,7 @@ def test_cuda_function_sparse_gradients_match_fallback(dtype):
         torch.testing.assert_close(got, expected, **TOL[dtype])
 
 
+@pytest.mark.cuda
 @needs_sm80
 def test_cuda_chooser_measures_and_caches():
     chooser = KernelChooser(min_speedup=0.0, warmup=1, repeats=3)
@@ -424,6 +427,7 @@ def test_cuda_chooser_measures_and_caches():
     assert strict.choose(1024, (256, 512), torch.float16, "cuda").reason.startswith("dense")
 
 
+@pytest.mark.cuda
 @needs_sm80
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
 def test_cuda_export_converts_and_checks(dtype):
@@ -437,6 +441,7 @@ def test_cuda_export_converts_and_checks(dtype):
     assert result.ok, result
 
 
+@pytest.mark.cuda
 @needs_sm80
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
 def test_cuda_export_of_a_gpt2_model_converts_its_conv1d_projections(dtype):
@@ -461,6 +466,7 @@ def test_cuda_export_of_a_gpt2_model_converts_its_conv1d_projections(dtype):
     assert torch.allclose(logits, expected, rtol=2e-2, atol=2e-2 * expected.abs().max())
 
 
+@pytest.mark.cuda
 @needs_sm80
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
 def test_cuda_training_hooks_match_dense(dtype):
@@ -482,6 +488,7 @@ def test_cuda_training_hooks_match_dense(dtype):
     training.remove()
 
 
+@pytest.mark.cuda
 @needs_sm80
 def test_cuda_training_under_bf16_autocast_with_fp32_weights():
     model = sparse_mlp(torch.float32, "cuda", dims=(256, 512, 256))

@@ -397,6 +397,7 @@ def test_unknown_keyword_is_a_type_error():
         BAMESGD([torch.randn(4, 8, requires_grad=True)], total_steps=10, srste_decay=1e-4)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("foreach", [False, True])
 def test_ordinary_cuda_steps_read_nothing_back_and_match_the_cpu(foreach):

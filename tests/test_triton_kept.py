@@ -118,6 +118,7 @@ def _kernel_sgd(params, grads, buffers, kept, counts, *, m, lr=0.1, **config):
                           first, m=m, lr=lr, **config)
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("config", SGD_CONFIGS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_kernel_sgd_matches_eager(case, config, device):
@@ -145,6 +146,7 @@ def test_kernel_sgd_matches_eager(case, config, device):
             assert buffers == [None]
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("config", ADAMW_CONFIGS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_kernel_adamw_matches_eager(case, config, device):
@@ -180,6 +182,7 @@ def test_kernel_adamw_matches_eager(case, config, device):
         assert not runs["kernel"][0][3].any()  # max_exp_avg_sq untouched without amsgrad
 
 
+@pytest.mark.cuda
 def test_kernel_sgd_float64_computes_in_float64(device):
     # Dyadic hyper-parameters: exact in float32 too, so the interpreter (which passes float
     # scalars as float32) sees the same values as CUDA; the result must then be float64-close.
@@ -198,6 +201,7 @@ def test_kernel_sgd_float64_computes_in_float64(device):
     _assert_near(b_kernel[0], b_eager[0].cpu(), torch.float64)
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("rule", ["sgd", "adamw"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_kernel_half_precision_near_oracle(dtype, rule, device):
@@ -234,6 +238,7 @@ def test_kernel_half_precision_near_oracle(dtype, rule, device):
     assert p.dtype == dtype and torch.equal(p[kept == 0], param[kept == 0])
 
 
+@pytest.mark.cuda
 def test_kernel_rejects_state_it_cannot_write(device):
     param, grads, code, _ = _problem(((4, 8), 2, 4, "contiguous"), torch.float32, device)
     strided = torch.zeros(2 * 8, 2, device=device)[::2]  # [8, 2], not contiguous
@@ -243,6 +248,7 @@ def test_kernel_rejects_state_it_cannot_write(device):
                               nesterov=False, maximize=False)
 
 
+@pytest.mark.cuda
 def test_kernel_checks_every_parameter_before_writing_any(device):
     param, grads, code, _ = _problem(((4, 8), 2, 4, "contiguous"), torch.float32, device)
     before, step = param.clone(), torch.tensor(0.0)
