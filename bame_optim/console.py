@@ -22,7 +22,7 @@ Differences from a checkout run: ``bame-bench-accuracy`` writes to ``./runs/accu
 current directory) unless ``--out`` says otherwise, where ``python -m benchmarks.accuracy``
 writes into the checkout, and it needs ``--data PATH`` for Fashion-MNIST (``docs/data.md``),
 since its default data folder is relative to the checkout; likewise ``bame-bench-lm`` writes to
-``./runs/lm`` unless ``--output-dir`` says otherwise. ``benchmarks/gpu_check.py`` has no
+``./runs/lm`` unless ``--output-dir`` says otherwise. ``tools/gpu_check.py`` has no
 command: it runs the repository's test files and needs a checkout.
 """
 
@@ -105,7 +105,8 @@ def bench_accuracy(argv: Sequence[str] | None = None) -> None:
 
 
 def bench_step(argv: Sequence[str] | None = None) -> None:
-    """``bame-bench-step``: optimizer-step time of BAMESGD against ``torch.optim.SGD``."""
+    """``bame-bench-step``: optimizer-step time of BAMESGD against ``torch.optim.SGD``
+    (``--optimizer adamw``: BAMEAdamW against ``torch.optim.AdamW``)."""
     _main_of(SCRIPTS["bame-bench-step"][1])(_arguments(argv))
 
 
