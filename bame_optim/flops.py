@@ -117,6 +117,7 @@ from torch import nn
 
 from bame_optim.core.nm import check_nm
 from bame_optim.core.schedule import DEFAULT_DELTA_T, resolve_schedule
+from bame_optim.core.validation import check_int
 from bame_optim.groups import is_attention, is_hf_conv1d, nm_param_groups
 
 __all__ = [
@@ -203,12 +204,6 @@ class FlopsBreakdown(TypedDict):
     sparse_share: float
     ratio: float
     ratio_exact: Fraction
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"Invalid {name} value: {value!r} (an integer >= {minimum} is required)")
-    return value
 
 
 def _macs(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> int:
@@ -413,8 +408,8 @@ def step_density_sums(
     """
     profile = _profile(method)
     check_nm(n, m)
-    steps = _check_int("total_steps", total_steps, 1)
-    delta_t = _check_int("delta_t", delta_t, 1)
+    steps = check_int("total_steps", total_steps, 1)
+    delta_t = check_int("delta_t", delta_t, 1)
     t_i, t_f = resolve_schedule(steps, t_i, t_f)
     d = Fraction(n, m)
     if profile is FlopsProfile.DENSE:
@@ -456,7 +451,7 @@ def lbc_union_bounds(r: int, n: int, m: int) -> tuple[int, int]:
     they can be). The forward density of LBC with ``r`` combinations left lies in between.
     """
     check_nm(n, m)
-    _check_int("r", r, 1)
+    check_int("r", r, 1)
     if r > math.comb(m, n):
         raise ValueError(f"Invalid r value: {r!r} (at most binom({m}, {n}) = {math.comb(m, n)})")
     least = n
@@ -516,7 +511,7 @@ def flops_breakdown(
     """
     profile = _profile(method)
     check_nm(n, m)
-    total_steps = _check_int("total_steps", total_steps, 1)
+    total_steps = check_int("total_steps", total_steps, 1)
     for layer in layers:
         if layer.sparse and layer.pattern != (n, m):
             raise ValueError(
@@ -527,8 +522,8 @@ def flops_breakdown(
     if profile is FlopsProfile.PRETRAIN_FIXED:
         pretrain = total_steps if pretrain_steps is None else pretrain_steps
         finetune = total_steps if finetune_steps is None else finetune_steps
-        pretrain = _check_int("pretrain_steps", pretrain, 0)
-        finetune = _check_int("finetune_steps", finetune, 1)
+        pretrain = check_int("pretrain_steps", pretrain, 0)
+        finetune = check_int("finetune_steps", finetune, 1)
     else:
         for name, value in extra.items():
             if value is not None:

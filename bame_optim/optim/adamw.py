@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.optim.adamw import adamw
 from torch.optim.optimizer import _get_scalar_dtype
 
+from bame_optim.core.validation import check_adamw_hyper
 from bame_optim.optim.engine import NMEngine
 from bame_optim.optim.functional import kept_adamw
 from bame_optim.optim.keywords import check_fused_flags
@@ -141,7 +142,7 @@ class BAMEAdamW(MaskedOptimizer):
         super().__init__(params, defaults, rule_keywords)
 
     def _validate_update(self, group: dict[str, Any]) -> None:
-        _validate_adamw(group)
+        check_adamw_hyper(group)
         check_fused_flags(group, type(self).__name__, torch_keywords=("capturable",
                                                                        "differentiable"))
 
@@ -231,36 +232,3 @@ class BAMEAdamW(MaskedOptimizer):
 def _new_step() -> Tensor:
     # torch.optim.AdamW's step counter: a CPU scalar in the default float dtype.
     return torch.tensor(0.0, dtype=_get_scalar_dtype())
-
-
-def _validate_adamw(group: dict[str, Any]) -> None:
-    """``ValueError`` naming a bad AdamW hyper-parameter of ``group``."""
-    lr = group["lr"]
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1 or not lr.is_floating_point():
-            raise ValueError(f"Invalid lr value: a Tensor lr must be one floating element, got "
-                             f"shape {tuple(lr.shape)} dtype {lr.dtype}")
-        if group["foreach"]:
-            raise ValueError("Invalid foreach value: True (a Tensor lr needs foreach=False or "
-                             "None, as in torch.optim.AdamW)")
-    for name in ("lr", "eps", "weight_decay"):
-        value = group[name]
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not (number or (name == "lr" and isinstance(value, Tensor))) or not value >= 0:
-            raise ValueError(f"Invalid {name} value: {value!r} (a float >= 0 is required)")
-    betas = group["betas"]
-    if (
-        not isinstance(betas, (tuple, list))
-        or len(betas) != 2
-        or not all(_is_real(b) for b in betas)
-        or not all(0 <= float(b) < 1 for b in betas)
-    ):
-        raise ValueError(f"Invalid betas value: {betas!r} (two floats in [0, 1) are required, "
-                         "or one-element floating Tensors)")
-    group["betas"] = tuple(b if isinstance(b, Tensor) else float(b) for b in betas)
-
-
-def _is_real(value: object) -> bool:
-    if isinstance(value, Tensor):
-        return value.numel() == 1 and value.is_floating_point()
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from bame_optim.core.nm import GROUPED_DIM, NM_DIMS, check_nm, is_nm_sparse, nm_layout, num_blocks
+from bame_optim.core.validation import check_sgd_hyper
 from bame_optim.optim.sharded import is_sharded, local_tensor
 
 __all__ = ["SGD_DEFAULTS", "NMOptimizer", "user_stacklevel"]
@@ -84,7 +85,7 @@ class NMOptimizer(Optimizer):
 
     def _validate_update(self, group: dict[str, Any]) -> None:
         """``ValueError`` naming a bad hyper-parameter of the update rule (SGD's here)."""
-        _validate_sgd(group)
+        check_sgd_hyper(group)
 
     def _prepare_group(self, group: dict[str, Any]) -> None:
         """Validate and resolve the subclass's own keywords of a new group."""
@@ -337,50 +338,6 @@ def user_stacklevel() -> int:
     while frame is not None and frame.f_globals.get("__name__", "").startswith(_INTERNAL_MODULES):
         frame, level = frame.f_back, level + 1
     return level
-
-
-def check_fraction(group: dict[str, Any], name: str) -> None:
-    """``ValueError`` naming ``name`` unless ``group[name]`` is a number in [0, 1]."""
-    value = group[name]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise ValueError(f"Invalid {name} value: {value!r} (must be in [0, 1])")
-
-
-def check_nonnegative(group: dict[str, Any], name: str, *, optional: bool = False) -> None:
-    """``ValueError`` naming ``name`` unless ``group[name]`` is a finite float >= 0."""
-    value = group[name]
-    if optional and value is None:
-        return
-    if (
-        isinstance(value, (bool, Tensor))
-        or not isinstance(value, (int, float))
-        or not 0 <= value < float("inf")
-    ):
-        raise ValueError(f"Invalid {name} value: {value!r} (a float >= 0 is required)")
-
-
-def check_integer(group: dict[str, Any], name: str, minimum: int) -> None:
-    """``ValueError`` naming ``name`` unless ``group[name]`` is an integer >= ``minimum``."""
-    value = group[name]
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"Invalid {name} value: {value!r} (an integer >= {minimum} is required)")
-
-
-def _validate_sgd(group: dict[str, Any]) -> None:
-    lr = group["lr"]
-    if isinstance(lr, Tensor) and (lr.numel() != 1 or not lr.is_floating_point()):
-        raise ValueError(f"Invalid lr value: a Tensor lr must be one floating element, got "
-                         f"shape {tuple(lr.shape)} dtype {lr.dtype}")
-    for name in ("lr", "momentum", "dampening", "weight_decay"):
-        value = group[name]
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not (number or (name == "lr" and isinstance(value, Tensor))) or not value >= 0:
-            raise ValueError(f"Invalid {name} value: {value!r} (a float >= 0 is required)")
-    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-        raise ValueError(
-            f"Invalid nesterov value: True (Nesterov momentum requires a momentum and zero "
-            f"dampening; got momentum={group['momentum']}, dampening={group['dampening']})"
-        )
 
 
 def _pattern(n: int, m: int, nm_dim: int) -> str:

@@ -45,7 +45,8 @@ from bame_optim.core.schedule import (
     gradual_budget,
     resolve_schedule,
 )
-from bame_optim.optim.base import check_fraction, check_integer, user_stacklevel
+from bame_optim.core.validation import check_fraction, check_int, invalid
+from bame_optim.optim.base import user_stacklevel
 
 __all__ = [
     "ASP_RULES",
@@ -267,21 +268,16 @@ class MaskRules:
             raise ValueError(f"Invalid param group keys {unused}: {owner} does not use them")
         for name in ("alpha", "beta"):
             if name in group:
-                check_fraction(group, name)
-        gamma = group.get("gamma", 0.0)
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma < 1:
-            raise ValueError(f"Invalid gamma value: {gamma!r} (must be in [0, 1))")
-        if "delta_t" in group:
-            check_integer(group, "delta_t", 1)
-        if "seed" in group:
-            check_integer(group, "seed", 0)
+                check_fraction(name, group[name])
+        check_fraction("gamma", group.get("gamma", 0.0), one=False)
+        for name, minimum in (("delta_t", 1), ("seed", 0)):
+            if name in group:
+                check_int(name, group[name], minimum)
         if "zeta" in group:
-            check_fraction(group, "zeta")
+            check_fraction("zeta", group["zeta"])
         if "revive_score" in group and group["revive_score"] not in REVIVE_SCORES:
-            raise ValueError(f"Invalid revive_score value: {group['revive_score']!r} (one of "
-                             f"{REVIVE_SCORES})")
-        if group.get("t_end") is not None:
-            check_integer(group, "t_end", 0)
+            raise invalid("revive_score", group["revive_score"], f"one of {REVIVE_SCORES}")
+        check_int("t_end", group.get("t_end"), 0, optional=True)
         if not self.scheduled:
             group["t_i"], group["t_f"], group["delta_t"] = 0, 0, DEFAULT_DELTA_T
             return
