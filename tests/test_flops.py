@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from bame_optim import BAMESGD, nm_param_groups
-from bame_optim import flops as flops_module
 from bame_optim.core.schedule import Phase, gradual_budget, is_update_step, phase
+from bame_optim.flops import breakdown as flops_breakdown_module
 from bame_optim.flops import (
     flops_breakdown,
     layer_flops,
@@ -29,6 +29,8 @@ from bame_optim.flops import (
     step_density_sums,
     training_flops_ratio,
 )
+from bame_optim.flops import layers as flops_layers
+from bame_optim.flops import profiles as flops_profiles
 from bame_optim.integrations.models import resnet32
 from bame_optim.methods import METHODS as REGISTRY
 from bame_optim.peers.lbc import LBCSGD, remaining_count
@@ -617,8 +619,9 @@ def test_layer_errors():
 # ------------------------------------------------------------------------------ docs and doctest
 
 
-def test_docstring_examples():
-    assert doctest.testmod(flops_module).failed == 0
+@pytest.mark.parametrize("module", [flops_layers, flops_profiles, flops_breakdown_module])
+def test_docstring_examples(module):
+    assert doctest.testmod(module).failed == 0
 
 
 def test_docs_table_is_the_script_output():
