@@ -20,6 +20,7 @@ from bame_optim.core.kept import (
     gather_kept,
     kept_indices,
     mask_from_indices,
+    positions_by_rank,
     remap_kept,
     scatter_kept_,
 )
@@ -51,6 +52,15 @@ def test_rank_is_the_colexicographic_position(count, m):
     assert codes.ndim == 1
     assert codes.tolist() == [_colex_rank(s) for s in subsets]
     assert sorted(codes.tolist()) == list(range(math.comb(m, count)))
+
+
+@pytest.mark.parametrize(("count", "m"), [(1, 4), (2, 4), (3, 6), (2, 8), (1, 16)])
+def test_positions_by_rank_is_the_table_the_kernels_read(count, m):
+    """Row r holds the sorted positions of the subset of colex rank r (the kernels' table)."""
+    table = positions_by_rank(count, m, torch.device("cpu"))
+    assert table.dtype == torch.int64 and table.shape == (math.comb(m, count), count)
+    assert [_colex_rank(tuple(row)) for row in table.tolist()] == list(range(table.shape[0]))
+    assert kept_module._positions_by_rank is positions_by_rank  # the former name, for merging
 
 
 @settings(max_examples=60, deadline=None)

@@ -38,6 +38,7 @@ __all__ = [
     "gather_kept",
     "kept_indices",
     "mask_from_indices",
+    "positions_by_rank",
     "remap_kept",
     "scatter_kept_",
 ]
@@ -94,13 +95,20 @@ def _binomials(m: int, device: torch.device) -> Tensor:
 
 
 @lru_cache(maxsize=16)
-def _positions_by_rank(count: int, m: int, device: torch.device) -> Tensor:
-    # Row r: the sorted positions of the subset of colex rank r; cached, never written.
+def positions_by_rank(count: int, m: int, device: torch.device) -> Tensor:
+    """The decoding table of the ranked stored form: ``[binom(M, count), count]`` ``int64``
+    whose row ``r`` holds the sorted positions of the ``count``-subset of colex rank ``r``
+    (what :func:`kept_indices` looks a rank up in; the fused kernels read it too). Cached per
+    ``(count, m, device)``: never write to it."""
     subsets = combination_table(count, m).nonzero()[:, 1].reshape(math.comb(m, count), count)
     ranks = _colex_rank(subsets, m)
     table = torch.empty_like(subsets)
     table[ranks] = subsets
     return table.to(device)
+
+
+_positions_by_rank = positions_by_rank
+"""The former private name, kept while a branch that imports it is merged."""
 
 
 def _colex_rank(positions: Tensor, m: int) -> Tensor:
@@ -178,13 +186,13 @@ def kept_indices(kept: Tensor, count: int, m: int) -> Tensor:
     if kept.ndim == 2:
         return kept.long()
     # index_select, not table[kept.long()]: three times faster on the CPU (measured).
-    return _positions_by_rank(count, m, kept.device).index_select(0, kept.int())
+    return positions_by_rank(count, m, kept.device).index_select(0, kept.int())
 
 
 @lru_cache(maxsize=32)
 def _masks_by_rank(count: int, m: int, device: torch.device, pruned: bool) -> Tensor:
     # Row r: the [M] bool mask of the subset of colex rank r (its complement if pruned).
-    table = mask_from_indices(_positions_by_rank(count, m, torch.device("cpu")), m)
+    table = mask_from_indices(positions_by_rank(count, m, torch.device("cpu")), m)
     return (~table if pruned else table).to(device)
 
 
@@ -258,9 +266,9 @@ def _sources_by_pair(old_count: int, new_count: int, m: int, device: torch.devic
     # Row (a * binom(M, new_count) + b): for each new kept position of rank b, its index among
     # the old kept positions of rank a, or old_count where it was not kept. Cached.
     cpu = torch.device("cpu")
-    old_mask = mask_from_indices(_positions_by_rank(old_count, m, cpu), m)  # [Co, M]
+    old_mask = mask_from_indices(positions_by_rank(old_count, m, cpu), m)  # [Co, M]
     index = (old_mask.cumsum(dim=1) - 1).masked_fill_(~old_mask, old_count)  # [Co, M]
-    new_positions = _positions_by_rank(new_count, m, cpu)  # [Cn, new_count]
+    new_positions = positions_by_rank(new_count, m, cpu)  # [Cn, new_count]
     co, cn = old_mask.shape[0], new_positions.shape[0]
     sources = index.unsqueeze(1).expand(co, cn, m).gather(
         2, new_positions.unsqueeze(0).expand(co, cn, new_count)
