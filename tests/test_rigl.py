@@ -14,15 +14,10 @@ from hypothesis import strategies as st
 
 from bame_optim import BAMESGD
 from bame_optim.core.nm import param_to_blocks
+from bame_optim.core.rigl import rigl_drop_fraction
 from bame_optim.methods import METHODS, accepted_keywords, make_optimizer
 from bame_optim.optim import sgd as sgd_module
-from bame_optim.optim.rules import (
-    RIGL_RULES,
-    MaskContext,
-    rigl,
-    rigl_drop_fraction,
-    rigl_t_end,
-)
+from bame_optim.optim.rules import RIGL_RULES, MaskContext, rigl, rigl_t_end
 from bame_optim.optim.sgd import RigLSGD
 
 from .strategies import MODERATE, exact_nm_mask, nm_shapes, seeded_tensor, seeds, tensor_kinds
