@@ -1,5 +1,5 @@
-"""Slow, obviously-correct pieces shared by the SR-STE and LBC tests: float64 SGD on a dense
-weight, per-block helpers, seeded gradients, and the hypothesis setups of both."""
+"""Pieces shared by the SR-STE and LBC tests: seeded gradients, the hypothesis setups of both,
+state comparison (their float64 references are :mod:`bame_optim.reference`)."""
 
 from __future__ import annotations
 
@@ -10,25 +10,6 @@ import torch
 from hypothesis import strategies as st
 
 from .strategies import nm_patterns
-
-
-def sgd_reference(weight, direction, buffer, *, lr, momentum, dampening, weight_decay, nesterov):
-    """One ``torch.optim.SGD`` step written out; ``direction`` is the gradient already
-    negated for ``maximize``. Returns ``(new_weight, new_buffer)``."""
-    d = direction + weight_decay * weight
-    if momentum:
-        buffer = d.clone() if buffer is None else momentum * buffer + (1 - dampening) * d
-        d = d + momentum * buffer if nesterov else buffer
-    return weight - lr * d, buffer
-
-
-def to_param(blocks: torch.Tensor, shape) -> torch.Tensor:
-    moved = (shape[0], *shape[2:], shape[1])
-    return blocks.reshape(moved).movedim(-1, 1)
-
-
-def to_blocks(tensor: torch.Tensor, m: int) -> torch.Tensor:
-    return tensor.movedim(1, -1).reshape(-1, m)
 
 
 def seeded_grads(shapes, step: int, seed: int, dtype=torch.float64):

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from bame_optim import BAMESGD, BAMEAdamW
 from bame_optim.core.evolution import lma_scores
 from bame_optim.core.nm import is_nm_sparse, param_to_blocks
+from bame_optim.reference import ReferenceBAMEAdamW
 
-from .reference import ReferenceBAMEAdamW
 from .strategies import nm_patterns
 
 

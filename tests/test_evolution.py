@@ -1,6 +1,6 @@
-"""``bame_optim.core.evolution`` against a float64 reference written straight from the paper's
-equations (Eq. 4-10) with Python loops over blocks, and the invariants of DESIGN.md sections 4
-and 5."""
+"""``bame_optim.core.evolution`` against the float64 reference written straight from the
+paper's equations (Eq. 4-10) with Python loops over blocks (:mod:`bame_optim.reference.evolution`),
+and the invariants of docs/design.md sections 3 and 5."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from bame_optim.core.evolution import (
     DEFAULT_ALPHA,
     DEFAULT_BETA,
     DEFAULT_GAMMA,
+    REVIVE_SCORES,
     block_norms,
     evolve_mask,
     lma_scores,
@@ -27,6 +28,7 @@ from bame_optim.core.evolution import (
     update_oscillation,
 )
 from bame_optim.core.nm import top_n_mask
+from bame_optim.reference import evolution as ref
 
 from .strategies import (
     GAMMAS,
@@ -41,61 +43,6 @@ from .strategies import (
     seeds,
     tensor_kinds,
 )
-
-# --------------------------------------------------------------------------- reference
-
-
-def ref_scores(w_row, g_row, b_row, lr):
-    """Eq. 4 for kept weights, Eq. 5 for pruned ones."""
-    return [abs(g * w) if b else lr * (g * g) for w, g, b in zip(w_row, g_row, b_row, strict=True)]
-
-
-def ref_top(scores, n, kept):
-    """Eq. 6: the n largest scores; ties keep the currently kept weight, then lower index."""
-    order = sorted(range(len(scores)), key=lambda j: (-scores[j], not kept[j], j))
-    chosen = set(order[:n])
-    return [j in chosen for j in range(len(scores))]
-
-
-def ref_sad(old, new):
-    """Eq. 7."""
-    return sum(abs(int(a) - int(b)) for a, b in zip(old, new, strict=True))
-
-
-def ref_top_fraction(values, fraction):
-    """Membership in the floor(fraction * K) largest values; ties -> lower index."""
-    count = math.floor(fraction * len(values))
-    order = sorted(range(len(values)), key=lambda k: (-values[k], k))
-    chosen = set(order[:count])
-    return [k in chosen for k in range(len(values))]
-
-
-def ref_norm(row):
-    return math.sqrt(math.fsum(w * w for w in row))
-
-
-def ref_freeze(oscillation, norms, alpha, beta):
-    """Eq. 10 with DESIGN section 4 step 5 and the note of ``obf_freeze``: frozen iff O_k is
-    among the floor(beta K) largest, ||W_k|| among the floor(alpha K) largest, and O_k > 0."""
-    top_o = ref_top_fraction(oscillation, beta)
-    top_w = ref_top_fraction(norms, alpha)
-    return [a and b and o > 0 for a, b, o in zip(top_o, top_w, oscillation, strict=True)]
-
-
-def ref_evolve(weight, grad, kept, oscillation, *, n, lr, alpha, beta, gamma):
-    """One BAME mask update, block by block, in Python floats (float64)."""
-    w_rows, g_rows, b_rows = weight.tolist(), grad.tolist(), kept.tolist()
-    o_old = oscillation.tolist()
-    proposed, new_o, norms = [], [], []
-    for w_row, g_row, b_row, o in zip(w_rows, g_rows, b_rows, o_old, strict=True):
-        row = ref_top(ref_scores(w_row, g_row, b_row, lr), n, b_row)
-        proposed.append(row)
-        new_o.append(gamma * o + (1 - gamma) * ref_sad(b_row, row))  # Eq. 8
-        norms.append(ref_norm(w_row))
-    frozen = ref_freeze(new_o, norms, alpha, beta)
-    new_kept = [b if f else p for b, p, f in zip(b_rows, proposed, frozen, strict=True)]
-    return {"kept": new_kept, "oscillation": new_o, "proposed": proposed, "frozen": frozen}
-
 
 # --------------------------------------------------------------------------- inputs
 
@@ -150,7 +97,7 @@ def _evolve(case, **overrides):
 
 def _reference(case, **overrides):
     args = {**case, **overrides}
-    return ref_evolve(
+    return ref.evolve_blocks(
         args["weight"],
         args["grad"],
         args["kept"],
@@ -336,14 +283,18 @@ def test_default_hyper_parameters():
 
 
 @MODERATE
-@given(case=evolution_cases(), dtype=st.sampled_from([torch.float64, torch.float32]))
-def test_lma_scores(case, dtype):
+@given(
+    case=evolution_cases(),
+    dtype=st.sampled_from([torch.float64, torch.float32]),
+    revive=st.sampled_from(REVIVE_SCORES),
+)
+def test_lma_scores(case, dtype, revive):
     weight, grad, kept = case["weight"].to(dtype), case["grad"].to(dtype), case["kept"]
-    scores = lma_scores(weight, grad, kept, case["lr"])
+    scores = lma_scores(weight, grad, kept, case["lr"], revive=revive)
     assert scores.dtype == dtype
     assert scores.shape == kept.shape
     expected = [
-        ref_scores(w, g, b, case["lr"])
+        ref.lma_scores(w, g, b, case["lr"], revive)
         for w, g, b in zip(
             weight.double().tolist(), grad.double().tolist(), kept.tolist(), strict=True
         )
@@ -377,7 +328,7 @@ def test_sad_and_oscillation(case):
     other = exact_nm_mask(k, case["n"], m, 7)
     divergence = sad(case["kept"], other)
     assert divergence.dtype == torch.int64
-    expected = [ref_sad(a, b) for a, b in zip(case["kept"].tolist(), other.tolist(), strict=True)]
+    expected = [ref.sad(a, b) for a, b in zip(case["kept"].tolist(), other.tolist(), strict=True)]
     assert divergence.tolist() == expected
     gamma = case["gamma"]
     new = update_oscillation(case["oscillation"], divergence, gamma)
@@ -393,7 +344,7 @@ def test_sad_and_oscillation(case):
 @given(case=evolution_cases())
 def test_block_norms(case):
     norms = block_norms(case["weight"])
-    expected = [ref_norm(row) for row in case["weight"].tolist()]
+    expected = [ref.block_norm(row) for row in case["weight"].tolist()]
     torch.testing.assert_close(norms, torch.tensor(expected, dtype=torch.float64))
 
 
@@ -405,7 +356,7 @@ def test_block_norms(case):
 def test_top_fraction(values, fraction):
     chosen = top_fraction(torch.tensor(values, dtype=torch.float64), fraction)
     assert chosen.dtype == torch.bool
-    assert chosen.tolist() == ref_top_fraction(values, fraction)
+    assert chosen.tolist() == ref.top_members(values, fraction)
     assert int(chosen.sum()) == math.floor(fraction * len(values))
 
 
@@ -424,7 +375,7 @@ def test_obf_freeze(k, seed, alpha, beta, zeros):
         oscillation[torch.rand(k, generator=gen) < 0.5] = 0.0
     norms = torch.randint(0, 4, (k,), generator=gen).double()
     frozen = obf_freeze(oscillation, norms, alpha, beta)
-    expected = ref_freeze(oscillation.tolist(), norms.tolist(), alpha, beta)
+    expected = ref.obf_frozen(oscillation.tolist(), norms.tolist(), alpha, beta)
     assert frozen.tolist() == expected
     assert int(frozen.sum()) <= math.floor(beta * k)
     assert not frozen[oscillation == 0].any()
@@ -433,18 +384,6 @@ def test_obf_freeze(k, seed, alpha, beta, zeros):
 
 
 # --------------------------------------------------------------------------- magnitude_mask
-
-
-def ref_magnitude(weight, kept, budget):
-    """The budget largest |W| among the kept entries of each block; ties -> lower index."""
-    mask = []
-    for w_row, b_row in zip(weight.tolist(), kept.tolist(), strict=True):
-        candidates = sorted(
-            (j for j in range(len(w_row)) if b_row[j]), key=lambda j: (-abs(w_row[j]), j)
-        )
-        chosen = set(candidates[:budget])
-        mask.append([j in chosen for j in range(len(w_row))])
-    return mask
 
 
 @MODERATE
@@ -469,7 +408,7 @@ def test_magnitude_mask(pattern, k, seed, kind, zero_pruned, dtype, data):
     assert new.dtype == torch.bool
     assert new.sum(dim=1).tolist() == [budget] * k
     assert not (new & ~kept).any(), "a pruned weight was revived"
-    assert new.tolist() == ref_magnitude(weight.double(), kept, budget)
+    assert new.tolist() == ref.keep_largest(weight.double(), kept, budget).tolist()
     # the survivors are at least as large as every weight dropped in the same block
     magnitude = weight.double().abs()
     for row in range(k):
@@ -485,7 +424,9 @@ def test_magnitude_mask_from_dense_to_n(n, m):
         [[(-1) ** j * (j % 3) for j in range(m)] for _ in range(3)], dtype=torch.float32
     )
     new = magnitude_mask(weight, torch.ones(3, m, dtype=torch.bool), n)
-    assert new.tolist() == ref_magnitude(weight.double(), torch.ones(3, m, dtype=torch.bool), n)
+    assert new.tolist() == ref.keep_largest(
+        weight.double(), torch.ones(3, m, dtype=torch.bool), n
+    ).tolist()
 
 
 @MODERATE

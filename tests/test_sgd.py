@@ -1,5 +1,5 @@
-"""BAMESGD against the slow reference, the invariants of DESIGN.md section 5, resume, edge
-steps and errors."""
+"""BAMESGD against the float64 reference (:class:`bame_optim.reference.ReferenceBAME`), the
+invariants of docs/design.md section 5, resume, edge steps and errors."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 
 from bame_optim import BAMESGD
 from bame_optim.core.nm import blocks_to_param, param_to_blocks
+from bame_optim.reference import ReferenceBAME
+from bame_optim.reference.evolution import gradual_budget as budget
 
-from .reference import ReferenceBAME, budget
 from .strategies import SGD_CONFIGS, nm_patterns
 
 

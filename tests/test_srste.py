@@ -14,6 +14,9 @@ from hypothesis import strategies as st
 from bame_optim import nm_param_groups
 from bame_optim.core.nm import is_nm_sparse
 from bame_optim.peers.srste import DEFAULT_SRSTE_DECAY, SRSTESGD, srste_mask
+from bame_optim.reference import ReferenceSRSTE
+from bame_optim.reference.evolution import to_blocks, to_param
+from bame_optim.reference.peers import srste_mask as srste_mask_reference
 
 from .dense_reference import (
     assert_same_state,
@@ -24,51 +27,10 @@ from .dense_reference import (
     save_and_load,
     seeded_grads,
     sgd_kwargs,
-    sgd_reference,
-    to_blocks,
-    to_param,
 )
 from .strategies import MODERATE, nm_patterns
 
 DECAYS = [0.0, DEFAULT_SRSTE_DECAY, 0.5]
-
-
-def _reference_mask(weight_blocks, old, n):
-    """Per block: the n largest |w|, ties to the currently kept weight, then the lower index."""
-    new = torch.zeros_like(old)
-    for k in range(old.shape[0]):
-        order = sorted(
-            range(old.shape[1]),
-            key=lambda j: (-abs(float(weight_blocks[k, j])), not bool(old[k, j]), j),
-        )
-        new[k, order[:n]] = True
-    return new
-
-
-class ReferenceSRSTE:
-    """SR-STE on float64 dense weights, written out per step."""
-
-    def __init__(self, params, *, n, m, decay, lr_free_setup):
-        self.n, self.m, self.decay = n, m, decay
-        self.hyper = sgd_kwargs(lr_free_setup)
-        self.maximize = lr_free_setup["maximize"]
-        self.weights = [p.detach().clone() for p in params]
-        self.masks = [torch.ones(p.numel() // m, m, dtype=torch.bool) for p in params]
-        self.buffers = [None] * len(params)
-
-    def step(self, grads, lr):
-        for i, (w, g) in enumerate(zip(self.weights, grads, strict=True)):
-            pruned = ~to_param(self.masks[i], w.shape)
-            direction = (-g if self.maximize else g) + self.decay * pruned.double() * w
-            self.weights[i], self.buffers[i] = sgd_reference(
-                w, direction, self.buffers[i], lr=lr, **self.hyper
-            )
-            self.masks[i] = _reference_mask(
-                to_blocks(self.weights[i], self.m), self.masks[i], self.n
-            )
-
-    def param(self, i):
-        return self.weights[i] * to_param(self.masks[i], self.weights[i].shape)
 
 
 @settings(max_examples=40, deadline=None)
@@ -84,7 +46,8 @@ def test_matches_float64_reference_step_by_step(setup, decay):
         maximize=setup["maximize"],
         **sgd_kwargs(setup),
     )
-    ref = ReferenceSRSTE(params, n=setup["n"], m=setup["m"], decay=decay, lr_free_setup=setup)
+    ref = ReferenceSRSTE(params, n=setup["n"], m=setup["m"], decay=decay,
+                         maximize=setup["maximize"], **sgd_kwargs(setup))
     for step in range(setup["steps"]):
         lr = cosine_lr(step, setup["steps"])
         opt.param_groups[0]["lr"] = lr  # what an LR scheduler does
@@ -137,7 +100,7 @@ def test_srste_mask_ties_keep_current_then_lower_index(pattern, k, seed):
     weight = torch.randint(-2, 3, (k, m), generator=gen).double()  # ties everywhere
     old = torch.rand(k, m, generator=gen).argsort(dim=1).argsort(dim=1) < n
     new = srste_mask(weight, old, n)
-    assert torch.equal(new, _reference_mask(weight, old, n))
+    assert torch.equal(new, srste_mask_reference(weight, old, n))
 
 
 def test_first_step_copies_the_parameter_and_state_init_call_changes_nothing():
@@ -154,7 +117,7 @@ def test_first_step_copies_the_parameter_and_state_init_call_changes_nothing():
     assert torch.equal(opt.state[p]["dense_weight"], before)
     kept = to_param(opt.state[p]["mask"], p.shape)
     assert torch.equal(p.detach(), torch.where(kept, before, 0.0))
-    expected = _reference_mask(to_blocks(before, 4), torch.ones(8, 4, dtype=torch.bool), 1)
+    expected = srste_mask_reference(to_blocks(before, 4), torch.ones(8, 4, dtype=torch.bool), 1)
     assert torch.equal(opt.state[p]["mask"], expected)
 
 
