@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from bame_optim.core import evolution as evolution_module
@@ -32,10 +32,10 @@ from bame_optim.reference import evolution as ref
 
 from .strategies import (
     GAMMAS,
-    MODERATE,
     NM_PATTERNS,
     block_mask,
     exact_nm_mask,
+    examples,
     fractions,
     gammas,
     lrs,
@@ -122,7 +122,6 @@ def _assert_matches(result, expected):
 # --------------------------------------------------------------------------- evolve_mask
 
 
-@MODERATE
 @given(case=evolution_cases())
 def test_evolve_mask_matches_reference(case):
     result = _evolve(case)
@@ -133,13 +132,11 @@ def test_evolve_mask_matches_reference(case):
     _assert_matches(result, _reference(case))
 
 
-@MODERATE
 @given(case=evolution_cases(kinds=st.just("integers")))
 def test_evolve_mask_matches_reference_on_tie_heavy_inputs(case):
     _assert_matches(_evolve(case), _reference(case))
 
 
-@MODERATE
 @given(
     case=evolution_cases(),
     alpha=st.sampled_from([DEFAULT_ALPHA, 0.0, 1.0]),
@@ -149,7 +146,6 @@ def test_evolve_mask_matches_reference_at_edge_fractions(case, alpha, beta):
     _assert_matches(_evolve(case, alpha=alpha, beta=beta), _reference(case, alpha=alpha, beta=beta))
 
 
-@MODERATE
 @given(case=evolution_cases(), cycles=st.integers(2, 5), seed=seeds)
 def test_evolve_mask_over_several_cycles(case, cycles, seed):
     """Carry B and O from one LMA cycle to the next, as the optimizer does."""
@@ -166,7 +162,6 @@ def test_evolve_mask_over_several_cycles(case, cycles, seed):
         oscillation = torch.tensor(expected["oscillation"], dtype=torch.float64)
 
 
-@MODERATE
 @given(
     case=evolution_cases(kinds=st.just("integers"), gamma=st.sampled_from([0.0, 0.5, 0.75, 1.0])),
     dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
@@ -192,7 +187,6 @@ def test_evolve_mask_low_precision_integer_inputs(case, dtype, lr):
     assert result.oscillation.tolist() == expected["oscillation"]
 
 
-@MODERATE
 @given(case=evolution_cases())
 def test_evolve_mask_invariants(case):
     k, m = case["kept"].shape
@@ -217,7 +211,6 @@ def test_evolve_mask_invariants(case):
     assert (result.oscillation <= 2 * min(n, m - n)).all()
 
 
-@MODERATE
 @given(case=evolution_cases(), zero=st.sampled_from(["alpha", "beta"]))
 def test_zero_fraction_freezes_nothing(case, zero):
     result = _evolve(case, **{zero: 0.0})
@@ -225,7 +218,6 @@ def test_zero_fraction_freezes_nothing(case, zero):
     assert torch.equal(result.kept, result.proposed)
 
 
-@MODERATE
 @given(case=evolution_cases())
 def test_zero_lr_changes_nothing(case):
     """With eta = 0 every pruned weight scores 0 <= every kept score, and ties keep the kept
@@ -237,7 +229,6 @@ def test_zero_lr_changes_nothing(case):
     _assert_matches(result, _reference(case, lr=0.0))
 
 
-@MODERATE
 @given(case=evolution_cases())
 def test_evolve_mask_does_not_touch_its_inputs(case):
     before = {name: case[name].clone() for name in ("weight", "grad", "kept", "oscillation")}
@@ -282,7 +273,6 @@ def test_default_hyper_parameters():
 # --------------------------------------------------------------------------- the pieces
 
 
-@MODERATE
 @given(
     case=evolution_cases(),
     dtype=st.sampled_from([torch.float64, torch.float32]),
@@ -321,7 +311,6 @@ def test_score_dtype(dtype, expected):
     assert block_norms(ones).dtype == expected
 
 
-@MODERATE
 @given(case=evolution_cases())
 def test_sad_and_oscillation(case):
     k, m = case["kept"].shape
@@ -340,7 +329,6 @@ def test_sad_and_oscillation(case):
     torch.testing.assert_close(new, torch.tensor(reference, dtype=torch.float64))
 
 
-@MODERATE
 @given(case=evolution_cases())
 def test_block_norms(case):
     norms = block_norms(case["weight"])
@@ -348,7 +336,6 @@ def test_block_norms(case):
     torch.testing.assert_close(norms, torch.tensor(expected, dtype=torch.float64))
 
 
-@MODERATE
 @given(
     values=st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0]) | st.floats(0, 10), max_size=40),
     fraction=fractions,
@@ -360,7 +347,6 @@ def test_top_fraction(values, fraction):
     assert int(chosen.sum()) == math.floor(fraction * len(values))
 
 
-@MODERATE
 @given(
     k=st.integers(1, 40),
     seed=seeds,
@@ -386,7 +372,6 @@ def test_obf_freeze(k, seed, alpha, beta, zeros):
 # --------------------------------------------------------------------------- magnitude_mask
 
 
-@MODERATE
 @given(
     pattern=st.sampled_from(NM_PATTERNS),
     k=st.integers(1, 40),
@@ -429,7 +414,6 @@ def test_magnitude_mask_from_dense_to_n(n, m):
     ).tolist()
 
 
-@MODERATE
 @given(
     values=st.lists(
         st.sampled_from([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1.0, 2.5]),
@@ -460,7 +444,6 @@ def _bits_tensor(shape, dtype, gen):
     return raw.to(FLOAT_BITS[dtype]).view(dtype)
 
 
-@MODERATE
 @given(
     pattern=st.sampled_from(NM_PATTERNS),
     k=st.integers(0, 40),
@@ -489,7 +472,6 @@ def test_lma_scores_equal_the_where_formula(pattern, k, seed, dtype, lr, revive,
     assert torch.equal(scores.view(view), expected.view(view))
 
 
-@MODERATE
 @given(
     pattern=st.sampled_from(NM_PATTERNS),
     k=st.integers(0, 40),
@@ -514,7 +496,6 @@ def test_magnitude_mask_equals_top_n_of_the_masked_magnitudes(pattern, k, seed, 
     assert torch.equal(new, expected)
 
 
-@MODERATE
 @given(case=evolution_cases(), dtype=st.sampled_from([torch.float32, torch.float64]))
 def test_sad_and_oscillation_equal_the_old_formulas(case, dtype):
     k, m = case["kept"].shape
@@ -541,7 +522,7 @@ LARGE_POOLS = [
 ]
 
 
-@settings(max_examples=40, deadline=None)
+@examples(40)
 @given(
     k=st.integers(1, 20000),
     seed=seeds,
@@ -572,7 +553,7 @@ def test_top_fraction_of_many_blocks_equals_the_stable_descending_sort(
     assert torch.equal(top_fraction(values, fraction), expected)
 
 
-@settings(max_examples=60, deadline=None)
+@examples(60)
 @given(k=st.integers(1, 20000), seed=seeds, fraction=st.floats(0.0, 1.0), ties=st.booleans())
 def test_kth_largest_is_kthvalue(k, seed, fraction, ties):
     gen = torch.Generator().manual_seed(seed)
@@ -584,7 +565,7 @@ def test_kth_largest_is_kthvalue(k, seed, fraction, ties):
     assert float(evolution_module._kth_largest(values, count)) == float(expected)
 
 
-@settings(max_examples=60, deadline=None)
+@examples(60)
 @given(size=st.integers(0, 20000), density=st.floats(0.0, 1.0), seed=seeds, data=st.data())
 def test_keep_first_is_the_cumulative_sum_cut(size, density, seed, data):
     mask = torch.rand(size, generator=torch.Generator().manual_seed(seed)) < density

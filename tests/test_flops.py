@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
@@ -34,6 +34,8 @@ from bame_optim.flops import profiles as flops_profiles
 from bame_optim.integrations.models import resnet32
 from bame_optim.methods import METHODS as REGISTRY
 from bame_optim.peers.lbc import LBCSGD, remaining_count
+
+from .strategies import examples
 
 PATTERNS = [(2, 4), (1, 4), (1, 16)]
 METHODS = [*REGISTRY, "bimask"]  # every method of the registry, and Bi-Mask's profile
@@ -474,7 +476,7 @@ def test_bame_closed_form_equals_the_step_loop_on_a_grid():
             check_against_loop(n, m, steps, t_i, t_f, delta_t)
 
 
-@settings(max_examples=60, deadline=None)
+@examples(60)
 @given(
     pattern=st.sampled_from([(1, 2), (2, 4), (1, 4), (3, 8), (1, 16), (5, 32)]),
     steps=st.integers(1, 400),

@@ -10,7 +10,7 @@ from itertools import pairwise
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from bame_optim.core.nm import is_nm_sparse
@@ -41,7 +41,7 @@ from .dense_reference import (
     seeded_grads,
     sgd_kwargs,
 )
-from .strategies import MODERATE, NM_PATTERNS, nm_patterns
+from .strategies import NM_PATTERNS, examples, nm_patterns
 
 
 @pytest.mark.parametrize(("n", "m"), [*NM_PATTERNS, (1, 2), (3, 5), (8, 16)])
@@ -53,7 +53,6 @@ def test_combination_table(n, m):
     assert [row.nonzero().flatten().tolist() for row in table] == lbc_combinations(n, m)
 
 
-@MODERATE
 @given(st.integers(2, 200), st.integers(0, 50), st.data())
 def test_remaining_count_is_the_cubic_schedule(c, t_f, data):
     t = data.draw(st.integers(0, t_f + 5))
@@ -65,7 +64,6 @@ def test_remaining_count_is_the_cubic_schedule(c, t_f, data):
     assert counts[t_f:] == [1] * 3
 
 
-@MODERATE
 @given(nm_patterns, st.integers(1, 12), st.integers(0, 2**16))
 def test_combination_gradient_matches_float64_sums(pattern, k, seed):
     n, m = pattern
@@ -86,7 +84,6 @@ def test_combination_gradient_matches_float64_sums(pattern, k, seed):
     assert half.dtype == torch.float32, "scores are at least float32"
 
 
-@MODERATE
 @given(nm_patterns, st.integers(1, 10), st.integers(0, 2**16), st.data())
 def test_remove_combinations_and_union_match_python(pattern, k, seed, data):
     n, m = pattern
@@ -103,7 +100,7 @@ def test_remove_combinations_and_union_match_python(pattern, k, seed, data):
     assert torch.equal(union_mask(new, combination_table(n, m)), expected)
 
 
-@settings(max_examples=40, deadline=None)
+@examples(40)
 @given(dense_setups(max_steps=14), st.data())
 def test_matches_float64_reference_step_by_step(setup, data):
     n, m, steps = setup["n"], setup["m"], setup["steps"]
@@ -168,7 +165,7 @@ def test_dense_params_match_torch_sgd():
     dense_matches_torch_sgd(lambda groups, **kw: LBCSGD(groups, n=2, m=4, t_f=3, **kw))
 
 
-@settings(max_examples=25, deadline=None)
+@examples(25)
 @given(dense_setups(), st.data())
 def test_resume_from_state_dict_is_bit_identical(setup, data):
     total = setup["steps"] + 2

@@ -16,7 +16,7 @@ from bame_optim.optim.rules import SEED_STRIDE
 from bame_optim.reference import SEED_STRIDE as REFERENCE_SEED_STRIDE
 from bame_optim.reference import evolution as ref
 
-from .strategies import MODERATE, nm_patterns
+from .strategies import nm_patterns
 
 
 def test_seed_stride_is_the_rules():
@@ -32,7 +32,6 @@ def test_block_layout_is_the_packages(shape):
                        blocks_to_param(param_to_blocks(tensor, 4), shape))
 
 
-@MODERATE
 @given(nm_patterns, st.integers(1, 30), st.integers(0, 2**16))
 def test_static_start_is_random_nm_mask(pattern, k, seed):
     n, m = pattern
@@ -40,7 +39,6 @@ def test_static_start_is_random_nm_mask(pattern, k, seed):
     assert torch.equal(ref.random_start(k, n, m, torch.Generator().manual_seed(seed)), expected)
 
 
-@MODERATE
 @given(nm_patterns, st.integers(0, 200), st.integers(0, 200))
 def test_gradual_budget_is_the_schedules(pattern, t, t_i):
     n, m = pattern

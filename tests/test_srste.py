@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from bame_optim import nm_param_groups
@@ -28,12 +28,12 @@ from .dense_reference import (
     seeded_grads,
     sgd_kwargs,
 )
-from .strategies import MODERATE, nm_patterns
+from .strategies import examples, nm_patterns
 
 DECAYS = [0.0, DEFAULT_SRSTE_DECAY, 0.5]
 
 
-@settings(max_examples=40, deadline=None)
+@examples(40)
 @given(dense_setups(), st.sampled_from(DECAYS))
 def test_matches_float64_reference_step_by_step(setup, decay):
     params = make_params(setup)
@@ -66,7 +66,7 @@ def test_matches_float64_reference_step_by_step(setup, decay):
     assert opt.param_groups[0]["step"] == setup["steps"]
 
 
-@settings(max_examples=30, deadline=None)
+@examples(30)
 @given(dense_setups(), st.sampled_from(DECAYS), st.data())
 def test_parameter_is_dense_weight_times_mask_and_nm(setup, decay, data):
     params = make_params(setup, dtype=torch.float32)
@@ -92,7 +92,6 @@ def test_parameter_is_dense_weight_times_mask_and_nm(setup, decay, data):
             assert state["last_flips"] == flips
 
 
-@MODERATE
 @given(nm_patterns, st.integers(1, 10), st.integers(0, 2**16))
 def test_srste_mask_ties_keep_current_then_lower_index(pattern, k, seed):
     n, m = pattern
@@ -139,7 +138,7 @@ def test_dense_params_match_torch_sgd():
     dense_matches_torch_sgd(lambda groups, **kw: SRSTESGD(groups, n=2, m=4, **kw))
 
 
-@settings(max_examples=25, deadline=None)
+@examples(25)
 @given(dense_setups(), st.sampled_from(DECAYS), st.data())
 def test_resume_from_state_dict_is_bit_identical(setup, decay, data):
     total = setup["steps"] + 2
