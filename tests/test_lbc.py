@@ -1,10 +1,9 @@
 """LBC: the combination table, the cubic count, scores and removal against float64 / Python
-references, the optimizer step by step against a reference loop, resume, dense params and
-errors."""
+references, the optimizer step by step against the reference loop, and errors (resume,
+dtypes and dense parameters: the contract battery, test_contract.py)."""
 
 from __future__ import annotations
 
-import copy
 import math
 from itertools import pairwise
 
@@ -31,13 +30,10 @@ from bame_optim.reference.peers import (
     lbc_union,
 )
 
-from .dense_reference import (
-    assert_same_state,
+from .peer_setups import (
     cosine_lr,
-    dense_matches_torch_sgd,
     dense_setups,
     make_params,
-    save_and_load,
     seeded_grads,
     sgd_kwargs,
 )
@@ -159,55 +155,6 @@ def test_masks_are_fixed_after_t_f_and_params_without_grad_follow_the_schedule()
     assert torch.equal(q.detach(), opt.state[q]["dense_weight"] * to_param(
         opt.state[q]["mask"], q.shape))  # fmt: skip
     assert report["group0.param0"]["nm_valid"] and report["group0.param0"]["density"] == 0.25
-
-
-def test_dense_params_match_torch_sgd():
-    dense_matches_torch_sgd(lambda groups, **kw: LBCSGD(groups, n=2, m=4, t_f=3, **kw))
-
-
-@examples(25)
-@given(dense_setups(), st.data())
-def test_resume_from_state_dict_is_bit_identical(setup, data):
-    total = setup["steps"] + 2
-    split = data.draw(st.integers(0, total))
-    t_f = data.draw(st.integers(0, total))
-    kwargs = dict(lr=0.05, n=setup["n"], m=setup["m"], t_f=t_f, **sgd_kwargs(setup))
-    whole = make_params(setup, dtype=torch.float32)
-    resumed = [p.detach().clone().requires_grad_() for p in whole]
-
-    def train(params, opt, start, stop):
-        for step in range(start, stop):
-            for p, g in zip(params, seeded_grads(setup["shapes"], step, 5), strict=True):
-                p.grad = g.float()
-            opt.step()
-
-    opt = LBCSGD(whole, **kwargs)
-    train(whole, opt, 0, total)
-    first = LBCSGD(resumed, **kwargs)
-    train(resumed, first, 0, split)
-    # A fresh optimizer with other hyper-parameters: everything comes from the state dict.
-    second = LBCSGD(resumed, lr=1.0, n=setup["n"], m=setup["m"], total_steps=1000, score_lr=9.0)
-    second.load_state_dict(save_and_load(first.state_dict()))
-    train(resumed, second, split, total)
-    assert second.param_groups[0]["step"] == opt.param_groups[0]["step"] == total
-    for p, q in zip(whole, resumed, strict=True):
-        assert torch.equal(p, q)
-        assert_same_state(opt.state[p], second.state[q])
-
-
-def test_load_state_dict_keeps_dtypes_for_half_precision_params():
-    p = torch.randn(4, 8, dtype=torch.bfloat16, requires_grad=True)
-    opt = LBCSGD([p], lr=0.1, momentum=0.9, n=2, m=4, t_f=4)
-    for step in range(3):
-        p.grad = seeded_grads([(4, 8)], step, 0, dtype=torch.bfloat16)[0]
-        opt.step()
-    scores = opt.state[p]["scores"].clone()
-    assert scores.dtype == torch.float32 and scores.any()
-    opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # Accelerator.prepare's round trip
-    state = opt.state[p]
-    assert state["mask"].dtype == torch.bool and state["remaining"].dtype == torch.bool
-    assert state["scores"].dtype == torch.float32 and torch.equal(state["scores"], scores)
-    assert state["dense_weight"].dtype == torch.bfloat16
 
 
 def test_state_initialising_call_changes_nothing():

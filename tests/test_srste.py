@@ -1,9 +1,8 @@
-"""SR-STE against a float64 reference step by step, its invariants, resume, dense params,
-schedulers and errors."""
+"""SR-STE against the float64 reference step by step, its invariants, schedulers and errors
+(resume, dtypes and dense parameters: the contract battery, test_contract.py)."""
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
@@ -18,13 +17,10 @@ from bame_optim.reference import ReferenceSRSTE
 from bame_optim.reference.evolution import to_blocks, to_param
 from bame_optim.reference.peers import srste_mask as srste_mask_reference
 
-from .dense_reference import (
-    assert_same_state,
+from .peer_setups import (
     cosine_lr,
-    dense_matches_torch_sgd,
     dense_setups,
     make_params,
-    save_and_load,
     seeded_grads,
     sgd_kwargs,
 )
@@ -132,51 +128,6 @@ def test_decay_pulls_pruned_weights_to_zero_and_lets_them_return():
     opt.step()
     assert torch.equal(opt.state[p]["dense_weight"], torch.tensor([[3.0, 3.0, 1.5, 3.75]]))
     assert torch.equal(p.detach(), torch.tensor([[3.0, 0.0, 0.0, 3.75]]))
-
-
-def test_dense_params_match_torch_sgd():
-    dense_matches_torch_sgd(lambda groups, **kw: SRSTESGD(groups, n=2, m=4, **kw))
-
-
-@examples(25)
-@given(dense_setups(), st.sampled_from(DECAYS), st.data())
-def test_resume_from_state_dict_is_bit_identical(setup, decay, data):
-    total = setup["steps"] + 2
-    split = data.draw(st.integers(0, total))
-    kwargs = dict(lr=0.05, n=setup["n"], m=setup["m"], srste_decay=decay, **sgd_kwargs(setup))
-    whole = make_params(setup, dtype=torch.float32)
-    resumed = [p.detach().clone().requires_grad_() for p in whole]
-
-    def train(params, opt, start, stop):
-        for step in range(start, stop):
-            for p, g in zip(params, seeded_grads(setup["shapes"], step, 5), strict=True):
-                p.grad = g.float()
-            opt.step()
-
-    opt = SRSTESGD(whole, **kwargs)
-    train(whole, opt, 0, total)
-    first = SRSTESGD(resumed, **kwargs)
-    train(resumed, first, 0, split)
-    # A fresh optimizer with other hyper-parameters: everything comes from the state dict.
-    second = SRSTESGD(resumed, lr=1.0, n=setup["n"], m=setup["m"], srste_decay=0.5)
-    second.load_state_dict(save_and_load(first.state_dict()))
-    train(resumed, second, split, total)
-    assert second.param_groups[0]["step"] == opt.param_groups[0]["step"] == total
-    assert second.param_groups[0]["srste_decay"] == decay
-    for p, q in zip(whole, resumed, strict=True):
-        assert torch.equal(p, q)
-        assert_same_state(opt.state[p], second.state[q])
-
-
-def test_load_state_dict_keeps_dtypes_for_half_precision_params():
-    p = torch.randn(4, 8, dtype=torch.bfloat16, requires_grad=True)
-    opt = SRSTESGD([p], lr=0.1, momentum=0.9, n=1, m=4)
-    for step in range(3):
-        p.grad = seeded_grads([(4, 8)], step, 0, dtype=torch.bfloat16)[0]
-        opt.step()
-    opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # Accelerator.prepare's round trip
-    assert opt.state[p]["mask"].dtype == torch.bool
-    assert opt.state[p]["dense_weight"].dtype == torch.bfloat16
 
 
 def test_trains_with_nm_param_groups_closure_and_lr_scheduler():
