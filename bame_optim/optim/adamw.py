@@ -44,61 +44,26 @@ BAME_ADAMW_RULES = dataclasses.replace(
 
 class BAMEAdamW(MaskedOptimizer):
     r"""AdamW (decoupled weight decay) that keeps N:M sparse weights and evolves their masks
-    with BAME: the schedule, mask rules and compact state of :class:`bame_optim.BAMESGD`,
-    with Adam's update on the kept weights.
-
-    Dense parameters (``sparse=False`` groups, and with ``sparse=None`` every parameter with
-    ``ndim < 2`` or whose dimension 1 does not divide by ``m``) go through
-    :func:`torch.optim.adamw.adamw` with :class:`torch.optim.AdamW`'s state, so they follow
-    it exactly. For a sparse parameter with mask :math:`B` and gradient :math:`G` each
-    ``step()`` at counter :math:`t` does
-
-    .. math::
-        &\textbf{if } t \text{ is an update step: } B \leftarrow \text{rule}(W, G, B, O, t),
-            \quad W \leftarrow W \odot B,\quad (m, v) \leftarrow (m, v) \odot B_{old} \odot B \\
-        &g \leftarrow G \odot B,\quad s \leftarrow s + 1,\quad W \leftarrow W (1 - \eta\lambda)
-            \odot B,\\
-        &m \leftarrow \beta_1 m + (1-\beta_1) g,\quad v \leftarrow \beta_2 v + (1-\beta_2) g^2,
-        \quad W \leftarrow W - \eta\,\frac{m / (1-\beta_1^s)}{\sqrt{v / (1-\beta_2^s)}+\epsilon}
-            \odot B
-
-    (:func:`bame_optim.optim.functional.kept_adamw`): ``exp_avg`` (:math:`m`) and
-    ``exp_avg_sq`` (:math:`v`) are kept for the kept weights only (``[K, kept_count]``), a
-    revived weight starts with zero moments, and pruned weights stay exactly 0. The rules of
-    the phases are :class:`BAMESGD`'s, except that LMA's revive score is ``η |G|``
-    (``revive_score="adam"``, the loss drop of Adam's first step on a revived weight) rather
-    than Eq. 5's ``η G²`` (``revive_score="sgd"``); see
-    :func:`bame_optim.core.evolution.lma_scores` for the derivation.
+    with BAME: :class:`bame_optim.BAMESGD`'s schedule, mask rules and compact state, with
+    Adam's update on the kept weights (:func:`bame_optim.optim.functional.kept_adamw`). Dense
+    parameters go through :func:`torch.optim.adamw.adamw` and follow
+    :class:`torch.optim.AdamW` exactly. The update, the revive score ``η |G|`` and the bias
+    correction of a revived weight: docs/design.md section 4; keywords, state, checkpoints:
+    section 5.
 
     Args:
         params: parameters or param groups, as :class:`bame_optim.BAMESGD`.
-        lr, betas, eps, weight_decay, amsgrad, maximize, foreach: as
-            :class:`torch.optim.AdamW` (``lr`` and the betas may be Tensors).
-        fused: ``True``: the fused paths, torch's fused AdamW for dense parameters and the
-            fused kept-AdamW kernel for sparse ones (``ValueError`` at construction naming a
-            parameter whose device or dtype has none); ``None``: the fused kernel for sparse
-            parameters where it runs; ``False``: never.
-        capturable, differentiable: accepted as :class:`torch.optim.AdamW` takes them; only
-            ``False`` is supported (``ValueError`` otherwise: a mask update reads the masks
-            and scores on the host, and masks are not differentiable).
+        lr, betas, eps, weight_decay, amsgrad, maximize, foreach, capturable, differentiable,
+            fused: as :class:`torch.optim.AdamW` (``lr`` and the betas may be Tensors;
+            ``capturable`` and ``differentiable`` only ``False``; ``fused=True`` the fused
+            paths or a ``ValueError``, ``None`` the fused kernel for sparse parameters where
+            it runs, ``False`` never).
         n, m, total_steps, t_i, t_f, delta_t, alpha, beta, gamma, seed, sparse: as
             :class:`bame_optim.BAMESGD`.
         revive_score: ``"adam"`` (default) or ``"sgd"``: LMA's score of a pruned weight.
 
-    State of a sparse parameter: the engine's ``kept``, ``kept_count``, ``oscillation``,
-    ``last_flips``, ``last_frozen``; ``step`` (a scalar tensor, as :class:`torch.optim.AdamW`),
-    ``exp_avg``, ``exp_avg_sq`` and with ``amsgrad`` ``max_exp_avg_sq`` (``[K, kept_count]``).
-    Read the moments in the parameter's layout through :meth:`exp_avg` / :meth:`exp_avg_sq`.
-
-    .. note:: Bias correction of a revived weight. The step count ``s`` is one per parameter,
-       as in :class:`torch.optim.AdamW`, not one per weight: a weight revived at ``s`` starts
-       from zero moments but is corrected by ``1 - β^s`` (≈ 1 late in training), so its first
-       move is ``η (1-β_1) / sqrt(1-β_2) · sign(G)`` ≈ ``3.16 η sign(G)`` at the default betas
-       instead of a fresh Adam's ``η sign(G)``, and its later moves stay larger than the
-       steady ``η`` for about ``1 / (1-β_2)`` steps while ``v`` fills. A per-weight count
-       would give the textbook correction at the cost of a third ``[K, kept_count]`` buffer,
-       which would take the state above AdamW's 0.6x at 2:4. The magnitude of a revived
-       weight stays within a few ``η`` either way.
+    The compact moments (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``: ``[K, kept_count]``)
+    read in the parameter's layout through :meth:`exp_avg` / :meth:`exp_avg_sq`.
     """
 
     rules: ClassVar[MaskRules] = BAME_ADAMW_RULES
@@ -178,7 +143,7 @@ class BAMEAdamW(MaskedOptimizer):
                 [b[0] for b in moments], [b[1] for b in moments],
                 [b[2] for b in moments] if group["amsgrad"] else [],
                 [s.state["step"] for s in sparse],
-                [engine.local_kept(s.state) for s in sparse],
+                [engine.local_code(s.state) for s in sparse],
                 [s.state["kept_count"] for s in sparse],
                 m=m, fused=group["fused"], **hyper,
             )
