@@ -1,5 +1,5 @@
-"""``bame_optim.core.nm`` against explicit loops over the block layout of DESIGN.md section 2 and a
-slow pure-Python top-n with the tie rule of section 4 step 2."""
+"""``bame_optim.core.nm`` against explicit loops over the block layout of docs/design.md
+section 1 and a slow pure-Python top-n with the tie rule of section 3, step 2."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ INF = float("inf")
 
 
 def reference_blocks(weight: torch.Tensor, m: int) -> torch.Tensor:
-    """DESIGN.md section 2 spelled out: for every (out, *kernel position) in row-major order,
+    """docs/design.md section 1 spelled out: for every (out, *kernel position) in row-major order,
     the input channels are cut into consecutive groups of ``m``; block after block."""
     out, in_, *kernel = weight.shape
     blocks = []
@@ -110,7 +110,7 @@ def test_round_trip_both_ways(case, seed, dtype):
 
     other = seeded_tensor((num_blocks(shape, m), m), seed + 1, dtype=dtype)
     assert torch.equal(param_to_blocks(blocks_to_param(other, shape), m), other)
-    # bool masks (the block view of DESIGN section 2) survive the round trip too
+    # bool masks (the block view of docs/design.md section 1) survive the round trip too
     mask = block_mask(num_blocks(shape, m), m, seed, n)
     assert torch.equal(param_to_blocks(blocks_to_param(mask, shape), m), mask)
 

@@ -1,4 +1,5 @@
-"""``bame_optim.core.schedule`` against DESIGN.md section 3, written out with exact arithmetic."""
+"""``bame_optim.core.schedule`` against docs/design.md section 2, written out with exact
+arithmetic."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ steps = st.integers(0, 10**6)
 
 
 def reference_budget(t: int, n: int, m: int, t_i: int) -> int:
-    """n(t) = N + ceil((M - N)(1 - t / t_i)) for t < t_i, N from t_i on (DESIGN section 3)."""
+    """n(t) = N + ceil((M - N)(1 - t / t_i)) for t < t_i, N from t_i on (docs/design.md
+    section 2)."""
     if t >= t_i:
         return n
     return n + math.ceil((m - n) * (1 - Fraction(t, t_i)))

@@ -2,8 +2,10 @@
 
 :class:`NMOptimizer` is the small base of :class:`bame_optim.BAMESGD` (compact state over the
 engine) and of the straight-through peers (:mod:`bame_optim.peers`, dense weights in state).
-A subclass writes :meth:`NMOptimizer._step_group` (one group's update), :meth:`kept_mask` and
-:meth:`phase_name`; everything else is here.
+A subclass writes five methods: :meth:`NMOptimizer._step_group` (one group's update),
+:meth:`~NMOptimizer.kept_mask`, :meth:`~NMOptimizer.phase_name`,
+:meth:`~NMOptimizer.mask_update_due` and :meth:`~NMOptimizer.last_mask_update`; everything else
+is here.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ class NMOptimizer(Optimizer):
     ``sparse`` per group: ``True`` (every parameter must be N:M-divisible), ``False`` (plain
     :class:`torch.optim.SGD`) or ``None`` (sparse when ``ndim >= 2``, floating, strided and
     dimension 1 divides by ``m``). The step counter is ``param_groups[i]["step"]``; it
-    advances once per ``step()`` that applied an update (DESIGN.md section 3).
+    advances once per ``step()`` that applied an update (docs/design.md section 5, "The step
+    counter").
     """
 
     _exact_dtype_state: ClassVar[tuple[str, ...]] = ()

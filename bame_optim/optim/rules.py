@@ -268,7 +268,7 @@ class MaskRules:
 
 MIN_EVOLVE_UPDATES = 3
 """Fewer evolve-phase mask updates than this is almost certainly a mistake (ΔT too large for a
-short run): DESIGN.md section 3."""
+short run): docs/design.md section 2."""
 
 RULE_KEYWORDS = ("total_steps", "t_i", "t_f", "delta_t", "alpha", "beta", "gamma", "seed", "zeta",
                  "t_end", "revive_score")
