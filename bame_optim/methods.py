@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from types import MappingProxyType
 from typing import Any
 
@@ -38,7 +39,6 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from bame_optim.flops import FlopsProfile
 from bame_optim.optim.adamw import ADAMW_DEFAULTS, BAMEAdamW
 from bame_optim.optim.base import SGD_DEFAULTS
 from bame_optim.optim.masked import MaskedOptimizer
@@ -54,6 +54,7 @@ __all__ = [
     "METHODS",
     "OPTIMIZERS",
     "SGD_KEYWORDS",
+    "FlopsProfile",
     "Method",
     "accepted_keywords",
     "fixed_settings",
@@ -80,6 +81,22 @@ CONTEXT_KEYWORDS = frozenset({"n", "m", "total_steps", "t_i", "t_f", "delta_t", 
 pattern, ``srste`` no schedule)."""
 
 
+class FlopsProfile(str, Enum):
+    """A training-FLOPs profile: the densities of a sparse layer's forward, input-gradient and
+    weight-gradient products at each step (docs/flops.md; :mod:`bame_optim.flops` sums them).
+    Each method of :data:`METHODS` names one; ``BIMASK`` and ``LBC_LOWER`` have no optimizer."""
+
+    DENSE = "dense"
+    FIXED = "fixed"  # static
+    SCHEDULED = "scheduled"  # bame, lma, rigl
+    SCHEDULED_BIDIR = "scheduled_bidir"  # bame_bidir
+    STE = "ste"  # srste
+    BIMASK = "bimask"  # Bi-Mask (the paper's comparison; no optimizer here)
+    LBC = "lbc"  # union of the remaining combinations at its largest (upper bound)
+    LBC_LOWER = "lbc_lower"  # ... at its smallest (no optimizer of its own)
+    PRETRAIN_FIXED = "pretrain_fixed"  # asp
+
+
 @dataclass(frozen=True)
 class Method:
     """One method of the comparison."""
@@ -89,7 +106,7 @@ class Method:
     """Builds the optimizer from param groups and keywords."""
     summary: str
     flops: FlopsProfile
-    """Its training-FLOPs profile (:mod:`bame_optim.flops`)."""
+    """Its training-FLOPs profile (:class:`FlopsProfile`, summed by :mod:`bame_optim.flops`)."""
     fixed: Mapping[str, Any] = field(default_factory=dict)
     """Keywords the method fixes; a caller may not contradict them."""
     scheduled_masks: bool = True

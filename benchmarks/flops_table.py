@@ -18,7 +18,7 @@ DELTA_T = 100
 INPUT_SHAPE = (3, 32, 32)
 
 # (method, n, m, the paper's Table 1 ratio or "-"; "(T2)" marks a Table 2 number); lbc_lower
-# is LBC's forward at its least dense (bame_optim.flops docstring), the same as lbc when N = 1
+# is LBC's forward at its least dense (docs/flops.md), the same as lbc when N = 1
 ROWS: list[tuple[str, int, int, str]] = [
     ("asp", 2, 4, "1.5"),
     ("srste", 2, 4, "0.83"),

@@ -1,8 +1,13 @@
 """Shared test fixtures: writers of small on-disk datasets, a small N:M model + optimizer, the
-example scripts imported by path, and a fresh Accelerate state.
+example scripts imported by path, and a fresh Accelerate state; and the hypothesis profiles.
 
 Test modules take these as fixtures instead of importing helpers from one another. Each
 fixture returns a plain function (session-scoped, so module-scoped fixtures can use them).
+
+Hypothesis profiles, chosen by ``HYPOTHESIS_PROFILE`` (default ``ci``): ``ci`` runs
+:data:`tests.strategies.CI_EXAMPLES` examples per property test (a test's
+``@examples(k)`` runs ``k`` instead), ``dev`` ten times as many. Neither has a deadline: a
+test asserts results, never how long it took.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.util
+import os
 import pickle
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +25,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
 from torch import nn
+
+from .strategies import CI_EXAMPLES
+
+PROFILE_ENV = "HYPOTHESIS_PROFILE"
+settings.register_profile("ci", max_examples=CI_EXAMPLES, deadline=None)
+settings.register_profile("dev", max_examples=10 * CI_EXAMPLES, deadline=None)
+settings.load_profile(os.environ.get(PROFILE_ENV, "ci"))
 
 
 def idx_bytes(array: np.ndarray, magic: int) -> bytes:

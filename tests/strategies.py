@@ -5,9 +5,8 @@ from a drawn seed with a private ``torch.Generator`` (never the global RNG), whi
 hypothesis fast on tensors of a few thousand elements. Nothing here imports ``bame_optim``:
 masks are built independently of the code under test.
 
-Typical use::
+Typical use (the example count comes from the hypothesis profile, ``conftest.py``)::
 
-    @settings(MODERATE)
     @given(case=nm_shapes(), seed=seeds)
     def test_something(case, seed):
         n, m, shape = case
@@ -23,15 +22,16 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 __all__ = [
+    "CI_EXAMPLES",
     "FRACTIONS",
     "GAMMAS",
     "LAYOUTS",
     "LRS",
-    "MODERATE",
     "NM_PATTERNS",
     "Schedule",
     "block_mask",
     "exact_nm_mask",
+    "examples",
     "fractions",
     "gammas",
     "layouts",
@@ -45,8 +45,16 @@ __all__ = [
     "tensor_kinds",
 ]
 
-MODERATE = settings(max_examples=50, deadline=None)
-"""Default settings for property tests: enough examples to find ties, fast on 2 CPU cores."""
+CI_EXAMPLES = 50
+"""``max_examples`` of the ``ci`` profile (``conftest.py``): enough examples to find ties, fast
+on 2 CPU cores. A property test without its own settings runs this many under ``ci``."""
+
+
+def examples(ci: int) -> settings:
+    """Settings of a property test that runs ``ci`` examples under the ``ci`` profile (fewer
+    for a heavy test, more for a cheap one), scaled with the active profile's
+    ``max_examples`` (``HYPOTHESIS_PROFILE=dev`` runs ten times as many)."""
+    return settings(max_examples=max(1, round(ci * settings.default.max_examples / CI_EXAMPLES)))
 
 NM_PATTERNS: tuple[tuple[int, int], ...] = ((1, 4), (2, 4), (1, 8), (1, 16), (2, 8), (4, 8))
 """The N:M patterns of the paper's tables plus the 2:8 / 4:8 middle ground."""

@@ -10,15 +10,15 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from bame_optim import BAMESGD, BAMEAdamW
 from bame_optim.core.evolution import lma_scores
 from bame_optim.core.nm import is_nm_sparse, param_to_blocks
+from bame_optim.reference import ReferenceBAMEAdamW
 
-from .reference import ReferenceBAMEAdamW
-from .strategies import nm_patterns
+from .strategies import examples, nm_patterns
 
 
 @st.composite
@@ -55,7 +55,7 @@ SCHEDULE = ("n", "m", "t_i", "t_f", "delta_t", "alpha", "beta", "seed")
 ADAMW = ("weight_decay", "betas", "amsgrad", "maximize")
 
 
-@settings(max_examples=30, deadline=None)
+@examples(30)
 @given(adamw_setups())
 def test_matches_reference_loop_in_float64(setup):
     gen = torch.Generator().manual_seed(setup["seed"])

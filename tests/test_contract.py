@@ -6,9 +6,12 @@ tiny conv + linear model through :func:`make_optimizer` with the same keywords, 
 schedule (``delta_t = 2``, so ``t_i = 8`` and ``t_f = 16``) that passes through every phase:
 gradual (0-7), prune (8), evolve (9-15), frozen (16-23).
 
-1. bit-identical resume from a checkpoint taken in every phase;
+1. bit-identical resume from a checkpoint taken in every phase (read back with
+   ``torch.load(weights_only=True)`` into an optimizer built with other hyper-parameters), and
+   under every SGD option;
 2. ``load_state_dict`` keeps every state tensor's dtype (bfloat16 and float64 models);
-3. dense parameters follow :class:`torch.optim.SGD` bit for bit (a table of SGD configs);
+3. dense parameters (excluded layers, 1-D and indivisible ones) follow :class:`torch.optim.SGD`
+   or :class:`torch.optim.AdamW` bit for bit, with no mask state (a table of configs);
 4. argument errors: ``ValueError`` naming the argument and value, ``TypeError`` for keywords a
    factory does not take, ``ValueError`` from ``make_optimizer`` for settings it cannot honour;
 5. the N:M guarantee after every step and at the end of training;
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import io
 import math
 import re
 from typing import Any
@@ -38,6 +42,7 @@ from bame_optim.methods import (
     METHODS,
     SGD_KEYWORDS,
     accepted_keywords,
+    inert_keywords,
     make_optimizer,
 )
 from bame_optim.optim.base import NMOptimizer
@@ -151,6 +156,33 @@ def assert_same_state(opt_a, opt_b) -> None:
                 assert value == other[key], (i, key)
 
 
+OTHER_VALUES = {
+    "sgd": {"lr": 1.0, "momentum": 0.5, "weight_decay": 0.0},
+    "adamw": {"lr": 1.0, "weight_decay": 0.5, "betas": (0.5, 0.5), "eps": 1e-3},
+    "method": {"alpha": 0.25, "beta": 0.25, "gamma": 0.5, "seed": 7, "zeta": 0.5,
+               "srste_decay": 0.5, "score_lr": 9.0, "revive_score": "sgd"},
+}
+"""Valid values unlike the run's of the hyper-parameters a resumed optimizer may be built with."""
+
+
+def other_hyper(method: str) -> dict[str, Any]:
+    """Other values of every hyper-parameter ``method`` takes that a checkpoint holds (not the
+    schedule, which the given keywords set, nor settings it fixes or makes inert)."""
+    record = METHODS[method]
+    usable = accepted_keywords(method) - set(record.fixed) - inert_keywords(method)
+    return OTHER_VALUES[record.optimizer] | {
+        k: v for k, v in OTHER_VALUES["method"].items() if k in usable
+    }
+
+
+def save_and_load(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``torch.save`` / ``torch.load(weights_only=True)`` through memory (as accelerate does)."""
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
 # -- 1. bit-identical resume in every phase ----------------------------------------------------
 
 
@@ -180,8 +212,11 @@ def test_resume_is_bit_identical(method, resume_at):
         for p in model_c.parameters():
             p.add_(1.0)  # the model load, not the seed, must give the weights
     model_c.load_state_dict(saved_model)
-    opt_c = build_optimizer(method, model_c, attach=False)
-    opt_c.load_state_dict(saved_opt)
+    # A fresh optimizer with other hyper-parameters: everything but the schedule keywords it
+    # is given (the same here; those win, test_safety.py) must come from the state dict, read
+    # back as accelerate.utils.load does (torch.load with weights_only=True).
+    opt_c = build_optimizer(method, model_c, attach=False, **other_hyper(method))
+    opt_c.load_state_dict(save_and_load(saved_opt))
     if METHODS[method].attach is not None:
         METHODS[method].attach(model_c, opt_c)
     train(model_c, opt_c, resume_at, TOTAL_STEPS)
@@ -199,6 +234,35 @@ def test_resume_is_bit_identical(method, resume_at):
             assert torch.equal(buffer_a, buffer_c), name
     for group_a, group_c in zip(opt_a.param_groups, opt_c.param_groups, strict=True):
         assert group_a.get("step") == group_c.get("step")
+    assert_same_state(opt_a, opt_c)
+
+
+SGD_OPTIONS = {
+    "nesterov_maximize": {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01,
+                          "maximize": True},
+    "dampening": {"lr": 0.1, "momentum": 0.5, "dampening": 0.3, "weight_decay": 0.1},
+    "plain": {"lr": 0.1, "momentum": 0.0},
+}
+
+
+@pytest.mark.parametrize("options", SGD_OPTIONS.values(), ids=SGD_OPTIONS)
+@pytest.mark.parametrize("method", SGD_METHODS)
+def test_resume_is_bit_identical_under_every_sgd_option(method, options):
+    """The resume of the battery with SGD's other options (Nesterov, maximize, dampening, no
+    momentum), from a checkpoint in the evolve phase."""
+    model_a = build_model()
+    opt_a = build_optimizer(method, model_a, **options)
+    train(model_a, opt_a, 0, TOTAL_STEPS)
+    model_b = build_model()
+    opt_b = build_optimizer(method, model_b, **options)
+    train(model_b, opt_b, 0, 12)
+    opt_c = build_optimizer(method, model_b, attach=False, **other_hyper(method))
+    opt_c.load_state_dict(save_and_load(opt_b.state_dict()))
+    if METHODS[method].attach is not None:
+        METHODS[method].attach(model_b, opt_c)
+    train(model_b, opt_c, 12, TOTAL_STEPS)
+    for p, q in zip(model_a.parameters(), model_b.parameters(), strict=True):
+        assert torch.equal(p, q)
     assert_same_state(opt_a, opt_c)
 
 
@@ -261,6 +325,8 @@ def test_load_state_dict_keeps_dtypes(method, dtype):
         kinds = {k for _, k in dtypes}
         buffers = {"momentum_buffer"} if METHODS[method].optimizer == "sgd" else {"exp_avg"}
         assert buffers < kinds
+    for key in ("momentum_buffer", "exp_avg", "dense_weight", "scores"):  # not a trivial state
+        assert all(after[i][key].any() for i in after if key in after[i]), key
     train(model, opt, 12, 14)  # and it still trains
     for p, group in sparse_params(opt):
         assert is_nm_sparse(p.detach(), group["n"], group["m"])
@@ -302,19 +368,27 @@ def test_dense_params_equal_torch(method, config):
     config = (ADAMW_CONFIGS if adamw else SGD_CONFIGS)[config]
     model = build_model()
     reference = copy.deepcopy(model)
-    # the default exclusion keeps the stem and the classifier in a sparse=False group
-    groups = nm_param_groups(model, N, M)
-    assert [g["sparse"] for g in groups] == [True, False, False]
+    # the default exclusion keeps the stem and the classifier in a sparse=False group; with
+    # sparse=None a weight whose input dimension does not divide by m, and a 1-D parameter,
+    # stay dense too
+    generator = torch.Generator().manual_seed(99)
+    extra = [("extra.weight", torch.randn(4, 6, generator=generator).requires_grad_()),
+             ("extra.bias", torch.randn(4, generator=generator).requires_grad_())]
+    extra_ref = [(name, p.detach().clone().requires_grad_()) for name, p in extra]
+    groups = [*nm_param_groups(model, N, M), {"params": extra, "sparse": None}]
+    assert [g["sparse"] for g in groups] == [True, False, False, None]
     opt = make_optimizer(method, groups, n=N, m=M, **RUN, **config)
     ref_groups = [
         {k: v for k, v in g.items() if k != "sparse"}
         for g in nm_param_groups(reference, N, M)
         if not g["sparse"]
-    ]
+    ] + [{"params": extra_ref}]
     dense_names = {name for g in ref_groups for name, _ in g["params"]}
     ref = (torch.optim.AdamW if adamw else torch.optim.SGD)(ref_groups, **config)
-    assert dense_names == {"0.weight", "0.bias", "3.bias", "5.weight", "5.bias"}
-    pairs = list(zip(model.named_parameters(), reference.parameters(), strict=True))
+    assert dense_names == {"0.weight", "0.bias", "3.bias", "5.weight", "5.bias", "extra.weight",
+                           "extra.bias"}
+    pairs = list(zip([*model.named_parameters(), *extra],
+                     [*reference.parameters(), *(p for _, p in extra_ref)], strict=True))
     for t in range(6):
         generator = torch.Generator().manual_seed(t)
         for (_, p), q in pairs:
@@ -326,6 +400,7 @@ def test_dense_params_equal_torch(method, config):
             if name not in dense_names:
                 continue
             assert torch.equal(p, q), (t, name)
+            assert set(opt.state.get(p, {})) <= set(STATES), (t, name)  # no mask state
             for key in STATES:
                 found, expected = opt.state.get(p, {}).get(key), ref.state[q].get(key)
                 assert (found is None) == (expected is None), (t, name, key)

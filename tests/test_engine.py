@@ -5,14 +5,14 @@ the weights, every buffer scattered into a dense ``[K, M]`` row and gathered bac
 from __future__ import annotations
 
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from bame_optim.core.kept import encode_kept, kept_indices, mask_from_indices
 from bame_optim.core.nm import blocks_to_param
 from bame_optim.optim.engine import NMEngine
 
-from .strategies import exact_nm_mask, seeds
+from .strategies import exact_nm_mask, examples, seeds
 
 BITS = {
     torch.float64: torch.int64,
@@ -140,13 +140,13 @@ def check_apply_mask(case):
             assert equal_bits(state[name], expected_state[name]), name
 
 
-@settings(max_examples=250, deadline=None)
+@examples(250)
 @given(case=mask_changes())
 def test_apply_mask_equals_the_dense_formulation(case):
     check_apply_mask(case)
 
 
-@settings(max_examples=150, deadline=None)
+@examples(150)
 @given(
     case=mask_changes(
         kinds=("same count",), dtypes=(torch.float32, torch.float64),
@@ -158,7 +158,7 @@ def test_apply_mask_of_a_few_moved_blocks(case):
     check_apply_mask(case)
 
 
-@settings(max_examples=150, deadline=None)
+@examples(150)
 @given(case=mask_changes(), signed_zeros=st.booleans())
 def test_zero_pruned_equals_the_masked_fill(case, signed_zeros):
     p, state, _, _, m, _ = case

@@ -1,6 +1,6 @@
-"""``bame_optim.core.evolution`` against a float64 reference written straight from the paper's
-equations (Eq. 4-10) with Python loops over blocks, and the invariants of DESIGN.md sections 4
-and 5."""
+"""``bame_optim.core.evolution`` against the float64 reference written straight from the
+paper's equations (Eq. 4-10) with Python loops over blocks (:mod:`bame_optim.reference.evolution`),
+and the invariants of docs/design.md sections 3 and 5."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from bame_optim.core import evolution as evolution_module
@@ -16,6 +16,7 @@ from bame_optim.core.evolution import (
     DEFAULT_ALPHA,
     DEFAULT_BETA,
     DEFAULT_GAMMA,
+    REVIVE_SCORES,
     block_norms,
     evolve_mask,
     lma_scores,
@@ -27,13 +28,14 @@ from bame_optim.core.evolution import (
     update_oscillation,
 )
 from bame_optim.core.nm import top_n_mask
+from bame_optim.reference import evolution as ref
 
 from .strategies import (
     GAMMAS,
-    MODERATE,
     NM_PATTERNS,
     block_mask,
     exact_nm_mask,
+    examples,
     fractions,
     gammas,
     lrs,
@@ -41,61 +43,6 @@ from .strategies import (
     seeds,
     tensor_kinds,
 )
-
-# --------------------------------------------------------------------------- reference
-
-
-def ref_scores(w_row, g_row, b_row, lr):
-    """Eq. 4 for kept weights, Eq. 5 for pruned ones."""
-    return [abs(g * w) if b else lr * (g * g) for w, g, b in zip(w_row, g_row, b_row, strict=True)]
-
-
-def ref_top(scores, n, kept):
-    """Eq. 6: the n largest scores; ties keep the currently kept weight, then lower index."""
-    order = sorted(range(len(scores)), key=lambda j: (-scores[j], not kept[j], j))
-    chosen = set(order[:n])
-    return [j in chosen for j in range(len(scores))]
-
-
-def ref_sad(old, new):
-    """Eq. 7."""
-    return sum(abs(int(a) - int(b)) for a, b in zip(old, new, strict=True))
-
-
-def ref_top_fraction(values, fraction):
-    """Membership in the floor(fraction * K) largest values; ties -> lower index."""
-    count = math.floor(fraction * len(values))
-    order = sorted(range(len(values)), key=lambda k: (-values[k], k))
-    chosen = set(order[:count])
-    return [k in chosen for k in range(len(values))]
-
-
-def ref_norm(row):
-    return math.sqrt(math.fsum(w * w for w in row))
-
-
-def ref_freeze(oscillation, norms, alpha, beta):
-    """Eq. 10 with DESIGN section 4 step 5 and the note of ``obf_freeze``: frozen iff O_k is
-    among the floor(beta K) largest, ||W_k|| among the floor(alpha K) largest, and O_k > 0."""
-    top_o = ref_top_fraction(oscillation, beta)
-    top_w = ref_top_fraction(norms, alpha)
-    return [a and b and o > 0 for a, b, o in zip(top_o, top_w, oscillation, strict=True)]
-
-
-def ref_evolve(weight, grad, kept, oscillation, *, n, lr, alpha, beta, gamma):
-    """One BAME mask update, block by block, in Python floats (float64)."""
-    w_rows, g_rows, b_rows = weight.tolist(), grad.tolist(), kept.tolist()
-    o_old = oscillation.tolist()
-    proposed, new_o, norms = [], [], []
-    for w_row, g_row, b_row, o in zip(w_rows, g_rows, b_rows, o_old, strict=True):
-        row = ref_top(ref_scores(w_row, g_row, b_row, lr), n, b_row)
-        proposed.append(row)
-        new_o.append(gamma * o + (1 - gamma) * ref_sad(b_row, row))  # Eq. 8
-        norms.append(ref_norm(w_row))
-    frozen = ref_freeze(new_o, norms, alpha, beta)
-    new_kept = [b if f else p for b, p, f in zip(b_rows, proposed, frozen, strict=True)]
-    return {"kept": new_kept, "oscillation": new_o, "proposed": proposed, "frozen": frozen}
-
 
 # --------------------------------------------------------------------------- inputs
 
@@ -150,7 +97,7 @@ def _evolve(case, **overrides):
 
 def _reference(case, **overrides):
     args = {**case, **overrides}
-    return ref_evolve(
+    return ref.evolve_blocks(
         args["weight"],
         args["grad"],
         args["kept"],
@@ -175,7 +122,6 @@ def _assert_matches(result, expected):
 # --------------------------------------------------------------------------- evolve_mask
 
 
-@MODERATE
 @given(case=evolution_cases())
 def test_evolve_mask_matches_reference(case):
     result = _evolve(case)
@@ -186,13 +132,11 @@ def test_evolve_mask_matches_reference(case):
     _assert_matches(result, _reference(case))
 
 
-@MODERATE
 @given(case=evolution_cases(kinds=st.just("integers")))
 def test_evolve_mask_matches_reference_on_tie_heavy_inputs(case):
     _assert_matches(_evolve(case), _reference(case))
 
 
-@MODERATE
 @given(
     case=evolution_cases(),
     alpha=st.sampled_from([DEFAULT_ALPHA, 0.0, 1.0]),
@@ -202,7 +146,6 @@ def test_evolve_mask_matches_reference_at_edge_fractions(case, alpha, beta):
     _assert_matches(_evolve(case, alpha=alpha, beta=beta), _reference(case, alpha=alpha, beta=beta))
 
 
-@MODERATE
 @given(case=evolution_cases(), cycles=st.integers(2, 5), seed=seeds)
 def test_evolve_mask_over_several_cycles(case, cycles, seed):
     """Carry B and O from one LMA cycle to the next, as the optimizer does."""
@@ -219,7 +162,6 @@ def test_evolve_mask_over_several_cycles(case, cycles, seed):
         oscillation = torch.tensor(expected["oscillation"], dtype=torch.float64)
 
 
-@MODERATE
 @given(
     case=evolution_cases(kinds=st.just("integers"), gamma=st.sampled_from([0.0, 0.5, 0.75, 1.0])),
     dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
@@ -245,7 +187,6 @@ def test_evolve_mask_low_precision_integer_inputs(case, dtype, lr):
     assert result.oscillation.tolist() == expected["oscillation"]
 
 
-@MODERATE
 @given(case=evolution_cases())
 def test_evolve_mask_invariants(case):
     k, m = case["kept"].shape
@@ -270,7 +211,6 @@ def test_evolve_mask_invariants(case):
     assert (result.oscillation <= 2 * min(n, m - n)).all()
 
 
-@MODERATE
 @given(case=evolution_cases(), zero=st.sampled_from(["alpha", "beta"]))
 def test_zero_fraction_freezes_nothing(case, zero):
     result = _evolve(case, **{zero: 0.0})
@@ -278,7 +218,6 @@ def test_zero_fraction_freezes_nothing(case, zero):
     assert torch.equal(result.kept, result.proposed)
 
 
-@MODERATE
 @given(case=evolution_cases())
 def test_zero_lr_changes_nothing(case):
     """With eta = 0 every pruned weight scores 0 <= every kept score, and ties keep the kept
@@ -290,7 +229,6 @@ def test_zero_lr_changes_nothing(case):
     _assert_matches(result, _reference(case, lr=0.0))
 
 
-@MODERATE
 @given(case=evolution_cases())
 def test_evolve_mask_does_not_touch_its_inputs(case):
     before = {name: case[name].clone() for name in ("weight", "grad", "kept", "oscillation")}
@@ -335,15 +273,18 @@ def test_default_hyper_parameters():
 # --------------------------------------------------------------------------- the pieces
 
 
-@MODERATE
-@given(case=evolution_cases(), dtype=st.sampled_from([torch.float64, torch.float32]))
-def test_lma_scores(case, dtype):
+@given(
+    case=evolution_cases(),
+    dtype=st.sampled_from([torch.float64, torch.float32]),
+    revive=st.sampled_from(REVIVE_SCORES),
+)
+def test_lma_scores(case, dtype, revive):
     weight, grad, kept = case["weight"].to(dtype), case["grad"].to(dtype), case["kept"]
-    scores = lma_scores(weight, grad, kept, case["lr"])
+    scores = lma_scores(weight, grad, kept, case["lr"], revive=revive)
     assert scores.dtype == dtype
     assert scores.shape == kept.shape
     expected = [
-        ref_scores(w, g, b, case["lr"])
+        ref.lma_scores(w, g, b, case["lr"], revive)
         for w, g, b in zip(
             weight.double().tolist(), grad.double().tolist(), kept.tolist(), strict=True
         )
@@ -370,14 +311,13 @@ def test_score_dtype(dtype, expected):
     assert block_norms(ones).dtype == expected
 
 
-@MODERATE
 @given(case=evolution_cases())
 def test_sad_and_oscillation(case):
     k, m = case["kept"].shape
     other = exact_nm_mask(k, case["n"], m, 7)
     divergence = sad(case["kept"], other)
     assert divergence.dtype == torch.int64
-    expected = [ref_sad(a, b) for a, b in zip(case["kept"].tolist(), other.tolist(), strict=True)]
+    expected = [ref.sad(a, b) for a, b in zip(case["kept"].tolist(), other.tolist(), strict=True)]
     assert divergence.tolist() == expected
     gamma = case["gamma"]
     new = update_oscillation(case["oscillation"], divergence, gamma)
@@ -389,15 +329,13 @@ def test_sad_and_oscillation(case):
     torch.testing.assert_close(new, torch.tensor(reference, dtype=torch.float64))
 
 
-@MODERATE
 @given(case=evolution_cases())
 def test_block_norms(case):
     norms = block_norms(case["weight"])
-    expected = [ref_norm(row) for row in case["weight"].tolist()]
+    expected = [ref.block_norm(row) for row in case["weight"].tolist()]
     torch.testing.assert_close(norms, torch.tensor(expected, dtype=torch.float64))
 
 
-@MODERATE
 @given(
     values=st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0]) | st.floats(0, 10), max_size=40),
     fraction=fractions,
@@ -405,11 +343,10 @@ def test_block_norms(case):
 def test_top_fraction(values, fraction):
     chosen = top_fraction(torch.tensor(values, dtype=torch.float64), fraction)
     assert chosen.dtype == torch.bool
-    assert chosen.tolist() == ref_top_fraction(values, fraction)
+    assert chosen.tolist() == ref.top_members(values, fraction)
     assert int(chosen.sum()) == math.floor(fraction * len(values))
 
 
-@MODERATE
 @given(
     k=st.integers(1, 40),
     seed=seeds,
@@ -424,7 +361,7 @@ def test_obf_freeze(k, seed, alpha, beta, zeros):
         oscillation[torch.rand(k, generator=gen) < 0.5] = 0.0
     norms = torch.randint(0, 4, (k,), generator=gen).double()
     frozen = obf_freeze(oscillation, norms, alpha, beta)
-    expected = ref_freeze(oscillation.tolist(), norms.tolist(), alpha, beta)
+    expected = ref.obf_frozen(oscillation.tolist(), norms.tolist(), alpha, beta)
     assert frozen.tolist() == expected
     assert int(frozen.sum()) <= math.floor(beta * k)
     assert not frozen[oscillation == 0].any()
@@ -435,19 +372,6 @@ def test_obf_freeze(k, seed, alpha, beta, zeros):
 # --------------------------------------------------------------------------- magnitude_mask
 
 
-def ref_magnitude(weight, kept, budget):
-    """The budget largest |W| among the kept entries of each block; ties -> lower index."""
-    mask = []
-    for w_row, b_row in zip(weight.tolist(), kept.tolist(), strict=True):
-        candidates = sorted(
-            (j for j in range(len(w_row)) if b_row[j]), key=lambda j: (-abs(w_row[j]), j)
-        )
-        chosen = set(candidates[:budget])
-        mask.append([j in chosen for j in range(len(w_row))])
-    return mask
-
-
-@MODERATE
 @given(
     pattern=st.sampled_from(NM_PATTERNS),
     k=st.integers(1, 40),
@@ -469,7 +393,7 @@ def test_magnitude_mask(pattern, k, seed, kind, zero_pruned, dtype, data):
     assert new.dtype == torch.bool
     assert new.sum(dim=1).tolist() == [budget] * k
     assert not (new & ~kept).any(), "a pruned weight was revived"
-    assert new.tolist() == ref_magnitude(weight.double(), kept, budget)
+    assert new.tolist() == ref.keep_largest(weight.double(), kept, budget).tolist()
     # the survivors are at least as large as every weight dropped in the same block
     magnitude = weight.double().abs()
     for row in range(k):
@@ -485,10 +409,11 @@ def test_magnitude_mask_from_dense_to_n(n, m):
         [[(-1) ** j * (j % 3) for j in range(m)] for _ in range(3)], dtype=torch.float32
     )
     new = magnitude_mask(weight, torch.ones(3, m, dtype=torch.bool), n)
-    assert new.tolist() == ref_magnitude(weight.double(), torch.ones(3, m, dtype=torch.bool), n)
+    assert new.tolist() == ref.keep_largest(
+        weight.double(), torch.ones(3, m, dtype=torch.bool), n
+    ).tolist()
 
 
-@MODERATE
 @given(
     values=st.lists(
         st.sampled_from([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1.0, 2.5]),
@@ -519,7 +444,6 @@ def _bits_tensor(shape, dtype, gen):
     return raw.to(FLOAT_BITS[dtype]).view(dtype)
 
 
-@MODERATE
 @given(
     pattern=st.sampled_from(NM_PATTERNS),
     k=st.integers(0, 40),
@@ -548,7 +472,6 @@ def test_lma_scores_equal_the_where_formula(pattern, k, seed, dtype, lr, revive,
     assert torch.equal(scores.view(view), expected.view(view))
 
 
-@MODERATE
 @given(
     pattern=st.sampled_from(NM_PATTERNS),
     k=st.integers(0, 40),
@@ -573,7 +496,6 @@ def test_magnitude_mask_equals_top_n_of_the_masked_magnitudes(pattern, k, seed, 
     assert torch.equal(new, expected)
 
 
-@MODERATE
 @given(case=evolution_cases(), dtype=st.sampled_from([torch.float32, torch.float64]))
 def test_sad_and_oscillation_equal_the_old_formulas(case, dtype):
     k, m = case["kept"].shape
@@ -600,7 +522,7 @@ LARGE_POOLS = [
 ]
 
 
-@settings(max_examples=40, deadline=None)
+@examples(40)
 @given(
     k=st.integers(1, 20000),
     seed=seeds,
@@ -631,7 +553,7 @@ def test_top_fraction_of_many_blocks_equals_the_stable_descending_sort(
     assert torch.equal(top_fraction(values, fraction), expected)
 
 
-@settings(max_examples=60, deadline=None)
+@examples(60)
 @given(k=st.integers(1, 20000), seed=seeds, fraction=st.floats(0.0, 1.0), ties=st.booleans())
 def test_kth_largest_is_kthvalue(k, seed, fraction, ties):
     gen = torch.Generator().manual_seed(seed)
@@ -643,7 +565,7 @@ def test_kth_largest_is_kthvalue(k, seed, fraction, ties):
     assert float(evolution_module._kth_largest(values, count)) == float(expected)
 
 
-@settings(max_examples=60, deadline=None)
+@examples(60)
 @given(size=st.integers(0, 20000), density=st.floats(0.0, 1.0), seed=seeds, data=st.data())
 def test_keep_first_is_the_cumulative_sum_cut(size, density, seed, data):
     mask = torch.rand(size, generator=torch.Generator().manual_seed(seed)) < density

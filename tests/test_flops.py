@@ -9,19 +9,19 @@ import io
 import itertools
 import math
 import re
-import time
+import sys
 from fractions import Fraction
 from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
 from bame_optim import BAMESGD, nm_param_groups
-from bame_optim import flops as flops_module
 from bame_optim.core.schedule import Phase, gradual_budget, is_update_step, phase
+from bame_optim.flops import breakdown as flops_breakdown_module
 from bame_optim.flops import (
     flops_breakdown,
     layer_flops,
@@ -29,9 +29,13 @@ from bame_optim.flops import (
     step_density_sums,
     training_flops_ratio,
 )
+from bame_optim.flops import layers as flops_layers
+from bame_optim.flops import profiles as flops_profiles
 from bame_optim.integrations.models import resnet32
 from bame_optim.methods import METHODS as REGISTRY
 from bame_optim.peers.lbc import LBCSGD, remaining_count
+
+from .strategies import examples
 
 PATTERNS = [(2, 4), (1, 4), (1, 16)]
 METHODS = [*REGISTRY, "bimask"]  # every method of the registry, and Bi-Mask's profile
@@ -472,7 +476,7 @@ def test_bame_closed_form_equals_the_step_loop_on_a_grid():
             check_against_loop(n, m, steps, t_i, t_f, delta_t)
 
 
-@settings(max_examples=60, deadline=None)
+@examples(60)
 @given(
     pattern=st.sampled_from([(1, 2), (2, 4), (1, 4), (3, 8), (1, 16), (5, 32)]),
     steps=st.integers(1, 400),
@@ -511,11 +515,35 @@ def test_bame_densities_match_the_masks_of_bamesgd(n, m, delta_t):
     assert got[0] == forward
 
 
-def test_closed_form_is_fast_for_long_schedules():
-    start = time.perf_counter()
-    for method, delta_t in itertools.product(METHODS, (1, 100)):
-        step_density_sums(method, n=1, m=16, total_steps=400_000, delta_t=delta_t)
-    assert time.perf_counter() - start < 0.5
+def lines_run(function) -> int:
+    """Python lines executed by ``function()`` (a measure of work that no load can change)."""
+    count = 0
+
+    def tracer(frame, event, arg):
+        nonlocal count
+        count += event == "line"
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        function()
+    finally:
+        sys.settrace(None)
+    return count
+
+
+@pytest.mark.parametrize("delta_t", [1, 100])
+@pytest.mark.parametrize("method", METHODS)
+def test_closed_form_work_does_not_grow_with_the_schedule(method, delta_t):
+    """O(M - N) work (O((M - N) log t_f) for LBC), not O(T): a million times more steps
+    take at most a few times as many lines (an O(T) loop would take a million times)."""
+    def work(steps):
+        return lines_run(lambda: step_density_sums(method, n=1, m=16, total_steps=steps,
+                                                   delta_t=delta_t))
+
+    work(1_000)  # first calls run one-off lines (caches, lookups)
+    short, long = work(1_000), work(1_000_000_000)
+    assert 0 < long <= 4 * short
 
 
 # ------------------------------------------------------------------------------- ordering facts
@@ -617,8 +645,9 @@ def test_layer_errors():
 # ------------------------------------------------------------------------------ docs and doctest
 
 
-def test_docstring_examples():
-    assert doctest.testmod(flops_module).failed == 0
+@pytest.mark.parametrize("module", [flops_layers, flops_profiles, flops_breakdown_module])
+def test_docstring_examples(module):
+    assert doctest.testmod(module).failed == 0
 
 
 def test_docs_table_is_the_script_output():

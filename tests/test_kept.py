@@ -8,7 +8,7 @@ from itertools import combinations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from bame_optim import BAMESGD
@@ -20,12 +20,13 @@ from bame_optim.core.kept import (
     gather_kept,
     kept_indices,
     mask_from_indices,
+    positions_by_rank,
     remap_kept,
     scatter_kept_,
 )
 from bame_optim.core.nm import blocks_to_param, param_to_blocks
 
-from .strategies import MODERATE, nm_patterns
+from .strategies import examples, nm_patterns
 
 PATTERNS = [(1, 4), (2, 4), (1, 8), (2, 8), (4, 8), (1, 16), (8, 16), (16, 32), (3, 32)]
 
@@ -53,7 +54,16 @@ def test_rank_is_the_colexicographic_position(count, m):
     assert sorted(codes.tolist()) == list(range(math.comb(m, count)))
 
 
-@settings(max_examples=60, deadline=None)
+@pytest.mark.parametrize(("count", "m"), [(1, 4), (2, 4), (3, 6), (2, 8), (1, 16)])
+def test_positions_by_rank_is_the_table_the_kernels_read(count, m):
+    """Row r holds the sorted positions of the subset of colex rank r (the kernels' table)."""
+    table = positions_by_rank(count, m, torch.device("cpu"))
+    assert table.dtype == torch.int64 and table.shape == (math.comb(m, count), count)
+    assert [_colex_rank(tuple(row)) for row in table.tolist()] == list(range(table.shape[0]))
+    assert kept_module._positions_by_rank is positions_by_rank  # the former name, for merging
+
+
+@examples(60)
 @given(st.sampled_from(PATTERNS), st.integers(0, 40), st.integers(0, 2**16))
 def test_round_trip_gives_sorted_positions(pattern, k, seed):
     count, m = pattern
@@ -85,7 +95,7 @@ def test_encode_rejects_bad_input():
         encode_kept(torch.ones(2, 4, dtype=torch.bool), 5)
 
 
-@settings(max_examples=40, deadline=None)
+@examples(40)
 @given(
     nm_patterns,
     st.sampled_from([(), (1,), (3,), (2, 3)]),
@@ -126,7 +136,6 @@ def test_frozen_phase_state_is_a_fraction_of_sgd_momentum(n, m, bound):
     assert state_bytes < bound * sgd_bytes
 
 
-@MODERATE
 @given(st.data())
 def test_bit_table_encoding_equals_the_binomial_sum(data):
     """Blocks of M <= MAX_BIT_TABLE_M are encoded through a table of bit patterns: the same
@@ -153,7 +162,7 @@ def test_bit_patterns_of_every_row(m):
     assert torch.equal(kept_module._bit_patterns(strided).long(), patterns)
 
 
-@settings(max_examples=80, deadline=None)
+@examples(80)
 @given(st.sampled_from([*PATTERNS, (0, 4), (4, 4), (3, 5)]), st.integers(0, 40),
        st.integers(0, 2**16))
 def test_decode_equals_the_mask_of_the_positions(pattern, k, seed):
@@ -178,7 +187,7 @@ def _dense_remap(values, old, old_count, new, new_count, m):
     return dense.gather(1, new_positions)
 
 
-@settings(max_examples=150, deadline=None)
+@examples(150)
 @given(st.data())
 def test_remap_equals_the_dense_row(data):
     """Same count (evolve phase) or a lower one (gradual budget, from dense too), ranked

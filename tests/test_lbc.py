@@ -1,17 +1,15 @@
 """LBC: the combination table, the cubic count, scores and removal against float64 / Python
-references, the optimizer step by step against a reference loop, resume, dense params and
-errors."""
+references, the optimizer step by step against the reference loop, and errors (resume,
+dtypes and dense parameters: the contract battery, test_contract.py)."""
 
 from __future__ import annotations
 
-import copy
 import math
-from fractions import Fraction
-from itertools import combinations, pairwise
+from itertools import pairwise
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from bame_optim.core.nm import is_nm_sparse
@@ -23,50 +21,23 @@ from bame_optim.peers.lbc import (
     remove_combinations,
     union_mask,
 )
+from bame_optim.reference import ReferenceLBC
+from bame_optim.reference.evolution import to_param
+from bame_optim.reference.peers import (
+    lbc_combinations,
+    lbc_keep_best,
+    lbc_remaining,
+    lbc_union,
+)
 
-from .dense_reference import (
-    assert_same_state,
+from .peer_setups import (
     cosine_lr,
-    dense_matches_torch_sgd,
     dense_setups,
     make_params,
-    save_and_load,
     seeded_grads,
     sgd_kwargs,
-    sgd_reference,
-    to_blocks,
-    to_param,
 )
-from .strategies import MODERATE, NM_PATTERNS, nm_patterns
-
-
-def _count(t, c, t_f):
-    if t >= t_f:
-        return 1
-    return 1 + math.floor((c - 1) * (1 - Fraction(t, t_f)) ** 3)
-
-
-def _combos(n, m):
-    return [list(c) for c in combinations(range(m), n)]
-
-
-def _union(remaining, combos, m):
-    mask = torch.zeros(remaining.shape[0], m, dtype=torch.bool)
-    for k in range(remaining.shape[0]):
-        for c in range(len(combos)):
-            if remaining[k, c]:
-                mask[k, combos[c]] = True
-    return mask
-
-
-def _remove(scores, remaining, count):
-    """Per block: the ``count`` highest scores among remaining, ties to the lower index."""
-    new = torch.zeros_like(remaining)
-    for k in range(remaining.shape[0]):
-        alive = [c for c in range(remaining.shape[1]) if remaining[k, c]]
-        alive.sort(key=lambda c: (-float(scores[k, c]), c))
-        new[k, alive[:count]] = True
-    return new
+from .strategies import NM_PATTERNS, examples, nm_patterns
 
 
 @pytest.mark.parametrize(("n", "m"), [*NM_PATTERNS, (1, 2), (3, 5), (8, 16)])
@@ -75,14 +46,13 @@ def test_combination_table(n, m):
     assert table.dtype == torch.bool and table.shape == (math.comb(m, n), m)
     assert (table.sum(dim=1) == n).all()
     assert len({tuple(row.tolist()) for row in table}) == table.shape[0], "rows are distinct"
-    assert [row.nonzero().flatten().tolist() for row in table] == _combos(n, m)
+    assert [row.nonzero().flatten().tolist() for row in table] == lbc_combinations(n, m)
 
 
-@MODERATE
 @given(st.integers(2, 200), st.integers(0, 50), st.data())
 def test_remaining_count_is_the_cubic_schedule(c, t_f, data):
     t = data.draw(st.integers(0, t_f + 5))
-    assert remaining_count(t, c, t_f) == _count(t, c, t_f)
+    assert remaining_count(t, c, t_f) == lbc_remaining(t, c, t_f)
     if t_f:
         assert remaining_count(0, c, t_f) == c
     counts = [remaining_count(s, c, t_f) for s in range(t_f + 3)]
@@ -90,7 +60,6 @@ def test_remaining_count_is_the_cubic_schedule(c, t_f, data):
     assert counts[t_f:] == [1] * 3
 
 
-@MODERATE
 @given(nm_patterns, st.integers(1, 12), st.integers(0, 2**16))
 def test_combination_gradient_matches_float64_sums(pattern, k, seed):
     n, m = pattern
@@ -100,7 +69,8 @@ def test_combination_gradient_matches_float64_sums(pattern, k, seed):
     ours = combination_gradient(weight, grad, combination_table(n, m))
     expected = torch.tensor(
         [
-            [sum(float(grad[b, j]) * float(weight[b, j]) for j in combo) for combo in _combos(n, m)]
+            [sum(float(grad[b, j]) * float(weight[b, j]) for j in combo)
+             for combo in lbc_combinations(n, m)]
             for b in range(k)
         ],
         dtype=torch.float64,
@@ -110,7 +80,6 @@ def test_combination_gradient_matches_float64_sums(pattern, k, seed):
     assert half.dtype == torch.float32, "scores are at least float32"
 
 
-@MODERATE
 @given(nm_patterns, st.integers(1, 10), st.integers(0, 2**16), st.data())
 def test_remove_combinations_and_union_match_python(pattern, k, seed, data):
     n, m = pattern
@@ -121,49 +90,13 @@ def test_remove_combinations_and_union_match_python(pattern, k, seed, data):
     remaining[:, 0] = True
     count = data.draw(st.integers(1, c + 1))
     new = remove_combinations(scores, remaining, count)
-    assert torch.equal(new, _remove(scores, remaining, count))
+    assert torch.equal(new, lbc_keep_best(scores, remaining, count))
     assert not (new & ~remaining).any(), "removed combinations never come back"
-    assert torch.equal(union_mask(new, combination_table(n, m)), _union(new, _combos(n, m), m))
+    expected = lbc_union(new, lbc_combinations(n, m), m)
+    assert torch.equal(union_mask(new, combination_table(n, m)), expected)
 
 
-class ReferenceLBC:
-    """LBC on float64 dense weights, written out per step and per block."""
-
-    def __init__(self, params, *, n, m, t_f, score_lr, setup):
-        self.n, self.m, self.t_f, self.score_lr = n, m, t_f, score_lr
-        self.hyper, self.maximize = sgd_kwargs(setup), setup["maximize"]
-        self.combos = _combos(n, m)
-        c = len(self.combos)
-        self.weights = [p.detach().clone() for p in params]
-        self.scores = [torch.zeros(p.numel() // m, c, dtype=torch.float64) for p in params]
-        self.remaining = [torch.ones(p.numel() // m, c, dtype=torch.bool) for p in params]
-        self.masks = [torch.ones(p.numel() // m, m, dtype=torch.bool) for p in params]
-        self.buffers = [None] * len(params)
-        self.t = 0
-
-    def step(self, grads, lr):
-        t = self.t
-        for i, (w, g) in enumerate(zip(self.weights, grads, strict=True)):
-            if t <= self.t_f:
-                gw = to_blocks(g, self.m) * to_blocks(w, self.m)
-                eta = lr if self.score_lr is None else self.score_lr
-                sign = -1.0 if self.maximize else 1.0
-                for c, combo in enumerate(self.combos):
-                    self.scores[i][:, c] -= sign * eta * gw[:, combo].sum(dim=1)
-            self.weights[i], self.buffers[i] = sgd_reference(
-                w, -g if self.maximize else g, self.buffers[i], lr=lr, **self.hyper
-            )
-            if t <= self.t_f:
-                count = _count(t, len(self.combos), self.t_f)
-                self.remaining[i] = _remove(self.scores[i], self.remaining[i], count)
-                self.masks[i] = _union(self.remaining[i], self.combos, self.m)
-        self.t += 1
-
-    def param(self, i):
-        return self.weights[i] * to_param(self.masks[i], self.weights[i].shape)
-
-
-@settings(max_examples=40, deadline=None)
+@examples(40)
 @given(dense_setups(max_steps=14), st.data())
 def test_matches_float64_reference_step_by_step(setup, data):
     n, m, steps = setup["n"], setup["m"], setup["steps"]
@@ -174,7 +107,8 @@ def test_matches_float64_reference_step_by_step(setup, data):
         params, lr=0.05, n=n, m=m, t_f=t_f, score_lr=score_lr, maximize=setup["maximize"],
         **sgd_kwargs(setup),
     )  # fmt: skip
-    ref = ReferenceLBC(params, n=n, m=m, t_f=t_f, score_lr=score_lr, setup=setup)
+    ref = ReferenceLBC(params, n=n, m=m, t_f=t_f, score_lr=score_lr, maximize=setup["maximize"],
+                       **sgd_kwargs(setup))
     c = math.comb(m, n)
     for step in range(steps + 2):
         lr = cosine_lr(step, steps)
@@ -187,7 +121,7 @@ def test_matches_float64_reference_step_by_step(setup, data):
         for i, p in enumerate(params):
             state = opt.state[p]
             remaining, mask = state["remaining"], state["mask"]
-            assert (remaining.sum(dim=1) == _count(step, c, t_f)).all(), f"count at {step}"
+            assert (remaining.sum(dim=1) == lbc_remaining(step, c, t_f)).all(), f"count at {step}"
             assert torch.equal(remaining, ref.remaining[i]), f"combinations differ at {step}"
             assert torch.equal(mask, ref.masks[i])
             assert torch.equal(mask, union_mask(remaining, combination_table(n, m)))
@@ -221,55 +155,6 @@ def test_masks_are_fixed_after_t_f_and_params_without_grad_follow_the_schedule()
     assert torch.equal(q.detach(), opt.state[q]["dense_weight"] * to_param(
         opt.state[q]["mask"], q.shape))  # fmt: skip
     assert report["group0.param0"]["nm_valid"] and report["group0.param0"]["density"] == 0.25
-
-
-def test_dense_params_match_torch_sgd():
-    dense_matches_torch_sgd(lambda groups, **kw: LBCSGD(groups, n=2, m=4, t_f=3, **kw))
-
-
-@settings(max_examples=25, deadline=None)
-@given(dense_setups(), st.data())
-def test_resume_from_state_dict_is_bit_identical(setup, data):
-    total = setup["steps"] + 2
-    split = data.draw(st.integers(0, total))
-    t_f = data.draw(st.integers(0, total))
-    kwargs = dict(lr=0.05, n=setup["n"], m=setup["m"], t_f=t_f, **sgd_kwargs(setup))
-    whole = make_params(setup, dtype=torch.float32)
-    resumed = [p.detach().clone().requires_grad_() for p in whole]
-
-    def train(params, opt, start, stop):
-        for step in range(start, stop):
-            for p, g in zip(params, seeded_grads(setup["shapes"], step, 5), strict=True):
-                p.grad = g.float()
-            opt.step()
-
-    opt = LBCSGD(whole, **kwargs)
-    train(whole, opt, 0, total)
-    first = LBCSGD(resumed, **kwargs)
-    train(resumed, first, 0, split)
-    # A fresh optimizer with other hyper-parameters: everything comes from the state dict.
-    second = LBCSGD(resumed, lr=1.0, n=setup["n"], m=setup["m"], total_steps=1000, score_lr=9.0)
-    second.load_state_dict(save_and_load(first.state_dict()))
-    train(resumed, second, split, total)
-    assert second.param_groups[0]["step"] == opt.param_groups[0]["step"] == total
-    for p, q in zip(whole, resumed, strict=True):
-        assert torch.equal(p, q)
-        assert_same_state(opt.state[p], second.state[q])
-
-
-def test_load_state_dict_keeps_dtypes_for_half_precision_params():
-    p = torch.randn(4, 8, dtype=torch.bfloat16, requires_grad=True)
-    opt = LBCSGD([p], lr=0.1, momentum=0.9, n=2, m=4, t_f=4)
-    for step in range(3):
-        p.grad = seeded_grads([(4, 8)], step, 0, dtype=torch.bfloat16)[0]
-        opt.step()
-    scores = opt.state[p]["scores"].clone()
-    assert scores.dtype == torch.float32 and scores.any()
-    opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # Accelerator.prepare's round trip
-    state = opt.state[p]
-    assert state["mask"].dtype == torch.bool and state["remaining"].dtype == torch.bool
-    assert state["scores"].dtype == torch.float32 and torch.equal(state["scores"], scores)
-    assert state["dense_weight"].dtype == torch.bfloat16
 
 
 def test_state_initialising_call_changes_nothing():

@@ -1,5 +1,5 @@
-"""``bame_optim.core.nm`` against explicit loops over the block layout of DESIGN.md section 2 and a
-slow pure-Python top-n with the tie rule of section 4 step 2."""
+"""``bame_optim.core.nm`` against explicit loops over the block layout of docs/design.md
+section 1 and a slow pure-Python top-n with the tie rule of section 3, step 2."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from bame_optim.core import nm as nm_module
@@ -24,7 +24,7 @@ from bame_optim.core.nm import (
     top_n_mask_,
 )
 
-from .strategies import MODERATE, NM_PATTERNS, block_mask, nm_shapes, seeded_tensor, seeds
+from .strategies import NM_PATTERNS, block_mask, examples, nm_shapes, seeded_tensor, seeds
 
 INF = float("inf")
 
@@ -33,7 +33,7 @@ INF = float("inf")
 
 
 def reference_blocks(weight: torch.Tensor, m: int) -> torch.Tensor:
-    """DESIGN.md section 2 spelled out: for every (out, *kernel position) in row-major order,
+    """docs/design.md section 1 spelled out: for every (out, *kernel position) in row-major order,
     the input channels are cut into consecutive groups of ``m``; block after block."""
     out, in_, *kernel = weight.shape
     blocks = []
@@ -57,7 +57,6 @@ def reference_top_n(scores: list[list[float]], n: int, prefer: list[list[bool]] 
 # --------------------------------------------------------------------------- block layout
 
 
-@MODERATE
 @given(case=nm_shapes())
 def test_block_layout_matches_explicit_loop(case):
     _n, m, shape = case
@@ -99,7 +98,6 @@ def test_block_layout_hand_written_linear():
     assert torch.equal(param_to_blocks(weight, 4), expected)
 
 
-@MODERATE
 @given(case=nm_shapes(), seed=seeds, dtype=st.sampled_from([torch.float32, torch.float64]))
 def test_round_trip_both_ways(case, seed, dtype):
     n, m, shape = case
@@ -112,12 +110,11 @@ def test_round_trip_both_ways(case, seed, dtype):
 
     other = seeded_tensor((num_blocks(shape, m), m), seed + 1, dtype=dtype)
     assert torch.equal(param_to_blocks(blocks_to_param(other, shape), m), other)
-    # bool masks (the block view of DESIGN section 2) survive the round trip too
+    # bool masks (the block view of docs/design.md section 1) survive the round trip too
     mask = block_mask(num_blocks(shape, m), m, seed, n)
     assert torch.equal(param_to_blocks(blocks_to_param(mask, shape), m), mask)
 
 
-@MODERATE
 @given(case=nm_shapes(), seed=seeds)
 def test_linear_block_view_shares_storage(case, seed):
     _n, m, shape = case
@@ -127,7 +124,6 @@ def test_linear_block_view_shares_storage(case, seed):
     assert weight[0, 0] == 1234.5
 
 
-@MODERATE
 @given(case=nm_shapes(), seed=seeds)
 def test_blocks_to_param_is_a_view_of_the_blocks(case, seed):
     _n, m, shape = case
@@ -137,7 +133,6 @@ def test_blocks_to_param_is_a_view_of_the_blocks(case, seed):
     assert not blocks.any()
 
 
-@MODERATE
 @given(case=nm_shapes())
 def test_num_blocks(case):
     _n, m, shape = case
@@ -196,7 +191,6 @@ def _run_top_n(scores, n, prefer, dtype):
     return top_n_mask(scores_t, n, prefer=prefer_t)
 
 
-@MODERATE
 @given(case=top_n_cases(TIE_VALUES), dtype=st.sampled_from([torch.float32, torch.float64]))
 def test_top_n_mask_forced_ties_match_reference(case, dtype):
     scores, n, prefer = case
@@ -205,7 +199,6 @@ def test_top_n_mask_forced_ties_match_reference(case, dtype):
     assert mask.tolist() == reference_top_n(scores, n, prefer)
 
 
-@MODERATE
 @given(case=top_n_cases(), dtype=st.sampled_from([torch.float32, torch.float64]))
 def test_top_n_mask_matches_reference(case, dtype):
     scores, n, prefer = case
@@ -213,7 +206,6 @@ def test_top_n_mask_matches_reference(case, dtype):
     assert mask.tolist() == reference_top_n(scores, n, prefer)
 
 
-@MODERATE
 @given(case=top_n_cases(TIE_VALUES))
 def test_top_n_mask_exactly_n_and_minus_inf_last(case):
     scores, n, prefer = case
@@ -263,7 +255,7 @@ def special_cases(draw):
     return k, m, n, flat, prefer, draw(st.booleans())
 
 
-@settings(max_examples=300, deadline=None)
+@examples(300)
 @given(case=special_cases(), dtype=st.sampled_from(list(BIT_VIEW)))
 def test_top_n_mask_equals_two_sort_reference(case, dtype):
     """The sort-free ``top_n_mask`` is bit-for-bit the two-sort one, NaN, infinities and signed
@@ -279,7 +271,7 @@ def test_top_n_mask_equals_two_sort_reference(case, dtype):
     assert torch.equal(scores.view(BIT_VIEW[dtype]), bits)  # the input is left alone
 
 
-@settings(max_examples=150, deadline=None)
+@examples(150)
 @given(case=special_cases(), dtype=st.sampled_from(list(BIT_VIEW)))
 def test_top_n_mask_on_scratch_scores_is_top_n_mask(case, dtype):
     """top_n_mask_ (scores as scratch space) gives top_n_mask's mask."""
@@ -323,7 +315,6 @@ def test_top_n_mask_errors():
 # --------------------------------------------------------------------------- random_nm_mask
 
 
-@MODERATE
 @given(pattern=st.sampled_from(NM_PATTERNS), k=st.integers(0, 64), seed=seeds)
 def test_random_nm_mask_is_exact_nm_and_seeded(pattern, k, seed):
     n, m = pattern
@@ -335,7 +326,6 @@ def test_random_nm_mask_is_exact_nm_and_seeded(pattern, k, seed):
     assert torch.equal(mask, random_nm_mask(k, n, m, torch.Generator().manual_seed(seed)))
 
 
-@MODERATE
 @given(pattern=st.sampled_from(NM_PATTERNS), seed=seeds, a=seeds, b=seeds)
 def test_random_nm_mask_ignores_and_keeps_global_rng(pattern, seed, a, b):
     n, m = pattern
@@ -381,7 +371,6 @@ def reference_is_nm_sparse(weight: torch.Tensor, n: int, m: int) -> bool:
     return all(sum(x != 0 for x in block) <= n for block in reference_blocks(weight, m).tolist())
 
 
-@MODERATE
 @given(
     case=nm_shapes(),
     seed=seeds,
@@ -407,7 +396,6 @@ def test_is_nm_sparse_matches_reference(case, seed, extra, signed_zero):
         assert result
 
 
-@MODERATE
 @given(case=nm_shapes(), seed=seeds)
 def test_is_nm_sparse_exact_masks(case, seed):
     n, m, shape = case
@@ -453,7 +441,6 @@ def test_check_nm_rejects_m(m):
 SELECT_DTYPES = [*BIT_VIEW, torch.int64, torch.int32, torch.int8, torch.uint8, torch.bool]
 
 
-@MODERATE
 @given(
     dtype=st.sampled_from(SELECT_DTYPES),
     shape=st.sampled_from([(0, 4), (3, 4), (5, 16), (7, 3), (9, 8), (4, 1), (2, 3, 5)]),

@@ -14,18 +14,13 @@ from hypothesis import strategies as st
 
 from bame_optim import BAMESGD
 from bame_optim.core.nm import param_to_blocks
+from bame_optim.core.rigl import rigl_drop_fraction
 from bame_optim.methods import METHODS, accepted_keywords, make_optimizer
 from bame_optim.optim import sgd as sgd_module
-from bame_optim.optim.rules import (
-    RIGL_RULES,
-    MaskContext,
-    rigl,
-    rigl_drop_fraction,
-    rigl_t_end,
-)
+from bame_optim.optim.rules import RIGL_RULES, MaskContext, rigl, rigl_t_end
 from bame_optim.optim.sgd import RigLSGD
 
-from .strategies import MODERATE, exact_nm_mask, nm_shapes, seeded_tensor, seeds, tensor_kinds
+from .strategies import exact_nm_mask, nm_shapes, seeded_tensor, seeds, tensor_kinds
 
 
 def reference_fraction(t, zeta, t_end):
@@ -70,7 +65,6 @@ def group_of(n, m, zeta, t_end):
 # -- the rule against the reference -------------------------------------------------------------
 
 
-@MODERATE
 @given(
     case=nm_shapes(),
     seed=seeds,

@@ -1,4 +1,5 @@
-"""``bame_optim.core.schedule`` against DESIGN.md section 3, written out with exact arithmetic."""
+"""``bame_optim.core.schedule`` against docs/design.md section 2, written out with exact
+arithmetic."""
 
 from __future__ import annotations
 
@@ -24,13 +25,14 @@ from bame_optim.core.schedule import (
     resolve_schedule,
 )
 
-from .strategies import MODERATE, NM_PATTERNS, schedules
+from .strategies import NM_PATTERNS, examples, schedules
 
 steps = st.integers(0, 10**6)
 
 
 def reference_budget(t: int, n: int, m: int, t_i: int) -> int:
-    """n(t) = N + ceil((M - N)(1 - t / t_i)) for t < t_i, N from t_i on (DESIGN section 3)."""
+    """n(t) = N + ceil((M - N)(1 - t / t_i)) for t < t_i, N from t_i on (docs/design.md
+    section 2)."""
     if t >= t_i:
         return n
     return n + math.ceil((m - n) * (1 - Fraction(t, t_i)))
@@ -47,13 +49,11 @@ def test_default_delta_t_is_the_papers():
     assert DEFAULT_DELTA_T == 100
 
 
-@MODERATE
 @given(total=steps)
 def test_resolve_schedule_defaults(total):
     assert resolve_schedule(total, None, None) == (total // 3, 2 * total // 3)
 
 
-@MODERATE
 @given(total=steps, data=st.data())
 def test_resolve_schedule_fills_only_the_missing_one(total, data):
     t_i = data.draw(st.integers(0, 2 * total // 3))
@@ -62,7 +62,6 @@ def test_resolve_schedule_fills_only_the_missing_one(total, data):
     assert resolve_schedule(total, None, t_f) == (total // 3, t_f)
 
 
-@MODERATE
 @given(total=st.none() | steps, data=st.data())
 def test_resolve_schedule_passes_valid_values_through(total, data):
     upper = 10**6 if total is None else total
@@ -124,7 +123,6 @@ def expected_phase(t: int, t_i: int, t_f: int) -> Phase:
     return Phase.FROZEN
 
 
-@MODERATE
 @given(schedule=schedules(max_total=200))
 def test_phase_partitions_the_steps(schedule):
     _, t_i, t_f, _ = schedule
@@ -141,7 +139,6 @@ def test_phase_partitions_the_steps(schedule):
     assert [order.index(p) for p in seen] == sorted(order.index(p) for p in seen)
 
 
-@MODERATE
 @given(t=steps, t_i=steps, data=st.data())
 def test_phase_of_large_steps(t, t_i, data):
     t_f = data.draw(st.integers(t_i, 2 * 10**6))
@@ -158,7 +155,6 @@ def test_phase_values_are_strings():
 # --------------------------------------------------------------------------- is_update_step
 
 
-@MODERATE
 @given(schedule=schedules(max_total=300, max_delta_t=40))
 def test_is_update_step_rule(schedule):
     _, t_i, t_f, delta_t = schedule
@@ -170,7 +166,6 @@ def test_is_update_step_rule(schedule):
     assert is_update_step(t_i, delta_t, t_i, t_f)
 
 
-@MODERATE
 @given(t=steps, delta_t=st.integers(1, 1000), t_i=steps, data=st.data())
 def test_is_update_step_large_steps(t, delta_t, t_i, data):
     t_f = data.draw(st.integers(t_i, 2 * 10**6))
@@ -192,7 +187,6 @@ def test_is_update_step_examples():
 # --------------------------------------------------------------------------- gradual_budget
 
 
-@MODERATE
 @given(pattern=st.sampled_from(NM_PATTERNS), t_i=st.integers(1, 500), data=st.data())
 def test_gradual_budget_over_a_whole_schedule(pattern, t_i, data):
     n, m = pattern
@@ -205,7 +199,6 @@ def test_gradual_budget_over_a_whole_schedule(pattern, t_i, data):
     assert all(b > n for b in budgets[:t_i])  # strictly above N until t_i
 
 
-@MODERATE
 @given(m=st.integers(2, 64), data=st.data(), t_i=st.integers(0, 10**6), t=steps)
 def test_gradual_budget_any_pattern(m, data, t_i, t):
     n = data.draw(st.integers(1, m - 1))
@@ -231,6 +224,7 @@ def test_last_update_step():
     assert last_update_step(0, 0, 100) == 0
 
 
+@examples(100)
 @given(schedules())
 def test_last_update_step_is_the_last_update_step(schedule):
     """Against the definition: the largest t that is an update step."""
@@ -240,6 +234,7 @@ def test_last_update_step_is_the_last_update_step(schedule):
     assert last_update_step(t_i, t_f, delta_t) == max(updates)
 
 
+@examples(100)
 @given(schedules())
 def test_update_counts_are_the_update_steps_of_each_phase(schedule):
     """gradual_updates / evolve_updates against the definition of an update step."""

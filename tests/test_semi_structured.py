@@ -32,7 +32,7 @@ from bame_optim.kernels.semi_structured_training import (
     semi_structured_linear,
 )
 from benchmarks import semi_structured as benchmark
-from tests.strategies import MODERATE, seeded_tensor, seeds
+from tests.strategies import seeded_tensor, seeds
 
 CUDA_SM80 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
 needs_sm80 = pytest.mark.skipif(not CUDA_SM80, reason="2:4 kernels need a CUDA GPU with sm80+")
@@ -154,7 +154,6 @@ def reference_grads(x, weight, bias, grad_out, backward_weight=None):
     return y.detach(), grad_x, w_ref.grad, None if b_ref is None else b_ref.grad
 
 
-@MODERATE
 @given(
     seed=seeds,
     lead=st.lists(st.integers(1, 3), min_size=1, max_size=3),

@@ -1,5 +1,5 @@
-"""BAMESGD against the slow reference, the invariants of DESIGN.md section 5, resume, edge
-steps and errors."""
+"""BAMESGD against the float64 reference (:class:`bame_optim.reference.ReferenceBAME`), the
+invariants of docs/design.md section 5, resume, edge steps and errors."""
 
 from __future__ import annotations
 
@@ -11,14 +11,15 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from bame_optim import BAMESGD
 from bame_optim.core.nm import blocks_to_param, param_to_blocks
+from bame_optim.reference import ReferenceBAME
+from bame_optim.reference.evolution import gradual_budget as budget
 
-from .reference import ReferenceBAME, budget
-from .strategies import SGD_CONFIGS, nm_patterns
+from .strategies import SGD_CONFIGS, examples, nm_patterns
 
 
 @st.composite
@@ -81,7 +82,7 @@ def _optimizer(params, setup, **overrides):
     return BAMESGD(params, **kwargs)
 
 
-@settings(max_examples=40, deadline=None)
+@examples(40)
 @given(sparse_setups())
 def test_matches_reference_loop_in_float64(setup):
     ours = _make(setup)
@@ -125,7 +126,7 @@ def test_matches_reference_loop_in_float64(setup):
     assert opt.param_groups[0]["step"] == setup["total"] + 3
 
 
-@settings(max_examples=40, deadline=None)
+@examples(40)
 @given(sparse_setups())
 def test_invariants_after_every_step(setup):
     params = _make(setup, dtype=torch.float32)
@@ -164,7 +165,7 @@ def _train(params, opt, steps, seed, start=0):
         opt.step()
 
 
-@settings(max_examples=25, deadline=None)
+@examples(25)
 @given(sparse_setups(), st.data())
 def test_resume_from_state_dict_is_bit_identical(setup, data):
     split = data.draw(st.integers(0, setup["total"]))

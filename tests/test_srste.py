@@ -1,77 +1,35 @@
-"""SR-STE against a float64 reference step by step, its invariants, resume, dense params,
-schedulers and errors."""
+"""SR-STE against the float64 reference step by step, its invariants, schedulers and errors
+(resume, dtypes and dense parameters: the contract battery, test_contract.py)."""
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from bame_optim import nm_param_groups
 from bame_optim.core.nm import is_nm_sparse
 from bame_optim.peers.srste import DEFAULT_SRSTE_DECAY, SRSTESGD, srste_mask
+from bame_optim.reference import ReferenceSRSTE
+from bame_optim.reference.evolution import to_blocks, to_param
+from bame_optim.reference.peers import srste_mask as srste_mask_reference
 
-from .dense_reference import (
-    assert_same_state,
+from .peer_setups import (
     cosine_lr,
-    dense_matches_torch_sgd,
     dense_setups,
     make_params,
-    save_and_load,
     seeded_grads,
     sgd_kwargs,
-    sgd_reference,
-    to_blocks,
-    to_param,
 )
-from .strategies import MODERATE, nm_patterns
+from .strategies import examples, nm_patterns
 
 DECAYS = [0.0, DEFAULT_SRSTE_DECAY, 0.5]
 
 
-def _reference_mask(weight_blocks, old, n):
-    """Per block: the n largest |w|, ties to the currently kept weight, then the lower index."""
-    new = torch.zeros_like(old)
-    for k in range(old.shape[0]):
-        order = sorted(
-            range(old.shape[1]),
-            key=lambda j: (-abs(float(weight_blocks[k, j])), not bool(old[k, j]), j),
-        )
-        new[k, order[:n]] = True
-    return new
-
-
-class ReferenceSRSTE:
-    """SR-STE on float64 dense weights, written out per step."""
-
-    def __init__(self, params, *, n, m, decay, lr_free_setup):
-        self.n, self.m, self.decay = n, m, decay
-        self.hyper = sgd_kwargs(lr_free_setup)
-        self.maximize = lr_free_setup["maximize"]
-        self.weights = [p.detach().clone() for p in params]
-        self.masks = [torch.ones(p.numel() // m, m, dtype=torch.bool) for p in params]
-        self.buffers = [None] * len(params)
-
-    def step(self, grads, lr):
-        for i, (w, g) in enumerate(zip(self.weights, grads, strict=True)):
-            pruned = ~to_param(self.masks[i], w.shape)
-            direction = (-g if self.maximize else g) + self.decay * pruned.double() * w
-            self.weights[i], self.buffers[i] = sgd_reference(
-                w, direction, self.buffers[i], lr=lr, **self.hyper
-            )
-            self.masks[i] = _reference_mask(
-                to_blocks(self.weights[i], self.m), self.masks[i], self.n
-            )
-
-    def param(self, i):
-        return self.weights[i] * to_param(self.masks[i], self.weights[i].shape)
-
-
-@settings(max_examples=40, deadline=None)
+@examples(40)
 @given(dense_setups(), st.sampled_from(DECAYS))
 def test_matches_float64_reference_step_by_step(setup, decay):
     params = make_params(setup)
@@ -84,7 +42,8 @@ def test_matches_float64_reference_step_by_step(setup, decay):
         maximize=setup["maximize"],
         **sgd_kwargs(setup),
     )
-    ref = ReferenceSRSTE(params, n=setup["n"], m=setup["m"], decay=decay, lr_free_setup=setup)
+    ref = ReferenceSRSTE(params, n=setup["n"], m=setup["m"], decay=decay,
+                         maximize=setup["maximize"], **sgd_kwargs(setup))
     for step in range(setup["steps"]):
         lr = cosine_lr(step, setup["steps"])
         opt.param_groups[0]["lr"] = lr  # what an LR scheduler does
@@ -103,7 +62,7 @@ def test_matches_float64_reference_step_by_step(setup, decay):
     assert opt.param_groups[0]["step"] == setup["steps"]
 
 
-@settings(max_examples=30, deadline=None)
+@examples(30)
 @given(dense_setups(), st.sampled_from(DECAYS), st.data())
 def test_parameter_is_dense_weight_times_mask_and_nm(setup, decay, data):
     params = make_params(setup, dtype=torch.float32)
@@ -129,7 +88,6 @@ def test_parameter_is_dense_weight_times_mask_and_nm(setup, decay, data):
             assert state["last_flips"] == flips
 
 
-@MODERATE
 @given(nm_patterns, st.integers(1, 10), st.integers(0, 2**16))
 def test_srste_mask_ties_keep_current_then_lower_index(pattern, k, seed):
     n, m = pattern
@@ -137,7 +95,7 @@ def test_srste_mask_ties_keep_current_then_lower_index(pattern, k, seed):
     weight = torch.randint(-2, 3, (k, m), generator=gen).double()  # ties everywhere
     old = torch.rand(k, m, generator=gen).argsort(dim=1).argsort(dim=1) < n
     new = srste_mask(weight, old, n)
-    assert torch.equal(new, _reference_mask(weight, old, n))
+    assert torch.equal(new, srste_mask_reference(weight, old, n))
 
 
 def test_first_step_copies_the_parameter_and_state_init_call_changes_nothing():
@@ -154,7 +112,7 @@ def test_first_step_copies_the_parameter_and_state_init_call_changes_nothing():
     assert torch.equal(opt.state[p]["dense_weight"], before)
     kept = to_param(opt.state[p]["mask"], p.shape)
     assert torch.equal(p.detach(), torch.where(kept, before, 0.0))
-    expected = _reference_mask(to_blocks(before, 4), torch.ones(8, 4, dtype=torch.bool), 1)
+    expected = srste_mask_reference(to_blocks(before, 4), torch.ones(8, 4, dtype=torch.bool), 1)
     assert torch.equal(opt.state[p]["mask"], expected)
 
 
@@ -170,51 +128,6 @@ def test_decay_pulls_pruned_weights_to_zero_and_lets_them_return():
     opt.step()
     assert torch.equal(opt.state[p]["dense_weight"], torch.tensor([[3.0, 3.0, 1.5, 3.75]]))
     assert torch.equal(p.detach(), torch.tensor([[3.0, 0.0, 0.0, 3.75]]))
-
-
-def test_dense_params_match_torch_sgd():
-    dense_matches_torch_sgd(lambda groups, **kw: SRSTESGD(groups, n=2, m=4, **kw))
-
-
-@settings(max_examples=25, deadline=None)
-@given(dense_setups(), st.sampled_from(DECAYS), st.data())
-def test_resume_from_state_dict_is_bit_identical(setup, decay, data):
-    total = setup["steps"] + 2
-    split = data.draw(st.integers(0, total))
-    kwargs = dict(lr=0.05, n=setup["n"], m=setup["m"], srste_decay=decay, **sgd_kwargs(setup))
-    whole = make_params(setup, dtype=torch.float32)
-    resumed = [p.detach().clone().requires_grad_() for p in whole]
-
-    def train(params, opt, start, stop):
-        for step in range(start, stop):
-            for p, g in zip(params, seeded_grads(setup["shapes"], step, 5), strict=True):
-                p.grad = g.float()
-            opt.step()
-
-    opt = SRSTESGD(whole, **kwargs)
-    train(whole, opt, 0, total)
-    first = SRSTESGD(resumed, **kwargs)
-    train(resumed, first, 0, split)
-    # A fresh optimizer with other hyper-parameters: everything comes from the state dict.
-    second = SRSTESGD(resumed, lr=1.0, n=setup["n"], m=setup["m"], srste_decay=0.5)
-    second.load_state_dict(save_and_load(first.state_dict()))
-    train(resumed, second, split, total)
-    assert second.param_groups[0]["step"] == opt.param_groups[0]["step"] == total
-    assert second.param_groups[0]["srste_decay"] == decay
-    for p, q in zip(whole, resumed, strict=True):
-        assert torch.equal(p, q)
-        assert_same_state(opt.state[p], second.state[q])
-
-
-def test_load_state_dict_keeps_dtypes_for_half_precision_params():
-    p = torch.randn(4, 8, dtype=torch.bfloat16, requires_grad=True)
-    opt = SRSTESGD([p], lr=0.1, momentum=0.9, n=1, m=4)
-    for step in range(3):
-        p.grad = seeded_grads([(4, 8)], step, 0, dtype=torch.bfloat16)[0]
-        opt.step()
-    opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # Accelerator.prepare's round trip
-    assert opt.state[p]["mask"].dtype == torch.bool
-    assert opt.state[p]["dense_weight"].dtype == torch.bfloat16
 
 
 def test_trains_with_nm_param_groups_closure_and_lr_scheduler():

@@ -18,7 +18,7 @@ from bame_optim.core.transposable import (
     transposable_mask,
     transposable_patterns,
 )
-from tests.strategies import MODERATE, seeded_tensor, seeds, tensor_kinds
+from tests.strategies import seeded_tensor, seeds, tensor_kinds
 
 tile_shapes = st.tuples(st.integers(1, 4), st.integers(1, 4)).map(lambda s: (4 * s[0], 4 * s[1]))
 
@@ -59,7 +59,6 @@ def test_the_90_patterns_are_all_and_only_the_transposable_tiles():
     assert_tile_valid(patterns.reshape(90 * 4, 4))
 
 
-@MODERATE
 @given(shape=tile_shapes, seed=seeds, kind=tensor_kinds)
 def test_mask_is_valid_and_equals_brute_force(shape, seed, kind):
     weight = seeded_tensor(shape, seed, kind, low=-2, high=2)

@@ -39,7 +39,7 @@ DEFAULT_ALPHA = 0.5
 DEFAULT_BETA = 0.5
 """Fraction of blocks, by oscillation, that OBF may freeze (Eq. 9, 10; the paper's setting)."""
 DEFAULT_GAMMA = 0.9
-"""Momentum of the oscillation EMA (Eq. 8); DESIGN.md section 4 step 4."""
+"""Momentum of the oscillation EMA (Eq. 8); docs/design.md section 3, step 4."""
 
 
 def score_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -261,7 +261,7 @@ def evolve_mask(
     freeze: Callable[[Tensor, Tensor], Tensor] | None = None,
     revive: str = "sgd",
 ) -> MaskEvolution:
-    """One BAME mask update of one parameter (DESIGN.md section 4, steps 1-5).
+    """One BAME mask update of one parameter (docs/design.md section 3, steps 1-5).
 
     1. LMA scores (Eq. 4, 5); 2. proposal ``B̄`` = top ``n`` per block, ties keep the kept
     weight (Eq. 6); 3. ``SAD(B, B̄)`` (Eq. 7); 4. oscillation EMA (Eq. 8); 5. OBF: frozen

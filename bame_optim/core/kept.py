@@ -11,7 +11,9 @@ Knuth TAOCP 7.2.1.3, Eq. (3)):
 
 so a 2:4 block costs one byte (6 subsets) and a 1:16 block one byte (16 subsets), against
 ``M`` bytes for a ``bool`` mask. Where the number of subsets exceeds :data:`MAX_RANKED`
-(e.g. 16 of 32) the sorted kept positions ``[K, count]`` are stored instead.
+(e.g. 16 of 32) the sorted kept positions ``[K, count]`` are stored instead. Either form is
+the *kept code* (``code`` in this package's signatures); the ``[K, M]`` bool it stands for is
+the *kept mask* (docs/design.md, "State of a sparse parameter").
 
 :func:`kept_indices` turns either form into the sorted positions ``[K, count]`` (``int64``)
 that :func:`gather_kept` / :func:`scatter_kept_` use on the parameter, through the
@@ -38,6 +40,7 @@ __all__ = [
     "gather_kept",
     "kept_indices",
     "mask_from_indices",
+    "positions_by_rank",
     "remap_kept",
     "scatter_kept_",
 ]
@@ -94,13 +97,20 @@ def _binomials(m: int, device: torch.device) -> Tensor:
 
 
 @lru_cache(maxsize=16)
-def _positions_by_rank(count: int, m: int, device: torch.device) -> Tensor:
-    # Row r: the sorted positions of the subset of colex rank r; cached, never written.
+def positions_by_rank(count: int, m: int, device: torch.device) -> Tensor:
+    """The decoding table of the ranked kept code: ``[binom(M, count), count]`` ``int64``
+    whose row ``r`` holds the sorted positions of the ``count``-subset of colex rank ``r``
+    (what :func:`kept_indices` looks a rank up in; the fused kernels read it too). Cached per
+    ``(count, m, device)``: never write to it."""
     subsets = combination_table(count, m).nonzero()[:, 1].reshape(math.comb(m, count), count)
     ranks = _colex_rank(subsets, m)
     table = torch.empty_like(subsets)
     table[ranks] = subsets
     return table.to(device)
+
+
+_positions_by_rank = positions_by_rank
+"""The former private name, kept while a branch that imports it is merged."""
 
 
 def _colex_rank(positions: Tensor, m: int) -> Tensor:
@@ -109,7 +119,7 @@ def _colex_rank(positions: Tensor, m: int) -> Tensor:
 
 
 def encode_kept(mask: Tensor, count: int) -> Tensor:
-    """The stored form of ``mask`` (``[K, M]`` bool with ``count`` kept in every block; the
+    """The kept code of ``mask`` (``[K, M]`` bool with ``count`` kept in every block; the
     count is an argument so that no device value is read): the colex rank of each block's
     kept set (``[K]``, ``uint8`` or ``int16``) when ``binom(M, count) <= MAX_RANKED``, else
     the sorted kept positions ``[K, count]``."""
@@ -173,32 +183,32 @@ def _sorted_positions(mask: Tensor, count: int) -> Tensor:
     return (~mask).to(torch.uint8).sort(dim=1, stable=True).indices[:, :count]
 
 
-def kept_indices(kept: Tensor, count: int, m: int) -> Tensor:
-    """Sorted kept positions ``[K, count]`` (``int64``) of the stored form ``kept``."""
-    if kept.ndim == 2:
-        return kept.long()
-    # index_select, not table[kept.long()]: three times faster on the CPU (measured).
-    return _positions_by_rank(count, m, kept.device).index_select(0, kept.int())
+def kept_indices(code: Tensor, count: int, m: int) -> Tensor:
+    """Sorted kept positions ``[K, count]`` (``int64``) of the kept code ``code``."""
+    if code.ndim == 2:
+        return code.long()
+    # index_select, not table[code.long()]: three times faster on the CPU (measured).
+    return positions_by_rank(count, m, code.device).index_select(0, code.int())
 
 
 @lru_cache(maxsize=32)
 def _masks_by_rank(count: int, m: int, device: torch.device, pruned: bool) -> Tensor:
     # Row r: the [M] bool mask of the subset of colex rank r (its complement if pruned).
-    table = mask_from_indices(_positions_by_rank(count, m, torch.device("cpu")), m)
+    table = mask_from_indices(positions_by_rank(count, m, torch.device("cpu")), m)
     return (~table if pruned else table).to(device)
 
 
-def decode_kept(kept: Tensor, count: int, m: int, *, pruned: bool = False) -> Tensor:
-    """``[K, M]`` bool mask of the stored form ``kept`` (:func:`encode_kept`):
-    ``mask_from_indices(kept_indices(kept, count, m), m)``, or its complement (the pruned
+def decode_kept(code: Tensor, count: int, m: int, *, pruned: bool = False) -> Tensor:
+    """The kept mask (``[K, M]`` bool) of the kept code ``code`` (:func:`encode_kept`):
+    ``mask_from_indices(kept_indices(code, count, m), m)``, or its complement (the pruned
     entries) with ``pruned=True``.
 
     A ranked form is decoded by one row lookup in a table of the ``binom(M, count)`` masks.
     """
-    if kept.ndim == 2:
-        mask = mask_from_indices(kept.long(), m)
+    if code.ndim == 2:
+        mask = mask_from_indices(code.long(), m)
         return mask.logical_not_() if pruned else mask
-    return _masks_by_rank(count, m, kept.device, pruned).index_select(0, kept.int())
+    return _masks_by_rank(count, m, code.device, pruned).index_select(0, code.int())
 
 
 def mask_from_indices(indices: Tensor, m: int) -> Tensor:
@@ -228,7 +238,7 @@ def remap_kept(
     values: Tensor, old: Tensor, old_count: int, new: Tensor, new_count: int, m: int
 ) -> Tensor:
     """Per-kept-weight values ``[K, old_count]`` of the kept sets ``old`` moved to the kept sets
-    ``new`` (stored forms, :func:`encode_kept`): ``[K, new_count]`` where a weight kept by both
+    ``new`` (kept codes, :func:`encode_kept`): ``[K, new_count]`` where a weight kept by both
     keeps its value and a newly kept one gets 0.
 
     .. math::
@@ -258,9 +268,9 @@ def _sources_by_pair(old_count: int, new_count: int, m: int, device: torch.devic
     # Row (a * binom(M, new_count) + b): for each new kept position of rank b, its index among
     # the old kept positions of rank a, or old_count where it was not kept. Cached.
     cpu = torch.device("cpu")
-    old_mask = mask_from_indices(_positions_by_rank(old_count, m, cpu), m)  # [Co, M]
+    old_mask = mask_from_indices(positions_by_rank(old_count, m, cpu), m)  # [Co, M]
     index = (old_mask.cumsum(dim=1) - 1).masked_fill_(~old_mask, old_count)  # [Co, M]
-    new_positions = _positions_by_rank(new_count, m, cpu)  # [Cn, new_count]
+    new_positions = positions_by_rank(new_count, m, cpu)  # [Cn, new_count]
     co, cn = old_mask.shape[0], new_positions.shape[0]
     sources = index.unsqueeze(1).expand(co, cn, m).gather(
         2, new_positions.unsqueeze(0).expand(co, cn, new_count)

@@ -1,7 +1,7 @@
 """N:M block layout, top-n masks and validity checks: pure functions of tensors.
 
 A weight ``W`` is cut into ``K`` blocks of ``M`` consecutive weights along its *grouped*
-dimension (DESIGN.md section 2), giving the block view ``[K, M]`` used by the paper (Eq. 1):
+dimension (docs/design.md section 1), giving the block view ``[K, M]`` used by the paper (Eq. 1):
 
 * Linear ``[out, in]``: each row is cut into ``in / M`` blocks of consecutive input weights.
 * ConvNd ``[out, in, *k]``: blocks run along the input channels for each (out, kernel
@@ -118,8 +118,8 @@ def top_n_mask(scores: Tensor, n: int, prefer: Tensor | None = None) -> Tensor:
     """Keep the ``n`` largest ``scores`` of each block (each row of ``[K, M]``).
 
     Ties are broken deterministically, so every rank and every run get the same mask:
-    among equal scores an entry with ``prefer`` set wins (the currently kept weight, DESIGN.md
-    section 4 step 2), and then the lower index within the block wins. The mask is the first
+    among equal scores an entry with ``prefer`` set wins (the currently kept weight, docs/design.md
+    section 3, step 2), and then the lower index within the block wins. The mask is the first
     ``n`` of each block in the lexicographic order (score descending, preferred first, index),
     where scores compare as ``torch.sort`` compares them: ``-0.0 == 0.0``, NaN above ``+inf``
     and all NaNs equal.

@@ -1,6 +1,6 @@
 """BAME's three-phase schedule as pure functions of the step counter ``t``.
 
-``t`` counts completed ``step()`` calls, starting at 0 (DESIGN.md section 3). The paper
+``t`` counts completed ``step()`` calls, starting at 0 (docs/design.md section 2). The paper
 (section 3.3, following Jayakumar et al. 2020) splits training at ``t_i`` and ``t_f``:
 
 ============  =====================  =====================================================

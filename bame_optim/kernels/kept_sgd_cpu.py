@@ -233,14 +233,14 @@ def table_for(code: Tensor, count: int, m: int, i: int) -> Tensor | None:
 @lru_cache(maxsize=32)
 def _rank_table(count: int, m: int) -> Tensor:
     # [C, count] int32: the sorted positions of colex rank r in row r (cached, never written).
-    from bame_optim.core.kept import MAX_RANKED, _positions_by_rank
+    from bame_optim.core.kept import MAX_RANKED, positions_by_rank
 
     if math.comb(m, count) > MAX_RANKED:
         raise ValueError(
             f"Invalid kept form for count={count}, m={m}: binom(m, count) > {MAX_RANKED}, so the "
             "sorted positions [K, count] are stored, not ranks"
         )
-    return _positions_by_rank(count, m, torch.device("cpu")).to(torch.int32).contiguous()
+    return positions_by_rank(count, m, torch.device("cpu")).to(torch.int32).contiguous()
 
 
 def error() -> str | None:

@@ -4,7 +4,7 @@ layer at run time, with the masked dense math as the fallback everywhere else.
 **Experimental until verified on a GPU:** the CUDA paths were written and tested on the CPU
 fallback only; ``python -m benchmarks.gpu_check`` runs their checks in one call.
 
-A Linear weight ``W [out, in]`` that is 2:4 along its input dimension (DESIGN.md section 2,
+A Linear weight ``W [out, in]`` that is 2:4 along its input dimension (docs/design.md section 1,
 ``n=2, m=4``) can be packed for the sparse tensor-core kernels of cuSPARSELt (default) or
 CUTLASS. The kernels exist only on CUDA with compute capability >= 8.0, for float16/bfloat16,
 for shapes that are multiples of the backend's minimum, and they are not always faster (on

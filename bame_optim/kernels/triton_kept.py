@@ -32,7 +32,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from bame_optim.core.kept import _positions_by_rank
+from bame_optim.core.kept import positions_by_rank
 
 __all__ = ["DTYPES", "available", "interpreting", "kept_adamw_", "kept_sgd_", "supports"]
 
@@ -240,7 +240,7 @@ def _launch(
         )
     code = code.contiguous()
     # The eager path's cached [C, count] table on the device (usually warm: no host copy).
-    table = _positions_by_rank(count, m, p.device) if ranked else code
+    table = positions_by_rank(count, m, p.device) if ranked else code
     count_p2 = _next_power_of_2(count)
     block_k = max(1, _ELEMENTS_PER_PROGRAM // count_p2)
     (n1, n2), p_strides = _outer_layout(p)  # type: ignore[misc]

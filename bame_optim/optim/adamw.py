@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.optim.adamw import adamw
 from torch.optim.optimizer import _get_scalar_dtype
 
+from bame_optim.core.validation import check_adamw_hyper
 from bame_optim.optim.engine import NMEngine
 from bame_optim.optim.functional import kept_adamw
 from bame_optim.optim.keywords import check_fused_flags
@@ -43,61 +44,26 @@ BAME_ADAMW_RULES = dataclasses.replace(
 
 class BAMEAdamW(MaskedOptimizer):
     r"""AdamW (decoupled weight decay) that keeps N:M sparse weights and evolves their masks
-    with BAME: the schedule, mask rules and compact state of :class:`bame_optim.BAMESGD`,
-    with Adam's update on the kept weights.
-
-    Dense parameters (``sparse=False`` groups, and with ``sparse=None`` every parameter with
-    ``ndim < 2`` or whose dimension 1 does not divide by ``m``) go through
-    :func:`torch.optim.adamw.adamw` with :class:`torch.optim.AdamW`'s state, so they follow
-    it exactly. For a sparse parameter with mask :math:`B` and gradient :math:`G` each
-    ``step()`` at counter :math:`t` does
-
-    .. math::
-        &\textbf{if } t \text{ is an update step: } B \leftarrow \text{rule}(W, G, B, O, t),
-            \quad W \leftarrow W \odot B,\quad (m, v) \leftarrow (m, v) \odot B_{old} \odot B \\
-        &g \leftarrow G \odot B,\quad s \leftarrow s + 1,\quad W \leftarrow W (1 - \eta\lambda)
-            \odot B,\\
-        &m \leftarrow \beta_1 m + (1-\beta_1) g,\quad v \leftarrow \beta_2 v + (1-\beta_2) g^2,
-        \quad W \leftarrow W - \eta\,\frac{m / (1-\beta_1^s)}{\sqrt{v / (1-\beta_2^s)}+\epsilon}
-            \odot B
-
-    (:func:`bame_optim.optim.functional.kept_adamw`): ``exp_avg`` (:math:`m`) and
-    ``exp_avg_sq`` (:math:`v`) are kept for the kept weights only (``[K, kept_count]``), a
-    revived weight starts with zero moments, and pruned weights stay exactly 0. The rules of
-    the phases are :class:`BAMESGD`'s, except that LMA's revive score is ``η |G|``
-    (``revive_score="adam"``, the loss drop of Adam's first step on a revived weight) rather
-    than Eq. 5's ``η G²`` (``revive_score="sgd"``); see
-    :func:`bame_optim.core.evolution.lma_scores` for the derivation.
+    with BAME: :class:`bame_optim.BAMESGD`'s schedule, mask rules and compact state, with
+    Adam's update on the kept weights (:func:`bame_optim.optim.functional.kept_adamw`). Dense
+    parameters go through :func:`torch.optim.adamw.adamw` and follow
+    :class:`torch.optim.AdamW` exactly. The update, the revive score ``η |G|`` and the bias
+    correction of a revived weight: docs/design.md section 4; keywords, state, checkpoints:
+    section 5.
 
     Args:
         params: parameters or param groups, as :class:`bame_optim.BAMESGD`.
-        lr, betas, eps, weight_decay, amsgrad, maximize, foreach: as
-            :class:`torch.optim.AdamW` (``lr`` and the betas may be Tensors).
-        fused: ``True``: the fused paths, torch's fused AdamW for dense parameters and the
-            fused kept-AdamW kernel for sparse ones (``ValueError`` at construction naming a
-            parameter whose device or dtype has none); ``None``: the fused kernel for sparse
-            parameters where it runs; ``False``: never.
-        capturable, differentiable: accepted as :class:`torch.optim.AdamW` takes them; only
-            ``False`` is supported (``ValueError`` otherwise: a mask update reads the masks
-            and scores on the host, and masks are not differentiable).
+        lr, betas, eps, weight_decay, amsgrad, maximize, foreach, capturable, differentiable,
+            fused: as :class:`torch.optim.AdamW` (``lr`` and the betas may be Tensors;
+            ``capturable`` and ``differentiable`` only ``False``; ``fused=True`` the fused
+            paths or a ``ValueError``, ``None`` the fused kernel for sparse parameters where
+            it runs, ``False`` never).
         n, m, total_steps, t_i, t_f, delta_t, alpha, beta, gamma, seed, sparse: as
             :class:`bame_optim.BAMESGD`.
         revive_score: ``"adam"`` (default) or ``"sgd"``: LMA's score of a pruned weight.
 
-    State of a sparse parameter: the engine's ``kept``, ``kept_count``, ``oscillation``,
-    ``last_flips``, ``last_frozen``; ``step`` (a scalar tensor, as :class:`torch.optim.AdamW`),
-    ``exp_avg``, ``exp_avg_sq`` and with ``amsgrad`` ``max_exp_avg_sq`` (``[K, kept_count]``).
-    Read the moments in the parameter's layout through :meth:`exp_avg` / :meth:`exp_avg_sq`.
-
-    .. note:: Bias correction of a revived weight. The step count ``s`` is one per parameter,
-       as in :class:`torch.optim.AdamW`, not one per weight: a weight revived at ``s`` starts
-       from zero moments but is corrected by ``1 - β^s`` (≈ 1 late in training), so its first
-       move is ``η (1-β_1) / sqrt(1-β_2) · sign(G)`` ≈ ``3.16 η sign(G)`` at the default betas
-       instead of a fresh Adam's ``η sign(G)``, and its later moves stay larger than the
-       steady ``η`` for about ``1 / (1-β_2)`` steps while ``v`` fills. A per-weight count
-       would give the textbook correction at the cost of a third ``[K, kept_count]`` buffer,
-       which would take the state above AdamW's 0.6x at 2:4. The magnitude of a revived
-       weight stays within a few ``η`` either way.
+    The compact moments (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``: ``[K, kept_count]``)
+    read in the parameter's layout through :meth:`exp_avg` / :meth:`exp_avg_sq`.
     """
 
     rules: ClassVar[MaskRules] = BAME_ADAMW_RULES
@@ -141,7 +107,7 @@ class BAMEAdamW(MaskedOptimizer):
         super().__init__(params, defaults, rule_keywords)
 
     def _validate_update(self, group: dict[str, Any]) -> None:
-        _validate_adamw(group)
+        check_adamw_hyper(group)
         check_fused_flags(group, type(self).__name__, torch_keywords=("capturable",
                                                                        "differentiable"))
 
@@ -177,7 +143,7 @@ class BAMEAdamW(MaskedOptimizer):
                 [b[0] for b in moments], [b[1] for b in moments],
                 [b[2] for b in moments] if group["amsgrad"] else [],
                 [s.state["step"] for s in sparse],
-                [engine.local_kept(s.state) for s in sparse],
+                [engine.local_code(s.state) for s in sparse],
                 [s.state["kept_count"] for s in sparse],
                 m=m, fused=group["fused"], **hyper,
             )
@@ -231,36 +197,3 @@ class BAMEAdamW(MaskedOptimizer):
 def _new_step() -> Tensor:
     # torch.optim.AdamW's step counter: a CPU scalar in the default float dtype.
     return torch.tensor(0.0, dtype=_get_scalar_dtype())
-
-
-def _validate_adamw(group: dict[str, Any]) -> None:
-    """``ValueError`` naming a bad AdamW hyper-parameter of ``group``."""
-    lr = group["lr"]
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1 or not lr.is_floating_point():
-            raise ValueError(f"Invalid lr value: a Tensor lr must be one floating element, got "
-                             f"shape {tuple(lr.shape)} dtype {lr.dtype}")
-        if group["foreach"]:
-            raise ValueError("Invalid foreach value: True (a Tensor lr needs foreach=False or "
-                             "None, as in torch.optim.AdamW)")
-    for name in ("lr", "eps", "weight_decay"):
-        value = group[name]
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not (number or (name == "lr" and isinstance(value, Tensor))) or not value >= 0:
-            raise ValueError(f"Invalid {name} value: {value!r} (a float >= 0 is required)")
-    betas = group["betas"]
-    if (
-        not isinstance(betas, (tuple, list))
-        or len(betas) != 2
-        or not all(_is_real(b) for b in betas)
-        or not all(0 <= float(b) < 1 for b in betas)
-    ):
-        raise ValueError(f"Invalid betas value: {betas!r} (two floats in [0, 1) are required, "
-                         "or one-element floating Tensors)")
-    group["betas"] = tuple(b if isinstance(b, Tensor) else float(b) for b in betas)
-
-
-def _is_real(value: object) -> bool:
-    if isinstance(value, Tensor):
-        return value.numel() == 1 and value.is_floating_point()
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

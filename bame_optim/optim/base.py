@@ -2,8 +2,10 @@
 
 :class:`NMOptimizer` is the small base of :class:`bame_optim.BAMESGD` (compact state over the
 engine) and of the straight-through peers (:mod:`bame_optim.peers`, dense weights in state).
-A subclass writes :meth:`NMOptimizer._step_group` (one group's update), :meth:`kept_mask` and
-:meth:`phase_name`; everything else is here.
+A subclass writes five methods: :meth:`NMOptimizer._step_group` (one group's update),
+:meth:`~NMOptimizer.kept_mask`, :meth:`~NMOptimizer.phase_name`,
+:meth:`~NMOptimizer.mask_update_due` and :meth:`~NMOptimizer.last_mask_update`; everything else
+is here.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from bame_optim.core.nm import GROUPED_DIM, NM_DIMS, check_nm, is_nm_sparse, nm_layout, num_blocks
+from bame_optim.core.validation import check_sgd_hyper
 from bame_optim.optim.sharded import is_sharded, local_tensor
 
 __all__ = ["SGD_DEFAULTS", "NMOptimizer", "user_stacklevel"]
@@ -41,7 +44,8 @@ class NMOptimizer(Optimizer):
     ``sparse`` per group: ``True`` (every parameter must be N:M-divisible), ``False`` (plain
     :class:`torch.optim.SGD`) or ``None`` (sparse when ``ndim >= 2``, floating, strided and
     dimension 1 divides by ``m``). The step counter is ``param_groups[i]["step"]``; it
-    advances once per ``step()`` that applied an update (DESIGN.md section 3).
+    advances once per ``step()`` that applied an update (docs/design.md section 5, "The step
+    counter").
     """
 
     _exact_dtype_state: ClassVar[tuple[str, ...]] = ()
@@ -84,7 +88,7 @@ class NMOptimizer(Optimizer):
 
     def _validate_update(self, group: dict[str, Any]) -> None:
         """``ValueError`` naming a bad hyper-parameter of the update rule (SGD's here)."""
-        _validate_sgd(group)
+        check_sgd_hyper(group)
 
     def _prepare_group(self, group: dict[str, Any]) -> None:
         """Validate and resolve the subclass's own keywords of a new group."""
@@ -337,50 +341,6 @@ def user_stacklevel() -> int:
     while frame is not None and frame.f_globals.get("__name__", "").startswith(_INTERNAL_MODULES):
         frame, level = frame.f_back, level + 1
     return level
-
-
-def check_fraction(group: dict[str, Any], name: str) -> None:
-    """``ValueError`` naming ``name`` unless ``group[name]`` is a number in [0, 1]."""
-    value = group[name]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise ValueError(f"Invalid {name} value: {value!r} (must be in [0, 1])")
-
-
-def check_nonnegative(group: dict[str, Any], name: str, *, optional: bool = False) -> None:
-    """``ValueError`` naming ``name`` unless ``group[name]`` is a finite float >= 0."""
-    value = group[name]
-    if optional and value is None:
-        return
-    if (
-        isinstance(value, (bool, Tensor))
-        or not isinstance(value, (int, float))
-        or not 0 <= value < float("inf")
-    ):
-        raise ValueError(f"Invalid {name} value: {value!r} (a float >= 0 is required)")
-
-
-def check_integer(group: dict[str, Any], name: str, minimum: int) -> None:
-    """``ValueError`` naming ``name`` unless ``group[name]`` is an integer >= ``minimum``."""
-    value = group[name]
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"Invalid {name} value: {value!r} (an integer >= {minimum} is required)")
-
-
-def _validate_sgd(group: dict[str, Any]) -> None:
-    lr = group["lr"]
-    if isinstance(lr, Tensor) and (lr.numel() != 1 or not lr.is_floating_point()):
-        raise ValueError(f"Invalid lr value: a Tensor lr must be one floating element, got "
-                         f"shape {tuple(lr.shape)} dtype {lr.dtype}")
-    for name in ("lr", "momentum", "dampening", "weight_decay"):
-        value = group[name]
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not (number or (name == "lr" and isinstance(value, Tensor))) or not value >= 0:
-            raise ValueError(f"Invalid {name} value: {value!r} (a float >= 0 is required)")
-    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-        raise ValueError(
-            f"Invalid nesterov value: True (Nesterov momentum requires a momentum and zero "
-            f"dampening; got momentum={group['momentum']}, dampening={group['dampening']})"
-        )
 
 
 def _pattern(n: int, m: int, nm_dim: int) -> str:

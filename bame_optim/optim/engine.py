@@ -3,8 +3,10 @@
 Every optimizer over the engine (:class:`bame_optim.BAMESGD`, its rule variants, and any
 other update rule) keeps the same per-parameter state in ``optimizer.state[p]``:
 
-* ``kept``: the kept set of every block of ``M`` weights, stored compactly by
-  :func:`bame_optim.core.kept.encode_kept` (one colex rank per block, ``[K]``);
+* ``kept``: the *kept code*, the kept set of every block of ``M`` weights stored compactly by
+  :func:`bame_optim.core.kept.encode_kept` (one colex rank per block, ``[K]``); variables
+  holding it are named ``code``, and ``kept`` / ``mask`` name the ``[K, M]`` bool *kept mask*
+  it decodes to (docs/design.md, "State of a sparse parameter");
 * ``kept_count``: weights kept per block (``N``, or the gradual budget ``n(t)``);
 * the update rule's buffers (``momentum_buffer`` for SGD), each ``[K, kept_count]``: values of
   the kept weights only, in block order;
@@ -82,11 +84,11 @@ class NMEngine:
     def check(p: Tensor, state: State, m: int, name: str) -> None:
         """``ValueError`` naming ``name`` if ``state`` was not made for ``p`` at block size
         ``m`` (e.g. the group's ``n`` / ``m`` were changed after a state dict was loaded)."""
-        kept = local_state(state["kept"])
+        code = local_state(state["kept"])
         blocks = local_tensor(p).numel() // m
-        if kept.shape[0] != blocks or state["kept_count"] > m:
+        if code.shape[0] != blocks or state["kept_count"] > m:
             raise ValueError(
-                f"Invalid state for {name} (shape {tuple(p.shape)}): it holds {kept.shape[0]} "
+                f"Invalid state for {name} (shape {tuple(p.shape)}): it holds {code.shape[0]} "
                 f"blocks keeping {state['kept_count']} each, but m={m} gives {blocks} blocks; "
                 "the state was made at another N:M pattern (load a state dict made at this "
                 "pattern, or keep the loaded pattern)"
@@ -108,9 +110,12 @@ class NMEngine:
         return kept_indices(local_state(state["kept"]), state["kept_count"], m)
 
     @staticmethod
-    def local_kept(state: State) -> Tensor:
-        """The stored kept sets of this rank's blocks (``[K]`` ranks or ``[K, count]``)."""
+    def local_code(state: State) -> Tensor:
+        """The kept code of this rank's blocks (``[K]`` ranks or ``[K, count]`` positions)."""
         return local_state(state["kept"])
+
+    local_kept = local_code
+    """The former name of :meth:`local_code`, kept while a branch that calls it is merged."""
 
     @staticmethod
     def oscillation(p: Tensor, state: State, m: int, dtype: torch.dtype) -> Tensor:
@@ -129,7 +134,7 @@ class NMEngine:
 
     @staticmethod
     def kept_mask(state: State, m: int) -> Tensor:
-        """``[K, M]`` bool mask of this rank's blocks."""
+        """The kept mask (``[K, M]`` bool) of this rank's blocks, decoded from the kept code."""
         return decode_kept(local_state(state["kept"]), state["kept_count"], m)
 
     def dense_buffer(self, p: Tensor, state: State, name: str, m: int) -> Tensor | None:
@@ -169,9 +174,9 @@ class NMEngine:
            decoded and rewritten (usually a few percent: OBF freezes blocks, and most LMA
            proposals keep the mask); the buffers' rows of those blocks change in place.
         """
-        old_kept, old_count = local_state(state["kept"]), state["kept_count"]
-        new_kept = encode_kept(new, count)
-        state["kept"] = distribute_state(new_kept, p, m)
+        old_code, old_count = local_state(state["kept"]), state["kept_count"]
+        new_code = encode_kept(new, count)
+        state["kept"] = distribute_state(new_code, p, m)
         state["kept_count"] = count
         local = local_tensor(p)
         buffers = [(name, local_state(state[name])) for name in self.buffers
@@ -179,29 +184,29 @@ class NMEngine:
         rows = None  # the blocks whose kept set changed (None: all of them)
         exact_by_rows = not any(_rewrites_nans(t) for t in [local, *(b for _, b in buffers)])
         if count == old_count and exact_by_rows:
-            moved = old_kept != new_kept
+            moved = old_code != new_code
             rows = (moved if moved.ndim == 1 else moved.any(dim=1)).nonzero().squeeze(1)
             if 2 * rows.numel() > moved.shape[0]:
                 rows = None
         if rows is None:
-            old = decode_kept(old_kept, old_count, m)
+            old = decode_kept(old_code, old_count, m)
             changed = old != new
             local.masked_fill_(blocks_to_param(old.logical_and_(changed), local.shape), 0)
         else:
             changed = torch.zeros_like(new, memory_format=torch.contiguous_format)
             if rows.numel() == 0:
                 return changed
-            old = decode_kept(old_kept.index_select(0, rows), old_count, m)
+            old = decode_kept(old_code.index_select(0, rows), old_count, m)
             changed_rows = old != new.index_select(0, rows)
             changed.index_copy_(0, rows, changed_rows)
             _zero_in_blocks_(local, m, rows, old.logical_and_(changed_rows))
         for name, buffer in buffers:
             if rows is None:
-                buffer = remap_kept(buffer, old_kept, old_count, new_kept, count, m)
+                buffer = remap_kept(buffer, old_code, old_count, new_code, count, m)
             else:
                 moved_values = remap_kept(
-                    buffer.index_select(0, rows), old_kept.index_select(0, rows), old_count,
-                    new_kept.index_select(0, rows), count, m,
+                    buffer.index_select(0, rows), old_code.index_select(0, rows), old_count,
+                    new_code.index_select(0, rows), count, m,
                 )
                 buffer.index_copy_(0, rows, moved_values)
             state[name] = distribute_state(buffer, p, m)
@@ -211,7 +216,7 @@ class NMEngine:
         """Set every pruned weight of ``p`` to 0 (weights written from outside the optimizer,
         e.g. by a model ``load_state_dict``, may have put values there)."""
         local = local_tensor(p)
-        kept, count = local_state(state["kept"]), state["kept_count"]
+        code, count = local_state(state["kept"]), state["kept_count"]
         pruned = None
         # The fill changes nothing where every pruned entry already holds +0.0 (all bits 0;
         # -0.0 is not), the usual case: find that out by reading, cheaper than writing.
@@ -219,14 +224,14 @@ class NMEngine:
         if bits is None or _rewrites_nans(local):
             dirty = True
         elif 4 * count <= m:  # few kept: are all nonzero entries kept ones?
-            kept_bits = gather_kept(bits, kept_indices(kept, count, m), m)
+            kept_bits = gather_kept(bits, kept_indices(code, count, m), m)
             dirty = bool(torch.count_nonzero(bits) != torch.count_nonzero(kept_bits))
         else:
-            pruned = blocks_to_param(decode_kept(kept, count, m, pruned=True), local.shape)
+            pruned = blocks_to_param(decode_kept(code, count, m, pruned=True), local.shape)
             dirty = bool(pruned.logical_and(bits != 0).any())
         if dirty:
             if pruned is None:
-                pruned = blocks_to_param(decode_kept(kept, count, m, pruned=True), local.shape)
+                pruned = blocks_to_param(decode_kept(code, count, m, pruned=True), local.shape)
             local.masked_fill_(pruned, 0)
 
     # -- checkpoints ---------------------------------------------------------------------

@@ -151,11 +151,11 @@ def check_not_cast(state: dict[str, Any], p: Tensor) -> None:
     """``ValueError`` if the mask codes in a loaded ``state`` are floating point: the state
     went through a ``torch.optim`` optimizer's ``load_state_dict``, which casts them (and
     whose ``step()`` cannot use a BAME state)."""
-    kept = state.get("kept")
-    if isinstance(kept, Tensor) and kept.is_floating_point():
+    code = state.get("kept")
+    if isinstance(code, Tensor) and code.is_floating_point():
         raise ValueError(
             f"Invalid state for the parameter of shape {tuple(p.shape)}: its mask codes (kept) "
-            f"are {kept.dtype}, so the state went through a torch.optim optimizer's "
+            f"are {code.dtype}, so the state went through a torch.optim optimizer's "
             "load_state_dict (which casts them) and its masks are lost. A BAME state_dict() "
             "is not a torch one: move state to torch.optim with opt.torch_state_dict(), and "
             "back with "

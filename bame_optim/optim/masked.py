@@ -106,10 +106,10 @@ class MaskedOptimizer(NMOptimizer):
         machine, not of the run). Keywords left at their default take the checkpoint's."""
         given = getattr(self, "_given_schedule", [])
         super().load_state_dict(state_dict)
-        for index, (group, kept) in enumerate(zip(self.param_groups, given, strict=False)):
+        for index, (group, ours) in enumerate(zip(self.param_groups, given, strict=False)):
             differ = [f"{k}={v!r} (the checkpoint's: {group.get(k)!r})"
-                      for k, v in kept.items() if k != "fused" and group.get(k) != v]
-            group.update(kept)
+                      for k, v in ours.items() if k != "fused" and group.get(k) != v]
+            group.update(ours)
             if differ:
                 warnings.warn(
                     f"{type(self).__name__}.load_state_dict: param group {index} keeps the "
@@ -305,15 +305,15 @@ class MaskedOptimizer(NMOptimizer):
         """
         finished = True
         for index, group in enumerate(self.param_groups):
-            kept = [self.state.get(p, {}).get("kept_count", group["m"])
-                    for p in group["params"] if self._is_sparse(p, group)]
-            if not kept or max(kept) <= group["n"]:
+            counts = [self.state.get(p, {}).get("kept_count", group["m"])
+                      for p in group["params"] if self._is_sparse(p, group)]
+            if not counts or max(counts) <= group["n"]:
                 continue
             finished = False
             warnings.warn(
                 f"{type(self).__name__}: training ended at step {group['step']}, before t_i="
                 f"{group['t_i']} (total_steps={group.get('total_steps')}): param group {index} "
-                f"still keeps up to {max(kept)} of {group['m']} weights per block, so the model "
+                f"still keeps up to {max(counts)} of {group['m']} weights per block, so the model "
                 f"is not {group['n']}:{group['m']}. total_steps counts optimizer steps (with "
                 "gradient accumulation, len(loader) // accumulation per epoch); call "
                 "finalize_masks() to prune to N:M now",

@@ -19,7 +19,6 @@ All the N:M math is in :mod:`bame_optim.core`; rules only choose and combine it.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,9 +34,9 @@ from bame_optim.core.evolution import (
     REVIVE_SCORES,
     evolve_mask,
     magnitude_mask,
-    score_dtype,
 )
-from bame_optim.core.nm import random_nm_mask, top_n_mask
+from bame_optim.core.nm import random_nm_mask
+from bame_optim.core.rigl import rigl_drop_fraction, rigl_mask
 from bame_optim.core.schedule import (
     DEFAULT_DELTA_T,
     Phase,
@@ -45,7 +44,8 @@ from bame_optim.core.schedule import (
     gradual_budget,
     resolve_schedule,
 )
-from bame_optim.optim.base import check_fraction, check_integer, user_stacklevel
+from bame_optim.core.validation import check_fraction, check_int, invalid
+from bame_optim.optim.base import user_stacklevel
 
 __all__ = [
     "ASP_RULES",
@@ -61,8 +61,6 @@ __all__ = [
     "one_shot",
     "random_start",
     "rigl",
-    "rigl_drop_fraction",
-    "rigl_mask",
     "rigl_t_end",
 ]
 
@@ -141,16 +139,6 @@ def lma_obf(weight, grad, kept, oscillation, group, context) -> MaskUpdate:
     return MaskUpdate(evolution.kept, group["n"], evolution.oscillation, evolution.frozen)
 
 
-def rigl_drop_fraction(t: int, zeta: float, t_end: int) -> float:
-    """RigL's cosine-annealed drop fraction (Evci et al. 2020, Eq. 1)::
-
-        ζ_t = ζ / 2 · (1 + cos(π t / T_end))  for t < T_end,   0 from T_end on.
-    """
-    if t >= t_end:
-        return 0.0
-    return zeta / 2 * (1 + math.cos(math.pi * t / t_end))
-
-
 def rigl_t_end(group: dict[str, Any]) -> int:
     """``T_end`` of a group: its ``t_end``, or ``3 * total_steps // 4`` (RigL's default
     ``0.75 T``) when ``t_end`` is ``None``; ``ValueError`` naming both if neither is set."""
@@ -166,42 +154,15 @@ def rigl_t_end(group: dict[str, Any]) -> int:
     return 3 * total // 4
 
 
-def rigl_mask(weight: Tensor, grad: Tensor, kept: Tensor, n: int, drop: int) -> Tensor:
-    """RigL's drop and grow inside N:M blocks ``[K, M]`` holding ``n`` kept weights each.
-
-    Drop: the ``drop`` kept weights with the smallest ``|W|`` across the whole layer (ties:
-    the lower flat index ``k * M + j`` of the block view goes first). Grow: each block regrows
-    as many weights as it lost, those with the largest ``|G|`` among its non-surviving
-    weights (pruned and just dropped), so every block again holds exactly ``n``.
-
-    .. note:: A dropped weight competes with the pruned ones for regrowth (as in RigL, where
-       growth is chosen among all inactive connections after the drop) and wins ties, then
-       the lower index within the block wins (:func:`top_n_mask` with ``prefer=kept``); a
-       block may end unchanged. ``grad`` must be finite (survivors are ranked at ``+inf``).
-    """
-    dtype = score_dtype(weight.dtype)
-    survivors = kept
-    if drop > 0:
-        candidates = kept.flatten().nonzero().squeeze(1)  # ascending flat index
-        magnitude = weight.to(dtype).abs().flatten()[candidates]
-        order = magnitude.sort(stable=True).indices[:drop]
-        dropped = torch.zeros(kept.numel(), dtype=torch.bool, device=kept.device)
-        dropped[candidates[order]] = True
-        survivors = kept & ~dropped.view_as(kept)
-    grow_scores = grad.abs().to(torch.promote_types(grad.dtype, dtype))
-    grow_scores = grow_scores.masked_fill(survivors, float("inf"))
-    return top_n_mask(grow_scores, n, prefer=kept)
-
-
 def rigl(weight, grad, kept, oscillation, group, context) -> MaskUpdate:
     """RigL (Evci et al., ICML 2020) inside N:M blocks; no OBF.
 
     At an evolve-phase update with step counter ``t``, drop
     ``floor(ζ_t · count)`` of the layer's ``count`` kept weights (smallest ``|W|`` across the
     parameter) and regrow, per block, as many as it lost by largest ``|G|``
-    (:func:`rigl_mask`, :func:`rigl_drop_fraction`); regrown weights start at 0 (pruned
-    weights are 0), a dropped weight that wins regrowth keeps its value. Reads ``zeta``
-    (ζ, default 0.3) and ``t_end`` (:func:`rigl_t_end`).
+    (:func:`bame_optim.core.rigl.rigl_mask`, :func:`bame_optim.core.rigl.rigl_drop_fraction`);
+    regrown weights start at 0 (pruned weights are 0), a dropped weight that wins regrowth
+    keeps its value. Reads ``zeta`` (ζ, default 0.3) and ``t_end`` (:func:`rigl_t_end`).
 
     .. note:: Reading of RigL's schedule inside BAME's: ``t`` in the cosine is the
        optimizer's step counter (the ``t`` of ``t_i`` and ``t_f``, counted from the start of
@@ -267,21 +228,16 @@ class MaskRules:
             raise ValueError(f"Invalid param group keys {unused}: {owner} does not use them")
         for name in ("alpha", "beta"):
             if name in group:
-                check_fraction(group, name)
-        gamma = group.get("gamma", 0.0)
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma < 1:
-            raise ValueError(f"Invalid gamma value: {gamma!r} (must be in [0, 1))")
-        if "delta_t" in group:
-            check_integer(group, "delta_t", 1)
-        if "seed" in group:
-            check_integer(group, "seed", 0)
+                check_fraction(name, group[name])
+        check_fraction("gamma", group.get("gamma", 0.0), one=False)
+        for name, minimum in (("delta_t", 1), ("seed", 0)):
+            if name in group:
+                check_int(name, group[name], minimum)
         if "zeta" in group:
-            check_fraction(group, "zeta")
+            check_fraction("zeta", group["zeta"])
         if "revive_score" in group and group["revive_score"] not in REVIVE_SCORES:
-            raise ValueError(f"Invalid revive_score value: {group['revive_score']!r} (one of "
-                             f"{REVIVE_SCORES})")
-        if group.get("t_end") is not None:
-            check_integer(group, "t_end", 0)
+            raise invalid("revive_score", group["revive_score"], f"one of {REVIVE_SCORES}")
+        check_int("t_end", group.get("t_end"), 0, optional=True)
         if not self.scheduled:
             group["t_i"], group["t_f"], group["delta_t"] = 0, 0, DEFAULT_DELTA_T
             return
@@ -312,7 +268,7 @@ class MaskRules:
 
 MIN_EVOLVE_UPDATES = 3
 """Fewer evolve-phase mask updates than this is almost certainly a mistake (ΔT too large for a
-short run): DESIGN.md section 3."""
+short run): docs/design.md section 2."""
 
 RULE_KEYWORDS = ("total_steps", "t_i", "t_f", "delta_t", "alpha", "beta", "gamma", "seed", "zeta",
                  "t_end", "revive_score")

@@ -152,7 +152,7 @@ class BAMESGD(MaskedOptimizer):
                 [local_tensor(s.param) for s in sparse],
                 [local_tensor(s.grad) for s in sparse],
                 buffers,
-                [engine.local_kept(s.state) for s in sparse],
+                [engine.local_code(s.state) for s in sparse],
                 [s.state["kept_count"] for s in sparse],
                 m=m, fused=group["fused"], **hyper,
             )

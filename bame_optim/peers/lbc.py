@@ -31,7 +31,7 @@ from bame_optim.core.evolution import score_dtype
 from bame_optim.core.kept import combination_table
 from bame_optim.core.nm import param_to_blocks, top_n_mask
 from bame_optim.core.schedule import resolve_schedule
-from bame_optim.optim.base import check_nonnegative
+from bame_optim.core.validation import check_nonnegative
 from bame_optim.peers.ste import DenseSTESGD
 
 __all__ = [
@@ -160,7 +160,7 @@ class LBCSGD(DenseSTESGD):
         )
 
     def _prepare_group(self, group: dict[str, Any]) -> None:
-        check_nonnegative(group, "score_lr", optional=True)
+        check_nonnegative("score_lr", group["score_lr"], optional=True)
         _, group["t_f"] = resolve_schedule(group["total_steps"], 0, group["t_f"])
 
     def _init_state(self, state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> None:

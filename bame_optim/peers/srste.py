@@ -27,7 +27,7 @@ from torch import Tensor
 
 from bame_optim.core.evolution import score_dtype
 from bame_optim.core.nm import blocks_to_param, param_to_blocks, top_n_mask
-from bame_optim.optim.base import check_nonnegative
+from bame_optim.core.validation import check_nonnegative
 from bame_optim.peers.ste import DenseSTESGD
 
 __all__ = ["DEFAULT_SRSTE_DECAY", "SRSTESGD", "srste_decay_term", "srste_mask"]
@@ -101,7 +101,7 @@ class SRSTESGD(DenseSTESGD):
         )
 
     def _prepare_group(self, group: dict[str, Any]) -> None:
-        check_nonnegative(group, "srste_decay")
+        check_nonnegative("srste_decay", group["srste_decay"])
 
     def _dense_grad(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
         decay = group["srste_decay"]

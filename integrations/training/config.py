@@ -16,6 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from bame_optim.core.schedule import DEFAULT_DELTA_T
+from bame_optim.core.validation import (
+    check_int,
+    check_one_of,
+    check_real_in,
+    is_int,
+    is_real,
+)
 from bame_optim.methods import (
     METHODS,
     OPTIMIZERS,
@@ -243,41 +250,6 @@ def config_dict(config: TrainingConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _int_at_least(config: TrainingConfig, name: str, low: int, optional: bool = False) -> None:
-    value = getattr(config, name)
-    if optional and value is None:
-        return
-    if not _is_int(value) or value < low:
-        raise ConfigError(name, value, f"an integer >= {low} is required")
-
-
-def _real_in(
-    config: TrainingConfig, name: str, low: float, high: float, *, high_open: bool = True
-) -> None:
-    value = getattr(config, name)
-    ok = _is_real(value) and math.isfinite(value) and low <= value
-    ok = ok and (value < high if high_open else value <= high)
-    if not ok:
-        bound = f"< {high}" if high_open else f"<= {high}"
-        raise ConfigError(name, value, f"a finite number {low} <= value {bound} is required")
-
-
-def _one_of(config: TrainingConfig, name: str, choices: Any, optional: bool = False) -> None:
-    value = getattr(config, name)
-    if optional and value is None:
-        return
-    if value not in choices:
-        raise ConfigError(name, value, f"one of {', '.join(map(str, choices))} is required")
-
-
 def _check_optimizer(config: TrainingConfig) -> None:
     """Raise :class:`ConfigError` naming ``optimizer`` when ``method`` has no variant for it."""
     try:
@@ -298,60 +270,63 @@ def _validate(config: TrainingConfig) -> None:
         raise ConfigError("data", config.data, "a dataset path or Hub name is required")
     if not isinstance(config.output_dir, Path):
         raise ConfigError("output_dir", config.output_dir, "a path is required")
-    _one_of(config, "data_kind", KINDS, optional=True)
-    _one_of(config, "preset", PRESETS, optional=True)
-    _one_of(config, "default_preset", PRESETS)
-    _one_of(config, "model", tuple(MODELS))
-    _one_of(config, "method", BASE_METHODS)
-    _one_of(config, "optimizer", OPTIMIZERS)
+    check_one_of("data_kind", config.data_kind, KINDS, optional=True, error=ConfigError)
+    check_one_of("preset", config.preset, PRESETS, optional=True, error=ConfigError)
+    check_one_of("default_preset", config.default_preset, PRESETS, error=ConfigError)
+    check_one_of("model", config.model, tuple(MODELS), error=ConfigError)
+    check_one_of("method", config.method, BASE_METHODS, error=ConfigError)
+    check_one_of("optimizer", config.optimizer, OPTIMIZERS, error=ConfigError)
     _check_optimizer(config)
-    _one_of(config, "mixed_precision", MIXED_PRECISION, optional=True)
-    _one_of(config, "report_to", REPORT_TO)
+    check_one_of(
+        "mixed_precision", config.mixed_precision, MIXED_PRECISION, optional=True,
+        error=ConfigError,
+    )
+    check_one_of("report_to", config.report_to, REPORT_TO, error=ConfigError)
     for name in ("train_split", "script"):
         if not isinstance(getattr(config, name), str) or not getattr(config, name):
             raise ConfigError(name, getattr(config, name), "a non-empty string is required")
     if config.eval_split is not None and not isinstance(config.eval_split, str):
         raise ConfigError("eval_split", config.eval_split, "a split name or None is required")
     for name in ("image_size", "max_train_samples", "max_eval_samples"):
-        _int_at_least(config, name, 1, optional=True)
+        check_int(name, getattr(config, name), 1, optional=True, error=ConfigError)
     for name in ("vit_depth", "vit_patch", "delta_t", "epochs", "batch_size", "grad_accum"):
-        _int_at_least(config, name, 1)
-    _int_at_least(config, "vit_width", 64)
+        check_int(name, getattr(config, name), 1, error=ConfigError)
+    check_int("vit_width", config.vit_width, 64, error=ConfigError)
     if config.vit_width % 64:
         raise ConfigError(
             "vit_width", config.vit_width, "a multiple of 64 is required: heads of width 64"
         )
     for name in ("keep_checkpoints", "eval_every"):
-        _int_at_least(config, name, 1)
+        check_int(name, getattr(config, name), 1, error=ConfigError)
     for name in ("workers", "seed", "checkpoint_every"):
-        _int_at_least(config, name, 0)
-    _int_at_least(config, "m", 2)
-    if not _is_int(config.n) or not 1 <= config.n < config.m:
+        check_int(name, getattr(config, name), 0, error=ConfigError)
+    check_int("m", config.m, 2, error=ConfigError)
+    if not is_int(config.n) or not 1 <= config.n < config.m:
         raise ConfigError("n", config.n, f"an integer 1 <= n < m = {config.m} is required")
     if config.exclude is not None and (
         not isinstance(config.exclude, tuple) or not all(isinstance(p, str) for p in config.exclude)
     ):
         raise ConfigError("exclude", config.exclude, "a sequence of module-name patterns")
-    if not _is_real(config.lr) or not math.isfinite(config.lr) or config.lr <= 0:
+    if not is_real(config.lr) or not math.isfinite(config.lr) or config.lr <= 0:
         raise ConfigError("lr", config.lr, "a finite number > 0 is required")
-    _real_in(config, "momentum", 0.0, 1.0)
+    check_real_in("momentum", config.momentum, 0.0, 1.0, error=ConfigError)
     betas = config.betas
-    if not (isinstance(betas, tuple) and len(betas) == 2 and all(_is_real(b) for b in betas)):
+    if not (isinstance(betas, tuple) and len(betas) == 2 and all(is_real(b) for b in betas)):
         raise ConfigError("betas", betas, "two numbers (beta1, beta2) are required")
     if not all(math.isfinite(b) and 0.0 <= b < 1.0 for b in betas):
         raise ConfigError("betas", betas, "each beta must be a finite number 0 <= beta < 1")
-    if not _is_real(config.eps) or not math.isfinite(config.eps) or config.eps <= 0:
+    if not is_real(config.eps) or not math.isfinite(config.eps) or config.eps <= 0:
         raise ConfigError("eps", config.eps, "a finite number > 0 is required")
-    _real_in(config, "weight_decay", 0.0, math.inf)
-    _real_in(config, "warmup_epochs", 0.0, config.epochs)
-    _real_in(config, "label_smoothing", 0.0, 1.0)
+    check_real_in("weight_decay", config.weight_decay, 0.0, math.inf, error=ConfigError)
+    check_real_in("warmup_epochs", config.warmup_epochs, 0.0, config.epochs, error=ConfigError)
+    check_real_in("label_smoothing", config.label_smoothing, 0.0, 1.0, error=ConfigError)
     registered = config.registered_method
     fixed = fixed_settings(registered)
     for name in ("alpha", "beta"):
         value = getattr(config, name)
         if value is None:
             continue
-        _real_in(config, name, 0.0, 1.0, high_open=False)
+        check_real_in(name, value, 0.0, 1.0, high_open=False, error=ConfigError)
         if name not in accepted_keywords(registered):
             raise ConfigError(name, value, f"method {registered} does not use {name}")
         if name in inert_keywords(registered):

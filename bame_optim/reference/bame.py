@@ -1,72 +1,58 @@
-"""A slow, obviously-correct BAME loop for one list of parameters, in the order DESIGN.md
-sections 3 and 4 give, to compare :class:`bame_optim.BAMESGD` against.
-
-The gradual and prune steps are written out per block in Python; LMA + OBF call
-:func:`bame_optim.core.evolution.evolve_mask`, which ``test_evolution.py`` checks against its own
-per-block float64 loop.
-"""
+"""Slow, readable BAME optimizers over one list of parameters, every one sparse: SGD
+(:class:`ReferenceBAME`) and AdamW (:class:`ReferenceBAMEAdamW`) on the kept weights, masks
+from :mod:`.evolution`. Buffers are dense (zeros at pruned entries, reset where a mask flips),
+so nothing here depends on the engine's compact state. Use float64 parameters."""
 
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 
 import torch
+from torch import Tensor
 
-from bame_optim.core.evolution import evolve_mask
-from bame_optim.core.nm import param_to_blocks, random_nm_mask
-from bame_optim.optim.rules import SEED_STRIDE as _SEED_STRIDE
+from .evolution import (
+    evolve_blocks,
+    gradual_budget,
+    keep_largest,
+    random_start,
+    to_blocks,
+    to_param,
+)
 
+__all__ = ["SEED_STRIDE", "ReferenceBAME", "ReferenceBAMEAdamW"]
 
-def blocks_of(tensor: torch.Tensor, m: int) -> torch.Tensor:
-    return param_to_blocks(tensor, m)
-
-
-def to_param(blocks: torch.Tensor, shape) -> torch.Tensor:
-    moved = (shape[0], *shape[2:], shape[1])
-    return blocks.reshape(moved).movedim(-1, 1)
-
-
-def budget(t: int, n: int, m: int, t_i: int) -> int:
-    if t >= t_i:
-        return n
-    return n + math.ceil((m - n) * (1 - Fraction(t, t_i)))
-
-
-def keep_largest_kept(weight_blocks: torch.Tensor, kept: torch.Tensor, count: int) -> torch.Tensor:
-    """Per block: the ``count`` largest |w| among kept entries, ties to the lower index."""
-    new = torch.zeros_like(kept)
-    for k in range(weight_blocks.shape[0]):
-        candidates = [j for j in range(weight_blocks.shape[1]) if kept[k, j]]
-        candidates.sort(key=lambda j: (-abs(float(weight_blocks[k, j])), j))
-        for j in candidates[:count]:
-            new[k, j] = True
-    return new
+SEED_STRIDE = 1_000_003
+"""The static start of parameter ``i`` is drawn from a generator seeded with
+``seed * SEED_STRIDE + i`` (the value :mod:`bame_optim.optim.rules` uses; a test checks)."""
 
 
 class ReferenceBAME:
-    """Sparse SGD with BAME masks on ``params`` (all sparse), float64 recommended."""
+    """Sparse SGD with BAME masks on ``params`` (all sparse), in the order of docs/design.md
+    sections 2-4: on an update step the rule of its phase (a seeded random start at
+    ``t = t_i = 0``, the gradual budget's largest ``|W|`` until ``t_i``, LMA + OBF until
+    ``t_f``), newly pruned weights set to 0 and flipped entries' buffers to 0; then SGD on the
+    masked gradient. ``step(grads, lr)`` takes the gradients and this step's learning rate."""
 
     def __init__(
         self,
-        params,
+        params: list[Tensor],
         *,
-        n,
-        m,
-        t_i,
-        t_f,
-        delta_t,
-        alpha=0.5,
-        beta=0.5,
-        gamma=0.9,
-        momentum=0.0,
-        dampening=0.0,
-        weight_decay=0.0,
-        nesterov=False,
-        seed=0,
-        first_index=0,
-        revive="sgd",
-    ):
+        n: int,
+        m: int,
+        t_i: int,
+        t_f: int,
+        delta_t: int,
+        alpha: float = 0.5,
+        beta: float = 0.5,
+        gamma: float = 0.9,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        seed: int = 0,
+        first_index: int = 0,
+        revive: str = "sgd",
+    ) -> None:
         self.params = params
         self.n, self.m, self.t_i, self.t_f, self.delta_t = n, m, t_i, t_f, delta_t
         self.alpha, self.beta, self.gamma = alpha, beta, gamma
@@ -77,13 +63,13 @@ class ReferenceBAME:
         self.t = 0
         self.masks = [torch.ones(p.numel() // m, m, dtype=torch.bool) for p in params]
         self.oscillation = [torch.zeros(p.numel() // m, dtype=torch.float64) for p in params]
-        self.buffers: list[torch.Tensor | None] = [None] * len(params)
+        self.buffers: list[Tensor | None] = [None] * len(params)
         self.frozen = [0] * len(params)
 
     def is_update(self, t: int) -> bool:
         return t == self.t_i or (t < self.t_f and t % self.delta_t == 0)
 
-    def step(self, grads: list[torch.Tensor], lr: float) -> None:
+    def step(self, grads: list[Tensor], lr: float) -> None:
         t = self.t
         for i, (p, g) in enumerate(zip(self.params, grads, strict=True)):
             if self.is_update(t):
@@ -93,41 +79,34 @@ class ReferenceBAME:
             self.update_weight(i, p, torch.where(kept, g, torch.zeros_like(g)), lr)
         self.t += 1
 
-    def update_mask(self, i: int, p: torch.Tensor, g: torch.Tensor, lr: float, t: int):
+    def update_mask(self, i: int, p: Tensor, g: Tensor, lr: float, t: int) -> Tensor:
         """Apply the rule of step ``t`` to mask ``i``; zero newly pruned weights; return the
         entries (parameter layout) whose mask flipped."""
         old = self.masks[i]
-        w = blocks_of(p, self.m)
+        w = to_blocks(p.detach(), self.m)
         if t == self.t_i and self.t_i == 0:
-            gen = torch.Generator().manual_seed(self.seed * _SEED_STRIDE + self.first_index + i)
-            new = random_nm_mask(old.shape[0], self.n, self.m, gen)
+            gen = torch.Generator().manual_seed(self.seed * SEED_STRIDE + self.first_index + i)
+            new = random_start(old.shape[0], self.n, self.m, gen)
         elif t <= self.t_i:
-            new = keep_largest_kept(w, old, budget(t, self.n, self.m, self.t_i))
+            new = keep_largest(w, old, gradual_budget(t, self.n, self.m, self.t_i))
         else:
-            evo = evolve_mask(
-                w,
-                blocks_of(g, self.m),
-                old,
-                self.oscillation[i],
-                n=self.n,
-                lr=lr,
-                alpha=self.alpha,
-                beta=self.beta,
-                gamma=self.gamma,
-                revive=self.revive,
+            result = evolve_blocks(
+                w, to_blocks(g, self.m), old, self.oscillation[i], n=self.n, lr=lr,
+                alpha=self.alpha, beta=self.beta, gamma=self.gamma, revive=self.revive,
             )
-            new, self.oscillation[i] = evo.kept, evo.oscillation
-            self.frozen[i] = int(evo.frozen.sum())
+            new = torch.tensor(result["kept"], dtype=torch.bool).reshape(old.shape)
+            self.oscillation[i] = torch.tensor(result["oscillation"], dtype=torch.float64)
+            self.frozen[i] = sum(result["frozen"])
         with torch.no_grad():
             p[to_param(old & ~new, p.shape)] = 0
         self.masks[i] = new
         return to_param(old != new, p.shape)
 
-    def restart_buffers(self, i: int, changed: torch.Tensor) -> None:
+    def restart_buffers(self, i: int, changed: Tensor) -> None:
         if self.buffers[i] is not None:
             self.buffers[i][changed] = 0
 
-    def update_weight(self, i: int, p: torch.Tensor, g: torch.Tensor, lr: float) -> None:
+    def update_weight(self, i: int, p: Tensor, g: Tensor, lr: float) -> None:
         """SGD with momentum on the masked gradient ``g`` (zeros at pruned entries)."""
         d = g + self.weight_decay * p.detach()
         if self.momentum:
@@ -142,10 +121,20 @@ class ReferenceBAME:
 
 class ReferenceBAMEAdamW(ReferenceBAME):
     """BAME masks with AdamW on the kept weights, every moment dense (zeros at pruned
-    entries, reset to 0 where the mask flips), one step count per parameter."""
+    entries, reset to 0 where the mask flips), one step count per parameter; LMA's revive
+    score is ``η |G|`` unless ``revive="sgd"``."""
 
-    def __init__(self, params, *, betas=(0.9, 0.999), eps=1e-8, amsgrad=False, maximize=False,
-                 revive="adam", **kwargs):
+    def __init__(
+        self,
+        params: list[Tensor],
+        *,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        revive: str = "adam",
+        **kwargs,
+    ) -> None:
         super().__init__(params, revive=revive, **kwargs)
         self.betas, self.eps, self.amsgrad, self.maximize = betas, eps, amsgrad, maximize
         self.exp_avg = [torch.zeros_like(p) for p in params]
@@ -153,11 +142,11 @@ class ReferenceBAMEAdamW(ReferenceBAME):
         self.max_exp_avg_sq = [torch.zeros_like(p) for p in params]
         self.steps = [0] * len(params)
 
-    def restart_buffers(self, i: int, changed: torch.Tensor) -> None:
+    def restart_buffers(self, i: int, changed: Tensor) -> None:
         for moments in (self.exp_avg, self.exp_avg_sq, self.max_exp_avg_sq):
             moments[i][changed] = 0
 
-    def update_weight(self, i: int, p: torch.Tensor, g: torch.Tensor, lr: float) -> None:
+    def update_weight(self, i: int, p: Tensor, g: Tensor, lr: float) -> None:
         beta1, beta2 = self.betas
         g = -g if self.maximize else g
         self.steps[i] += 1
