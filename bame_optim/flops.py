@@ -67,6 +67,14 @@ the prune at ``t_i`` are by magnitude (or random if ``t_i = 0``) and need no gra
 ``srste`` (SR-STE, Zhou et al. ICLR 2021): forward ``d``; input-grad 1 and weight-grad 1 on
 every step (the straight-through estimator updates every weight from the dense gradient).
 
+``maxq`` (MaxQ, Xiang et al. CVPR 2024): input-grad 1 and weight-grad 1 on every step (the
+straight-through estimator, as SR-STE); forward 1 at ``t = 0`` (the parameter as given), then
+``d + (1 - d) p(t)``, with ``p(t)`` the share of blocks the incremental ramp keeps whole
+(:func:`~bame_optim.peers.maxq.dense_block_schedule`, falling to 0 at ``t_i``, default
+``T // 4``; ``sparsity_schedule`` picks the ramp, default ``linear``). ``MaxQSGD`` keeps
+``floor(p(t) K)`` of a layer's ``K`` blocks whole, so the count is above what it runs by less
+than one block per layer and step. The soft scales are an elementwise multiply: not counted.
+
 ``bimask`` (Bi-Mask, Zhang et al. NeurIPS 2023): forward ``d``; input-grad ``d`` through the
 backward mask, N:M along the transposed weight; weight-grad 1 on every step.
 
@@ -118,6 +126,7 @@ from torch import nn
 from bame_optim.core.nm import check_nm
 from bame_optim.core.schedule import DEFAULT_DELTA_T, resolve_schedule
 from bame_optim.groups import is_attention, is_hf_conv1d, nm_param_groups
+from bame_optim.peers.maxq import DEFAULT_SCHEDULE, dense_block_sum, resolve_ramp
 
 __all__ = [
     "FlopsBreakdown",
@@ -140,6 +149,7 @@ class FlopsProfile(str, Enum):
     SCHEDULED = "scheduled"  # bame, lma, rigl
     SCHEDULED_BIDIR = "scheduled_bidir"  # bame_bidir
     STE = "ste"  # srste
+    MAXQ = "maxq"  # STE with the incremental ramp's dense blocks in the forward
     BIMASK = "bimask"  # Bi-Mask (the paper's comparison; no optimizer here)
     LBC = "lbc"  # union of the remaining combinations at its largest (upper bound)
     LBC_LOWER = "lbc_lower"  # ... at its smallest (no optimizer of its own)
@@ -405,16 +415,27 @@ def step_density_sums(
     t_f: int | None = None,
     delta_t: int = DEFAULT_DELTA_T,
     backward_mask: bool = True,
+    sparsity_schedule: str | None = None,
 ) -> tuple[Fraction, Fraction, Fraction]:
     """Exact sums over the ``total_steps`` steps of a sparse layer's forward, input-grad and
     weight-grad densities under ``method`` (profiles in the module docstring; ``asp`` gives
     its fine-tuning phase of ``total_steps`` steps). ``backward_mask``: whether the layer gets
-    a backward mask under ``bame_bidir``. ``O(M - N)`` work.
+    a backward mask under ``bame_bidir``; ``sparsity_schedule``: MaxQ's ramp (``maxq``
+    only). ``O(M - N)`` work (MaxQ's ``cosine`` and ``exponential`` ramps: ``O(t_i)``, as a
+    float sum).
     """
     profile = _profile(method)
     check_nm(n, m)
     steps = _check_int("total_steps", total_steps, 1)
     delta_t = _check_int("delta_t", delta_t, 1)
+    if sparsity_schedule is not None and profile is not FlopsProfile.MAXQ:
+        raise ValueError(f"Invalid sparsity_schedule value: {sparsity_schedule!r} (only method "
+                         "'maxq' uses it)")
+    if profile is FlopsProfile.MAXQ:  # its own t_i default; t_f is not used
+        d = Fraction(n, m)
+        ramp = dense_block_sum(steps, resolve_ramp(steps, t_i),
+                               sparsity_schedule or DEFAULT_SCHEDULE)
+        return 1 + d * (steps - 1) + (1 - d) * ramp, Fraction(steps), Fraction(steps)
     t_i, t_f = resolve_schedule(steps, t_i, t_f)
     d = Fraction(n, m)
     if profile is FlopsProfile.DENSE:
@@ -507,12 +528,14 @@ def flops_breakdown(
     delta_t: int = DEFAULT_DELTA_T,
     pretrain_steps: int | None = None,
     finetune_steps: int | None = None,
+    sparsity_schedule: str | None = None,
 ) -> FlopsBreakdown:
     """Training FLOPs of ``method`` on ``layers`` (from :func:`layer_flops` with the same
     ``n, m``), per product, and their ratio to ``total_steps`` of dense training.
 
     ``pretrain_steps`` and ``finetune_steps`` (default ``total_steps`` each) are for ``asp``
-    only; any other method raises ``ValueError`` if they are given.
+    only, ``sparsity_schedule`` for ``maxq`` only; any other method raises ``ValueError`` if
+    they are given.
     """
     profile = _profile(method)
     check_nm(n, m)
@@ -545,6 +568,7 @@ def flops_breakdown(
             t_f=t_f if profile is not FlopsProfile.PRETRAIN_FIXED else None,
             delta_t=delta_t,
             backward_mask=has_mask,
+            sparsity_schedule=sparsity_schedule,
         )
         for has_mask in (False, True)
     }
@@ -595,14 +619,16 @@ def training_flops_ratio(
     exclude: Sequence[str] | str | None = None,
     pretrain_steps: int | None = None,
     finetune_steps: int | None = None,
+    sparsity_schedule: str | None = None,
 ) -> float:
     """Training FLOPs of ``method`` relative to ``total_steps`` steps of dense training.
 
     ``model`` and ``input_shape`` (one sample, no batch dimension) give the layers
     (:func:`layer_flops`); ``n, m, exclude`` choose the sparse ones exactly as
     :func:`~bame_optim.nm_param_groups` does; ``t_i, t_f`` default to ``T // 3`` and
-    ``2T // 3``; ``pretrain_steps`` / ``finetune_steps`` are ASP's phases (default
-    ``total_steps`` each). Method profiles: module docstring. Raises ``ValueError`` naming the
+    ``2T // 3`` (``maxq``: ``t_i`` defaults to ``T // 4``); ``pretrain_steps`` /
+    ``finetune_steps`` are ASP's phases (default ``total_steps`` each), ``sparsity_schedule``
+    MaxQ's ramp. Method profiles: module docstring. Raises ``ValueError`` naming the
     argument for an unknown method, an invalid pattern or schedule.
 
     >>> from torch import nn
@@ -624,4 +650,5 @@ def training_flops_ratio(
         delta_t=delta_t,
         pretrain_steps=pretrain_steps,
         finetune_steps=finetune_steps,
+        sparsity_schedule=sparsity_schedule,
     )["ratio"]
