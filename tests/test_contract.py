@@ -366,7 +366,7 @@ BAD_NM = {
 BAD_KEYWORD = {  # a keyword of some method and a bad value of it
     "alpha": 1.5, "beta": -0.1, "gamma": 1.0, "delta_t": 0, "seed": -1, "total_steps": -1,
     "t_i": -1, "t_f": -1, "srste_decay": -1.0, "score_lr": -1.0, "fused": "yes", "sparse": "yes",
-    "zeta": 1.5, "t_end": -1, "revive_score": "sgd2",
+    "zeta": 1.5, "t_end": -1, "revive_score": "sgd2", "sparsity_schedule": "sigmoid", "tau": 0.0,
 }
 ALL_KEYWORDS = frozenset().union(*(accepted_keywords(name) for name in METHODS))
 SOME_VALUE = {  # a valid, non-default value of every keyword
@@ -374,7 +374,7 @@ SOME_VALUE = {  # a valid, non-default value of every keyword
     "delta_t": 3, "alpha": 0.25, "beta": 0.25, "gamma": 0.5, "seed": 3, "srste_decay": 1e-3,
     "score_lr": 0.05, "differentiable": True, "zeta": 0.5, "t_end": 10, "betas": (0.8, 0.99),
     "eps": 1e-6, "amsgrad": True, "capturable": True, "revive_score": "sgd", "momentum": 0.5,
-    "dampening": 0.1, "nesterov": True,
+    "dampening": 0.1, "nesterov": True, "sparsity_schedule": "cosine", "tau": 0.05,
 }
 
 
@@ -544,7 +544,8 @@ def test_flops_profile_works_on_the_model(method):
     elif record.flops is not FlopsProfile.PRETRAIN_FIXED:
         assert ratio < 1.0
     # a method whose masks may change at every step has a per-step profile, and back
-    assert record.scheduled_masks == (record.flops not in (FlopsProfile.STE, FlopsProfile.LBC))
+    per_step = (FlopsProfile.STE, FlopsProfile.LBC, FlopsProfile.MAXQ)
+    assert record.scheduled_masks == (record.flops not in per_step)
 
 
 @pytest.mark.parametrize(
