@@ -18,6 +18,7 @@ method          what it is                                                      
 ``bame_bidir``  BAME with bidirectional masks (:mod:`bame_optim.peers.bidir`)       BAME†
 ``srste``       SR-STE (:mod:`bame_optim.peers.srste`)                              Tables 1-2
 ``lbc``         LBC (:mod:`bame_optim.peers.lbc`)                                   Tables 1-2
+``maxq``        MaxQ (:mod:`bame_optim.peers.maxq`)                                 Table 2
 ``asp``         fixed-mask fine-tuning after one-shot magnitude pruning             Table 1
 ==============  ==================================================================  ==========
 
@@ -45,6 +46,7 @@ from bame_optim.optim.masked import MaskedOptimizer
 from bame_optim.optim.sgd import ASPSGD, BAMESGD, RigLSGD
 from bame_optim.peers.bidir import BidirBAMESGD, attach_backward_masks
 from bame_optim.peers.lbc import LBCSGD
+from bame_optim.peers.maxq import MaxQSGD
 from bame_optim.peers.srste import SRSTESGD
 from bame_optim.peers.ste import DenseSTESGD
 
@@ -91,6 +93,7 @@ class FlopsProfile(str, Enum):
     SCHEDULED = "scheduled"  # bame, lma, rigl
     SCHEDULED_BIDIR = "scheduled_bidir"  # bame_bidir
     STE = "ste"  # srste
+    MAXQ = "maxq"  # STE with the incremental ramp's dense blocks in the forward
     BIMASK = "bimask"  # Bi-Mask (the paper's comparison; no optimizer here)
     LBC = "lbc"  # union of the remaining combinations at its largest (upper bound)
     LBC_LOWER = "lbc_lower"  # ... at its smallest (no optimizer of its own)
@@ -136,6 +139,8 @@ METHODS: Mapping[str, Method] = _register(
            FlopsProfile.STE, scheduled_masks=False),
     Method("lbc", LBCSGD, "LBC: learnable N-of-M combination scores", FlopsProfile.LBC,
            scheduled_masks=False),
+    Method("maxq", MaxQSGD, "MaxQ: soft N:M masks from multi-axis queries, dense-to-N:M ramp "
+           "over the first quarter, SR-STE decay", FlopsProfile.MAXQ, scheduled_masks=False),
     Method("asp", ASPSGD, "one-shot magnitude N:M pruning, fixed-mask fine-tuning",
            FlopsProfile.PRETRAIN_FIXED),
     Method("dense_adamw", torch.optim.AdamW, "torch.optim.AdamW, no sparsity",

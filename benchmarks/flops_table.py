@@ -5,12 +5,19 @@ The paper's recipe (section 4.1): 300 epochs of 196 steps (50,000 images, batch 
 Prints markdown (the table of ``docs/flops.md``)::
 
     .venv/bin/python -m benchmarks.flops_table
+    .venv/bin/python -m benchmarks.flops_table --maxq-resnet50   # MaxQ's ramp on ResNet-50
+
+``--maxq-resnet50`` prints the ratios of MaxQ's ramps on ResNet-50 (ImageNet, 120 epochs of
+5005 steps) next to SR-STE's, for the paper's Table 2 MaxQ (0.91 at 2:4).
 """
 
 from __future__ import annotations
 
+import argparse
+
 from bame_optim.flops import flops_breakdown, layer_flops
-from bame_optim.integrations.models import resnet32
+from bame_optim.integrations.models import resnet32, resnet50
+from bame_optim.peers.maxq import SCHEDULES
 
 EPOCHS = 300
 STEPS_PER_EPOCH = 196  # ceil(50_000 / 256)
@@ -24,18 +31,21 @@ ROWS: list[tuple[str, int, int, str]] = [
     ("srste", 2, 4, "0.83"),
     ("lbc", 2, 4, "0.72"),
     ("lbc_lower", 2, 4, "-"),
+    ("maxq", 2, 4, "0.91 (T2)"),
     ("bimask", 2, 4, "0.66 (T2)"),
     ("static", 2, 4, "-"),
     ("bame", 2, 4, "0.63"),
     ("bame_bidir", 2, 4, "0.59 (T2)"),
     ("srste", 1, 4, "0.74"),
     ("lbc", 1, 4, "-"),
+    ("maxq", 1, 4, "-"),
     ("bimask", 1, 4, "0.49"),
     ("static", 1, 4, "-"),
     ("bame", 1, 4, "0.39"),
     ("bame_bidir", 1, 4, "-"),
     ("srste", 1, 16, "0.67"),
     ("lbc", 1, 16, "-"),
+    ("maxq", 1, 16, "-"),
     ("bimask", 1, 16, "0.37"),
     ("static", 1, 16, "-"),
     ("bame", 1, 16, "0.29"),
@@ -100,5 +110,36 @@ def main() -> None:
         print(f"| {t_i} | {t_f} | {b['ratio']:.3f} | {paper} |")
 
 
+IMAGENET_EPOCHS, IMAGENET_STEPS = 120, 5005  # ceil(1,281,167 / 256)
+MAXQ_RAMPS = (0, 30, 60, 90, 120)  # t_i in epochs; the public code's ImageNet scripts use 30
+
+
+def maxq_resnet50() -> None:
+    """MaxQ's training-FLOPs ratio on ResNet-50 for every ramp and ramp length."""
+    model = resnet50()
+    total = IMAGENET_EPOCHS * IMAGENET_STEPS
+    print(f"ResNet-50, input 3x224x224, T = {IMAGENET_EPOCHS} x {IMAGENET_STEPS} steps; MaxQ "
+          "with the ramp ending at t_i (epochs); t_i = 0 is SR-STE plus one dense forward.\n")
+    print("| N:M | SR-STE | ramp | " + " | ".join(f"t_i = {e}" for e in MAXQ_RAMPS) + " |")
+    print("|---|---|---|" + "---|" * len(MAXQ_RAMPS))
+    for n, m in ((2, 4), (1, 4), (1, 16)):
+        layers = layer_flops(model, (3, 224, 224), n=n, m=m)
+        srste = flops_breakdown(layers, "srste", n=n, m=m, total_steps=total)["ratio"]
+        for schedule in SCHEDULES:
+            ratios = [
+                flops_breakdown(layers, "maxq", n=n, m=m, total_steps=total,
+                                t_i=epochs * IMAGENET_STEPS, sparsity_schedule=schedule)["ratio"]
+                for epochs in MAXQ_RAMPS
+            ]
+            print(f"| {n}:{m} | {srste:.3f} | {schedule} | "
+                  + " | ".join(f"{r:.3f}" for r in ratios) + " |")
+
+
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--maxq-resnet50", action="store_true",
+                        help="MaxQ's ramps on ResNet-50 instead of the ResNet-32 table")
+    if parser.parse_args().maxq_resnet50:
+        maxq_resnet50()
+    else:
+        main()

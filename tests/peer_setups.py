@@ -4,6 +4,7 @@ resume, dtypes and dense parameters are the contract battery's, test_contract.py
 
 from __future__ import annotations
 
+import io
 import math
 
 import torch
@@ -52,3 +53,22 @@ def make_params(setup, dtype=torch.float64):
 
 def sgd_kwargs(setup) -> dict:
     return {k: setup[k] for k in ("momentum", "dampening", "weight_decay", "nesterov")}
+
+
+def save_and_load(state_dict):
+    """``torch.save`` / ``torch.load(weights_only=True)`` through memory (as accelerate does)."""
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def assert_same_entries(a: dict, b: dict) -> None:
+    """Two per-parameter states are bit-identical, dtypes included."""
+    assert set(a) == set(b)
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert a[key].dtype == b[key].dtype, key
+            assert torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key

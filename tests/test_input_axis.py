@@ -119,7 +119,7 @@ def test_bad_nm_dim_values_are_named():
         BAMESGD([{"params": [conv], "sparse": True, "nm_dim": 0}], lr=0.1, total_steps=12)
 
 
-@pytest.mark.parametrize("method", ["srste", "lbc", "bame_bidir"])
+@pytest.mark.parametrize("method", ["srste", "lbc", "maxq", "bame_bidir"])
 def test_peers_whose_masks_run_along_dim_1_refuse_an_in_out_group(method):
     w = torch.nn.Parameter(torch.randn(16, 8))
     with pytest.raises(ValueError, match=r"Invalid nm_dim value: 0 .*along dimension 1 only"):

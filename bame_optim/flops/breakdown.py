@@ -51,12 +51,14 @@ def flops_breakdown(
     delta_t: int = DEFAULT_DELTA_T,
     pretrain_steps: int | None = None,
     finetune_steps: int | None = None,
+    sparsity_schedule: str | None = None,
 ) -> FlopsBreakdown:
     """Training FLOPs of ``method`` on ``layers`` (from :func:`layer_flops` with the same
     ``n, m``), per product, and their ratio to ``total_steps`` of dense training.
 
     ``pretrain_steps`` and ``finetune_steps`` (default ``total_steps`` each) are for ``asp``
-    only; any other method raises ``ValueError`` if they are given.
+    only, ``sparsity_schedule`` for ``maxq`` only; any other method raises ``ValueError`` if
+    they are given.
     """
     profile = resolve_profile(method)
     check_nm(n, m)
@@ -89,6 +91,7 @@ def flops_breakdown(
             t_f=t_f if profile is not FlopsProfile.PRETRAIN_FIXED else None,
             delta_t=delta_t,
             backward_mask=has_mask,
+            sparsity_schedule=sparsity_schedule,
         )
         for has_mask in (False, True)
     }
@@ -139,14 +142,16 @@ def training_flops_ratio(
     exclude: Sequence[str] | str | None = None,
     pretrain_steps: int | None = None,
     finetune_steps: int | None = None,
+    sparsity_schedule: str | None = None,
 ) -> float:
     """Training FLOPs of ``method`` relative to ``total_steps`` steps of dense training.
 
     ``model`` and ``input_shape`` (one sample, no batch dimension) give the layers
     (:func:`layer_flops`); ``n, m, exclude`` choose the sparse ones exactly as
     :func:`~bame_optim.nm_param_groups` does; ``t_i, t_f`` default to ``T // 3`` and
-    ``2T // 3``; ``pretrain_steps`` / ``finetune_steps`` are ASP's phases (default
-    ``total_steps`` each). Method profiles: docs/flops.md. Raises ``ValueError`` naming the
+    ``2T // 3`` (``maxq``: ``t_i`` defaults to ``T // 4``); ``pretrain_steps`` /
+    ``finetune_steps`` are ASP's phases (default ``total_steps`` each), ``sparsity_schedule``
+    MaxQ's ramp. Method profiles: docs/flops.md. Raises ``ValueError`` naming the
     argument for an unknown method, an invalid pattern or schedule.
 
     >>> from torch import nn
@@ -168,4 +173,5 @@ def training_flops_ratio(
         delta_t=delta_t,
         pretrain_steps=pretrain_steps,
         finetune_steps=finetune_steps,
+        sparsity_schedule=sparsity_schedule,
     )["ratio"]

@@ -12,6 +12,7 @@ from bame_optim.core.nm import check_nm
 from bame_optim.core.schedule import DEFAULT_DELTA_T, resolve_schedule
 from bame_optim.core.validation import check_int
 from bame_optim.methods import METHODS, FlopsProfile
+from bame_optim.peers.maxq import DEFAULT_SCHEDULE, dense_block_sum, resolve_ramp
 
 __all__ = ["lbc_union_bounds", "resolve_profile", "step_density_sums"]
 
@@ -40,16 +41,27 @@ def step_density_sums(
     t_f: int | None = None,
     delta_t: int = DEFAULT_DELTA_T,
     backward_mask: bool = True,
+    sparsity_schedule: str | None = None,
 ) -> tuple[Fraction, Fraction, Fraction]:
     """Exact sums over the ``total_steps`` steps of a sparse layer's forward, input-grad and
     weight-grad densities under ``method`` (profiles: docs/flops.md; ``asp`` gives
     its fine-tuning phase of ``total_steps`` steps). ``backward_mask``: whether the layer gets
-    a backward mask under ``bame_bidir``. ``O(M - N)`` work.
+    a backward mask under ``bame_bidir``; ``sparsity_schedule``: MaxQ's ramp (``maxq``
+    only). ``O(M - N)`` work (MaxQ's ``cosine`` and ``exponential`` ramps: ``O(t_i)``, as a
+    float sum).
     """
     profile = resolve_profile(method)
     check_nm(n, m)
     steps = check_int("total_steps", total_steps, 1)
     delta_t = check_int("delta_t", delta_t, 1)
+    if sparsity_schedule is not None and profile is not FlopsProfile.MAXQ:
+        raise ValueError(f"Invalid sparsity_schedule value: {sparsity_schedule!r} (only method "
+                         "'maxq' uses it)")
+    if profile is FlopsProfile.MAXQ:  # its own t_i default; t_f is not used
+        d = Fraction(n, m)
+        ramp = dense_block_sum(steps, resolve_ramp(steps, t_i),
+                               sparsity_schedule or DEFAULT_SCHEDULE)
+        return 1 + d * (steps - 1) + (1 - d) * ramp, Fraction(steps), Fraction(steps)
     t_i, t_f = resolve_schedule(steps, t_i, t_f)
     d = Fraction(n, m)
     if profile is FlopsProfile.DENSE:

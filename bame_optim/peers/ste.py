@@ -6,8 +6,9 @@ weight" shape. :class:`DenseSTESGD` fits them into the optimizer shape instead:
 
 * the optimizer keeps ``W`` in ``state["dense_weight"]`` (parameter layout, parameter dtype),
   copied from the parameter at the first ``step()``;
-* the parameter holds ``W ⊙ B`` (``B``: ``state["mask"]``, ``[K, M]`` bool block view) for the
-  forward, so ``p.grad = dL/d(W ⊙ B)`` (dense) is the straight-through gradient of ``W``;
+* the parameter holds ``W ⊙ B`` (``B``: ``state["mask"]``, ``[K, M]`` bool block view; MaxQ
+  also scales the kept weights, :meth:`DenseSTESGD._forward_weight`) for the forward, so
+  ``p.grad = dL/d(W ⊙ B)`` (dense) is the straight-through gradient of ``W``;
 * ``step()`` runs :func:`torch.optim.sgd.sgd` (momentum buffer, weight decay and update
   are dense) on ``W``, asks the subclass for
   the new mask, and writes ``W ⊙ B`` back into the parameter.
@@ -41,7 +42,8 @@ class DenseSTESGD(NMOptimizer):
     Subclasses set :attr:`method_defaults` (their own group keywords and defaults, validated in
     :meth:`_prepare_group`) and implement :meth:`_new_mask`; they may override
     :meth:`_dense_grad` (change the gradient of ``W``), :meth:`_observe` (read ``G`` and ``W``
-    before the update) and :meth:`_init_state`.
+    before the update), :meth:`_forward_weight` (what the parameter holds) and
+    :meth:`_init_state`.
     """
 
     method_defaults: ClassVar[dict[str, Any]] = {}
@@ -105,6 +107,12 @@ class DenseSTESGD(NMOptimizer):
         """The mask ``[K, M]`` bool after this step's update of ``state["dense_weight"]``."""
         raise NotImplementedError
 
+    def _forward_weight(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
+        """What the parameter holds for the next forward: ``W ⊙ B`` here (``W`` =
+        ``state["dense_weight"]``, ``B`` = ``state["mask"]``); a subclass may scale the kept
+        weights (MaxQ's soft masks), never revive a pruned one."""
+        return torch.where(blocks_to_param(state["mask"], p.shape), state["dense_weight"], 0)
+
     def _step_group(self, group: dict[str, Any], *, first_index: int, advance: bool) -> None:
         targets, grads, buffers, owners = [], [], [], []
         sparse = []
@@ -138,8 +146,7 @@ class DenseSTESGD(NMOptimizer):
             old, new = state["mask"], self._new_mask(p, state, group)
             state["last_flips"] = int((old != new).sum())
             state["mask"] = new
-            weight = state["dense_weight"]
-            p.copy_(torch.where(blocks_to_param(new, p.shape), weight, 0))
+            p.copy_(self._forward_weight(p, state, group))
 
     def kept_mask(self, p: Tensor) -> Tensor | None:
         """The mask of the forward weight ``p = W ⊙ B`` (``state["mask"]``, ``[K, M]`` bool)."""
