@@ -4,7 +4,7 @@ BAME at 1:16 on Fashion-MNIST with the accuracy benchmark's model and recipe
 (:data:`benchmarks.accuracy.SMALL`: the small CNN, 30,000 training images, 4 epochs, SGD 0.1
 cosine, ΔT = 20, α = β = 0.5), 3 seeds::
 
-    .venv/bin/python -m benchmarks.ablation --output-dir docs/results/ablation   # ~30-60 min
+    .venv/bin/python -m benchmarks.ablation --output-dir docs/results/ablation   # ~90 min, 54 runs
     .venv/bin/python -m benchmarks.ablation --quick                              # seconds
 
 * **Table 3**: the paper's six ``(t_i, t_f)`` rows (fractions of the run's T), with top-1 and
