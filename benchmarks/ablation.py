@@ -5,7 +5,7 @@ BAME at 1:16 on Fashion-MNIST with the accuracy benchmark's model and recipe
 cosine, ΔT = 20, α = β = 0.5), 3 seeds::
 
     .venv/bin/python -m benchmarks.ablation --output-dir docs/results/ablation   # ~90 min, 54 runs
-    .venv/bin/python -m benchmarks.ablation --quick                              # seconds
+    .venv/bin/python -m benchmarks.ablation --quick                              # ~1 min
 
 * **Table 3**: the paper's six ``(t_i, t_f)`` rows (fractions of the run's T), with top-1 and
   training-FLOPs ratio beside the paper's; ``--table3 grid`` adds the issue's grid
