@@ -8,11 +8,12 @@ as ``python -m bame_optim.examples.NAME`` / ``python -m bame_optim.benchmarks.NA
 * ``bame-quickstart``, ``bame-train-cifar``, ``bame-train-imagenet``: ``main()`` of
   ``bame_optim.examples.quickstart`` / ``.train_cifar`` / ``.train_imagenet`` (in a checkout:
   ``python examples/NAME.py``);
-* ``bame-bench-accuracy``, ``bame-bench-step``, ``bame-bench-memory``, ``bame-bench-flops``,
-  ``bame-bench-kernel``, ``bame-bench-semi-structured``, ``bame-bench-lm``,
-  ``bame-bench-vit-step``: ``main()`` of ``bame_optim.benchmarks.accuracy`` / ``.step`` /
-  ``.memory`` / ``.flops_table`` / ``.kept_sgd_kernel`` / ``.semi_structured`` / ``.lm`` /
-  ``.vit_step`` (in a checkout: ``python -m benchmarks.NAME``).
+* ``bame-bench-accuracy``, ``bame-bench-ablation``, ``bame-bench-step``, ``bame-bench-memory``,
+  ``bame-bench-flops``, ``bame-bench-kernel``, ``bame-bench-semi-structured``,
+  ``bame-bench-lm``, ``bame-bench-vit-step``: ``main()`` of ``bame_optim.benchmarks.accuracy``
+  / ``.ablation`` / ``.step`` / ``.memory`` / ``.flops_table`` / ``.kept_sgd_kernel`` /
+  ``.semi_structured`` / ``.lm`` / ``.vit_step`` (in a checkout: ``python -m
+  benchmarks.NAME``).
 
 Each function here imports its script only when called (``import bame_optim`` stays torch-only)
 and returns ``None``: the scripts' ``main`` returns the run's results, and a console script
@@ -21,7 +22,8 @@ passes its function's return value to :func:`sys.exit`, which would print them a
 Differences from a checkout run: ``bame-bench-accuracy`` writes to ``./runs/accuracy`` (the
 current directory) unless ``--out`` says otherwise, where ``python -m benchmarks.accuracy``
 writes into the checkout, and it needs ``--data PATH`` for Fashion-MNIST (``docs/data.md``),
-since its default data folder is relative to the checkout; likewise ``bame-bench-lm`` writes to
+since its default data folder is relative to the checkout; likewise ``bame-bench-ablation``
+(which also needs ``--data PATH``) writes to ``./runs/ablation`` and ``bame-bench-lm`` to
 ``./runs/lm`` unless ``--output-dir`` says otherwise. ``tools/gpu_check.py`` has no
 command: it runs the repository's test files and needs a checkout.
 """
@@ -36,6 +38,7 @@ from pathlib import Path
 
 __all__ = [
     "SCRIPTS",
+    "bench_ablation",
     "bench_accuracy",
     "bench_flops",
     "bench_kernel",
@@ -54,6 +57,7 @@ SCRIPTS: dict[str, tuple[str, str]] = {
     "bame-train-cifar": ("train_cifar", "bame_optim.examples.train_cifar"),
     "bame-train-imagenet": ("train_imagenet", "bame_optim.examples.train_imagenet"),
     "bame-bench-accuracy": ("bench_accuracy", "bame_optim.benchmarks.accuracy"),
+    "bame-bench-ablation": ("bench_ablation", "bame_optim.benchmarks.ablation"),
     "bame-bench-step": ("bench_step", "bame_optim.benchmarks.step"),
     "bame-bench-memory": ("bench_memory", "bame_optim.benchmarks.memory"),
     "bame-bench-flops": ("bench_flops", "bame_optim.benchmarks.flops_table"),
@@ -70,6 +74,9 @@ declares each command as ``bame_optim.console:<function>`` (checked by the tests
 
 ACCURACY_OUT = Path("runs") / "accuracy"
 """Where ``bame-bench-accuracy`` writes without ``--out``: relative to the current directory."""
+ABLATION_OUT = Path("runs") / "ablation"
+"""Where ``bame-bench-ablation`` writes without ``--output-dir``: relative to the current
+directory."""
 LM_OUT = Path("runs") / "lm"
 """Where ``bame-bench-lm`` writes without ``--output-dir``: relative to the current directory."""
 
@@ -102,6 +109,14 @@ def bench_accuracy(argv: Sequence[str] | None = None) -> None:
     """``bame-bench-accuracy``: every method's test accuracy; writes to ``./runs/accuracy``
     unless ``--out`` is given (a later ``--out`` overrides the one put first here)."""
     _main_of(SCRIPTS["bame-bench-accuracy"][1])(["--out", str(ACCURACY_OUT), *_arguments(argv)])
+
+
+def bench_ablation(argv: Sequence[str] | None = None) -> None:
+    """``bame-bench-ablation``: the paper's Table 3 and Fig. 3 ablations of BAME at 1:16; writes
+    to ``./runs/ablation`` unless ``--output-dir`` is given (a later one overrides this)."""
+    _main_of(SCRIPTS["bame-bench-ablation"][1])(
+        ["--output-dir", str(ABLATION_OUT), *_arguments(argv)]
+    )
 
 
 def bench_step(argv: Sequence[str] | None = None) -> None:

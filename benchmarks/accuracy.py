@@ -28,17 +28,17 @@ from tqdm import tqdm
 
 from bame_optim import nm_param_groups
 from bame_optim.core.evolution import REVIVE_SCORES
-from bame_optim.flops import training_flops_ratio
+from bame_optim.flops import FlopsProfile, training_flops_ratio
 from bame_optim.integrations.local_data import load_split
 from bame_optim.integrations.models import resnet32, small_cnn
 from bame_optim.methods import METHODS, accepted_keywords, fixed_settings, make_optimizer
-from bame_optim.peers.bidir import attach_backward_masks
 
 from .harness import nm_pattern, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 
-DEFAULT_METHODS = ("dense", "static", "rigl", "lma", "bame", "bame_bidir", "srste", "lbc", "asp")
+DEFAULT_METHODS = tuple(name for name, method in METHODS.items() if method.optimizer == "sgd")
+"""Every SGD method of the registry, in its order (the AdamW variants: ``--methods``)."""
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "fashion-mnist"
 
 
@@ -59,6 +59,10 @@ class Config:
     """Peak lr of the AdamW methods (``*_adamw``)."""
     adamw_weight_decay: float = 0.05
     """Decoupled weight decay of the AdamW methods (DeiT's 0.05)."""
+    t_i: int | None = None
+    """End of gradual pruning, in steps (``None``: the optimizer's ``T // 3``)."""
+    t_f: int | None = None
+    """End of mask evolution, in steps (``None``: the optimizer's ``2T // 3``)."""
 
 
 SMALL = Config(
@@ -129,9 +133,14 @@ def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float(correct) / len(x)
 
 
+def total_steps(cfg: Config, train_size: int, epochs: int | None = None) -> int:
+    """Optimizer steps of ``epochs`` (default ``cfg.epochs``) over ``train_size`` images."""
+    return (cfg.epochs if epochs is None else epochs) * math.ceil(train_size / cfg.batch_size)
+
+
 def _train(model, optimizer, data, cfg: Config, epochs: int, seed: int) -> None:
     x, y = data
-    steps = epochs * math.ceil(len(x) / cfg.batch_size)
+    steps = total_steps(cfg, len(x), epochs)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
@@ -153,9 +162,11 @@ def run_one(
     channels, size, classes = shape
     torch.manual_seed(seed)
     model = _build_model(cfg.model, channels, classes, size).to(train[0].device)
-    steps = cfg.epochs * math.ceil(len(train[0]) / cfg.batch_size)
+    steps = total_steps(cfg, len(train[0]))
+    record = METHODS[method]
+    pretrains = record.flops is FlopsProfile.PRETRAIN_FIXED
     start = time.perf_counter()
-    if method == "asp":  # the recipe: dense training, then as long again sparse fine-tuning
+    if pretrains:  # asp's recipe: dense training, then as long again sparse fine-tuning
         dense = torch.optim.SGD(
             model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
@@ -170,16 +181,17 @@ def run_one(
         "beta": cfg.beta,
         "seed": seed,
     }
+    schedule.update({k: v for k, v in (("t_i", cfg.t_i), ("t_f", cfg.t_f)) if v is not None})
     for key in fixed_settings(method):  # e.g. lma fixes alpha = 0
         schedule.pop(key, None)
-    if METHODS[method].optimizer == "adamw":
+    if record.optimizer == "adamw":
         hyper = {"lr": cfg.adamw_lr, "weight_decay": cfg.adamw_weight_decay}
         if revive_score is not None and "revive_score" in accepted_keywords(method):
             hyper["revive_score"] = revive_score
     else:
         hyper = {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay}
     optimizer = make_optimizer(method, groups, **hyper, **schedule)
-    handles = attach_backward_masks(model, optimizer) if method == "bame_bidir" else []
+    handles = record.attach(model, optimizer) if record.attach is not None else []
     _train(model, optimizer, train, cfg, cfg.epochs, seed + 1)
     for handle in handles:
         handle.remove()
@@ -194,7 +206,8 @@ def run_one(
         m=m,
         total_steps=steps,
         delta_t=cfg.delta_t,
-        **({"pretrain_steps": steps} if method == "asp" else {}),
+        **{k: v for k, v in schedule.items() if k in ("t_i", "t_f")},
+        **({"pretrain_steps": steps} if pretrains else {}),
     )
     return {
         "method": method,

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import csv
+import inspect
 
 import pytest
 
+from bame_optim.methods import METHODS
 from benchmarks import accuracy
+
+
+def test_methods_come_from_the_registry():
+    """Every SGD method of the registry runs by default, in its order, and the benchmark names
+    none itself (a newly registered method needs no edit here)."""
+    sgd = [name for name, method in METHODS.items() if method.optimizer == "sgd"]
+    assert list(accuracy.DEFAULT_METHODS) == sgd
+    source = inspect.getsource(accuracy)
+    assert [name for name in METHODS if f'"{name}"' in source or f"'{name}'" in source] == []
 
 
 def test_small_run_on_digits(tmp_path, capsys):
