@@ -39,6 +39,9 @@ struct Blocks {
   int64_t spatial = 1;         // S
   int64_t blocks_per_row = 1;  // B
   int64_t blocks = 0;          // K
+  int64_t ranks = 0;           // rows of table (ranked codes only)
+  at::ScalarType code_dtype = at::kByte;
+  const int32_t* lanes = nullptr;  // kept_simd.h's pair table (S = 1, M = 4, ranked), or nullptr
 };
 
 // Moves the kept entries of blocks [k0, k1) between the parameter and the chunk arrays (block
@@ -56,6 +59,14 @@ using MoveFn = void (*)(const Blocks&, int64_t, int64_t, T*, T*);
 #endif
 
 constexpr int64_t kPrefetchBytes = 1024;
+
+// Asks for the cache lines of [data, data + bytes) (the compact state of a chunk, fetched
+// while its weights are gathered).
+inline void prefetch_range(const void* data, int64_t bytes) {
+  if (data == nullptr) return;
+  const char* begin = static_cast<const char*>(data);
+  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(begin + offset, 1);
+}
 
 // N: the count as a compile-time constant (the inner loop unrolled), or 0 for it.count.
 template <typename T, typename Code, bool RANKED, int N, bool SCATTER>
@@ -186,6 +197,7 @@ inline void setup_blocks(Blocks& b, const at::Tensor& p, const at::Tensor& grad,
                           table->size(1) == count && table->size(0) >= 1,
                       "tables[", i, "] must be int32 [C, count]");
     b.table = table->data_ptr<int32_t>();
+    b.ranks = table->size(0);
     code_limits.push_back(table->size(0));
   } else {
     TORCH_CHECK_VALUE(code.dim() == 2 && code.size(0) == K && code.size(1) == count, "kept[",
@@ -193,6 +205,7 @@ inline void setup_blocks(Blocks& b, const at::Tensor& p, const at::Tensor& grad,
                       count, "]");
     code_limits.push_back(m);
   }
+  b.code_dtype = code.scalar_type();
   b.param = p.data_ptr();
   b.grad = grad.data_ptr();
   b.code = code.numel() ? code.data_ptr() : nullptr;
@@ -210,13 +223,17 @@ inline void setup_blocks(Blocks& b, const at::Tensor& p, const at::Tensor& grad,
 
 template <typename Code>
 bool codes_in_range(const void* data, int64_t numel, int64_t limit) {
+  // Smallest and largest code in loops the compiler vectorises (a check per code is a
+  // noticeable part of a step otherwise).
   const Code* code = static_cast<const Code*>(data);
-  bool ok = true;
-  for (int64_t i = 0; i < numel; ++i) {
-    const int64_t c = static_cast<int64_t>(code[i]);
-    ok &= (c >= 0) & (c < limit);
+  Code low = 0, high = 0;
+  if (numel) low = high = code[0];
+  for (int64_t i = 0; i < numel; ++i) {  // not std::min/max: GCC 12 vectorises this form only
+    const Code c = code[i];
+    low = c < low ? c : low;
+    high = c > high ? c : high;
   }
-  return ok;
+  return numel == 0 || (static_cast<int64_t>(low) >= 0 && static_cast<int64_t>(high) < limit);
 }
 
 inline bool codes_ok(const at::Tensor& code, int64_t limit) {
