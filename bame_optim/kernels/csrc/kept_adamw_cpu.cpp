@@ -148,15 +148,7 @@ void update(const Scalars<T>& c, T* __restrict w, const T* __restrict g, T* __re
   }
 }
 
-constexpr int64_t kChunkElements = 2048;  // scratch per thread: a few L1-resident arrays
 
-// Blocks per chunk: for S = 1 about kChunkBytes of the parameter (its lines are still in L1
-// when the chunk is scattered back), else kChunkElements kept entries.
-constexpr int64_t kChunkBytes = 4096;
-inline int64_t chunk_blocks(const Blocks& it, int64_t element_size) {
-  if (it.spatial == 1) return std::max<int64_t>(2, kChunkBytes / (it.m * element_size));
-  return std::max<int64_t>(1, kChunkElements / it.count);
-}
 
 struct Item : Blocks {
   void* exp_avg = nullptr;
@@ -184,10 +176,10 @@ void run_sparse(const Item& it, int64_t k0, int64_t k1, const Hyper& hyper) {
   const auto gather_fn = reinterpret_cast<bame::MoveFn<T>>(it.gather);
   const auto scatter_fn = reinterpret_cast<bame::MoveFn<T>>(it.scatter);
   const int64_t n = it.count;
-  const int64_t blocks = chunk_blocks(it, sizeof(T));
+  const int64_t blocks = std::min(k1 - k0, bame::chunk_blocks(it, sizeof(T)));
   std::vector<T> w(blocks * n), g(blocks * n);
-  for (int64_t c0 = k0; c0 < k1; c0 += blocks) {
-    const int64_t c1 = std::min(k1, c0 + blocks);
+  for (int64_t c0 = k0, c1; c0 < k1; c0 = c1) {
+    c1 = bame::chunk_end(it, c0, k1, blocks);
     const int64_t len = (c1 - c0) * n;
     bame::prefetch_range(m + c0 * n, len * sizeof(T));
     bame::prefetch_range(v + c0 * n, len * sizeof(T));
@@ -201,8 +193,8 @@ void run_sparse(const Item& it, int64_t k0, int64_t k1, const Hyper& hyper) {
 
 template <typename T>
 bool pick(Item& it, at::ScalarType code_dtype, bool fma, bool fma_addcmul) {
-  it.gather = reinterpret_cast<void*>(bame::pick_move<T, false>(code_dtype, it.table != nullptr, it.count));
-  it.scatter = reinterpret_cast<void*>(bame::pick_move<T, true>(code_dtype, it.table != nullptr, it.count));
+  it.gather = reinterpret_cast<void*>(bame::pick_move<T, false>(code_dtype, it.table != nullptr, it.count, it.spatial > 1));
+  it.scatter = reinterpret_cast<void*>(bame::pick_move<T, true>(code_dtype, it.table != nullptr, it.count, it.spatial > 1));
   it.fn = fma ? (fma_addcmul ? &run_sparse<T, true, true> : &run_sparse<T, true, false>)
               : (fma_addcmul ? &run_sparse<T, false, true> : &run_sparse<T, false, false>);
   return it.gather != nullptr;
@@ -248,7 +240,7 @@ void fused_kept_adamw(const std::vector<at::Tensor>& params,
   const int64_t n_params = static_cast<int64_t>(size);
   std::vector<Item> items(n_params);
   std::vector<int64_t> check_index, code_limits, starts{0};
-  std::map<const int32_t*, std::vector<int32_t>> lanes;  // kept_simd.h's pair tables
+  bame::Tables tables_of_call;  // kept_simd.h's lane and offset tables
   for (int64_t i = 0; i < n_params; ++i) {
     const at::Tensor& p = params[i];
     const at::Tensor& g = grads[i];
@@ -263,7 +255,7 @@ void fused_kept_adamw(const std::vector<at::Tensor>& params,
                       "] is required (dense parameters go through torch's AdamW)");
     Item& it = items[i];
     bame::setup_blocks(it, p, g, *kept[i], tables[i], counts[i], m, i, code_limits);
-    bame::attach_lanes(it, lanes);
+    bame::attach_tables(it, tables_of_call);
     check_index.push_back(i);
     check_state(exp_avgs[i], "exp_avgs", i, p, it.blocks, it.count);
     check_state(exp_avg_sqs[i], "exp_avg_sqs", i, p, it.blocks, it.count);

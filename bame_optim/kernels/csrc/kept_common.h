@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <vector>
@@ -42,6 +43,7 @@ struct Blocks {
   int64_t ranks = 0;           // rows of table (ranked codes only)
   at::ScalarType code_dtype = at::kByte;
   const int32_t* lanes = nullptr;  // kept_simd.h's pair table (S = 1, M = 4, ranked), or nullptr
+  const int32_t* offsets = nullptr;  // table * S (S > 1, ranked), or nullptr
 };
 
 // Moves the kept entries of blocks [k0, k1) between the parameter and the chunk arrays (block
@@ -65,6 +67,7 @@ constexpr int64_t kPrefetchBytes = 1024;
 inline void prefetch_range(const void* data, int64_t bytes) {
   if (data == nullptr) return;
   const char* begin = static_cast<const char*>(data);
+  bytes = std::min<int64_t>(bytes, 8192);  // more would only evict the chunk's weights
   for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(begin + offset, 1);
 }
 
@@ -119,6 +122,105 @@ BAME_NO_VECTORIZE void move_kept(const Blocks& it, int64_t k0, int64_t k1, T* __
   }
 }
 
+// Spatial positions per tile of a layout with S > 1 (16: a cache line of float per row).
+constexpr int64_t kTileSpatial = 16;
+constexpr int64_t kTilePrefetchBytes = 4096;
+
+// The end of the tile that holds block c0 (at most k1): S > 1 layouts are moved a tile at a
+// time, kTileSpatial spatial positions s (all of them when S is smaller) of one output
+// channel o times every b, a contiguous range of blocks.
+inline int64_t tile_end(const Blocks& it, int64_t c0, int64_t k1) {
+  const int64_t S = it.spatial, B = it.blocks_per_row;
+  const int64_t tile = std::min(S, kTileSpatial);
+  const int64_t row = S * B;
+  const int64_t o = c0 / row, s = (c0 % row) / B;
+  const int64_t s_end = std::min(S, (s / tile + 1) * tile);
+  return std::min(k1, o * row + s_end * B);
+}
+
+// As move_kept for blocks [k0, k1) inside one tile (tile_end), in memory order: b outer, s
+// inner, so that the tile's memory (rows b M + pos of [C, S], columns of the tile) is read
+// and written in one sweep instead of one strided pass per s. Chunk index: (k - k0) count + j.
+// Ranked codes use it.offsets (positions times S), sorted positions multiply.
+template <typename T, typename Code, bool RANKED, int N, bool SCATTER>
+BAME_NO_VECTORIZE void move_tile(const Blocks& it, int64_t k0, int64_t k1, T* __restrict w,
+                                 T* __restrict g) {
+  if (k0 >= k1) return;
+  T* param = static_cast<T*>(it.param);
+  const T* grad = static_cast<const T*>(it.grad);
+  const Code* code = static_cast<const Code*>(it.code);
+  const int64_t n = N > 0 ? N : it.count;
+  const int64_t S = it.spatial, B = it.blocks_per_row;
+  const int64_t row = S * B;
+  const int64_t o = k0 / row;
+  const int64_t s0 = (k0 % row) / B, s1 = ((k1 - 1) % row) / B + 1;
+  const int64_t first = (o * S + s0) * B;  // block (s0, b = 0)
+  const int64_t channel = o * it.channels * S;  // offset of output channel o
+  const int64_t block_stride = it.m * S;
+  // Rows more than a cache line apart: fetch the next blocks' rows ahead.
+  const bool far_rows = S * static_cast<int64_t>(sizeof(T)) >= 64;
+  const bool whole = (k0 == first && k1 == first + (s1 - s0) * B);  // no k checks needed
+  // Near rows: a block of rows is block_stride entries, often more than a line; every line
+  // up to kTilePrefetchBytes ahead of the current block is asked for once.
+  const char* ahead = reinterpret_cast<const char*>(param + channel + s0) + kTilePrefetchBytes;
+  const std::ptrdiff_t to_grad =
+      reinterpret_cast<const char*>(grad) - reinterpret_cast<const char*>(param);
+  for (int64_t b = 0; b < B; ++b) {
+    T* base = param + channel + b * block_stride + s0;
+    const T* gbase = grad + (base - param);
+    if constexpr (!SCATTER) {
+      if (far_rows) {
+        if (b + 4 < B) {
+          for (int64_t r = 0; r < it.m; ++r) {
+            __builtin_prefetch(reinterpret_cast<const char*>(base + (4 * it.m + r) * S));
+            __builtin_prefetch(reinterpret_cast<const char*>(gbase + (4 * it.m + r) * S));
+          }
+        }
+      } else {
+        const char* until = reinterpret_cast<const char*>(base + block_stride) +
+                            kTilePrefetchBytes;
+        for (; ahead < until; ahead += 64) {
+          __builtin_prefetch(ahead);
+          __builtin_prefetch(ahead + to_grad);
+        }
+      }
+    }
+    int64_t k = first + b;
+    for (int64_t s = s0; s < s1; ++s, k += B, ++base, ++gbase) {
+      if (!whole && (k < k0 || k >= k1)) continue;
+      const int64_t e = (k - k0) * n;
+      for (int64_t j = 0; j < n; ++j) {
+        int64_t off;
+        if constexpr (RANKED) {
+          off = it.offsets[static_cast<int64_t>(code[k]) * n + j];
+        } else {
+          off = static_cast<int64_t>(code[k * n + j]) * S;
+        }
+        if constexpr (SCATTER) {
+          base[off] = w[e + j];
+        } else {
+          w[e + j] = base[off];
+          g[e + j] = gbase[off];
+        }
+      }
+    }
+  }
+}
+
+template <typename T, typename Code, bool RANKED, bool SCATTER>
+MoveFn<T> pick_tile_count(int64_t count) {
+  switch (count) {
+    case 1:
+      return &move_tile<T, Code, RANKED, 1, SCATTER>;
+    case 2:
+      return &move_tile<T, Code, RANKED, 2, SCATTER>;
+    case 4:
+      return &move_tile<T, Code, RANKED, 4, SCATTER>;
+    default:
+      return &move_tile<T, Code, RANKED, 0, SCATTER>;
+  }
+}
+
 template <typename T, typename Code, bool RANKED, bool SCATTER>
 MoveFn<T> pick_count(int64_t count) {
   switch (count) {
@@ -133,22 +235,45 @@ MoveFn<T> pick_count(int64_t count) {
   }
 }
 
-// The gather (SCATTER false) or scatter of a code dtype, stored form and count.
+// The gather (SCATTER false) or scatter of a code dtype, stored form and count; with TILED
+// the tile-at-a-time form (move_tile) for S > 1.
 template <typename T, bool SCATTER>
-MoveFn<T> pick_move(at::ScalarType code_dtype, bool ranked, int64_t count) {
+MoveFn<T> pick_move(at::ScalarType code_dtype, bool ranked, int64_t count, bool tiled = false) {
+#define BAME_PICK_MOVE(Code)                                                          \
+  if (tiled) {                                                                       \
+    return ranked ? pick_tile_count<T, Code, true, SCATTER>(count)                   \
+                  : pick_tile_count<T, Code, false, SCATTER>(count);                 \
+  }                                                                                  \
+  return ranked ? pick_count<T, Code, true, SCATTER>(count)                          \
+                : pick_count<T, Code, false, SCATTER>(count);
   switch (code_dtype) {
-    case at::kByte:
-      return ranked ? pick_count<T, uint8_t, true, SCATTER>(count)
-                    : pick_count<T, uint8_t, false, SCATTER>(count);
-    case at::kShort:
-      return ranked ? pick_count<T, int16_t, true, SCATTER>(count)
-                    : pick_count<T, int16_t, false, SCATTER>(count);
-    case at::kLong:
-      return ranked ? pick_count<T, int64_t, true, SCATTER>(count)
-                    : pick_count<T, int64_t, false, SCATTER>(count);
+    case at::kByte: {
+      BAME_PICK_MOVE(uint8_t)
+    }
+    case at::kShort: {
+      BAME_PICK_MOVE(int16_t)
+    }
+    case at::kLong: {
+      BAME_PICK_MOVE(int64_t)
+    }
     default:
       return nullptr;
   }
+#undef BAME_PICK_MOVE
+}
+
+// The end of the next chunk of blocks from c0 (at most k1): a tile for S > 1, else `blocks`
+// blocks.
+inline int64_t chunk_end(const Blocks& it, int64_t c0, int64_t k1, int64_t blocks) {
+  return it.spatial > 1 ? tile_end(it, c0, k1) : std::min(k1, c0 + blocks);
+}
+
+// Blocks per chunk (scratch entries / count): S = 1, about kChunkBytes of the parameter (its
+// lines are still in L1 when the chunk is scattered back); S > 1, the largest tile.
+constexpr int64_t kChunkBytes = 4096;
+inline int64_t chunk_blocks(const Blocks& it, int64_t element_size) {
+  if (it.spatial == 1) return std::max<int64_t>(2, kChunkBytes / (it.m * element_size));
+  return std::min(it.spatial, kTileSpatial) * it.blocks_per_row;
 }
 
 inline void check_plain(const at::Tensor& t, const char* what, int64_t i,

@@ -9,8 +9,7 @@
 //   table indexed by their pair of ranks gives the lane permutation that moves their kept
 //   entries into the group's compact vector, and the one (with the blend mask of kept lanes)
 //   that puts them back. Whole vectors are read and written.
-// * Scalar (any S and M, ranked codes, a count dividing kGroup): one entry at a time in the
-//   block order (o, s, b), as kept_common.h's move_kept.
+// * Scalar (S = 1, any M, ranked codes, a count dividing kGroup): one entry at a time.
 //
 // Values move unchanged (bit for bit); the arithmetic is the update rule's, on kGroup
 // contiguous entries, exactly as on a chunk. Blocks a stream leaves at the end of a range
@@ -21,6 +20,7 @@
 #include <cstdint>
 #include <map>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "kept_common.h"
@@ -69,15 +69,35 @@ inline bool pairs_possible(const Blocks& it) {
          (it.count == 1 || it.count == 2 || it.count == 4);
 }
 
+// Tables an item's moves read, built once per call and decoding table: `lanes` the pair
+// tables, `offsets` positions times S (key: decoding table and S).
+struct Tables {
+  std::map<const int32_t*, std::vector<int32_t>> lanes;
+  std::map<std::pair<const int32_t*, int64_t>, std::vector<int32_t>> offsets;
+};
+
 // Points it.lanes at the pair table of its decoding table where the paired gather may take
-// it; `store` owns the tables for the call, one per decoding table.
-inline void attach_lanes(Blocks& it, std::map<const int32_t*, std::vector<int32_t>>& store) {
-  if (!pairs_possible(it)) return;
-  auto found = store.find(it.table);
-  if (found == store.end()) {
-    found = store.emplace(it.table, pair_lanes(it.table, it.ranks, it.count)).first;
+// it, and it.offsets at positions times S for S > 1 (ranked codes).
+inline void attach_tables(Blocks& it, Tables& store) {
+  if (it.table == nullptr) return;
+  if (it.spatial > 1) {
+    auto key = std::make_pair(it.table, it.spatial);
+    auto found = store.offsets.find(key);
+    if (found == store.offsets.end()) {
+      std::vector<int32_t> offsets(it.ranks * it.count);
+      for (size_t i = 0; i < offsets.size(); ++i) {
+        offsets[i] = static_cast<int32_t>(it.table[i] * it.spatial);
+      }
+      found = store.offsets.emplace(key, std::move(offsets)).first;
+    }
+    it.offsets = found->second.data();
+  } else if (pairs_possible(it)) {
+    auto found = store.lanes.find(it.table);
+    if (found == store.lanes.end()) {
+      found = store.lanes.emplace(it.table, pair_lanes(it.table, it.ranks, it.count)).first;
+    }
+    it.lanes = found->second.data();
   }
-  it.lanes = found->second.data();
 }
 
 #if defined(__AVX2__)
@@ -97,12 +117,15 @@ int64_t stream_pairs(const Blocks& it, int64_t k0, int64_t k1, Fn& fn) {
   for (; k + kBlocks <= k1; k += kBlocks) {
     float* p = param + k * kPairM;
     const float* q = grad + k * kPairM;
-    _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(q) + kPrefetchBytes, _MM_HINT_T0);
     const int32_t* entry[kSlots];
     __m256 weights[kSlots];
     __m256 wv = _mm256_setzero_ps(), gv = _mm256_setzero_ps();
     for (int64_t s = 0; s < kSlots; ++s) {
+      // A pair is 32 bytes: every line is asked for (some twice).
+      _mm_prefetch(reinterpret_cast<const char*>(p + s * 2 * kPairM) + kPrefetchBytes,
+                   _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(q + s * 2 * kPairM) + kPrefetchBytes,
+                   _MM_HINT_T0);
       const int64_t pair = static_cast<int64_t>(code[k + 2 * s]) * ranks +
                            static_cast<int64_t>(code[k + 2 * s + 1]);
       entry[s] = it.lanes + (pair * kSlots + s) * kPairEntry;
@@ -222,7 +245,7 @@ int64_t stream_code(const Blocks& it, int64_t k0, int64_t k1, Fn& fn) {
 template <typename T, typename Fn>
 int64_t stream(const Blocks& it, int64_t k0, int64_t k1, Fn& fn) {
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-    if (it.table == nullptr) return k0;
+    if (it.table == nullptr || it.spatial > 1) return k0;  // S > 1: tiles (kept_common.h)
     switch (it.code_dtype) {
       case at::kByte:
         return stream_code<T, uint8_t>(it, k0, k1, fn);
