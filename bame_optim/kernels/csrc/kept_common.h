@@ -124,22 +124,31 @@ BAME_NO_VECTORIZE void move_kept(const Blocks& it, int64_t k0, int64_t k1, T* __
 
 // Spatial positions per tile of a layout with S > 1 (16: a cache line of float per row).
 constexpr int64_t kTileSpatial = 16;
+constexpr int64_t kTileBlocks = 1024;  // blocks a tile of whole rows aims at
 constexpr int64_t kTilePrefetchBytes = 4096;
 
-// The end of the tile that holds block c0 (at most k1): S > 1 layouts are moved a tile at a
-// time, kTileSpatial spatial positions s (all of them when S is smaller) of one output
-// channel o times every b, a contiguous range of blocks.
+// Whole output channels (rows of S B blocks) per tile where S <= kTileSpatial, else 0.
+inline int64_t tile_rows(const Blocks& it) {
+  if (it.spatial > kTileSpatial) return 0;
+  return std::max<int64_t>(1, kTileBlocks / (it.spatial * it.blocks_per_row));
+}
+
+// The end of the tile that holds block c0 (at most k1). S > 1 layouts are moved a tile at a
+// time, a contiguous range of blocks: tile_rows whole output channels o where S is at most
+// kTileSpatial (many small rows, as in ResNet-32, in one tile), else kTileSpatial spatial
+// positions s of one output channel times every b.
 inline int64_t tile_end(const Blocks& it, int64_t c0, int64_t k1) {
   const int64_t S = it.spatial, B = it.blocks_per_row;
-  const int64_t tile = std::min(S, kTileSpatial);
   const int64_t row = S * B;
+  const int64_t rows = tile_rows(it);
+  if (rows > 0) return std::min(k1, (c0 / row / rows + 1) * rows * row);
   const int64_t o = c0 / row, s = (c0 % row) / B;
-  const int64_t s_end = std::min(S, (s / tile + 1) * tile);
+  const int64_t s_end = std::min(S, (s / kTileSpatial + 1) * kTileSpatial);
   return std::min(k1, o * row + s_end * B);
 }
 
-// As move_kept for blocks [k0, k1) inside one tile (tile_end), in memory order: b outer, s
-// inner, so that the tile's memory (rows b M + pos of [C, S], columns of the tile) is read
+// As move_kept for blocks [k0, k1) inside one tile (tile_end), in memory order: o, then b,
+// then s, so that the tile's memory (rows b M + pos of [C, S], columns of the tile) is read
 // and written in one sweep instead of one strided pass per s. Chunk index: (k - k0) count + j.
 // Ranked codes use it.offsets (positions times S), sorted positions multiply.
 template <typename T, typename Code, bool RANKED, int N, bool SCATTER>
@@ -152,55 +161,59 @@ BAME_NO_VECTORIZE void move_tile(const Blocks& it, int64_t k0, int64_t k1, T* __
   const int64_t n = N > 0 ? N : it.count;
   const int64_t S = it.spatial, B = it.blocks_per_row;
   const int64_t row = S * B;
-  const int64_t o = k0 / row;
-  const int64_t s0 = (k0 % row) / B, s1 = ((k1 - 1) % row) / B + 1;
-  const int64_t first = (o * S + s0) * B;  // block (s0, b = 0)
-  const int64_t channel = o * it.channels * S;  // offset of output channel o
+  const int64_t o0 = k0 / row, o1 = (k1 - 1) / row + 1;
+  // Spatial range: all of it for whole-row tiles, else the tile's (one row).
+  const int64_t s0 = o1 - o0 > 1 ? 0 : (k0 % row) / B;
+  const int64_t s1 = o1 - o0 > 1 ? S : ((k1 - 1) % row) / B + 1;
   const int64_t block_stride = it.m * S;
   // Rows more than a cache line apart: fetch the next blocks' rows ahead.
   const bool far_rows = S * static_cast<int64_t>(sizeof(T)) >= 64;
-  const bool whole = (k0 == first && k1 == first + (s1 - s0) * B);  // no k checks needed
-  // Near rows: a block of rows is block_stride entries, often more than a line; every line
-  // up to kTilePrefetchBytes ahead of the current block is asked for once.
-  const char* ahead = reinterpret_cast<const char*>(param + channel + s0) + kTilePrefetchBytes;
   const std::ptrdiff_t to_grad =
       reinterpret_cast<const char*>(grad) - reinterpret_cast<const char*>(param);
-  for (int64_t b = 0; b < B; ++b) {
-    T* base = param + channel + b * block_stride + s0;
-    const T* gbase = grad + (base - param);
-    if constexpr (!SCATTER) {
-      if (far_rows) {
-        if (b + 4 < B) {
-          for (int64_t r = 0; r < it.m; ++r) {
-            __builtin_prefetch(reinterpret_cast<const char*>(base + (4 * it.m + r) * S));
-            __builtin_prefetch(reinterpret_cast<const char*>(gbase + (4 * it.m + r) * S));
+  // Near rows: a block of rows is block_stride entries, often more than a line; every line
+  // up to kTilePrefetchBytes ahead of the current block is asked for once.
+  const char* ahead =
+      reinterpret_cast<const char*>(param + o0 * it.channels * S + s0) + kTilePrefetchBytes;
+  for (int64_t o = o0; o < o1; ++o) {
+    const int64_t first = (o * S + s0) * B;  // block (o, s0, b = 0)
+    const bool whole = k0 <= first && first + (s1 - s0) * B <= k1;  // no k checks needed
+    for (int64_t b = 0; b < B; ++b) {
+      T* base = param + o * it.channels * S + b * block_stride + s0;
+      const T* gbase = grad + (base - param);
+      if constexpr (!SCATTER) {
+        if (far_rows) {
+          if (b + 4 < B) {
+            for (int64_t r = 0; r < it.m; ++r) {
+              __builtin_prefetch(reinterpret_cast<const char*>(base + (4 * it.m + r) * S));
+              __builtin_prefetch(reinterpret_cast<const char*>(gbase + (4 * it.m + r) * S));
+            }
+          }
+        } else {
+          const char* until =
+              reinterpret_cast<const char*>(base + block_stride) + kTilePrefetchBytes;
+          for (; ahead < until; ahead += 64) {
+            __builtin_prefetch(ahead);
+            __builtin_prefetch(ahead + to_grad);
           }
         }
-      } else {
-        const char* until = reinterpret_cast<const char*>(base + block_stride) +
-                            kTilePrefetchBytes;
-        for (; ahead < until; ahead += 64) {
-          __builtin_prefetch(ahead);
-          __builtin_prefetch(ahead + to_grad);
-        }
       }
-    }
-    int64_t k = first + b;
-    for (int64_t s = s0; s < s1; ++s, k += B, ++base, ++gbase) {
-      if (!whole && (k < k0 || k >= k1)) continue;
-      const int64_t e = (k - k0) * n;
-      for (int64_t j = 0; j < n; ++j) {
-        int64_t off;
-        if constexpr (RANKED) {
-          off = it.offsets[static_cast<int64_t>(code[k]) * n + j];
-        } else {
-          off = static_cast<int64_t>(code[k * n + j]) * S;
-        }
-        if constexpr (SCATTER) {
-          base[off] = w[e + j];
-        } else {
-          w[e + j] = base[off];
-          g[e + j] = gbase[off];
+      int64_t k = first + b;
+      for (int64_t s = s0; s < s1; ++s, k += B, ++base, ++gbase) {
+        if (!whole && (k < k0 || k >= k1)) continue;
+        const int64_t e = (k - k0) * n;
+        for (int64_t j = 0; j < n; ++j) {
+          int64_t off;
+          if constexpr (RANKED) {
+            off = it.offsets[static_cast<int64_t>(code[k]) * n + j];
+          } else {
+            off = static_cast<int64_t>(code[k * n + j]) * S;
+          }
+          if constexpr (SCATTER) {
+            base[off] = w[e + j];
+          } else {
+            w[e + j] = base[off];
+            g[e + j] = gbase[off];
+          }
         }
       }
     }
@@ -273,7 +286,8 @@ inline int64_t chunk_end(const Blocks& it, int64_t c0, int64_t k1, int64_t block
 constexpr int64_t kChunkBytes = 4096;
 inline int64_t chunk_blocks(const Blocks& it, int64_t element_size) {
   if (it.spatial == 1) return std::max<int64_t>(2, kChunkBytes / (it.m * element_size));
-  return std::min(it.spatial, kTileSpatial) * it.blocks_per_row;
+  const int64_t rows = tile_rows(it);
+  return (rows > 0 ? rows * it.spatial : kTileSpatial) * it.blocks_per_row;
 }
 
 inline void check_plain(const at::Tensor& t, const char* what, int64_t i,
