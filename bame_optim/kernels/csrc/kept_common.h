@@ -387,18 +387,28 @@ inline bool codes_ok(const at::Tensor& code, int64_t limit) {
   }
 }
 
-// Every code is checked (in parallel) before anything is written, so bad input leaves all
-// untouched.
+constexpr int64_t kParallelCheckBytes = int64_t{1} << 20;
+
+// Every code is checked (in parallel for large models) before anything is written, so bad
+// input leaves all untouched.
 inline void check_codes(const std::vector<std::optional<at::Tensor>>& kept,
                         const std::vector<int64_t>& check_index,
                         const std::vector<int64_t>& code_limits) {
   const int64_t n_checks = static_cast<int64_t>(check_index.size());
   std::vector<char> bad(n_checks, 0);
-  at::parallel_for(0, n_checks, 1, [&](int64_t begin, int64_t end) {
+  int64_t bytes = 0;
+  for (int64_t c = 0; c < n_checks; ++c) bytes += kept[check_index[c]]->nbytes();
+  auto check = [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       bad[c] = codes_ok(*kept[check_index[c]], code_limits[c]) ? 0 : 1;
     }
-  });
+  };
+  // A vectorised check reads tens of bytes a cycle: threads only pay for megabytes of codes.
+  if (bytes < kParallelCheckBytes) {
+    check(0, n_checks);
+  } else {
+    at::parallel_for(0, n_checks, 1, check);
+  }
   for (int64_t c = 0; c < n_checks; ++c) {
     TORCH_CHECK_VALUE(!bad[c], "kept[", check_index[c], "] holds a code outside [0, ",
                       code_limits[c], ") (a rank beyond the table or a position >= m)");
