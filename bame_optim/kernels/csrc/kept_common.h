@@ -197,6 +197,25 @@ BAME_NO_VECTORIZE void move_tile(const Blocks& it, int64_t k0, int64_t k1, T* __
           }
         }
       }
+      if constexpr (RANKED) {
+        if (whole) {  // the common case, without per-block index arithmetic
+          const Code* c = code + first + b;
+          const int64_t step = B * n;
+          int64_t e = (first + b - k0) * n;
+          for (int64_t s = 0; s < s1 - s0; ++s, c += B, e += step) {
+            const int32_t* off = it.offsets + static_cast<int64_t>(*c) * n;
+            for (int64_t j = 0; j < n; ++j) {
+              if constexpr (SCATTER) {
+                base[s + off[j]] = w[e + j];
+              } else {
+                w[e + j] = base[s + off[j]];
+                g[e + j] = gbase[s + off[j]];
+              }
+            }
+          }
+          continue;
+        }
+      }
       int64_t k = first + b;
       for (int64_t s = s0; s < s1; ++s, k += B, ++base, ++gbase) {
         if (!whole && (k < k0 || k >= k1)) continue;
