@@ -28,9 +28,9 @@ from .test_kept_sgd_cpu import assert_same, clone_all, eager_step, require_kerne
 LAYOUTS = [
     ("linear", (13, 36), False),  # S = 1: paired / scalar streams, odd block counts
     ("conv1x1", (6, 20, 1, 1), False),
-    ("linear_threads", (130, 256), False),  # > 4096 blocks: two threads split the groups
+    ("linear_threads", (129, 272), False),  # > 4096 blocks: two threads split mid-group
     ("conv3x3", (7, 8, 3, 3), False),  # S = 9: tiles of whole output channels
-    ("conv3x3_threads", (40, 64, 3, 3), False),  # two threads split a tile
+    ("conv3x3_threads", (41, 64, 3, 3), False),  # two threads split a tile mid-row
     ("conv5x3", (5, 16, 5, 3), False),  # S = 15
     ("conv4x4", (3, 16, 4, 4), False),  # S = 16: rows a cache line apart, whole channels
     ("conv5x5", (3, 16, 5, 5), False),  # S = 25: tiles of 16 + 9 spatial positions
