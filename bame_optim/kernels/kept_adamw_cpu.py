@@ -59,7 +59,8 @@ from torch import Tensor
 from bame_optim.kernels import kept_sgd_cpu, native
 from bame_optim.kernels.native import DISABLE_ENV, disabled
 
-__all__ = ["DISABLE_ENV", "DTYPES", "available", "disabled", "fused_kept_adamw_", "supports"]
+__all__ = ["DISABLE_ENV", "DTYPES", "available", "disabled", "first_unsupported",
+           "fused_kept_adamw_", "supports"]
 
 DTYPES = (torch.float32, torch.float64)
 """Parameter dtypes the kernel handles (bit-identical to the eager path)."""
@@ -84,7 +85,12 @@ def error() -> str | None:
 def supports(param: Tensor, grad: Tensor | None) -> bool:
     """Whether the kernel handles the sparse parameter ``param`` and its ``grad``
     (:func:`bame_optim.kernels.kept_sgd_cpu.supports` with a dtype in :data:`DTYPES`)."""
-    return kept_sgd_cpu.supports(param, grad) and param.dtype in DTYPES
+    return kept_sgd_cpu.first_unsupported([param], [grad], DTYPES) < 0
+
+
+def first_unsupported(params: list[Tensor], grads: list[Tensor | None]) -> int:
+    """The index of the first pair :func:`supports` rejects, or -1."""
+    return kept_sgd_cpu.first_unsupported(params, grads, DTYPES)
 
 
 def fused_kept_adamw_(
@@ -155,8 +161,7 @@ def fused_kept_adamw_(
     for i, step in enumerate(state_steps):
         if not isinstance(step, Tensor) or step.numel() != 1 or step.device.type != "cpu":
             raise ValueError(f"Invalid state_steps[{i}]: a one-element CPU tensor is required")
-    tables = [kept_sgd_cpu.table_for(code, count, m, i)
-              for i, (code, count) in enumerate(zip(kept, counts, strict=True))]
+    tables, _ = kept_sgd_cpu.tables_for(kept, counts, m)
     # torch's non-capturable AdamW: step_t += 1, then bias corrections from step_t.item().
     steps = [float(step.item()) + 1 for step in state_steps]
     beta1_, beta2_, lr_ = hyper["beta1"], hyper["beta2"], hyper["lr"]

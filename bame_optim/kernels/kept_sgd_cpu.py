@@ -70,6 +70,7 @@ __all__ = [
     "available",
     "compile_seconds",
     "disabled",
+    "first_unsupported",
     "fused_kept_sgd_",
     "supports",
 ]
@@ -119,15 +120,33 @@ def supports(param: Tensor, grad: Tensor | None, *, exact: bool = True) -> bool:
     (float32, float64: bit-identical to the eager path), or with ``exact=False`` also
     float16/bfloat16 (see the module docstring for where those differ). A dense parameter
     (``kept`` None) must also be contiguous."""
-    if grad is None or not (plain(param) and plain(grad)):
-        return False
-    dtypes = EXACT_DTYPES if exact else DTYPES
-    return (
-        param.dtype in dtypes
-        and grad.dtype == param.dtype
-        and grad.shape == param.shape
-        and grad.stride() == param.stride()
-    )
+    return first_unsupported([param], [grad], EXACT_DTYPES if exact else DTYPES) < 0
+
+
+def first_unsupported(params: list[Tensor], grads: list[Tensor | None],
+                      dtypes: tuple[torch.dtype, ...] = EXACT_DTYPES) -> int:
+    """The index of the first pair :func:`supports` rejects (with a dtype in ``dtypes``), or
+    -1: the check of a whole step in one loop, cheapest tests first (it runs every step)."""
+    for i, (param, grad) in enumerate(zip(params, grads, strict=True)):
+        if (
+            grad is None
+            or type(param) not in _PLAIN_TYPES
+            or type(grad) not in _PLAIN_TYPES
+            or not (param.is_cpu and grad.is_cpu)
+            or param.dtype not in dtypes
+            or grad.dtype != param.dtype
+            or param.layout != torch.strided
+            or grad.layout != torch.strided
+        ):
+            return i
+        stride = param.stride()
+        if stride != grad.stride() or param.shape != grad.shape:
+            return i
+        if not param.is_contiguous() and not (param.ndim == 2 and stride == (1, param.shape[0])):
+            return i
+        if param.is_neg() or param.is_conj() or grad.is_neg() or grad.is_conj():
+            return i
+    return -1
 
 
 def fused_kept_sgd_(
@@ -188,12 +207,7 @@ def fused_kept_sgd_(
         if isinstance(value, Tensor) or not isinstance(value, Real):
             raise ValueError(f"Invalid {name} value: {value!r} (a real number is required)")
     # Tensors are checked in C++ (cheaper per parameter than here).
-    tables: list[Tensor | None] = []
-    codes: list[int] = []
-    for i, (code, count) in enumerate(zip(kept, counts, strict=True)):
-        dense = code is None
-        tables.append(None if dense else table_for(code, count, m, i))
-        codes.append(0 if dense else count)
+    tables, codes = tables_for(kept, counts, m)
     created = module.fused_kept_sgd(
         params,
         grads,
@@ -228,6 +242,26 @@ def table_for(code: Tensor, count: int, m: int, i: int) -> Tensor | None:
     if isinstance(count, bool) or not isinstance(count, int):
         raise ValueError(f"Invalid counts[{i}] value: {count!r} (an integer is required)")
     return _rank_table(count, m) if code.ndim == 1 and 0 <= count <= m else None
+
+
+def tables_for(kept: list[Tensor | None], counts: list[int | None], m: int
+               ) -> tuple[list[Tensor | None], list[int]]:
+    """:func:`table_for` of every stored kept set (``None`` for a dense parameter, whose count
+    is passed as 0), looked up once per count and form."""
+    tables: list[Tensor | None] = []
+    codes: list[int] = []
+    seen: dict[tuple[int, int], Tensor | None] = {}
+    for i, (code, count) in enumerate(zip(kept, counts, strict=True)):
+        if code is None:
+            tables.append(None)
+            codes.append(0)
+            continue
+        key = (code.ndim, count)
+        if type(count) is not int or key not in seen:
+            seen[key] = table_for(code, count, m, i)
+        tables.append(seen[key])
+        codes.append(count)
+    return tables, codes
 
 
 @lru_cache(maxsize=32)

@@ -13,7 +13,7 @@ from torch.optim.optimizer import _get_scalar_dtype
 
 from bame_optim.core.validation import check_adamw_hyper
 from bame_optim.optim.engine import NMEngine
-from bame_optim.optim.functional import kept_adamw
+from bame_optim.optim.functional import kept_adamw, plain_tensors
 from bame_optim.optim.keywords import check_fused_flags
 from bame_optim.optim.masked import MaskedOptimizer, SparseState
 from bame_optim.optim.rules import BAME_RULES, MaskRules
@@ -134,7 +134,26 @@ class BAMEAdamW(MaskedOptimizer):
                 has_complex=any(torch.is_complex(p) for p in dense),
                 fused=group["fused"] or None, **hyper,
             )
-        if sparse:
+        if sparse and plain_tensors(s.param for s in sparse):
+            # No shard: the state holds this rank's tensors as they are (the engine's local
+            # views and stores would only add per-parameter checks to every step).
+            states = [s.state for s in sparse]
+            wanted = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")[:3 if group["amsgrad"] else 2]
+            for s, state in zip(sparse, states, strict=True):
+                if "step" not in state or any(state.get(name) is None for name in wanted):
+                    moments = self._kept_moments(s.param, state, group)
+                    for name, buffer in zip(self.engine.buffers, moments, strict=True):
+                        if buffer is not None:
+                            state[name] = buffer
+            kept_adamw(
+                [s.param for s in sparse], [s.grad for s in sparse],
+                *([state[name] for state in states] for name in wanted[:2]),
+                [state["max_exp_avg_sq"] for state in states] if group["amsgrad"] else [],
+                [state["step"] for state in states], [state["kept"] for state in states],
+                [state["kept_count"] for state in states],
+                m=group["m"], fused=group["fused"], **hyper,
+            )
+        elif sparse:
             engine, m = self.engine, group["m"]
             moments = [self._kept_moments(s.param, s.state, group) for s in sparse]
             kept_adamw(

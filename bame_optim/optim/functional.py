@@ -28,8 +28,10 @@ kernels of :mod:`bame_optim.kernels.triton_kept` (as the ``torch.library`` ops o
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from types import ModuleType
 
+import torch
 from torch import Tensor
 from torch.optim.adamw import adamw
 from torch.optim.sgd import sgd
@@ -37,7 +39,7 @@ from torch.optim.sgd import sgd
 from bame_optim.core.kept import gather_kept, kept_indices, scatter_kept_
 from bame_optim.kernels import kept_adamw_cpu, kept_sgd_cpu
 
-__all__ = ["kept_adamw", "kept_sgd"]
+__all__ = ["kept_adamw", "kept_sgd", "plain_tensors"]
 
 
 def kept_sgd(
@@ -191,22 +193,33 @@ def kept_adamw(
     _scatter(params, positions, kept_params, m)
 
 
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def plain_tensors(tensors: Iterable[Tensor]) -> bool:
+    """Whether no tensor is a subclass (a ``DTensor`` shard in particular): the optimizers
+    then pass their state to these functions as it is stored, without the engine's local
+    views."""
+    return all(type(t) in _PLAIN_TYPES for t in tensors)
+
+
 def _use_fused(
     kernel: ModuleType, what: str, params: list[Tensor], grads: list[Tensor], fused: bool | None
 ) -> bool:
     """Whether ``kernel`` runs this step; with ``fused=True`` a ``ValueError`` naming the
     first tensor it cannot take (device, dtype, layout) or why it is unavailable. The tensors
     are checked first, so that no step on tensors it cannot take builds the kernel."""
-    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-        if not kernel.supports(p, g):
-            if fused:
-                raise ValueError(
-                    f"Invalid fused value: True (the fused {what} CPU kernel does not support "
-                    f"params[{i}]: {type(p).__name__} on {p.device} of dtype {p.dtype}, strides "
-                    f"{p.stride()}, grad {None if g is None else (g.device, g.dtype)}; it takes "
-                    "plain CPU float32/float64 tensors, contiguous or a transposed 2-D view)"
-                )
-            return False
+    i = kernel.first_unsupported(params, grads)
+    if i >= 0:
+        if fused:
+            p, g = params[i], grads[i]
+            raise ValueError(
+                f"Invalid fused value: True (the fused {what} CPU kernel does not support "
+                f"params[{i}]: {type(p).__name__} on {p.device} of dtype {p.dtype}, strides "
+                f"{p.stride()}, grad {None if g is None else (g.device, g.dtype)}; it takes "
+                "plain CPU float32/float64 tensors, contiguous or a transposed 2-D view)"
+            )
+        return False
     if not kernel.available():
         if fused:
             raise ValueError(

@@ -12,7 +12,7 @@ from torch.optim.sgd import sgd
 
 from bame_optim.optim.base import SGD_DEFAULTS
 from bame_optim.optim.engine import NMEngine
-from bame_optim.optim.functional import kept_sgd
+from bame_optim.optim.functional import kept_sgd, plain_tensors
 from bame_optim.optim.keywords import check_fused_flags
 from bame_optim.optim.masked import MaskedOptimizer, SparseState
 from bame_optim.optim.rules import ASP_RULES, BAME_RULES, RIGL_RULES, MaskRules
@@ -146,7 +146,20 @@ class BAMESGD(MaskedOptimizer):
             if group["momentum"] != 0:
                 for p, buffer in zip(dense, buffers, strict=True):
                     self.state[p]["momentum_buffer"] = buffer
-        if sparse:
+        if sparse and plain_tensors(s.param for s in sparse):
+            # No shard: the state holds this rank's tensors as they are (the engine's local
+            # views and stores would only add per-parameter checks to every step).
+            states = [s.state for s in sparse]
+            buffers = [state.get("momentum_buffer") for state in states]
+            kept_sgd(
+                [s.param for s in sparse], [s.grad for s in sparse], buffers,
+                [state["kept"] for state in states], [state["kept_count"] for state in states],
+                m=m, fused=group["fused"], **hyper,
+            )
+            if group["momentum"] != 0:
+                for state, buffer in zip(states, buffers, strict=True):
+                    state["momentum_buffer"] = buffer
+        elif sparse:
             buffers = [engine.local_buffers(s.param, s.state)[0] for s in sparse]
             kept_sgd(
                 [local_tensor(s.param) for s in sparse],

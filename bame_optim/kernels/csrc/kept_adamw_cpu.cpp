@@ -27,10 +27,12 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <map>
 #include <optional>
 #include <vector>
 
 #include "kept_common.h"
+#include "kept_simd.h"
 
 namespace {
 
@@ -146,7 +148,7 @@ void update(const Scalars<T>& c, T* __restrict w, const T* __restrict g, T* __re
   }
 }
 
-constexpr int64_t kChunkElements = 2048;  // scratch per thread: a few L1-resident arrays
+
 
 struct Item : Blocks {
   void* exp_avg = nullptr;
@@ -162,18 +164,26 @@ struct Item : Blocks {
 template <typename T, bool FMA, bool FMA_ADDCMUL>
 void run_sparse(const Item& it, int64_t k0, int64_t k1, const Hyper& hyper) {
   const Scalars<T> scalars(hyper, it.step_size, it.bc2_sqrt);
-  const auto gather_fn = reinterpret_cast<bame::MoveFn<T>>(it.gather);
-  const auto scatter_fn = reinterpret_cast<bame::MoveFn<T>>(it.scatter);
-  T* param = static_cast<T*>(it.param);
   T* m = static_cast<T*>(it.exp_avg);
   T* v = static_cast<T*>(it.exp_avg_sq);
   T* vmax = static_cast<T*>(it.max_exp_avg_sq);
+  auto step = [&](T* w, T* g, int64_t e) {
+    update<T, FMA, FMA_ADDCMUL>(scalars, w, g, m + e, v + e, vmax ? vmax + e : nullptr,
+                                bame::kGroup);
+  };
+  k0 = bame::stream<T>(it, k0, k1, step);  // the blocks a stream leaves go in chunks
+  if (k0 >= k1) return;
+  const auto gather_fn = reinterpret_cast<bame::MoveFn<T>>(it.gather);
+  const auto scatter_fn = reinterpret_cast<bame::MoveFn<T>>(it.scatter);
   const int64_t n = it.count;
-  const int64_t chunk_blocks = std::max<int64_t>(1, kChunkElements / n);
-  std::vector<T> w(chunk_blocks * n), g(chunk_blocks * n);
-  for (int64_t c0 = k0; c0 < k1; c0 += chunk_blocks) {
-    const int64_t c1 = std::min(k1, c0 + chunk_blocks);
+  const int64_t blocks = std::min(k1 - k0, bame::chunk_blocks(it, sizeof(T)));
+  std::vector<T> w(blocks * n), g(blocks * n);
+  for (int64_t c0 = k0, c1; c0 < k1; c0 = c1) {
+    c1 = bame::chunk_end(it, c0, k1, blocks);
     const int64_t len = (c1 - c0) * n;
+    bame::prefetch_range(m + c0 * n, len * sizeof(T));
+    bame::prefetch_range(v + c0 * n, len * sizeof(T));
+    if (vmax) bame::prefetch_range(vmax + c0 * n, len * sizeof(T));
     gather_fn(it, c0, c1, w.data(), g.data());
     update<T, FMA, FMA_ADDCMUL>(scalars, w.data(), g.data(), m + c0 * n, v + c0 * n,
                                 vmax ? vmax + c0 * n : nullptr, len);
@@ -183,9 +193,8 @@ void run_sparse(const Item& it, int64_t k0, int64_t k1, const Hyper& hyper) {
 
 template <typename T>
 bool pick(Item& it, at::ScalarType code_dtype, bool fma, bool fma_addcmul) {
-  const bool ranked = it.table != nullptr;
-  it.gather = reinterpret_cast<void*>(bame::pick_move<T, false>(code_dtype, ranked, it.count));
-  it.scatter = reinterpret_cast<void*>(bame::pick_move<T, true>(code_dtype, ranked, it.count));
+  it.gather = reinterpret_cast<void*>(bame::pick_move<T, false>(code_dtype, it.table != nullptr, it.count, it.spatial > 1));
+  it.scatter = reinterpret_cast<void*>(bame::pick_move<T, true>(code_dtype, it.table != nullptr, it.count, it.spatial > 1));
   it.fn = fma ? (fma_addcmul ? &run_sparse<T, true, true> : &run_sparse<T, true, false>)
               : (fma_addcmul ? &run_sparse<T, false, true> : &run_sparse<T, false, false>);
   return it.gather != nullptr;
@@ -231,6 +240,7 @@ void fused_kept_adamw(const std::vector<at::Tensor>& params,
   const int64_t n_params = static_cast<int64_t>(size);
   std::vector<Item> items(n_params);
   std::vector<int64_t> check_index, code_limits, starts{0};
+  bame::Tables tables_of_call;  // kept_simd.h's lane and offset tables
   for (int64_t i = 0; i < n_params; ++i) {
     const at::Tensor& p = params[i];
     const at::Tensor& g = grads[i];
@@ -245,6 +255,7 @@ void fused_kept_adamw(const std::vector<at::Tensor>& params,
                       "] is required (dense parameters go through torch's AdamW)");
     Item& it = items[i];
     bame::setup_blocks(it, p, g, *kept[i], tables[i], counts[i], m, i, code_limits);
+    bame::attach_tables(it, tables_of_call);
     check_index.push_back(i);
     check_state(exp_avgs[i], "exp_avgs", i, p, it.blocks, it.count);
     check_state(exp_avg_sqs[i], "exp_avg_sqs", i, p, it.blocks, it.count);

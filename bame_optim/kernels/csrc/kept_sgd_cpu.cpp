@@ -26,9 +26,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <map>
 #include <vector>
 
 #include "kept_common.h"
+#include "kept_simd.h"
 
 namespace {
 
@@ -125,22 +127,30 @@ struct Update {
 
 constexpr int64_t kChunkElements = 2048;  // scratch per thread: a few L1-resident arrays
 
+
 // Sparse: blocks [k0, k1) a chunk at a time: gather the kept weights and gradients, update
 // them with the momentum (already contiguous in block order), scatter the weights back.
 template <typename T, bool FMA>
 void run_sparse(const Item& it, int64_t k0, int64_t k1, const Hyper& hyper) {
   const Update<T, FMA> update(hyper);
+  T* buffer = static_cast<T*>(it.buffer);
+  T none[bame::kGroup];  // the momentum of a group without momentum (unused)
+  auto step = [&](T* w, T* g, int64_t e) {
+    update(w, g, buffer ? buffer + e : none, bame::kGroup, it.first);
+  };
+  k0 = bame::stream<T>(it, k0, k1, step);  // the blocks a stream leaves go in chunks
+  if (k0 >= k1) return;
   const auto gather_fn = reinterpret_cast<bame::MoveFn<T>>(it.gather);
   const auto scatter_fn = reinterpret_cast<bame::MoveFn<T>>(it.scatter);
-  T* param = static_cast<T*>(it.param);
-  T* buffer = static_cast<T*>(it.buffer);
   const int64_t n = it.count;
-  const int64_t chunk_blocks = std::max<int64_t>(1, kChunkElements / n);
-  std::vector<T> w(chunk_blocks * n), g(chunk_blocks * n), scratch;
-  if (buffer == nullptr) scratch.resize(chunk_blocks * n);
-  for (int64_t c0 = k0; c0 < k1; c0 += chunk_blocks) {
-    const int64_t c1 = std::min(k1, c0 + chunk_blocks);
+  const int64_t blocks = std::min(k1 - k0, bame::chunk_blocks(it, sizeof(T)));
+  const int64_t size = blocks * n;
+  std::vector<T> w(size), g(size), scratch;
+  if (buffer == nullptr) scratch.resize(size);
+  for (int64_t c0 = k0, c1; c0 < k1; c0 = c1) {
+    c1 = bame::chunk_end(it, c0, k1, blocks);
     const int64_t len = (c1 - c0) * n;
+    if (buffer && !it.first) bame::prefetch_range(buffer + c0 * n, len * sizeof(T));
     gather_fn(it, c0, c1, w.data(), g.data());
     update(w.data(), g.data(), buffer ? buffer + c0 * n : scratch.data(), len, it.first);
     scatter_fn(it, c0, c1, w.data(), nullptr);
@@ -170,11 +180,8 @@ bool pick(Item& it, at::ScalarType dtype, at::ScalarType code_dtype, bool dense,
   it.fn = dense ? (fma ? &run_dense<T, true> : &run_dense<T, false>)            \
                 : (fma ? &run_sparse<T, true> : &run_sparse<T, false>);         \
   if (!dense) {                                                                \
-    const bool ranked = it.table != nullptr;                                  \
-    it.gather = reinterpret_cast<void*>(                                      \
-        bame::pick_move<T, false>(code_dtype, ranked, it.count));             \
-    it.scatter = reinterpret_cast<void*>(                                     \
-        bame::pick_move<T, true>(code_dtype, ranked, it.count));              \
+    it.gather = reinterpret_cast<void*>(bame::pick_move<T, false>(code_dtype, it.table != nullptr, it.count, it.spatial > 1)); \
+    it.scatter = reinterpret_cast<void*>(bame::pick_move<T, true>(code_dtype, it.table != nullptr, it.count, it.spatial > 1)); \
   }                                                                           \
   return dense || it.gather != nullptr;
   switch (dtype) {
@@ -234,6 +241,7 @@ std::vector<std::optional<at::Tensor>> fused_kept_sgd(
   std::vector<int64_t> check_index;  // sparse items, for the code check
   std::vector<int64_t> code_limits;
   std::vector<int64_t> starts{0};
+  bame::Tables tables_of_call;  // kept_simd.h's lane and offset tables
   for (int64_t i = 0; i < n_params; ++i) {
     const at::Tensor& p = params[i];
     const at::Tensor& g = grads[i];
@@ -251,6 +259,7 @@ std::vector<std::optional<at::Tensor>> fused_kept_sgd(
     int64_t work = p.numel();
     if (!dense) {
       bame::setup_blocks(it, p, g, *kept[i], tables[i], counts[i], m, i, code_limits);
+      bame::attach_tables(it, tables_of_call);
       check_index.push_back(i);
       buffer_rows = it.blocks;
       work = it.count == 0 ? 0 : it.blocks;

@@ -1,0 +1,191 @@
+"""Every path of the fused CPU kept kernels against the eager composition, bit for bit.
+
+The kernels pick a path per parameter (bame_optim/kernels/csrc/kept_simd.h, kept_common.h):
+the paired AVX2 stream (float, S = 1, M = 4, count 1, 2 or 4), the scalar stream (S = 1,
+other M, or float64; count dividing 8), tiles in memory order (S > 1: whole output channels
+for S <= 16, 16 spatial positions of one channel beyond, as for a transposed Conv1D view), and
+chunks for everything else (count 3, sorted positions) and for the blocks a stream leaves at
+the end of a thread's range. The layouts below reach each of them with block counts that
+leave tails, on one and two threads (ranges that split groups and tiles), float32 and
+float64; SGD must equal the eager path (kept_indices, gather_kept, torch.optim.sgd.sgd,
+scatter_kept_), AdamW the same chain with an IEEE square root (test_kept_adamw_cpu)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bame_optim.core.kept import encode_kept
+from bame_optim.core.nm import random_nm_mask
+from bame_optim.kernels import kept_adamw_cpu, kept_sgd_cpu
+
+from .test_kept_adamw_cpu import HYPERS as ADAMW_HYPERS
+from .test_kept_adamw_cpu import assert_state_equal, clone_case, fused_step, ieee_step
+from .test_kept_sgd_cpu import HYPERS as SGD_HYPERS
+from .test_kept_sgd_cpu import assert_same, clone_all, eager_step, require_kernel
+
+# (name, stored shape, transposed): the parameter is the stored tensor, or its .t() view.
+LAYOUTS = [
+    ("linear", (13, 36), False),  # S = 1: paired / scalar streams, odd block counts
+    ("conv1x1", (6, 20, 1, 1), False),
+    ("linear_threads", (129, 272), False),  # > 4096 blocks: two threads split mid-group
+    ("conv3x3", (7, 8, 3, 3), False),  # S = 9: tiles of whole output channels
+    ("conv3x3_threads", (41, 64, 3, 3), False),  # two threads split a tile mid-row
+    ("conv5x3", (5, 16, 5, 3), False),  # S = 15
+    ("conv4x4", (3, 16, 4, 4), False),  # S = 16: rows a cache line apart, whole channels
+    ("conv5x5", (3, 16, 5, 5), False),  # S = 25: tiles of 16 + 9 spatial positions
+    ("conv1d", (4, 32, 3), False),
+    ("transposed_small", (48, 7), True),  # w.t() of [in, out]: S = out = 7
+    ("transposed_wide", (32, 300), True),  # S = 300: partial last tile
+]
+PATTERNS = [(1, 4), (2, 4), (3, 4), (4, 4), (1, 8), (4, 8), (1, 16), (3, 16)]  # 4:4: all kept
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def layout_case(name, shape, transposed, n, m, dtype, seed):
+    """Parameters (as the kernel sees them), gradients and kept sets of one layout, or None
+    where the pattern does not divide the blocked dimension."""
+    stored = torch.Size(shape)
+    view_shape = stored[::-1] if transposed else stored
+    if view_shape[1] % m:
+        return None
+    gen = torch.Generator().manual_seed(seed)
+
+    def make():
+        t = torch.randn(stored, generator=gen, dtype=torch.float64).to(dtype)
+        return t.t() if transposed else t
+
+    params, grads = [make(), make()], [make(), make()]
+    kept = [encode_kept(torch.ones(p.numel() // m, m, dtype=torch.bool) if n == m
+                        else random_nm_mask(p.numel() // m, n, m, gen), n) for p in params]
+    return params, grads, kept, gen
+
+
+def storage(params):
+    """The tensors whose contents are compared (a transposed view's base is contiguous)."""
+    return [p.t() if not p.is_contiguous() else p for p in params]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("name", "shape", "transposed"), LAYOUTS, ids=[x[0] for x in LAYOUTS])
+def test_sgd_paths_bit_identical(threads, dtype, name, shape, transposed):
+    require_kernel(kept_sgd_cpu)
+    for index, (n, m) in enumerate(PATTERNS):
+        case = layout_case(name, shape, transposed, n, m, dtype, seed=index)
+        if case is None:
+            continue
+        params, grads, kept, gen = case
+        hyper = SGD_HYPERS[index % len(SGD_HYPERS)]
+        buffers = [None, torch.randn(params[1].numel() // m, n, generator=gen,
+                                     dtype=torch.float64).to(dtype)]  # first step; later step
+        eager_params, eager_buffers = [p.clone() for p in params], clone_all(buffers)
+        fused_buffers = clone_all(buffers)
+        for _ in range(2):
+            eager_step(eager_params, grads, eager_buffers, kept, [n, n], m, foreach=False,
+                       **hyper)
+            kept_sgd_cpu.fused_kept_sgd_(params, grads, fused_buffers, kept, [n, n], m=m,
+                                         **hyper)
+            assert_same([p.contiguous() for p in eager_params],
+                        [p.contiguous() for p in params])
+            assert_same(eager_buffers, fused_buffers)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("name", "shape", "transposed"), LAYOUTS, ids=[x[0] for x in LAYOUTS])
+def test_adamw_paths_bit_identical(threads, dtype, name, shape, transposed):
+    require_kernel(kept_adamw_cpu)
+    for index, (n, m) in enumerate(PATTERNS):
+        case = layout_case(name, shape, transposed, n, m, dtype, seed=index)
+        if case is None:
+            continue
+        params, grads, kept, gen = case
+        rows = params[0].numel() // m
+
+        def state(rows=rows, n=n, gen=gen):
+            return torch.randn(rows, n, generator=gen, dtype=torch.float64).to(dtype)
+
+        exp_avg_sqs = [state().square() for _ in params]
+        adamw_case = dict(
+            params=params, grads=grads, exp_avgs=[state() * 0.1 for _ in params],
+            exp_avg_sqs=exp_avg_sqs, max_exp_avg_sqs=[v + state().abs() for v in exp_avg_sqs],
+            state_steps=[torch.tensor(0.0), torch.tensor(7.0)], kept=kept, counts=[n, n])
+        hyper = ADAMW_HYPERS[index % len(ADAMW_HYPERS)]
+        expected = clone_case(adamw_case)
+        expected["params"] = [p.clone() for p in params]
+        for _ in range(2):
+            ieee_step(expected, m, **hyper)
+            fused_step(adamw_case, m, **hyper)
+            assert_state_equal(expected, adamw_case, hyper["amsgrad"])
+            for a, b in zip(expected["params"], adamw_case["params"], strict=True):
+                assert torch.equal(a, b), f"{(a != b).sum().item()} of {a.numel()} differ"
+
+
+def _train(optimizer_class, fused, dtype, **hyper):
+    """A few ordinary steps (fixed mask) on Linear weights stepped along dim 1 and along dim
+    0 (an ``[in, out]`` weight, ``nm_dim=0``), 3x3 and 5x5 convolutions and biases."""
+    gen = torch.Generator().manual_seed(3)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+
+    sparse = [randn(24, 32), randn(8, 16, 3, 3), randn(4, 8, 5, 5)]
+    in_out = [randn(48, 20)]  # [in, out]: blocks along dim 0
+    dense = [randn(24), randn(8)]
+    params = [torch.nn.Parameter(t) for t in sparse + in_out + dense]
+    groups = [{"params": params[:3], "sparse": True},
+              {"params": params[3:4], "sparse": True, "nm_dim": 0},
+              {"params": params[4:], "sparse": False}]
+    optimizer = optimizer_class(groups, n=2, m=4, t_i=0, t_f=0, fused=fused, **hyper)
+    for _ in range(4):
+        for p in params:
+            p.grad = randn(*p.shape)
+        optimizer.step()
+    return params, optimizer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("hyper", [
+    dict(lr=0.1, momentum=0.9, weight_decay=5e-4),
+    dict(lr=torch.tensor(0.05), momentum=0.9, nesterov=True, maximize=True),
+    dict(lr=0.2, momentum=0.0, weight_decay=0.01),
+])
+def test_bamesgd_fused_equals_eager(dtype, hyper):
+    """BAMESGD with the fused kernels (fused=True) is BAMESGD without them (fused=False), bit
+    for bit, weights and momentum, nm_dim 0 included."""
+    require_kernel(kept_sgd_cpu)
+    from bame_optim import BAMESGD
+
+    fused, fused_opt = _train(BAMESGD, True, dtype, **hyper)
+    eager, eager_opt = _train(BAMESGD, False, dtype, **hyper)
+    for a, b in zip(eager, fused, strict=True):
+        assert torch.equal(a, b)
+    for p, q in zip(eager[:4], fused[:4], strict=True):
+        a, b = eager_opt.momentum_buffer(p), fused_opt.momentum_buffer(q)
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("hyper", [
+    dict(lr=1e-2, weight_decay=0.05),
+    dict(lr=torch.tensor(3e-3), amsgrad=True, maximize=True, weight_decay=0.0),
+])
+def test_bameadamw_fused_equals_eager(dtype, hyper):
+    """BAMEAdamW fused and eager: moments bit for bit, weights within torch's own
+    fused-vs-forloop AdamW tolerance (assert_close's defaults; see test_kept_adamw_cpu)."""
+    require_kernel(kept_adamw_cpu)
+    from bame_optim import BAMEAdamW
+
+    fused, fused_opt = _train(BAMEAdamW, True, dtype, **hyper)
+    eager, eager_opt = _train(BAMEAdamW, False, dtype, **hyper)
+    for a, b in zip(eager, fused, strict=True):
+        torch.testing.assert_close(b, a)
+    for p, q in zip(eager[:4], fused[:4], strict=True):
+        assert torch.equal(eager_opt.exp_avg(p), fused_opt.exp_avg(q))
+        assert torch.equal(eager_opt.exp_avg_sq(p), fused_opt.exp_avg_sq(q))
