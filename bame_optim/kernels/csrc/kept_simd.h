@@ -23,7 +23,7 @@
 #include <utility>
 #include <vector>
 
-#include "kept_common.h"
+#include "kept_move.h"
 
 #if defined(__AVX2__)
 #include <immintrin.h>
