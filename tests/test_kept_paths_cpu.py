@@ -1,6 +1,6 @@
 """Every path of the fused CPU kept kernels against the eager composition, bit for bit.
 
-The kernels pick a path per parameter (bame_optim/kernels/csrc/kept_simd.h, kept_common.h):
+The kernels pick a path per parameter (bame_optim/kernels/csrc/kept_simd.h, kept_move.h):
 the paired AVX2 stream (float, S = 1, M = 4, count 1, 2 or 4), the scalar stream (S = 1,
 other M, or float64; count dividing 8), tiles in memory order (S > 1: whole output channels
 for S <= 16, 16 spatial positions of one channel beyond, as for a transposed Conv1D view), and

@@ -23,7 +23,7 @@
 #include <utility>
 #include <vector>
 
-#include "kept_common.h"
+#include "kept_move.h"
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -245,7 +245,7 @@ int64_t stream_code(const Blocks& it, int64_t k0, int64_t k1, Fn& fn) {
 template <typename T, typename Fn>
 int64_t stream(const Blocks& it, int64_t k0, int64_t k1, Fn& fn) {
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-    if (it.table == nullptr || it.spatial > 1) return k0;  // S > 1: tiles (kept_common.h)
+    if (it.table == nullptr || it.spatial > 1) return k0;  // S > 1: tiles (kept_move.h)
     switch (it.code_dtype) {
       case at::kByte:
         return stream_code<T, uint8_t>(it, k0, k1, fn);
