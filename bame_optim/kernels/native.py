@@ -52,7 +52,8 @@ __all__ = [
 ]
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = (CSRC / "kept_sgd_cpu.cpp", CSRC / "kept_adamw_cpu.cpp", CSRC / "module.cpp")
+SOURCES = (CSRC / "kept_sgd_cpu.cpp", CSRC / "kept_adamw_cpu.cpp", CSRC / "evolve_cpu.cpp",
+           CSRC / "module.cpp")
 """The C++ sources of the extension (package data); :data:`HEADERS` are hashed with them."""
 HEADERS = (CSRC / "kept_common.h",)
 

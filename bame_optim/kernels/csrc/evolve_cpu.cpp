@@ -1,0 +1,898 @@
+// Fused passes of BAME's evolve-phase mask update on the CPU (LMA + OBF, Eq. 4-10).
+//
+// Loaded by bame_optim/kernels/evolve_cpu.py (JIT, on first use), which documents the passes
+// and the equality contract: every result equals the eager core functions
+// (bame_optim.core.evolution.evolve_mask, NMEngine.zero_pruned_ and NMEngine.apply_mask) bit
+// for bit.
+//
+//   evolve_blocks:  per block, the pruned entries set to 0 (optional), LMA scores (Eq. 4, 5),
+//                   the top-n proposal with the ties of core.nm.top_n_mask (Eq. 6), encoded
+//                   as core.kept.encode_kept does, SAD (Eq. 7), the oscillation EMA (Eq. 8)
+//                   and the block norm of Eq. 10: one read of weight, gradient and kept code.
+//   obf_freeze:     Eq. 10's Top(O, floor(beta K)) & Top(W, floor(alpha K)) & (O > 0) by an
+//                   exact radix selection (membership equals core.evolution.top_fraction's).
+//   apply_evolved:  frozen blocks keep their kept set, the others take the proposal; newly
+//                   pruned weights set to 0 and the compact buffers' rows of the changed blocks
+//                   remapped in place (NMEngine.apply_mask).
+//
+// Rounding: scores, the EMA and the norm are computed operation by operation as ATen's CPU
+// kernels round them (a product rounded, then the next operation; scalars cast to the tensor's
+// dtype first). The file is compiled with -ffp-contract=off, so nothing is contracted that is
+// not written as std::fma. The norm follows ATen's last-dimension L2 reduction, whose shape
+// (lane width, fused multiply-adds, the grouping of its scalar tail) a probe in Python finds.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <atomic>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kMaxM = 64;
+constexpr int64_t kGrain = 2048;  // blocks per parallel task
+
+// The blocks of a strided tensor in block order (core.nm.block_view): the dimensions other
+// than 1 folded into three (n0, n1, n2) with strides (s0, s1, s2) by the Python side, then
+// per_row = C / M blocks along dimension 1, whose entries are s_in apart.
+struct Layout {
+  int64_t per_row = 1, n1 = 1, n2 = 1, s0 = 0, s1 = 0, s2 = 0, s_in = 1, m = 1;
+};
+
+Layout make_layout(const at::Tensor& t, const std::vector<int64_t>& folded, int64_t m,
+                   const char* what) {
+  TORCH_CHECK_VALUE(folded.size() == 6, what,
+                    ": the layout needs 6 values (n1, n2, s0, s1, s2, s_in)");
+  TORCH_CHECK_VALUE(t.dim() >= 2 && t.size(1) % m == 0, what, " of shape ", t.sizes(),
+                    ": dim 1 is not divisible by m=", m);
+  Layout l;
+  l.per_row = t.size(1) / m;
+  l.n1 = folded[0];
+  l.n2 = folded[1];
+  l.s0 = folded[2];
+  l.s1 = folded[3];
+  l.s2 = folded[4];
+  l.s_in = folded[5];
+  l.m = m;
+  TORCH_CHECK_VALUE(l.n1 >= 1 && l.n2 >= 1 && l.per_row * l.n1 * l.n2 >= 1, what,
+                    ": invalid folded sizes");
+  return l;
+}
+
+// Where block k is: its indices and its offsets in two tensors of one shape (weight and
+// gradient), advanced block by block without a multiplication.
+struct Cursor {
+  const Layout& a;
+  const Layout& b;
+  int64_t ib = 0, i2 = 0, i1 = 0, i0 = 0;
+  int64_t off_a = 0, off_b = 0;
+  Cursor(const Layout& la, const Layout& lb, int64_t k) : a(la), b(lb) {
+    ib = k % a.per_row;
+    int64_t outer = k / a.per_row;
+    i2 = outer % a.n2;
+    outer /= a.n2;
+    i1 = outer % a.n1;
+    i0 = outer / a.n1;
+    place();
+  }
+  void place() {
+    off_a = i0 * a.s0 + i1 * a.s1 + i2 * a.s2 + ib * a.m * a.s_in;
+    off_b = i0 * b.s0 + i1 * b.s1 + i2 * b.s2 + ib * b.m * b.s_in;
+  }
+  void next() {
+    if (++ib < a.per_row) {
+      off_a += a.m * a.s_in;
+      off_b += b.m * b.s_in;
+      return;
+    }
+    ib = 0;
+    if (++i2 >= a.n2) {
+      i2 = 0;
+      if (++i1 >= a.n1) {
+        i1 = 0;
+        ++i0;
+      }
+    }
+    place();
+  }
+};
+
+inline uint64_t full_bits(int64_t m) { return m >= 64 ? ~uint64_t{0} : (uint64_t{1} << m) - 1; }
+
+// A stored form of kept sets (core.kept.encode_kept): colex ranks [K] (with masks, the bit
+// pattern of each rank, and for encoding by_bits / binomials), or sorted positions [K, count].
+struct Codes {
+  void* data = nullptr;
+  at::ScalarType dtype = at::kByte;
+  bool ranked = true;
+  int64_t count = 0;
+  int64_t m = 0;
+  const int64_t* masks = nullptr;      // decoding (ranked)
+  const void* by_bits = nullptr;       // encoding, M <= 16: [2^M] ranks in the code dtype
+  const int64_t* binomials = nullptr;  // encoding, M > 16: [M, M + 1] binom(j, i)
+};
+
+template <typename Code, bool RANKED>
+inline uint64_t decode(const Codes& c, int64_t k) {
+  const Code* d = static_cast<const Code*>(c.data);
+  if constexpr (RANKED) {
+    return static_cast<uint64_t>(c.masks[static_cast<int64_t>(d[k])]);
+  } else {
+    uint64_t bits = 0;
+    for (int64_t i = 0; i < c.count; ++i) {
+      bits |= uint64_t{1} << static_cast<int64_t>(d[k * c.count + i]);
+    }
+    return bits;
+  }
+}
+
+template <typename Code, bool RANKED>
+inline void encode(const Codes& c, uint64_t bits, int64_t k) {
+  Code* o = static_cast<Code*>(c.data);
+  if constexpr (!RANKED) {
+    int64_t i = 0;
+    for (uint64_t b = bits; b; b &= b - 1) o[k * c.count + i++] = static_cast<Code>(__builtin_ctzll(b));
+  } else {
+    if (c.by_bits != nullptr) {
+      o[k] = static_cast<const Code*>(c.by_bits)[bits];
+      return;
+    }
+    int64_t rank = 0, i = 1;
+    for (uint64_t b = bits; b; b &= b - 1, ++i) {
+      rank += c.binomials[__builtin_ctzll(b) * (c.m + 1) + i];
+    }
+    o[k] = static_cast<Code>(rank);
+  }
+}
+
+template <typename Code>
+bool codes_in_range(const at::Tensor& t, int64_t limit) {
+  const Code* d = static_cast<const Code*>(t.data_ptr());
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, t.numel(), 1 << 16, [&](int64_t b, int64_t e) {
+    bool local = true;
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t v = static_cast<int64_t>(d[i]);
+      local &= (v >= 0) & (v < limit);
+    }
+    if (!local) ok = false;
+  });
+  return ok;
+}
+
+bool supported_code(at::ScalarType dt) {
+  return dt == at::kByte || dt == at::kShort || dt == at::kLong;
+}
+
+// Checks a stored form and its tables and fills a Codes; with check_values every code is
+// checked before anything is read through it.
+Codes make_codes(const at::Tensor& kept, const std::optional<at::Tensor>& masks, int64_t count,
+                 int64_t blocks, int64_t m, const char* what, bool check_values) {
+  // Without check_values the codes are only written (no masks needed).
+  TORCH_CHECK_VALUE(kept.device().is_cpu() && kept.is_contiguous() &&
+                        !kept.key_set().has(c10::DispatchKey::Python),
+                    what, " must be a contiguous CPU tensor");
+  const at::ScalarType dt = kept.scalar_type();
+  TORCH_CHECK_VALUE(supported_code(dt), what, " has unsupported dtype ", dt,
+                    " (uint8, int16, int64)");
+  TORCH_CHECK_VALUE(0 <= count && count <= m, "Invalid count value: ", count);
+  Codes c;
+  c.data = kept.data_ptr();
+  c.dtype = dt;
+  c.count = count;
+  c.m = m;
+  c.ranked = kept.dim() == 1;
+  int64_t limit = m;
+  if (c.ranked) {
+    TORCH_CHECK_VALUE(kept.size(0) == blocks, what, " has shape ", kept.sizes(), ", expected [",
+                      blocks, "] ranks");
+    if (check_values) {
+      TORCH_CHECK_VALUE(masks.has_value() && masks->scalar_type() == at::kLong &&
+                            masks->dim() == 1 && masks->is_contiguous() && masks->size(0) >= 1,
+                        "masks (int64 [C], the bit pattern of each rank) are required for ranks");
+      c.masks = masks->data_ptr<int64_t>();
+      limit = masks->size(0);
+    }
+  } else {
+    TORCH_CHECK_VALUE(kept.dim() == 2 && kept.size(0) == blocks && kept.size(1) == count, what,
+                      " has shape ", kept.sizes(), ", expected [", blocks, "] or [", blocks,
+                      ", ", count, "]");
+  }
+  if (check_values && kept.numel()) {
+    const bool ok = dt == at::kByte    ? codes_in_range<uint8_t>(kept, limit)
+                    : dt == at::kShort ? codes_in_range<int16_t>(kept, limit)
+                                       : codes_in_range<int64_t>(kept, limit);
+    TORCH_CHECK_VALUE(ok, what, " holds a code outside [0, ", limit,
+                      ") (a rank beyond the table or a position >= m)");
+  }
+  return c;
+}
+
+// Order-preserving unsigned keys of scores, compared as torch.sort compares them: -0.0 equals
+// 0.0, NaN ranks above +inf and all NaNs are equal.
+inline uint32_t mono(float x) {
+  uint32_t u = std::bit_cast<uint32_t>(x);
+  u = x == 0.0f ? 0u : u;
+  const uint32_t key = u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
+  return x != x ? UINT32_MAX : key;
+}
+
+inline uint64_t mono(double x) {
+  uint64_t u = std::bit_cast<uint64_t>(x);
+  u = x == 0.0 ? uint64_t{0} : u;
+  const uint64_t key =
+      u ^ (static_cast<uint64_t>(static_cast<int64_t>(u) >> 63) | (uint64_t{1} << 63));
+  return x != x ? UINT64_MAX : key;
+}
+
+// The n entries of a block first in core.nm.top_n_mask's order: score key descending, then
+// the preferred (kept) entry, then the lower index. A strict total order, so any selection
+// gives its mask: here min(n, m - n) rounds, each the extreme key of the block (a reduction
+// the compiler vectorises) and its ties resolved on bit masks. Keys are > 0 and < ~0 except
+// NaN's (all ones), so 0 marks a chosen entry in the rounds of the largest.
+template <typename U, int MT>
+inline uint64_t top_n(U* key, int64_t m_runtime, int64_t n, uint64_t preferred) {
+  const int64_t m = MT > 0 ? MT : m_runtime;
+  if (2 * n <= m) {
+    uint64_t chosen = 0;
+    for (int64_t r = 0; r < n; ++r) {
+      U best = 0;
+      for (int64_t j = 0; j < m; ++j) best = key[j] > best ? key[j] : best;
+      uint64_t tied = 0;
+      for (int64_t j = 0; j < m; ++j) tied |= static_cast<uint64_t>(key[j] == best) << j;
+      tied &= ~chosen;
+      const uint64_t both = tied & preferred;
+      const uint64_t use = uint64_t{0} - static_cast<uint64_t>(both != 0);
+      const uint64_t first = (both & use) | (tied & ~use);
+      const int64_t at = __builtin_ctzll(first);
+      chosen |= uint64_t{1} << at;
+      key[at] = 0;
+    }
+    return chosen;
+  }
+  uint64_t dropped = 0;  // the m - n last, one round each: not preferred, then higher index
+  for (int64_t r = 0; r < m - n; ++r) {
+    U worst = ~U(0);
+    for (int64_t j = 0; j < m; ++j) worst = key[j] < worst ? key[j] : worst;
+    uint64_t tied = 0;
+    for (int64_t j = 0; j < m; ++j) tied |= static_cast<uint64_t>(key[j] == worst) << j;
+    tied &= ~dropped;
+    const uint64_t other = tied & ~preferred;
+    const uint64_t use = uint64_t{0} - static_cast<uint64_t>(other != 0);
+    const uint64_t last = (other & use) | (tied & ~use);
+    const int64_t at = 63 - __builtin_clzll(last);
+    dropped |= uint64_t{1} << at;
+    key[at] = ~U(0);
+  }
+  return full_bits(m) & ~dropped;
+}
+
+// ATen's L2 norm of one contiguous row (the last-dimension path of torch.linalg.vector_norm):
+// `lanes` accumulators (acc = acc + x * x), folded left, then the scalar tail: groups of
+// `group` entries added as rounded squares, the rest as sum = fma(x, x, sum) or not.
+struct NormMode {
+  int64_t lanes = 0;  // 0: no norms
+  bool lane_fma = false;
+  bool tail_fma = false;
+  int64_t group = 0;
+};
+
+template <typename S>
+inline S square_add(S sum, S v, bool fused) {
+  if (fused) return std::fma(v, v, sum);
+  const S sq = v * v;
+  return sum + sq;
+}
+
+struct EvolveArgs {
+  void* weight;
+  const void* grad;
+  Layout wl, gl;
+  Codes kept;      // decoded
+  Codes proposed;  // encoded into
+  const void* osc_in;  // nullptr: zeros
+  void* osc_out;
+  void* norms;  // nullptr: none
+  int64_t n, m;
+  double lr, gamma;
+  bool revive_adam;
+  bool zero_pruned;
+  NormMode norm;
+};
+
+// float32 blocks of M = MT in {4, 8, 16}: the scores and their keys in the compiler's vectors
+// of at most 8 lanes (GCC/Clang vector extensions: SSE/AVX on x86, NEON on ARM, else scalar),
+// lane by lane the same operations as the scalar path (each product rounded once). Keys are
+// signed here: mono(x) with the top bit flipped, so that signed comparisons order them.
+template <int W>
+struct Lanes {
+  typedef float VF __attribute__((vector_size(W * 4)));
+  typedef uint32_t VU __attribute__((vector_size(W * 4)));
+  typedef int32_t VI __attribute__((vector_size(W * 4)));
+};
+
+template <int W>
+inline void keys_f32(const float* w, const float* g, uint32_t kept, float lr, bool adam,
+                     int32_t* key_out, int32_t* on_out) {
+  using L = Lanes<W>;
+  typename L::VF wv, gv;
+  std::memcpy(&wv, w, sizeof wv);
+  std::memcpy(&gv, g, sizeof gv);
+  typename L::VU lane_bit;
+  for (int j = 0; j < W; ++j) lane_bit[j] = 1u << j;
+  const typename L::VI on = (lane_bit & kept) != 0;  // -1 where kept
+  const typename L::VI magnitude = typename L::VI{} + 0x7FFFFFFF;
+  const typename L::VI prune = (typename L::VI)(gv * wv) & magnitude;  // Eq. 4: |G W|
+  typename L::VF revive;
+  if (adam) {
+    revive = (typename L::VF)((typename L::VI)gv & magnitude) * lr;  // eta |G|
+  } else {
+    revive = (gv * gv) * lr;  // Eq. 5: eta G^2, G^2 rounded first
+  }
+  typename L::VI bits = (prune & on) | ((typename L::VI)revive & ~on);
+  const typename L::VF score = (typename L::VF)bits;
+  bits &= ~(score == 0.0f);  // -0.0 as 0.0
+  typename L::VI key = bits ^ ((bits >> 31) & magnitude);
+  const typename L::VI nan = score != score;  // NaN above everything, NaNs equal
+  key = (key & ~nan) | (magnitude & nan);
+  std::memcpy(key_out, &key, sizeof key);
+  std::memcpy(on_out, &on, sizeof on);
+}
+
+template <int MT>
+inline uint64_t select_f32(const float* w, const float* g, uint64_t kept, float lr, bool adam,
+                           int64_t n) {
+  constexpr int W = MT < 8 ? MT : 8;
+  alignas(32) int32_t key[MT];
+  alignas(32) int32_t on[MT];
+  for (int c = 0; c < MT; c += W) {
+    keys_f32<W>(w + c, g + c, static_cast<uint32_t>(kept >> c), lr, adam, key + c, on + c);
+  }
+  if constexpr (MT <= 8) {
+    // Entry j is in when fewer than n entries come before it: a larger key, or an equal key
+    // and preferred (kept) where j is not, or equally preferred and a lower index.
+    using L = Lanes<MT>;
+    typename L::VI kv, onv, later_than, rank{};
+    std::memcpy(&kv, key, sizeof kv);
+    std::memcpy(&onv, on, sizeof onv);
+    for (int i = 0; i < MT; ++i) {
+      for (int j = 0; j < MT; ++j) later_than[j] = j > i ? -1 : 0;
+      const typename L::VI before = (on[i] & ~onv) | (~(on[i] ^ onv) & later_than);
+      rank -= (key[i] > kv) | ((key[i] == kv) & before);
+    }
+    uint64_t chosen = 0;
+    for (int j = 0; j < MT; ++j) chosen |= static_cast<uint64_t>(rank[j] < n) << j;
+    return chosen;
+  } else {
+    uint32_t unsigned_key[MT];
+    for (int j = 0; j < MT; ++j) unsigned_key[j] = static_cast<uint32_t>(key[j]) ^ 0x80000000u;
+    return top_n<uint32_t, MT>(unsigned_key, MT, n, kept);
+  }
+}
+
+// ATen's norm (row_norm) of `count` contiguous rows of m, with the lane count fixed at
+// compile time where it is one of the common widths.
+template <typename S, int MT, int LANES>
+void rows_norm(const S* rows, int64_t count, int64_t m_runtime, const NormMode& mode, S* out) {
+  const int64_t m = MT > 0 ? MT : m_runtime;
+  const int64_t lanes = LANES > 0 ? LANES : mode.lanes;
+  const int64_t vectors = lanes <= m ? m / lanes : 0;
+  const int64_t tail = m - vectors * lanes;
+  const int64_t groups = mode.group > 0 ? tail / mode.group : 0;
+  const int64_t grouped = groups * mode.group;
+  for (int64_t r = 0; r < count; ++r) {
+    const S* x = rows + r * m;
+    S sum = S(0);  // the fold of lanes that saw no vector is +0.0
+    if (vectors > 0) {
+      S acc[LANES > 0 ? LANES : kMaxM];
+      for (int64_t l = 0; l < lanes; ++l) acc[l] = S(0);
+      for (int64_t v = 0; v < vectors; ++v) {
+        for (int64_t l = 0; l < lanes; ++l) {
+          acc[l] = square_add(acc[l], x[v * lanes + l], mode.lane_fma);
+        }
+      }
+      sum = acc[0];
+      for (int64_t l = 1; l < lanes; ++l) sum = sum + acc[l];
+    }
+    const S* t = x + vectors * lanes;
+    for (int64_t d = 0; d < grouped; ++d) sum = square_add(sum, t[d], false);
+    for (int64_t d = grouped; d < tail; ++d) sum = square_add(sum, t[d], mode.tail_fma);
+    out[r] = std::sqrt(sum);
+  }
+}
+
+template <typename S>
+using NormFn = void (*)(const S*, int64_t, int64_t, const NormMode&, S*);
+
+template <typename S, int MT>
+NormFn<S> pick_norm(int64_t lanes) {
+  switch (lanes) {
+    case 4:
+      return &rows_norm<S, MT, 4>;
+    case 8:
+      return &rows_norm<S, MT, 8>;
+    case 16:
+      return &rows_norm<S, MT, 16>;
+    default:
+      return &rows_norm<S, MT, 0>;
+  }
+}
+
+constexpr int64_t kRows = 128;  // blocks whose weights are kept for their norms at a time
+
+// S: the weight's (and score) dtype, float or double; MT: M at compile time (0: a.m).
+template <typename S, typename Code, bool RANKED, typename PCode, bool PRANKED, int MT>
+void evolve_range(const EvolveArgs& a, int64_t k0, int64_t k1) {
+  using U = std::conditional_t<sizeof(S) == 4, uint32_t, uint64_t>;
+  constexpr int64_t kWidth = MT > 0 ? MT : kMaxM;
+  S* w_data = static_cast<S*>(a.weight);
+  const S* g_data = static_cast<const S*>(a.grad);
+  const S* osc_in = static_cast<const S*>(a.osc_in);
+  S* osc_out = static_cast<S*>(a.osc_out);
+  S* norms = static_cast<S*>(a.norms);
+  const int64_t m = MT > 0 ? MT : a.m;
+  const int64_t ws = a.wl.s_in, gs = a.gl.s_in;
+  const bool contiguous = ws == 1 && gs == 1;
+  const bool adam = a.revive_adam;
+  // Python floats as ATen casts a scalar operand to the tensor's dtype.
+  const S lr = static_cast<S>(a.lr);
+  const S gamma = static_cast<S>(a.gamma);
+  const S one_minus_gamma = static_cast<S>(1.0 - a.gamma);
+  const NormFn<S> norm_fn = norms != nullptr ? pick_norm<S, MT>(a.norm.lanes) : nullptr;
+  S rows[kRows * kWidth];  // this chunk's weights, for the norms
+  S g[kWidth];
+  U key[kWidth];
+  Cursor cur(a.wl, a.gl, k0);
+  for (int64_t c0 = k0; c0 < k1; c0 += kRows) {
+    const int64_t c1 = std::min(k1, c0 + kRows);
+    for (int64_t k = c0; k < c1; ++k, cur.next()) {
+      S* wp = w_data + cur.off_a;
+      const S* gp = g_data + cur.off_b;
+      S* w = rows + (k - c0) * m;
+      const uint64_t kept = decode<Code, RANKED>(a.kept, k);
+      if (contiguous) {
+        for (int64_t j = 0; j < m; ++j) w[j] = wp[j];
+        for (int64_t j = 0; j < m; ++j) g[j] = gp[j];
+      } else {
+        for (int64_t j = 0; j < m; ++j) w[j] = wp[j * ws];
+        for (int64_t j = 0; j < m; ++j) g[j] = gp[j * gs];
+      }
+      if (a.zero_pruned) {
+        // NMEngine.zero_pruned_: a pruned entry holds +0.0 (all bits 0) afterwards. Written
+        // only where it does not (rare).
+        uint64_t dirty = 0;
+        for (int64_t j = 0; j < m; ++j) {
+          dirty |= static_cast<uint64_t>(std::bit_cast<U>(w[j]) != 0) << j;
+        }
+        for (dirty &= ~kept; dirty; dirty &= dirty - 1) {
+          const int64_t j = __builtin_ctzll(dirty);
+          w[j] = S(0);
+          wp[j * ws] = S(0);
+        }
+      }
+      uint64_t proposal;
+      if constexpr (std::is_same_v<S, float> && (MT == 4 || MT == 8 || MT == 16)) {
+        proposal = select_f32<MT>(w, g, kept, lr, adam, a.n);
+      } else {
+        for (int64_t j = 0; j < m; ++j) {
+          const U on = U(0) - static_cast<U>((kept >> j) & 1);  // all ones where kept
+          const S prune = std::abs(g[j] * w[j]);                 // Eq. 4: |G W|
+          const S sq = g[j] * g[j];                              // Eq. 5: eta G^2, G^2 first
+          const S revive = adam ? std::abs(g[j]) * lr : sq * lr;  // or eta |G|
+          const U bits = (std::bit_cast<U>(prune) & on) | (std::bit_cast<U>(revive) & ~on);
+          key[j] = mono(std::bit_cast<S>(bits));
+        }
+        proposal = top_n<U, MT>(key, m, a.n, kept);
+      }
+      encode<PCode, PRANKED>(a.proposed, proposal, k);
+      const S divergence = static_cast<S>(__builtin_popcountll(kept ^ proposal));  // Eq. 7
+      const S before = osc_in == nullptr ? S(0) : osc_in[k];
+      const S decayed = before * gamma;  // Eq. 8, as update_oscillation rounds it
+      const S added = divergence * one_minus_gamma;
+      osc_out[k] = decayed + added;
+    }
+    if (norm_fn != nullptr) norm_fn(rows, c1 - c0, m, a.norm, norms + c0);
+  }
+}
+
+using RangeFn = void (*)(const EvolveArgs&, int64_t, int64_t);
+
+template <typename S, typename Code, bool RANKED, typename PCode, bool PRANKED>
+RangeFn pick_m(int64_t m) {
+  switch (m) {
+    case 4:
+      return &evolve_range<S, Code, RANKED, PCode, PRANKED, 4>;
+    case 8:
+      return &evolve_range<S, Code, RANKED, PCode, PRANKED, 8>;
+    case 16:
+      return &evolve_range<S, Code, RANKED, PCode, PRANKED, 16>;
+    default:
+      return &evolve_range<S, Code, RANKED, PCode, PRANKED, 0>;
+  }
+}
+
+// The instances: kept and proposal as encode_kept stores them (ranks in uint8 or int16 for
+// the same count, or uint8 positions), any other combination through the generic decode.
+template <typename S>
+RangeFn pick_range(const Codes& kept, const Codes& proposed, int64_t m) {
+  const bool same = kept.dtype == proposed.dtype && kept.ranked == proposed.ranked;
+  if (same && kept.ranked && kept.dtype == at::kByte) {
+    return pick_m<S, uint8_t, true, uint8_t, true>(m);
+  }
+  if (same && kept.ranked && kept.dtype == at::kShort) {
+    return pick_m<S, int16_t, true, int16_t, true>(m);
+  }
+  if (same && !kept.ranked && kept.dtype == at::kByte) {
+    return &evolve_range<S, uint8_t, false, uint8_t, false, 0>;
+  }
+  return nullptr;
+}
+
+at::ScalarType check_pair(const at::Tensor& weight, const at::Tensor& grad) {
+  for (const at::Tensor* t : {&weight, &grad}) {
+    TORCH_CHECK_VALUE(t->defined() && t->device().is_cpu() && t->layout() == at::kStrided &&
+                          t->has_storage() && !t->key_set().has(c10::DispatchKey::Python),
+                      "weight and grad must be plain strided CPU tensors");
+    TORCH_CHECK_VALUE(!t->is_neg() && !t->is_conj(), "weight and grad must not be neg/conj views");
+  }
+  const at::ScalarType dt = weight.scalar_type();
+  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kDouble, "weight has unsupported dtype ", dt,
+                    " (float32, float64)");
+  TORCH_CHECK_VALUE(grad.scalar_type() == dt && grad.sizes() == weight.sizes(),
+                    "grad must match weight in dtype and shape");
+  return dt;
+}
+
+void bump_version(const at::Tensor& t) {
+  if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+}
+
+template <typename T, typename Code, bool RANKED>
+void apply_range(T* weight, const Layout& wl, const std::vector<T*>& buffers, const Codes& kept,
+                 const Codes& proposed, const bool* frozen, const Codes& out, int64_t k0,
+                 int64_t k1, int64_t& flips) {
+  const int64_t count = kept.count;
+  const Code* old_codes = static_cast<const Code*>(kept.data);
+  const Code* new_codes = static_cast<const Code*>(proposed.data);
+  Code* out_codes = static_cast<Code*>(out.data);
+  const int64_t width = RANKED ? 1 : count;  // code entries per block
+  T row[kMaxM];
+  Cursor cur(wl, wl, k0);
+  for (int64_t k = k0; k < k1; ++k, cur.next()) {
+    const Code* source = (frozen[k] ? old_codes : new_codes) + k * width;
+    bool same = true;
+    for (int64_t i = 0; i < width; ++i) {
+      out_codes[k * width + i] = source[i];
+      same &= source[i] == old_codes[k * width + i];
+    }
+    if (same) continue;
+    const uint64_t old = decode<Code, RANKED>(kept, k);
+    const uint64_t now = decode<Code, RANKED>(proposed, k);
+    flips += __builtin_popcountll(now ^ old);
+    T* wp = weight + cur.off_a;
+    for (uint64_t pruned = old & ~now; pruned; pruned &= pruned - 1) {
+      wp[__builtin_ctzll(pruned) * wl.s_in] = T(0);
+    }
+    for (T* buffer : buffers) {
+      T* values = buffer + k * count;
+      std::memcpy(row, values, count * sizeof(T));
+      int64_t i = 0;
+      for (uint64_t b = now; b; b &= b - 1, ++i) {
+        const uint64_t bit = b & (~b + 1);
+        // Kept by both: the value moves to its new slot; revived: 0 (core.kept.remap_kept).
+        values[i] = (old & bit) ? row[__builtin_popcountll(old & (bit - 1))] : T(0);
+      }
+    }
+  }
+}
+
+// The count-th largest key of a [size] array and how many of the keys equal to it are in
+// (the lowest indices first): the membership of core.evolution.top_fraction.
+template <typename S>
+struct Threshold {
+  decltype(mono(S(0))) key = 0;
+  int64_t ties = 0;  // keys equal to `key` that are in
+  int64_t count = 0;
+  int64_t size = 0;
+  int64_t bucket = 0;  // the top 16 bits of `key`
+  int64_t need = 0;    // rank of `key` among the keys of its bucket (1: the largest)
+};
+
+template <typename S>
+constexpr int kTopShift = 8 * sizeof(decltype(mono(S(0)))) - 16;
+
+// Pass 1: a histogram of the top 16 bits; the bucket of the count-th largest key.
+template <typename S>
+void locate(const S* values, Threshold<S>& t, std::vector<int64_t>& hist) {
+  std::fill(hist.begin(), hist.end(), 0);
+  for (int64_t i = 0; i < t.size; ++i) ++hist[mono(values[i]) >> kTopShift<S>];
+  int64_t digit = 0xFFFF, need = t.count;
+  for (; digit > 0 && hist[digit] < need; --digit) need -= hist[digit];
+  t.bucket = digit;
+  t.need = need;
+}
+
+// Pass 2: the keys of that bucket, and the need-th largest of them (exact selection).
+template <typename S>
+void resolve(const S* values, Threshold<S>& t) {
+  using U = decltype(mono(S(0)));
+  std::vector<U> keys;
+  for (int64_t i = 0; i < t.size; ++i) {
+    const U key = mono(values[i]);
+    if (static_cast<int64_t>(key >> kTopShift<S>) == t.bucket) keys.push_back(key);
+  }
+  std::nth_element(keys.begin(), keys.begin() + (t.need - 1), keys.end(), std::greater<U>());
+  t.key = keys[t.need - 1];
+  int64_t above = 0;
+  for (U key : keys) above += key > t.key;
+  t.ties = t.need - above;
+}
+
+template <typename S>
+Threshold<S> find_threshold(const S* values, int64_t size, double fraction) {
+  Threshold<S> t;
+  t.size = size;
+  t.count = static_cast<int64_t>(fraction * static_cast<double>(size));
+  if (t.count > 0 && t.count < size) {
+    std::vector<int64_t> hist(int64_t{1} << 16);
+    locate(values, t, hist);
+    resolve(values, t);
+  }
+  return t;
+}
+
+template <typename S>
+struct Member {
+  Threshold<S> t;
+  int64_t ties_left;
+  explicit Member(const Threshold<S>& th) : t(th), ties_left(th.ties) {}
+  // Whether entry i (visited in order) is in the top fraction.
+  inline bool operator()(S value) {
+    if (t.count <= 0) return false;
+    if (t.count >= t.size) return true;
+    const auto key = mono(value);
+    const bool tie = (key == t.key) & (ties_left > 0);
+    ties_left -= tie;
+    return (key > t.key) | tie;
+  }
+};
+
+template <typename S>
+void obf_freeze_into(const S* osc, const S* norms, int64_t size, double alpha, double beta,
+                     bool* out) {
+  Threshold<S> by_osc, by_norm;
+  // The two selections are independent: side by side where there are threads.
+  at::parallel_for(0, 2, 1, [&](int64_t b, int64_t e) {
+    for (int64_t which = b; which < e; ++which) {
+      if (which == 0) {
+        by_osc = find_threshold(osc, size, beta);
+      } else {
+        by_norm = find_threshold(norms, size, alpha);
+      }
+    }
+  });
+  Member<S> in_osc(by_osc), in_norm(by_norm);
+  for (int64_t i = 0; i < size; ++i) {
+    const bool a = in_osc(osc[i]);
+    const bool b = in_norm(norms[i]);
+    out[i] = a & b & (osc[i] > S(0));
+  }
+}
+
+}  // namespace
+
+// Declared in module.cpp, which binds them.
+
+// Fills proposed (kept's form for n; allocated by the caller) and returns {oscillation [K],
+// norms [K] or an empty tensor}; with zero_pruned sets the pruned entries of weight to 0 first.
+std::vector<at::Tensor> evolve_blocks(
+    const at::Tensor& weight, const at::Tensor& grad, const std::vector<int64_t>& weight_layout,
+    const std::vector<int64_t>& grad_layout, const at::Tensor& kept,
+    const std::optional<at::Tensor>& masks, int64_t count, const at::Tensor& proposed,
+    const std::optional<at::Tensor>& by_bits, const std::optional<at::Tensor>& binomials,
+    const std::optional<at::Tensor>& oscillation, int64_t n, int64_t m, double lr,
+    double gamma, bool revive_adam, bool zero_pruned, const std::vector<int64_t>& norm_mode) {
+  const at::ScalarType dt = check_pair(weight, grad);
+  TORCH_CHECK_VALUE(2 <= m && m <= kMaxM, "Invalid m value: ", m, " (2 <= m <= ", kMaxM, ")");
+  TORCH_CHECK_VALUE(0 <= n && n <= m, "Invalid n value: ", n);
+  TORCH_CHECK_VALUE(norm_mode.size() == 4 && 0 <= norm_mode[0] && norm_mode[0] <= kMaxM &&
+                        0 <= norm_mode[3] && norm_mode[3] <= kMaxM,
+                    "norm_mode must be [lanes, lane_fma, tail_fma, group] with lanes <= 64");
+  const int64_t blocks = weight.numel() / m;
+  EvolveArgs a;
+  a.wl = make_layout(weight, weight_layout, m, "weight");
+  a.gl = make_layout(grad, grad_layout, m, "grad");
+  a.kept = make_codes(kept, masks, count, blocks, m, "kept", true);
+  a.proposed = make_codes(proposed, std::nullopt, n, blocks, m, "proposed", false);
+  if (a.proposed.ranked) {
+    if (m <= 16) {
+      TORCH_CHECK_VALUE(by_bits.has_value() && by_bits->scalar_type() == proposed.scalar_type() &&
+                            by_bits->numel() == (int64_t{1} << m) && by_bits->is_contiguous(),
+                        "by_bits ([2^m] ranks in the code dtype) is required for m <= 16");
+      a.proposed.by_bits = by_bits->data_ptr();
+    } else {
+      TORCH_CHECK_VALUE(binomials.has_value() && binomials->scalar_type() == at::kLong &&
+                            binomials->dim() == 2 && binomials->size(0) == m &&
+                            binomials->size(1) == m + 1 && binomials->is_contiguous(),
+                        "binomials (int64 [m, m + 1]) are required for m > 16");
+      a.proposed.binomials = binomials->data_ptr<int64_t>();
+    }
+  }
+  const int64_t lanes = norm_mode[0];
+  at::Tensor osc_out = at::empty({blocks}, weight.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor norms = at::empty({lanes ? blocks : 0}, osc_out.options());
+  a.osc_in = nullptr;
+  if (oscillation.has_value()) {
+    TORCH_CHECK_VALUE(oscillation->scalar_type() == dt && oscillation->dim() == 1 &&
+                          oscillation->size(0) == blocks && oscillation->is_contiguous() &&
+                          oscillation->device().is_cpu(),
+                      "oscillation must be a contiguous [", blocks, "] CPU tensor of ", dt);
+    a.osc_in = oscillation->data_ptr();
+  }
+  a.weight = weight.data_ptr();
+  a.grad = grad.data_ptr();
+  a.osc_out = osc_out.data_ptr();
+  a.norms = lanes ? norms.data_ptr() : nullptr;
+  a.n = n;
+  a.m = m;
+  a.lr = lr;
+  a.gamma = gamma;
+  a.revive_adam = revive_adam;
+  a.zero_pruned = zero_pruned;
+  a.norm = NormMode{lanes, norm_mode[1] != 0, norm_mode[2] != 0, norm_mode[3]};
+  const RangeFn fn = dt == at::kFloat ? pick_range<float>(a.kept, a.proposed, m)
+                                      : pick_range<double>(a.kept, a.proposed, m);
+  TORCH_CHECK_VALUE(fn != nullptr, "kept (", kept.scalar_type(), ") and proposed (",
+                    proposed.scalar_type(), ") must be in one stored form: uint8/int16 ranks or "
+                    "uint8 positions");
+  at::parallel_for(0, blocks, kGrain, [&](int64_t k0, int64_t k1) { fn(a, k0, k1); });
+  if (zero_pruned) bump_version(weight);
+  return {osc_out, norms};
+}
+
+// Eq. 10: Top(O, floor(beta K)) & Top(norms, floor(alpha K)) & (O > 0), bool [K].
+at::Tensor obf_freeze(const at::Tensor& oscillation, const at::Tensor& norms, double alpha,
+                      double beta) {
+  TORCH_CHECK_VALUE(oscillation.device().is_cpu() && norms.device().is_cpu() &&
+                        oscillation.is_contiguous() && norms.is_contiguous() &&
+                        oscillation.dim() == 1 && norms.sizes() == oscillation.sizes() &&
+                        norms.scalar_type() == oscillation.scalar_type(),
+                    "oscillation and norms must be contiguous [K] CPU tensors of one dtype");
+  const at::ScalarType dt = oscillation.scalar_type();
+  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kDouble, "unsupported dtype ", dt);
+  const int64_t size = oscillation.numel();
+  at::Tensor frozen = at::empty({size}, oscillation.options().dtype(at::kBool));
+  if (dt == at::kFloat) {
+    obf_freeze_into(oscillation.data_ptr<float>(), norms.data_ptr<float>(), size, alpha, beta,
+                    frozen.data_ptr<bool>());
+  } else {
+    obf_freeze_into(oscillation.data_ptr<double>(), norms.data_ptr<double>(), size, alpha, beta,
+                    frozen.data_ptr<bool>());
+  }
+  return frozen;
+}
+
+// core.evolution.top_fraction of a contiguous [K] float32/float64 CPU tensor, bool [K].
+at::Tensor top_fraction(const at::Tensor& values, double fraction) {
+  TORCH_CHECK_VALUE(values.device().is_cpu() && values.is_contiguous() && values.dim() == 1,
+                    "values must be a contiguous [K] CPU tensor");
+  const int64_t size = values.numel();
+  at::Tensor out = at::empty({size}, values.options().dtype(at::kBool));
+  bool* o = out.data_ptr<bool>();
+  auto run = [&](const auto* v) {
+    auto t = find_threshold(v, size, fraction);
+    Member<std::remove_const_t<std::remove_pointer_t<decltype(v)>>> in(t);
+    for (int64_t i = 0; i < size; ++i) o[i] = in(v[i]);
+  };
+  if (values.scalar_type() == at::kFloat) {
+    run(values.data_ptr<float>());
+  } else {
+    TORCH_CHECK_VALUE(values.scalar_type() == at::kDouble, "unsupported dtype ",
+                      values.scalar_type());
+    run(values.data_ptr<double>());
+  }
+  return out;
+}
+
+// Returns {the new stored kept sets (kept's form and dtype), flips (int64 scalar tensor)};
+// writes 0 to the newly pruned weights and remaps the buffers' changed rows, in place.
+std::vector<at::Tensor> apply_evolved(const at::Tensor& weight,
+                                      const std::vector<int64_t>& weight_layout,
+                                      const std::vector<at::Tensor>& buffers,
+                                      const at::Tensor& kept,
+                                      const std::optional<at::Tensor>& masks, int64_t count,
+                                      const at::Tensor& proposed, const at::Tensor& frozen,
+                                      int64_t m) {
+  const at::ScalarType dt = check_pair(weight, weight);
+  TORCH_CHECK_VALUE(2 <= m && m <= kMaxM, "Invalid m value: ", m, " (2 <= m <= ", kMaxM, ")");
+  const int64_t blocks = weight.numel() / m;
+  const Layout wl = make_layout(weight, weight_layout, m, "weight");
+  const Codes old_codes = make_codes(kept, masks, count, blocks, m, "kept", true);
+  const Codes new_codes = make_codes(proposed, masks, count, blocks, m, "proposed", true);
+  TORCH_CHECK_VALUE(proposed.scalar_type() == kept.scalar_type() && proposed.dim() == kept.dim(),
+                    "proposed must be in kept's stored form");
+  TORCH_CHECK_VALUE(frozen.scalar_type() == at::kBool && frozen.dim() == 1 &&
+                        frozen.size(0) == blocks && frozen.is_contiguous() &&
+                        frozen.device().is_cpu(),
+                    "frozen must be contiguous bool [", blocks, "]");
+  for (const at::Tensor& b : buffers) {
+    TORCH_CHECK_VALUE(b.scalar_type() == dt && b.device().is_cpu() && b.is_contiguous() &&
+                          b.dim() == 2 && b.size(0) == blocks && b.size(1) == count &&
+                          !b.key_set().has(c10::DispatchKey::Python),
+                      "buffers must be contiguous [", blocks, ", ", count,
+                      "] CPU tensors of the weight's dtype");
+  }
+  at::Tensor out = at::empty(kept.sizes(), kept.options());
+  Codes out_codes = old_codes;
+  out_codes.data = out.data_ptr();
+  const int64_t chunks = std::max<int64_t>(1, (blocks + kGrain - 1) / kGrain);
+  std::vector<int64_t> flips(chunks, 0);
+  const bool* frz = frozen.data_ptr<bool>();
+  auto run = [&](auto zero, auto code, auto ranked) {
+    using T = decltype(zero);
+    using Code = decltype(code);
+    constexpr bool RANKED = decltype(ranked)::value;
+    std::vector<T*> bufs;
+    for (const at::Tensor& b : buffers) bufs.push_back(static_cast<T*>(b.data_ptr()));
+    T* w = static_cast<T*>(weight.data_ptr());
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        apply_range<T, Code, RANKED>(w, wl, bufs, old_codes, new_codes, frz, out_codes,
+                                     c * kGrain, std::min(blocks, (c + 1) * kGrain), flips[c]);
+      }
+    });
+  };
+  auto by_code = [&](auto zero) {
+    if (!old_codes.ranked) {
+      TORCH_CHECK_VALUE(kept.scalar_type() == at::kByte, "positions must be uint8");
+      run(zero, uint8_t(0), std::false_type{});
+    } else if (kept.scalar_type() == at::kByte) {
+      run(zero, uint8_t(0), std::true_type{});
+    } else {
+      TORCH_CHECK_VALUE(kept.scalar_type() == at::kShort, "ranks must be uint8 or int16");
+      run(zero, int16_t(0), std::true_type{});
+    }
+  };
+  if (dt == at::kFloat) {
+    by_code(float(0));
+  } else {
+    by_code(double(0));
+  }
+  bump_version(weight);
+  for (const at::Tensor& b : buffers) bump_version(b);
+  int64_t total = 0;
+  for (int64_t c = 0; c < chunks; ++c) total += flips[c];
+  at::Tensor flipped = at::empty({}, kept.options().dtype(at::kLong));
+  *flipped.data_ptr<int64_t>() = total;
+  return {out, flipped};
+}
+
+// ATen's norm model on the rows of a contiguous [K, M] tensor, for the probe.
+at::Tensor probe_norm(const at::Tensor& rows, const std::vector<int64_t>& norm_mode) {
+  TORCH_CHECK_VALUE(rows.device().is_cpu() && rows.is_contiguous() && rows.dim() == 2 &&
+                        rows.size(1) <= kMaxM && norm_mode.size() == 4 && norm_mode[0] >= 1 &&
+                        norm_mode[0] <= kMaxM && norm_mode[3] >= 0 && norm_mode[3] <= kMaxM,
+                    "probe_norm: a contiguous [K, M <= 64] CPU tensor and a valid norm_mode");
+  const NormMode mode{norm_mode[0], norm_mode[1] != 0, norm_mode[2] != 0, norm_mode[3]};
+  at::Tensor out = at::empty({rows.size(0)}, rows.options());
+  const int64_t m = rows.size(1);
+  if (rows.scalar_type() == at::kFloat) {
+    pick_norm<float, 0>(mode.lanes)(rows.data_ptr<float>(), rows.size(0), m, mode,
+                                    out.data_ptr<float>());
+  } else {
+    TORCH_CHECK_VALUE(rows.scalar_type() == at::kDouble, "probe_norm: float32 or float64");
+    pick_norm<double, 0>(mode.lanes)(rows.data_ptr<double>(), rows.size(0), m, mode,
+                                     out.data_ptr<double>());
+  }
+  return out;
+}
