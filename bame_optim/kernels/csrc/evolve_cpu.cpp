@@ -222,17 +222,19 @@ Codes make_codes(const at::Tensor& kept, const std::optional<at::Tensor>& masks,
 // 0.0, NaN ranks above +inf and all NaNs are equal.
 inline uint32_t mono(float x) {
   uint32_t u = std::bit_cast<uint32_t>(x);
-  u = x == 0.0f ? 0u : u;
+  const uint32_t magnitude = u & 0x7FFFFFFFu;
+  u &= 0u - static_cast<uint32_t>(magnitude != 0);  // -0.0 as 0.0
   const uint32_t key = u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
-  return x != x ? UINT32_MAX : key;
+  return key | (0u - static_cast<uint32_t>(magnitude > 0x7F800000u));  // NaN: all ones
 }
 
 inline uint64_t mono(double x) {
   uint64_t u = std::bit_cast<uint64_t>(x);
-  u = x == 0.0 ? uint64_t{0} : u;
+  const uint64_t magnitude = u & 0x7FFFFFFFFFFFFFFFull;
+  u &= uint64_t{0} - static_cast<uint64_t>(magnitude != 0);
   const uint64_t key =
       u ^ (static_cast<uint64_t>(static_cast<int64_t>(u) >> 63) | (uint64_t{1} << 63));
-  return x != x ? UINT64_MAX : key;
+  return key | (uint64_t{0} - static_cast<uint64_t>(magnitude > 0x7FF0000000000000ull));
 }
 
 // The n entries of a block first in core.nm.top_n_mask's order: score key descending, then
@@ -309,76 +311,6 @@ struct EvolveArgs {
   bool zero_pruned;
   NormMode norm;
 };
-
-// float32 blocks of M = MT in {4, 8, 16}: the scores and their keys in the compiler's vectors
-// of at most 8 lanes (GCC/Clang vector extensions: SSE/AVX on x86, NEON on ARM, else scalar),
-// lane by lane the same operations as the scalar path (each product rounded once). Keys are
-// signed here: mono(x) with the top bit flipped, so that signed comparisons order them.
-template <int W>
-struct Lanes {
-  typedef float VF __attribute__((vector_size(W * 4)));
-  typedef uint32_t VU __attribute__((vector_size(W * 4)));
-  typedef int32_t VI __attribute__((vector_size(W * 4)));
-};
-
-template <int W>
-inline void keys_f32(const float* w, const float* g, uint32_t kept, float lr, bool adam,
-                     int32_t* key_out, int32_t* on_out) {
-  using L = Lanes<W>;
-  typename L::VF wv, gv;
-  std::memcpy(&wv, w, sizeof wv);
-  std::memcpy(&gv, g, sizeof gv);
-  typename L::VU lane_bit;
-  for (int j = 0; j < W; ++j) lane_bit[j] = 1u << j;
-  const typename L::VI on = (lane_bit & kept) != 0;  // -1 where kept
-  const typename L::VI magnitude = typename L::VI{} + 0x7FFFFFFF;
-  const typename L::VI prune = (typename L::VI)(gv * wv) & magnitude;  // Eq. 4: |G W|
-  typename L::VF revive;
-  if (adam) {
-    revive = (typename L::VF)((typename L::VI)gv & magnitude) * lr;  // eta |G|
-  } else {
-    revive = (gv * gv) * lr;  // Eq. 5: eta G^2, G^2 rounded first
-  }
-  typename L::VI bits = (prune & on) | ((typename L::VI)revive & ~on);
-  const typename L::VF score = (typename L::VF)bits;
-  bits &= ~(score == 0.0f);  // -0.0 as 0.0
-  typename L::VI key = bits ^ ((bits >> 31) & magnitude);
-  const typename L::VI nan = score != score;  // NaN above everything, NaNs equal
-  key = (key & ~nan) | (magnitude & nan);
-  std::memcpy(key_out, &key, sizeof key);
-  std::memcpy(on_out, &on, sizeof on);
-}
-
-template <int MT>
-inline uint64_t select_f32(const float* w, const float* g, uint64_t kept, float lr, bool adam,
-                           int64_t n) {
-  constexpr int W = MT < 8 ? MT : 8;
-  alignas(32) int32_t key[MT];
-  alignas(32) int32_t on[MT];
-  for (int c = 0; c < MT; c += W) {
-    keys_f32<W>(w + c, g + c, static_cast<uint32_t>(kept >> c), lr, adam, key + c, on + c);
-  }
-  if constexpr (MT <= 8) {
-    // Entry j is in when fewer than n entries come before it: a larger key, or an equal key
-    // and preferred (kept) where j is not, or equally preferred and a lower index.
-    using L = Lanes<MT>;
-    typename L::VI kv, onv, later_than, rank{};
-    std::memcpy(&kv, key, sizeof kv);
-    std::memcpy(&onv, on, sizeof onv);
-    for (int i = 0; i < MT; ++i) {
-      for (int j = 0; j < MT; ++j) later_than[j] = j > i ? -1 : 0;
-      const typename L::VI before = (on[i] & ~onv) | (~(on[i] ^ onv) & later_than);
-      rank -= (key[i] > kv) | ((key[i] == kv) & before);
-    }
-    uint64_t chosen = 0;
-    for (int j = 0; j < MT; ++j) chosen |= static_cast<uint64_t>(rank[j] < n) << j;
-    return chosen;
-  } else {
-    uint32_t unsigned_key[MT];
-    for (int j = 0; j < MT; ++j) unsigned_key[j] = static_cast<uint32_t>(key[j]) ^ 0x80000000u;
-    return top_n<uint32_t, MT>(unsigned_key, MT, n, kept);
-  }
-}
 
 // ATen's norm (row_norm) of `count` contiguous rows of m, with the lane count fixed at
 // compile time where it is one of the common widths.
@@ -480,20 +412,15 @@ void evolve_range(const EvolveArgs& a, int64_t k0, int64_t k1) {
           wp[j * ws] = S(0);
         }
       }
-      uint64_t proposal;
-      if constexpr (std::is_same_v<S, float> && (MT == 4 || MT == 8 || MT == 16)) {
-        proposal = select_f32<MT>(w, g, kept, lr, adam, a.n);
-      } else {
-        for (int64_t j = 0; j < m; ++j) {
-          const U on = U(0) - static_cast<U>((kept >> j) & 1);  // all ones where kept
-          const S prune = std::abs(g[j] * w[j]);                 // Eq. 4: |G W|
-          const S sq = g[j] * g[j];                              // Eq. 5: eta G^2, G^2 first
-          const S revive = adam ? std::abs(g[j]) * lr : sq * lr;  // or eta |G|
-          const U bits = (std::bit_cast<U>(prune) & on) | (std::bit_cast<U>(revive) & ~on);
-          key[j] = mono(std::bit_cast<S>(bits));
-        }
-        proposal = top_n<U, MT>(key, m, a.n, kept);
+      for (int64_t j = 0; j < m; ++j) {
+        const U on = U(0) - static_cast<U>((kept >> j) & 1);  // all ones where kept
+        const S prune = std::abs(g[j] * w[j]);                 // Eq. 4: |G W|
+        const S sq = g[j] * g[j];                              // Eq. 5: eta G^2, G^2 first
+        const S revive = adam ? std::abs(g[j]) * lr : sq * lr;  // or eta |G|
+        const U bits = (std::bit_cast<U>(prune) & on) | (std::bit_cast<U>(revive) & ~on);
+        key[j] = mono(std::bit_cast<S>(bits));
       }
+      const uint64_t proposal = top_n<U, MT>(key, m, a.n, kept);
       encode<PCode, PRANKED>(a.proposed, proposal, k);
       const S divergence = static_cast<S>(__builtin_popcountll(kept ^ proposal));  // Eq. 7
       const S before = osc_in == nullptr ? S(0) : osc_in[k];
@@ -505,10 +432,174 @@ void evolve_range(const EvolveArgs& a, int64_t k0, int64_t k1) {
   }
 }
 
+// float32 blocks of M = MT in {4, 8, 16}: chunks of kChunk blocks in structure-of-arrays form
+// ([entry][block]), so that every step is a loop over blocks the compiler vectorises, lane by
+// lane the same operations as evolve_range. The selection compares unique 64-bit keys (score
+// key, preferred flag, reversed index), so ties need no second pass.
+constexpr int64_t kChunk = 64;
+constexpr uint32_t kMagnitude = 0x7FFFFFFFu;  // all bits but the sign
+
+template <typename Code, bool RANKED, typename PCode, bool PRANKED, int MT>
+void evolve_chunks_f32(const EvolveArgs& a, int64_t k0, int64_t k1) {
+  float* w_data = static_cast<float*>(a.weight);
+  const float* g_data = static_cast<const float*>(a.grad);
+  const float* osc_in = static_cast<const float*>(a.osc_in);
+  float* osc_out = static_cast<float*>(a.osc_out);
+  float* norms = static_cast<float*>(a.norms);
+  const int64_t ws = a.wl.s_in, gs = a.gl.s_in;
+  const bool adam = a.revive_adam;
+  const float lr = static_cast<float>(a.lr);
+  const float gamma = static_cast<float>(a.gamma);
+  const float one_minus_gamma = static_cast<float>(1.0 - a.gamma);
+  const int64_t n = a.n;
+  const bool top = 2 * n <= MT;  // pick the n best, or drop the MT - n worst
+  const int64_t rounds = top ? n : MT - n;
+  alignas(64) float w[MT][kChunk];
+  alignas(64) float g[MT][kChunk];
+  alignas(64) int64_t key[MT][kChunk];
+  alignas(64) uint32_t kept[kChunk];
+  alignas(64) uint32_t chosen[kChunk];
+  alignas(64) int64_t extreme[kChunk];
+  alignas(64) float sum[kChunk];
+  alignas(64) float acc[kMaxM][kChunk];
+  Cursor cur(a.wl, a.gl, k0);
+  for (int64_t c0 = k0; c0 < k1; c0 += kChunk) {
+    const int64_t nb = std::min(kChunk, k1 - c0);
+    for (int64_t b = 0; b < nb; ++b, cur.next()) {
+      float* wp = w_data + cur.off_a;
+      const float* gp = g_data + cur.off_b;
+      const uint64_t bits = decode<Code, RANKED>(a.kept, c0 + b);
+      kept[b] = static_cast<uint32_t>(bits);
+      uint32_t dirty = 0;
+      for (int64_t j = 0; j < MT; ++j) {
+        const float wj = wp[j * ws];
+        w[j][b] = wj;
+        g[j][b] = gp[j * gs];
+        dirty |= static_cast<uint32_t>(std::bit_cast<uint32_t>(wj) != 0) << j;
+      }
+      dirty &= ~kept[b];
+      if (a.zero_pruned && dirty) {  // NMEngine.zero_pruned_ (rare: pruned weights are +0.0)
+        for (; dirty; dirty &= dirty - 1) {
+          const int64_t j = __builtin_ctz(dirty);
+          w[j][b] = 0.0f;
+          wp[j * ws] = 0.0f;
+        }
+      }
+    }
+    for (int64_t b = nb; b < kChunk; ++b) {  // a short last chunk: inert lanes
+      kept[b] = 0;
+      for (int64_t j = 0; j < MT; ++j) w[j][b] = g[j][b] = 0.0f;
+    }
+    for (int64_t j = 0; j < MT; ++j) {
+      const int64_t index = 127 - j;
+      for (int64_t b = 0; b < kChunk; ++b) {
+        const uint32_t on = 0u - ((kept[b] >> j) & 1u);  // all ones where kept
+        const float gj = g[j][b];
+        const uint32_t prune = std::bit_cast<uint32_t>(gj * w[j][b]) & kMagnitude;  // |G W|
+        const float magnitude = std::bit_cast<float>(std::bit_cast<uint32_t>(gj) & kMagnitude);
+        const float sq = gj * gj;  // Eq. 5: eta G^2, G^2 rounded first; or eta |G|
+        const uint32_t revive = std::bit_cast<uint32_t>((adam ? magnitude : sq) * lr);
+        const uint32_t bits = (prune & on) | (revive & ~on);
+        const float score = std::bit_cast<float>(bits);
+        key[j][b] = (static_cast<int64_t>(mono(score)) << 8) |
+                    static_cast<int64_t>(on & 128u) | index;
+      }
+    }
+    for (int64_t b = 0; b < kChunk; ++b) chosen[b] = 0;
+    if constexpr (MT <= 8) {
+      // Entry j is in when fewer than n keys are above its own.
+      for (int64_t j = 0; j < MT; ++j) {
+        for (int64_t b = 0; b < kChunk; ++b) extreme[b] = 0;
+        for (int64_t i = 0; i < MT; ++i) {
+          for (int64_t b = 0; b < kChunk; ++b) extreme[b] += key[i][b] > key[j][b];
+        }
+        for (int64_t b = 0; b < kChunk; ++b) {
+          chosen[b] |= static_cast<uint32_t>(extreme[b] < n) << j;
+        }
+      }
+    } else {
+      for (int64_t r = 0; r < rounds; ++r) {
+        for (int64_t b = 0; b < kChunk; ++b) extreme[b] = top ? INT64_MIN : INT64_MAX;
+        for (int64_t j = 0; j < MT; ++j) {
+          for (int64_t b = 0; b < kChunk; ++b) {
+            const int64_t v = key[j][b];
+            extreme[b] = top ? (v > extreme[b] ? v : extreme[b]) : (v < extreme[b] ? v : extreme[b]);
+          }
+        }
+        for (int64_t j = 0; j < MT; ++j) {
+          for (int64_t b = 0; b < kChunk; ++b) {
+            const bool hit = key[j][b] == extreme[b];
+            chosen[b] |= static_cast<uint32_t>(hit) << j;
+            key[j][b] = hit ? (top ? INT64_MIN : INT64_MAX) : key[j][b];
+          }
+        }
+      }
+      if (!top) {
+        for (int64_t b = 0; b < kChunk; ++b) chosen[b] = static_cast<uint32_t>(full_bits(MT)) & ~chosen[b];
+      }
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t k = c0 + b;
+      encode<PCode, PRANKED>(a.proposed, chosen[b], k);
+      const float divergence = static_cast<float>(__builtin_popcount(kept[b] ^ chosen[b]));
+      const float before = osc_in == nullptr ? 0.0f : osc_in[k];
+      const float decayed = before * gamma;  // Eq. 8, as update_oscillation rounds it
+      const float added = divergence * one_minus_gamma;
+      osc_out[k] = decayed + added;
+    }
+    if (norms == nullptr) continue;
+    // ATen's norm (rows_norm), lane by lane.
+    const NormMode& mode = a.norm;
+    const int64_t lanes = mode.lanes;
+    const int64_t vectors = lanes <= MT ? MT / lanes : 0;
+    const int64_t tail = MT - vectors * lanes;
+    const int64_t grouped = mode.group > 0 ? tail / mode.group * mode.group : 0;
+    for (int64_t b = 0; b < kChunk; ++b) sum[b] = 0.0f;
+    if (vectors > 0) {
+      for (int64_t l = 0; l < lanes; ++l) {
+        for (int64_t b = 0; b < kChunk; ++b) acc[l][b] = 0.0f;
+        for (int64_t v = 0; v < vectors; ++v) {
+          const float* x = w[v * lanes + l];
+          if (mode.lane_fma) {
+            for (int64_t b = 0; b < kChunk; ++b) acc[l][b] = std::fma(x[b], x[b], acc[l][b]);
+          } else {
+            for (int64_t b = 0; b < kChunk; ++b) acc[l][b] = acc[l][b] + x[b] * x[b];
+          }
+        }
+      }
+      for (int64_t b = 0; b < kChunk; ++b) sum[b] = acc[0][b];
+      for (int64_t l = 1; l < lanes; ++l) {
+        for (int64_t b = 0; b < kChunk; ++b) sum[b] = sum[b] + acc[l][b];
+      }
+    }
+    for (int64_t d = vectors * lanes; d < MT; ++d) {
+      const float* x = w[d];
+      if (d - vectors * lanes >= grouped && mode.tail_fma) {
+        for (int64_t b = 0; b < kChunk; ++b) sum[b] = std::fma(x[b], x[b], sum[b]);
+      } else {
+        for (int64_t b = 0; b < kChunk; ++b) sum[b] = sum[b] + x[b] * x[b];
+      }
+    }
+    for (int64_t b = 0; b < nb; ++b) norms[c0 + b] = std::sqrt(sum[b]);
+  }
+}
+
 using RangeFn = void (*)(const EvolveArgs&, int64_t, int64_t);
 
 template <typename S, typename Code, bool RANKED, typename PCode, bool PRANKED>
 RangeFn pick_m(int64_t m) {
+  if constexpr (std::is_same_v<S, float>) {
+    switch (m) {
+      case 4:
+        return &evolve_chunks_f32<Code, RANKED, PCode, PRANKED, 4>;
+      case 8:
+        return &evolve_chunks_f32<Code, RANKED, PCode, PRANKED, 8>;
+      case 16:
+        return &evolve_chunks_f32<Code, RANKED, PCode, PRANKED, 16>;
+      default:
+        return &evolve_range<S, Code, RANKED, PCode, PRANKED, 0>;
+    }
+  }
   switch (m) {
     case 4:
       return &evolve_range<S, Code, RANKED, PCode, PRANKED, 4>;
@@ -596,76 +687,102 @@ void apply_range(T* weight, const Layout& wl, const std::vector<T*>& buffers, co
   }
 }
 
-// The count-th largest key of a [size] array and how many of the keys equal to it are in
-// (the lowest indices first): the membership of core.evolution.top_fraction.
+// core.evolution.top_fraction's membership: the count-th largest key of a [size] array and
+// how many of the keys equal to it are in (the lowest indices first). As its _kth_largest: a
+// sorted sample of every kSampleStride-th key brackets the answer, one pass (which also stores
+// the keys) counts the keys above the bracket and collects those inside it (a few percent),
+// and an exact selection among those finds it; where the bracket misses, among all keys.
+constexpr int64_t kSampleStride = 64;
+
 template <typename S>
 struct Threshold {
-  decltype(mono(S(0))) key = 0;
-  int64_t ties = 0;  // keys equal to `key` that are in
-  int64_t count = 0;
-  int64_t size = 0;
-  int64_t bucket = 0;  // the top 16 bits of `key`
-  int64_t need = 0;    // rank of `key` among the keys of its bucket (1: the largest)
+  using U = decltype(mono(S(0)));
+  int64_t size = 0, count = 0;
+  std::vector<U> keys;  // mono of every value
+  U key = 0;            // the count-th largest key
+  int64_t ties = 0;     // keys equal to `key` that are in
+  bool all_ties = false;  // every key equal to `key` is in
 };
 
+// The need-th largest of pool (which holds every key equal to it).
 template <typename S>
-constexpr int kTopShift = 8 * sizeof(decltype(mono(S(0)))) - 16;
-
-// Pass 1: a histogram of the top 16 bits; the bucket of the count-th largest key.
-template <typename S>
-void locate(const S* values, Threshold<S>& t, std::vector<int64_t>& hist) {
-  std::fill(hist.begin(), hist.end(), 0);
-  for (int64_t i = 0; i < t.size; ++i) ++hist[mono(values[i]) >> kTopShift<S>];
-  int64_t digit = 0xFFFF, need = t.count;
-  for (; digit > 0 && hist[digit] < need; --digit) need -= hist[digit];
-  t.bucket = digit;
-  t.need = need;
-}
-
-// Pass 2: the keys of that bucket, and the need-th largest of them (exact selection).
-template <typename S>
-void resolve(const S* values, Threshold<S>& t) {
-  using U = decltype(mono(S(0)));
-  std::vector<U> keys;
-  for (int64_t i = 0; i < t.size; ++i) {
-    const U key = mono(values[i]);
-    if (static_cast<int64_t>(key >> kTopShift<S>) == t.bucket) keys.push_back(key);
+void select_key(std::vector<typename Threshold<S>::U>& pool, int64_t need, Threshold<S>& t) {
+  using U = typename Threshold<S>::U;
+  std::nth_element(pool.begin(), pool.begin() + (need - 1), pool.end(), std::greater<U>());
+  t.key = pool[need - 1];
+  int64_t above = 0, equal = 0;
+  for (U k : pool) {
+    above += k > t.key;
+    equal += k == t.key;
   }
-  std::nth_element(keys.begin(), keys.begin() + (t.need - 1), keys.end(), std::greater<U>());
-  t.key = keys[t.need - 1];
-  int64_t above = 0;
-  for (U key : keys) above += key > t.key;
-  t.ties = t.need - above;
+  t.ties = need - above;
+  t.all_ties = t.ties == equal;
 }
 
 template <typename S>
-Threshold<S> find_threshold(const S* values, int64_t size, double fraction) {
+Threshold<S> threshold(const S* values, int64_t size, double fraction) {
+  using U = typename Threshold<S>::U;
   Threshold<S> t;
   t.size = size;
   t.count = static_cast<int64_t>(fraction * static_cast<double>(size));
-  if (t.count > 0 && t.count < size) {
-    std::vector<int64_t> hist(int64_t{1} << 16);
-    locate(values, t, hist);
-    resolve(values, t);
+  if (t.count <= 0 || t.count >= size) return t;
+  std::vector<U> sample;
+  for (int64_t i = 0; i < size; i += kSampleStride) sample.push_back(mono(values[i]));
+  std::sort(sample.begin(), sample.end());
+  const int64_t samples = static_cast<int64_t>(sample.size());
+  const int64_t rank = (size - t.count) * samples / size;  // in the ascending sample
+  const int64_t slack = 4 * static_cast<int64_t>(std::sqrt(static_cast<double>(samples))) + 1;
+  const U lo = sample[std::max<int64_t>(rank - slack, 0)];
+  const U hi = sample[std::min<int64_t>(rank + slack, samples - 1)];
+  t.keys.resize(size);
+  U* keys = t.keys.data();
+  int64_t above = 0, found = 0;
+  for (int64_t i = 0; i < size; ++i) {  // vectorised
+    const U key = mono(values[i]);
+    keys[i] = key;
+    above += key > hi;
+    found += (key >= lo) & (key <= hi);
+  }
+  const int64_t need = t.count - above;
+  std::vector<U> pool;
+  if (0 < need && need <= found) {
+    pool.resize(found + 1);
+    int64_t at = 0;
+    for (int64_t i = 0; i < size; ++i) {
+      pool[at] = keys[i];  // kept only where inside the bracket (no branch)
+      at += (keys[i] >= lo) & (keys[i] <= hi);
+    }
+    pool.resize(found);
+    select_key(pool, need, t);
+  } else {
+    pool = t.keys;  // the bracket missed
+    select_key(pool, t.count, t);
   }
   return t;
 }
 
+// Writes (or with `both` ANDs into) out the membership of a threshold, bool [size].
 template <typename S>
-struct Member {
-  Threshold<S> t;
-  int64_t ties_left;
-  explicit Member(const Threshold<S>& th) : t(th), ties_left(th.ties) {}
-  // Whether entry i (visited in order) is in the top fraction.
-  inline bool operator()(S value) {
-    if (t.count <= 0) return false;
-    if (t.count >= t.size) return true;
-    const auto key = mono(value);
+void members(const Threshold<S>& t, bool* out, bool both) {
+  if (t.count <= 0 || t.count >= t.size) {
+    const bool all = t.count >= t.size;
+    for (int64_t i = 0; i < t.size; ++i) out[i] = (both ? out[i] : true) & all;
+    return;
+  }
+  const auto* keys = t.keys.data();
+  if (t.all_ties) {  // no tie left out: a comparison (vectorised)
+    for (int64_t i = 0; i < t.size; ++i) out[i] = (both ? out[i] : true) & (keys[i] >= t.key);
+    return;
+  }
+  int64_t ties_left = t.ties;
+  for (int64_t i = 0; i < t.size; ++i) {
+    const auto key = keys[i];
     const bool tie = (key == t.key) & (ties_left > 0);
     ties_left -= tie;
-    return (key > t.key) | tie;
+    const bool in = (key > t.key) | tie;
+    out[i] = (both ? out[i] : true) & in;
   }
-};
+}
 
 template <typename S>
 void obf_freeze_into(const S* osc, const S* norms, int64_t size, double alpha, double beta,
@@ -675,18 +792,15 @@ void obf_freeze_into(const S* osc, const S* norms, int64_t size, double alpha, d
   at::parallel_for(0, 2, 1, [&](int64_t b, int64_t e) {
     for (int64_t which = b; which < e; ++which) {
       if (which == 0) {
-        by_osc = find_threshold(osc, size, beta);
+        by_osc = threshold(osc, size, beta);
       } else {
-        by_norm = find_threshold(norms, size, alpha);
+        by_norm = threshold(norms, size, alpha);
       }
     }
   });
-  Member<S> in_osc(by_osc), in_norm(by_norm);
-  for (int64_t i = 0; i < size; ++i) {
-    const bool a = in_osc(osc[i]);
-    const bool b = in_norm(norms[i]);
-    out[i] = a & b & (osc[i] > S(0));
-  }
+  for (int64_t i = 0; i < size; ++i) out[i] = osc[i] > S(0);
+  members(by_osc, out, true);
+  members(by_norm, out, true);
 }
 
 }  // namespace
@@ -789,11 +903,7 @@ at::Tensor top_fraction(const at::Tensor& values, double fraction) {
   const int64_t size = values.numel();
   at::Tensor out = at::empty({size}, values.options().dtype(at::kBool));
   bool* o = out.data_ptr<bool>();
-  auto run = [&](const auto* v) {
-    auto t = find_threshold(v, size, fraction);
-    Member<std::remove_const_t<std::remove_pointer_t<decltype(v)>>> in(t);
-    for (int64_t i = 0; i < size; ++i) o[i] = in(v[i]);
-  };
+  auto run = [&](const auto* v) { members(threshold(v, size, fraction), o, false); };
   if (values.scalar_type() == at::kFloat) {
     run(values.data_ptr<float>());
   } else {
