@@ -75,7 +75,9 @@ __all__ = [
     "folded_layouts",
     "norm_mode",
     "obf_freeze",
+    "rank_masks",
     "supports",
+    "supports_on",
     "top_fraction",
 ]
 
@@ -148,9 +150,9 @@ def folded_layouts(*tensors: Tensor) -> list[list[int]] | None:
             for i, t in enumerate(tensors)]
 
 
-def _plain(t: Tensor | None) -> bool:
+def _plain(t: Tensor | None, device: torch.device | str = "cpu") -> bool:
     return (
-        t is not None and type(t) in _PLAIN_TYPES and t.device.type == "cpu"
+        t is not None and type(t) in _PLAIN_TYPES and t.device == torch.device(device)
         and t.layout == torch.strided and not t.is_neg() and not t.is_conj()
     )
 
@@ -180,12 +182,29 @@ def supports(
     module's note; with ``n``, also that a proposal of ``n`` per block is stored in the form
     and dtype of ``count`` per block (always so for ``n == count``). Cheap (no data is
     read)."""
+    return supports_on("cpu", weight, grad, kept, count, m, oscillation, buffers, n=n)
+
+
+def supports_on(
+    device: torch.device | str,
+    weight: Tensor,
+    grad: Tensor | None,
+    kept: Tensor,
+    count: int,
+    m: int,
+    oscillation: Tensor | None = None,
+    buffers: list[Tensor] = (),  # type: ignore[assignment]
+    *,
+    n: int | None = None,
+) -> bool:
+    """:func:`supports` for tensors on ``device`` (the Triton kernels take the same ones on
+    CUDA)."""
     if n is not None and (
         not 0 <= n <= m or _ranked(n, m) != _ranked(count, m)
         or code_dtype(n, m) != code_dtype(count, m)
     ):
         return False
-    if not (_plain(weight) and _plain(grad)) or grad.shape != weight.shape:  # type: ignore[union-attr]
+    if not (_plain(weight, device) and _plain(grad, device)) or grad.shape != weight.shape:  # type: ignore[union-attr]
         return False
     if weight.dtype not in DTYPES or grad.dtype != weight.dtype or weight.ndim < 2:  # type: ignore[union-attr]
         return False
@@ -195,17 +214,17 @@ def supports(
         return False
     blocks = weight.numel() // m
     shape = code_shape(blocks, count, m)
-    if not _plain(kept) or tuple(kept.shape) != shape or kept.dtype != code_dtype(count, m):
+    if not _plain(kept, device) or tuple(kept.shape) != shape or kept.dtype != code_dtype(count, m):
         return False
     if not kept.is_contiguous():
         return False
     if oscillation is not None and not (
-        _plain(oscillation) and oscillation.dtype == weight.dtype
+        _plain(oscillation, device) and oscillation.dtype == weight.dtype
         and tuple(oscillation.shape) == (blocks,) and oscillation.is_contiguous()
     ):
         return False
     return all(
-        _plain(b) and b.dtype == weight.dtype and tuple(b.shape) == (blocks, count)
+        _plain(b, device) and b.dtype == weight.dtype and tuple(b.shape) == (blocks, count)
         and b.is_contiguous()
         for b in buffers
     )
@@ -244,7 +263,7 @@ def evolve_blocks(
     proposed = torch.empty(code_shape(weight.numel() // m, n, m), dtype=code_dtype(n, m))
     new_oscillation, norms = module.evolve_blocks(
         weight, grad, *folded_layouts(weight, grad), kept,  # type: ignore[misc]
-        _rank_masks(count, m) if kept.ndim == 1 else None, count, proposed,
+        rank_masks(count, m) if kept.ndim == 1 else None, count, proposed,
         _rank_by_bits(m, _CPU, proposed.dtype) if ranked and m <= 16 else None,
         _binomials(m, _CPU) if ranked and m > 16 else None, oscillation, n, m, float(lr),
         float(gamma), revive == "adam", zero_pruned, list(mode) if in_kernel else [0, 0, 0, 0],
@@ -288,7 +307,7 @@ def apply_evolved_(
     module = _require()
     new_kept, flips = module.apply_evolved(
         weight, folded_layouts(weight)[0], list(buffers), kept,  # type: ignore[index]
-        _rank_masks(count, m) if kept.ndim == 1 else None, count, proposed, frozen, m,
+        rank_masks(count, m) if kept.ndim == 1 else None, count, proposed, frozen, m,
     )
     return new_kept, int(flips)
 
@@ -359,9 +378,10 @@ def _norm_rows_contiguous(weight: Tensor) -> bool:
 
 
 @lru_cache(maxsize=32)
-def _rank_masks(count: int, m: int) -> Tensor:
-    # [C] int64: the bit pattern of the kept set of colex rank r (cached, never written).
-    return _bit_patterns(_masks_by_rank(count, m, torch.device("cpu"), False)).contiguous()
+def rank_masks(count: int, m: int, device: torch.device = _CPU) -> Tensor:
+    """``int64 [C]``: the bit pattern of the kept set of colex rank ``r`` in row ``r``, for
+    ``count`` of ``m`` (cached per device, never written)."""
+    return _bit_patterns(_masks_by_rank(count, m, device, False)).contiguous()
 
 
 def _require() -> ModuleType:

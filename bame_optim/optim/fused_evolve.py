@@ -36,9 +36,9 @@ def fused_evolve_runs(
     fused = group.get("fused")
     if fused is False or is_sharded(weight) or state["kept_count"] != group["n"]:
         return False
+    buffers = [b for b in engine.local_buffers(weight, state) if b is not None]
     args = (weight, grad, state["kept"], state["kept_count"], group["m"],
-            state.get("oscillation"), engine.local_buffers(weight, state))
-    args = (*args[:6], [b for b in args[6] if b is not None])
+            state.get("oscillation"), buffers)
     if weight.is_cuda:
         from bame_optim.kernels import triton_evolve
 
