@@ -1,5 +1,6 @@
 """Kernels: the fused kept steps (native CPU: ``kept_sgd_cpu``; Triton on CUDA: ``triton_kept``;
-both as ``torch.library`` ops: ``ops``) and 2:4 semi-structured kernels on CUDA
+both as ``torch.library`` ops: ``ops``), the fused evolve update (native CPU: ``evolve_cpu``;
+Triton on CUDA: ``triton_evolve``; ops in ``ops``) and 2:4 semi-structured kernels on CUDA
 (``semi_structured``, ``torch.sparse`` semi-structured tensors).
 
 Experimental until verified on a GPU: the CUDA paths here are tested on the CPU only (the Triton

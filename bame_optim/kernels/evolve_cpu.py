@@ -11,8 +11,9 @@ count, rank, select again, encode, decode, remap. Here it is three native passes
    ``B̄`` of the ``n`` best scores with :func:`bame_optim.core.nm.top_n_mask`'s ties (the
    kept weight, then the lower index), ``SAD`` (Eq. 7), the oscillation EMA (Eq. 8) and the
    block norm ``||W_k||_2`` of Eq. 10;
-2. :func:`obf_freeze`: Eq. 10's frozen blocks by an exact radix selection over ``[K]``
-   (the membership :func:`bame_optim.core.evolution.top_fraction` gives);
+2. :func:`obf_freeze`: Eq. 10's frozen blocks over ``[K]`` (the membership
+   :func:`bame_optim.core.evolution.top_fraction` gives: a sorted sample brackets each
+   threshold, one pass collects the values inside the bracket, an exact selection among them);
 3. :func:`apply_evolved_`: frozen blocks keep ``B``, the others take ``B̄``; the new stored
    codes (:func:`bame_optim.core.kept.encode_kept`), the newly pruned weights set to 0 and the
    compact buffers' rows of the changed blocks moved in place
