@@ -56,7 +56,10 @@ def independent(name: str) -> str | None:
 
 LIBRARY_THIRD_PARTY = {"torch"}
 """What the library (every layer below integrations) imports besides the standard library."""
-OPTIONAL = {"bame_optim.kernels._triton_kept_kernels": {"triton"}}
+OPTIONAL = {
+    "bame_optim.kernels._triton_kept_kernels": {"triton"},
+    "bame_optim.kernels._triton_evolve_kernels": {"triton"},
+}
 """Modules that may import an optional package (only ever imported lazily themselves)."""
 
 

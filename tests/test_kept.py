@@ -60,7 +60,6 @@ def test_positions_by_rank_is_the_table_the_kernels_read(count, m):
     table = positions_by_rank(count, m, torch.device("cpu"))
     assert table.dtype == torch.int64 and table.shape == (math.comb(m, count), count)
     assert [_colex_rank(tuple(row)) for row in table.tolist()] == list(range(table.shape[0]))
-    assert kept_module._positions_by_rank is positions_by_rank  # the former name, for merging
 
 
 @examples(60)

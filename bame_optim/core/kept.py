@@ -109,10 +109,6 @@ def positions_by_rank(count: int, m: int, device: torch.device) -> Tensor:
     return table.to(device)
 
 
-_positions_by_rank = positions_by_rank
-"""The former private name, kept while a branch that imports it is merged."""
-
-
 def _colex_rank(positions: Tensor, m: int) -> Tensor:
     order = torch.arange(1, positions.shape[1] + 1, device=positions.device)
     return _binomials(m, positions.device)[positions, order].sum(dim=1)

@@ -1,4 +1,5 @@
-"""Build and load the native CPU kernels (fused kept-SGD and kept-AdamW): one extension.
+"""Build and load the native CPU kernels (fused kept-SGD and kept-AdamW, the evolve passes): one
+extension.
 
 The extension is compiled with :func:`torch.utils.cpp_extension.load` on first use (never at
 import) into a folder of the torch extensions cache (``TORCH_EXTENSIONS_DIR``, else torch's
@@ -52,9 +53,11 @@ __all__ = [
 ]
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = (CSRC / "kept_sgd_cpu.cpp", CSRC / "kept_adamw_cpu.cpp", CSRC / "module.cpp")
+SOURCES = (CSRC / "kept_sgd_cpu.cpp", CSRC / "kept_adamw_cpu.cpp", CSRC / "evolve_cpu.cpp",
+           CSRC / "evolve_apply_cpu.cpp", CSRC / "module.cpp")
 """The C++ sources of the extension (package data); :data:`HEADERS` are hashed with them."""
-HEADERS = (CSRC / "kept_common.h", CSRC / "kept_move.h", CSRC / "kept_simd.h")
+HEADERS = (CSRC / "kept_common.h", CSRC / "kept_move.h", CSRC / "kept_simd.h",
+           CSRC / "evolve_common.h")
 
 DISABLE_ENV = "BAME_OPTIM_NO_NATIVE"
 """Set to anything but ``""`` or ``"0"`` to disable the native kernels."""

@@ -295,3 +295,125 @@ def _check_lengths(size: int, **lists: list[object]) -> None:
     for name, values in lists.items():
         if len(values) != size:
             raise ValueError(f"Invalid {name}: {len(values)} entries for {size} params")
+
+
+# -- the evolve update (issue 19: one fused pass per parameter) ------------------------------
+# bame_optim::evolve_blocks (LMA scores, top-n proposal, SAD, oscillation EMA, block norms),
+# bame_optim::obf_freeze (Eq. 10) and bame_optim::apply_evolved_ (new codes, newly pruned
+# weights zeroed, buffers remapped): CPU through the native passes of evolve_cpu (else the
+# eager core functions), CUDA through the Triton kernels of triton_evolve.
+
+
+@torch.library.custom_op("bame_optim::evolve_blocks", mutates_args=("weight",))
+def evolve_blocks(
+    weight: Tensor,
+    grad: Tensor,
+    kept: Tensor,
+    oscillation: Tensor | None,
+    count: int,
+    n: int,
+    m: int,
+    lr: float,
+    gamma: float,
+    revive: str,
+    zero_pruned: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(proposed kept sets in the stored form for n, oscillation [K], norms [K])`` of one
+    parameter in the block layout (``weight`` written only with ``zero_pruned``):
+    :func:`bame_optim.kernels.evolve_cpu.evolve_blocks`, bit for bit."""
+    from bame_optim.kernels import evolve_cpu
+
+    args = (weight, grad, kept, count, oscillation)
+    hyper = dict(n=n, m=m, lr=lr, gamma=gamma, revive=revive, zero_pruned=zero_pruned)
+    if evolve_cpu.available() and evolve_cpu.supports(weight, grad, kept, count, m, oscillation,
+                                                      n=n):
+        return evolve_cpu.evolve_blocks(*args, **hyper)
+    return evolve_cpu.evolve_blocks_eager(*args, **hyper)
+
+
+@evolve_blocks.register_kernel("cuda")
+def _evolve_blocks_cuda(
+    weight: Tensor, grad: Tensor, kept: Tensor, oscillation: Tensor | None, count: int, n: int,
+    m: int, lr: float, gamma: float, revive: str, zero_pruned: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from bame_optim.kernels import triton_evolve
+
+    return triton_evolve.evolve_blocks(weight, grad, kept, count, oscillation, n=n, m=m, lr=lr,
+                                       gamma=gamma, revive=revive, zero_pruned=zero_pruned)
+
+
+@evolve_blocks.register_fake
+def _evolve_blocks_fake(
+    weight: Tensor, grad: Tensor, kept: Tensor, oscillation: Tensor | None, count: int, n: int,
+    m: int, lr: float, gamma: float, revive: str, zero_pruned: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from bame_optim.kernels.evolve_cpu import code_dtype, code_shape
+
+    blocks = weight.numel() // m
+    score = weight.new_empty(blocks)
+    proposed = weight.new_empty(code_shape(blocks, n, m), dtype=code_dtype(n, m))
+    return proposed, score, torch.empty_like(score)
+
+
+@torch.library.custom_op("bame_optim::obf_freeze", mutates_args=())
+def obf_freeze(oscillation: Tensor, norms: Tensor, alpha: float, beta: float) -> Tensor:
+    """:func:`bame_optim.core.evolution.obf_freeze` (Eq. 10), bit for bit."""
+    from bame_optim.core.evolution import obf_freeze as reference
+    from bame_optim.kernels import evolve_cpu
+
+    plain = oscillation.is_contiguous() and norms.is_contiguous()
+    if plain and oscillation.dtype in evolve_cpu.DTYPES and evolve_cpu.available():
+        return evolve_cpu.obf_freeze(oscillation, norms, alpha, beta)
+    return reference(oscillation, norms, alpha, beta)
+
+
+@obf_freeze.register_kernel("cuda")
+def _obf_freeze_cuda(oscillation: Tensor, norms: Tensor, alpha: float, beta: float) -> Tensor:
+    from bame_optim.core.evolution import obf_freeze as reference
+
+    return reference(oscillation, norms, alpha, beta)
+
+
+@obf_freeze.register_fake
+def _obf_freeze_fake(oscillation: Tensor, norms: Tensor, alpha: float, beta: float) -> Tensor:
+    return torch.empty_like(oscillation, dtype=torch.bool)
+
+
+@torch.library.custom_op("bame_optim::apply_evolved_", mutates_args=("weight", "buffers"))
+def apply_evolved_(
+    weight: Tensor,
+    buffers: list[Tensor],
+    kept: Tensor,
+    count: int,
+    proposed: Tensor,
+    frozen: Tensor,
+    m: int,
+) -> tuple[Tensor, Tensor]:
+    """``(new stored kept sets, flips as an int64 scalar tensor)``; newly pruned weights set to 0
+    and the buffers remapped in place: :func:`bame_optim.kernels.evolve_cpu.apply_evolved_`."""
+    from bame_optim.kernels import evolve_cpu
+
+    if evolve_cpu.available() and evolve_cpu.supports(weight, weight, kept, count, m,
+                                                      buffers=buffers):
+        new_kept, flips = evolve_cpu.apply_evolved_(weight, buffers, kept, count, proposed,
+                                                    frozen, m)
+        return new_kept, torch.tensor(flips)
+    return evolve_cpu.apply_evolved_eager(weight, buffers, kept, count, proposed, frozen, m)
+
+
+@apply_evolved_.register_kernel("cuda")
+def _apply_evolved_cuda(
+    weight: Tensor, buffers: list[Tensor], kept: Tensor, count: int, proposed: Tensor,
+    frozen: Tensor, m: int,
+) -> tuple[Tensor, Tensor]:
+    from bame_optim.kernels import triton_evolve
+
+    return triton_evolve.apply_evolved_(weight, buffers, kept, count, proposed, frozen, m)
+
+
+@apply_evolved_.register_fake
+def _apply_evolved_fake(
+    weight: Tensor, buffers: list[Tensor], kept: Tensor, count: int, proposed: Tensor,
+    frozen: Tensor, m: int,
+) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(kept), kept.new_empty((), dtype=torch.int64)

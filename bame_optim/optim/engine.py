@@ -114,9 +114,6 @@ class NMEngine:
         """The kept code of this rank's blocks (``[K]`` ranks or ``[K, count]`` positions)."""
         return local_state(state["kept"])
 
-    local_kept = local_code
-    """The former name of :meth:`local_code`, kept while a branch that calls it is merged."""
-
     @staticmethod
     def oscillation(p: Tensor, state: State, m: int, dtype: torch.dtype) -> Tensor:
         """This rank's oscillation EMA ``[K]``; zeros when absent (Eq. 8: ``O`` starts at 0
@@ -211,6 +208,29 @@ class NMEngine:
                 buffer.index_copy_(0, rows, moved_values)
             state[name] = distribute_state(buffer, p, m)
         return changed
+
+    def apply_evolution(
+        self, p: Tensor, state: State, proposed: Tensor, frozen: Tensor, m: int
+    ) -> int:
+        """:meth:`apply_mask` of an evolve update whose count stays, through the fused pass
+        (``bame_optim::apply_evolved_``): frozen blocks keep their kept set, the others take
+        the bit patterns ``proposed`` (``int64 [K]``). Returns the number of flipped entries.
+        Buffers are remapped in place; equal to :meth:`apply_mask` bit for bit."""
+        count = state["kept_count"]
+        buffers = [b for b in self.local_buffers(p, state) if b is not None]
+        local, kept = local_tensor(p), local_state(state["kept"])
+        if local.is_cuda:
+            from bame_optim.kernels import ops
+
+            new_kept, flips = ops.apply_evolved_(local, buffers, kept, count, proposed, frozen, m)
+            flips = int(flips)
+        else:
+            from bame_optim.kernels import evolve_cpu
+
+            new_kept, flips = evolve_cpu.apply_evolved_(local, buffers, kept, count, proposed,
+                                                        frozen, m)
+        state["kept"] = distribute_state(new_kept, p, m)
+        return flips
 
     def zero_pruned_(self, p: Tensor, state: State, m: int) -> None:
         """Set every pruned weight of ``p`` to 0 (weights written from outside the optimizer,

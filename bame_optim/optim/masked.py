@@ -29,7 +29,8 @@ from bame_optim.core.schedule import (
 from bame_optim.optim import interop
 from bame_optim.optim.base import NMOptimizer, user_stacklevel
 from bame_optim.optim.engine import NMEngine
-from bame_optim.optim.rules import BAME_RULES, MaskContext, MaskRules
+from bame_optim.optim.fused_evolve import evolve_fused, fused_evolve_runs
+from bame_optim.optim.rules import BAME_RULES, MaskContext, MaskRules, lma_obf
 from bame_optim.optim.sharded import block_range, gather_blocks, is_sharded, local_tensor
 
 __all__ = ["MaskedOptimizer", "SparseState"]
@@ -152,10 +153,10 @@ class MaskedOptimizer(NMOptimizer):
             if not engine.initialised(state):
                 engine.initialise(weight, state, m)
             engine.check(weight, state, m, f"parameter {first_index + offset}")
-            if reapply:
-                engine.zero_pruned_(weight, state, m)
-            if update:
+            if update:  # (reapply holds: the update sets the pruned weights to 0 first)
                 self._update_mask(p, state, group, first_index + offset)
+            elif reapply:
+                engine.zero_pruned_(weight, state, m)
             if advance and t >= t_f:
                 state.pop("oscillation", None)  # the mask is fixed from here on
             if p.grad is not None:
@@ -185,15 +186,24 @@ class MaskedOptimizer(NMOptimizer):
             )
 
     def _update_mask(self, p: Tensor, state: dict[str, Any], group: dict[str, Any], index: int):
+        """Set the pruned weights of ``p`` to 0, then apply the mask rule of the phase."""
         t, t_i, t_f, m = group["step"], group["t_i"], group["t_f"], group["m"]
         weight = blocked(p, group)
         current = phase(t, t_i, t_f)
         rule = self.rules.rule_for(current, t_i, untouched=state["kept_count"] == m)
+        finite = current is Phase.EVOLVE and p.grad is not None and _all_finite(p.grad)
+        if finite and rule is lma_obf and fused_evolve_runs(
+            self.engine, weight, blocked(p.grad, group), state, group
+        ):
+            evolve_fused(self.engine, weight, blocked(p.grad, group), state, group,
+                         zero_pruned=True)
+            return
+        self.engine.zero_pruned_(weight, state, m)
         grad = None
         if current is Phase.EVOLVE:
             if p.grad is None:
                 return
-            if not _all_finite(p.grad):
+            if not finite:
                 warnings.warn(
                     f"{type(self).__name__}: the gradient of parameter {index} (shape "
                     f"{tuple(p.shape)}) has NaN or Inf at step {t}; its mask update is skipped "

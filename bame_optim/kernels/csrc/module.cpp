@@ -27,6 +27,25 @@ void fused_kept_adamw(const std::vector<at::Tensor>& params,
                       double lr, double beta1, double beta2, double weight_decay, double eps,
                       bool amsgrad, bool maximize, bool fma, bool fma_addcmul);
 at::Tensor probe_addcmul(const at::Tensor& a, const at::Tensor& b, double value, bool fma);
+// evolve_cpu.cpp: the fused passes of the evolve-phase mask update.
+std::vector<at::Tensor> evolve_blocks(
+    const at::Tensor& weight, const at::Tensor& grad, const std::vector<int64_t>& weight_layout,
+    const std::vector<int64_t>& grad_layout, const at::Tensor& kept,
+    const std::optional<at::Tensor>& masks, int64_t count, const at::Tensor& proposed,
+    const std::optional<at::Tensor>& by_bits, const std::optional<at::Tensor>& binomials,
+    const std::optional<at::Tensor>& oscillation, int64_t n, int64_t m, double lr,
+    double gamma, bool revive_adam, bool zero_pruned, const std::vector<int64_t>& norm_mode);
+at::Tensor obf_freeze(const at::Tensor& oscillation, const at::Tensor& norms, double alpha,
+                      double beta);
+at::Tensor top_fraction(const at::Tensor& values, double fraction);
+std::vector<at::Tensor> apply_evolved(const at::Tensor& weight,
+                                      const std::vector<int64_t>& weight_layout,
+                                      const std::vector<at::Tensor>& buffers,
+                                      const at::Tensor& kept,
+                                      const std::optional<at::Tensor>& masks, int64_t count,
+                                      const at::Tensor& proposed, const at::Tensor& frozen,
+                                      int64_t m);
+at::Tensor probe_norm(const at::Tensor& rows, const std::vector<int64_t>& norm_mode);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   // The GIL is released while a step runs (tensors only; as torch's own ops do).
@@ -37,4 +56,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              py::call_guard<py::gil_scoped_release>());
   module.def("probe_add", &probe_add, "add(a, b, alpha) with the kernel's rounding");
   module.def("probe_addcmul", &probe_addcmul, "addcmul(a, b, b, value) with the kernel's rounding");
+  module.def("evolve_blocks", &evolve_blocks,
+             "LMA scores, top-n proposal, SAD, oscillation EMA and block norms (CPU)",
+             py::call_guard<py::gil_scoped_release>());
+  module.def("obf_freeze", &obf_freeze, "OBF's frozen blocks (Eq. 10) (CPU)",
+             py::call_guard<py::gil_scoped_release>());
+  module.def("top_fraction", &top_fraction, "core.evolution.top_fraction (CPU)",
+             py::call_guard<py::gil_scoped_release>());
+  module.def("apply_evolved", &apply_evolved,
+             "New kept sets, newly pruned weights zeroed, compact buffers remapped (CPU)",
+             py::call_guard<py::gil_scoped_release>());
+  module.def("probe_norm", &probe_norm, "ATen's last-dim L2 norm model, for the probe");
 }

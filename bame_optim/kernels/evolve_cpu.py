@@ -1,0 +1,430 @@
+r"""Fused CPU passes of BAME's evolve-phase mask update (LMA + OBF), equal bit for bit to the
+eager core functions.
+
+The eager update of one parameter (:func:`bame_optim.core.evolution.evolve_mask`, then
+:meth:`bame_optim.optim.engine.NMEngine.apply_mask`) is about twenty passes over the block view
+``[K, M]``: decode the kept mask, copy the blocks, score, select round by round, compare,
+count, rank, select again, encode, decode, remap. Here it is three native passes:
+
+1. :func:`evolve_blocks`: one read of the weight, the gradient (through their strides, no
+   block copy) and the stored kept sets; per block the LMA scores (Eq. 4, 5), the proposal
+   ``B̄`` of the ``n`` best scores with :func:`bame_optim.core.nm.top_n_mask`'s ties (the
+   kept weight, then the lower index), ``SAD`` (Eq. 7), the oscillation EMA (Eq. 8) and the
+   block norm ``||W_k||_2`` of Eq. 10;
+2. :func:`obf_freeze`: Eq. 10's frozen blocks over ``[K]`` (the membership
+   :func:`bame_optim.core.evolution.top_fraction` gives: a sorted sample brackets each
+   threshold, one pass collects the values inside the bracket, an exact selection among them);
+3. :func:`apply_evolved_`: frozen blocks keep ``B``, the others take ``B̄``; the new stored
+   codes (:func:`bame_optim.core.kept.encode_kept`), the newly pruned weights set to 0 and the
+   compact buffers' rows of the changed blocks moved in place
+   (:func:`bame_optim.core.kept.remap_kept`); returns the number of flipped entries.
+
+Equality: the scores, the EMA and the norm round operation by operation as ATen's CPU kernels
+do (products rounded before the next operation; scalars cast to the score dtype first), and the
+selections are exact (strict total orders, so any algorithm gives the same set). The norm is
+ATen's last-dimension L2 reduction (``torch.linalg.vector_norm(..., dim=1)`` of the block view):
+lanes of its vector width, a left fold of the lanes and a scalar tail, each possibly a fused
+multiply-add depending on how ATen was compiled for this CPU. On first use a probe finds the
+lane width and the fused operations that reproduce ATen here on rows of every ``M`` up to 64;
+where none does, the norms come from ATen itself (:func:`bame_optim.core.evolution.block_norms`
+on the block view, one more pass), so the result never changes, only the speed.
+
+.. note:: Supported (:func:`supports`): plain strided CPU float32/float64 weights and gradients
+   whose dimensions other than 1 fold into three strided ones (every Linear and convolution
+   layout, transposed views included), ``2 <= M <= 64``, the stored kept form and code dtype
+   :func:`bame_optim.core.kept.encode_kept` gives, compact buffers ``[K, count]`` contiguous in
+   the weight's dtype. The optimizers use the eager path for anything else.
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import lru_cache
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from bame_optim.core.evolution import block_norms, lma_scores, sad, update_oscillation
+from bame_optim.core.kept import (
+    _binomials,
+    _code_dtype,
+    _masks_by_rank,
+    _position_dtype,
+    _rank_by_bits,
+    _ranked,
+    decode_kept,
+    encode_kept,
+    remap_kept,
+)
+from bame_optim.core.nm import blocks_to_param, param_to_blocks, select, top_n_mask_
+from bame_optim.kernels import native
+from bame_optim.kernels.native import DISABLE_ENV, disabled
+
+__all__ = [
+    "DISABLE_ENV",
+    "DTYPES",
+    "MAX_M",
+    "apply_evolved_",
+    "apply_evolved_eager",
+    "available",
+    "code_dtype",
+    "code_shape",
+    "disabled",
+    "evolve_blocks",
+    "evolve_blocks_eager",
+    "folded_layouts",
+    "norm_mode",
+    "obf_freeze",
+    "rank_masks",
+    "supports",
+    "supports_on",
+    "top_fraction",
+]
+
+DTYPES = (torch.float32, torch.float64)
+"""Weight dtypes the passes handle (their score dtype is their own)."""
+MAX_M = 64
+"""Largest block size: a block's kept set is one 64-bit pattern in the kernels."""
+PROBE_M = (*range(2, 34), 40, 47, 48, 63, 64)
+"""Block sizes the norm probe compares with ATen (every vector width up to 32 lanes shows in
+them: full vectors, tails, both)."""
+PROBE_ROWS = 96
+"""Rows per block size in the norm probe (a wrong fused multiply-add shows in a few percent of
+rows, so each wrong mode fails many times over)."""
+_LANES = (8, 16, 4, 32, 2, 1)
+_GROUPS = (0, 4, 2, 8)
+_CPU = torch.device("cpu")
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+_OUTER_DIMS = 3
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "norm_modes": {dtype: (lanes, lane_fma, tail_fma) or None}
+
+
+def available() -> bool:
+    """Whether the fused passes can run: not disabled (``BAME_OPTIM_NO_NATIVE``) and the
+    extension builds (on the first call; the result is cached). A failure warns once and
+    returns False (raises with ``BAME_OPTIM_REQUIRE_NATIVE``)."""
+    if disabled():
+        return False
+    return _load() is not None
+
+
+def error() -> str | None:
+    """Why the passes are unavailable (``None`` if they are, or were not tried)."""
+    return native.error() or _state.get("error")  # type: ignore[return-value]
+
+
+def norm_mode(dtype: torch.dtype) -> tuple[int, int, int, int] | None:
+    """The probe's answer for ``dtype``: ``(lanes, lane_fma, tail_fma, group)`` of ATen's L2
+    norm here (see :func:`_probe_norms`), or ``None`` where no mode reproduces it (the norms
+    then come from ATen)."""
+    if _load() is None:
+        return None
+    return _state["norm_modes"].get(dtype)  # type: ignore[union-attr]
+
+
+def folded_layouts(*tensors: Tensor) -> list[list[int]] | None:
+    """Per tensor ``[n1, n2, s0, s1, s2, s_in]``: the dimensions other than 1 of tensors of one
+    shape, in block order, folded into three strided ones of sizes ``(n0, n1, n2)`` (``n0``
+    implied; the same for every tensor) and their strides ``(s0, s1, s2)``, and the stride of
+    dimension 1; ``None`` if they do not fold into three. Two dimensions fold where they do in
+    every tensor (a channels_last weight with a contiguous gradient folds less)."""
+    first = tensors[0]
+    dims = [0, *range(2, first.ndim)]
+    folded: list[tuple[int, list[int]]] = []  # (size, strides per tensor)
+    for d in dims:
+        size = first.shape[d]
+        if size == 1:
+            continue
+        strides = [t.stride(d) for t in tensors]
+        if folded and all(s_outer == size * s for s_outer, s in
+                                      zip(folded[-1][1], strides, strict=True)):
+            folded[-1] = (folded[-1][0] * size, strides)
+        else:
+            folded.append((size, strides))
+    if len(folded) > _OUTER_DIMS:
+        return None
+    folded = [(1, [0] * len(tensors))] * (_OUTER_DIMS - len(folded)) + folded
+    return [[folded[1][0], folded[2][0], *(f[1][i] for f in folded), t.stride(1)]
+            for i, t in enumerate(tensors)]
+
+
+def _plain(t: Tensor | None, device: torch.device | str = "cpu") -> bool:
+    return (
+        t is not None and type(t) in _PLAIN_TYPES and t.device == torch.device(device)
+        and t.layout == torch.strided and not t.is_neg() and not t.is_conj()
+    )
+
+
+def code_dtype(count: int, m: int) -> torch.dtype:
+    """The dtype :func:`bame_optim.core.kept.encode_kept` stores ``count`` of ``m`` in."""
+    return _code_dtype(count, m) if _ranked(count, m) else _position_dtype(m)
+
+
+def code_shape(blocks: int, count: int, m: int) -> tuple[int, ...]:
+    """The shape :func:`bame_optim.core.kept.encode_kept` stores ``blocks`` kept sets in."""
+    return (blocks,) if _ranked(count, m) else (blocks, count)
+
+
+def supports(
+    weight: Tensor,
+    grad: Tensor | None,
+    kept: Tensor,
+    count: int,
+    m: int,
+    oscillation: Tensor | None = None,
+    buffers: list[Tensor] = (),  # type: ignore[assignment]
+    *,
+    n: int | None = None,
+) -> bool:
+    """Whether the passes handle this parameter (block layout, input dimension at 1): see the
+    module's note; with ``n``, also that a proposal of ``n`` per block is stored in the form
+    and dtype of ``count`` per block (always so for ``n == count``). Cheap (no data is
+    read)."""
+    return supports_on("cpu", weight, grad, kept, count, m, oscillation, buffers, n=n)
+
+
+def supports_on(
+    device: torch.device | str,
+    weight: Tensor,
+    grad: Tensor | None,
+    kept: Tensor,
+    count: int,
+    m: int,
+    oscillation: Tensor | None = None,
+    buffers: list[Tensor] = (),  # type: ignore[assignment]
+    *,
+    n: int | None = None,
+) -> bool:
+    """:func:`supports` for tensors on ``device`` (the Triton kernels take the same ones on
+    CUDA)."""
+    if n is not None and (
+        not 0 <= n <= m or _ranked(n, m) != _ranked(count, m)
+        or code_dtype(n, m) != code_dtype(count, m)
+    ):
+        return False
+    if not (_plain(weight, device) and _plain(grad, device)) or grad.shape != weight.shape:  # type: ignore[union-attr]
+        return False
+    if weight.dtype not in DTYPES or grad.dtype != weight.dtype or weight.ndim < 2:  # type: ignore[union-attr]
+        return False
+    if not 2 <= m <= MAX_M or weight.shape[1] % m or weight.numel() == 0 or not 0 <= count <= m:
+        return False
+    if weight.stride(1) == 0 or folded_layouts(weight, grad) is None:  # type: ignore[arg-type]
+        return False
+    blocks = weight.numel() // m
+    shape = code_shape(blocks, count, m)
+    if not _plain(kept, device) or tuple(kept.shape) != shape or kept.dtype != code_dtype(count, m):
+        return False
+    if not kept.is_contiguous():
+        return False
+    if oscillation is not None and not (
+        _plain(oscillation, device) and oscillation.dtype == weight.dtype
+        and tuple(oscillation.shape) == (blocks,) and oscillation.is_contiguous()
+    ):
+        return False
+    return all(
+        _plain(b, device) and b.dtype == weight.dtype and tuple(b.shape) == (blocks, count)
+        and b.is_contiguous()
+        for b in buffers
+    )
+
+
+def evolve_blocks(
+    weight: Tensor,
+    grad: Tensor,
+    kept: Tensor,
+    count: int,
+    oscillation: Tensor | None,
+    *,
+    n: int,
+    m: int,
+    lr: float,
+    gamma: float,
+    revive: str = "sgd",
+    zero_pruned: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Pass 1 on one parameter (:func:`supports`): ``(proposed, oscillation, norms)``.
+
+    ``proposed`` is ``B̄`` in the stored form of :func:`bame_optim.core.kept.encode_kept` for
+    ``n``, ``oscillation`` the EMA of Eq. 8 (``oscillation`` ``None``: from 0) and ``norms``
+    ``||W_k||_2``, both ``[K]`` in the weight's dtype: equal to what
+    :func:`bame_optim.core.evolution.evolve_mask` computes (``proposed``, ``oscillation``, and
+    :func:`bame_optim.core.evolution.block_norms`) bit for bit. With ``zero_pruned`` the pruned
+    entries of ``weight`` are set to 0 first, as
+    :meth:`bame_optim.optim.engine.NMEngine.zero_pruned_` does.
+    """
+    module = _require()
+    if revive not in ("sgd", "adam"):
+        raise ValueError(f"Invalid revive value: {revive!r} (one of ('sgd', 'adam'))")
+    mode = _state["norm_modes"].get(weight.dtype)  # type: ignore[union-attr]
+    in_kernel = mode is not None and _norm_rows_contiguous(weight)
+    ranked = _ranked(n, m)
+    proposed = torch.empty(code_shape(weight.numel() // m, n, m), dtype=code_dtype(n, m))
+    new_oscillation, norms = module.evolve_blocks(
+        weight, grad, *folded_layouts(weight, grad), kept,  # type: ignore[misc]
+        rank_masks(count, m) if kept.ndim == 1 else None, count, proposed,
+        _rank_by_bits(m, _CPU, proposed.dtype) if ranked and m <= 16 else None,
+        _binomials(m, _CPU) if ranked and m > 16 else None, oscillation, n, m, float(lr),
+        float(gamma), revive == "adam", zero_pruned, list(mode) if in_kernel else [0, 0, 0, 0],
+    )
+    if not in_kernel:
+        norms = block_norms(param_to_blocks(weight, m))
+    return proposed, new_oscillation, norms
+
+
+def obf_freeze(oscillation: Tensor, norms: Tensor, alpha: float, beta: float) -> Tensor:
+    """:func:`bame_optim.core.evolution.obf_freeze` of contiguous ``[K]`` CPU float32/float64
+    tensors, bit for bit (Eq. 10)."""
+    for name, value in (("alpha", alpha), ("beta", beta)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"Invalid fraction value: {value!r} (must be in [0, 1]) ({name})")
+    return _require().obf_freeze(oscillation, norms, float(alpha), float(beta))
+
+
+def top_fraction(values: Tensor, fraction: float) -> Tensor:
+    """:func:`bame_optim.core.evolution.top_fraction` of a contiguous ``[K]`` CPU
+    float32/float64 tensor, bit for bit."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"Invalid fraction value: {fraction!r} (must be in [0, 1])")
+    return _require().top_fraction(values, float(fraction))
+
+
+def apply_evolved_(
+    weight: Tensor,
+    buffers: list[Tensor],
+    kept: Tensor,
+    count: int,
+    proposed: Tensor,
+    frozen: Tensor,
+    m: int,
+) -> tuple[Tensor, int]:
+    """Pass 3: the new stored kept sets (frozen blocks keep ``kept``, the others take
+    ``proposed``, stored in ``kept``'s form for the same ``count``) and the number of flipped
+    entries. In place: newly pruned entries of ``weight`` become 0, and each compact buffer
+    keeps the values of the weights kept by both sets, 0 for revived ones (as
+    :meth:`bame_optim.optim.engine.NMEngine.apply_mask` with an unchanged count)."""
+    module = _require()
+    new_kept, flips = module.apply_evolved(
+        weight, folded_layouts(weight)[0], list(buffers), kept,  # type: ignore[index]
+        rank_masks(count, m) if kept.ndim == 1 else None, count, proposed, frozen, m,
+    )
+    return new_kept, int(flips)
+
+
+def evolve_blocks_eager(
+    weight: Tensor,
+    grad: Tensor,
+    kept: Tensor,
+    count: int,
+    oscillation: Tensor | None,
+    *,
+    n: int,
+    m: int,
+    lr: float,
+    gamma: float,
+    revive: str = "sgd",
+    zero_pruned: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`evolve_blocks` composed of the core functions (any device, dtype and layout):
+    the reference the passes equal, and their fallback."""
+    if zero_pruned:
+        pruned = decode_kept(kept, count, m, pruned=True)
+        weight.masked_fill_(blocks_to_param(pruned, weight.shape), 0)
+    w, g = param_to_blocks(weight, m), param_to_blocks(grad, m)
+    mask = decode_kept(kept, count, m)
+    proposed = top_n_mask_(lma_scores(w, g, mask, lr, revive=revive), n, prefer=mask)
+    if oscillation is None:
+        oscillation = torch.zeros(mask.shape[0], dtype=w.dtype, device=w.device)
+    new_oscillation = update_oscillation(oscillation, sad(mask, proposed), gamma)
+    return encode_kept(proposed, n), new_oscillation, block_norms(w)
+
+
+def apply_evolved_eager(
+    weight: Tensor,
+    buffers: list[Tensor],
+    kept: Tensor,
+    count: int,
+    proposed: Tensor,
+    frozen: Tensor,
+    m: int,
+) -> tuple[Tensor, Tensor]:
+    """:func:`apply_evolved_` composed of the core functions, as
+    :meth:`bame_optim.optim.engine.NMEngine.apply_mask` does it (the flips as an int64 scalar
+    tensor)."""
+    old = decode_kept(kept, count, m)
+    new = select(frozen.unsqueeze(1), old, decode_kept(proposed, count, m))
+    new_kept = encode_kept(new, count)
+    changed = old != new
+    weight.masked_fill_(blocks_to_param(old.logical_and(changed), weight.shape), 0)
+    for buffer in buffers:
+        buffer.copy_(remap_kept(buffer, kept, count, new_kept, count, m))
+    return new_kept, torch.count_nonzero(changed)
+
+
+def _bit_patterns(mask: Tensor) -> Tensor:
+    """``int64 [K]``: bit ``j`` set where ``mask[:, j]`` (``[K, M <= 64]`` bool)."""
+    bits = torch.arange(mask.shape[1], device=mask.device)
+    return (mask.long() << bits).sum(dim=1)
+
+
+def _norm_rows_contiguous(weight: Tensor) -> bool:
+    # The block view the eager path hands to vector_norm has stride 1 along M (so ATen takes
+    # its last-dimension path, which the probe models) when dimension 1 has stride 1, or when
+    # param_to_blocks must copy: a contiguous tensor, or the transposed view of one.
+    if weight.stride(1) == 1 or weight.is_contiguous():
+        return True
+    return weight.ndim == 2 and weight.t().is_contiguous()
+
+
+@lru_cache(maxsize=32)
+def rank_masks(count: int, m: int, device: torch.device = _CPU) -> Tensor:
+    """``int64 [C]``: the bit pattern of the kept set of colex rank ``r`` in row ``r``, for
+    ``count`` of ``m`` (cached per device, never written)."""
+    return _bit_patterns(_masks_by_rank(count, m, device, False)).contiguous()
+
+
+def _require() -> ModuleType:
+    if disabled():
+        raise RuntimeError(f"native kernels are disabled ({DISABLE_ENV} is set)")
+    module = _load()
+    if module is None:
+        raise RuntimeError(f"the fused evolve passes are unavailable: {error()}")
+    return module
+
+
+def _load() -> ModuleType | None:
+    return native.probe_once(native.load, _state, _lock, "norm_modes", _probe_norms,
+                             "the fused evolve passes are")
+
+
+def _probe_norms(module: ModuleType) -> dict[torch.dtype, tuple[int, int, int, int] | None]:
+    """Per dtype, the first mode ``(lanes, lane_fma, tail_fma, group)`` whose norms equal
+    :func:`bame_optim.core.evolution.block_norms` on every probe row, or ``None``.
+
+    The model of ATen's last-dimension L2 norm of a row: ``lanes`` accumulators over the whole
+    vectors (``acc = acc + x * x``, or a fused multiply-add with ``lane_fma``), folded left;
+    then the tail: runs of ``group`` entries (``0``: none) added as rounded squares, the rest
+    one by one with ``tail_fma``; the square root. (Measured on x86 with torch 2.14: 8 float32
+    or 4 float64 lanes, a tail run of 4 and a fused tail: the compiler's code for ATen's
+    scalar tail.) Never raises: without a mode the norms come from ATen itself."""
+    generator = torch.Generator().manual_seed(0)
+    modes: dict[torch.dtype, tuple[int, int, int, int] | None] = {}
+    for dtype in DTYPES:
+        cases = []
+        for m in PROBE_M:
+            scale = torch.logspace(-3, 3, PROBE_ROWS, dtype=torch.float64).unsqueeze(1)
+            rows = (torch.randn(PROBE_ROWS, m, generator=generator, dtype=torch.float64)
+                    * scale).to(dtype)
+            cases.append((rows, block_norms(rows)))
+            cases.append((rows[:1].clone(), block_norms(rows[:1].clone())))
+        candidates = [(lanes, lane_fma, tail_fma, group) for lanes in _LANES
+                      for group in _GROUPS for tail_fma in (1, 0) for lane_fma in (0, 1)]
+        modes[dtype] = next(
+            (mode for mode in candidates
+             if all(torch.equal(module.probe_norm(rows, list(mode)), expected)
+                    for rows, expected in cases)),
+            None,
+        )
+    return modes

@@ -1,0 +1,272 @@
+"""The fused evolve passes (bame_optim.kernels.evolve_cpu) against the eager core functions
+they replace, bit for bit: evolve_blocks against lma_scores / top_n_mask_ / sad /
+update_oscillation / block_norms / encode_kept (and NMEngine.zero_pruned_), obf_freeze and
+top_fraction against core.evolution, apply_evolved_ against NMEngine.apply_mask's
+decode / select / encode / masked_fill / remap_kept.
+
+"Bit for bit" compares the bits (NaN payloads and the sign of zero included), float32 and
+float64, over hypothesis-drawn shapes (Linear, Conv1d, Conv2d; contiguous, transposed
+(nm_dim 0), channels_last), N:M patterns, tie-heavy values, NaN / inf / -0.0, frozen blocks
+and every learning rate and gamma. The tests skip where the extension cannot be built here,
+and fail instead with BAME_OPTIM_REQUIRE_NATIVE=1 (make test)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bame_optim.core.evolution import block_norms, obf_freeze, top_fraction
+from bame_optim.core.kept import encode_kept
+from bame_optim.core.nm import param_to_blocks
+from bame_optim.kernels import evolve_cpu, native
+
+from .strategies import (
+    FRACTIONS,
+    GAMMAS,
+    NM_PATTERNS,
+    block_mask,
+    exact_nm_mask,
+    examples,
+    fractions,
+    lrs,
+    param_shapes,
+    seeded_tensor,
+    seeds,
+)
+
+PATTERNS = (*NM_PATTERNS, (3, 4), (2, 16), (8, 16), (16, 32), (3, 64), (1, 2))
+"""The paper's patterns, and ones whose codes are int16 ranks (8:16), stored positions
+(16:32), the largest block (64) and the kernels' generic (not 4, 8, 16) block sizes."""
+DTYPES = (torch.float32, torch.float64)
+SPECIALS = (float("nan"), float("inf"), -float("inf"), -0.0, 0.0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kernel():
+    if native.required():
+        assert evolve_cpu.available(), f"unavailable: {evolve_cpu.error()}"
+        return
+    if evolve_cpu.disabled():
+        pytest.skip(f"native kernels disabled by {native.DISABLE_ENV}")
+    if not evolve_cpu.available():
+        pytest.skip(f"fused evolve passes unavailable: {evolve_cpu.error()}")
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s contiguous entries as integers of their size (bit-for-bit comparisons)."""
+    t = t.contiguous()
+    if not t.is_floating_point():
+        return t
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def assert_bits(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    assert actual.dtype == expected.dtype, (what, actual.dtype, expected.dtype)
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    same = bits(actual) == bits(expected)
+    assert bool(same.all()), f"{what}: {int((~same).sum())} of {same.numel()} entries differ"
+
+
+def in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """``t`` (input dimension at 1) with the same values in another memory layout."""
+    if layout == "transposed":  # nm_dim 0: the view w.t() of a contiguous [in, out]
+        return t.t().contiguous().t()
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    return t.contiguous()
+
+
+@st.composite
+def cases(draw, patterns=PATTERNS, kinds=("normal", "integers")):
+    """One parameter: weight and gradient in a layout, its kept sets (possibly a count that is
+    not n), an oscillation EMA (absent, tied or continuous) and hyper-parameters."""
+    n, m = draw(st.sampled_from(patterns))
+    layout = draw(st.sampled_from(("contiguous", "transposed", "channels_last")))
+    kinds_of_shape = {"transposed": ("linear",), "channels_last": ("conv2d",)}
+    shape = draw(param_shapes(m, kinds_of_shape.get(layout, ("linear", "conv1d", "conv2d")),
+                              max_groups=3 if m > 16 else 4))
+    dtype = draw(st.sampled_from(DTYPES))
+    kind = draw(st.sampled_from(kinds))
+    seed = draw(seeds)
+    k = torch.Size(shape).numel() // m
+    count = draw(st.sampled_from((n, n, n, m, max(n - 1, 1), min(n + 1, m))))
+    mask = exact_nm_mask(k, count, m, seed)
+    weight = seeded_tensor(shape, seed + 1, kind, dtype)
+    grad = seeded_tensor(shape, seed + 2, kind, dtype)
+    if draw(st.booleans()):  # pruned weights 0, as the optimizer keeps them
+        weight = weight * _as_param(mask, shape).to(dtype)
+    for t in (weight, grad):  # NaN, inf, -0.0 at random entries
+        for _ in range(draw(st.integers(0, 3))):
+            t.view(-1)[draw(st.integers(0, t.numel() - 1))] = draw(st.sampled_from(SPECIALS))
+    oscillation = draw(st.sampled_from(("none", "zeros", "tied", "random")))
+    gen = torch.Generator().manual_seed(seed + 3)
+    osc = {
+        "none": None,
+        "zeros": torch.zeros(k, dtype=dtype),
+        "tied": (torch.randint(0, 4, (k,), generator=gen) / 4).to(dtype),
+        "random": torch.rand(k, generator=gen, dtype=torch.float64).to(dtype),
+    }[oscillation]
+    grad_layout = draw(st.sampled_from((layout, "contiguous")))  # a gradient may differ
+    return dict(
+        weight=in_layout(weight, layout), grad=in_layout(grad, grad_layout), kept=mask,
+        count=count,
+        oscillation=osc, n=n, m=m, lr=draw(lrs), gamma=draw(st.sampled_from(GAMMAS)),
+        revive=draw(st.sampled_from(("sgd", "adam"))), zero_pruned=draw(st.booleans()),
+    )
+
+
+def _as_param(mask: torch.Tensor, shape) -> torch.Tensor:
+    from bame_optim.core.nm import blocks_to_param
+
+    return blocks_to_param(mask, shape)
+
+
+def _run(case, fn, weight):
+    return fn(weight, case["grad"], encode_kept(case["kept"], case["count"]), case["count"],
+              case["oscillation"], n=case["n"], m=case["m"], lr=case["lr"],
+              gamma=case["gamma"], revive=case["revive"], zero_pruned=case["zero_pruned"])
+
+
+@examples(50)
+@given(case=cases())
+def test_evolve_blocks_matches_the_core_functions_bit_for_bit(case):
+    fused_weight, eager_weight = case["weight"].clone(), case["weight"].clone()
+    fused_weight.as_strided_(case["weight"].shape, case["weight"].stride())
+    eager_weight.as_strided_(case["weight"].shape, case["weight"].stride())
+    n, m, count = case["n"], case["m"], case["count"]
+    supported = evolve_cpu.supports(case["weight"], case["grad"],
+                                    encode_kept(case["kept"], count), count, m,
+                                    case["oscillation"], n=n)
+    one_form = evolve_cpu.code_dtype(n, m) == evolve_cpu.code_dtype(count, m) and (
+        evolve_cpu.code_shape(1, n, m) == (1,)) == (evolve_cpu.code_shape(1, count, m) == (1,))
+    assert supported == one_form  # the passes take every case whose codes share one form
+    if not supported:
+        return
+    fused = _run(case, evolve_cpu.evolve_blocks, fused_weight)
+    eager = _run(case, evolve_cpu.evolve_blocks_eager, eager_weight)
+    for name, a, b in zip(("proposed", "oscillation", "norms"), fused, eager, strict=True):
+        assert_bits(a, b, name)
+    assert_bits(fused_weight, eager_weight, "weight")
+
+
+@examples(50)
+@given(case=cases(kinds=("integers",)))
+def test_evolve_blocks_breaks_ties_as_top_n_mask(case):
+    # Small integers: equal scores in most blocks (the kept weight, then the lower index win).
+    test_evolve_blocks_matches_the_core_functions_bit_for_bit.hypothesis.inner_test(case)
+
+
+def test_norms_equal_block_norms_on_every_block_size():
+    # The probe's norm model (or ATen itself where it found none) on rows it did not see.
+    gen = torch.Generator().manual_seed(5)
+    for dtype in DTYPES:
+        for m in range(2, 65):
+            weight = torch.randn(37, 2 * m, generator=gen, dtype=torch.float64).to(dtype) * 3
+            grad = torch.randn_like(weight)
+            kept = encode_kept(exact_nm_mask(weight.numel() // m, 1, m, 0), 1)
+            _, _, norms = evolve_cpu.evolve_blocks(weight, grad, kept, 1, None, n=1, m=m, lr=0.1,
+                                                   gamma=0.9)
+            assert_bits(norms, block_norms(param_to_blocks(weight, m)), f"norms m={m} {dtype}")
+
+
+@st.composite
+def ranked_values(draw):
+    """``[K]`` values with ties, NaN, inf and -0.0 (osc-like and norm-like)."""
+    k = draw(st.integers(0, 300))
+    dtype = draw(st.sampled_from(DTYPES))
+    seed = draw(seeds)
+    gen = torch.Generator().manual_seed(seed)
+    kind = draw(st.sampled_from(("continuous", "tied", "constant")))
+    if kind == "continuous":
+        values = torch.rand(k, generator=gen, dtype=torch.float64) * 10
+    elif kind == "tied":
+        values = torch.randint(0, 5, (k,), generator=gen).double() / 4
+    else:
+        values = torch.full((k,), 0.5, dtype=torch.float64)
+    values = values.to(dtype)
+    for _ in range(draw(st.integers(0, 3)) if k else 0):
+        values[draw(st.integers(0, k - 1))] = draw(st.sampled_from((*SPECIALS, -1.0)))
+    return values
+
+
+@examples(50)
+@given(values=ranked_values(), fraction=fractions)
+def test_top_fraction_matches_core(values, fraction):
+    assert torch.equal(evolve_cpu.top_fraction(values, fraction), top_fraction(values, fraction))
+
+
+@examples(50)
+@given(osc=ranked_values(), seed=seeds, alpha=fractions, beta=fractions)
+def test_obf_freeze_matches_core(osc, seed, alpha, beta):
+    gen = torch.Generator().manual_seed(seed)
+    norms = (torch.randint(0, 3, osc.shape, generator=gen).double()
+             + torch.rand(osc.shape, generator=gen, dtype=torch.float64) * (seed % 2)
+             ).to(osc.dtype)
+    assert torch.equal(evolve_cpu.obf_freeze(osc, norms, alpha, beta),
+                       obf_freeze(osc, norms, alpha, beta))
+
+
+def test_top_fraction_of_many_values_takes_the_lowest_indices_among_ties():
+    # Large enough for the radix selection's buckets to matter; every value tied four ways.
+    values = (torch.arange(100_000) % 25_000).float() / 7
+    for fraction in (0.1, 0.5, 0.37, 0.99):
+        assert torch.equal(evolve_cpu.top_fraction(values, fraction),
+                           top_fraction(values, fraction))
+
+
+@examples(50)
+@given(case=cases(), frozen_share=st.sampled_from(FRACTIONS), buffers=st.integers(0, 3))
+def test_apply_evolved_matches_apply_mask_bit_for_bit(case, frozen_share, buffers):
+    m = case["m"]
+    weight = case["weight"]
+    k = weight.numel() // m
+    seed = int(bits(weight).sum().item()) % 2**31
+    old = encode_kept(case["kept"], case["count"])
+    count = case["count"]
+    proposal = encode_kept(block_mask(k, m, seed, count), count)
+    frozen = torch.rand(k, generator=torch.Generator().manual_seed(seed)) < frozen_share
+    gen = torch.Generator().manual_seed(seed + 1)
+    values = [torch.randn(k, count, generator=gen, dtype=torch.float64).to(weight.dtype)
+              for _ in range(buffers)]
+    runs = {}
+    for name, fn in (("fused", evolve_cpu.apply_evolved_),
+                     ("eager", evolve_cpu.apply_evolved_eager)):
+        w = weight.clone()
+        w.as_strided_(weight.shape, weight.stride())
+        state = [v.clone() for v in values]
+        new_kept, flips = fn(w, state, old, count, proposal, frozen, m)
+        runs[name] = (w, state, new_kept, int(flips))
+    (w1, s1, k1, f1), (w2, s2, k2, f2) = runs["fused"], runs["eager"]
+    assert_bits(k1, k2, "kept")
+    assert f1 == f2
+    assert_bits(w1, w2, "weight")
+    for a, b in zip(s1, s2, strict=True):
+        assert_bits(a, b, "buffer")
+
+
+def test_apply_evolved_rejects_a_bad_code_before_writing():
+    weight = torch.randn(4, 8)
+    old = encode_kept(exact_nm_mask(8, 2, 4, 0), 2)
+    proposal = old.clone()
+    proposal[3] = 200  # beyond the 6 ranks of 2 of 4
+    before = weight.clone()
+    with pytest.raises(ValueError, match="outside"):
+        evolve_cpu.apply_evolved_(weight, [], old, 2, proposal, torch.zeros(8, dtype=torch.bool), 4)
+    assert torch.equal(weight, before)
+
+
+def test_supports_names_what_the_passes_take():
+    w, g = torch.randn(4, 8), torch.randn(4, 8)
+    kept = encode_kept(exact_nm_mask(8, 2, 4, 0), 2)
+    assert evolve_cpu.supports(w, g, kept, 2, 4, n=2)
+    assert not evolve_cpu.supports(w.half(), g.half(), kept, 2, 4)  # float16: eager
+    assert not evolve_cpu.supports(w, g.double(), kept, 2, 4)
+    assert not evolve_cpu.supports(w, None, kept, 2, 4)
+    assert not evolve_cpu.supports(w, g, kept.long(), 2, 4)  # not the stored code dtype
+    assert not evolve_cpu.supports(torch.randn(2, 128), torch.randn(2, 128),
+                                   encode_kept(exact_nm_mask(2, 1, 128, 0), 1), 1, 128)  # M > 64
+    assert not evolve_cpu.supports(w, g, kept, 2, 4, torch.zeros(8, dtype=torch.float64))
+    strided = torch.zeros(2, 8).t()  # not contiguous
+    assert not evolve_cpu.supports(w, g, kept, 2, 4, buffers=[strided])
