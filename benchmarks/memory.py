@@ -170,9 +170,10 @@ def representatives(groups: list[dict[str, Any]]) -> tuple[list[dict[str, Any]],
 
 
 def schedule_of(optimizer: Optimizer) -> tuple[int, int, int] | None:
-    """``(t, t_i, t_f)`` of the first sparse group, ``None`` without a BAME schedule."""
+    """``(t, t_i, t_f)`` of the first sparse group, ``None`` without a BAME schedule (MaxQ has
+    a ``t_i``, the end of its ramp, but no ``t_f``)."""
     for g in optimizer.param_groups:
-        if g.get("sparse") and "t_i" in g:
+        if g.get("sparse") and "t_i" in g and "t_f" in g:
             return g["step"], g["t_i"], g["t_f"]
     return None
 
