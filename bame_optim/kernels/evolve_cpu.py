@@ -259,7 +259,7 @@ def evolve_blocks(
     if revive not in ("sgd", "adam"):
         raise ValueError(f"Invalid revive value: {revive!r} (one of ('sgd', 'adam'))")
     mode = _state["norm_modes"].get(weight.dtype)  # type: ignore[union-attr]
-    in_kernel = mode is not None and _norm_rows_contiguous(weight)
+    in_kernel = mode is not None and _norm_rows_contiguous(weight, m)
     ranked = _ranked(n, m)
     proposed = torch.empty(code_shape(weight.numel() // m, n, m), dtype=code_dtype(n, m))
     new_oscillation, norms = module.evolve_blocks(
@@ -369,13 +369,16 @@ def _bit_patterns(mask: Tensor) -> Tensor:
     return (mask.long() << bits).sum(dim=1)
 
 
-def _norm_rows_contiguous(weight: Tensor) -> bool:
-    # The block view the eager path hands to vector_norm has stride 1 along M (so ATen takes
-    # its last-dimension path, which the probe models) when dimension 1 has stride 1, or when
-    # param_to_blocks must copy: a contiguous tensor, or the transposed view of one.
-    if weight.stride(1) == 1 or weight.is_contiguous():
-        return True
-    return weight.ndim == 2 and weight.t().is_contiguous()
+def _norm_rows_contiguous(weight: Tensor, m: int) -> bool:
+    """Whether the block view the eager path hands to ``vector_norm``
+    (:func:`bame_optim.core.nm.param_to_blocks`) has stride 1 along ``M``, so that ATen takes
+    its last-dimension path, the one the probe models: a copy does (``reshape`` copies where
+    no view exists), a view where its last stride is 1 (e.g. not ``w.t()`` with ``in == M``)."""
+    try:
+        view = weight.movedim(1, -1).view(-1, m)
+    except RuntimeError:
+        return True  # param_to_blocks copies: contiguous rows
+    return view.stride(-1) == 1
 
 
 @lru_cache(maxsize=32)
