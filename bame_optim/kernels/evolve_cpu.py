@@ -58,6 +58,7 @@ from bame_optim.core.kept import (
     remap_kept,
 )
 from bame_optim.core.nm import blocks_to_param, param_to_blocks, select, top_n_mask_
+from bame_optim.core.validation import check_fraction
 from bame_optim.kernels import native
 from bame_optim.kernels.native import DISABLE_ENV, disabled
 
@@ -277,17 +278,15 @@ def evolve_blocks(
 def obf_freeze(oscillation: Tensor, norms: Tensor, alpha: float, beta: float) -> Tensor:
     """:func:`bame_optim.core.evolution.obf_freeze` of contiguous ``[K]`` CPU float32/float64
     tensors, bit for bit (Eq. 10)."""
-    for name, value in (("alpha", alpha), ("beta", beta)):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"Invalid fraction value: {value!r} (must be in [0, 1]) ({name})")
+    check_fraction("alpha", alpha)
+    check_fraction("beta", beta)
     return _require().obf_freeze(oscillation, norms, float(alpha), float(beta))
 
 
 def top_fraction(values: Tensor, fraction: float) -> Tensor:
     """:func:`bame_optim.core.evolution.top_fraction` of a contiguous ``[K]`` CPU
     float32/float64 tensor, bit for bit."""
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"Invalid fraction value: {fraction!r} (must be in [0, 1])")
+    check_fraction("fraction", fraction)
     return _require().top_fraction(values, float(fraction))
 
 
