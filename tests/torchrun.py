@@ -44,5 +44,10 @@ def run_ranks(worker: str, out: Path, *args: str, timeout: float = 240) -> list[
         *args,
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    saved = sorted(path.name for path in out.glob("rank*.pt"))
+    assert done.returncode == 0, (
+        f"torchrun exited {done.returncode}; rank files written: {saved or 'none'}\n"
+        + done.stdout[-4000:]
+        + done.stderr[-4000:]
+    )
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
