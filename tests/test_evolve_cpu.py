@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from bame_optim.core.evolution import block_norms, obf_freeze, top_fraction
 from bame_optim.core.kept import encode_kept
 from bame_optim.core.nm import param_to_blocks
-from bame_optim.kernels import evolve_cpu, native
+from bame_optim.kernels import evolve_cpu, evolve_reference, native
 
 from .strategies import (
     FRACTIONS,
@@ -145,7 +145,7 @@ def test_evolve_blocks_matches_the_core_functions_bit_for_bit(case):
     if not supported:
         return
     fused = _run(case, evolve_cpu.evolve_blocks, fused_weight)
-    eager = _run(case, evolve_cpu.evolve_blocks_eager, eager_weight)
+    eager = _run(case, evolve_reference.evolve_blocks_eager, eager_weight)
     for name, a, b in zip(("proposed", "oscillation", "norms"), fused, eager, strict=True):
         assert_bits(a, b, name)
     assert_bits(fused_weight, eager_weight, "weight")
@@ -232,7 +232,7 @@ def test_apply_evolved_matches_apply_mask_bit_for_bit(case, frozen_share, buffer
               for _ in range(buffers)]
     runs = {}
     for name, fn in (("fused", evolve_cpu.apply_evolved_),
-                     ("eager", evolve_cpu.apply_evolved_eager)):
+                     ("eager", evolve_reference.apply_evolved_eager)):
         w = weight.clone()
         w.as_strided_(weight.shape, weight.stride())
         state = [v.clone() for v in values]

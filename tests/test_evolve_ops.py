@@ -11,7 +11,7 @@ import torch
 
 from bame_optim.core.evolution import obf_freeze
 from bame_optim.core.kept import encode_kept
-from bame_optim.kernels import evolve_cpu, native, ops
+from bame_optim.kernels import evolve_cpu, evolve_reference, native, ops
 
 from .strategies import block_mask, exact_nm_mask
 
@@ -69,8 +69,9 @@ def test_cpu_ops_are_the_eager_update_bit_for_bit(native_on, monkeypatch):
         pytest.skip(f"fused evolve passes unavailable: {evolve_cpu.error()}")
     args = _evolve_args(seed=3)
     expected_weight = args[0].clone()
-    expected = evolve_cpu.evolve_blocks_eager(expected_weight, *args[1:3], 2, args[3], n=2, m=4,
-                                              lr=0.1, gamma=0.9, revive="sgd", zero_pruned=True)
+    expected = evolve_reference.evolve_blocks_eager(
+        expected_weight, *args[1:3], 2, args[3], n=2, m=4, lr=0.1, gamma=0.9, revive="sgd",
+        zero_pruned=True)
     result = ops.evolve_blocks(*args)
     for a, b in zip(result, expected, strict=True):
         assert a.dtype == b.dtype and torch.equal(_bits(a), _bits(b))
@@ -80,8 +81,8 @@ def test_cpu_ops_are_the_eager_update_bit_for_bit(native_on, monkeypatch):
     weight, buffers, kept, count, proposal, frozen, m = _apply_args(seed=4)
     twin_weight, twin_buffers = weight.clone(), [b.clone() for b in buffers]
     new_kept, flips = ops.apply_evolved_(weight, buffers, kept, count, proposal, frozen, m)
-    want_kept, want_flips = evolve_cpu.apply_evolved_eager(twin_weight, twin_buffers, kept, count,
-                                                           proposal, frozen, m)
+    want_kept, want_flips = evolve_reference.apply_evolved_eager(
+        twin_weight, twin_buffers, kept, count, proposal, frozen, m)
     assert torch.equal(new_kept, want_kept) and int(flips) == int(want_flips) > 0
     assert torch.equal(_bits(weight), _bits(twin_weight))
     for a, b in zip(buffers, twin_buffers, strict=True):

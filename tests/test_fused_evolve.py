@@ -30,14 +30,14 @@ def _kernel():
         pytest.skip(f"fused evolve passes unavailable: {evolve_cpu.error()}")
 
 
-def _model(m: int, dtype: torch.dtype) -> nn.ModuleDict:
+def _model(m: int, dtype: torch.dtype, device: str = "cpu") -> nn.ModuleDict:
     torch.manual_seed(0)
     model = nn.ModuleDict({
         "linear": nn.Linear(2 * m, 5),
         "conv": nn.Conv2d(m, 3, 3),
         "conv_cl": nn.Conv2d(m, 4, 2),
         "in_out": nn.Linear(6, 2 * m, bias=False),
-    }).to(dtype)
+    }).to(device=device, dtype=dtype)
     model["conv_cl"].to(memory_format=torch.channels_last)
     return model  # in_out's weight [2m, 6] has its input (blocked) dimension at 0
 
@@ -62,8 +62,8 @@ OPTIMIZERS = {
 }
 
 
-def _train(name, n, m, dtype, *, fused_evolve_on, monkeypatch, calls):
-    model = _model(m, dtype)
+def _train(name, n, m, dtype, *, fused_evolve_on, monkeypatch, calls, device="cpu"):
+    model = _model(m, dtype, device)
     optimizer = OPTIMIZERS[name](_groups(model), n=n, m=m, **SCHEDULE)
     runs = fused_evolve.fused_evolve_runs if fused_evolve_on else (lambda *args: False)
 
@@ -77,7 +77,7 @@ def _train(name, n, m, dtype, *, fused_evolve_on, monkeypatch, calls):
     for step in range(STEPS):
         gen = torch.Generator().manual_seed(1000 + step)
         for p in params:
-            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dtype)
+            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(device, dtype)
             if step % 5 == 0:  # ties between scores: small integers
                 p.grad = p.grad.round()
         if step == 12:  # an update step: this weight's mask update is skipped (and NaN spreads)
@@ -95,7 +95,7 @@ def _train(name, n, m, dtype, *, fused_evolve_on, monkeypatch, calls):
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.contiguous()
+    t = t.contiguous().cpu()
     if not t.is_floating_point():
         return t
     return t.view({4: torch.int32, 8: torch.int64}[t.element_size()])
@@ -105,11 +105,24 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (1, 8), (2, 16)])
 def test_fused_evolve_equals_the_eager_rule_bit_for_bit(name, n, m, dtype, monkeypatch):
+    _assert_runs_equal(name, n, m, dtype, monkeypatch, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["sgd", "adamw_amsgrad"])
+@pytest.mark.parametrize("n, m", [(2, 4), (1, 16)])
+def test_cuda_fused_evolve_equals_the_eager_rule_bit_for_bit(name, n, m, monkeypatch):
+    # The Triton evolve kernels against the eager rule on the GPU (the same ordinary steps).
+    _assert_runs_equal(name, n, m, torch.float32, monkeypatch, "cuda")
+
+
+def _assert_runs_equal(name, n, m, dtype, monkeypatch, device):
     fused_calls, eager_calls = [], []
     fused_model, fused_opt = _train(name, n, m, dtype, fused_evolve_on=True,
-                                    monkeypatch=monkeypatch, calls=fused_calls)
+                                    monkeypatch=monkeypatch, calls=fused_calls, device=device)
     eager_model, eager_opt = _train(name, n, m, dtype, fused_evolve_on=False,
-                                    monkeypatch=monkeypatch, calls=eager_calls)
+                                    monkeypatch=monkeypatch, calls=eager_calls, device=device)
     assert any(fused_calls), "the fused evolve passes never ran"
     assert len(fused_calls) == len(eager_calls)
     for (key, a), b in zip(fused_model.named_parameters(), eager_model.parameters(), strict=True):
@@ -130,8 +143,7 @@ def test_fused_false_never_runs_the_passes(monkeypatch):
     model = _model(4, torch.float32)
     optimizer = BAMESGD(_groups(model), lr=0.1, momentum=0.9, n=2, m=4, fused=False, **SCHEDULE)
     called = []
-    monkeypatch.setattr(fused_evolve, "evolve_fused", lambda *a, **k: called.append(1))
-    monkeypatch.setattr(masked, "evolve_fused", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(masked, "evolve_fused_many", lambda *a, **k: called.append(1))
     for step in range(STEPS):
         for p in model.parameters():
             p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step))

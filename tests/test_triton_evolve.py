@@ -20,7 +20,7 @@ import torch
 
 from bame_optim.core.evolution import obf_freeze
 from bame_optim.core.kept import encode_kept
-from bame_optim.kernels import evolve_cpu, triton_evolve, triton_kept
+from bame_optim.kernels import evolve_cpu, evolve_reference, triton_evolve, triton_kept
 
 from .strategies import block_mask, exact_nm_mask
 
@@ -107,7 +107,8 @@ def test_kernel_evolve_blocks_matches_the_core_functions(case, dtype, kind, devi
         w_eager.as_strided_(weight.shape, weight.stride())
         hyper = dict(n=n, m=m, lr=lr, gamma=0.9, revive=revive, zero_pruned=zero)
         fused = triton_evolve.evolve_blocks(w_kernel, grad, kept, count, oscillation, **hyper)
-        eager = evolve_cpu.evolve_blocks_eager(w_eager, grad, kept, count, oscillation, **hyper)
+        eager = evolve_reference.evolve_blocks_eager(w_eager, grad, kept, count, oscillation,
+                                                     **hyper)
         for name, a, b in zip(("proposed", "oscillation", "norms"), fused, eager, strict=True):
             _assert_bits(a, b, f"{name} ({revive}, lr {lr})")
         _assert_bits(w_kernel, w_eager, "weight")
@@ -128,7 +129,7 @@ def test_kernel_apply_evolved_matches_apply_mask(case, dtype, buffers, device):
               for _ in range(buffers)]
     runs = {}
     for name, fn in (("kernel", triton_evolve.apply_evolved_),
-                     ("eager", evolve_cpu.apply_evolved_eager)):
+                     ("eager", evolve_reference.apply_evolved_eager)):
         w = weight.clone()
         w.as_strided_(weight.shape, weight.stride())
         state = [v.clone() for v in values]
@@ -147,8 +148,8 @@ def test_kernel_full_update_matches_evolve_mask(device):
     # The three steps in a row, as the optimizers run them, against the core functions.
     case = ((8, 32), 2, 4, 2, "contiguous")
     weight, grad, kept, osc = _problem(case, torch.float32, device, seed=11)
-    eager = evolve_cpu.evolve_blocks_eager(weight.clone(), grad, kept, 2, osc, n=2, m=4, lr=0.5,
-                                           gamma=0.75)
+    eager = evolve_reference.evolve_blocks_eager(weight.clone(), grad, kept, 2, osc, n=2, m=4,
+                                                 lr=0.5, gamma=0.75)
     expected_frozen = obf_freeze(eager[1], eager[2], 0.5, 0.5)
     proposed, oscillation, norms = triton_evolve.evolve_blocks(
         weight, grad, kept, 2, osc, n=2, m=4, lr=0.5, gamma=0.75)

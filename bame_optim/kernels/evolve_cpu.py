@@ -45,7 +45,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from bame_optim.core.evolution import block_norms, lma_scores, sad, update_oscillation
+from bame_optim.core.evolution import block_norms
 from bame_optim.core.kept import (
     _binomials,
     _code_dtype,
@@ -53,11 +53,8 @@ from bame_optim.core.kept import (
     _position_dtype,
     _rank_by_bits,
     _ranked,
-    decode_kept,
-    encode_kept,
-    remap_kept,
 )
-from bame_optim.core.nm import blocks_to_param, param_to_blocks, select, top_n_mask_
+from bame_optim.core.nm import param_to_blocks
 from bame_optim.core.validation import check_fraction
 from bame_optim.kernels import native
 from bame_optim.kernels.native import DISABLE_ENV, disabled
@@ -67,16 +64,17 @@ __all__ = [
     "DTYPES",
     "MAX_M",
     "apply_evolved_",
-    "apply_evolved_eager",
+    "apply_evolved_many",
     "available",
     "code_dtype",
     "code_shape",
     "disabled",
     "evolve_blocks",
-    "evolve_blocks_eager",
+    "evolve_blocks_many",
     "folded_layouts",
     "norm_mode",
     "obf_freeze",
+    "obf_freeze_many",
     "rank_masks",
     "supports",
     "supports_on",
@@ -256,31 +254,70 @@ def evolve_blocks(
     entries of ``weight`` are set to 0 first, as
     :meth:`bame_optim.optim.engine.NMEngine.zero_pruned_` does.
     """
+    (result,), _ = evolve_blocks_many([weight], [grad], [kept], [count], [oscillation], n=n,
+                                      m=m, lr=lr, gamma=gamma, revive=revive,
+                                      zero_pruned=zero_pruned)
+    return result
+
+
+def evolve_blocks_many(
+    weights: list[Tensor],
+    grads: list[Tensor],
+    kept: list[Tensor],
+    counts: list[int],
+    oscillations: list[Tensor | None],
+    *,
+    n: int,
+    m: int,
+    lr: float,
+    gamma: float,
+    revive: str = "sgd",
+    zero_pruned: bool = False,
+) -> tuple[list[tuple[Tensor, Tensor, Tensor]], list[bool]]:
+    """:func:`evolve_blocks` of the parameters of one group in one native call (one parallel
+    loop over all their blocks): per parameter ``(proposed, oscillation, norms)``, and per
+    parameter whether its gradient is finite (no NaN, no inf: ``_all_finite`` of the
+    optimizers, read in the same pass)."""
     module = _require()
     if revive not in ("sgd", "adam"):
         raise ValueError(f"Invalid revive value: {revive!r} (one of ('sgd', 'adam'))")
-    mode = _state["norm_modes"].get(weight.dtype)  # type: ignore[union-attr]
-    in_kernel = mode is not None and _norm_rows_contiguous(weight, m)
+    modes = _state["norm_modes"]
     ranked = _ranked(n, m)
-    proposed = torch.empty(code_shape(weight.numel() // m, n, m), dtype=code_dtype(n, m))
-    new_oscillation, norms = module.evolve_blocks(
-        weight, grad, *folded_layouts(weight, grad), kept,  # type: ignore[misc]
-        rank_masks(count, m) if kept.ndim == 1 else None, count, proposed,
-        _rank_by_bits(m, _CPU, proposed.dtype) if ranked and m <= 16 else None,
-        _binomials(m, _CPU) if ranked and m > 16 else None, oscillation, n, m, float(lr),
-        float(gamma), revive == "adam", zero_pruned, list(mode) if in_kernel else [0, 0, 0, 0],
+    proposed, layouts, in_kernel = [], [], []
+    for weight, grad in zip(weights, grads, strict=True):
+        proposed.append(torch.empty(code_shape(weight.numel() // m, n, m), dtype=code_dtype(n, m)))
+        layouts.append(folded_layouts(weight, grad))
+        mode = modes.get(weight.dtype)  # type: ignore[union-attr]
+        in_kernel.append(list(mode) if mode is not None and _norm_rows_contiguous(weight, m)
+                         else [0, 0, 0, 0])
+    by_bits = _rank_by_bits(m, _CPU, proposed[0].dtype) if ranked and m <= 16 and weights else None
+    binomials = _binomials(m, _CPU) if ranked and m > 16 else None
+    oscillations_out, norms, finite = module.evolve_blocks(
+        weights, grads, [w for w, _ in layouts], [g for _, g in layouts], kept,
+        [rank_masks(c, m) if k.ndim == 1 else None for k, c in zip(kept, counts, strict=True)],
+        counts, proposed, [by_bits] * len(weights), [binomials] * len(weights), oscillations,
+        in_kernel, n, m, float(lr), float(gamma), revive == "adam", zero_pruned,
     )
-    if not in_kernel:
-        norms = block_norms(param_to_blocks(weight, m))
-    return proposed, new_oscillation, norms
+    results = []
+    for i, weight in enumerate(weights):
+        norm = norms[i] if in_kernel[i][0] else block_norms(param_to_blocks(weight, m))
+        results.append((proposed[i], oscillations_out[i], norm))
+    return results, finite.tolist()
 
 
 def obf_freeze(oscillation: Tensor, norms: Tensor, alpha: float, beta: float) -> Tensor:
     """:func:`bame_optim.core.evolution.obf_freeze` of contiguous ``[K]`` CPU float32/float64
     tensors, bit for bit (Eq. 10)."""
+    return obf_freeze_many([oscillation], [norms], alpha, beta)[0]
+
+
+def obf_freeze_many(
+    oscillations: list[Tensor], norms: list[Tensor], alpha: float, beta: float
+) -> list[Tensor]:
+    """:func:`obf_freeze` of each parameter of a group, the parameters in parallel."""
     check_fraction("alpha", alpha)
     check_fraction("beta", beta)
-    return _require().obf_freeze(oscillation, norms, float(alpha), float(beta))
+    return _require().obf_freeze(oscillations, norms, float(alpha), float(beta))
 
 
 def top_fraction(values: Tensor, fraction: float) -> Tensor:
@@ -304,62 +341,29 @@ def apply_evolved_(
     entries. In place: newly pruned entries of ``weight`` become 0, and each compact buffer
     keeps the values of the weights kept by both sets, 0 for revived ones (as
     :meth:`bame_optim.optim.engine.NMEngine.apply_mask` with an unchanged count)."""
-    module = _require()
-    new_kept, flips = module.apply_evolved(
-        weight, folded_layouts(weight)[0], list(buffers), kept,  # type: ignore[index]
-        rank_masks(count, m) if kept.ndim == 1 else None, count, proposed, frozen, m,
+    (new_kept,), (flips,) = apply_evolved_many([weight], [buffers], [kept], [count], [proposed],
+                                               [frozen], m)
+    return new_kept, flips
+
+
+def apply_evolved_many(
+    weights: list[Tensor],
+    buffers: list[list[Tensor]],
+    kept: list[Tensor],
+    counts: list[int],
+    proposed: list[Tensor],
+    frozen: list[Tensor],
+    m: int,
+) -> tuple[list[Tensor], list[int]]:
+    """:func:`apply_evolved_` of the parameters of one group in one native call (every input
+    checked before anything is written)."""
+    new_kept, flips = _require().apply_evolved(
+        weights, [folded_layouts(w)[0] for w in weights],  # type: ignore[index]
+        [list(b) for b in buffers], kept,
+        [rank_masks(c, m) if k.ndim == 1 else None for k, c in zip(kept, counts, strict=True)],
+        counts, proposed, frozen, m,
     )
-    return new_kept, int(flips)
-
-
-def evolve_blocks_eager(
-    weight: Tensor,
-    grad: Tensor,
-    kept: Tensor,
-    count: int,
-    oscillation: Tensor | None,
-    *,
-    n: int,
-    m: int,
-    lr: float,
-    gamma: float,
-    revive: str = "sgd",
-    zero_pruned: bool = False,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`evolve_blocks` composed of the core functions (any device, dtype and layout):
-    the reference the passes equal, and their fallback."""
-    if zero_pruned:
-        pruned = decode_kept(kept, count, m, pruned=True)
-        weight.masked_fill_(blocks_to_param(pruned, weight.shape), 0)
-    w, g = param_to_blocks(weight, m), param_to_blocks(grad, m)
-    mask = decode_kept(kept, count, m)
-    proposed = top_n_mask_(lma_scores(w, g, mask, lr, revive=revive), n, prefer=mask)
-    if oscillation is None:
-        oscillation = torch.zeros(mask.shape[0], dtype=w.dtype, device=w.device)
-    new_oscillation = update_oscillation(oscillation, sad(mask, proposed), gamma)
-    return encode_kept(proposed, n), new_oscillation, block_norms(w)
-
-
-def apply_evolved_eager(
-    weight: Tensor,
-    buffers: list[Tensor],
-    kept: Tensor,
-    count: int,
-    proposed: Tensor,
-    frozen: Tensor,
-    m: int,
-) -> tuple[Tensor, Tensor]:
-    """:func:`apply_evolved_` composed of the core functions, as
-    :meth:`bame_optim.optim.engine.NMEngine.apply_mask` does it (the flips as an int64 scalar
-    tensor)."""
-    old = decode_kept(kept, count, m)
-    new = select(frozen.unsqueeze(1), old, decode_kept(proposed, count, m))
-    new_kept = encode_kept(new, count)
-    changed = old != new
-    weight.masked_fill_(blocks_to_param(old.logical_and(changed), weight.shape), 0)
-    for buffer in buffers:
-        buffer.copy_(remap_kept(buffer, kept, count, new_kept, count, m))
-    return new_kept, torch.count_nonzero(changed)
+    return new_kept, flips.tolist()
 
 
 def _bit_patterns(mask: Tensor) -> Tensor:

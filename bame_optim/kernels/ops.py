@@ -321,14 +321,14 @@ def evolve_blocks(
     """``(proposed kept sets in the stored form for n, oscillation [K], norms [K])`` of one
     parameter in the block layout (``weight`` written only with ``zero_pruned``):
     :func:`bame_optim.kernels.evolve_cpu.evolve_blocks`, bit for bit."""
-    from bame_optim.kernels import evolve_cpu
+    from bame_optim.kernels import evolve_cpu, evolve_reference
 
     args = (weight, grad, kept, count, oscillation)
     hyper = dict(n=n, m=m, lr=lr, gamma=gamma, revive=revive, zero_pruned=zero_pruned)
     if evolve_cpu.available() and evolve_cpu.supports(weight, grad, kept, count, m, oscillation,
                                                       n=n):
         return evolve_cpu.evolve_blocks(*args, **hyper)
-    return evolve_cpu.evolve_blocks_eager(*args, **hyper)
+    return evolve_reference.evolve_blocks_eager(*args, **hyper)
 
 
 @evolve_blocks.register_kernel("cuda")
@@ -391,14 +391,14 @@ def apply_evolved_(
 ) -> tuple[Tensor, Tensor]:
     """``(new stored kept sets, flips as an int64 scalar tensor)``; newly pruned weights set to 0
     and the buffers remapped in place: :func:`bame_optim.kernels.evolve_cpu.apply_evolved_`."""
-    from bame_optim.kernels import evolve_cpu
+    from bame_optim.kernels import evolve_cpu, evolve_reference
 
     if evolve_cpu.available() and evolve_cpu.supports(weight, weight, kept, count, m,
                                                       buffers=buffers):
         new_kept, flips = evolve_cpu.apply_evolved_(weight, buffers, kept, count, proposed,
                                                     frozen, m)
         return new_kept, torch.tensor(flips)
-    return evolve_cpu.apply_evolved_eager(weight, buffers, kept, count, proposed, frozen, m)
+    return evolve_reference.apply_evolved_eager(weight, buffers, kept, count, proposed, frozen, m)
 
 
 @apply_evolved_.register_kernel("cuda")

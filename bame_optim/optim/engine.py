@@ -210,26 +210,32 @@ class NMEngine:
         return changed
 
     def apply_evolution(
-        self, p: Tensor, state: State, proposed: Tensor, frozen: Tensor, m: int
-    ) -> int:
-        """:meth:`apply_mask` of an evolve update whose count stays, through the fused pass
-        (``bame_optim::apply_evolved_``): frozen blocks keep their kept set, the others take
-        the bit patterns ``proposed`` (``int64 [K]``). Returns the number of flipped entries.
-        Buffers are remapped in place; equal to :meth:`apply_mask` bit for bit."""
-        count = state["kept_count"]
-        buffers = [b for b in self.local_buffers(p, state) if b is not None]
-        local, kept = local_tensor(p), local_state(state["kept"])
-        if local.is_cuda:
+        self, ps: list[Tensor], states: list[State], proposed: list[Tensor],
+        frozen: list[Tensor], m: int,
+    ) -> list[int]:
+        """:meth:`apply_mask` of evolve updates whose count stays, through the fused pass
+        (``bame_optim::apply_evolved_``; on the CPU one native call for all of ``ps``): frozen
+        blocks keep their kept set, the others take ``proposed`` (stored as ``kept`` is).
+        Returns the flipped entries per parameter. Buffers are remapped in place; equal to
+        :meth:`apply_mask` bit for bit."""
+        counts = [state["kept_count"] for state in states]
+        buffers = [[b for b in self.local_buffers(p, state) if b is not None]
+                   for p, state in zip(ps, states, strict=True)]
+        locals_ = [local_tensor(p) for p in ps]
+        kept = [local_state(state["kept"]) for state in states]
+        if locals_ and locals_[0].is_cuda:
             from bame_optim.kernels import ops
 
-            new_kept, flips = ops.apply_evolved_(local, buffers, kept, count, proposed, frozen, m)
-            flips = int(flips)
+            done = [ops.apply_evolved_(*args, m) for args in
+                    zip(locals_, buffers, kept, counts, proposed, frozen, strict=True)]
+            new_kept, flips = [k for k, _ in done], [int(f) for _, f in done]
         else:
             from bame_optim.kernels import evolve_cpu
 
-            new_kept, flips = evolve_cpu.apply_evolved_(local, buffers, kept, count, proposed,
-                                                        frozen, m)
-        state["kept"] = distribute_state(new_kept, p, m)
+            new_kept, flips = evolve_cpu.apply_evolved_many(locals_, buffers, kept, counts,
+                                                            proposed, frozen, m)
+        for p, state, codes in zip(ps, states, new_kept, strict=True):
+            state["kept"] = distribute_state(codes, p, m)
         return flips
 
     def zero_pruned_(self, p: Tensor, state: State, m: int) -> None:

@@ -29,7 +29,7 @@ from bame_optim.core.schedule import (
 from bame_optim.optim import interop
 from bame_optim.optim.base import NMOptimizer, user_stacklevel
 from bame_optim.optim.engine import NMEngine
-from bame_optim.optim.fused_evolve import evolve_fused, fused_evolve_runs
+from bame_optim.optim.fused_evolve import evolve_fused_many, fused_evolve_runs
 from bame_optim.optim.rules import BAME_RULES, MaskContext, MaskRules, lma_obf
 from bame_optim.optim.sharded import block_range, gather_blocks, is_sharded, local_tensor
 
@@ -144,6 +144,7 @@ class MaskedOptimizer(NMOptimizer):
         reapply = advance and (self._reapply_masks or update or t % group["delta_t"] == 0)
         engine, m = self.engine, group["m"]
         dense, sparse = [], []
+        batch: list[tuple[Tensor, dict[str, Any], int]] = []  # evolve updates, fused
         for offset, p in enumerate(group["params"]):
             if not self._is_sparse(p, group):
                 if p.grad is not None:
@@ -153,15 +154,20 @@ class MaskedOptimizer(NMOptimizer):
             if not engine.initialised(state):
                 engine.initialise(weight, state, m)
             engine.check(weight, state, m, f"parameter {first_index + offset}")
-            if update:  # (reapply holds: the update sets the pruned weights to 0 first)
-                self._update_mask(p, state, group, first_index + offset)
-            elif reapply:
+            fused = update and self._evolves_fused(p, state, group)
+            if reapply and not fused:  # (the fused passes set the pruned weights to 0 too)
                 engine.zero_pruned_(weight, state, m)
+            if fused:
+                batch.append((p, state, first_index + offset))
+            elif update:
+                self._update_mask(p, state, group, first_index + offset)
             if advance and t >= t_f:
                 state.pop("oscillation", None)  # the mask is fixed from here on
             if p.grad is not None:
                 _check_strided_grad(p, first_index + offset)
                 sparse.append(SparseState(weight, blocked(p.grad, group), state))
+        if batch:
+            self._evolve_fused(batch, group)
         if advance:
             self._warn_past_total_steps(group)
         self._update(group, dense, sparse)
@@ -185,32 +191,49 @@ class MaskedOptimizer(NMOptimizer):
                 stacklevel=user_stacklevel(),
             )
 
+    def _evolves_fused(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> bool:
+        """Whether this update step's mask update of ``p`` is BAME's evolve rule run by the fused
+        passes (:mod:`bame_optim.optim.fused_evolve`; ``ValueError`` with ``fused=True`` where
+        they cannot run)."""
+        t, t_i, m = group["step"], group["t_i"], group["m"]
+        current = phase(t, t_i, group["t_f"])
+        if current is not Phase.EVOLVE or p.grad is None:
+            return False
+        rule = self.rules.rule_for(current, t_i, untouched=state["kept_count"] == m)
+        return rule is lma_obf and fused_evolve_runs(
+            self.engine, blocked(p, group), blocked(p.grad, group), state, group
+        )
+
+    def _evolve_fused(self, batch: list[tuple[Tensor, dict[str, Any], int]],
+                      group: dict[str, Any]) -> None:
+        """The evolve updates of a group's parameters ``batch`` (``(p, state, index)``) in
+        one run of the fused passes: equal to :meth:`_update_mask` of each, bit for bit."""
+        items = [(blocked(p, group), blocked(p.grad, group), state) for p, state, _ in batch]
+        finite = evolve_fused_many(self.engine, items, group)
+        for (p, _, index), ok in zip(batch, finite, strict=True):
+            if not ok:
+                self._warn_non_finite(p, index, group["step"])
+
+    def _warn_non_finite(self, p: Tensor, index: int, t: int) -> None:
+        warnings.warn(
+            f"{type(self).__name__}: the gradient of parameter {index} (shape "
+            f"{tuple(p.shape)}) has NaN or Inf at step {t}; its mask update is skipped "
+            "for this step",
+            RuntimeWarning,
+            stacklevel=user_stacklevel(),
+        )
+
     def _update_mask(self, p: Tensor, state: dict[str, Any], group: dict[str, Any], index: int):
-        """Set the pruned weights of ``p`` to 0, then apply the mask rule of the phase."""
         t, t_i, t_f, m = group["step"], group["t_i"], group["t_f"], group["m"]
         weight = blocked(p, group)
         current = phase(t, t_i, t_f)
         rule = self.rules.rule_for(current, t_i, untouched=state["kept_count"] == m)
-        finite = current is Phase.EVOLVE and p.grad is not None and _all_finite(p.grad)
-        if finite and rule is lma_obf and fused_evolve_runs(
-            self.engine, weight, blocked(p.grad, group), state, group
-        ):
-            evolve_fused(self.engine, weight, blocked(p.grad, group), state, group,
-                         zero_pruned=True)
-            return
-        self.engine.zero_pruned_(weight, state, m)
         grad = None
         if current is Phase.EVOLVE:
             if p.grad is None:
                 return
-            if not finite:
-                warnings.warn(
-                    f"{type(self).__name__}: the gradient of parameter {index} (shape "
-                    f"{tuple(p.shape)}) has NaN or Inf at step {t}; its mask update is skipped "
-                    "for this step",
-                    RuntimeWarning,
-                    stacklevel=user_stacklevel(),
-                )
+            if not _all_finite(p.grad):
+                self._warn_non_finite(p, index, t)
                 return
             grad = param_to_blocks(local_tensor(blocked(p.grad, group)), m)
         kept = self.engine.kept_mask(state, m)

@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -21,6 +22,7 @@
 #include <cstring>
 #include <functional>
 #include <optional>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -75,6 +77,8 @@ void apply_range(T* weight, const Layout& wl, const std::vector<T*>& buffers, co
 // the keys) counts the keys above the bracket and collects those inside it (a few percent),
 // and an exact selection among those finds it; where the bracket misses, among all keys.
 constexpr int64_t kSampleStride = 64;
+constexpr int64_t kParallelSelection = int64_t{1} << 17;  // blocks: below, one thread selects
+constexpr int64_t kApplyGrain = 4;  // chunks of kGrain blocks per task of apply_evolved
 
 template <typename S>
 struct Threshold {
@@ -170,8 +174,8 @@ template <typename S>
 void obf_freeze_into(const S* osc, const S* norms, int64_t size, double alpha, double beta,
                      bool* out) {
   Threshold<S> by_osc, by_norm;
-  // The two selections are independent: side by side where there are threads.
-  at::parallel_for(0, 2, 1, [&](int64_t b, int64_t e) {
+  // The two selections are independent: side by side where there are threads and enough work.
+  at::parallel_for(0, 2, size >= kParallelSelection ? 1 : 2, [&](int64_t b, int64_t e) {
     for (int64_t which = b; which < e; ++which) {
       if (which == 0) {
         by_osc = threshold(osc, size, beta);
@@ -189,25 +193,40 @@ void obf_freeze_into(const S* osc, const S* norms, int64_t size, double alpha, d
 
 // Declared in module.cpp, which binds them.
 
-// Eq. 10: Top(O, floor(beta K)) & Top(norms, floor(alpha K)) & (O > 0), bool [K].
-at::Tensor obf_freeze(const at::Tensor& oscillation, const at::Tensor& norms, double alpha,
-                      double beta) {
-  TORCH_CHECK_VALUE(oscillation.device().is_cpu() && norms.device().is_cpu() &&
-                        oscillation.is_contiguous() && norms.is_contiguous() &&
-                        oscillation.dim() == 1 && norms.sizes() == oscillation.sizes() &&
-                        norms.scalar_type() == oscillation.scalar_type(),
-                    "oscillation and norms must be contiguous [K] CPU tensors of one dtype");
-  const at::ScalarType dt = oscillation.scalar_type();
-  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kDouble, "unsupported dtype ", dt);
-  const int64_t size = oscillation.numel();
-  at::Tensor frozen = at::empty({size}, oscillation.options().dtype(at::kBool));
-  if (dt == at::kFloat) {
-    obf_freeze_into(oscillation.data_ptr<float>(), norms.data_ptr<float>(), size, alpha, beta,
-                    frozen.data_ptr<bool>());
-  } else {
-    obf_freeze_into(oscillation.data_ptr<double>(), norms.data_ptr<double>(), size, alpha, beta,
-                    frozen.data_ptr<bool>());
+// Eq. 10 per parameter: Top(O, floor(beta K)) & Top(norms, floor(alpha K)) & (O > 0), bool
+// [K]; the parameters in parallel (one parameter: its two selections side by side).
+std::vector<at::Tensor> obf_freeze(const std::vector<at::Tensor>& oscillations,
+                                   const std::vector<at::Tensor>& norms, double alpha,
+                                   double beta) {
+  const int64_t items = static_cast<int64_t>(oscillations.size());
+  TORCH_CHECK_VALUE(norms.size() == oscillations.size(),
+                    "obf_freeze: one norms tensor per oscillation tensor");
+  std::vector<at::Tensor> frozen(items);
+  for (int64_t i = 0; i < items; ++i) {
+    const at::Tensor& osc = oscillations[i];
+    const at::Tensor& nrm = norms[i];
+    TORCH_CHECK_VALUE(osc.device().is_cpu() && nrm.device().is_cpu() && osc.is_contiguous() &&
+                          nrm.is_contiguous() && osc.dim() == 1 && nrm.sizes() == osc.sizes() &&
+                          nrm.scalar_type() == osc.scalar_type(),
+                      "oscillations[", i, "] and norms[", i,
+                      "] must be contiguous [K] CPU tensors of one dtype");
+    TORCH_CHECK_VALUE(osc.scalar_type() == at::kFloat || osc.scalar_type() == at::kDouble,
+                      "unsupported dtype ", osc.scalar_type());
+    frozen[i] = at::empty({osc.numel()}, osc.options().dtype(at::kBool));
   }
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t size = oscillations[i].numel();
+      bool* out = frozen[i].data_ptr<bool>();
+      if (oscillations[i].scalar_type() == at::kFloat) {
+        obf_freeze_into(oscillations[i].data_ptr<float>(), norms[i].data_ptr<float>(), size,
+                        alpha, beta, out);
+      } else {
+        obf_freeze_into(oscillations[i].data_ptr<double>(), norms[i].data_ptr<double>(), size,
+                        alpha, beta, out);
+      }
+    }
+  });
   return frozen;
 }
 
@@ -229,76 +248,112 @@ at::Tensor top_fraction(const at::Tensor& values, double fraction) {
   return out;
 }
 
-// Returns {the new stored kept sets (kept's form and dtype), flips (int64 scalar tensor)};
-// writes 0 to the newly pruned weights and remaps the buffers' changed rows, in place.
-std::vector<at::Tensor> apply_evolved(const at::Tensor& weight,
-                                      const std::vector<int64_t>& weight_layout,
-                                      const std::vector<at::Tensor>& buffers,
-                                      const at::Tensor& kept,
-                                      const std::optional<at::Tensor>& masks, int64_t count,
-                                      const at::Tensor& proposed, const at::Tensor& frozen,
-                                      int64_t m) {
-  const at::ScalarType dt = check_pair(weight, weight);
-  TORCH_CHECK_VALUE(2 <= m && m <= kMaxM, "Invalid m value: ", m, " (2 <= m <= ", kMaxM, ")");
-  const int64_t blocks = weight.numel() / m;
-  const Layout wl = make_layout(weight, weight_layout, m, "weight");
-  const Codes old_codes = make_codes(kept, masks, count, blocks, m, "kept", true);
-  const Codes new_codes = make_codes(proposed, masks, count, blocks, m, "proposed", true);
-  TORCH_CHECK_VALUE(proposed.scalar_type() == kept.scalar_type() && proposed.dim() == kept.dim(),
-                    "proposed must be in kept's stored form");
-  TORCH_CHECK_VALUE(frozen.scalar_type() == at::kBool && frozen.dim() == 1 &&
-                        frozen.size(0) == blocks && frozen.is_contiguous() &&
-                        frozen.device().is_cpu(),
-                    "frozen must be contiguous bool [", blocks, "]");
-  for (const at::Tensor& b : buffers) {
-    TORCH_CHECK_VALUE(b.scalar_type() == dt && b.device().is_cpu() && b.is_contiguous() &&
-                          b.dim() == 2 && b.size(0) == blocks && b.size(1) == count &&
-                          !b.key_set().has(c10::DispatchKey::Python),
-                      "buffers must be contiguous [", blocks, ", ", count,
-                      "] CPU tensors of the weight's dtype");
-  }
-  at::Tensor out = at::empty(kept.sizes(), kept.options());
-  Codes out_codes = old_codes;
-  out_codes.data = out.data_ptr();
-  const int64_t chunks = std::max<int64_t>(1, (blocks + kGrain - 1) / kGrain);
-  std::vector<int64_t> flips(chunks, 0);
-  const bool* frz = frozen.data_ptr<bool>();
-  auto run = [&](auto zero, auto code, auto ranked) {
-    using T = decltype(zero);
-    using Code = decltype(code);
-    constexpr bool RANKED = decltype(ranked)::value;
-    std::vector<T*> bufs;
-    for (const at::Tensor& b : buffers) bufs.push_back(static_cast<T*>(b.data_ptr()));
-    T* w = static_cast<T*>(weight.data_ptr());
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        apply_range<T, Code, RANKED>(w, wl, bufs, old_codes, new_codes, frz, out_codes,
-                                     c * kGrain, std::min(blocks, (c + 1) * kGrain), flips[c]);
-      }
-    });
-  };
-  auto by_code = [&](auto zero) {
-    if (!old_codes.ranked) {
-      TORCH_CHECK_VALUE(kept.scalar_type() == at::kByte, "positions must be uint8");
-      run(zero, uint8_t(0), std::false_type{});
-    } else if (kept.scalar_type() == at::kByte) {
-      run(zero, uint8_t(0), std::true_type{});
-    } else {
-      TORCH_CHECK_VALUE(kept.scalar_type() == at::kShort, "ranks must be uint8 or int16");
-      run(zero, int16_t(0), std::true_type{});
-    }
-  };
-  if (dt == at::kFloat) {
-    by_code(float(0));
-  } else {
-    by_code(double(0));
-  }
-  bump_version(weight);
-  for (const at::Tensor& b : buffers) bump_version(b);
-  int64_t total = 0;
-  for (int64_t c = 0; c < chunks; ++c) total += flips[c];
-  at::Tensor flipped = at::empty({}, kept.options().dtype(at::kLong));
-  *flipped.data_ptr<int64_t>() = total;
-  return {out, flipped};
+namespace {
+
+// One parameter of apply_evolved.
+struct ApplyItem {
+  at::Tensor weight;
+  Layout layout;
+  std::vector<at::Tensor> buffers;
+  Codes old_codes, new_codes, out_codes;
+  const bool* frozen = nullptr;
+  at::ScalarType dtype = at::kFloat;
+};
+
+template <typename T, typename Code, bool RANKED>
+void apply_item(const ApplyItem& it, int64_t k0, int64_t k1, int64_t& flips) {
+  std::vector<T*> bufs;
+  for (const at::Tensor& b : it.buffers) bufs.push_back(static_cast<T*>(b.data_ptr()));
+  apply_range<T, Code, RANKED>(static_cast<T*>(it.weight.data_ptr()), it.layout, bufs,
+                               it.old_codes, it.new_codes, it.frozen, it.out_codes, k0, k1,
+                               flips);
 }
 
+void apply_blocks(const ApplyItem& it, int64_t k0, int64_t k1, int64_t& flips) {
+  const bool f32 = it.dtype == at::kFloat;
+  if (!it.old_codes.ranked) {
+    f32 ? apply_item<float, uint8_t, false>(it, k0, k1, flips)
+        : apply_item<double, uint8_t, false>(it, k0, k1, flips);
+  } else if (it.old_codes.dtype == at::kByte) {
+    f32 ? apply_item<float, uint8_t, true>(it, k0, k1, flips)
+        : apply_item<double, uint8_t, true>(it, k0, k1, flips);
+  } else {
+    f32 ? apply_item<float, int16_t, true>(it, k0, k1, flips)
+        : apply_item<double, int16_t, true>(it, k0, k1, flips);
+  }
+}
+
+}  // namespace
+
+// Per parameter (one group: m shared): the new stored kept sets (kept's form and dtype), and
+// the flips (int64 [items]); writes 0 to the newly pruned weights and remaps the buffers'
+// changed rows, in place. Every input is checked before anything is written.
+std::tuple<std::vector<at::Tensor>, at::Tensor> apply_evolved(
+    const std::vector<at::Tensor>& weights, const std::vector<std::vector<int64_t>>& layouts,
+    const std::vector<std::vector<at::Tensor>>& buffers, const std::vector<at::Tensor>& kept,
+    const std::vector<std::optional<at::Tensor>>& masks, const std::vector<int64_t>& counts,
+    const std::vector<at::Tensor>& proposed, const std::vector<at::Tensor>& frozen, int64_t m) {
+  const size_t items = weights.size();
+  TORCH_CHECK_VALUE(layouts.size() == items && buffers.size() == items && kept.size() == items &&
+                        masks.size() == items && counts.size() == items &&
+                        proposed.size() == items && frozen.size() == items,
+                    "apply_evolved: every list needs one entry per parameter");
+  TORCH_CHECK_VALUE(2 <= m && m <= kMaxM, "Invalid m value: ", m, " (2 <= m <= ", kMaxM, ")");
+  std::vector<ApplyItem> its(items);
+  std::vector<at::Tensor> out(items);
+  std::vector<int64_t> starts{0};  // in chunks of kGrain blocks
+  for (size_t i = 0; i < items; ++i) {
+    const at::Tensor& weight = weights[i];
+    ApplyItem& it = its[i];
+    it.dtype = check_pair(weight, weight);
+    const int64_t count = counts[i];
+    const int64_t blocks = weight.numel() / m;
+    it.weight = weight;
+    it.layout = make_layout(weight, layouts[i], m, "weight");
+    it.old_codes = make_codes(kept[i], masks[i], count, blocks, m, "kept", true);
+    it.new_codes = make_codes(proposed[i], masks[i], count, blocks, m, "proposed", true);
+    TORCH_CHECK_VALUE(proposed[i].scalar_type() == kept[i].scalar_type() &&
+                          proposed[i].dim() == kept[i].dim(),
+                      "proposed[", i, "] must be in kept's stored form");
+    TORCH_CHECK_VALUE(it.old_codes.ranked ? (kept[i].scalar_type() == at::kByte ||
+                                             kept[i].scalar_type() == at::kShort)
+                                          : kept[i].scalar_type() == at::kByte,
+                      "kept[", i, "]: ranks must be uint8 or int16, positions uint8");
+    const at::Tensor& f = frozen[i];
+    TORCH_CHECK_VALUE(f.scalar_type() == at::kBool && f.dim() == 1 && f.size(0) == blocks &&
+                          f.is_contiguous() && f.device().is_cpu(),
+                      "frozen[", i, "] must be contiguous bool [", blocks, "]");
+    it.frozen = f.data_ptr<bool>();
+    for (const at::Tensor& b : buffers[i]) {
+      TORCH_CHECK_VALUE(b.scalar_type() == it.dtype && b.device().is_cpu() && b.is_contiguous() &&
+                            b.dim() == 2 && b.size(0) == blocks && b.size(1) == count &&
+                            !b.key_set().has(c10::DispatchKey::Python),
+                        "buffers[", i, "] must be contiguous [", blocks, ", ", count,
+                        "] CPU tensors of the weight's dtype");
+    }
+    it.buffers = buffers[i];
+    out[i] = at::empty(kept[i].sizes(), kept[i].options());
+    it.out_codes = it.old_codes;
+    it.out_codes.data = out[i].data_ptr();
+    starts.push_back(starts.back() + (blocks + kGrain - 1) / kGrain);
+  }
+  std::vector<int64_t> chunk_flips(starts.back(), 0);
+  // One parallel loop over the chunks of all parameters.
+  at::parallel_for(0, starts.back(), kApplyGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const size_t i = std::upper_bound(starts.begin(), starts.end(), c) - starts.begin() - 1;
+      const int64_t blocks = weights[i].numel() / m;
+      const int64_t k0 = (c - starts[i]) * kGrain;
+      apply_blocks(its[i], k0, std::min(blocks, k0 + kGrain), chunk_flips[c]);
+    }
+  });
+  at::Tensor flips = at::zeros({static_cast<int64_t>(items)}, at::kLong);
+  for (size_t i = 0; i < items; ++i) {
+    int64_t total = 0;
+    for (int64_t c = starts[i]; c < starts[i + 1]; ++c) total += chunk_flips[c];
+    flips.data_ptr<int64_t>()[i] = total;
+    bump_version(weights[i]);
+    for (const at::Tensor& b : buffers[i]) bump_version(b);
+  }
+  return {out, flips};
+}

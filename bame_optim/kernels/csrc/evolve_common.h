@@ -6,7 +6,6 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-#include <atomic>
 #include <bit>
 #include <cstdint>
 #include <optional>
@@ -130,18 +129,15 @@ inline void encode(const Codes& c, uint64_t bits, int64_t k) {
   }
 }
 
+// One serial (vectorised) pass: a byte or two per block, cheaper than a parallel region.
 template <typename Code>
 inline bool codes_in_range(const at::Tensor& t, int64_t limit) {
   const Code* d = static_cast<const Code*>(t.data_ptr());
-  std::atomic<bool> ok{true};
-  at::parallel_for(0, t.numel(), 1 << 16, [&](int64_t b, int64_t e) {
-    bool local = true;
-    for (int64_t i = b; i < e; ++i) {
-      const int64_t v = static_cast<int64_t>(d[i]);
-      local &= (v >= 0) & (v < limit);
-    }
-    if (!local) ok = false;
-  });
+  bool ok = true;
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    const int64_t v = static_cast<int64_t>(d[i]);
+    ok &= (v >= 0) & (v < limit);
+  }
   return ok;
 }
 

@@ -23,11 +23,13 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -110,6 +112,7 @@ struct EvolveArgs {
   bool revive_adam;
   bool zero_pruned;
   NormMode norm;
+  std::atomic<bool>* finite;  // cleared where the gradient holds NaN or inf
 };
 
 // ATen's norm (row_norm) of `count` contiguous rows of m, with the lane count fixed at
@@ -184,6 +187,8 @@ void evolve_range(const EvolveArgs& a, int64_t k0, int64_t k1) {
   S rows[kRows * kWidth];  // this chunk's weights, for the norms
   S g[kWidth];
   U key[kWidth];
+  constexpr U kExponent = sizeof(S) == 4 ? U(0x7F800000u) : U(0x7FF0000000000000ull);
+  bool nonfinite = false;  // a gradient entry is NaN or inf (exponent all ones)
   Cursor cur(a.wl, a.gl, k0);
   for (int64_t c0 = k0; c0 < k1; c0 += kRows) {
     const int64_t c1 = std::min(k1, c0 + kRows);
@@ -199,6 +204,7 @@ void evolve_range(const EvolveArgs& a, int64_t k0, int64_t k1) {
         for (int64_t j = 0; j < m; ++j) w[j] = wp[j * ws];
         for (int64_t j = 0; j < m; ++j) g[j] = gp[j * gs];
       }
+      for (int64_t j = 0; j < m; ++j) nonfinite |= (std::bit_cast<U>(g[j]) & kExponent) == kExponent;
       if (a.zero_pruned) {
         // NMEngine.zero_pruned_: a pruned entry holds +0.0 (all bits 0) afterwards. Written
         // only where it does not (rare).
@@ -230,6 +236,7 @@ void evolve_range(const EvolveArgs& a, int64_t k0, int64_t k1) {
     }
     if (norm_fn != nullptr) norm_fn(rows, c1 - c0, m, a.norm, norms + c0);
   }
+  if (nonfinite) a.finite->store(false, std::memory_order_relaxed);
 }
 
 // float32 blocks of M = MT in {4, 8, 16}: chunks of kChunk blocks in structure-of-arrays form
@@ -262,6 +269,7 @@ void evolve_chunks_f32(const EvolveArgs& a, int64_t k0, int64_t k1) {
   alignas(64) int64_t extreme[kChunk];
   alignas(64) float sum[kChunk];
   alignas(64) float acc[kMaxM][kChunk];
+  bool nonfinite = false;  // a gradient entry is NaN or inf (exponent all ones)
   Cursor cur(a.wl, a.gl, k0);
   for (int64_t c0 = k0; c0 < k1; c0 += kChunk) {
     const int64_t nb = std::min(kChunk, k1 - c0);
@@ -273,9 +281,11 @@ void evolve_chunks_f32(const EvolveArgs& a, int64_t k0, int64_t k1) {
       uint32_t dirty = 0;
       for (int64_t j = 0; j < MT; ++j) {
         const float wj = wp[j * ws];
+        const float gj = gp[j * gs];
         w[j][b] = wj;
-        g[j][b] = gp[j * gs];
+        g[j][b] = gj;
         dirty |= static_cast<uint32_t>(std::bit_cast<uint32_t>(wj) != 0) << j;
+        nonfinite |= (std::bit_cast<uint32_t>(gj) & 0x7F800000u) == 0x7F800000u;
       }
       dirty &= ~kept[b];
       if (a.zero_pruned && dirty) {  // NMEngine.zero_pruned_ (rare: pruned weights are +0.0)
@@ -382,6 +392,7 @@ void evolve_chunks_f32(const EvolveArgs& a, int64_t k0, int64_t k1) {
     }
     for (int64_t b = 0; b < nb; ++b) norms[c0 + b] = std::sqrt(sum[b]);
   }
+  if (nonfinite) a.finite->store(false, std::memory_order_relaxed);
 }
 
 using RangeFn = void (*)(const EvolveArgs&, int64_t, int64_t);
@@ -433,71 +444,112 @@ RangeFn pick_range(const Codes& kept, const Codes& proposed, int64_t m) {
 
 // Declared in module.cpp, which binds them.
 
-// Fills proposed (kept's form for n; allocated by the caller) and returns {oscillation [K],
-// norms [K] or an empty tensor}; with zero_pruned sets the pruned entries of weight to 0 first.
-std::vector<at::Tensor> evolve_blocks(
-    const at::Tensor& weight, const at::Tensor& grad, const std::vector<int64_t>& weight_layout,
-    const std::vector<int64_t>& grad_layout, const at::Tensor& kept,
-    const std::optional<at::Tensor>& masks, int64_t count, const at::Tensor& proposed,
-    const std::optional<at::Tensor>& by_bits, const std::optional<at::Tensor>& binomials,
-    const std::optional<at::Tensor>& oscillation, int64_t n, int64_t m, double lr,
-    double gamma, bool revive_adam, bool zero_pruned, const std::vector<int64_t>& norm_mode) {
-  const at::ScalarType dt = check_pair(weight, grad);
+// The passes over a list of parameters (one group: n, m and the hyper-parameters shared),
+// parallel over all their blocks at once. Fills proposed[i] (kept's form for n; allocated by
+// the caller) and returns {oscillation [K_i] per parameter, norms [K_i] (or empty: lanes 0),
+// bool [items]: every gradient entry finite}; with zero_pruned the pruned entries of each
+// weight are set to 0 first.
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> evolve_blocks(
+    const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& grads,
+    const std::vector<std::vector<int64_t>>& weight_layouts,
+    const std::vector<std::vector<int64_t>>& grad_layouts, const std::vector<at::Tensor>& kept,
+    const std::vector<std::optional<at::Tensor>>& masks, const std::vector<int64_t>& counts,
+    const std::vector<at::Tensor>& proposed, const std::vector<std::optional<at::Tensor>>& by_bits,
+    const std::vector<std::optional<at::Tensor>>& binomials,
+    const std::vector<std::optional<at::Tensor>>& oscillations,
+    const std::vector<std::vector<int64_t>>& norm_modes, int64_t n, int64_t m, double lr,
+    double gamma, bool revive_adam, bool zero_pruned) {
+  const size_t items = weights.size();
+  TORCH_CHECK_VALUE(grads.size() == items && weight_layouts.size() == items &&
+                        grad_layouts.size() == items && kept.size() == items &&
+                        masks.size() == items && counts.size() == items &&
+                        proposed.size() == items && by_bits.size() == items &&
+                        binomials.size() == items && oscillations.size() == items &&
+                        norm_modes.size() == items,
+                    "evolve_blocks: every list needs one entry per parameter");
   TORCH_CHECK_VALUE(2 <= m && m <= kMaxM, "Invalid m value: ", m, " (2 <= m <= ", kMaxM, ")");
   TORCH_CHECK_VALUE(0 <= n && n <= m, "Invalid n value: ", n);
-  TORCH_CHECK_VALUE(norm_mode.size() == 4 && 0 <= norm_mode[0] && norm_mode[0] <= kMaxM &&
-                        0 <= norm_mode[3] && norm_mode[3] <= kMaxM,
-                    "norm_mode must be [lanes, lane_fma, tail_fma, group] with lanes <= 64");
-  const int64_t blocks = weight.numel() / m;
-  EvolveArgs a;
-  a.wl = make_layout(weight, weight_layout, m, "weight");
-  a.gl = make_layout(grad, grad_layout, m, "grad");
-  a.kept = make_codes(kept, masks, count, blocks, m, "kept", true);
-  a.proposed = make_codes(proposed, std::nullopt, n, blocks, m, "proposed", false);
-  if (a.proposed.ranked) {
-    if (m <= 16) {
-      TORCH_CHECK_VALUE(by_bits.has_value() && by_bits->scalar_type() == proposed.scalar_type() &&
-                            by_bits->numel() == (int64_t{1} << m) && by_bits->is_contiguous(),
-                        "by_bits ([2^m] ranks in the code dtype) is required for m <= 16");
-      a.proposed.by_bits = by_bits->data_ptr();
-    } else {
-      TORCH_CHECK_VALUE(binomials.has_value() && binomials->scalar_type() == at::kLong &&
-                            binomials->dim() == 2 && binomials->size(0) == m &&
-                            binomials->size(1) == m + 1 && binomials->is_contiguous(),
-                        "binomials (int64 [m, m + 1]) are required for m > 16");
-      a.proposed.binomials = binomials->data_ptr<int64_t>();
+  std::vector<EvolveArgs> args(items);
+  std::vector<RangeFn> fns(items);
+  std::vector<int64_t> starts{0};
+  std::vector<at::Tensor> osc_out(items), norms(items);
+  std::vector<std::atomic<bool>> finite(items);
+  for (size_t i = 0; i < items; ++i) {
+    const at::Tensor& weight = weights[i];
+    const at::ScalarType dt = check_pair(weight, grads[i]);
+    const std::vector<int64_t>& mode = norm_modes[i];
+    TORCH_CHECK_VALUE(mode.size() == 4 && 0 <= mode[0] && mode[0] <= kMaxM && 0 <= mode[3] &&
+                          mode[3] <= kMaxM,
+                      "norm_modes[", i, "] must be [lanes, lane_fma, tail_fma, group], lanes <= 64");
+    const int64_t blocks = weight.numel() / m;
+    EvolveArgs& a = args[i];
+    a.wl = make_layout(weight, weight_layouts[i], m, "weight");
+    a.gl = make_layout(grads[i], grad_layouts[i], m, "grad");
+    a.kept = make_codes(kept[i], masks[i], counts[i], blocks, m, "kept", true);
+    a.proposed = make_codes(proposed[i], std::nullopt, n, blocks, m, "proposed", false);
+    if (a.proposed.ranked) {
+      if (m <= 16) {
+        const std::optional<at::Tensor>& table = by_bits[i];
+        TORCH_CHECK_VALUE(table.has_value() && table->scalar_type() == proposed[i].scalar_type() &&
+                              table->numel() == (int64_t{1} << m) && table->is_contiguous(),
+                          "by_bits ([2^m] ranks in the code dtype) is required for m <= 16");
+        a.proposed.by_bits = table->data_ptr();
+      } else {
+        const std::optional<at::Tensor>& table = binomials[i];
+        TORCH_CHECK_VALUE(table.has_value() && table->scalar_type() == at::kLong &&
+                              table->dim() == 2 && table->size(0) == m &&
+                              table->size(1) == m + 1 && table->is_contiguous(),
+                          "binomials (int64 [m, m + 1]) are required for m > 16");
+        a.proposed.binomials = table->data_ptr<int64_t>();
+      }
     }
+    const int64_t lanes = mode[0];
+    osc_out[i] = at::empty({blocks}, weight.options().memory_format(at::MemoryFormat::Contiguous));
+    norms[i] = at::empty({lanes ? blocks : 0}, osc_out[i].options());
+    a.osc_in = nullptr;
+    if (oscillations[i].has_value()) {
+      const at::Tensor& osc = *oscillations[i];
+      TORCH_CHECK_VALUE(osc.scalar_type() == dt && osc.dim() == 1 && osc.size(0) == blocks &&
+                            osc.is_contiguous() && osc.device().is_cpu(),
+                        "oscillations[", i, "] must be a contiguous [", blocks, "] CPU tensor of ",
+                        dt);
+      a.osc_in = osc.data_ptr();
+    }
+    a.weight = weight.data_ptr();
+    a.grad = grads[i].data_ptr();
+    a.osc_out = osc_out[i].data_ptr();
+    a.norms = lanes ? norms[i].data_ptr() : nullptr;
+    a.n = n;
+    a.m = m;
+    a.lr = lr;
+    a.gamma = gamma;
+    a.revive_adam = revive_adam;
+    a.zero_pruned = zero_pruned;
+    a.norm = NormMode{lanes, mode[1] != 0, mode[2] != 0, mode[3]};
+    finite[i].store(true);
+    a.finite = &finite[i];
+    fns[i] = dt == at::kFloat ? pick_range<float>(a.kept, a.proposed, m)
+                              : pick_range<double>(a.kept, a.proposed, m);
+    TORCH_CHECK_VALUE(fns[i] != nullptr, "kept[", i, "] (", kept[i].scalar_type(),
+                      ") and proposed (", proposed[i].scalar_type(),
+                      ") must be in one stored form: uint8/int16 ranks or uint8 positions");
+    starts.push_back(starts.back() + blocks);
   }
-  const int64_t lanes = norm_mode[0];
-  at::Tensor osc_out = at::empty({blocks}, weight.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor norms = at::empty({lanes ? blocks : 0}, osc_out.options());
-  a.osc_in = nullptr;
-  if (oscillation.has_value()) {
-    TORCH_CHECK_VALUE(oscillation->scalar_type() == dt && oscillation->dim() == 1 &&
-                          oscillation->size(0) == blocks && oscillation->is_contiguous() &&
-                          oscillation->device().is_cpu(),
-                      "oscillation must be a contiguous [", blocks, "] CPU tensor of ", dt);
-    a.osc_in = oscillation->data_ptr();
+  // One parallel loop over the blocks of all parameters.
+  at::parallel_for(0, starts.back(), kGrain, [&](int64_t begin, int64_t end) {
+    size_t i = std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1;
+    for (; begin < end && i < items; ++i) {
+      const int64_t stop = std::min(end, starts[i + 1]);
+      if (stop > begin) fns[i](args[i], begin - starts[i], stop - starts[i]);
+      begin = std::max(begin, stop);
+    }
+  });
+  at::Tensor all_finite = at::empty({static_cast<int64_t>(items)}, at::kBool);
+  for (size_t i = 0; i < items; ++i) {
+    all_finite.data_ptr<bool>()[i] = finite[i].load();
+    if (zero_pruned) bump_version(weights[i]);
   }
-  a.weight = weight.data_ptr();
-  a.grad = grad.data_ptr();
-  a.osc_out = osc_out.data_ptr();
-  a.norms = lanes ? norms.data_ptr() : nullptr;
-  a.n = n;
-  a.m = m;
-  a.lr = lr;
-  a.gamma = gamma;
-  a.revive_adam = revive_adam;
-  a.zero_pruned = zero_pruned;
-  a.norm = NormMode{lanes, norm_mode[1] != 0, norm_mode[2] != 0, norm_mode[3]};
-  const RangeFn fn = dt == at::kFloat ? pick_range<float>(a.kept, a.proposed, m)
-                                      : pick_range<double>(a.kept, a.proposed, m);
-  TORCH_CHECK_VALUE(fn != nullptr, "kept (", kept.scalar_type(), ") and proposed (",
-                    proposed.scalar_type(), ") must be in one stored form: uint8/int16 ranks or "
-                    "uint8 positions");
-  at::parallel_for(0, blocks, kGrain, [&](int64_t k0, int64_t k1) { fn(a, k0, k1); });
-  if (zero_pruned) bump_version(weight);
-  return {osc_out, norms};
+  return {osc_out, norms, all_finite};
 }
 
 // ATen's norm model on the rows of a contiguous [K, M] tensor, for the probe.

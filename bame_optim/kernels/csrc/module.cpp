@@ -4,6 +4,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <optional>
+#include <tuple>
 #include <vector>
 
 std::vector<std::optional<at::Tensor>> fused_kept_sgd(
@@ -27,24 +28,27 @@ void fused_kept_adamw(const std::vector<at::Tensor>& params,
                       double lr, double beta1, double beta2, double weight_decay, double eps,
                       bool amsgrad, bool maximize, bool fma, bool fma_addcmul);
 at::Tensor probe_addcmul(const at::Tensor& a, const at::Tensor& b, double value, bool fma);
-// evolve_cpu.cpp: the fused passes of the evolve-phase mask update.
-std::vector<at::Tensor> evolve_blocks(
-    const at::Tensor& weight, const at::Tensor& grad, const std::vector<int64_t>& weight_layout,
-    const std::vector<int64_t>& grad_layout, const at::Tensor& kept,
-    const std::optional<at::Tensor>& masks, int64_t count, const at::Tensor& proposed,
-    const std::optional<at::Tensor>& by_bits, const std::optional<at::Tensor>& binomials,
-    const std::optional<at::Tensor>& oscillation, int64_t n, int64_t m, double lr,
-    double gamma, bool revive_adam, bool zero_pruned, const std::vector<int64_t>& norm_mode);
-at::Tensor obf_freeze(const at::Tensor& oscillation, const at::Tensor& norms, double alpha,
-                      double beta);
+// evolve_cpu.cpp, evolve_apply_cpu.cpp: the fused passes of the evolve-phase mask update,
+// over the parameters of one group at a time.
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> evolve_blocks(
+    const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& grads,
+    const std::vector<std::vector<int64_t>>& weight_layouts,
+    const std::vector<std::vector<int64_t>>& grad_layouts, const std::vector<at::Tensor>& kept,
+    const std::vector<std::optional<at::Tensor>>& masks, const std::vector<int64_t>& counts,
+    const std::vector<at::Tensor>& proposed, const std::vector<std::optional<at::Tensor>>& by_bits,
+    const std::vector<std::optional<at::Tensor>>& binomials,
+    const std::vector<std::optional<at::Tensor>>& oscillations,
+    const std::vector<std::vector<int64_t>>& norm_modes, int64_t n, int64_t m, double lr,
+    double gamma, bool revive_adam, bool zero_pruned);
+std::vector<at::Tensor> obf_freeze(const std::vector<at::Tensor>& oscillations,
+                                   const std::vector<at::Tensor>& norms, double alpha,
+                                   double beta);
 at::Tensor top_fraction(const at::Tensor& values, double fraction);
-std::vector<at::Tensor> apply_evolved(const at::Tensor& weight,
-                                      const std::vector<int64_t>& weight_layout,
-                                      const std::vector<at::Tensor>& buffers,
-                                      const at::Tensor& kept,
-                                      const std::optional<at::Tensor>& masks, int64_t count,
-                                      const at::Tensor& proposed, const at::Tensor& frozen,
-                                      int64_t m);
+std::tuple<std::vector<at::Tensor>, at::Tensor> apply_evolved(
+    const std::vector<at::Tensor>& weights, const std::vector<std::vector<int64_t>>& layouts,
+    const std::vector<std::vector<at::Tensor>>& buffers, const std::vector<at::Tensor>& kept,
+    const std::vector<std::optional<at::Tensor>>& masks, const std::vector<int64_t>& counts,
+    const std::vector<at::Tensor>& proposed, const std::vector<at::Tensor>& frozen, int64_t m);
 at::Tensor probe_norm(const at::Tensor& rows, const std::vector<int64_t>& norm_mode);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
