@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from bame_apps.integrations.local_data import load_split
 from bame_optim.core.schedule import DEFAULT_DELTA_T, evolve_updates
-from bame_optim.integrations.local_data import load_split
 
 from . import accuracy
 from .harness import resolve_device, write_csv

@@ -26,11 +26,11 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from bame_apps.integrations.local_data import load_split
+from bame_apps.integrations.models import resnet32, small_cnn
 from bame_optim import nm_param_groups
 from bame_optim.core.evolution import REVIVE_SCORES
 from bame_optim.flops import FlopsProfile, training_flops_ratio
-from bame_optim.integrations.local_data import load_split
-from bame_optim.integrations.models import resnet32, small_cnn
 from bame_optim.methods import METHODS, accepted_keywords, fixed_settings, make_optimizer
 
 from .harness import nm_pattern, write_csv

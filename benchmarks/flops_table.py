@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 
+from bame_apps.integrations.models import resnet32, resnet50
 from bame_optim.flops import flops_breakdown, layer_flops
-from bame_optim.integrations.models import resnet32, resnet50
 from bame_optim.peers.maxq import SCHEDULES
 
 EPOCHS = 300

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from bame_apps.integrations.models import MODELS
 from bame_optim import nm_param_groups
-from bame_optim.integrations.models import MODELS
 
 __all__ = [
     "BENCH_MODELS",
@@ -100,7 +100,7 @@ def gpt2_small_linears() -> nn.Module:
 
 
 BENCH_MODELS = {**MODELS, "gpt2_small": gpt2_small_linears}
-"""The models of :data:`bame_optim.integrations.models.MODELS` and the GPT-2-small shapes."""
+"""The models of :data:`bame_apps.integrations.models.MODELS` and the GPT-2-small shapes."""
 
 
 def build_model(name: str, device: torch.device, seed: int = 0) -> nn.Module:

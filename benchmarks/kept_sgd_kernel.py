@@ -32,9 +32,9 @@ import torch
 from torch import Tensor
 from torch.optim.sgd import sgd
 
+from bame_apps.integrations.models import MODELS
 from bame_optim.core.kept import encode_kept, gather_kept, kept_indices, scatter_kept_
 from bame_optim.core.nm import random_nm_mask
-from bame_optim.integrations.models import MODELS
 from bame_optim.kernels import kept_sgd_cpu
 
 from .harness import Timer, build_model, interleaved, machine, nm_pattern

@@ -42,8 +42,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from tqdm import tqdm
 
+from bame_apps.integrations.models import MODELS
 from bame_optim.core.schedule import Phase, phase
-from bame_optim.integrations.models import MODELS
 from bame_optim.methods import METHODS, fixed_settings, make_optimizer
 
 from .harness import (

@@ -106,7 +106,7 @@ STEP_CONFIGS = (("dense kernels", None), ("2:4 fwd", "exact"), ("2:4 fwd+dX W⊙
 
 def time_step(args: argparse.Namespace, mode: str | None, images, labels) -> dict:
     """Median time of one DeiT-small training step and how many Linear layers ran on 2:4."""
-    from bame_optim.integrations.models import deit_small
+    from bame_apps.integrations.models import deit_small
 
     torch.manual_seed(0)
     model = deit_small().cuda()

@@ -1,3 +1,3 @@
-"""The training scripts, installed as ``bame_optim.examples`` (console scripts
+"""The training scripts, installed as ``bame_apps.examples`` (console scripts
 ``bame-quickstart``, ``bame-train-cifar``, ``bame-train-imagenet``; see
-:mod:`bame_optim.console`). In a checkout run them by path: ``python examples/NAME.py``."""
+:mod:`bame_apps.console`). In a checkout run them by path: ``python examples/NAME.py``."""

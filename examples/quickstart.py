@@ -35,9 +35,9 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from bame_apps.integrations.local_data import load_split
 from bame_optim import BAMESGD, nm_param_groups
 from bame_optim.core.nm import is_nm_sparse
-from bame_optim.integrations.local_data import load_split
 
 METHODS = ("dense SGD", "static N:M", "BAME")
 """The three runs of every seed, in the order they are trained and printed."""

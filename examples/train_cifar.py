@@ -14,7 +14,7 @@ Runs under ``accelerate launch`` or plain ``python``::
     python examples/train_cifar.py --data ../shared/data/fashion-mnist --epochs 3 \\
         --max-train-samples 10000      # any local dataset; grayscale works too
 
-The loop is the package :mod:`bame_optim.integrations.training` (one frozen ``TrainingConfig``
+The loop is the package :mod:`bame_apps.integrations.training` (one frozen ``TrainingConfig``
 per run; the flags are its fields, see ``--help``).
 """
 
@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bame_optim.integrations.training import ScriptConfig, TrainResult
-from bame_optim.integrations.training import main as train
+from bame_apps.integrations.training import ScriptConfig, TrainResult
+from bame_apps.integrations.training import main as train
 
 CONFIG = ScriptConfig(
     name="train_cifar",

@@ -11,7 +11,7 @@ smoothing (``--label-smoothing``), the standard augmentation (random-resized cro
 224, resize 256 + center crop for evaluation).
 
 Defaults of DeiT-small (300 epochs): DeiT's optimization recipe (Touvron et al. 2021,
-:data:`~bame_optim.integrations.training.recipes.DEIT_RECIPE`), for each flag not given:
+:data:`~bame_apps.integrations.training.recipes.DEIT_RECIPE`), for each flag not given:
 ``--optimizer adamw`` (the method's AdamW variant: ``bame`` runs as ``bame_adamw``,
 :class:`bame_optim.BAMEAdamW`; ``dense`` as ``torch.optim.AdamW``), ``--lr`` 5e-4 x global
 batch / 512 (batch x processes x ``--grad-accum``), ``--weight-decay 0.05`` (none on 1-D
@@ -36,7 +36,7 @@ Runs under ``accelerate launch`` or plain ``python``::
 
 ``--data`` is an image folder with ``train/<class>/*.JPEG`` and ``val/<class>/*.JPEG`` (or a
 saved ``datasets`` folder, parquet files, IDX files, or a Hub name when online).
-The loop is the package :mod:`bame_optim.integrations.training` (one frozen ``TrainingConfig``
+The loop is the package :mod:`bame_apps.integrations.training` (one frozen ``TrainingConfig``
 per run; the flags are its fields, see ``--help``).
 """
 
@@ -44,9 +44,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bame_optim.integrations.training import ScriptConfig, TrainResult
-from bame_optim.integrations.training import main as train
-from bame_optim.integrations.training.recipes import DEIT_RECIPE
+from bame_apps.integrations.training import ScriptConfig, TrainResult
+from bame_apps.integrations.training import main as train
+from bame_apps.integrations.training.recipes import DEIT_RECIPE
 
 CONFIG = ScriptConfig(
     name="train_imagenet",

@@ -18,7 +18,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from bame_optim.integrations.accelerate import unwrap_optimizer
+from bame_apps.integrations.accelerate import unwrap_optimizer
 
 __all__ = ["NMCheck"]
 

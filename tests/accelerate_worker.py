@@ -2,7 +2,7 @@
 
 Launched by ``torch.distributed.run --nproc_per_node 2``: ``Accelerator(cpu=True)`` (gloo),
 the MLP and data of :func:`build` (shared with the single-process reference of the test),
-:class:`~bame_optim.integrations.accelerate.MaskSync` after every step. With
+:class:`~bame_apps.integrations.accelerate.MaskSync` after every step. With
 ``--corrupt-step T`` rank 1, right after the step with counter ``T`` (before the check),
 swaps the kept set of one block of ``2.weight`` between ``{0, 3}`` and ``{1, 2}`` (through the
 optimizer's engine, which also zeroes the newly pruned weights): the swap that the former
@@ -84,7 +84,7 @@ def main() -> None:
 
     from accelerate import Accelerator
 
-    from bame_optim.integrations.accelerate import MaskSync
+    from bame_apps.integrations.accelerate import MaskSync
 
     accelerator = Accelerator(cpu=True)
     model, optimizer, data = build()

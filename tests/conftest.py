@@ -47,7 +47,7 @@ def write_idx_folder(folder: Path, seed: int = 0, checksums: bool = True) -> dic
 
     With ``checksums`` also writes ``MD5SUMS.decompressed``. Returns the arrays by file stem.
     """
-    from bame_optim.integrations.idx import IMAGES_MAGIC, LABELS_MAGIC
+    from bame_apps.integrations.idx import IMAGES_MAGIC, LABELS_MAGIC
 
     rng = np.random.default_rng(seed)
     arrays = {

@@ -11,7 +11,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from bame_optim.integrations.idx import IMAGES_MAGIC, LABELS_MAGIC
+from bame_apps.integrations.idx import IMAGES_MAGIC, LABELS_MAGIC
 from bame_optim.methods import make_optimizer
 from benchmarks import ablation, accuracy
 
@@ -189,7 +189,7 @@ def test_bad_flags(argv, message, tmp_path, tiny_fashion, capsys):
 
 
 def test_console_script_runs_the_ablation(capsys):
-    from bame_optim import console
+    from bame_apps import console
 
     with pytest.raises(SystemExit) as stop:
         console.bench_ablation(["--help"])

@@ -1,6 +1,6 @@
 """BAMESGD under ``accelerate`` in one process: the step counter under gradient accumulation
 and grad-scaler skips, ``save_state`` / ``load_state``, the state-dict round trip of
-``prepare``, and :mod:`bame_optim.integrations.accelerate` (``verify_masks`` on a simulated
+``prepare``, and :mod:`bame_apps.integrations.accelerate` (``verify_masks`` on a simulated
 two-rank mismatch, ``MaskSync`` timing). The two-process run is in
 ``test_accelerate_multiprocess.py``."""
 
@@ -20,7 +20,7 @@ accelerate = pytest.importorskip("accelerate")
 from accelerate import Accelerator  # noqa: E402
 from accelerate.optimizer import AcceleratedOptimizer  # noqa: E402
 
-from bame_optim.integrations import accelerate as integration  # noqa: E402
+from bame_apps.integrations import accelerate as integration  # noqa: E402
 
 SCHEDULE = {"delta_t": 2, "t_i": 4, "t_f": 10, "total_steps": 14}
 

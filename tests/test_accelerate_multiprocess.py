@@ -2,7 +2,7 @@
 
 One launch of :mod:`tests.accelerate_worker` checks both that the ranks keep identical masks
 and weights through every mask update (and equal to a single-process run on the same global
-batches), and that :func:`~bame_optim.integrations.accelerate.verify_masks` detects the swap of
+batches), and that :func:`~bame_apps.integrations.accelerate.verify_masks` detects the swap of
 one block's kept set ``{0, 3}`` / ``{1, 2}`` (2:4) on rank 1, says that the mask (and the
 weights) of that parameter differ, and repairs it from rank 0.
 """

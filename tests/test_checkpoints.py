@@ -1,4 +1,4 @@
-"""bame_optim.integrations.training.checkpoints: finding complete checkpoints, atomic save."""
+"""bame_apps.integrations.training.checkpoints: finding complete checkpoints, atomic save."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("accelerate")
 from accelerate import Accelerator
 
-from bame_optim.integrations.training.checkpoints import (
+from bame_apps.integrations.training.checkpoints import (
     checkpoint_epoch,
     find_checkpoint,
     save_checkpoint,

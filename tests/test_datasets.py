@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bame_optim.integrations.datasets import (
+from bame_apps.integrations.datasets import (
     CIFAR10_CLASSES,
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_MEAN,
@@ -31,7 +31,7 @@ from bame_optim.integrations.datasets import (
     load_image_dataset,
     make_loaders,
 )
-from bame_optim.integrations.idx import load_idx_dataset
+from bame_apps.integrations.idx import load_idx_dataset
 
 SHARED_FASHION = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist"
 CLASSES = ("cat", "ant", "dog")
@@ -223,7 +223,7 @@ def test_hub_name_offline_fails_fast_with_a_clear_error(tmp_path):
             return _getaddrinfo(*args, **kwargs)
         socket.getaddrinfo = lookup
 
-        from bame_optim.integrations.datasets import DatasetUnavailableError, load_image_dataset
+        from bame_apps.integrations.datasets import DatasetUnavailableError, load_image_dataset
         try:
             load_image_dataset("uoft-cs/cifar10", cache_dir={str(tmp_path / "cache")!r})
         except DatasetUnavailableError as err:
@@ -310,7 +310,7 @@ def test_saved_labels_out_of_range_are_named(tmp_path, cifar, bad, hint):
 def test_a_missing_local_path_is_not_taken_as_a_hub_name(tmp_path, monkeypatch, source, reason):
     """Rule of :func:`detect_kind`: such a string fails at once, naming the path; the Hub
     loader is never called (no network, no retries)."""
-    import bame_optim.integrations.datasets.load as image_datasets
+    import bame_apps.integrations.datasets.load as image_datasets
 
     def no_hub(*args, **kwargs):
         pytest.fail(f"the Hub loader was called with {args} {kwargs}")

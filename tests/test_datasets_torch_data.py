@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from bame_optim.integrations.datasets import (
+from bame_apps.integrations.datasets import (
     TorchImageDataset,
     image_transforms,
     load_image_dataset,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bame_optim.integrations.datasets import FASHION_MNIST_MEAN, image_transforms
+from bame_apps.integrations.datasets import FASHION_MNIST_MEAN, image_transforms
 
 
 def test_transform_shapes_and_dtypes():

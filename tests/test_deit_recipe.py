@@ -17,13 +17,13 @@ from PIL import Image
 
 pytest.importorskip("accelerate")
 
-from bame_optim import BAMESGD, BAMEAdamW
-from bame_optim.integrations.training import ConfigError, TrainingConfig, parse_config
-from bame_optim.integrations.training.build import (
+from bame_apps.integrations.training import ConfigError, TrainingConfig, parse_config
+from bame_apps.integrations.training.build import (
     build_training_model,
     build_training_optimizer,
 )
-from bame_optim.integrations.training.recipes import DEIT_RECIPE, launched_processes
+from bame_apps.integrations.training.recipes import DEIT_RECIPE, launched_processes
+from bame_optim import BAMESGD, BAMEAdamW
 
 NO_DECAY = {"class_token", "encoder.pos_embedding"}
 QKV = "encoder.layers.encoder_layer_0.self_attention.in_proj_weight"
@@ -58,12 +58,12 @@ def _exit_message(capsys, script: ModuleType, *flags: str) -> str:
 
 def test_deit_defaults_are_deits_recipe_and_are_printed(imagenet_script, capsys):
     config = _parse(imagenet_script)
-    assert config.optimizer == "adamw" and config.registered_method == "bame_adamw"
-    assert config.lr == pytest.approx(5e-4 * 256 / 512)  # batch 256, one process
-    assert config.weight_decay == 0.05 and config.label_smoothing == 0.1
-    assert config.warmup_epochs == 5.0 and config.epochs == 300
-    assert config.betas == (0.9, 0.999) and config.eps == 1e-8
-    assert config.output_dir == Path("runs/train_imagenet-deit_small-bame_adamw-2of4")
+    assert config.optim.optimizer == "adamw" and config.registered_method == "bame_adamw"
+    assert config.optim.lr == pytest.approx(5e-4 * 256 / 512)  # batch 256, one process
+    assert config.optim.weight_decay == 0.05 and config.optim.label_smoothing == 0.1
+    assert config.optim.warmup_epochs == 5.0 and config.optim.epochs == 300
+    assert config.optim.betas == (0.9, 0.999) and config.optim.eps == 1e-8
+    assert config.outputs.output_dir == Path("runs/train_imagenet-deit_small-bame_adamw-2of4")
     out = capsys.readouterr().out
     line = "deit_small: DeiT's recipe for the flags not given: --optimizer adamw, --lr 0.00025 ("
     assert line in out
@@ -72,18 +72,18 @@ def test_deit_defaults_are_deits_recipe_and_are_printed(imagenet_script, capsys)
 
 def test_the_lr_scales_with_the_global_batch(imagenet_script, monkeypatch):
     config = _parse(imagenet_script, "--batch-size", "64", "--grad-accum", "2")
-    assert config.lr == pytest.approx(5e-4 * 128 / 512)
+    assert config.optim.lr == pytest.approx(5e-4 * 128 / 512)
     monkeypatch.setenv("WORLD_SIZE", "4")  # e.g. torchrun --nproc_per_node 4
     assert launched_processes() == 4
     config = _parse(imagenet_script, "--batch-size", "64", "--grad-accum", "2")
-    assert config.lr == pytest.approx(5e-4 * 512 / 512)
+    assert config.optim.lr == pytest.approx(5e-4 * 512 / 512)
     assert DEIT_RECIPE.lr_for(1024) == pytest.approx(1e-3)  # DeiT's own batch
 
 
 def test_a_short_run_warms_up_for_half_its_epochs(imagenet_script, capsys):
-    assert _parse(imagenet_script, "--epochs", "4").warmup_epochs == 2.0
+    assert _parse(imagenet_script, "--epochs", "4").optim.warmup_epochs == 2.0
     assert "--warmup-epochs 2 (5 capped at half of the 4 epochs)" in capsys.readouterr().out
-    assert _parse(imagenet_script, "--epochs", "10").warmup_epochs == 5.0
+    assert _parse(imagenet_script, "--epochs", "10").optim.warmup_epochs == 5.0
 
 
 def test_explicit_flags_win(imagenet_script, capsys):
@@ -91,29 +91,32 @@ def test_explicit_flags_win(imagenet_script, capsys):
         imagenet_script, "--lr", "1e-3", "--weight-decay", "0.1", "--warmup-epochs", "0",
         "--label-smoothing", "0", "--betas", "0.9", "0.95", "--eps", "1e-6",
     )
-    assert config.optimizer == "adamw" and config.lr == 1e-3 and config.weight_decay == 0.1
-    assert config.warmup_epochs == 0.0 and config.label_smoothing == 0.0
-    assert config.betas == (0.9, 0.95) and config.eps == 1e-6
+    optim = config.optim
+    assert optim.optimizer == "adamw" and optim.lr == 1e-3 and optim.weight_decay == 0.1
+    assert config.optim.warmup_epochs == 0.0 and config.optim.label_smoothing == 0.0
+    assert config.optim.betas == (0.9, 0.95) and config.optim.eps == 1e-6
     out = capsys.readouterr().out
     assert "recipe for the flags not given: --optimizer adamw; given: --lr 0.001" in out
     # another optimizer than the recipe's: the script's (the paper's SGD) defaults
     config = _parse(imagenet_script, "--optimizer", "sgd", "--lr", "0.1")
-    assert (config.optimizer, config.registered_method, config.lr) == ("sgd", "bame", 0.1)
-    assert config.weight_decay == 1e-4 and config.momentum == 0.9
-    assert config.warmup_epochs == 0.0 and config.label_smoothing == 0.0
+    optim = config.optim
+    assert (optim.optimizer, config.registered_method, optim.lr) == ("sgd", "bame", 0.1)
+    assert config.optim.weight_decay == 1e-4 and config.optim.momentum == 0.9
+    assert config.optim.warmup_epochs == 0.0 and config.optim.label_smoothing == 0.0
     assert "--optimizer sgd given, so not DeiT's adamw recipe" in capsys.readouterr().out
 
 
 def test_other_models_keep_the_papers_sgd_recipe(imagenet_script, capsys):
     config = parse_config(["--data", "d", "--model", "resnet50"], imagenet_script.CONFIG)
-    assert (config.optimizer, config.lr, config.weight_decay) == ("sgd", 0.1, 1e-4)
-    assert config.warmup_epochs == 0.0 and config.label_smoothing == 0.0
+    optim = config.optim
+    assert (optim.optimizer, optim.lr, optim.weight_decay) == ("sgd", 0.1, 1e-4)
+    assert config.optim.warmup_epochs == 0.0 and config.optim.label_smoothing == 0.0
     assert capsys.readouterr().out == ""  # no recipe: nothing printed
     config = parse_config(
         ["--data", "d", "--model", "resnet50", "--optimizer", "adamw", "--lr", "1e-3"],
         imagenet_script.CONFIG,
     )
-    assert config.registered_method == "bame_adamw" and config.weight_decay == 1e-4
+    assert config.registered_method == "bame_adamw" and config.optim.weight_decay == 1e-4
 
 
 @pytest.mark.parametrize(
@@ -121,7 +124,7 @@ def test_other_models_keep_the_papers_sgd_recipe(imagenet_script, capsys):
 )
 def test_methods_map_to_their_adamw_variants(imagenet_script, method, registered):
     config = _parse(imagenet_script, "--method", method)
-    assert config.optimizer == "adamw" and config.registered_method == registered
+    assert config.optim.optimizer == "adamw" and config.registered_method == registered
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,14 +138,15 @@ def test_a_method_without_an_adamw_variant_is_refused(imagenet_script, capsys, t
     err = _exit_message(capsys, imagenet_script, "--method", "rigl")  # adamw from the recipe
     assert "argument --method: invalid value 'rigl' (it has no adamw variant" in err
     assert "give --optimizer sgd" in err
-    assert _parse(imagenet_script, "--method", "rigl", "--optimizer", "sgd").method == "rigl"
+    config = _parse(imagenet_script, "--method", "rigl", "--optimizer", "sgd")
+    assert config.network.method == "rigl"
     with pytest.raises(ConfigError, match="Invalid optimizer value: 'adamw'") as info:
-        TrainingConfig(data="d", output_dir=tmp_path, method="lbc", optimizer="adamw")
+        TrainingConfig.build(data="d", output_dir=tmp_path, method="lbc", optimizer="adamw")
     assert info.value.field == "optimizer" and "method lbc has no adamw variant" in str(info.value)
     with pytest.raises(ConfigError, match="Invalid method value: 'bame_adamw'"):
-        TrainingConfig(data="d", output_dir=tmp_path, method="bame_adamw")
+        TrainingConfig.build(data="d", output_dir=tmp_path, method="bame_adamw")
     with pytest.raises(ConfigError, match="Invalid optimizer value: 'adam'"):
-        TrainingConfig(data="d", output_dir=tmp_path, optimizer="adam")
+        TrainingConfig.build(data="d", output_dir=tmp_path, optimizer="adam")
 
 
 @pytest.mark.parametrize(
@@ -169,7 +173,7 @@ def test_bad_optimizer_flags_name_the_flag(imagenet_script, capsys, flags, messa
 
 
 def _tiny_vit(tmp_path: Path, **fields):
-    config = TrainingConfig(
+    config = TrainingConfig.build(
         data="d", output_dir=tmp_path, model="deit_small", vit_depth=1, vit_width=64,
         vit_patch=8, image_size=16, delta_t=1, **fields,
     )
@@ -219,7 +223,7 @@ def test_sgd_keeps_its_groups(tmp_path):
 
 
 def test_the_patch_size_must_divide_the_images(tmp_path):
-    config = TrainingConfig(data="d", output_dir=tmp_path, model="deit_small", vit_patch=16)
+    config = TrainingConfig.build(data="d", output_dir=tmp_path, model="deit_small", vit_patch=16)
     data = SimpleNamespace(info={"input_shape": [1, 28, 28]}, num_classes=10, in_channels=1)
     with pytest.raises(ConfigError, match=r"Invalid vit_patch value: 16 \(the images are 28"):
         build_training_model(config, data)  # type: ignore[arg-type]

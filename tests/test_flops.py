@@ -19,6 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+from bame_apps.integrations.models import resnet32
 from bame_optim import BAMESGD, nm_param_groups
 from bame_optim.core.schedule import Phase, gradual_budget, is_update_step, phase
 from bame_optim.flops import breakdown as flops_breakdown_module
@@ -31,7 +32,6 @@ from bame_optim.flops import (
 )
 from bame_optim.flops import layers as flops_layers
 from bame_optim.flops import profiles as flops_profiles
-from bame_optim.integrations.models import resnet32
 from bame_optim.methods import METHODS as REGISTRY
 from bame_optim.peers.lbc import LBCSGD, remaining_count
 

@@ -178,7 +178,7 @@ def test_depthwise_convs_stay_dense_quietly_and_one_warning_summarises_the_rest(
 
 def test_mobilenet_v2_gives_at_most_one_warning():
     pytest.importorskip("torchvision")
-    from bame_optim.integrations.models import build_model
+    from bame_apps.integrations.models import build_model
 
     model = build_model("mobilenet_v2", 10)
     with warnings.catch_warnings(record=True) as caught:

@@ -35,7 +35,7 @@ from transformers import (  # noqa: E402
     ViTForImageClassification,
 )
 
-from bame_optim.integrations.accelerate import MaskSync  # noqa: E402
+from bame_apps.integrations.accelerate import MaskSync  # noqa: E402
 
 N, M = 2, 4
 MAX_STEPS = 12
@@ -209,7 +209,7 @@ class Recorder(TrainerCallback):
 
 class VerifyMasks(TrainerCallback):
     """The recipe's optional check that every rank holds the same masks:
-    :class:`bame_optim.integrations.accelerate.MaskSync` after every optimizer step."""
+    :class:`bame_apps.integrations.accelerate.MaskSync` after every optimizer step."""
 
     def __init__(self, trainer: Trainer, opt: Optimizer) -> None:
         self.sync = MaskSync(opt, trainer.accelerator)
@@ -395,7 +395,7 @@ def test_total_steps_too_large_needs_finalize_masks(tmp_path):
 
 
 def test_total_steps_too_large_warns_at_the_end_and_nm_check_finalizes(tmp_path):
-    from bame_optim.integrations.hf_trainer import NMCheck
+    from bame_apps.integrations.hf_trainer import NMCheck
 
     trainer, opt = build("sgd", training_args(tmp_path / "run", save_strategy="no"),
                          total_steps=10 * MAX_STEPS)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bame_optim.integrations.idx import IMAGES_MAGIC, LABELS_MAGIC, load_idx_dataset, read_idx
+from bame_apps.integrations.idx import IMAGES_MAGIC, LABELS_MAGIC, load_idx_dataset, read_idx
 
 SHARED_FASHION = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist"
 

@@ -1,5 +1,6 @@
 """Imports run one way: the package's layers, read from the source with :mod:`ast` (nothing is
-imported), have no upward import and no cycle, and the library imports torch only.
+imported), have no upward import and no cycle, the library imports torch only and never the
+applications (``bame_apps``, installed beside it).
 
 Layers, lowest first (a module may import its own layer and those below)::
 
@@ -10,7 +11,8 @@ Layers, lowest first (a module may import its own layer and those below)::
     peers (straight-through methods, bidirectional masks)
     methods (the registry: factory, settings, FLOPs profile of each method)
     flops (counting, profiles, their composition)
-    integrations, console (the applications around the library)
+    bame_apps.integrations, bame_apps.console (the applications around the library)
+    bame_apps.examples, bame_apps.benchmarks (scripts on top of both)
 
 ``bame_optim.reference`` (the float64 reference optimizers) imports nothing of the package
 outside itself. Imports under ``if TYPE_CHECKING:`` are not imports at run time and are
@@ -34,9 +36,12 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("bame_optim.peers",),
     ("bame_optim.methods",),
     ("bame_optim.flops",),
-    ("bame_optim.integrations", "bame_optim.console"),
+    ("bame_apps.integrations", "bame_apps.console", "bame_apps"),
+    ("bame_apps.examples", "bame_apps.benchmarks"),
 )
-"""Prefixes of each layer; ``bame_optim`` itself (the facade) matches only exactly."""
+"""Prefixes of each layer; ``bame_optim`` and ``bame_apps`` themselves match only exactly."""
+APPS = "bame_apps"
+"""The applications' package: the library (``bame_optim``) must not import it."""
 
 ALLOWED_UPWARD: dict[tuple[str, str], str] = {
     ("bame_optim.kernels.ops", "bame_optim.optim.functional"): (
@@ -64,9 +69,12 @@ OPTIONAL = {
 
 
 def _package_files() -> dict[str, Path]:
-    """Every module of ``bame_optim`` (``bame_optim.integrations`` lives in its own folder)."""
+    """Every module of ``bame_optim`` and ``bame_apps`` (whose subpackages live in the
+    repository's own folders)."""
     files = {}
-    for package in ("bame_optim", "bame_optim.integrations"):
+    packages = ("bame_optim", APPS, f"{APPS}.integrations", f"{APPS}.examples",
+                f"{APPS}.benchmarks")
+    for package in packages:
         root = Path(importlib.import_module(package).__file__).parent
         for path in sorted(root.rglob("*.py")):
             parts = list(path.relative_to(root).with_suffix("").parts)
@@ -118,7 +126,7 @@ EDGES = {
     (name, target)
     for name, imports in GRAPH.items()
     for target, _ in imports
-    if target == "bame_optim" or target.startswith("bame_optim.")
+    if target.split(".")[0] in ("bame_optim", APPS)
 }
 
 
@@ -126,7 +134,7 @@ def layer_of(name: str) -> int:
     best, level = -1, None
     for index, prefixes in enumerate(LAYERS):
         for prefix in prefixes:
-            inside = name.startswith(prefix + ".") and prefix != "bame_optim"  # facade: exact
+            inside = name.startswith(prefix + ".") and prefix not in ("bame_optim", APPS)
             if (name == prefix or inside) and len(prefix) > best:
                 best, level = len(prefix), index
     assert level is not None, f"{name} is in no layer: add it to LAYERS"
@@ -139,6 +147,16 @@ def test_every_module_has_a_layer_and_the_graph_was_read():
         if not independent(name):
             layer_of(name)
     assert ("bame_optim.flops.profiles", "bame_optim.methods") in EDGES
+
+
+def test_the_library_never_imports_the_applications():
+    assert any(name.startswith(APPS + ".") for name in FILES), "the apps were not read"
+    found = sorted(
+        f"{source} imports {target}"
+        for source, target in EDGES
+        if source.split(".")[0] == "bame_optim" and target.split(".")[0] == APPS
+    )
+    assert not found, found
 
 
 def test_no_upward_import():
@@ -202,8 +220,8 @@ def test_the_library_imports_torch_only():
     stdlib = set(sys.stdlib_module_names) | {"__future__"}
     found = []
     for name, imports in GRAPH.items():
-        if not independent(name) and layer_of(name) == len(LAYERS) - 1:
-            continue  # integrations and console may use their extras
+        if not independent(name) and name.split(".")[0] == APPS:
+            continue  # the applications may use their extras
         for target, _ in imports:
             top = target.split(".")[0]
             allowed = stdlib | LIBRARY_THIRD_PARTY | {"bame_optim"} | OPTIONAL.get(name, set())

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from bame_optim.integrations.local_data import load_split, read_cifar10_batches
+from bame_apps.integrations.local_data import load_split, read_cifar10_batches
 
 
 def test_digits_split_is_normalised_and_stratified():

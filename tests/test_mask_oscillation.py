@@ -1,4 +1,4 @@
-"""bame_optim.integrations.training.mask_oscillation: the accumulated SAD per N:M block (the paper's
+"""bame_apps.integrations.training.mask_oscillation: the accumulated SAD per N:M block (the paper's
 Figure 2)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from torch import nn
 
 pytest.importorskip("accelerate")
 
+from bame_apps.integrations.training.mask_oscillation import MaskOscillation
 from bame_optim import BAMESGD
-from bame_optim.integrations.training.mask_oscillation import MaskOscillation
 
 
 def _step(model, opt, generator):

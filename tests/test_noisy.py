@@ -24,7 +24,7 @@ def test_epochs_help_shows_the_default(load_example, capsys):
 
 
 def test_console_command_usage_names_the_command(load_example, capsys, monkeypatch):
-    from bame_optim import console
+    from bame_apps import console
 
     monkeypatch.setattr(sys, "argv", ["/venv/bin/bame-train-cifar", "--bad-flag"])
     with pytest.raises(SystemExit):
@@ -38,8 +38,8 @@ def test_console_command_usage_names_the_command(load_example, capsys, monkeypat
 
 
 def test_a_refused_launch_prints_its_reason_without_the_usage(load_example, capsys, monkeypatch):
-    from bame_optim.integrations.training import cli
-    from bame_optim.integrations.training.launch import LaunchError
+    from bame_apps.integrations.training import cli
+    from bame_apps.integrations.training.launch import LaunchError
 
     def refuse(config, argv=None):
         raise LaunchError("2 processes were launched but each would train alone")
@@ -67,7 +67,7 @@ def test_a_hub_name_fails_fast_when_the_hub_cannot_be_reached(tmp_path, monkeypa
     import datasets
     import huggingface_hub
 
-    from bame_optim.integrations.datasets import load as image_datasets
+    from bame_apps.integrations.datasets import load as image_datasets
 
     def no_download(*args, **kwargs):
         pytest.fail("load_dataset ran although the Hub could not be reached")

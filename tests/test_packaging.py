@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from bame_optim.console import SCRIPTS
+from bame_apps.console import SCRIPTS
 
 tomllib = pytest.importorskip("tomllib")
 pytest.importorskip("setuptools", reason="building the wheel needs setuptools (no isolation)")
@@ -49,9 +49,11 @@ class Installed:
 
 
 def _package_dirs() -> dict[str, Path]:
-    """``{package: source folder}`` of the top-level package and of every mapped package."""
+    """``{package: source folder}`` of the top-level packages (the library and the
+    applications) and of every mapped package."""
     mapped = PYPROJECT["tool"]["setuptools"].get("package-dir", {})
-    return {"bame_optim": ROOT / "bame_optim"} | {k: ROOT / v for k, v in mapped.items()}
+    top = {name: ROOT / name for name in ("bame_optim", "bame_apps")}
+    return top | {k: ROOT / v for k, v in mapped.items()}
 
 
 def _pip_env() -> dict[str, str]:
@@ -115,7 +117,7 @@ def test_wheel_holds_every_module_of_the_source_folders(installed: Installed) ->
 
 
 def test_console_scripts_point_at_the_console_module(installed: Installed) -> None:
-    declared = {name: f"bame_optim.console:{function}" for name, (function, _) in SCRIPTS.items()}
+    declared = {name: f"bame_apps.console:{function}" for name, (function, _) in SCRIPTS.items()}
     assert PYPROJECT["project"]["scripts"] == declared
     entry_points = configparser.ConfigParser(delimiters=("=",))
     entry_points.optionxform = str  # type: ignore[assignment,method-assign]  # keep case
@@ -197,7 +199,7 @@ def test_generated_script_and_python_m_run_from_outside_the_checkout(
     script = installed.target / "bin" / "bame-bench-flops"
     done = _run([sys.executable, str(script), "--help"], cwd, env)
     assert done.stdout.startswith("usage: bame-bench-flops")
-    done = _run([sys.executable, "-m", "bame_optim.benchmarks.step", "--help"], cwd, env)
+    done = _run([sys.executable, "-m", "bame_apps.benchmarks.step", "--help"], cwd, env)
     assert "usage:" in done.stdout and "--models" in done.stdout
 
 

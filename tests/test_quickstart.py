@@ -11,8 +11,8 @@ from types import ModuleType
 import pytest
 import torch
 
+from bame_apps.integrations.idx import IMAGES_MAGIC
 from bame_optim.core.nm import is_nm_sparse
-from bame_optim.integrations.idx import IMAGES_MAGIC
 
 TINY = ["--epochs", "2", "--hidden", "64", "--delta-t", "2"]
 SPARSE_LAYERS = (3, 5)

@@ -142,7 +142,7 @@ def test_s5_run_ending_in_the_gradual_phase_says_so(kind):
 def test_s5_training_script_warns_when_it_ends_before_t_i(
     tmp_path, monkeypatch, load_example, write_cifar_folder
 ):
-    from bame_optim.integrations.training import loop
+    from bame_apps.integrations.training import loop
 
     counted = loop.optimizer_steps
     # A loop whose total_steps is 4 times the steps it runs (counted in batches under an
@@ -160,7 +160,7 @@ def test_s5_training_script_warns_when_it_ends_before_t_i(
 
 
 def test_s2_mask_sync_checks_after_the_last_mask_update(monkeypatch):
-    from bame_optim.integrations import accelerate as integration
+    from bame_apps.integrations import accelerate as integration
 
     p = _param()
     opt = BAMESGD([p], lr=0.1, n=1, m=4, t_i=4, t_f=8, delta_t=2)

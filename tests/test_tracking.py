@@ -1,4 +1,4 @@
-"""Live logging and the watchable metrics.json of bame_optim.integrations.training: a real tiny
+"""Live logging and the watchable metrics.json of bame_apps.integrations.training: a real tiny
 run with ``--report-to tensorboard`` whose event files are read back (loss and lr per optimizer
 step, mask scalars per mask update, epoch metrics), :class:`LiveLog` against a recording
 tracker, ``metrics.json`` rewritten after every epoch by an atomic writer, the library
@@ -24,20 +24,20 @@ from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from bame_optim.integrations.training import (
+from bame_apps.integrations.training import (
     ConfigError,
     TrainingConfig,
     make_lr_scheduler,
     tracking,
 )
-from bame_optim.integrations.training import metrics as metrics_module
-from bame_optim.integrations.training.config import config_dict
-from bame_optim.integrations.training.metrics import (
+from bame_apps.integrations.training import metrics as metrics_module
+from bame_apps.integrations.training.config import config_dict
+from bame_apps.integrations.training.metrics import (
     MetricsWriter,
     atomic_write_text,
     library_versions,
 )
-from bame_optim.integrations.training.tracking import LiveLog, hparams, trackers_of
+from bame_apps.integrations.training.tracking import LiveLog, hparams, trackers_of
 
 EPOCHS, STEPS_PER_EPOCH = 2, 3  # 12 training images, batch 4
 
@@ -89,7 +89,7 @@ def tensorboard_run(
 
     def write_and_read_back(self, *args, **kwargs):
         result = original(self, *args, **kwargs)
-        seen.append(json.loads((self.config.output_dir / "metrics.json").read_text()))
+        seen.append(json.loads((self.config.outputs.output_dir / "metrics.json").read_text()))
         return result
 
     threads = torch.get_num_threads()
@@ -167,7 +167,7 @@ def test_a_resumed_run_continues_the_event_files(tensorboard_run, cifar_script, 
     out = tmp_path / "run"
     shutil.copytree(tensorboard_run["out"], out)
     shutil.rmtree(out / "checkpoints" / f"epoch_{EPOCHS:04d}")
-    data = Path(tensorboard_run["result"].config.data)
+    data = Path(tensorboard_run["result"].config.inputs.data)
     argv = _argv(data, out, "--epochs", str(EPOCHS), "--report-to", "tensorboard")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -252,7 +252,7 @@ def test_report_to_wandb_without_wandb_names_the_flag_and_package(
     assert "the wandb package is not installed: pip install wandb" in err, err
     assert "Traceback" not in err and not out.exists()
     # the library raises the same before any training
-    config = TrainingConfig(data=str(tmp_path / "data"), output_dir=out, report_to="wandb")
+    config = TrainingConfig.build(data=str(tmp_path / "data"), output_dir=out, report_to="wandb")
     with pytest.raises(ConfigError, match=r"Invalid report_to value: 'wandb' \(the wandb"):
         tracking.accelerator_kwargs(config)
 
@@ -277,7 +277,7 @@ def test_trackers_of_each_report_to(monkeypatch):
 def test_hparams_are_plain_scalars(tmp_path):
     values = {"a": None, "b": (1, 2), "c": [], "d": tmp_path, "e": True, "f": {"g": 1.5}}
     assert hparams(values) == {"b": "1,2", "c": "", "d": str(tmp_path), "e": True, "f.g": 1.5}
-    config = TrainingConfig(data="d", output_dir=tmp_path, exclude=("0", "fc"))
+    config = TrainingConfig.build(data="d", output_dir=tmp_path, exclude=("0", "fc"))
     flat = hparams(config_dict(config))
     assert all(isinstance(v, (bool, int, float, str)) for v in flat.values())
     assert flat["exclude"] == "0,fc" and "eval_split" not in flat and flat["epochs"] == 300
@@ -342,7 +342,7 @@ def test_live_log_of_a_run(model_and_optimizer, tmp_path):
     accelerator = Accelerator(cpu=True, log_with=[recorder])
     model, optimizer = model_and_optimizer("bame")  # 1:4, 24 steps, ΔT 2
     live = LiveLog(accelerator, optimizer, flush_every=4)
-    live.start(TrainingConfig(data="d", output_dir=tmp_path, script="unit"))
+    live.start(TrainingConfig.build(data="d", output_dir=tmp_path, script="unit"))
     assert recorder.config is not None and recorder.config["script"] == "unit"
     assert recorder.config["world_size"] == 1 and recorder.config["report_to"] == "none"
     assert "eval_split" not in recorder.config  # None dropped
@@ -371,7 +371,7 @@ def test_live_log_throttles_masks_that_change_every_step(model_and_optimizer, tm
     accelerator = Accelerator(cpu=True, log_with=[recorder])
     model, optimizer = model_and_optimizer("srste")
     live = LiveLog(accelerator, optimizer, scheduled_masks=False, mask_interval=3)
-    live.start(TrainingConfig(data="d", output_dir=tmp_path))
+    live.start(TrainingConfig.build(data="d", output_dir=tmp_path))
     _train_steps(model, optimizer, live, 7)
     live.flush()
     assert sorted(_logged(recorder, "mask/density")) == [3, 6]

@@ -323,7 +323,7 @@ def test_labels_out_of_range_stop_the_run_before_training(
 ):
     import datasets
 
-    from bame_optim.integrations.datasets import load_image_dataset
+    from bame_apps.integrations.datasets import load_image_dataset
 
     dd = load_image_dataset(cifar_dir)
     test = dd["test"]

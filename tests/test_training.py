@@ -1,4 +1,4 @@
-"""bame_optim.integrations.training's schedule and sampler: the per-step lr of torch's
+"""bame_apps.integrations.training's schedule and sampler: the per-step lr of torch's
 schedulers against the closed-form warm-up and cosine, exact resume of the schedule from its
 state, and the epoch-seeded data order."""
 
@@ -12,7 +12,7 @@ from torch import nn
 
 pytest.importorskip("accelerate")
 
-from bame_optim.integrations.training import EpochSampler, make_lr_scheduler
+from bame_apps.integrations.training import EpochSampler, make_lr_scheduler
 
 
 def closed_form_lr(step: int, total_steps: int, peak: float, warmup_steps: int = 0) -> float:

@@ -1,4 +1,4 @@
-"""bame_optim.integrations.training's config and command line: every invalid field of
+"""bame_apps.integrations.training's config and command line: every invalid field of
 TrainingConfig raises a ValueError naming the field and the value, the command line turns each
 into an exit (status 2) naming the flag, defaults that depend on other flags are filled in, and
 resume targets are checked before anything is built."""
@@ -14,16 +14,25 @@ import pytest
 
 pytest.importorskip("accelerate")
 
-from bame_optim.integrations.training import (
+from bame_apps.integrations.models import MODELS
+from bame_apps.integrations.training import (
     ConfigError,
     ScriptConfig,
     TrainingConfig,
     build_parser,
     parse_config,
 )
-from bame_optim.integrations.training.cli import flag_of
-from bame_optim.integrations.training.config import config_dict
-from bame_optim.integrations.training.resume import check_resume_compatible, resolve_resume
+from bame_apps.integrations.training.cli import flag_of
+from bame_apps.integrations.training.config import (
+    RUN_DEFINING,
+    SECTIONS,
+    InputConfig,
+    NetworkConfig,
+    OptimConfig,
+    config_dict,
+)
+from bame_apps.integrations.training.options import option_of
+from bame_apps.integrations.training.resume import check_resume_compatible, resolve_resume
 
 SCRIPT = ScriptConfig(
     name="train_test",
@@ -81,7 +90,7 @@ BAD = [
 
 
 def _config(tmp_path: Path, **fields) -> TrainingConfig:
-    return TrainingConfig(**{"data": "data", "output_dir": tmp_path / "out", **fields})
+    return TrainingConfig.build(**{"data": "data", "output_dir": tmp_path / "out", **fields})
 
 
 def _exit_message(capsys, argv: list[str]) -> str:
@@ -145,28 +154,30 @@ def test_cross_field_errors_on_the_command_line(tmp_path, capsys):
 
 
 def test_a_valid_config_is_frozen_normalised_and_recorded(tmp_path):
-    config = TrainingConfig(data="d", output_dir=str(tmp_path), exclude=["fc"], method="lma")
-    assert config.output_dir == tmp_path and config.exclude == ("fc",)
+    config = TrainingConfig.build(data="d", output_dir=str(tmp_path), exclude=["fc"], method="lma")
+    assert config.outputs.output_dir == tmp_path and config.network.exclude == ("fc",)
     assert config.obf == (0.0, 0.5) and _config(tmp_path).obf == (0.5, 0.5)
     with pytest.raises(dataclasses.FrozenInstanceError):
-        config.epochs = 3  # type: ignore[misc]
+        config.optim.epochs = 3  # type: ignore[misc]
     record = config_dict(config)
     assert record == json.loads(json.dumps(record))
     assert record["alpha"] == 0.0 and record["exclude"] == ["fc"]
     assert record["output_dir"] == str(tmp_path)
     with pytest.raises(ConfigError, match="Invalid epochs value: 0"):
-        dataclasses.replace(config, epochs=0)  # replace validates again
+        config.replace(epochs=0)  # replace validates again
 
 
 def test_parse_config_fills_the_script_defaults(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = parse_config(["--data", "d", "--no-progress"], SCRIPT)
-    assert config.model == "small_cnn" and config.epochs == 3 and config.weight_decay == 1e-4
-    assert config.output_dir == Path("runs") / "train_test-small_cnn-bame-2of4"
-    assert config.script == "train_test" and config.default_preset == "cifar10"
-    assert config.progress is False and config.alpha is None and config.exclude is None
+    assert config.network.model == "small_cnn" and config.optim.epochs == 3
+    assert config.optim.weight_decay == 1e-4
+    assert config.outputs.output_dir == Path("runs") / "train_test-small_cnn-bame-2of4"
+    assert config.outputs.script == "train_test" and config.inputs.default_preset == "cifar10"
+    assert config.outputs.progress is False
+    assert config.network.alpha is None and config.network.exclude is None
     deit = parse_config(["--data", "d", "--model", "deit_small", "--exclude"], SCRIPT)
-    assert deit.epochs == 7 and deit.exclude == ()
+    assert deit.optim.epochs == 7 and deit.network.exclude == ()
     assert "--resume PATH|auto" in build_parser(SCRIPT).format_help()
 
 
@@ -190,7 +201,7 @@ def test_resume_targets_are_checked(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("")
     with pytest.raises(ConfigError, match="exists and is not a folder"):
-        resolve_resume(TrainingConfig(data="d", output_dir=afile))
+        resolve_resume(TrainingConfig.build(data="d", output_dir=afile))
 
     saved = {"args": config_dict(_config(tmp_path, epochs=3)), "world_size": 1}
     check_resume_compatible(saved, _config(tmp_path, epochs=3), 1, checkpoint)
@@ -198,3 +209,92 @@ def test_resume_targets_are_checked(tmp_path):
         check_resume_compatible(saved, _config(tmp_path, epochs=4), 1, checkpoint)
     with pytest.raises(ConfigError, match="made with 1 processes, this run has 2"):
         check_resume_compatible(saved, _config(tmp_path, epochs=3), 2, checkpoint)
+
+
+# One home for each default: the sections' fields (their Option metadata) drive the parser.
+
+PLAIN = ScriptConfig(
+    name="train_plain",
+    description="a script with no defaults of its own",
+    models=tuple(MODELS),
+    default_model=NetworkConfig.model,
+    default_epochs={"*": OptimConfig.epochs},
+    default_preset=InputConfig.default_preset,
+    default_weight_decay=OptimConfig.weight_decay,
+)
+"""A script that overrides no field's default (every model, so every flag exists)."""
+
+
+def _section_fields():
+    return [(f, option_of(f)) for cls in SECTIONS.values() for f in dataclasses.fields(cls)]
+
+
+def test_each_parser_default_is_the_field_default_written_once():
+    parser = build_parser(PLAIN)
+    flagged = [(f, spec) for f, spec in _section_fields() if spec.flag is not None]
+    assert {f.name for f, _ in flagged} == {
+        a.dest for a in parser._actions if a.dest != "help"
+    }
+    for f, spec in flagged:
+        default = parser.get_default(f.name)
+        if spec.filled or spec.required:  # None: parse_config tells given from not given
+            assert default is None, f.name
+        else:
+            assert default == f.default, (f.name, default, f.default)
+
+
+def test_a_plain_command_line_gives_every_field_its_default(tmp_path):
+    config = parse_config(["--data", "d", "--output-dir", str(tmp_path)], PLAIN)
+    built = TrainingConfig.build(data="d", output_dir=tmp_path, script="train_plain")
+    assert config == built and config.flat() == built.flat()
+    assert config.optim == OptimConfig() and config.network == NetworkConfig()
+
+
+def test_the_script_overrides_are_the_only_other_defaults(tmp_path):
+    script = dataclasses.replace(
+        PLAIN, default_model="small_cnn", default_image_size=24, default_weight_decay=1e-4
+    )
+    parser = build_parser(script)
+    assert (parser.get_default("model"), parser.get_default("image_size")) == ("small_cnn", 24)
+    assert "(default: 0.0001)" in parser.format_help()  # --weight-decay, filled later
+    config = parse_config(["--data", "d", "--output-dir", str(tmp_path)], script)
+    assert config.network.model == "small_cnn" and config.inputs.image_size == 24
+    assert config.optim.weight_decay == 1e-4
+
+
+def test_every_field_error_names_a_flag_of_the_parser():
+    options = build_parser(PLAIN)._option_string_actions
+    for f, spec in _section_fields():
+        if spec.flag is not None:
+            assert flag_of(f.name) in options, f.name
+    assert flag_of("progress") == "--no-progress"
+
+
+@pytest.mark.parametrize(
+    "argv, flag, shown",
+    [
+        (["--workers", "-2"], "--workers", "-2"),
+        (["--vit-width", "96"], "--vit-width", "96"),
+        (["--betas", "0.9", "1.5", "--optimizer", "adamw"], "--betas", "(0.9, 1.5)"),
+        (["--eps", "-1", "--optimizer", "adamw"], "--eps", "-1.0"),
+        (["--delta-t", "-5"], "--delta-t", "-5"),
+    ],
+)
+def test_a_bad_value_names_its_flag(tmp_path, capsys, argv, flag, shown):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(["--data", "d", "--output-dir", str(tmp_path), *argv], PLAIN)
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: invalid value {shown} (" in capsys.readouterr().err
+
+
+def test_build_and_replace_take_fields_by_name(tmp_path):
+    config = _config(tmp_path, lr=0.05, n=1, m=16, report_to="tensorboard")
+    assert (config.optim.lr, config.network.n, config.outputs.report_to) == (
+        0.05, 1, "tensorboard"
+    )
+    assert config.replace(m=8).network.m == 8 and config.network.m == 16
+    with pytest.raises(TypeError, match="no field 'learning_rate'"):
+        _config(tmp_path, learning_rate=0.1)
+    with pytest.raises(TypeError, match="Invalid optim value"):
+        TrainingConfig(inputs=InputConfig(data="d"), optim="sgd", outputs=config.outputs)
+    assert set(RUN_DEFINING) <= set(config_dict(config)) and "output_dir" not in RUN_DEFINING

@@ -17,9 +17,9 @@ from torch.nn import functional as F
 
 pytest.importorskip("accelerate")
 
-from bame_optim.integrations.training import TrainingConfig, run
-from bame_optim.integrations.training.loop import LaunchError, check_launch
-from bame_optim.integrations.training.metrics import run_title
+from bame_apps.integrations.training import TrainingConfig, run
+from bame_apps.integrations.training.loop import LaunchError, check_launch
+from bame_apps.integrations.training.metrics import run_title
 
 from . import train_metrics_worker as worker
 from .torchrun import run_ranks
@@ -61,10 +61,11 @@ def test_run_refuses_before_loading_data(tmp_path, monkeypatch, write_cifar_fold
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    import bame_optim.integrations.training.loop as loop
+    import bame_apps.integrations.training.loop as loop
 
     monkeypatch.setattr(loop, "load_training_data", lambda *a: pytest.fail("data loaded"))
-    config = TrainingConfig(data=str(tmp_path / "cifar"), output_dir=tmp_path / "out", epochs=1)
+    out = tmp_path / "out"
+    config = TrainingConfig.build(data=str(tmp_path / "cifar"), output_dir=out, epochs=1)
     with pytest.raises(LaunchError, match=r"WORLD_SIZE=2"):
         run(config)
     assert not (tmp_path / "out").exists()
@@ -107,7 +108,7 @@ def test_train_sums_count_each_sample_once_under_two_processes(tmp_path):
 
 
 def test_run_title_has_no_pattern_for_dense(tmp_path):
-    config = TrainingConfig(data="x", output_dir=tmp_path, model="resnet32", method="dense")
+    config = TrainingConfig.build(data="x", output_dir=tmp_path, model="resnet32", method="dense")
     assert run_title(config) == "resnet32 dense"
-    sparse = TrainingConfig(data="x", output_dir=tmp_path, method="srste", n=1, m=16)
+    sparse = TrainingConfig.build(data="x", output_dir=tmp_path, method="srste", n=1, m=16)
     assert run_title(sparse) == "resnet32 srste 1:16"

@@ -1,4 +1,4 @@
-"""bame_optim.integrations.training.plots: the loss/accuracy curves and the mask oscillation
+"""bame_apps.integrations.training.plots: the loss/accuracy curves and the mask oscillation
 figure are PNGs, with and without evaluations or mask changes."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("matplotlib")
 
-from bame_optim.integrations.training.plots import plot_curves, plot_mask_oscillation
+from bame_apps.integrations.training.plots import plot_curves, plot_mask_oscillation
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -1,9 +1,9 @@
 """One rank of ``test_training_launch.py``'s two-process check of the training loop's
-per-epoch sums (:func:`bame_optim.integrations.training.loop.batch_sums`).
+per-epoch sums (:func:`bame_apps.integrations.training.loop.batch_sums`).
 
 Launched by ``torch.distributed.run --nproc_per_node 2``: ``Accelerator(cpu=True)`` (gloo).
 For each dataset size in :data:`SIZES` it iterates a prepared loader of :data:`BATCH` samples
-per process over an :class:`~bame_optim.integrations.training.EpochSampler` (as the loop does;
+per process over an :class:`~bame_apps.integrations.training.EpochSampler` (as the loop does;
 Accelerate pads the last round with samples from the epoch's start) and sums, per process and
 then over processes, ``batch_sums`` and the naive ``[loss * len(y), hits, len(y)]``. The
 "model" predicts ``index % 3`` for even indices and ``(index + 1) % 3`` for odd ones, against
@@ -21,8 +21,8 @@ from accelerate import Accelerator
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from bame_optim.integrations.training import EpochSampler
-from bame_optim.integrations.training.loop import batch_sums
+from bame_apps.integrations.training import EpochSampler
+from bame_apps.integrations.training.loop import batch_sums
 
 SIZES = (10, 6, 3, 16)
 BATCH = 4

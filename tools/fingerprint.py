@@ -108,8 +108,8 @@ def run(method: str, n: int, m: int, **extra: Any) -> str:
 
 
 def flops_lines() -> list[str]:
+    from bame_apps.integrations.models import resnet32
     from bame_optim.flops import FlopsProfile, flops_breakdown, layer_flops
-    from bame_optim.integrations.models import resnet32
     from bame_optim.methods import METHODS
     from benchmarks import flops_table
 

@@ -1,7 +1,7 @@
 """Image-classification data as 🤗 ``datasets`` objects, and torch loaders over them.
 
 One module per concept; every public name is importable from here
-(``bame_optim.integrations.datasets``):
+(``bame_apps.integrations.datasets``):
 
 * :mod:`.detect`: which kind of source a path or Hub name is (:func:`detect_kind`,
   :data:`KINDS`),

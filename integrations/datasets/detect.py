@@ -1,6 +1,6 @@
 """Which kind of image-classification source a path or name is (:func:`detect_kind`).
 
-The kinds (:data:`KINDS`) are those :func:`~bame_optim.integrations.datasets.load_image_dataset`
+The kinds (:data:`KINDS`) are those :func:`~bame_apps.integrations.datasets.load_image_dataset`
 reads. A path that exists is inspected, in this order: IDX files (Fashion-MNIST when its
 ``MD5SUMS.decompressed`` lists Fashion-MNIST's checksums or the folder's name says so, else
 MNIST), CIFAR-10 python batches, a ``save_to_disk`` folder, parquet, arrow, then image files

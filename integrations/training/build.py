@@ -22,24 +22,25 @@ __all__ = ["build_training_model", "build_training_optimizer", "vit_sizes"]
 
 def vit_sizes(config: TrainingConfig) -> dict[str, int]:
     """The ``VisionTransformer`` sizes of ``config``'s DeiT: DeiT-small's with
-    ``config.vit_depth`` blocks, ``config.vit_width`` wide (``width / 64`` heads of width 64
-    and an MLP of ``4 x width``, as every DeiT) and ``config.vit_patch`` patches."""
-    width = config.vit_width
+    ``config.network.vit_depth`` blocks, ``config.network.vit_width`` wide (``width / 64``
+    heads of width 64 and an MLP of ``4 x width``, as every DeiT) and
+    ``config.network.vit_patch`` patches."""
+    width = config.network.vit_width
     return {
         **DEIT_SMALL,
-        "num_layers": config.vit_depth,
+        "num_layers": config.network.vit_depth,
         "hidden_dim": width,
         "num_heads": width // 64,
         "mlp_dim": 4 * width,
-        "patch_size": config.vit_patch,
+        "patch_size": config.network.vit_patch,
     }
 
 
 def build_training_model(config: TrainingConfig, data: TrainingData) -> nn.Module:
-    """The ``config.model`` network for ``data`` (DeiT-small with :func:`vit_sizes`, at the
-    data's image size, which must divide by ``config.vit_patch``: else
+    """The ``config.network.model`` network for ``data`` (DeiT-small with :func:`vit_sizes`, at the
+    data's image size, which must divide by ``config.network.vit_patch``: else
     :class:`~.config.ConfigError` naming ``vit_patch``)."""
-    if config.model == "deit_small":
+    if config.network.model == "deit_small":
         image_size = data.info["input_shape"][-1]
         sizes = vit_sizes(config)
         patch = sizes["patch_size"]
@@ -60,7 +61,7 @@ def build_training_model(config: TrainingConfig, data: TrainingData) -> nn.Modul
             proj = model.conv_proj
             model.conv_proj = nn.Conv2d(data.in_channels, proj.out_channels, patch, patch)
         return model
-    return build_model(config.model, data.num_classes, data.in_channels)
+    return build_model(config.network.model, data.num_classes, data.in_channels)
 
 
 def build_training_optimizer(
@@ -69,33 +70,34 @@ def build_training_optimizer(
     """The optimizer of ``config.registered_method`` (``method_name(method, optimizer)``: e.g.
     ``bame`` with ``adamw`` is :class:`bame_optim.BAMEAdamW`, ``dense`` with ``adamw``
     :class:`torch.optim.AdamW`) over ``model``'s N:M parameter groups (modules matching
-    ``config.exclude`` kept dense), scheduled over ``total_steps`` optimizer steps.
+    ``config.network.exclude`` kept dense), scheduled over ``total_steps`` optimizer steps.
 
     With AdamW the groups split off, with ``weight_decay=0``, the 1-D parameters, the position
     embedding and the class token (:func:`bame_optim.nm_param_groups` with
-    ``weight_decay=config.weight_decay``, as DeiT trains); with SGD only the 1-D parameters.
+    ``weight_decay=config.optim.weight_decay``, as DeiT trains); with SGD only the 1-D parameters.
     Only the keywords the method takes are passed (``momentum`` means nothing to AdamW,
     ``betas`` nothing to SGD, ``delta_t`` and ``seed`` nothing to a dense optimizer). Patterns
     that match no module raise :class:`~.config.ConfigError` naming ``exclude``."""
-    exclude = None if config.exclude is None else list(config.exclude)
-    decay = {"weight_decay": config.weight_decay} if config.optimizer == "adamw" else {}
+    exclude = None if config.network.exclude is None else list(config.network.exclude)
+    decay = {"weight_decay": config.optim.weight_decay} if config.optim.optimizer == "adamw" else {}
     try:
-        groups = nm_param_groups(model, config.n, config.m, exclude=exclude, **decay)
+        n, m = config.network.n, config.network.m
+        groups = nm_param_groups(model, n, m, exclude=exclude, **decay)
     except ValueError as err:
-        raise ConfigError("exclude", config.exclude, str(err)) from err
+        raise ConfigError("exclude", config.network.exclude, str(err)) from err
     kwargs: dict[str, Any] = {
-        "lr": config.lr,
-        "momentum": config.momentum,
-        "betas": config.betas,
-        "eps": config.eps,
-        "weight_decay": config.weight_decay,
-        "n": config.n,
-        "m": config.m,
+        "lr": config.optim.lr,
+        "momentum": config.optim.momentum,
+        "betas": config.optim.betas,
+        "eps": config.optim.eps,
+        "weight_decay": config.optim.weight_decay,
+        "n": config.network.n,
+        "m": config.network.m,
         "total_steps": total_steps,
-        "delta_t": config.delta_t,
-        "alpha": config.alpha,  # None: the method's own (fixed or default) value
-        "beta": config.beta,
-        "seed": config.seed,
+        "delta_t": config.network.delta_t,
+        "alpha": config.network.alpha,  # None: the method's own (fixed or default) value
+        "beta": config.network.beta,
+        "seed": config.optim.seed,
     }
     method = config.registered_method
     taken = accepted_keywords(method)  # e.g. dense SGD takes no N:M keywords

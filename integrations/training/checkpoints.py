@@ -33,7 +33,7 @@ TRAINER_STATE = "trainer_state.json"
 fields). It is written last, so a folder holding it is complete."""
 OSCILLATION_FILE = "mask_oscillation.pt"
 """The accumulated SAD tensors (:meth:`MaskOscillation.state_dict
-<bame_optim.integrations.training.mask_oscillation.MaskOscillation.state_dict>`), in a
+<bame_apps.integrations.training.mask_oscillation.MaskOscillation.state_dict>`), in a
 checkpoint and in ``output_dir``."""
 _CHECKPOINT_NAME = re.compile(r"epoch_(\d+)")
 

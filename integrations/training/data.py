@@ -66,44 +66,48 @@ def load_training_data(config: TrainingConfig, accelerator: Accelerator) -> Trai
     raises :class:`~.config.ConfigError` naming that field.
     """
     try:
-        kind = config.data_kind or detect_kind(config.data)
+        kind = config.inputs.data_kind or detect_kind(config.inputs.data)
         with accelerator.main_process_first():
-            dataset_dict = load_image_dataset(config.data, kind=kind, cache_dir=config.cache_dir)
+            dataset_dict = load_image_dataset(
+                config.inputs.data, kind=kind, cache_dir=config.inputs.cache_dir
+            )
     except (FileNotFoundError, ValueError, DatasetUnavailableError) as err:
-        raise ConfigError("data", config.data, str(err)) from err
-    if config.train_split not in dataset_dict:
+        raise ConfigError("data", config.inputs.data, str(err)) from err
+    if config.inputs.train_split not in dataset_dict:
         raise ConfigError(
-            "train_split", config.train_split, f"the data has splits {list(dataset_dict)}"
+            "train_split", config.inputs.train_split, f"the data has splits {list(dataset_dict)}"
         )
-    eval_split = _pick_eval_split(dataset_dict, config.eval_split)
+    eval_split = _pick_eval_split(dataset_dict, config.inputs.eval_split)
     if eval_split is None:
         raise ConfigError(
-            "eval_split", config.eval_split, f"the data has splits {list(dataset_dict)}"
+            "eval_split", config.inputs.eval_split, f"the data has splits {list(dataset_dict)}"
         )
-    preset = config.preset or _PRESET_OF_KIND.get(kind, config.default_preset)
-    train_split = _subset(dataset_dict[config.train_split], config.max_train_samples, config.seed)
-    eval_split_data = _subset(dataset_dict[eval_split], config.max_eval_samples, config.seed)
-    size = config.image_size if preset in ("cifar10", "imagenet") else None
+    preset = config.inputs.preset or _PRESET_OF_KIND.get(kind, config.inputs.default_preset)
+    inputs, seed = config.inputs, config.optim.seed
+    train_split = _subset(dataset_dict[inputs.train_split], inputs.max_train_samples, seed)
+    eval_split_data = _subset(dataset_dict[eval_split], inputs.max_eval_samples, seed)
+    size = config.inputs.image_size if preset in ("cifar10", "imagenet") else None
     train = TorchImageDataset(train_split, image_transforms(preset, train=True, size=size))
     test = TorchImageDataset(eval_split_data, image_transforms(preset, train=False, size=size))
-    label = dataset_dict[config.train_split].features["label"]
+    label = dataset_dict[config.inputs.train_split].features["label"]
     num_classes = int(getattr(label, "num_classes", 0) or 0)
     if num_classes < 2:
-        raise ConfigError("data", config.data, "fewer than 2 classes")
+        raise ConfigError("data", config.inputs.data, "fewer than 2 classes")
     eval_label = dataset_dict[eval_split].features["label"]
     eval_classes = int(getattr(eval_label, "num_classes", 0) or 0)
     if eval_classes > num_classes:  # its labels may exceed the model's outputs
         raise ConfigError(
             "eval_split",
             eval_split,
-            f"its labels have {eval_classes} classes, the train split {config.train_split!r} "
+            f"its labels have {eval_classes} classes, the train split "
+            f"{config.inputs.train_split!r} "
             f"{num_classes}",
         )
     info = {
-        "source": str(config.data),
+        "source": str(config.inputs.data),
         "kind": kind,
         "preset": preset,
-        "train_split": config.train_split,
+        "train_split": config.inputs.train_split,
         "eval_split": eval_split,
         "train_samples": len(train),
         "eval_samples": len(test),

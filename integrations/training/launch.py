@@ -10,7 +10,7 @@ from collections.abc import Mapping
 __all__ = ["LaunchError", "check_launch"]
 
 _CPU_RECIPE = (
-    "on CPUs give the script --cpu (TrainingConfig(cpu=True)): "
+    "on CPUs give the script --cpu (TrainingConfig.build(cpu=True)): "
     "`torchrun --nproc_per_node 2 examples/train_cifar.py --cpu --data ...` or "
     "`accelerate launch --multi_gpu --num_processes 2 examples/train_cifar.py --cpu --data ...`"
 )

@@ -7,7 +7,7 @@
   accumulation with ``accelerator.accumulate``; the optimizer's ``total_steps`` and the lr
   schedule (:func:`~.lr_schedule.make_lr_scheduler`, stepped after every optimizer step that
   ran) count optimizer steps (``ceil(batches per process / accumulation)`` per epoch);
-  :class:`~bame_optim.integrations.accelerate.MaskSync` after every step; train loss and
+  :class:`~bame_apps.integrations.accelerate.MaskSync` after every step; train loss and
   accuracy count every sample once (:func:`batch_sums`).
 * **Reproducible data order** (:mod:`.sampling`): a resumed run sees the same batches and
   augmentation as the uninterrupted run.
@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import set_seed
 from torch import nn
 from torch.nn import functional as F
@@ -60,6 +61,7 @@ from .launch import LaunchError, check_launch
 from .lr_schedule import make_lr_scheduler
 from .mask_oscillation import MaskOscillation
 from .metrics import MetricsWriter, run_title
+from .protocols import EpochLoader, MaskedOptimizer, ScheduledOptimizer
 from .resume import check_resume_compatible, resolve_resume
 from .sampling import EpochSampler, epoch_seed
 from .tracking import LiveLog, accelerator_kwargs
@@ -104,12 +106,14 @@ class _Progress:
         }
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Loop:
     """What the epochs run on: the prepared (Accelerate-wrapped) loaders, model and optimizer,
     the optimizer inside its wrapper, the lr scheduler, the step counts, the mask
     bookkeeping of sparse methods, the live log (``None``: ``report_to="none"``) and the
-    ``metrics.json`` writer (``None`` off the main process)."""
+    ``metrics.json`` writer (``None`` off the main process). :func:`_prepare` builds what
+    training needs; :func:`run` derives the loop with the bookkeeping (after resuming, whose
+    state it reads) by :func:`dataclasses.replace`."""
 
     config: TrainingConfig
     accelerator: Accelerator
@@ -133,36 +137,37 @@ def _prepare(config: TrainingConfig) -> tuple[_Loop, TrainingData]:
     """Data, loaders, model, optimizer and lr scheduler, prepared by a new ``Accelerator``
     (the scheduler registered for its checkpoints). The loop's config has the data's preset."""
     accelerator = Accelerator(
-        gradient_accumulation_steps=config.grad_accum,
-        mixed_precision=config.mixed_precision,
-        cpu=config.cpu,
+        gradient_accumulation_steps=config.optim.grad_accum,
+        mixed_precision=config.optim.mixed_precision,
+        cpu=config.optim.cpu,
         **accelerator_kwargs(config),
     )
     check_launch(accelerator.num_processes)
-    set_seed(config.seed)
+    set_seed(config.optim.seed)
     data = load_training_data(config, accelerator)
-    config = dataclasses.replace(config, preset=data.preset)
-    sampler = EpochSampler(len(data.train), config.seed)
+    config = config.replace(preset=data.preset)
+    sampler = EpochSampler(len(data.train), config.optim.seed)
     common: dict[str, Any] = {
-        "num_workers": config.workers,
+        "num_workers": config.inputs.workers,
         "pin_memory": accelerator.device.type == "cuda",
     }
-    train_loader = DataLoader(data.train, batch_size=config.batch_size, sampler=sampler, **common)
-    eval_loader = DataLoader(data.eval, batch_size=config.batch_size, shuffle=False, **common)
+    batch = config.optim.batch_size
+    train_loader = DataLoader(data.train, batch_size=batch, sampler=sampler, **common)
+    eval_loader = DataLoader(data.eval, batch_size=batch, shuffle=False, **common)
     train_loader, eval_loader = accelerator.prepare(train_loader, eval_loader)
-    steps_per_epoch = optimizer_steps(len(train_loader), 1, config.grad_accum)
-    total_steps = optimizer_steps(len(train_loader), config.epochs, config.grad_accum)
+    steps_per_epoch = optimizer_steps(len(train_loader), 1, config.optim.grad_accum)
+    total_steps = optimizer_steps(len(train_loader), config.optim.epochs, config.optim.grad_accum)
 
-    set_seed(config.seed)  # the initial weights depend on the seed only
+    set_seed(config.optim.seed)  # the initial weights depend on the seed only
     model = build_training_model(config, data)
     optimizer = build_training_optimizer(config, model, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+    inner = optimizer.optimizer if isinstance(optimizer, AcceleratedOptimizer) else optimizer
     attach = get_method(config.registered_method).attach
     if attach is not None:  # e.g. bame_bidir's backward masks
         attach(accelerator.unwrap_model(model), unwrap_optimizer(inner))
     # Not accelerator.prepare(scheduler): Accelerate would step it once per process per step.
-    warmup_steps = min(total_steps, round(config.warmup_epochs * steps_per_epoch))
+    warmup_steps = min(total_steps, round(config.optim.warmup_epochs * steps_per_epoch))
     scheduler = make_lr_scheduler(inner, total_steps, warmup_steps)
     accelerator.register_for_checkpointing(scheduler)
     loop = _Loop(
@@ -177,7 +182,7 @@ def _prepare(config: TrainingConfig) -> tuple[_Loop, TrainingData]:
         scheduler,
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
-        show=accelerator.is_local_main_process and config.progress,
+        show=accelerator.is_local_main_process and config.outputs.progress,
     )
     return loop, data
 
@@ -212,9 +217,9 @@ def _train_epoch(loop: _Loop, progress: _Progress, epoch: int) -> dict[str, Any]
     model, optimizer = loop.model, loop.optimizer
     tracker, live = loop.tracker, loop.live
     main_process = accelerator.is_main_process
-    set_seed(epoch_seed(config.seed, epoch), device_specific=True)
+    set_seed(epoch_seed(config.optim.seed, epoch), device_specific=True)
     loop.sampler.set_epoch(epoch)
-    if hasattr(loop.train_loader, "set_epoch"):
+    if isinstance(loop.train_loader, EpochLoader):
         loop.train_loader.set_epoch(epoch)
     model.train()
     epoch_start = time.perf_counter()
@@ -223,14 +228,14 @@ def _train_epoch(loop: _Loop, progress: _Progress, epoch: int) -> dict[str, Any]
     lr = float(loop.scheduler.get_last_lr()[0])
     bar = tqdm(
         loop.train_loader,
-        desc=f"epoch {epoch + 1}/{config.epochs}",
+        desc=f"epoch {epoch + 1}/{config.optim.epochs}",
         leave=False,
         disable=not loop.show,
     )
     for index, (x, y) in enumerate(bar):
         with accelerator.accumulate(model):
             logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+            loss = F.cross_entropy(logits, y, label_smoothing=config.optim.label_smoothing)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 lr = float(loop.inner.param_groups[0]["lr"])
@@ -248,7 +253,7 @@ def _train_epoch(loop: _Loop, progress: _Progress, epoch: int) -> dict[str, Any]
             loop.sync.after_step()
         if tracker is not None and main_process:
             tracker.after_step()
-        sums += batch_sums(accelerator, loss, logits, y, config.label_smoothing)
+        sums += batch_sums(accelerator, loss, logits, y, config.optim.label_smoothing)
         if loop.show and index % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.4f}")
     bar.close()
@@ -340,29 +345,30 @@ def _train(loop: _Loop, progress: _Progress) -> None:
     def record_wall_time() -> None:
         progress.times["wall_seconds"] = wall_before + time.perf_counter() - invocation_start
 
-    for epoch in range(progress.epoch, config.epochs):
+    for epoch in range(progress.epoch, config.optim.epochs):
         row = _train_epoch(loop, progress, epoch)
-        last = epoch + 1 == config.epochs
-        if (epoch + 1) % config.eval_every == 0 or last:
+        last = epoch + 1 == config.optim.epochs
+        if (epoch + 1) % config.outputs.eval_every == 0 or last:
             _evaluate(loop, row, progress.times)
         progress.history.append(row)
         progress.epoch = epoch + 1
         record_wall_time()
-        accelerator.print(_epoch_line(row, config.epochs))
+        accelerator.print(_epoch_line(row, config.optim.epochs))
         if loop.live is not None:
             loop.live.end_epoch(row)
         if loop.metrics is not None and not last:  # the end writes the complete file
             loop.metrics.write(progress.history, progress.times, progress.global_step, final=False)
-        if last or (config.checkpoint_every and (epoch + 1) % config.checkpoint_every == 0):
+        every = config.outputs.checkpoint_every
+        if last or (every and (epoch + 1) % every == 0):
             save_checkpoint(
                 accelerator,
-                config.output_dir / CHECKPOINT_DIR,
+                config.outputs.output_dir / CHECKPOINT_DIR,
                 epoch + 1,
                 {
                     "trainer_state": progress.trainer_state(config, accelerator.num_processes),
                     "oscillation": tracker.state_dict() if tracker is not None else {},
                 },
-                keep=config.keep_checkpoints,
+                keep=config.outputs.keep_checkpoints,
             )
     record_wall_time()
 
@@ -378,23 +384,25 @@ def run(config: TrainingConfig, *, argv: Sequence[str] | None = None) -> TrainRe
     loop, data = _prepare(config)
     config, accelerator = loop.config, loop.accelerator
     progress, oscillation_state = _resume(loop, checkpoint)
-    if hasattr(loop.inner, "kept_mask"):  # an N:M method (dense SGD has no masks)
-        loop.sync = MaskSync(loop.optimizer, accelerator)
+    sync, tracker = None, None
+    if isinstance(loop.inner, MaskedOptimizer):  # an N:M method (dense SGD has no masks)
+        sync = MaskSync(loop.optimizer, accelerator)
         every_step = not get_method(config.registered_method).scheduled_masks
-        loop.tracker = MaskOscillation(loop.inner, every_step=every_step)
+        tracker = MaskOscillation(loop.inner, every_step=every_step)
         if oscillation_state is not None:
-            loop.tracker.load_state_dict(oscillation_state)
+            tracker.load_state_dict(oscillation_state)
 
-    output_dir = config.output_dir
+    output_dir = config.outputs.output_dir
     unwrapped = accelerator.unwrap_model(loop.model)
+    metrics_writer, live = None, None
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        loop.metrics = MetricsWriter(
+        metrics_writer = MetricsWriter(
             config,
             data.info,
             unwrapped,
             loop.inner,
-            loop.tracker,
+            tracker,
             argv=argv,
             world=accelerator.num_processes,
             device=str(accelerator.device),
@@ -404,26 +412,27 @@ def run(config: TrainingConfig, *, argv: Sequence[str] | None = None) -> TrainRe
             started=started,
         )
     if accelerator.log_with:
-        loop.live = LiveLog(
+        live = LiveLog(
             accelerator,
             loop.inner,
             scheduled_masks=get_method(config.registered_method).scheduled_masks,
-            mask_interval=config.delta_t,
+            mask_interval=config.network.delta_t,
         )
-        loop.live.start(config, progress.global_step)
-    summary = getattr(loop.inner, "schedule_summary", None)
-    if summary is not None:
-        accelerator.print(summary())
+        live.start(config, progress.global_step)
+    loop = dataclasses.replace(
+        loop, sync=sync, tracker=tracker, live=live, metrics=metrics_writer
+    )
+    if isinstance(loop.inner, ScheduledOptimizer):
+        accelerator.print(loop.inner.schedule_summary())
     accelerator.print(
-        f"{config.script}: {run_title(config)} on "
+        f"{config.outputs.script}: {run_title(config)} on "
         f"{data.info['source']} ({data.info['train_samples']} train / "
         f"{data.info['eval_samples']} eval images), {accelerator.num_processes} process(es) on "
         f"{accelerator.device}, {loop.steps_per_epoch} steps/epoch, {loop.total_steps} steps"
     )
     _train(loop, progress)
-    finished = getattr(loop.inner, "check_finished", None)
-    if finished is not None and accelerator.is_main_process:
-        finished()  # warns if the run ended before t_i (total_steps too large)
+    if isinstance(loop.inner, ScheduledOptimizer) and accelerator.is_main_process:
+        loop.inner.check_finished()  # warns if the run ended before t_i (total_steps too large)
 
     metrics: dict[str, Any] = {}
     if loop.metrics is not None:

@@ -27,6 +27,7 @@ from .checkpoints import OSCILLATION_FILE
 from .config import TrainingConfig, config_dict, json_default
 from .mask_oscillation import MaskOscillation
 from .plots import plot_curves, plot_mask_oscillation
+from .protocols import MaskedOptimizer
 
 __all__ = ["LIBRARIES", "MetricsWriter", "atomic_write_text", "library_versions", "run_title"]
 
@@ -92,13 +93,13 @@ def run_title(config: TrainingConfig) -> str:
     line and plots show it."""
     method = config.registered_method
     if get_method(method).flops is FlopsProfile.DENSE:
-        return f"{config.model} {method}"
-    return f"{config.model} {method} {config.n}:{config.m}"
+        return f"{config.network.model} {method}"
+    return f"{config.network.model} {method} {config.network.n}:{config.network.m}"
 
 
 @dataclass
 class MetricsWriter:
-    """Writes one run's ``metrics.json`` into ``config.output_dir`` (main process only).
+    """Writes one run's ``metrics.json`` into ``config.outputs.output_dir`` (main process only).
 
     Attributes: the run's ``config``, ``data_info`` (the data's description), the unwrapped
     ``model``, the ``optimizer`` (inside Accelerate's wrapper), the mask oscillation
@@ -134,7 +135,7 @@ class MetricsWriter:
         """Write ``metrics.json`` (:func:`atomic_write_text`) for the epochs of ``history``,
         ``global_step`` optimizer steps done; with ``final`` also the plots and
         ``mask_oscillation.pt``. Returns the metrics as read back from the JSON text."""
-        config, output_dir = self.config, self.config.output_dir
+        config, output_dir = self.config, self.config.outputs.output_dir
         if self._flops is None:
             shape = self.data_info["input_shape"]
             self._flops = _flops_ratio(config, self.model, shape, self.total_steps)
@@ -142,12 +143,12 @@ class MetricsWriter:
         self._versions = self._versions or library_versions()
         evaluated = [row for row in history if row["eval_accuracy"] is not None]
         optimizer = self.optimizer
-        report = optimizer.sparsity_report() if hasattr(optimizer, "sparsity_report") else []
+        report = optimizer.sparsity_report() if isinstance(optimizer, MaskedOptimizer) else []
         plots: list[str] = []
         if final:
             plots = self._plots(history)
         metrics = {
-            "script": config.script,
+            "script": config.outputs.script,
             "complete": final,
             "argv": None if self.argv is None else list(self.argv),
             "args": config_dict(config),
@@ -155,7 +156,7 @@ class MetricsWriter:
             "data": self.data_info,
             "world_size": self.world,
             "device": self.device,
-            "global_batch_size": config.batch_size * self.world * config.grad_accum,
+            "global_batch_size": config.optim.batch_size * self.world * config.optim.grad_accum,
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
             "steps_done": global_step,
@@ -178,7 +179,7 @@ class MetricsWriter:
 
     def _plots(self, history: list[dict[str, Any]]) -> list[str]:
         """The curves and mask oscillation plots, and ``mask_oscillation.pt``."""
-        output_dir, tracker = self.config.output_dir, self.tracker
+        output_dir, tracker = self.config.outputs.output_dir, self.tracker
         title = run_title(self.config)
         plots = [str(plot_curves(history, output_dir / "curves.png", title))]
         if tracker is not None:
@@ -206,11 +207,11 @@ def _flops_ratio(
                 model,
                 tuple(input_shape),
                 config.registered_method,
-                n=config.n,
-                m=config.m,
+                n=config.network.n,
+                m=config.network.m,
                 total_steps=total_steps,
-                delta_t=config.delta_t,
-                exclude=None if config.exclude is None else list(config.exclude),
+                delta_t=config.network.delta_t,
+                exclude=None if config.network.exclude is None else list(config.network.exclude),
                 **extra,
             )
         except (ValueError, RuntimeError) as err:

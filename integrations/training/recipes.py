@@ -61,7 +61,7 @@ class Recipe:
     def values(self, *, epochs: int, global_batch: int) -> dict[str, Any]:
         """The :data:`RECIPE_FIELDS` of a run of ``epochs`` epochs and ``global_batch`` images
         per optimizer step, as :class:`~.config.TrainingConfig` keywords
-        (``TrainingConfig(..., **DEIT_RECIPE.values(epochs=300, global_batch=1024))``)."""
+        (``TrainingConfig.build(..., **DEIT_RECIPE.values(epochs=300, global_batch=1024))``)."""
         return {
             "optimizer": self.optimizer,
             "lr": self.lr_for(global_batch),

@@ -23,11 +23,11 @@ def resolve_resume(config: TrainingConfig) -> Path | None:
     (directly or in ``checkpoints/``), and must be the latest checkpoint of ``output_dir`` if
     that holds any.
     """
-    output_dir = config.output_dir
+    output_dir = config.outputs.output_dir
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError("output_dir", output_dir, "exists and is not a folder")
     own = complete_checkpoints(output_dir / CHECKPOINT_DIR)
-    if config.resume is None:
+    if config.outputs.resume is None:
         if own:
             raise ConfigError(
                 "output_dir",
@@ -36,23 +36,23 @@ def resolve_resume(config: TrainingConfig) -> Path | None:
                 "that run, or choose another output_dir",
             )
         return None
-    if str(config.resume) == "auto":
+    if str(config.outputs.resume) == "auto":
         return own[-1] if own else None
-    target = Path(config.resume).expanduser()
+    target = Path(config.outputs.resume).expanduser()
     if not target.exists():
-        raise ConfigError("resume", config.resume, "no such folder")
+        raise ConfigError("resume", config.outputs.resume, "no such folder")
     found = find_checkpoint(target)
     if found is None:
         raise ConfigError(
             "resume",
-            config.resume,
+            config.outputs.resume,
             f"no complete checkpoint: expected a folder holding {TRAINER_STATE}, or "
             "epoch_NNNN folders",
         )
     if own and found.resolve() != own[-1].resolve():
         raise ConfigError(
             "resume",
-            config.resume,
+            config.outputs.resume,
             f"output_dir already holds the checkpoint {own[-1].name} of another point of a run; "
             f"resume into another output_dir, or resume='auto' to continue from {own[-1].name}",
         )
@@ -70,14 +70,14 @@ def check_resume_compatible(
         if key in saved["args"] and saved["args"][key] != current.get(key):
             raise ConfigError(
                 key,
-                getattr(config, key),
+                config.flat()[key],
                 f"the checkpoint {checkpoint} was made with {key}={saved['args'][key]!r}; a "
                 "resumed run must use the same value",
             )
     if saved.get("world_size", world) != world:
         raise ConfigError(
             "resume",
-            config.resume,
+            config.outputs.resume,
             f"the checkpoint was made with {saved['world_size']} processes, this run has "
             f"{world}: the batches would differ",
         )

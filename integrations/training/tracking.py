@@ -40,6 +40,7 @@ from accelerate.utils import ProjectConfiguration, is_tensorboard_available, is_
 from torch.optim import Optimizer
 
 from .config import REPORT_TO, ConfigError, TrainingConfig, config_dict
+from .protocols import MaskedOptimizer
 
 __all__ = [
     "REPORT_TO",
@@ -95,20 +96,20 @@ def trackers_of(report_to: str) -> list[str]:
 
 
 def check_report_to(config: TrainingConfig) -> list[str]:
-    """The trackers of ``config.report_to`` (:func:`trackers_of`, which raises)."""
-    return trackers_of(config.report_to)
+    """The trackers of ``config.outputs.report_to`` (:func:`trackers_of`, which raises)."""
+    return trackers_of(config.outputs.report_to)
 
 
 def accelerator_kwargs(config: TrainingConfig) -> dict[str, Any]:
-    """The keywords of ``Accelerator`` that set up the trackers of ``config.report_to``
+    """The keywords of ``Accelerator`` that set up the trackers of ``config.outputs.report_to``
     (``{}`` for ``none``): ``log_with`` and a ``project_config`` whose logging folder is
     ``output_dir/tensorboard``."""
     trackers = check_report_to(config)
     if not trackers:
         return {}
     project = ProjectConfiguration(
-        project_dir=str(config.output_dir),
-        logging_dir=str(config.output_dir / TENSORBOARD_DIR),
+        project_dir=str(config.outputs.output_dir),
+        logging_dir=str(config.outputs.output_dir / TENSORBOARD_DIR),
     )
     return {"log_with": trackers, "project_config": project}
 
@@ -162,26 +163,27 @@ class LiveLog:
         self.scheduled_masks = scheduled_masks
         self.mask_interval = max(1, mask_interval)
         self.flush_every = max(1, flush_every)
-        self.masked = hasattr(optimizer, "mask_update_due") and hasattr(
-            optimizer, "sparsity_report"
-        )
+        self.masked = isinstance(optimizer, MaskedOptimizer)
         self._loss_sum: torch.Tensor | None = None
         self._micro_batches = 0
         self._pending: list[tuple[int, float, torch.Tensor]] = []
         self._seen = self._steps()
 
     def start(self, config: TrainingConfig, global_step: int = 0) -> None:
-        """Start the trackers: project ``config.script``, the config (:func:`config_dict`) as
-        hyperparameters; a resumed run (``global_step`` steps done at its checkpoint) hides the
-        TensorBoard events of later steps."""
+        """Start the trackers: project ``config.outputs.script``, the config
+        (:func:`config_dict`) as hyperparameters; a resumed run (``global_step`` steps done at
+        its checkpoint) hides the TensorBoard events of later steps."""
+        output_dir = config.outputs.output_dir
         init_kwargs: dict[str, dict[str, Any]] = {
-            "wandb": {"name": Path(config.output_dir).name, "dir": str(config.output_dir)}
+            "wandb": {"name": Path(output_dir).name, "dir": str(output_dir)}
         }
         if global_step:  # hide what the interrupted run logged after its checkpoint
             init_kwargs["tensorboard"] = {"purge_step": global_step + 1}
         values = hparams(config_dict(config))
         values["world_size"] = self.accelerator.num_processes
-        self.accelerator.init_trackers(config.script, config=values, init_kwargs=init_kwargs)
+        self.accelerator.init_trackers(
+            config.outputs.script, config=values, init_kwargs=init_kwargs
+        )
         self._seen = self._steps()
 
     def _steps(self) -> list[int]:

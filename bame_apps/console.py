@@ -1,21 +1,21 @@
-"""Console scripts of the installed package (``[project.scripts]`` of ``pyproject.toml``).
+"""Console scripts of the installed applications (``[project.scripts]`` of ``pyproject.toml``).
 
 The repository's ``examples/`` and ``benchmarks/`` folders are installed as the packages
-``bame_optim.examples`` and ``bame_optim.benchmarks`` (``[tool.setuptools.package-dir]``), so
+``bame_apps.examples`` and ``bame_apps.benchmarks`` (``[tool.setuptools.package-dir]``), so
 after ``pip install "bame_optim[examples]"`` they run without a checkout, as these commands or
-as ``python -m bame_optim.examples.NAME`` / ``python -m bame_optim.benchmarks.NAME``:
+as ``python -m bame_apps.examples.NAME`` / ``python -m bame_apps.benchmarks.NAME``:
 
 * ``bame-quickstart``, ``bame-train-cifar``, ``bame-train-imagenet``: ``main()`` of
-  ``bame_optim.examples.quickstart`` / ``.train_cifar`` / ``.train_imagenet`` (in a checkout:
+  ``bame_apps.examples.quickstart`` / ``.train_cifar`` / ``.train_imagenet`` (in a checkout:
   ``python examples/NAME.py``);
 * ``bame-bench-accuracy``, ``bame-bench-ablation``, ``bame-bench-step``, ``bame-bench-memory``,
   ``bame-bench-flops``, ``bame-bench-kernel``, ``bame-bench-semi-structured``,
-  ``bame-bench-lm``, ``bame-bench-vit-step``: ``main()`` of ``bame_optim.benchmarks.accuracy``
+  ``bame-bench-lm``, ``bame-bench-vit-step``: ``main()`` of ``bame_apps.benchmarks.accuracy``
   / ``.ablation`` / ``.step`` / ``.memory`` / ``.flops_table`` / ``.kept_sgd_kernel`` /
   ``.semi_structured`` / ``.lm`` / ``.vit_step`` (in a checkout: ``python -m
   benchmarks.NAME``).
 
-Each function here imports its script only when called (``import bame_optim`` stays torch-only)
+Each function here imports its script only when called (a command imports only what it runs)
 and returns ``None``: the scripts' ``main`` returns the run's results, and a console script
 passes its function's return value to :func:`sys.exit`, which would print them and exit 1.
 
@@ -53,24 +53,24 @@ __all__ = [
 ]
 
 SCRIPTS: dict[str, tuple[str, str]] = {
-    "bame-quickstart": ("quickstart", "bame_optim.examples.quickstart"),
-    "bame-train-cifar": ("train_cifar", "bame_optim.examples.train_cifar"),
-    "bame-train-imagenet": ("train_imagenet", "bame_optim.examples.train_imagenet"),
-    "bame-bench-accuracy": ("bench_accuracy", "bame_optim.benchmarks.accuracy"),
-    "bame-bench-ablation": ("bench_ablation", "bame_optim.benchmarks.ablation"),
-    "bame-bench-step": ("bench_step", "bame_optim.benchmarks.step"),
-    "bame-bench-memory": ("bench_memory", "bame_optim.benchmarks.memory"),
-    "bame-bench-flops": ("bench_flops", "bame_optim.benchmarks.flops_table"),
-    "bame-bench-kernel": ("bench_kernel", "bame_optim.benchmarks.kept_sgd_kernel"),
+    "bame-quickstart": ("quickstart", "bame_apps.examples.quickstart"),
+    "bame-train-cifar": ("train_cifar", "bame_apps.examples.train_cifar"),
+    "bame-train-imagenet": ("train_imagenet", "bame_apps.examples.train_imagenet"),
+    "bame-bench-accuracy": ("bench_accuracy", "bame_apps.benchmarks.accuracy"),
+    "bame-bench-ablation": ("bench_ablation", "bame_apps.benchmarks.ablation"),
+    "bame-bench-step": ("bench_step", "bame_apps.benchmarks.step"),
+    "bame-bench-memory": ("bench_memory", "bame_apps.benchmarks.memory"),
+    "bame-bench-flops": ("bench_flops", "bame_apps.benchmarks.flops_table"),
+    "bame-bench-kernel": ("bench_kernel", "bame_apps.benchmarks.kept_sgd_kernel"),
     "bame-bench-semi-structured": (
         "bench_semi_structured",
-        "bame_optim.benchmarks.semi_structured",
+        "bame_apps.benchmarks.semi_structured",
     ),
-    "bame-bench-lm": ("bench_lm", "bame_optim.benchmarks.lm"),
-    "bame-bench-vit-step": ("bench_vit_step", "bame_optim.benchmarks.vit_step"),
+    "bame-bench-lm": ("bench_lm", "bame_apps.benchmarks.lm"),
+    "bame-bench-vit-step": ("bench_vit_step", "bame_apps.benchmarks.vit_step"),
 }
 """``{command: (function of this module, module whose main() it runs)}``; ``pyproject.toml``
-declares each command as ``bame_optim.console:<function>`` (checked by the tests)."""
+declares each command as ``bame_apps.console:<function>`` (checked by the tests)."""
 
 ACCURACY_OUT = Path("runs") / "accuracy"
 """Where ``bame-bench-accuracy`` writes without ``--out``: relative to the current directory."""
