@@ -17,6 +17,8 @@ import hashlib
 import importlib.util
 import os
 import pickle
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -182,3 +184,25 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def run_interpreted(test_file: str, expected: int, timeout: float) -> None:
+    """Run the ``test_kernel_*`` tests of ``test_file`` in a child pytest with
+    ``TRITON_INTERPRET=1`` and no CUDA device (Triton's interpreter runs the kernels on CPU
+    tensors); fail unless exactly ``expected`` pass and none is skipped."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-p",
+         "no:xdist", test_file, "-k", "test_kernel_"],
+        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )
+    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert summary.startswith(f"{expected} passed"), summary  # none skipped
+
+
+@pytest.fixture(scope="session", name="run_interpreted")
+def run_interpreted_fixture() -> Callable[[str, int, float], None]:
+    """The child-pytest runner :func:`run_interpreted`."""
+    return run_interpreted

@@ -1,4 +1,4 @@
-"""Pieces shared by the SR-STE and LBC tests: seeded gradients, a cosine learning rate and the
+"""Pieces shared by the SR-STE, MaxQ and LBC tests: seeded gradients, a cosine learning rate and the
 hypothesis setups of both (their float64 references are :mod:`bame_optim.reference.peers`;
 resume, dtypes and dense parameters are the contract battery's, test_contract.py)."""
 
@@ -72,3 +72,26 @@ def assert_same_entries(a: dict, b: dict) -> None:
             assert torch.equal(a[key], b[key]), key
         else:
             assert a[key] == b[key], key
+
+
+def assert_follows_reference(opt, ref, params, setup) -> None:
+    """Steps ``opt`` (a dense-weight STE optimizer over ``params``) and its float64 reference
+    ``ref`` through ``setup``'s seeded gradients under a cosine learning rate (set in the group,
+    as an LR scheduler does), comparing the mask, the dense weight, the parameter and the
+    momentum of every parameter after every step."""
+    for step in range(setup["steps"]):
+        lr = cosine_lr(step, setup["steps"])
+        opt.param_groups[0]["lr"] = lr
+        grads = seeded_grads(setup["shapes"], step, setup["seed"])
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+        ref.step(grads, lr)
+        for i, p in enumerate(params):
+            state = opt.state[p]
+            assert torch.equal(state["mask"], ref.masks[i]), f"mask {i} differs at step {step}"
+            torch.testing.assert_close(state["dense_weight"], ref.weights[i])
+            torch.testing.assert_close(p.detach(), ref.param(i))
+            if setup["momentum"]:
+                torch.testing.assert_close(state["momentum_buffer"], ref.buffers[i])
+    assert opt.param_groups[0]["step"] == setup["steps"]

@@ -37,8 +37,8 @@ from bame_optim.reference.evolution import to_blocks, to_param
 from bame_optim.reference.peers import sgd_step
 
 from .peer_setups import (
+    assert_follows_reference,
     assert_same_entries,
-    cosine_lr,
     dense_setups,
     make_params,
     save_and_load,
@@ -260,22 +260,7 @@ def test_matches_float64_reference_step_by_step(setup, schedule, decay, tau, dat
                   maximize=setup["maximize"], **sgd_kwargs(setup))
     ref = ReferenceMaxQ(params, n=setup["n"], m=setup["m"], t_i=t_i, schedule=schedule, tau=tau,
                         decay=decay, setup=setup)
-    for step in range(setup["steps"]):
-        lr = cosine_lr(step, setup["steps"])
-        opt.param_groups[0]["lr"] = lr
-        grads = seeded_grads(setup["shapes"], step, setup["seed"])
-        for p, g in zip(params, grads, strict=True):
-            p.grad = g.clone()
-        opt.step()
-        ref.step(grads, lr)
-        for i, p in enumerate(params):
-            state = opt.state[p]
-            assert torch.equal(state["mask"], ref.masks[i]), f"mask {i} differs at step {step}"
-            torch.testing.assert_close(state["dense_weight"], ref.weights[i])
-            torch.testing.assert_close(p.detach(), ref.param(i))
-            if setup["momentum"]:
-                torch.testing.assert_close(state["momentum_buffer"], ref.buffers[i])
-    assert opt.param_groups[0]["step"] == setup["steps"]
+    assert_follows_reference(opt, ref, params, setup)
 
 
 # -- a model: the ramp, N:M at the end, finalize, FLOPs -----------------------------------------

@@ -18,7 +18,7 @@ from bame_optim.reference.evolution import to_blocks, to_param
 from bame_optim.reference.peers import srste_mask as srste_mask_reference
 
 from .peer_setups import (
-    cosine_lr,
+    assert_follows_reference,
     dense_setups,
     make_params,
     seeded_grads,
@@ -44,22 +44,7 @@ def test_matches_float64_reference_step_by_step(setup, decay):
     )
     ref = ReferenceSRSTE(params, n=setup["n"], m=setup["m"], decay=decay,
                          maximize=setup["maximize"], **sgd_kwargs(setup))
-    for step in range(setup["steps"]):
-        lr = cosine_lr(step, setup["steps"])
-        opt.param_groups[0]["lr"] = lr  # what an LR scheduler does
-        grads = seeded_grads(setup["shapes"], step, setup["seed"])
-        for p, g in zip(params, grads, strict=True):
-            p.grad = g.clone()
-        opt.step()
-        ref.step(grads, lr)
-        for i, p in enumerate(params):
-            state = opt.state[p]
-            assert torch.equal(state["mask"], ref.masks[i]), f"mask {i} differs at step {step}"
-            torch.testing.assert_close(state["dense_weight"], ref.weights[i])
-            torch.testing.assert_close(p.detach(), ref.param(i))
-            if setup["momentum"]:
-                torch.testing.assert_close(state["momentum_buffer"], ref.buffers[i])
-    assert opt.param_groups[0]["step"] == setup["steps"]
+    assert_follows_reference(opt, ref, params, setup)
 
 
 @examples(30)

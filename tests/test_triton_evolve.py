@@ -10,11 +10,6 @@ on the host, no fused multiply-adds), and the selections and codes are exact."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -23,8 +18,6 @@ from bame_optim.core.kept import encode_kept
 from bame_optim.kernels import evolve_cpu, evolve_reference, triton_evolve, triton_kept
 
 from .strategies import block_mask, exact_nm_mask
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # (shape, n, m, count, layout): ranks in uint8 (2:4, 1:16, 4:8) and int16 (8:16), stored
 # positions (16:32), the largest block (3:64), a block size without a power of two (1:6), a
@@ -171,15 +164,6 @@ def test_kernel_rejects_tensors_it_cannot_take(device):
 
 
 @pytest.mark.skipif(triton_kept.interpreting(), reason="this is the parent of the child run")
-def test_kernels_under_the_triton_interpreter():
+def test_kernels_under_the_triton_interpreter(run_interpreted):
     """The kernel tests, run on CPU tensors by Triton's interpreter in a child pytest."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-p",
-         "no:xdist", __file__, "-k", "test_kernel_"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-    )
-    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    expected = len(CASES) * 2 * 2 + len(CASES) * 2 * 3 + 2
-    assert summary.startswith(f"{expected} passed"), summary  # none skipped
+    run_interpreted(__file__, len(CASES) * 2 * 2 + len(CASES) * 2 * 3 + 2, timeout=900)

@@ -22,11 +22,6 @@ own ulp. Entries outside the kept sets are compared exactly: the kernels must no
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -35,7 +30,6 @@ from bame_optim.core.nm import blocks_to_param, random_nm_mask
 from bame_optim.kernels import triton_kept
 from bame_optim.optim.functional import kept_adamw, kept_sgd
 
-ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE_ULPS = 4
 STEPS = 3
 HALF_ULPS = 2
@@ -262,18 +256,10 @@ def test_kernel_checks_every_parameter_before_writing_any(device):
 
 
 @pytest.mark.skipif(triton_kept.interpreting(), reason="this is the parent of the child run")
-def test_kernels_under_the_triton_interpreter():
+def test_kernels_under_the_triton_interpreter(run_interpreted):
     """The kernel tests, run on CPU tensors by Triton's interpreter in a child pytest."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-p",
-         "no:xdist", __file__, "-k", "test_kernel_"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )
-    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     expected = len(CASES) * (len(SGD_CONFIGS) + len(ADAMW_CONFIGS)) + 3 + 4
-    assert summary.startswith(f"{expected} passed"), summary  # none skipped
+    run_interpreted(__file__, expected, timeout=600)
 
 
 def test_folded_layout_addresses_the_blocks_of_core_nm():
