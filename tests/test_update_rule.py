@@ -44,7 +44,7 @@ def test_accepted_keywords_are_taken_and_the_others_of_the_signature_refused(cls
     accepted = cls.accepted_keywords()
     assert accepted <= set(_signature(cls))
     p = torch.zeros(4, 8, requires_grad=True)
-    schedule = {"total_steps": 30} if "total_steps" in accepted else {}
+    schedule = {"total_steps": 30, "delta_t": 1} if "total_steps" in accepted else {}
     schedule["sparse"] = True
     cls([p], **schedule)  # builds
     refused = sorted(set(_signature(cls)) - accepted)  # rule keywords these rules lack
