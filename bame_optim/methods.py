@@ -42,13 +42,11 @@ from torch.optim import Optimizer
 
 from bame_optim.optim.adamw import ADAMW_DEFAULTS, BAMEAdamW
 from bame_optim.optim.base import SGD_DEFAULTS
-from bame_optim.optim.masked import MaskedOptimizer
 from bame_optim.optim.sgd import ASPSGD, BAMESGD, RigLSGD
 from bame_optim.peers.bidir import BidirBAMESGD, attach_backward_masks
 from bame_optim.peers.lbc import LBCSGD
 from bame_optim.peers.maxq import MaxQSGD
 from bame_optim.peers.srste import SRSTESGD
-from bame_optim.peers.ste import DenseSTESGD
 
 __all__ = [
     "ADAMW_KEYWORDS",
@@ -76,7 +74,6 @@ _TORCH_KEYWORDS = {
     torch.optim.SGD: SGD_KEYWORDS | {"fused", "differentiable"},
     torch.optim.AdamW: ADAMW_KEYWORDS | {"fused", "differentiable", "capturable"},
 }
-_NM_KEYWORDS = frozenset({"n", "m", "sparse"})
 CONTEXT_KEYWORDS = frozenset({"n", "m", "total_steps", "t_i", "t_f", "delta_t", "seed"})
 """Keywords that describe the run (its N:M pattern, schedule and seed) rather than the method:
 :func:`make_optimizer` drops them for a method that does not take them (``dense`` has no N:M
@@ -169,11 +166,9 @@ def fixed_settings(name: str) -> dict[str, Any]:
 def accepted_keywords(name: str) -> frozenset[str]:
     """The keywords the optimizer of method ``name`` takes."""
     factory = get_method(name).factory
-    if isinstance(factory, type) and issubclass(factory, MaskedOptimizer):
-        return factory.update_keywords | _NM_KEYWORDS | set(factory.rules.keywords)
-    if isinstance(factory, type) and issubclass(factory, DenseSTESGD):
-        return SGD_KEYWORDS | _NM_KEYWORDS | set(factory.method_defaults)
-    return _TORCH_KEYWORDS[factory]
+    if factory in _TORCH_KEYWORDS:
+        return _TORCH_KEYWORDS[factory]
+    return factory.accepted_keywords()
 
 
 _EVOLVE_KEYWORDS = frozenset({"alpha", "beta", "gamma", "revive_score", "zeta", "t_end"})

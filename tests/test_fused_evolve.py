@@ -15,7 +15,7 @@ from torch import nn
 
 from bame_optim import BAMESGD, BAMEAdamW
 from bame_optim.kernels import evolve_cpu, native
-from bame_optim.optim import fused_evolve, masked
+from bame_optim.optim import fused_evolve, mask_update
 
 STEPS = 26
 SCHEDULE = dict(total_steps=24, t_i=6, t_f=18, delta_t=2, alpha=0.4, beta=0.6)
@@ -72,7 +72,7 @@ def _train(name, n, m, dtype, *, fused_evolve_on, monkeypatch, calls, device="cp
         calls.append(result)
         return result
 
-    monkeypatch.setattr(masked, "fused_evolve_runs", counted)
+    monkeypatch.setattr(mask_update, "fused_evolve_runs", counted)
     params = list(model.parameters())
     for step in range(STEPS):
         gen = torch.Generator().manual_seed(1000 + step)
@@ -143,7 +143,7 @@ def test_fused_false_never_runs_the_passes(monkeypatch):
     model = _model(4, torch.float32)
     optimizer = BAMESGD(_groups(model), lr=0.1, momentum=0.9, n=2, m=4, fused=False, **SCHEDULE)
     called = []
-    monkeypatch.setattr(masked, "evolve_fused_many", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(mask_update, "evolve_fused_many", lambda *a, **k: called.append(1))
     for step in range(STEPS):
         for p in model.parameters():
             p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step))

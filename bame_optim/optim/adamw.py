@@ -1,10 +1,11 @@
-r"""BAMEAdamW: AdamW over the same masks, schedule and compact state as BAMESGD."""
+r"""BAMEAdamW: AdamW over the same masks, schedule and compact state as BAMESGD, and AdamW's
+:class:`~bame_optim.optim.update_rule.UpdateRule`."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
-from typing import Any, ClassVar
+from collections.abc import Iterable, MutableMapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -12,14 +13,13 @@ from torch.optim.adamw import adamw
 from torch.optim.optimizer import _get_scalar_dtype
 
 from bame_optim.core.validation import check_adamw_hyper
-from bame_optim.optim.engine import NMEngine
-from bame_optim.optim.functional import kept_adamw, plain_tensors
+from bame_optim.optim.functional import kept_adamw
 from bame_optim.optim.keywords import check_fused_flags
-from bame_optim.optim.masked import MaskedOptimizer, SparseState
-from bame_optim.optim.rules import BAME_RULES, MaskRules
-from bame_optim.optim.sharded import local_tensor
+from bame_optim.optim.masked import MaskedOptimizer
+from bame_optim.optim.rules import BAME_RULES
+from bame_optim.optim.update_rule import UpdateRule
 
-__all__ = ["ADAMW_DEFAULTS", "BAME_ADAMW_RULES", "BAMEAdamW"]
+__all__ = ["ADAMW_DEFAULTS", "ADAMW_RULE", "BAME_ADAMW_RULES", "BAMEAdamW"]
 
 ADAMW_DEFAULTS: dict[str, Any] = {
     "lr": 1e-3,
@@ -35,6 +35,95 @@ ADAMW_DEFAULTS: dict[str, Any] = {
 }
 """:class:`torch.optim.AdamW`'s keywords and defaults."""
 
+_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def _validate(group: dict[str, Any], owner: str) -> None:
+    check_adamw_hyper(group)
+    check_fused_flags(group, owner, torch_keywords=("capturable", "differentiable"))
+
+
+def _hyper(group: dict[str, Any]) -> dict[str, Any]:
+    beta1, beta2 = group["betas"]
+    return dict(amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
+                weight_decay=group["weight_decay"], eps=group["eps"],
+                maximize=group["maximize"], foreach=group["foreach"])
+
+
+def _dense_step(state: MutableMapping[Tensor, dict[str, Any]], group: dict[str, Any],
+                params: list[Tensor]) -> None:
+    """:func:`torch.optim.adamw.adamw` on dense parameters, with :class:`torch.optim.AdamW`'s
+    lazily created state."""
+    amsgrad = group["amsgrad"]
+    states = []
+    for p in params:
+        if p.grad.is_sparse:
+            raise RuntimeError(
+                f"Invalid gradient layout for a dense parameter of shape {tuple(p.shape)}: "
+                "AdamW does not support sparse gradients, use torch.optim.SparseAdam"
+            )
+        saved = state[p]
+        if "step" not in saved:
+            saved["step"] = _new_step()
+            saved["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            saved["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if amsgrad and "max_exp_avg_sq" not in saved:
+            saved["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        states.append(saved)
+    adamw(
+        params, [p.grad for p in params],
+        [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+        [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
+        [s["step"] for s in states],
+        has_complex=any(torch.is_complex(p) for p in params),
+        fused=group["fused"] or None, **_hyper(group),
+    )
+
+
+def _kept_step(group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+               states: list[dict[str, Any]]) -> None:
+    """:func:`bame_optim.optim.functional.kept_adamw` on the kept weights; the compact moments
+    start as zeros ``[K, kept_count]`` (a revived weight's are 0, docs/design.md section 4)."""
+    amsgrad = group["amsgrad"]
+    wanted = _MOMENTS[:3 if amsgrad else 2]
+    for p, state in zip(params, states, strict=True):
+        if "step" not in state or any(state.get(name) is None for name in wanted):
+            state.setdefault("step", _new_step())
+            shape = (p.numel() // group["m"], state["kept_count"])
+            for name in wanted:
+                if state.get(name) is None:
+                    state[name] = torch.zeros(shape, dtype=p.dtype, device=p.device)
+    kept_adamw(
+        params, grads, *([state[name] for state in states] for name in wanted[:2]),
+        [state["max_exp_avg_sq"] for state in states] if amsgrad else [],
+        [state["step"] for state in states], [state["kept"] for state in states],
+        [state["kept_count"] for state in states],
+        m=group["m"], fused=group["fused"], **_hyper(group),
+    )
+
+
+def _upgrade_state(state: dict[str, Any]) -> None:
+    if "step" in state and not torch.is_tensor(state["step"]):  # a Python number, as AdamW
+        state["step"] = torch.tensor(float(state["step"]), dtype=_get_scalar_dtype())
+
+
+def _new_step() -> Tensor:
+    # torch.optim.AdamW's step counter: a CPU scalar in the default float dtype.
+    return torch.tensor(0.0, dtype=_get_scalar_dtype())
+
+
+ADAMW_RULE = UpdateRule(
+    defaults=ADAMW_DEFAULTS,
+    buffers=_MOMENTS,
+    validate=_validate,
+    dense_step=_dense_step,
+    kept_step=_kept_step,
+    dense_class=torch.optim.AdamW,
+    upgrade_state=_upgrade_state,
+)
+""":class:`torch.optim.AdamW`'s update (decoupled weight decay) on the kept weights, its step
+count one per parameter (docs/design.md section 4)."""
+
 BAME_ADAMW_RULES = dataclasses.replace(
     BAME_RULES, keywords=BAME_RULES.keywords | {"revive_score": "adam"}
 )
@@ -45,11 +134,10 @@ BAME_ADAMW_RULES = dataclasses.replace(
 class BAMEAdamW(MaskedOptimizer):
     r"""AdamW (decoupled weight decay) that keeps N:M sparse weights and evolves their masks
     with BAME: :class:`bame_optim.BAMESGD`'s schedule, mask rules and compact state, with
-    Adam's update on the kept weights (:func:`bame_optim.optim.functional.kept_adamw`). Dense
-    parameters go through :func:`torch.optim.adamw.adamw` and follow
-    :class:`torch.optim.AdamW` exactly. The update, the revive score ``η |G|`` and the bias
-    correction of a revived weight: docs/design.md section 4; keywords, state, checkpoints:
-    section 5.
+    Adam's update on the kept weights (:func:`bame_optim.optim.functional.kept_adamw`).
+    Dense parameters follow :class:`torch.optim.AdamW` exactly. The update, the revive score
+    ``η |G|`` and the bias correction of a revived weight: docs/design.md section 4;
+    keywords, state, checkpoints: section 5.
 
     Args:
         params: parameters or param groups, as :class:`bame_optim.BAMESGD`.
@@ -62,14 +150,12 @@ class BAMEAdamW(MaskedOptimizer):
             :class:`bame_optim.BAMESGD`.
         revive_score: ``"adam"`` (default) or ``"sgd"``: LMA's score of a pruned weight.
 
-    The compact moments (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``: ``[K, kept_count]``)
-    read in the parameter's layout through :meth:`exp_avg` / :meth:`exp_avg_sq`.
+    The compact moments read in the parameter's layout through :meth:`exp_avg` /
+    :meth:`exp_avg_sq`.
     """
 
-    rules: ClassVar[MaskRules] = BAME_ADAMW_RULES
-    engine: ClassVar[NMEngine] = NMEngine(("exp_avg", "exp_avg_sq", "max_exp_avg_sq"))
-    dense_class = torch.optim.AdamW
-    update_keywords: ClassVar[frozenset[str]] = frozenset(ADAMW_DEFAULTS)
+    update_rule = ADAMW_RULE
+    rules = BAME_ADAMW_RULES
 
     def __init__(
         self,
@@ -98,109 +184,13 @@ class BAMEAdamW(MaskedOptimizer):
         revive_score: str | None = None,
         sparse: bool | None = None,
     ) -> None:
-        rule_keywords = dict(total_steps=total_steps, t_i=t_i, t_f=t_f, delta_t=delta_t,
-                             alpha=alpha, beta=beta, gamma=gamma, seed=seed,
-                             revive_score=revive_score)
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                        maximize=maximize, foreach=foreach, capturable=capturable,
-                        differentiable=differentiable, fused=fused, n=n, m=m, sparse=sparse)
-        super().__init__(params, defaults, rule_keywords)
-
-    def _validate_update(self, group: dict[str, Any]) -> None:
-        check_adamw_hyper(group)
-        check_fused_flags(group, type(self).__name__, torch_keywords=("capturable",
-                                                                       "differentiable"))
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for saved in self.state.values():  # older checkpoints hold a Python number, as AdamW
-            if "step" in saved and not torch.is_tensor(saved["step"]):
-                saved["step"] = torch.tensor(float(saved["step"]), dtype=_get_scalar_dtype())
-
-    def _update(
-        self, group: dict[str, Any], dense: list[Tensor], sparse: list[SparseState]
-    ) -> None:
-        beta1, beta2 = group["betas"]
-        hyper = dict(amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
-                     weight_decay=group["weight_decay"], eps=group["eps"],
-                     maximize=group["maximize"], foreach=group["foreach"])
-        if dense:
-            states = [self._dense_state(p, group["amsgrad"]) for p in dense]
-            adamw(
-                dense, [p.grad for p in dense],
-                [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
-                [s["step"] for s in states],
-                has_complex=any(torch.is_complex(p) for p in dense),
-                fused=group["fused"] or None, **hyper,
-            )
-        if sparse and plain_tensors(s.param for s in sparse):
-            # No shard: the state holds this rank's tensors as they are (the engine's local
-            # views and stores would only add per-parameter checks to every step).
-            states = [s.state for s in sparse]
-            wanted = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")[:3 if group["amsgrad"] else 2]
-            for s, state in zip(sparse, states, strict=True):
-                if "step" not in state or any(state.get(name) is None for name in wanted):
-                    moments = self._kept_moments(s.param, state, group)
-                    for name, buffer in zip(self.engine.buffers, moments, strict=True):
-                        if buffer is not None:
-                            state[name] = buffer
-            kept_adamw(
-                [s.param for s in sparse], [s.grad for s in sparse],
-                *([state[name] for state in states] for name in wanted[:2]),
-                [state["max_exp_avg_sq"] for state in states] if group["amsgrad"] else [],
-                [state["step"] for state in states], [state["kept"] for state in states],
-                [state["kept_count"] for state in states],
-                m=group["m"], fused=group["fused"], **hyper,
-            )
-        elif sparse:
-            engine, m = self.engine, group["m"]
-            moments = [self._kept_moments(s.param, s.state, group) for s in sparse]
-            kept_adamw(
-                [local_tensor(s.param) for s in sparse],
-                [local_tensor(s.grad) for s in sparse],
-                [b[0] for b in moments], [b[1] for b in moments],
-                [b[2] for b in moments] if group["amsgrad"] else [],
-                [s.state["step"] for s in sparse],
-                [engine.local_code(s.state) for s in sparse],
-                [s.state["kept_count"] for s in sparse],
-                m=m, fused=group["fused"], **hyper,
-            )
-            for s, buffers in zip(sparse, moments, strict=True):
-                engine.store_buffers(s.param, s.state, buffers, m)
-
-    def _dense_state(self, p: Tensor, amsgrad: bool) -> dict[str, Any]:
-        """:class:`torch.optim.AdamW`'s lazily created state of a dense parameter."""
-        if p.grad.is_sparse:
-            raise RuntimeError(
-                f"Invalid gradient layout for a dense parameter of shape {tuple(p.shape)}: "
-                "AdamW does not support sparse gradients, use torch.optim.SparseAdam"
-            )
-        state = self.state[p]
-        if "step" not in state:
-            state["step"] = _new_step()
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if amsgrad and "max_exp_avg_sq" not in state:
-            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state
-
-    def _kept_moments(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]
-                      ) -> list[Tensor | None]:
-        """This rank's compact moments of a sparse parameter in the order of the engine's
-        buffers, created as zeros ``[K, kept_count]`` on its first step; ``max_exp_avg_sq`` is
-        ``None`` without ``amsgrad``."""
-        state.setdefault("step", _new_step())
-        local = local_tensor(p)
-        shape = (local.numel() // group["m"], state["kept_count"])
-        wanted = {"exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if group["amsgrad"] else set())
-        return [
-            None if name not in wanted
-            else torch.zeros(shape, dtype=local.dtype, device=local.device) if buffer is None
-            else buffer
-            for name, buffer in zip(self.engine.buffers, self.engine.local_buffers(p, state),
-                                    strict=True)
-        ]
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            maximize=maximize, foreach=foreach, capturable=capturable,
+            differentiable=differentiable, fused=fused, n=n, m=m, total_steps=total_steps,
+            t_i=t_i, t_f=t_f, delta_t=delta_t, alpha=alpha, beta=beta, gamma=gamma, seed=seed,
+            revive_score=revive_score, sparse=sparse,
+        )
 
     def exp_avg(self, p: Tensor) -> Tensor | None:
         """``exp_avg`` of ``p`` in the parameter's layout (zeros at pruned entries), or
@@ -211,8 +201,3 @@ class BAMEAdamW(MaskedOptimizer):
         """``exp_avg_sq`` of ``p`` in the parameter's layout (zeros at pruned entries), or
         ``None`` before ``p``'s first step."""
         return self._dense_view(p, "exp_avg_sq")
-
-
-def _new_step() -> Tensor:
-    # torch.optim.AdamW's step counter: a CPU scalar in the default float dtype.
-    return torch.tensor(0.0, dtype=_get_scalar_dtype())

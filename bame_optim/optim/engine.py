@@ -139,9 +139,8 @@ class NMEngine:
         buffer = state.get(name)
         if buffer is None:
             return None
-        local = local_tensor(p)
-        positions = self.positions(state, m)
-        return scatter_kept_(torch.zeros_like(local), positions, local_state(buffer), m)
+        return scatter_kept_(torch.zeros_like(local_tensor(p)), self.positions(state, m),
+                             local_state(buffer), m)
 
     def local_buffers(self, p: Tensor, state: State) -> list[Tensor | None]:
         """This rank's compact buffers, in the order of :attr:`buffers`."""
@@ -151,12 +150,22 @@ class NMEngine:
             for name in self.buffers
         ]
 
-    def store_buffers(self, p: Tensor, state: State, buffers: list[Tensor | None], m: int) -> None:
-        """Store compact buffers computed on this rank's blocks (the inverse of
-        :meth:`local_buffers`); ``None`` entries are left out."""
-        for name, buffer in zip(self.buffers, buffers, strict=True):
+    def local_view(self, p: Tensor, state: State) -> State:
+        """``state`` of sharded ``p`` with this rank's kept code and buffers, for a step."""
+        view = dict(state, kept=local_state(state["kept"]))
+        for name, buffer in zip(self.buffers, self.local_buffers(p, state), strict=True):
             if buffer is not None:
-                state[name] = distribute_state(buffer, p, m) if is_sharded(p) else buffer
+                view[name] = buffer
+        return view
+
+    def store_local(self, p: Tensor, state: State, view: State, m: int) -> None:
+        """Store what an update step wrote into ``view`` (from :meth:`local_view`) in
+        ``state``, the buffers as per-block state of ``p`` again."""
+        for key, value in view.items():
+            if key in self.buffers and value is not None:
+                state[key] = distribute_state(value, p, m)
+            elif key != "kept" and key not in self.buffers and state.get(key) is not value:
+                state[key] = value
 
     # -- mask changes --------------------------------------------------------------------
 

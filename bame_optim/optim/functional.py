@@ -28,10 +28,8 @@ kernels of :mod:`bame_optim.kernels.triton_kept` (as the ``torch.library`` ops o
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from types import ModuleType
 
-import torch
 from torch import Tensor
 from torch.optim.adamw import adamw
 from torch.optim.sgd import sgd
@@ -39,7 +37,7 @@ from torch.optim.sgd import sgd
 from bame_optim.core.kept import gather_kept, kept_indices, scatter_kept_
 from bame_optim.kernels import kept_adamw_cpu, kept_sgd_cpu
 
-__all__ = ["kept_adamw", "kept_sgd", "plain_tensors"]
+__all__ = ["kept_adamw", "kept_sgd"]
 
 
 def kept_sgd(
@@ -191,16 +189,6 @@ def kept_adamw(
         maximize=maximize,
     )
     _scatter(params, positions, kept_params, m)
-
-
-_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
-
-
-def plain_tensors(tensors: Iterable[Tensor]) -> bool:
-    """Whether no tensor is a subclass (a ``DTensor`` shard in particular): the optimizers
-    then pass their state to these functions as it is stored, without the engine's local
-    views."""
-    return all(type(t) in _PLAIN_TYPES for t in tensors)
 
 
 def _use_fused(

@@ -81,7 +81,7 @@ def torch_state_dict(opt: MaskedOptimizer) -> dict[str, Any]:
 def _dense_group(dense_class: type, opt: MaskedOptimizer, group: dict[str, Any]
                  ) -> dict[str, Any]:
     """``group``'s hyper-parameters as ``dense_class`` holds them, without ``params``."""
-    keywords = {k: group[k] for k in type(opt).update_keywords if k in group and k != "fused"}
+    keywords = {k: group[k] for k in opt.update_rule.defaults if k in group and k != "fused"}
     probe = dense_class([torch.zeros(1, requires_grad=True)], **keywords).param_groups[0]
     dense = {k: v for k, v in probe.items() if k != "params"}
     dense.update(keywords)  # the group's own objects (a Tensor lr stays that Tensor)

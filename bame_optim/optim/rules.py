@@ -45,7 +45,7 @@ from bame_optim.core.schedule import (
     resolve_schedule,
 )
 from bame_optim.core.validation import check_fraction, check_int, invalid
-from bame_optim.optim.base import user_stacklevel
+from bame_optim.optim.stacklevel import user_stacklevel
 
 __all__ = [
     "ASP_RULES",

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "PLAIN_TYPES",
     "block_range",
     "check_row_sharded",
     "distribute_state",
@@ -40,8 +41,14 @@ def _dtensor_type() -> type | None:
     return DTensor
 
 
+PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+"""The tensor types that are never sharded (``type(t) in PLAIN_TYPES``: a fast test)."""
+
+
 def is_sharded(tensor: Any) -> bool:
     """``True`` for a ``DTensor`` (a parameter or state of a ``fully_shard``-ed module)."""
+    if type(tensor) in PLAIN_TYPES:  # the usual case, without looking DTensor up
+        return False
     dtensor = _dtensor_type()
     return dtensor is not None and isinstance(tensor, dtensor)
 

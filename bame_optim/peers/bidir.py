@@ -52,15 +52,15 @@ def backward_mask_as_param(mask: Tensor, shape: torch.Size) -> Tensor:
 
 class BidirBAMESGD(BAMESGD):
     """:class:`BAMESGD` that also keeps a backward mask (``state["backward_mask"]``) for every
-    sparse parameter whose output dimension divides by ``m``, recomputed after each step from
-    the updated sparse weights. Use with :func:`attach_backward_masks`."""
+    sparse parameter whose output dimension divides by ``m``, recomputed at the end of each
+    ``step()`` (the :meth:`_after_step` hook) from the updated sparse weights. Use with
+    :func:`attach_backward_masks`."""
 
     _exact_dtype_state = (*BAMESGD._exact_dtype_state, "backward_mask")
     blocks_along_dim0 = False
 
-    @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
-        loss = super().step(closure)
+    def _after_step(self, advanced: bool) -> None:
+        super()._after_step(advanced)
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
@@ -71,7 +71,6 @@ class BidirBAMESGD(BAMESGD):
                     )
                 if state and "kept" in state and p.shape[0] % group["m"] == 0:
                     state["backward_mask"] = backward_mask(p, group["n"], group["m"])
-        return loss
 
 
 class _MaskedInputGrad(torch.autograd.Function):

@@ -45,7 +45,7 @@ from torch import Tensor
 from bame_optim.core.evolution import score_dtype
 from bame_optim.core.nm import blocks_to_param, param_to_blocks
 from bame_optim.core.validation import check_int
-from bame_optim.optim.base import user_stacklevel
+from bame_optim.optim.stacklevel import user_stacklevel
 from bame_optim.peers.srste import DEFAULT_SRSTE_DECAY, SRSTESGD, srste_mask
 
 __all__ = [

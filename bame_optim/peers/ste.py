@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.optim.sgd import sgd
 
 from bame_optim.core.nm import blocks_to_param, num_blocks
-from bame_optim.optim.base import SGD_DEFAULTS, NMOptimizer
+from bame_optim.optim.base import NM_KEYWORDS, SGD_DEFAULTS, NMOptimizer
 from bame_optim.optim.sharded import is_sharded
 
 __all__ = ["DenseSTESGD"]
@@ -75,6 +75,10 @@ class DenseSTESGD(NMOptimizer):
             nesterov=nesterov, maximize=maximize, foreach=foreach, n=n, m=m, sparse=sparse,
         ) | self.method_defaults | method_keywords
         super().__init__(params, defaults)
+
+    @classmethod
+    def accepted_keywords(cls) -> frozenset[str]:
+        return frozenset(SGD_DEFAULTS) | NM_KEYWORDS | set(cls.method_defaults)
 
     def _sparse_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         state = self.state[p]
