@@ -2,9 +2,9 @@
 
 The kernels pick a path per parameter (bame_optim/kernels/csrc/kept_simd.h, kept_tiles.h,
 kept_move.h): the paired AVX2 stream (float, S = 1, M = 4, count 1, 2 or 4), its transposed
-8x8 tiles for S >= 8 (float, M = 4, count 1, 2 or 4, whole output channels of a thread's range
-whose block count per row the group divides: conv3x3_threads, conv5x3, conv4x4, conv5x5,
-transposed_wide at one thread, with S mod 8 spatial positions left over), the scalar stream
+8x8 tiles for 8 <= S <= 16 (float, M = 4, count 1, 2 or 4, whole output channels of a
+thread's range whose block count per row the group divides: conv3x3 at 4:4, conv3x3_threads,
+conv5x3, conv4x4; S mod 8 spatial positions left over but at S = 16), the scalar stream
 (S = 1, other M, or float64; count dividing 8), tiles in memory order (S > 1: whole output
 channels for S <= 16, 16 spatial positions of one channel beyond, as for a transposed Conv1D
 view), and chunks for everything else (count 3, sorted positions) and for the blocks a stream

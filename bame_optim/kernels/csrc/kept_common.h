@@ -42,7 +42,7 @@ struct Blocks {
   int64_t blocks = 0;          // K
   int64_t ranks = 0;           // rows of table (ranked codes only)
   at::ScalarType code_dtype = at::kByte;
-  const int32_t* lanes = nullptr;  // kept_simd.h's pair table (M = 4, ranked, S = 1 or >= 8)
+  const int32_t* lanes = nullptr;  // kept_simd.h's pair table (M = 4, ranked, S = 1 or 8..16)
   const int32_t* offsets = nullptr;  // table * S (S > 1, ranked), or nullptr
 };
 

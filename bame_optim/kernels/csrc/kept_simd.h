@@ -13,8 +13,8 @@
 //
 // Values move unchanged (bit for bit); the arithmetic is the update rule's, on kGroup
 // contiguous entries, exactly as on a chunk. Blocks a stream leaves at the end of a range
-// (fewer than a group) go through the chunked path. Convolutions (S >= 8) reuse the paired
-// gather's tables through transposed tiles: kept_tiles.h.
+// (fewer than a group) go through the chunked path. Convolutions (8 <= S <= 16) reuse the
+// paired gather's tables through transposed tiles: kept_tiles.h.
 #pragma once
 
 #include <array>
@@ -65,9 +65,10 @@ inline std::vector<int32_t> pair_lanes(const int32_t* positions, int64_t ranks, 
   return lanes;
 }
 
-// S > 1 layouts read the pair tables too, through transposed tiles (kept_tiles.h).
+// 8 <= S <= 16 layouts read the pair tables too, through transposed tiles (kept_tiles.h).
 inline bool pairs_possible(const Blocks& it) {
-  return (it.spatial == 1 || it.spatial >= 8) && it.m == kPairM && it.table != nullptr &&
+  return (it.spatial == 1 || (it.spatial >= 8 && it.spatial <= kTileSpatial)) &&
+         it.m == kPairM && it.table != nullptr &&
          (it.count == 1 || it.count == 2 || it.count == 4);
 }
 

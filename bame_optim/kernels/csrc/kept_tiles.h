@@ -1,6 +1,6 @@
 // The streamed pass of kept_simd.h for convolutions: float, M = 4, ranked codes, count 1, 2
-// or 4, S >= 8 (a 3x3 kernel's 9, or a transposed [in, out] view's out), AVX2; the whole
-// output channels (rows of S B blocks) inside a thread's range.
+// or 4, 8 <= S <= 16 (3x3, 3x5, 4x4 kernels), AVX2; the whole output channels (rows of S B
+// blocks) inside a thread's range.
 //
 // A block's M entries lie S apart, so the kept entries of one spatial position s are strided
 // in memory while their compact state (block order o, s, b) is contiguous along b. For 8
@@ -32,9 +32,13 @@ constexpr int64_t kTileWidth = 8;  // spatial positions (and channels) per trans
 
 // Whether stream_tiles may take whole rows of it (float, AVX2 and the lane tables aside).
 // Whether stream_tiles may take whole rows of it (float, AVX2, code dtype and lanes aside):
-// groups of kGroup / count blocks must tile a row's B blocks.
+// groups of kGroup / count blocks must tile a row's B blocks, and S be at most kTileSpatial.
+// .. note:: rows further apart (5x5 kernels, S = 25; a transposed [in, out] view, S = out)
+//    ran slower this way than as kept_move.h's tiles (measured: 8-13% at S = 25, 40-60% at
+//    S = 2304), where a tile reads 16 spatial positions of one channel.
 inline bool tiles_possible(const Blocks& it) {
-  if (it.spatial < kTileWidth || it.m != kPairM || it.table == nullptr) return false;
+  if (it.spatial < kTileWidth || it.spatial > kTileSpatial) return false;
+  if (it.m != kPairM || it.table == nullptr) return false;
   if (it.count != 1 && it.count != 2 && it.count != 4) return false;
   const int64_t blocks_per_group = kGroup / it.count;  // 2 kSlots pairs
   return it.blocks_per_row % blocks_per_group == 0;
@@ -95,7 +99,6 @@ void stream_tiles(const Blocks& it, int64_t r0, int64_t r1, Fn& fn, const Ahead&
   const int64_t transposed = S / kTileWidth * kTileWidth;  // s below it: transposed tiles
   const __m256i slot_of_lane =
       _mm256_srli_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), N == 1 ? 1 : 2);
-  const bool near = S <= 2 * kTileWidth;  // else each row's next tile is fetched by hardware
   const int64_t run_bytes = 2 * kPairM * S * static_cast<int64_t>(sizeof(float));
   alignas(32) float w[kGroup], g[kGroup];
   __m256 cw[kSlots][kTileWidth], cg[kSlots][kTileWidth];
@@ -108,7 +111,7 @@ void stream_tiles(const Blocks& it, int64_t r0, int64_t r1, Fn& fn, const Ahead&
         for (int64_t p = 0; p < kSlots; ++p) {
           const float* rows = group + p * pair_stride + s0;
           const float* grows = grad + (rows - param);
-          if (near) {  // the pair's rows are one run of 8 S entries: fetch the run ahead
+          {  // the pair's rows are one run of 8 S entries: fetch the run ahead
             const char* run = reinterpret_cast<const char*>(rows) + kTileAheadBytes;
             const std::ptrdiff_t to_grad = reinterpret_cast<const char*>(grows) -
                                            reinterpret_cast<const char*>(rows);
