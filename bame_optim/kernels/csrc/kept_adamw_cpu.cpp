@@ -107,9 +107,12 @@ struct Scalars {
 
 // The update of len entries: w, g (gathered scratch, w overwritten), m, v, vmax (compact
 // state, vmax nullptr without amsgrad).
+// Inlined into every stream (a call per group of 8, and its scalars broadcast again, cost a
+// fifth of an S = 1 step once the streams of kept_tiles.h had grown run_sparse).
 template <typename T, bool FMA, bool FMA_ADDCMUL>
-void update(const Scalars<T>& c, T* __restrict w, const T* __restrict g, T* __restrict m,
-            T* __restrict v, T* __restrict vmax, int64_t len) {
+BAME_ALWAYS_INLINE void update(const Scalars<T>& c, T* __restrict w, const T* __restrict g,
+                               T* __restrict m, T* __restrict v, T* __restrict vmax,
+                               int64_t len) {
   using Vec = at::vec::Vectorized<T>;
   constexpr int64_t W = Vec::size();
   const Vec decay(c.decay), coeff(c.lerp_coeff), beta2(c.beta2), sq_weight(c.sq_weight),

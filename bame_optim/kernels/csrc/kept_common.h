@@ -15,6 +15,12 @@
 
 namespace bame {
 
+#if defined(__GNUC__)
+#define BAME_ALWAYS_INLINE __attribute__((always_inline)) inline
+#else
+#define BAME_ALWAYS_INLINE inline
+#endif
+
 template <bool FMA, typename A>
 inline A madd(A a, A b, A c) {
   if constexpr (FMA) {
