@@ -33,6 +33,7 @@
 
 #include "kept_common.h"
 #include "kept_simd.h"
+#include "kept_tiles.h"
 
 namespace {
 
@@ -106,9 +107,12 @@ struct Scalars {
 
 // The update of len entries: w, g (gathered scratch, w overwritten), m, v, vmax (compact
 // state, vmax nullptr without amsgrad).
+// Inlined into every stream (a call per group of 8, and its scalars broadcast again, cost a
+// fifth of an S = 1 step once the streams of kept_tiles.h had grown run_sparse).
 template <typename T, bool FMA, bool FMA_ADDCMUL>
-void update(const Scalars<T>& c, T* __restrict w, const T* __restrict g, T* __restrict m,
-            T* __restrict v, T* __restrict vmax, int64_t len) {
+BAME_ALWAYS_INLINE void update(const Scalars<T>& c, T* __restrict w, const T* __restrict g,
+                               T* __restrict m, T* __restrict v, T* __restrict vmax,
+                               int64_t len) {
   using Vec = at::vec::Vectorized<T>;
   constexpr int64_t W = Vec::size();
   const Vec decay(c.decay), coeff(c.lerp_coeff), beta2(c.beta2), sq_weight(c.sq_weight),
@@ -171,24 +175,32 @@ void run_sparse(const Item& it, int64_t k0, int64_t k1, const Hyper& hyper) {
     update<T, FMA, FMA_ADDCMUL>(scalars, w, g, m + e, v + e, vmax ? vmax + e : nullptr,
                                 bame::kGroup);
   };
-  k0 = bame::stream<T>(it, k0, k1, step);  // the blocks a stream leaves go in chunks
-  if (k0 >= k1) return;
-  const auto gather_fn = reinterpret_cast<bame::MoveFn<T>>(it.gather);
-  const auto scatter_fn = reinterpret_cast<bame::MoveFn<T>>(it.scatter);
-  const int64_t n = it.count;
-  const int64_t blocks = std::min(k1 - k0, bame::chunk_blocks(it, sizeof(T)));
-  std::vector<T> w(blocks * n), g(blocks * n);
-  for (int64_t c0 = k0, c1; c0 < k1; c0 = c1) {
-    c1 = bame::chunk_end(it, c0, k1, blocks);
-    const int64_t len = (c1 - c0) * n;
-    bame::prefetch_range(m + c0 * n, len * sizeof(T));
-    bame::prefetch_range(v + c0 * n, len * sizeof(T));
-    if (vmax) bame::prefetch_range(vmax + c0 * n, len * sizeof(T));
-    gather_fn(it, c0, c1, w.data(), g.data());
-    update<T, FMA, FMA_ADDCMUL>(scalars, w.data(), g.data(), m + c0 * n, v + c0 * n,
-                                vmax ? vmax + c0 * n : nullptr, len);
-    scatter_fn(it, c0, c1, w.data(), nullptr);
-  }
+  // The blocks no stream takes go in chunks.
+  auto chunks = [&](int64_t b0, int64_t b1) {
+    if (b0 >= b1) return;
+    const auto gather_fn = reinterpret_cast<bame::MoveFn<T>>(it.gather);
+    const auto scatter_fn = reinterpret_cast<bame::MoveFn<T>>(it.scatter);
+    const int64_t n = it.count;
+    const int64_t blocks = std::min(b1 - b0, bame::chunk_blocks(it, sizeof(T)));
+    std::vector<T> w(blocks * n), g(blocks * n);
+    for (int64_t c0 = b0, c1; c0 < b1; c0 = c1) {
+      c1 = bame::chunk_end(it, c0, b1, blocks);
+      const int64_t len = (c1 - c0) * n;
+      bame::prefetch_range(m + c0 * n, len * sizeof(T));
+      bame::prefetch_range(v + c0 * n, len * sizeof(T));
+      if (vmax) bame::prefetch_range(vmax + c0 * n, len * sizeof(T));
+      gather_fn(it, c0, c1, w.data(), g.data());
+      update<T, FMA, FMA_ADDCMUL>(scalars, w.data(), g.data(), m + c0 * n, v + c0 * n,
+                                  vmax ? vmax + c0 * n : nullptr, len);
+      scatter_fn(it, c0, c1, w.data(), nullptr);
+    }
+  };
+  auto ahead = [&](int64_t e) {
+    __builtin_prefetch(m + e, 1);
+    __builtin_prefetch(v + e, 1);
+    if (vmax) __builtin_prefetch(vmax + e, 1);
+  };
+  bame::run_streams<T>(it, k0, k1, step, ahead, chunks);
 }
 
 template <typename T>

@@ -15,6 +15,12 @@
 
 namespace bame {
 
+#if defined(__GNUC__)
+#define BAME_ALWAYS_INLINE __attribute__((always_inline)) inline
+#else
+#define BAME_ALWAYS_INLINE inline
+#endif
+
 template <bool FMA, typename A>
 inline A madd(A a, A b, A c) {
   if constexpr (FMA) {
@@ -42,7 +48,7 @@ struct Blocks {
   int64_t blocks = 0;          // K
   int64_t ranks = 0;           // rows of table (ranked codes only)
   at::ScalarType code_dtype = at::kByte;
-  const int32_t* lanes = nullptr;  // kept_simd.h's pair table (S = 1, M = 4, ranked), or nullptr
+  const int32_t* lanes = nullptr;  // kept_simd.h's pair table (M = 4, ranked, S = 1 or 8..16)
   const int32_t* offsets = nullptr;  // table * S (S > 1, ranked), or nullptr
 };
 

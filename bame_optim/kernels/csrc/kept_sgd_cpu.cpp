@@ -31,6 +31,7 @@
 
 #include "kept_common.h"
 #include "kept_simd.h"
+#include "kept_tiles.h"
 
 namespace {
 
@@ -138,23 +139,29 @@ void run_sparse(const Item& it, int64_t k0, int64_t k1, const Hyper& hyper) {
   auto step = [&](T* w, T* g, int64_t e) {
     update(w, g, buffer ? buffer + e : none, bame::kGroup, it.first);
   };
-  k0 = bame::stream<T>(it, k0, k1, step);  // the blocks a stream leaves go in chunks
-  if (k0 >= k1) return;
-  const auto gather_fn = reinterpret_cast<bame::MoveFn<T>>(it.gather);
-  const auto scatter_fn = reinterpret_cast<bame::MoveFn<T>>(it.scatter);
-  const int64_t n = it.count;
-  const int64_t blocks = std::min(k1 - k0, bame::chunk_blocks(it, sizeof(T)));
-  const int64_t size = blocks * n;
-  std::vector<T> w(size), g(size), scratch;
-  if (buffer == nullptr) scratch.resize(size);
-  for (int64_t c0 = k0, c1; c0 < k1; c0 = c1) {
-    c1 = bame::chunk_end(it, c0, k1, blocks);
-    const int64_t len = (c1 - c0) * n;
-    if (buffer && !it.first) bame::prefetch_range(buffer + c0 * n, len * sizeof(T));
-    gather_fn(it, c0, c1, w.data(), g.data());
-    update(w.data(), g.data(), buffer ? buffer + c0 * n : scratch.data(), len, it.first);
-    scatter_fn(it, c0, c1, w.data(), nullptr);
-  }
+  // The blocks no stream takes go in chunks.
+  auto chunks = [&](int64_t b0, int64_t b1) {
+    if (b0 >= b1) return;
+    const auto gather_fn = reinterpret_cast<bame::MoveFn<T>>(it.gather);
+    const auto scatter_fn = reinterpret_cast<bame::MoveFn<T>>(it.scatter);
+    const int64_t n = it.count;
+    const int64_t blocks = std::min(b1 - b0, bame::chunk_blocks(it, sizeof(T)));
+    const int64_t size = blocks * n;
+    std::vector<T> w(size), g(size), scratch;
+    if (buffer == nullptr) scratch.resize(size);
+    for (int64_t c0 = b0, c1; c0 < b1; c0 = c1) {
+      c1 = bame::chunk_end(it, c0, b1, blocks);
+      const int64_t len = (c1 - c0) * n;
+      if (buffer && !it.first) bame::prefetch_range(buffer + c0 * n, len * sizeof(T));
+      gather_fn(it, c0, c1, w.data(), g.data());
+      update(w.data(), g.data(), buffer ? buffer + c0 * n : scratch.data(), len, it.first);
+      scatter_fn(it, c0, c1, w.data(), nullptr);
+    }
+  };
+  auto ahead = [&](int64_t e) {
+    if (buffer) __builtin_prefetch(buffer + e, 1);
+  };
+  bame::run_streams<T>(it, k0, k1, step, ahead, chunks);
 }
 
 // Dense: entries [e0, e1), in place, a chunk at a time (the gradient is copied: it is

@@ -13,7 +13,8 @@
 //
 // Values move unchanged (bit for bit); the arithmetic is the update rule's, on kGroup
 // contiguous entries, exactly as on a chunk. Blocks a stream leaves at the end of a range
-// (fewer than a group) go through the chunked path.
+// (fewer than a group) go through the chunked path. Convolutions (8 <= S <= 16) reuse the
+// paired gather's tables through transposed tiles: kept_tiles.h.
 #pragma once
 
 #include <array>
@@ -64,8 +65,10 @@ inline std::vector<int32_t> pair_lanes(const int32_t* positions, int64_t ranks, 
   return lanes;
 }
 
+// 8 <= S <= 16 layouts read the pair tables too, through transposed tiles (kept_tiles.h).
 inline bool pairs_possible(const Blocks& it) {
-  return it.spatial == 1 && it.m == kPairM && it.table != nullptr &&
+  return (it.spatial == 1 || (it.spatial >= 8 && it.spatial <= kTileSpatial)) &&
+         it.m == kPairM && it.table != nullptr &&
          (it.count == 1 || it.count == 2 || it.count == 4);
 }
 
@@ -80,6 +83,13 @@ struct Tables {
 // it, and it.offsets at positions times S for S > 1 (ranked codes).
 inline void attach_tables(Blocks& it, Tables& store) {
   if (it.table == nullptr) return;
+  if (pairs_possible(it)) {
+    auto found = store.lanes.find(it.table);
+    if (found == store.lanes.end()) {
+      found = store.lanes.emplace(it.table, pair_lanes(it.table, it.ranks, it.count)).first;
+    }
+    it.lanes = found->second.data();
+  }
   if (it.spatial > 1) {
     auto key = std::make_pair(it.table, it.spatial);
     auto found = store.offsets.find(key);
@@ -91,12 +101,6 @@ inline void attach_tables(Blocks& it, Tables& store) {
       found = store.offsets.emplace(key, std::move(offsets)).first;
     }
     it.offsets = found->second.data();
-  } else if (pairs_possible(it)) {
-    auto found = store.lanes.find(it.table);
-    if (found == store.lanes.end()) {
-      found = store.lanes.emplace(it.table, pair_lanes(it.table, it.ranks, it.count)).first;
-    }
-    it.lanes = found->second.data();
   }
 }
 
