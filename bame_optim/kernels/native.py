@@ -57,7 +57,8 @@ SOURCES = (CSRC / "kept_sgd_cpu.cpp", CSRC / "kept_adamw_cpu.cpp", CSRC / "evolv
            CSRC / "evolve_apply_cpu.cpp", CSRC / "module.cpp")
 """The C++ sources of the extension (package data); :data:`HEADERS` are hashed with them."""
 HEADERS = (CSRC / "kept_common.h", CSRC / "kept_move.h", CSRC / "kept_simd.h",
-           CSRC / "kept_tiles.h", CSRC / "evolve_common.h")
+           CSRC / "kept_tiles.h", CSRC / "evolve_common.h", CSRC / "evolve_norm.h",
+           CSRC / "evolve_chunks.h")
 
 DISABLE_ENV = "BAME_OPTIM_NO_NATIVE"
 """Set to anything but ``""`` or ``"0"`` to disable the native kernels."""
