@@ -208,6 +208,25 @@ def test_obf_freeze_matches_core(osc, seed, alpha, beta):
                        obf_freeze(osc, norms, alpha, beta))
 
 
+def test_obf_freeze_of_many_blocks_with_a_mass_of_equal_values():
+    # Large enough for the sampled bracket; most oscillations 0 (blocks that never flipped) and
+    # norms with a mass at one value: the bracket collapses onto that value (every key in it is
+    # the threshold, ties taken by index) and, for the oscillation, ties that O > 0 excludes.
+    gen = torch.Generator().manual_seed(11)
+    k = 200_000
+    for dtype in DTYPES:
+        for zero_share in (0.5, 0.9, 1.0):
+            osc = torch.rand(k, generator=gen, dtype=torch.float64).to(dtype)
+            osc[torch.rand(k, generator=gen) < zero_share] = 0
+            norms = torch.rand(k, generator=gen, dtype=torch.float64).to(dtype)
+            norms[torch.rand(k, generator=gen) < 0.7] = 0.5
+            for alpha, beta in ((0.5, 0.5), (0.2, 0.95), (0.9, 0.05)):
+                assert torch.equal(evolve_cpu.obf_freeze(osc, norms, alpha, beta),
+                                   obf_freeze(osc, norms, alpha, beta)), (dtype, zero_share)
+                assert torch.equal(evolve_cpu.top_fraction(norms, alpha),
+                                   top_fraction(norms, alpha))
+
+
 def test_top_fraction_of_many_values_takes_the_lowest_indices_among_ties():
     # Large enough for the radix selection's buckets to matter; every value tied four ways.
     values = (torch.arange(100_000) % 25_000).float() / 7

@@ -131,7 +131,11 @@ Threshold<S> threshold(const S* values, int64_t size, double fraction) {
   }
   const int64_t need = t.count - above;
   std::vector<U> pool;
-  if (0 < need && need <= found) {
+  if (0 < need && need <= found && lo == hi) {  // every key in the bracket is the answer
+    t.key = lo;
+    t.ties = need;
+    t.all_ties = need == found;
+  } else if (0 < need && need <= found) {
     pool.resize(found + 1);
     int64_t at = 0;
     for (int64_t i = 0; i < size; ++i) {
@@ -147,9 +151,11 @@ Threshold<S> threshold(const S* values, int64_t size, double fraction) {
   return t;
 }
 
-// Writes (or with `both` ANDs into) out the membership of a threshold, bool [size].
+// Writes (or with `both` ANDs into) out the membership of a threshold, bool [size]. With
+// `ties_out` the caller knows that out is already false wherever a key equals t.key, so which
+// of those ties are in does not matter: a comparison (vectorised) instead of counting them.
 template <typename S>
-void members(const Threshold<S>& t, bool* out, bool both) {
+void members(const Threshold<S>& t, bool* out, bool both, bool ties_out = false) {
   if (t.count <= 0 || t.count >= t.size) {
     const bool all = t.count >= t.size;
     for (int64_t i = 0; i < t.size; ++i) out[i] = (both ? out[i] : true) & all;
@@ -158,6 +164,10 @@ void members(const Threshold<S>& t, bool* out, bool both) {
   const auto* keys = t.keys.data();
   if (t.all_ties) {  // no tie left out: a comparison (vectorised)
     for (int64_t i = 0; i < t.size; ++i) out[i] = (both ? out[i] : true) & (keys[i] >= t.key);
+    return;
+  }
+  if (ties_out) {
+    for (int64_t i = 0; i < t.size; ++i) out[i] = (both ? out[i] : true) & (keys[i] > t.key);
     return;
   }
   int64_t ties_left = t.ties;
@@ -185,7 +195,9 @@ void obf_freeze_into(const S* osc, const S* norms, int64_t size, double alpha, d
     }
   });
   for (int64_t i = 0; i < size; ++i) out[i] = osc[i] > S(0);
-  members(by_osc, out, true);
+  // A threshold at or below +0 (most blocks never flipped: O = 0, and beta K of them reach
+  // into the zeros) ties only blocks that O > 0 has already left out.
+  members(by_osc, out, true, by_osc.key <= mono(S(0)));
   members(by_norm, out, true);
 }
 
