@@ -22,6 +22,7 @@ from bame_optim.core.kept import encode_kept
 from bame_optim.core.nm import param_to_blocks
 from bame_optim.kernels import evolve_cpu, evolve_reference, native
 
+from .bitwise import assert_apply_equals_eager, assert_bits, bits
 from .strategies import (
     FRACTIONS,
     GAMMAS,
@@ -52,21 +53,6 @@ def _kernel():
         pytest.skip(f"native kernels disabled by {native.DISABLE_ENV}")
     if not evolve_cpu.available():
         pytest.skip(f"fused evolve passes unavailable: {evolve_cpu.error()}")
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """``t``'s contiguous entries as integers of their size (bit-for-bit comparisons)."""
-    t = t.contiguous()
-    if not t.is_floating_point():
-        return t
-    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
-def assert_bits(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    assert actual.dtype == expected.dtype, (what, actual.dtype, expected.dtype)
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    same = bits(actual) == bits(expected)
-    assert bool(same.all()), f"{what}: {int((~same).sum())} of {same.numel()} entries differ"
 
 
 def in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -249,20 +235,8 @@ def test_apply_evolved_matches_apply_mask_bit_for_bit(case, frozen_share, buffer
     gen = torch.Generator().manual_seed(seed + 1)
     values = [torch.randn(k, count, generator=gen, dtype=torch.float64).to(weight.dtype)
               for _ in range(buffers)]
-    runs = {}
-    for name, fn in (("fused", evolve_cpu.apply_evolved_),
-                     ("eager", evolve_reference.apply_evolved_eager)):
-        w = weight.clone()
-        w.as_strided_(weight.shape, weight.stride())
-        state = [v.clone() for v in values]
-        new_kept, flips = fn(w, state, old, count, proposal, frozen, m)
-        runs[name] = (w, state, new_kept, int(flips))
-    (w1, s1, k1, f1), (w2, s2, k2, f2) = runs["fused"], runs["eager"]
-    assert_bits(k1, k2, "kept")
-    assert f1 == f2
-    assert_bits(w1, w2, "weight")
-    for a, b in zip(s1, s2, strict=True):
-        assert_bits(a, b, "buffer")
+    assert_apply_equals_eager(evolve_cpu.apply_evolved_, weight, values, old, count, proposal,
+                              frozen, m)
 
 
 def test_apply_evolved_rejects_a_bad_code_before_writing():

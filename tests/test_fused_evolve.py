@@ -17,6 +17,8 @@ from bame_optim import BAMESGD, BAMEAdamW
 from bame_optim.kernels import evolve_cpu, native
 from bame_optim.optim import fused_evolve, mask_update
 
+from .bitwise import bits
+
 STEPS = 26
 SCHEDULE = dict(total_steps=24, t_i=6, t_f=18, delta_t=2, alpha=0.4, beta=0.6)
 
@@ -94,13 +96,6 @@ def _train(name, n, m, dtype, *, fused_evolve_on, monkeypatch, calls, device="cp
     return model, optimizer
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.contiguous().cpu()
-    if not t.is_floating_point():
-        return t
-    return t.view({4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (1, 8), (2, 16)])
@@ -126,14 +121,14 @@ def _assert_runs_equal(name, n, m, dtype, monkeypatch, device):
     assert any(fused_calls), "the fused evolve passes never ran"
     assert len(fused_calls) == len(eager_calls)
     for (key, a), b in zip(fused_model.named_parameters(), eager_model.parameters(), strict=True):
-        assert torch.equal(_bits(a.detach()), _bits(b.detach())), key
+        assert torch.equal(bits(a), bits(b)), key
         state_a, state_b = fused_opt.state[a], eager_opt.state[b]
         assert state_a.keys() == state_b.keys(), key
         for entry, value in state_a.items():
             other = state_b[entry]
             if isinstance(value, torch.Tensor):
                 assert value.dtype == other.dtype and value.shape == other.shape, (key, entry)
-                assert torch.equal(_bits(value), _bits(other)), (key, entry)
+                assert torch.equal(bits(value), bits(other)), (key, entry)
             else:
                 assert value == other, (key, entry)
     assert fused_opt.sparsity_report() == eager_opt.sparsity_report()

@@ -17,6 +17,7 @@ from bame_optim.core.evolution import obf_freeze
 from bame_optim.core.kept import encode_kept
 from bame_optim.kernels import evolve_cpu, evolve_reference, triton_evolve, triton_kept
 
+from .bitwise import assert_apply_equals_eager, assert_bits
 from .strategies import block_mask, exact_nm_mask
 
 # (shape, n, m, count, layout): ranks in uint8 (2:4, 1:16, 4:8) and int16 (8:16), stored
@@ -44,18 +45,6 @@ def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda")
     pytest.skip("needs a CUDA device or TRITON_INTERPRET=1 (the interpreter test runs these)")
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().contiguous().cpu()
-    if not t.is_floating_point():
-        return t
-    return t.view({4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
-def _assert_bits(actual, expected, what):
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
-    assert torch.equal(_bits(actual), _bits(expected)), what
 
 
 def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -103,8 +92,8 @@ def test_kernel_evolve_blocks_matches_the_core_functions(case, dtype, kind, devi
         eager = evolve_reference.evolve_blocks_eager(w_eager, grad, kept, count, oscillation,
                                                      **hyper)
         for name, a, b in zip(("proposed", "oscillation", "norms"), fused, eager, strict=True):
-            _assert_bits(a, b, f"{name} ({revive}, lr {lr})")
-        _assert_bits(w_kernel, w_eager, "weight")
+            assert_bits(a, b, f"{name} ({revive}, lr {lr})")
+        assert_bits(w_kernel, w_eager, "weight")
 
 
 @pytest.mark.cuda
@@ -120,20 +109,8 @@ def test_kernel_apply_evolved_matches_apply_mask(case, dtype, buffers, device):
     gen = torch.Generator().manual_seed(3)
     values = [torch.randn(k, count, generator=gen, dtype=torch.float64).to(device, dtype)
               for _ in range(buffers)]
-    runs = {}
-    for name, fn in (("kernel", triton_evolve.apply_evolved_),
-                     ("eager", evolve_reference.apply_evolved_eager)):
-        w = weight.clone()
-        w.as_strided_(weight.shape, weight.stride())
-        state = [v.clone() for v in values]
-        new_kept, flips = fn(w, state, kept, count, proposal, frozen, m)
-        runs[name] = (w, state, new_kept, int(flips))
-    (w1, s1, k1, f1), (w2, s2, k2, f2) = runs["kernel"], runs["eager"]
-    _assert_bits(k1, k2, "kept")
-    assert f1 == f2
-    _assert_bits(w1, w2, "weight")
-    for a, b in zip(s1, s2, strict=True):
-        _assert_bits(a, b, "buffer")
+    assert_apply_equals_eager(triton_evolve.apply_evolved_, weight, values, kept, count,
+                              proposal, frozen, m)
 
 
 @pytest.mark.cuda
