@@ -81,6 +81,7 @@ DTYPES = (*EXACT_DTYPES, torch.float16, torch.bfloat16)
 """Parameter dtypes the kernel handles (``supports(..., exact=False)``)."""
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+_NATIVE_DTYPES = {EXACT_DTYPES: False, DTYPES: True}  # the dtypes the extension's check takes
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "fma" (the probe's answer), "error"
 
@@ -126,7 +127,19 @@ def supports(param: Tensor, grad: Tensor | None, *, exact: bool = True) -> bool:
 def first_unsupported(params: list[Tensor], grads: list[Tensor | None],
                       dtypes: tuple[torch.dtype, ...] = EXACT_DTYPES) -> int:
     """The index of the first pair :func:`supports` rejects (with a dtype in ``dtypes``), or
-    -1: the check of a whole step in one loop, cheapest tests first (it runs every step)."""
+    -1: the check of a whole step in one loop. It runs every step, so once the extension is
+    loaded the same tests run there (a dozen Python attribute lookups per pair otherwise);
+    before that, and for other ``dtypes``, here (checking never builds the extension)."""
+    module = native.loaded()
+    half = _NATIVE_DTYPES.get(dtypes)
+    if module is not None and half is not None and type(params) is type(grads) is list:
+        return module.first_unsupported(params, grads, half)
+    return _first_unsupported(params, grads, dtypes)
+
+
+def _first_unsupported(params: list[Tensor], grads: list[Tensor | None],
+                       dtypes: tuple[torch.dtype, ...]) -> int:
+    # The tests of the extension's first_unsupported (csrc/module.cpp), cheapest first.
     for i, (param, grad) in enumerate(zip(params, grads, strict=True)):
         if (
             grad is None
