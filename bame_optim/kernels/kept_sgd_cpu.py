@@ -91,9 +91,7 @@ def available() -> bool:
     matches ATen's on this machine. Builds on the first call (the result is cached); on
     failure it warns once with the reason and returns False (raises ``RuntimeError`` with
     ``BAME_OPTIM_REQUIRE_NATIVE`` set)."""
-    if disabled():
-        return False
-    return _load() is not None
+    return _load() is not None  # None when disabled (read once, per call)
 
 
 def compile_seconds() -> float | None:
@@ -131,7 +129,7 @@ def first_unsupported(params: list[Tensor], grads: list[Tensor | None],
     loaded the same tests run there (a dozen Python attribute lookups per pair otherwise);
     before that, and for other ``dtypes``, here (checking never builds the extension)."""
     module = native.loaded()
-    half = _NATIVE_DTYPES.get(dtypes)
+    half = _NATIVE_DTYPES.get(dtypes) if type(dtypes) is tuple else None
     if module is not None and half is not None and type(params) is type(grads) is list:
         return module.first_unsupported(params, grads, half)
     return _first_unsupported(params, grads, dtypes)
@@ -198,10 +196,10 @@ def fused_kept_sgd_(
         ValueError: on unsupported or inconsistent input (checked before anything is written).
         RuntimeError: if the kernel is disabled or unavailable (check :func:`available`).
     """
-    if disabled():
-        raise RuntimeError(f"native kernels are disabled ({DISABLE_ENV} is set)")
-    module = _load()
+    module = _load()  # None when disabled
     if module is None:
+        if disabled():
+            raise RuntimeError(f"native kernels are disabled ({DISABLE_ENV} is set)")
         raise RuntimeError(f"the fused kept-SGD kernel is unavailable: {error()}")
     size = len(params)
     if not len(grads) == len(momentum_buffers) == len(kept) == len(counts) == size:
@@ -270,9 +268,10 @@ def tables_for(kept: list[Tensor | None], counts: list[int | None], m: int
             codes.append(0)
             continue
         key = (code.ndim, count)
-        if type(count) is not int or key not in seen:
-            seen[key] = table_for(code, count, m, i)
-        tables.append(seen[key])
+        table = seen.get(key, seen) if type(count) is int else seen  # seen: not looked up yet
+        if table is seen:
+            table = seen[key] = table_for(code, count, m, i)
+        tables.append(table)
         codes.append(count)
     return tables, codes
 
