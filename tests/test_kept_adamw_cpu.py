@@ -340,3 +340,22 @@ def test_step_counts_of_every_kind(kind):
         assert b._version > version
     for a, b in zip(expected["params"], case["params"], strict=True):
         assert torch.equal(a, b)
+
+
+def test_step_counts_that_require_grad():
+    """Step tensors that require grad keep torch's _foreach_add_ (the Python path): in place
+    on such a leaf it raises, under no_grad it steps as the reference."""
+    def case_with_leaf_steps():
+        case = make_case(2, 4, torch.float32, seed=6, shapes=[(4, 16), (5, 8)])
+        case["state_steps"] = [torch.tensor(3.0, requires_grad=True) for _ in case["params"]]
+        return case
+
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        fused_step(case_with_leaf_steps(), 4, **HYPERS[1])
+    case = case_with_leaf_steps()
+    expected = clone_case(case)
+    with torch.no_grad():
+        ieee_step(expected, 4, **HYPERS[1])
+        fused_step(case, 4, **HYPERS[1])
+    assert_state_equal(expected, case, amsgrad=True)
+    assert all(s.requires_grad and s.item() == 4 for s in case["state_steps"])

@@ -97,14 +97,16 @@ static int64_t first_unsupported(const py::list& params, const py::list& grads, 
 }
 
 // kept_adamw_cpu's step counts, read and advanced here (an item() and an add_ per parameter
-// there). The plain (Tensor, no subclass) one-element CPU tensors of a floating or integral
-// (not bool) dtype are "here"; read_steps returns the index of the first other entry (or -1)
-// and float(step.item()) + 1 of each entry before it, as Python computes it.
+// there). The plain (Tensor, no subclass) one-element strided CPU tensors of a floating or
+// integral (not bool) dtype that do not require grad are "here" (the others keep Python's
+// checks and errors); read_steps returns the index of the first other entry (or -1) and
+// float(step.item()) + 1 of each entry before it, as Python computes it.
 static bool step_here(PyObject* object) {
   if (!THPVariable_CheckExact(object)) return false;
   const at::Tensor& step = THPVariable_Unpack(object);
   const at::ScalarType dtype = step.scalar_type();
   return step.numel() == 1 && step.device().is_cpu() && step.layout() == at::kStrided &&
+         !step.requires_grad() &&
          (at::isFloatingType(dtype) || at::isIntegralType(dtype, /*includeBool=*/false));
 }
 
