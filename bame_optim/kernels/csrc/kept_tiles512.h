@@ -128,6 +128,17 @@ struct Deinterleave3 {
   }
 };
 
+// Tile t's column packed into half t of a run (count 2), or the run itself (count 4).
+template <int N>
+BAME_AVX512 BAME_ALWAYS_INLINE void pack(__m512& run, int64_t t, __mmask16 kept, __m512 col) {
+  if constexpr (N == kPairM) {
+    run = col;
+  } else {
+    const __m512 packed = _mm512_maskz_compress_ps(kept, col);
+    run = t == 0 ? packed : _mm512_insertf32x8(run, _mm512_castps512_ps256(packed), 1);
+  }
+}
+
 // Whole rows: blocks [r0, r1), both multiples of 9 B, of an item tiles9_possible takes, N
 // kept per block; fn and ahead as for stream_tiles (kept_tiles.h). Up to kStrip tiles along
 // the channels go together: for each s their columns' kept entries are one contiguous run
@@ -140,7 +151,8 @@ BAME_AVX512 void stream_tiles9(const Blocks& it, int64_t r0, int64_t r1, Fn& fn,
   constexpr int64_t kTileFloats = kTile9 * kTile9Blocks * kPairM;  // 144
   constexpr int64_t kAheadFloats = 2 * kTileFloats;  // weights and gradients asked for ahead
   constexpr int64_t kRun = kStrip * kKept;  // kept entries per s of a strip
-  static_assert(kKept % kGroup == 0 && kRun <= kMaxRun, "whole vectors, at most kMaxRun");
+  static_assert(kKept % kGroup == 0 && kRun == 16 && kRun <= kMaxRun, "one vector per run");
+
   float* param = static_cast<float*>(it.param);
   const float* grad = static_cast<const float*>(it.grad);
   const Code* code = static_cast<const Code*>(it.code);
@@ -162,6 +174,7 @@ BAME_AVX512 void stream_tiles9(const Blocks& it, int64_t r0, int64_t r1, Fn& fn,
   // Per s, the strip's kept weights and gradients (a run of compact state); the columns of
   // weights as read (their other lanes are written back unchanged) and the kept masks.
   alignas(64) float w[kTile9][kRun], g[kTile9][kRun];
+  __m512 wpack[kTile9], gpack[kTile9];  // the runs being packed
   __m512 cols[kStrip][kTile9];
   __mmask16 kept[kStrip][kTile9];
   for (int64_t o = r0 / row; o < r1 / row; ++o) {
@@ -190,24 +203,16 @@ BAME_AVX512 void stream_tiles9(const Blocks& it, int64_t r0, int64_t r1, Fn& fn,
         __m512 x[kTile9], col[kTile9];
         for (int64_t v = 0; v < kTile9; ++v) x[v] = _mm512_loadu_ps(gtile + 16 * v);
         lanes.columns(x, col);
-        for (int64_t s = 0; s < kTile9; ++s) {
-          if constexpr (N == kPairM) {
-            _mm512_store_ps(g[s] + t * kKept, col[s]);
-          } else {
-            const __m512 packed = _mm512_maskz_compress_ps(kept[t][s], col[s]);
-            _mm256_store_ps(g[s] + t * kKept, _mm512_castps512_ps256(packed));
-          }
-        }
+        for (int64_t s = 0; s < kTile9; ++s) pack<N>(gpack[s], t, kept[t][s], col[s]);
         for (int64_t v = 0; v < kTile9; ++v) x[v] = _mm512_loadu_ps(tile + 16 * v);
         lanes.columns(x, cols[t]);
-        for (int64_t s = 0; s < kTile9; ++s) {
-          if constexpr (N == kPairM) {
-            _mm512_store_ps(w[s] + t * kKept, cols[t][s]);
-          } else {
-            const __m512 packed = _mm512_maskz_compress_ps(kept[t][s], cols[t][s]);
-            _mm256_store_ps(w[s] + t * kKept, _mm512_castps512_ps256(packed));
-          }
-        }
+        for (int64_t s = 0; s < kTile9; ++s) pack<N>(wpack[s], t, kept[t][s], cols[t][s]);
+      }
+      // One whole-vector store per run: the update's 16-float loads would not be forwarded
+      // from two 8-float stores (a stall of tens of cycles each, measured).
+      for (int64_t s = 0; s < kTile9; ++s) {
+        _mm512_store_ps(w[s], wpack[s]);
+        _mm512_store_ps(g[s], gpack[s]);
       }
       const int64_t len = tiles * kKept;
       for (int64_t s = 0; s < kTile9; ++s) {
@@ -215,13 +220,15 @@ BAME_AVX512 void stream_tiles9(const Blocks& it, int64_t r0, int64_t r1, Fn& fn,
         for (int64_t x = 0; x < len; x += 16) ahead(e + x + kStateAhead);
         fn(w[s], g[s], e, len);
       }
+      for (int64_t s = 0; s < kTile9; ++s) wpack[s] = _mm512_load_ps(w[s]);
       for (int64_t t = 0; t < tiles; ++t) {
         __m512 x[kTile9], col[kTile9];
         for (int64_t s = 0; s < kTile9; ++s) {
           if constexpr (N == kPairM) {
-            col[s] = _mm512_load_ps(w[s] + t * kKept);
-          } else {
-            const __m512 packed = _mm512_castps256_ps512(_mm256_load_ps(w[s] + t * kKept));
+            col[s] = wpack[s];
+          } else {  // tile t's kept entries: half t of the run
+            const __m512 packed =
+                t == 0 ? wpack[s] : _mm512_shuffle_f32x4(wpack[s], wpack[s], 0xEE);
             col[s] = _mm512_mask_expand_ps(cols[t][s], kept[t][s], packed);
           }
         }
