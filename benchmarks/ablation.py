@@ -165,7 +165,7 @@ def _stats(runs: list[dict]) -> dict:
     accs = [100 * r["top1"] for r in runs]
     return {
         "top1_mean": statistics.fmean(accs),
-        "top1_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+        "top1_std": accuracy.top1_std(accs),
         "seeds": " ".join(str(r["seed"]) for r in runs),
         "flops_ratio": runs[0]["flops"],
         "seconds": statistics.fmean(r["seconds"] for r in runs),
@@ -226,7 +226,7 @@ def format_table3(rows: list[dict]) -> str:
         )
         lines.append(
             f"| {r['t_i']} | {r['t_f']} | {r['t_i_steps']}-{r['t_f_steps']} "
-            f"| {r['evolve_updates']} | {r['top1_mean']:.2f} ± {r['top1_std']:.2f} "
+            f"| {r['evolve_updates']} | {accuracy.top1_text(r)} "
             f"| {r['flops_ratio']:.2f}x | {paper} |"
         )
     return "\n".join(lines)
@@ -244,7 +244,7 @@ def format_sweeps(rows: list[dict]) -> str:
         paper = r["paper_value"] if r["knob"] == "delta_t" else ""
         lines.append(
             f"| {KNOB_NAMES[r['knob']]} | {r['value']:g} | {paper} | {r['evolve_updates']} "
-            f"| {r['top1_mean']:.2f} ± {r['top1_std']:.2f} | {r['flops_ratio']:.2f}x |"
+            f"| {accuracy.top1_text(r)} | {r['flops_ratio']:.2f}x |"
         )
     return "\n".join(lines)
 
@@ -264,7 +264,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.errorbar(
             list(xs),
             [r["top1_mean"] for r in points],
-            yerr=[r["top1_std"] for r in points],
+            yerr=[r["top1_std"] or 0.0 for r in points],
             marker="o",
             capsize=3,
         )

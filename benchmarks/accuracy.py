@@ -236,13 +236,25 @@ def summarise(rows: list[dict]) -> list[dict]:
                 "method": method,
                 "pattern": pattern,
                 "top1_mean": statistics.fmean(accs),
-                "top1_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                "top1_std": top1_std(accs),
                 "seeds": " ".join(str(r["seed"]) for r in runs),
                 "flops_ratio": runs[0]["flops"],
                 "seconds": statistics.fmean(r["seconds"] for r in runs),
             }
         )
     return table
+
+
+def top1_std(accs: list[float]) -> float | None:
+    """The sample standard deviation of the seeds' accuracies; ``None`` for one seed."""
+    return statistics.stdev(accs) if len(accs) > 1 else None
+
+
+def top1_text(row: dict) -> str:
+    """``mean ± std``, or ``mean (one seed)`` where there is no spread to show."""
+    if row["top1_std"] is None:
+        return f"{row['top1_mean']:.2f} (one seed)"
+    return f"{row['top1_mean']:.2f} ± {row['top1_std']:.2f}"
 
 
 def format_table(table: list[dict]) -> str:
@@ -252,7 +264,7 @@ def format_table(table: list[dict]) -> str:
     ]
     for r in table:
         lines.append(
-            f"| {r['method']} | {r['pattern']} | {r['top1_mean']:.2f} ± {r['top1_std']:.2f} "
+            f"| {r['method']} | {r['pattern']} | {top1_text(r)} "
             f"| {r['flops_ratio']:.2f}x | {r['seconds']:.1f} | {r['seeds']} |"
         )
     return "\n".join(lines)
@@ -272,12 +284,12 @@ def plot(table: list[dict], path: Path, title: str) -> None:
         rows = {r["method"]: r for r in table if r["pattern"] == pattern}
         xs = [j + i * width for j, method in enumerate(methods) if method in rows]
         means = [rows[method]["top1_mean"] for method in methods if method in rows]
-        stds = [rows[method]["top1_std"] for method in methods if method in rows]
+        stds = [rows[method]["top1_std"] or 0.0 for method in methods if method in rows]
         ax.bar(xs, means, width, yerr=stds, capsize=3, label=pattern)
     for r, style in zip([r for r in table if _is_dense(r["method"])], ("--", ":"), strict=False):
         ax.axhline(r["top1_mean"], color="black", linestyle=style, label=r["method"])
     ax.set_xticks([j + width * (len(patterns) - 1) / 2 for j in range(len(methods))], methods)
-    lows = [r["top1_mean"] - r["top1_std"] for r in table]
+    lows = [r["top1_mean"] - (r["top1_std"] or 0.0) for r in table]
     ax.set_ylim(max(0.0, min(lows) - 2), min(100.0, max(r["top1_mean"] for r in table) + 1))
     ax.set_ylabel("test top-1 (%)")
     ax.set_title(title)

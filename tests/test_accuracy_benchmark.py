@@ -51,6 +51,13 @@ def test_small_run_on_digits(tmp_path, capsys):
     assert "| bame | 1:4 |" in capsys.readouterr().out
 
 
+def test_one_seed_shows_no_spread():
+    assert accuracy.top1_std([81.5]) is None
+    assert accuracy.top1_text({"top1_mean": 81.5, "top1_std": None}) == "81.50 (one seed)"
+    assert accuracy.top1_std([81.0, 82.0]) == pytest.approx(0.5**0.5)
+    assert accuracy.top1_text({"top1_mean": 81.5, "top1_std": 0.7071}) == "81.50 ± 0.71"
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

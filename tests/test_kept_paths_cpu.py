@@ -1,17 +1,21 @@
 """Every path of the fused CPU kept kernels against the eager composition, bit for bit.
 
-The kernels pick a path per parameter (bame_optim/kernels/csrc/kept_simd.h, kept_tiles.h,
-kept_move.h): the paired AVX2 stream (float, S = 1, M = 4, count 1, 2 or 4), its transposed
-8x8 tiles for 8 <= S <= 16 (float, M = 4, count 1, 2 or 4, whole output channels of a
-thread's range whose block count per row the group divides: conv3x3 at 4:4, conv3x3_threads,
-conv5x3, conv4x4; S mod 8 spatial positions left over but at S = 16), the scalar stream
-(S = 1, other M, or float64; count dividing 8), tiles in memory order (S > 1: whole output
-channels for S <= 16, 16 spatial positions of one channel beyond, as for a transposed Conv1D
-view), and chunks for everything else (count 3, sorted positions) and for the blocks a stream
-leaves at the end of a thread's range. The layouts below reach each of them with block counts that
-leave tails, on one and two threads (ranges that split groups and tiles), float32 and
-float64; SGD must equal the eager path (kept_indices, gather_kept, torch.optim.sgd.sgd,
-scatter_kept_), AdamW the same chain with an IEEE square root (test_kept_adamw_cpu)."""
+The kernels pick a path per parameter (bame_optim/kernels/csrc/kept_streams.h): the AVX-512
+tiles of 3x3 convolutions (kept_tiles512.h: float, M = 4, count 2 or 4, whole output channels
+whose input channels divide by 16; strips of 2 tiles at 2:4, so conv3x3_strips ends a row on
+a single tile), taken where the CPU has AVX-512 and the call allows it (the ``simd`` fixture
+runs every test both ways), else the paired AVX2 stream (float, S = 1, M = 4, count 1, 2 or
+4), its transposed 8x8 tiles for 8 <= S <= 16 (float, M = 4, count 1, 2 or 4, whole output
+channels of a thread's range whose block count per row the group divides: conv3x3 at 4:4,
+conv3x3_threads, conv5x3, conv4x4; S mod 8 spatial positions left over but at S = 16), the
+scalar stream (S = 1, other M, or float64; count dividing 8), tiles in memory order (S > 1:
+whole output channels for S <= 16, 16 spatial positions of one channel beyond, as for a
+transposed Conv1D view), and chunks for everything else (count 3, sorted positions) and for
+the blocks a stream leaves at the end of a thread's range. The layouts below reach each of
+them with block counts that leave tails, on one and two threads (ranges that split groups
+and tiles), float32 and float64; SGD must equal the eager path (kept_indices, gather_kept,
+torch.optim.sgd.sgd, scatter_kept_), AdamW the same chain with an IEEE square root
+(test_kept_adamw_cpu)."""
 
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import torch
 
 from bame_optim.core.kept import encode_kept
 from bame_optim.core.nm import random_nm_mask
-from bame_optim.kernels import kept_adamw_cpu, kept_sgd_cpu
+from bame_optim.kernels import kept_adamw_cpu, kept_sgd_cpu, native
 
 from .test_kept_adamw_cpu import HYPERS as ADAMW_HYPERS
 from .test_kept_adamw_cpu import assert_state_equal, clone_case, fused_step, ieee_step
@@ -36,6 +40,7 @@ LAYOUTS = [
     ("linear_threads", (129, 272), False),  # > 4096 blocks: two threads split mid-group
     ("conv3x3", (7, 8, 3, 3), False),  # S = 9: tiles of whole output channels
     ("conv3x3_threads", (41, 64, 3, 3), False),  # two threads split a tile mid-row
+    ("conv3x3_strips", (5, 48, 3, 3), False),  # 3 tiles of 16 channels per row
     ("conv5x3", (5, 16, 5, 3), False),  # S = 15
     ("conv4x4", (3, 16, 4, 4), False),  # S = 16: rows a cache line apart, whole channels
     ("conv5x5", (3, 16, 5, 5), False),  # S = 25: tiles of 16 + 9 spatial positions
@@ -52,6 +57,17 @@ def threads(request):
     torch.set_num_threads(request.param)
     yield request.param
     torch.set_num_threads(before)
+
+
+@pytest.fixture(params=[False, True], ids=["avx2", "avx512"])
+def simd(request):
+    """The kernels' ``avx512`` argument: False keeps the AVX2 paths; True takes the AVX-512
+    ones (skipped where this CPU lacks them). Both must give the eager bits."""
+    if request.param:
+        require_kernel(kept_sgd_cpu)
+        if not kept_sgd_cpu.cpu_has_avx512():
+            pytest.skip("this CPU lacks AVX-512 (F, BW, DQ, VL)")
+    return request.param
 
 
 def layout_case(name, shape, transposed, n, m, dtype, seed):
@@ -80,8 +96,10 @@ def storage(params):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(("name", "shape", "transposed"), LAYOUTS, ids=[x[0] for x in LAYOUTS])
-def test_sgd_paths_bit_identical(threads, dtype, name, shape, transposed):
+def test_sgd_paths_bit_identical(threads, simd, dtype, name, shape, transposed):
     require_kernel(kept_sgd_cpu)
+    if simd and dtype != torch.float32:
+        pytest.skip("the AVX-512 paths are float32 only")
     for index, (n, m) in enumerate(PATTERNS):
         case = layout_case(name, shape, transposed, n, m, dtype, seed=index)
         if case is None:
@@ -96,7 +114,7 @@ def test_sgd_paths_bit_identical(threads, dtype, name, shape, transposed):
             eager_step(eager_params, grads, eager_buffers, kept, [n, n], m, foreach=False,
                        **hyper)
             kept_sgd_cpu.fused_kept_sgd_(params, grads, fused_buffers, kept, [n, n], m=m,
-                                         **hyper)
+                                         avx512=simd, **hyper)
             assert_same([p.contiguous() for p in eager_params],
                         [p.contiguous() for p in params])
             assert_same(eager_buffers, fused_buffers)
@@ -104,8 +122,10 @@ def test_sgd_paths_bit_identical(threads, dtype, name, shape, transposed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(("name", "shape", "transposed"), LAYOUTS, ids=[x[0] for x in LAYOUTS])
-def test_adamw_paths_bit_identical(threads, dtype, name, shape, transposed):
+def test_adamw_paths_bit_identical(threads, simd, dtype, name, shape, transposed):
     require_kernel(kept_adamw_cpu)
+    if simd and dtype != torch.float32:
+        pytest.skip("the AVX-512 paths are float32 only")
     for index, (n, m) in enumerate(PATTERNS):
         case = layout_case(name, shape, transposed, n, m, dtype, seed=index)
         if case is None:
@@ -126,10 +146,69 @@ def test_adamw_paths_bit_identical(threads, dtype, name, shape, transposed):
         expected["params"] = [p.clone() for p in params]
         for _ in range(2):
             ieee_step(expected, m, **hyper)
-            fused_step(adamw_case, m, **hyper)
+            fused_step(adamw_case, m, avx512=simd, **hyper)
             assert_state_equal(expected, adamw_case, hyper["amsgrad"])
             for a, b in zip(expected["params"], adamw_case["params"], strict=True):
                 assert torch.equal(a, b), f"{(a != b).sum().item()} of {a.numel()} differ"
+
+
+# 3x3 weights the AVX-512 tiles take whole (16, 48 and 64 input channels: one tile, a strip
+# and a single tile, strips only); with two threads the first splits a row.
+WIDE_SHAPES = [(41, 64, 3, 3), (5, 48, 3, 3), (3, 16, 3, 3)]
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_avx512_equals_avx2(threads, n):
+    """The AVX-512 and AVX2 paths on the same inputs give the same bits: SGD with every
+    hyper-parameter set (momentum, nesterov, dampening, weight decay, maximize; first step
+    included), AdamW with amsgrad, maximize, weight decay and a Tensor lr."""
+    require_kernel(kept_sgd_cpu)
+    if not kept_sgd_cpu.cpu_has_avx512():
+        pytest.skip("this CPU lacks AVX-512 (F, BW, DQ, VL)")
+    m = 4
+    for index, shape in enumerate(WIDE_SHAPES):
+        gen = torch.Generator().manual_seed(10 + index)
+        params = [torch.randn(shape, generator=gen) for _ in range(2)]
+        grads = [torch.randn(shape, generator=gen) for _ in range(2)]
+        rows = params[0].numel() // m
+        kept = [encode_kept(random_nm_mask(rows, n, m, gen) if n < m
+                            else torch.ones(rows, m, dtype=torch.bool), n) for _ in params]
+        for hyper in SGD_HYPERS:
+            runs = []
+            for avx512 in (True, False):
+                weights = [p.clone() for p in params]
+                buffers = [None, torch.randn(rows, n, generator=torch.Generator().manual_seed(1))]
+                for _ in range(2):
+                    kept_sgd_cpu.fused_kept_sgd_(weights, grads, buffers, kept, [n, n], m=m,
+                                                 avx512=avx512, **hyper)
+                runs.append(weights + buffers)
+            assert_same(*runs)
+        for hyper in [*ADAMW_HYPERS, dict(ADAMW_HYPERS[1], lr=torch.tensor(3e-3))]:
+            runs = []
+            for avx512 in (True, False):
+                state = torch.Generator().manual_seed(2)
+                exp_avg_sqs = [torch.rand(rows, n, generator=state) for _ in params]
+                case = dict(
+                    params=[p.clone() for p in params], grads=grads,
+                    exp_avgs=[torch.randn(rows, n, generator=state) for _ in params],
+                    exp_avg_sqs=exp_avg_sqs,
+                    max_exp_avg_sqs=[v + torch.rand(rows, n, generator=state)
+                                     for v in exp_avg_sqs],
+                    state_steps=[torch.tensor(0.0), torch.tensor(4.0)], kept=kept,
+                    counts=[n, n])
+                for _ in range(2):
+                    fused_step(case, m, avx512=avx512, **hyper)
+                runs.append(case)
+            assert_state_equal(runs[1], runs[0], hyper["amsgrad"])
+            assert_same(runs[1]["params"], runs[0]["params"])
+
+
+def _choose_simd(monkeypatch, avx512):
+    """What the optimizers' kernel calls take: AVX-512 paths or not (native.NO_AVX512_ENV)."""
+    if avx512:
+        monkeypatch.delenv(native.NO_AVX512_ENV, raising=False)
+    else:
+        monkeypatch.setenv(native.NO_AVX512_ENV, "1")
 
 
 def _train(optimizer_class, fused, dtype, **hyper):
@@ -161,10 +240,11 @@ def _train(optimizer_class, fused, dtype, **hyper):
     dict(lr=torch.tensor(0.05), momentum=0.9, nesterov=True, maximize=True),
     dict(lr=0.2, momentum=0.0, weight_decay=0.01),
 ])
-def test_bamesgd_fused_equals_eager(dtype, hyper):
+def test_bamesgd_fused_equals_eager(simd, monkeypatch, dtype, hyper):
     """BAMESGD with the fused kernels (fused=True) is BAMESGD without them (fused=False), bit
-    for bit, weights and momentum, nm_dim 0 included."""
+    for bit, weights and momentum, nm_dim 0 included; AVX2 paths kept by the environment."""
     require_kernel(kept_sgd_cpu)
+    _choose_simd(monkeypatch, simd)
     from bame_optim import BAMESGD
 
     fused, fused_opt = _train(BAMESGD, True, dtype, **hyper)
@@ -181,10 +261,11 @@ def test_bamesgd_fused_equals_eager(dtype, hyper):
     dict(lr=1e-2, weight_decay=0.05),
     dict(lr=torch.tensor(3e-3), amsgrad=True, maximize=True, weight_decay=0.0),
 ])
-def test_bameadamw_fused_equals_eager(dtype, hyper):
+def test_bameadamw_fused_equals_eager(simd, monkeypatch, dtype, hyper):
     """BAMEAdamW fused and eager: moments bit for bit, weights within torch's own
     fused-vs-forloop AdamW tolerance (assert_close's defaults; see test_kept_adamw_cpu)."""
     require_kernel(kept_adamw_cpu)
+    _choose_simd(monkeypatch, simd)
     from bame_optim import BAMEAdamW
 
     fused, fused_opt = _train(BAMEAdamW, True, dtype, **hyper)

@@ -109,6 +109,7 @@ def fused_kept_adamw_(
     weight_decay: float,
     eps: float,
     maximize: bool,
+    avx512: bool | None = None,
 ) -> None:
     """AdamW on the kept entries of N:M sparse ``params``, in place on ``params``, the moments
     and ``state_steps`` (each advanced by one first, as :func:`torch.optim.adamw.adamw`
@@ -129,6 +130,7 @@ def fused_kept_adamw_(
         amsgrad, beta1, beta2, lr, weight_decay, eps, maximize: as
             :func:`torch.optim.adamw.adamw`; a Tensor ``lr`` / betas (one element, CPU) is
             read as a Python float, as torch's non-capturable paths do.
+        avx512: as for :func:`bame_optim.kernels.kept_sgd_cpu.fused_kept_sgd_`.
 
     Raises:
         ValueError: on unsupported or inconsistent input (checked before anything is written;
@@ -173,7 +175,7 @@ def fused_kept_adamw_(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [], kept, tables,
         list(counts), step_sizes, bc2_sqrts, m, lr_, beta1_, beta2_, hyper["weight_decay"],
         hyper["eps"], bool(amsgrad), bool(maximize), kept_sgd_cpu.fma(),
-        _state["fma_addcmul"],
+        _state["fma_addcmul"], native.avx512_allowed(avx512),
     )
     if other < 0:
         module.advance_steps(state_steps)  # as below, without an add_ per tensor

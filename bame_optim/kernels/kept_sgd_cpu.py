@@ -174,6 +174,7 @@ def fused_kept_sgd_(
     weight_decay: float,
     nesterov: bool,
     maximize: bool,
+    avx512: bool | None = None,
 ) -> None:
     """SGD on the kept entries of N:M sparse ``params``, in place (see the module docstring).
 
@@ -191,6 +192,9 @@ def fused_kept_sgd_(
             momentum buffer), so one call can step a whole parameter group.
         counts: kept entries per block, per parameter (ignored where ``kept`` is ``None``).
         m: block size ``M``.
+        avx512: whether the AVX-512 paths may run where the CPU has them (same results,
+            faster on 3x3 convolutions); ``None``: unless ``BAME_OPTIM_NO_AVX512`` is set
+            (:func:`bame_optim.kernels.native.avx512_allowed`).
 
     Raises:
         ValueError: on unsupported or inconsistent input (checked before anything is written).
@@ -234,6 +238,7 @@ def fused_kept_sgd_(
         bool(nesterov),
         bool(maximize),
         _state["fma"],
+        native.avx512_allowed(avx512),
     )
     if momentum != 0:
         for i, buffer in enumerate(created):
@@ -245,6 +250,13 @@ def fma() -> bool:
     """Whether ATen's ``add(a, b, alpha)`` is a fused multiply-add here (the probe's answer;
     :func:`available` must be True)."""
     return bool(_state["fma"])
+
+
+def cpu_has_avx512() -> bool:
+    """Whether this CPU runs the kept kernels' AVX-512 paths (:func:`available` must be
+    True)."""
+    module = _load()
+    return module is not None and bool(module.cpu_has_avx512())
 
 
 def table_for(code: Tensor, count: int, m: int, i: int) -> Tensor | None:

@@ -15,6 +15,9 @@ Environment variables (read at every call):
 * ``BAME_OPTIM_NO_NATIVE=1``: never build or use the native kernels (eager paths only).
 * ``BAME_OPTIM_REQUIRE_NATIVE=1``: a kernel that cannot be built or loaded is an error
   (``RuntimeError``) instead of a warning and the eager fallback; CI sets it (``make test``).
+* ``BAME_OPTIM_NO_AVX512=1``: the kept kernels take their AVX2 paths even where the CPU has
+  AVX-512 (the AVX-512 paths are chosen at run time, per call: see :func:`avx512_allowed`;
+  both give the same bits, so this only changes speed).
 
 Pre-build (e.g. in a Docker image, or before a timed run) with
 ``python -m bame_optim.kernels.build`` (or ``make kernels``): it prints where it built and how
@@ -39,9 +42,11 @@ import torch
 
 __all__ = [
     "DISABLE_ENV",
+    "NO_AVX512_ENV",
     "REQUIRE_ENV",
     "SOURCES",
     "announce",
+    "avx512_allowed",
     "build_directory",
     "build_key",
     "compile_seconds",
@@ -58,13 +63,15 @@ SOURCES = (CSRC / "kept_sgd_cpu.cpp", CSRC / "kept_adamw_cpu.cpp", CSRC / "evolv
            CSRC / "evolve_apply_cpu.cpp", CSRC / "module.cpp")
 """The C++ sources of the extension (package data); :data:`HEADERS` are hashed with them."""
 HEADERS = (CSRC / "kept_common.h", CSRC / "kept_move.h", CSRC / "kept_simd.h",
-           CSRC / "kept_tiles.h", CSRC / "evolve_common.h", CSRC / "evolve_norm.h",
-           CSRC / "evolve_chunks.h")
+           CSRC / "kept_tiles.h", CSRC / "kept_tiles512.h", CSRC / "kept_streams.h",
+           CSRC / "evolve_common.h", CSRC / "evolve_norm.h", CSRC / "evolve_chunks.h")
 
 DISABLE_ENV = "BAME_OPTIM_NO_NATIVE"
 """Set to anything but ``""`` or ``"0"`` to disable the native kernels."""
 REQUIRE_ENV = "BAME_OPTIM_REQUIRE_NATIVE"
 """Set to anything but ``""`` or ``"0"`` to make an unavailable native kernel an error."""
+NO_AVX512_ENV = "BAME_OPTIM_NO_AVX512"
+"""Set to anything but ``""`` or ``"0"`` to keep the kept kernels on their AVX2 paths."""
 
 NAME = "bame_optim_kernels"
 EXPECTED_SECONDS = "a minute"
@@ -87,6 +94,13 @@ def disabled() -> bool:
 def required() -> bool:
     """Whether ``BAME_OPTIM_REQUIRE_NATIVE`` makes an unavailable kernel an error (read now)."""
     return _flag(REQUIRE_ENV)
+
+
+def avx512_allowed(avx512: bool | None = None) -> bool:
+    """Whether a kept-kernel call may take its AVX-512 paths: ``avx512`` if given, else not
+    ``BAME_OPTIM_NO_AVX512`` (read now). The kernel also asks the CPU (AVX-512 F, BW, DQ and
+    VL), so True never runs AVX-512 code on a CPU without it."""
+    return not _flag(NO_AVX512_ENV) if avx512 is None else bool(avx512)
 
 
 def flags() -> list[str]:

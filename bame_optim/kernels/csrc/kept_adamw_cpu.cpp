@@ -33,7 +33,7 @@
 
 #include "kept_common.h"
 #include "kept_simd.h"
-#include "kept_tiles.h"
+#include "kept_streams.h"
 
 namespace {
 
@@ -171,9 +171,8 @@ void run_sparse(const Item& it, int64_t k0, int64_t k1, const Hyper& hyper) {
   T* m = static_cast<T*>(it.exp_avg);
   T* v = static_cast<T*>(it.exp_avg_sq);
   T* vmax = static_cast<T*>(it.max_exp_avg_sq);
-  auto step = [&](T* w, T* g, int64_t e) {
-    update<T, FMA, FMA_ADDCMUL>(scalars, w, g, m + e, v + e, vmax ? vmax + e : nullptr,
-                                bame::kGroup);
+  auto step = [&](T* w, T* g, int64_t e, int64_t len) {
+    update<T, FMA, FMA_ADDCMUL>(scalars, w, g, m + e, v + e, vmax ? vmax + e : nullptr, len);
   };
   // The blocks no stream takes go in chunks.
   auto chunks = [&](int64_t b0, int64_t b1) {
@@ -238,7 +237,7 @@ void fused_kept_adamw(const std::vector<at::Tensor>& params,
                       const std::vector<double>& step_sizes,
                       const std::vector<double>& bias_correction2_sqrts, int64_t m,
                       double lr, double beta1, double beta2, double weight_decay, double eps,
-                      bool amsgrad, bool maximize, bool fma, bool fma_addcmul) {
+                      bool amsgrad, bool maximize, bool fma, bool fma_addcmul, bool avx512) {
   const size_t size = params.size();
   TORCH_CHECK_VALUE(grads.size() == size && exp_avgs.size() == size &&
                         exp_avg_sqs.size() == size && kept.size() == size &&
@@ -253,6 +252,7 @@ void fused_kept_adamw(const std::vector<at::Tensor>& params,
   std::vector<Item> items(n_params);
   std::vector<int64_t> check_index, code_limits, starts{0};
   bame::Tables tables_of_call;  // kept_simd.h's lane and offset tables
+  const bool wide = avx512 && bame::cpu_has_avx512();
   for (int64_t i = 0; i < n_params; ++i) {
     const at::Tensor& p = params[i];
     const at::Tensor& g = grads[i];
@@ -268,6 +268,7 @@ void fused_kept_adamw(const std::vector<at::Tensor>& params,
     Item& it = items[i];
     bame::setup_blocks(it, p, g, *kept[i], tables[i], counts[i], m, i, code_limits);
     bame::attach_tables(it, tables_of_call);
+    it.avx512 = wide;
     check_index.push_back(i);
     check_state(exp_avgs[i], "exp_avgs", i, p, it.blocks, it.count);
     check_state(exp_avg_sqs[i], "exp_avg_sqs", i, p, it.blocks, it.count);

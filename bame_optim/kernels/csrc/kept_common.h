@@ -50,6 +50,7 @@ struct Blocks {
   at::ScalarType code_dtype = at::kByte;
   const int32_t* lanes = nullptr;  // kept_simd.h's pair table (M = 4, ranked, S = 1 or 8..16)
   const int32_t* offsets = nullptr;  // table * S (S > 1, ranked), or nullptr
+  bool avx512 = false;  // the AVX-512 paths may run (the caller allows it, the CPU has them)
 };
 
 inline void check_plain(const at::Tensor& t, const char* what, int64_t i,

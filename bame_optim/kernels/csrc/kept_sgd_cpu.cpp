@@ -31,7 +31,7 @@
 
 #include "kept_common.h"
 #include "kept_simd.h"
-#include "kept_tiles.h"
+#include "kept_streams.h"
 
 namespace {
 
@@ -135,9 +135,9 @@ template <typename T, bool FMA>
 void run_sparse(const Item& it, int64_t k0, int64_t k1, const Hyper& hyper) {
   const Update<T, FMA> update(hyper);
   T* buffer = static_cast<T*>(it.buffer);
-  T none[bame::kGroup];  // the momentum of a group without momentum (unused)
-  auto step = [&](T* w, T* g, int64_t e) {
-    update(w, g, buffer ? buffer + e : none, bame::kGroup, it.first);
+  T none[bame::kMaxRun];  // the momentum of a run without momentum (unused)
+  auto step = [&](T* w, T* g, int64_t e, int64_t len) {
+    update(w, g, buffer ? buffer + e : none, len, it.first);
   };
   // The blocks no stream takes go in chunks.
   auto chunks = [&](int64_t b0, int64_t b1) {
@@ -233,7 +233,8 @@ std::vector<std::optional<at::Tensor>> fused_kept_sgd(
     double weight_decay,
     bool nesterov,
     bool maximize,
-    bool fma) {
+    bool fma,
+    bool avx512) {
   const int64_t n_params = static_cast<int64_t>(params.size());
   TORCH_CHECK_VALUE(grads.size() == params.size() && buffers.size() == params.size() &&
                         kept.size() == params.size() && tables.size() == params.size() &&
@@ -249,6 +250,7 @@ std::vector<std::optional<at::Tensor>> fused_kept_sgd(
   std::vector<int64_t> code_limits;
   std::vector<int64_t> starts{0};
   bame::Tables tables_of_call;  // kept_simd.h's lane and offset tables
+  const bool wide = avx512 && bame::cpu_has_avx512();
   for (int64_t i = 0; i < n_params; ++i) {
     const at::Tensor& p = params[i];
     const at::Tensor& g = grads[i];
@@ -267,6 +269,7 @@ std::vector<std::optional<at::Tensor>> fused_kept_sgd(
     if (!dense) {
       bame::setup_blocks(it, p, g, *kept[i], tables[i], counts[i], m, i, code_limits);
       bame::attach_tables(it, tables_of_call);
+      it.avx512 = wide;
       check_index.push_back(i);
       buffer_rows = it.blocks;
       work = it.count == 0 ? 0 : it.blocks;
@@ -330,3 +333,6 @@ at::Tensor probe_add(const at::Tensor& a, const at::Tensor& b, double alpha, boo
   });
   return out;
 }
+
+// Bound in module.cpp (the tests compare the AVX-512 and AVX2 paths where both run).
+bool cpu_has_avx512() { return bame::cpu_has_avx512(); }

@@ -33,6 +33,7 @@
 namespace bame {
 
 constexpr int64_t kGroup = 8;  // kept entries per streamed group (one AVX2 float vector)
+constexpr int64_t kMaxRun = 16;  // the most kept entries a stream hands its update at once
 constexpr int64_t kPairM = 4;  // block size of the paired gather
 constexpr int64_t kPairEntry = 3 * kGroup;  // int32 per (pair, slot): to, from, mask
 
@@ -106,8 +107,8 @@ inline void attach_tables(Blocks& it, Tables& store) {
 
 #if defined(__AVX2__)
 // Blocks [k0, k1) of a float S = 1, M = 4 item with N kept per block, a group (8 / N blocks)
-// at a time: fn(w, g, e) updates the group's kept weights w (in place) and gradients g, whose
-// compact state starts at entry e. Returns the first block not handled.
+// at a time: fn(w, g, e, len) updates the group's len = kGroup kept weights w (in place) and
+// gradients g, whose compact state starts at entry e. Returns the first block not handled.
 template <typename Code, int N, typename Fn>
 int64_t stream_pairs(const Blocks& it, int64_t k0, int64_t k1, Fn& fn) {
   constexpr int64_t kSlots = kGroup / (2 * N);
@@ -150,7 +151,7 @@ int64_t stream_pairs(const Blocks& it, int64_t k0, int64_t k1, Fn& fn) {
     }
     _mm256_store_ps(w, wv);
     _mm256_store_ps(g, gv);
-    fn(w, g, k * N);
+    fn(w, g, k * N, kGroup);
     wv = _mm256_load_ps(w);
     for (int64_t s = 0; s < kSlots; ++s) {
       const __m256i from =
@@ -206,7 +207,7 @@ int64_t stream_scalar(const Blocks& it, int64_t k0, int64_t k1, Fn& fn) {
         base += block_stride;
       }
     }
-    fn(w, g, k * N);
+    fn(w, g, k * N, kGroup);
     for (int64_t i = 0; i < kGroup; ++i) *where[i] = w[i];
   }
   return k;
@@ -244,7 +245,7 @@ int64_t stream_code(const Blocks& it, int64_t k0, int64_t k1, Fn& fn) {
   }
 }
 
-// Streams what it can of blocks [k0, k1) (float and double, ranked codes); fn(w, g, e) as for
+// Streams what it can of blocks [k0, k1) (float and double, ranked codes); fn(w, g, e, len) as for
 // stream_pairs. Returns the first block not handled (k0 where no stream applies).
 template <typename T, typename Fn>
 int64_t stream(const Blocks& it, int64_t k0, int64_t k1, Fn& fn) {

@@ -13,12 +13,11 @@
 // written with the values read, in the thread's own rows). Spatial positions left over
 // (S mod 8) go one entry at a time. Values move unchanged and the arithmetic is the update
 // rule's on kGroup entries, as on a chunk, so results are bit for bit those of the chunked
-// path (kept_move.h), which takes what this pass does not.
+// path (kept_move.h), which takes what this pass does not. Dispatch: kept_streams.h.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
-#include <type_traits>
 
 #include "kept_simd.h"
 
@@ -83,7 +82,7 @@ constexpr int64_t kStateAhead = 64;  // entries of compact state asked for ahead
 constexpr int64_t kTileAheadBytes = 1024;  // weights and gradients asked for ahead
 
 // Whole rows: blocks [r0, r1), both multiples of S B, of an item tiles_possible takes with
-// it.lanes set; fn(w, g, e) as for stream_pairs; ahead(e) asks for the compact state's cache
+// it.lanes set; fn(w, g, e, len) as for stream_pairs; ahead(e) asks for the compact state's cache
 // lines at entry e (the group's 8 spatial rows of state are 8 streams the hardware
 // prefetchers do not follow well).
 template <typename Code, int N, typename Fn, typename Ahead>
@@ -152,7 +151,7 @@ void stream_tiles(const Blocks& it, int64_t r0, int64_t r1, Fn& fn, const Ahead&
           }
           _mm256_store_ps(w, wv);
           _mm256_store_ps(g, gv);
-          fn(w, g, k * N);
+          fn(w, g, k * N, kGroup);
           wv = _mm256_load_ps(w);
           for (int64_t p = 0; p < kSlots; ++p) {
             const __m256i from =
@@ -183,51 +182,12 @@ void stream_tiles(const Blocks& it, int64_t r0, int64_t r1, Fn& fn, const Ahead&
             g[i * N + j] = grad[at - param];
           }
         }
-        fn(w, g, k * N);
+        fn(w, g, k * N, kGroup);
         for (int64_t i = 0; i < kGroup; ++i) *where[i] = w[i];
       }
     }
   }
 }
 #endif
-
-// Blocks [k0, k1) of a sparse item: the whole rows inside through stream_tiles where it
-// applies (ahead as there), the rest through kept_simd.h's stream and chunks(c0, c1) (the
-// chunked path, for what no stream takes; it may get empty ranges).
-template <typename T, typename Fn, typename Ahead, typename Chunks>
-void run_streams(const Blocks& it, int64_t k0, int64_t k1, Fn& fn, const Ahead& ahead,
-                 const Chunks& chunks) {
-#if defined(__AVX2__)
-  if constexpr (std::is_same_v<T, float>) {
-    if (it.lanes != nullptr && it.spatial > 1 && tiles_possible(it) &&
-        (it.code_dtype == at::kByte || it.code_dtype == at::kShort)) {
-      const int64_t row = it.spatial * it.blocks_per_row;
-      const int64_t r0 = (k0 + row - 1) / row * row, r1 = k1 / row * row;
-      if (r0 < r1) {
-        chunks(k0, r0);
-        auto tiles = [&](auto zero_code) {
-          using Code = decltype(zero_code);
-          switch (it.count) {
-            case 1:
-              return stream_tiles<Code, 1>(it, r0, r1, fn, ahead);
-            case 2:
-              return stream_tiles<Code, 2>(it, r0, r1, fn, ahead);
-            default:
-              return stream_tiles<Code, 4>(it, r0, r1, fn, ahead);
-          }
-        };
-        if (it.code_dtype == at::kByte) {
-          tiles(uint8_t{0});
-        } else {
-          tiles(int16_t{0});
-        }
-        chunks(r1, k1);
-        return;
-      }
-    }
-  }
-#endif
-  chunks(stream<T>(it, k0, k1, fn), k1);
-}
 
 }  // namespace bame

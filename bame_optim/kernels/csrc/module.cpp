@@ -16,7 +16,7 @@ std::vector<std::optional<at::Tensor>> fused_kept_sgd(
     const std::vector<std::optional<at::Tensor>>& kept,
     const std::vector<std::optional<at::Tensor>>& tables, const std::vector<int64_t>& counts,
     int64_t m, double lr, double momentum, double dampening, double weight_decay,
-    bool nesterov, bool maximize, bool fma);
+    bool nesterov, bool maximize, bool fma, bool avx512);
 at::Tensor probe_add(const at::Tensor& a, const at::Tensor& b, double alpha, bool fma);
 void fused_kept_adamw(const std::vector<at::Tensor>& params,
                       const std::vector<at::Tensor>& grads,
@@ -29,7 +29,7 @@ void fused_kept_adamw(const std::vector<at::Tensor>& params,
                       const std::vector<double>& step_sizes,
                       const std::vector<double>& bias_correction2_sqrts, int64_t m,
                       double lr, double beta1, double beta2, double weight_decay, double eps,
-                      bool amsgrad, bool maximize, bool fma, bool fma_addcmul);
+                      bool amsgrad, bool maximize, bool fma, bool fma_addcmul, bool avx512);
 at::Tensor probe_addcmul(const at::Tensor& a, const at::Tensor& b, double value, bool fma);
 // evolve_cpu.cpp, evolve_apply_cpu.cpp: the fused passes of the evolve-phase mask update,
 // over the parameters of one group at a time.
@@ -53,6 +53,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> apply_evolved(
     const std::vector<std::optional<at::Tensor>>& masks, const std::vector<int64_t>& counts,
     const std::vector<at::Tensor>& proposed, const std::vector<at::Tensor>& frozen, int64_t m);
 at::Tensor probe_norm(const at::Tensor& rows, const std::vector<int64_t>& norm_mode);
+bool cpu_has_avx512();  // kept_sgd_cpu.cpp
 
 // kept_sgd_cpu.first_unsupported's test of a step's (param, grad) pairs, here so that it costs
 // no Python attribute lookups (a dozen per pair there): the index of the first pair that is not
@@ -173,5 +174,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("apply_evolved", &apply_evolved,
              "New kept sets, newly pruned weights zeroed, compact buffers remapped (CPU)",
              py::call_guard<py::gil_scoped_release>());
+  module.def("cpu_has_avx512", &cpu_has_avx512,
+             "Whether this CPU runs the kernels' AVX-512 paths (F, BW, DQ, VL)");
   module.def("probe_norm", &probe_norm, "ATen's last-dim L2 norm model, for the probe");
 }
