@@ -301,3 +301,61 @@ def test_empty_inputs():
     case = make_case(2, 4, torch.float32, seed=0, shapes=[(0, 8)])
     fused_step(case, 4, **HYPERS[0])
     assert case["state_steps"][0].item() == 1
+
+
+class _StepSubclass(torch.Tensor):
+    """A tensor subclass: its steps are read and advanced by Python, not the extension."""
+
+
+@pytest.mark.parametrize("kind", ["float32", "float64", "shape (1,)", "view", "int64",
+                                  "2**24", "subclass", "mixed"])
+def test_step_counts_of_every_kind(kind):
+    """Step tensors the extension reads and advances (plain one-element CPU tensors) and
+    those Python does (here a subclass) step as the op-by-op reference: the same moments,
+    weights and advanced counts (dtype kept, version bumped)."""
+    def steps(value):
+        made = {
+            "float32": lambda: torch.tensor(value),
+            "float64": lambda: torch.tensor(value, dtype=torch.float64),
+            "shape (1,)": lambda: torch.tensor([value]),
+            "view": lambda: torch.tensor([0.0, value, 0.0])[1:2],
+            "int64": lambda: torch.tensor(int(value)),
+            "2**24": lambda: torch.tensor(float(2**24) + value),  # step + 1 rounds to 2**24
+            "subclass": lambda: torch.tensor(value).as_subclass(_StepSubclass),
+        }
+        return made[kind]() if kind != "mixed" else [
+            made[k]() for k in ("float32", "subclass", "float64")][int(value) % 3]
+
+    case = make_case(2, 4, torch.float32, seed=3, shapes=[(4, 16), (3, 8, 3, 3), (5, 8)])
+    case["state_steps"] = [steps(float(v)) for v in (0, 3, 7)]
+    expected = clone_case(case)
+    versions = [s._version for s in case["state_steps"]]
+    for _ in range(2):
+        ieee_step(expected, 4, **HYPERS[1])
+        fused_step(case, 4, **HYPERS[1])
+    assert_state_equal(expected, case, amsgrad=True)
+    for a, b, version in zip(expected["state_steps"], case["state_steps"], versions,
+                             strict=True):
+        assert a.dtype == b.dtype and type(a) is type(b)
+        assert b._version > version
+    for a, b in zip(expected["params"], case["params"], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_step_counts_that_require_grad():
+    """Step tensors that require grad keep torch's _foreach_add_ (the Python path): in place
+    on such a leaf it raises, under no_grad it steps as the reference."""
+    def case_with_leaf_steps():
+        case = make_case(2, 4, torch.float32, seed=6, shapes=[(4, 16), (5, 8)])
+        case["state_steps"] = [torch.tensor(3.0, requires_grad=True) for _ in case["params"]]
+        return case
+
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        fused_step(case_with_leaf_steps(), 4, **HYPERS[1])
+    case = case_with_leaf_steps()
+    expected = clone_case(case)
+    with torch.no_grad():
+        ieee_step(expected, 4, **HYPERS[1])
+        fused_step(case, 4, **HYPERS[1])
+    assert_state_equal(expected, case, amsgrad=True)
+    assert all(s.requires_grad and s.item() == 4 for s in case["state_steps"])

@@ -19,6 +19,8 @@ torch.optim.sgd.sgd, scatter_kept_), AdamW the same chain with an IEEE square ro
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -273,3 +275,73 @@ def test_bameadamw_fused_equals_eager(simd, monkeypatch, dtype, hyper):
     for p, q in zip(eager[:4], fused[:4], strict=True):
         assert torch.equal(eager_opt.exp_avg(p), fused_opt.exp_avg(q))
         assert torch.equal(eager_opt.exp_avg_sq(p), fused_opt.exp_avg_sq(q))
+
+
+def _channels_last(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+# What changes between two steps, behind the optimizer's back: (name, change(params), whether
+# the fused kernel still takes every tensor afterwards).
+CHANGES = [
+    ("grad strides", lambda ps: setattr(ps[1], "grad", _channels_last(ps[1].grad)), False),
+    ("grad None", lambda ps: setattr(ps[0], "grad", None), True),
+    ("data replaced", lambda ps: setattr(ps[0], "data", ps[0].detach() * 0.5), True),
+    ("data strides", lambda ps: setattr(ps[1], "data", _channels_last(ps[1].detach())), False),
+    ("data dtype", lambda ps: (setattr(ps[0], "data", ps[0].detach().half()),
+                               setattr(ps[0], "grad", ps[0].grad.half())), False),
+]
+
+
+def _train_with_change(optimizer_class, fused, change, **hyper):
+    """Two ordinary steps, ``change`` (each step's new gradients drawn first), two more."""
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(24, 32), (8, 16, 3, 3), (24,)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    groups = [{"params": params[:2], "sparse": True}, {"params": params[2:], "sparse": False}]
+    optimizer = optimizer_class(groups, n=2, m=4, t_i=0, t_f=0, fused=fused, **hyper)
+    for step in range(4):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+        if step == 2:
+            change(params)
+        optimizer.step()
+    return params, optimizer
+
+
+@pytest.mark.parametrize(("name", "change", "taken"), CHANGES, ids=[c[0] for c in CHANGES])
+@pytest.mark.parametrize("optimizer_name", ["BAMESGD", "BAMEAdamW"])
+def test_each_step_checks_the_tensors_it_gets(optimizer_name, name, change, taken):
+    """Gradients and weights changed between steps (new strides, None, new data, new dtype)
+    are checked at the step that gets them: fused=None steps as fused=False (falling back to
+    the eager path where the kernel no longer takes a tensor), fused=True raises the clear
+    ValueError there."""
+    import bame_optim
+
+    kernel = kept_sgd_cpu if optimizer_name == "BAMESGD" else kept_adamw_cpu
+    require_kernel(kernel)
+    optimizer_class = getattr(bame_optim, optimizer_name)
+    hyper = (dict(lr=0.1, momentum=0.9, weight_decay=5e-4) if optimizer_name == "BAMESGD"
+             else dict(lr=1e-2, weight_decay=0.05))
+    try:
+        eager, eager_opt = _train_with_change(optimizer_class, False, change, **hyper)
+    except RuntimeError as failure:  # AdamW's moments stay float32 under a float16 weight
+        with pytest.raises(RuntimeError, match=re.escape(str(failure))):
+            _train_with_change(optimizer_class, None, change, **hyper)
+        return
+    chosen, chosen_opt = _train_with_change(optimizer_class, None, change, **hyper)
+    for a, b in zip(eager, chosen, strict=True):
+        assert a.dtype == b.dtype and a.stride() == b.stride()
+        if optimizer_name == "BAMESGD" or a.dtype == torch.float16:
+            assert torch.equal(a, b)
+        else:  # the kernel's IEEE square root (see test_bameadamw_fused_equals_eager)
+            torch.testing.assert_close(b, a)
+    for p, q in zip(eager, chosen, strict=True):
+        for key, value in eager_opt.state[p].items():
+            other = chosen_opt.state[q][key]
+            assert not isinstance(value, torch.Tensor) or torch.equal(value, other), key
+    if taken:
+        _train_with_change(optimizer_class, True, change, **hyper)
+    else:
+        with pytest.raises(ValueError, match="Invalid fused value: True"):
+            _train_with_change(optimizer_class, True, change, **hyper)

@@ -72,9 +72,7 @@ _state: dict[str, object] = {}  # "fma_addcmul" (the probe's answer), "error"
 def available() -> bool:
     """Whether :func:`fused_kept_adamw_` can run: not disabled, compiled, and its rounding
     matches ATen's on this machine (builds on the first call; the result is cached)."""
-    if disabled():
-        return False
-    return _load() is not None
+    return _load() is not None  # None when disabled (read once, per call)
 
 
 def error() -> str | None:
@@ -139,10 +137,10 @@ def fused_kept_adamw_(
             the step counts are advanced only after the checks pass).
         RuntimeError: if the kernel is disabled or unavailable (check :func:`available`).
     """
-    if disabled():
-        raise RuntimeError(f"native kernels are disabled ({DISABLE_ENV} is set)")
-    module = _load()
+    module = _load()  # None when disabled
     if module is None:
+        if disabled():
+            raise RuntimeError(f"native kernels are disabled ({DISABLE_ENV} is set)")
         raise RuntimeError(f"the fused kept-AdamW kernel is unavailable: {error()}")
     size = len(params)
     lengths = [len(grads), len(exp_avgs), len(exp_avg_sqs), len(state_steps), len(kept),
@@ -160,12 +158,16 @@ def fused_kept_adamw_(
     for name, value in (("lr", lr), ("beta1", beta1), ("beta2", beta2),
                         ("weight_decay", weight_decay), ("eps", eps)):
         hyper[name] = _scalar(name, value)
-    for i, step in enumerate(state_steps):
-        if not isinstance(step, Tensor) or step.numel() != 1 or step.device.type != "cpu":
-            raise ValueError(f"Invalid state_steps[{i}]: a one-element CPU tensor is required")
+    # The extension reads plain CPU step tensors (one item() each here), the rest here.
+    other, steps = module.read_steps(state_steps) if type(state_steps) is list else (0, [])
+    if other >= 0:
+        for i, step in enumerate(state_steps):
+            if not isinstance(step, Tensor) or step.numel() != 1 or step.device.type != "cpu":
+                raise ValueError(f"Invalid state_steps[{i}]: a one-element CPU tensor is required")
     tables, _ = kept_sgd_cpu.tables_for(kept, counts, m)
-    # torch's non-capturable AdamW: step_t += 1, then bias corrections from step_t.item().
-    steps = [float(step.item()) + 1 for step in state_steps]
+    if other >= 0:
+        # torch's non-capturable AdamW: step_t += 1, then bias corrections from step_t.item().
+        steps = [float(step.item()) + 1 for step in state_steps]
     beta1_, beta2_, lr_ = hyper["beta1"], hyper["beta2"], hyper["lr"]
     step_sizes = [lr_ / (1 - beta1_**step) for step in steps]
     bc2_sqrts = [(1 - beta2_**step) ** 0.5 for step in steps]
@@ -175,7 +177,9 @@ def fused_kept_adamw_(
         hyper["eps"], bool(amsgrad), bool(maximize), kept_sgd_cpu.fma(),
         _state["fma_addcmul"], native.avx512_allowed(avx512),
     )
-    if state_steps:
+    if other < 0:
+        module.advance_steps(state_steps)  # as below, without an add_ per tensor
+    elif state_steps:
         torch._foreach_add_(state_steps, 1)
 
 

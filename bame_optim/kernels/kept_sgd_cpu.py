@@ -81,6 +81,7 @@ DTYPES = (*EXACT_DTYPES, torch.float16, torch.bfloat16)
 """Parameter dtypes the kernel handles (``supports(..., exact=False)``)."""
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+_NATIVE_DTYPES = {EXACT_DTYPES: False, DTYPES: True}  # the dtypes the extension's check takes
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "fma" (the probe's answer), "error"
 
@@ -90,9 +91,7 @@ def available() -> bool:
     matches ATen's on this machine. Builds on the first call (the result is cached); on
     failure it warns once with the reason and returns False (raises ``RuntimeError`` with
     ``BAME_OPTIM_REQUIRE_NATIVE`` set)."""
-    if disabled():
-        return False
-    return _load() is not None
+    return _load() is not None  # None when disabled (read once, per call)
 
 
 def compile_seconds() -> float | None:
@@ -126,7 +125,19 @@ def supports(param: Tensor, grad: Tensor | None, *, exact: bool = True) -> bool:
 def first_unsupported(params: list[Tensor], grads: list[Tensor | None],
                       dtypes: tuple[torch.dtype, ...] = EXACT_DTYPES) -> int:
     """The index of the first pair :func:`supports` rejects (with a dtype in ``dtypes``), or
-    -1: the check of a whole step in one loop, cheapest tests first (it runs every step)."""
+    -1: the check of a whole step in one loop. It runs every step, so once the extension is
+    loaded the same tests run there (a dozen Python attribute lookups per pair otherwise);
+    before that, and for other ``dtypes``, here (checking never builds the extension)."""
+    module = native.loaded()
+    half = _NATIVE_DTYPES.get(dtypes) if type(dtypes) is tuple else None
+    if module is not None and half is not None and type(params) is type(grads) is list:
+        return module.first_unsupported(params, grads, half)
+    return _first_unsupported(params, grads, dtypes)
+
+
+def _first_unsupported(params: list[Tensor], grads: list[Tensor | None],
+                       dtypes: tuple[torch.dtype, ...]) -> int:
+    # The tests of the extension's first_unsupported (csrc/module.cpp), cheapest first.
     for i, (param, grad) in enumerate(zip(params, grads, strict=True)):
         if (
             grad is None
@@ -189,10 +200,10 @@ def fused_kept_sgd_(
         ValueError: on unsupported or inconsistent input (checked before anything is written).
         RuntimeError: if the kernel is disabled or unavailable (check :func:`available`).
     """
-    if disabled():
-        raise RuntimeError(f"native kernels are disabled ({DISABLE_ENV} is set)")
-    module = _load()
+    module = _load()  # None when disabled
     if module is None:
+        if disabled():
+            raise RuntimeError(f"native kernels are disabled ({DISABLE_ENV} is set)")
         raise RuntimeError(f"the fused kept-SGD kernel is unavailable: {error()}")
     size = len(params)
     if not len(grads) == len(momentum_buffers) == len(kept) == len(counts) == size:
@@ -269,9 +280,10 @@ def tables_for(kept: list[Tensor | None], counts: list[int | None], m: int
             codes.append(0)
             continue
         key = (code.ndim, count)
-        if type(count) is not int or key not in seen:
-            seen[key] = table_for(code, count, m, i)
-        tables.append(seen[key])
+        table = seen.get(key, seen) if type(count) is int else seen  # seen: not looked up yet
+        if table is seen:
+            table = seen[key] = table_for(code, count, m, i)
+        tables.append(table)
         codes.append(count)
     return tables, codes
 

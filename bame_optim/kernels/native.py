@@ -54,6 +54,7 @@ __all__ = [
     "disabled",
     "error",
     "load",
+    "loaded",
     "required",
 ]
 
@@ -209,6 +210,12 @@ def load() -> ModuleType | None:
             )
         return None
     return _state["module"]  # type: ignore[return-value]
+
+
+def loaded() -> ModuleType | None:
+    """The extension module if some :func:`load` of this process already built or loaded it,
+    else ``None`` (never builds: for checks that must not start a build)."""
+    return _state.get("module")  # type: ignore[return-value]
 
 
 def probe_once(

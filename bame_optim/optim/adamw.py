@@ -87,7 +87,9 @@ def _kept_step(group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
     amsgrad = group["amsgrad"]
     wanted = _MOMENTS[:3 if amsgrad else 2]
     for p, state in zip(params, states, strict=True):
-        if "step" not in state or any(state.get(name) is None for name in wanted):
+        if ("step" not in state or state.get("exp_avg") is None
+                or state.get("exp_avg_sq") is None
+                or (amsgrad and state.get("max_exp_avg_sq") is None)):  # wanted, unrolled
             state.setdefault("step", _new_step())
             shape = (p.numel() // group["m"], state["kept_count"])
             for name in wanted:

@@ -125,19 +125,21 @@ class MaskedOptimizer(NMOptimizer):
         step's lists of those with a gradient (block layout) with whether none is sharded."""
         engine, m, nm_dim, state_of = self.engine, group["m"], group["nm_dim"], self.state
         chosen = group["sparse"]  # None: each parameter by its shape
+        grouped = nm_dim == GROUPED_DIM
         dense, sparse, params, grads, states = [], [], [], [], []
         plain = True
+        plain_types, strided = PLAIN_TYPES, torch.strided  # locals: this loop runs every step
         for index, p in enumerate(group["params"], first_index):
             if not (chosen if chosen is not None else is_sparse(p, group)):
                 if p.grad is not None:
                     dense.append(p)
                 continue
             state = state_of[p]
-            weight = p if nm_dim == GROUPED_DIM else nm_layout(p, nm_dim)
+            weight = p if grouped else nm_layout(p, nm_dim)
             if "kept" not in state:
                 engine.initialise(weight, state, m)
             code = state["kept"]
-            if (type(code) not in PLAIN_TYPES or code.shape[0] != weight.numel() // m
+            if (type(code) not in plain_types or code.shape[0] != weight.numel() // m
                     or state["kept_count"] > m):  # the full check only where it may fail
                 engine.check(weight, state, m, f"parameter {index}")
             if frozen:
@@ -145,7 +147,7 @@ class MaskedOptimizer(NMOptimizer):
             sparse.append((p, state, index))
             grad = p.grad
             if grad is not None:
-                if grad.layout != torch.strided:
+                if grad.layout != strided:
                     raise ValueError(
                         f"Invalid gradient layout {grad.layout} for sparse parameter {index} "
                         f"(shape {tuple(p.shape)}): N:M masks need dense gradients; put the "
@@ -153,9 +155,9 @@ class MaskedOptimizer(NMOptimizer):
                         "nn.Embedding(sparse=True))"
                     )
                 params.append(weight)
-                grads.append(grad if nm_dim == GROUPED_DIM else nm_layout(grad, nm_dim))
+                grads.append(grad if grouped else nm_layout(grad, nm_dim))
                 states.append(state)
-                plain = plain and type(p) in PLAIN_TYPES
+                plain = plain and type(p) in plain_types
         return dense, sparse, (params, grads, states, plain)
 
     def _step_group(self, group: dict[str, Any], *, first_index: int, advance: bool) -> None:

@@ -34,13 +34,15 @@ def _dense_step(state: MutableMapping[Tensor, dict[str, Any]], group: dict[str, 
     (with ``fused=True`` torch's fused kernel)."""
     buffers = [None if (s := state.get(p)) is None else s.get("momentum_buffer")
                for p in params]
-    has_sparse_grad = any(p.grad.is_sparse for p in params)
+    grads = [p.grad for p in params]
+    has_sparse_grad = any(grad.is_sparse for grad in grads)
     fused = {"foreach": False, "fused": True} if group["fused"] else {}
-    sgd(params, [p.grad for p in params], buffers, has_sparse_grad,
-        **{k: group[k] for k in SGD_DEFAULTS} | fused)
+    created = [i for i, buffer in enumerate(buffers) if buffer is None]
+    sgd(params, grads, buffers, has_sparse_grad, **{k: group[k] for k in SGD_DEFAULTS} | fused)
     if group["momentum"] != 0:
-        for p, buffer in zip(params, buffers, strict=True):
-            state[p]["momentum_buffer"] = buffer
+        # sgd steps a given buffer in place and puts a new one only where it got None.
+        for i in created:
+            state[params[i]]["momentum_buffer"] = buffers[i]
 
 
 def _kept_step(group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
