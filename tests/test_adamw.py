@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from bame_optim import BAMESGD, BAMEAdamW
 from bame_optim.core.evolution import lma_scores
 from bame_optim.core.nm import is_nm_sparse, param_to_blocks
+from bame_optim.kernels import kept_adamw_cpu
 from bame_optim.reference import ReferenceBAMEAdamW
 
 from .strategies import examples, nm_patterns
@@ -256,6 +257,7 @@ def test_fused_names_the_device_and_dtype_it_cannot_run_on():
                 total_steps=30)
 
 
+@pytest.mark.skipif(not kept_adamw_cpu.available(), reason="no native kernel here")
 def test_fused_true_steps_sparse_weights_on_the_native_kernel_like_the_eager_path():
     torch.manual_seed(0)
     weight = torch.randn(8, 16)
