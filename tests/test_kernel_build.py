@@ -107,6 +107,25 @@ def test_kernel_test_modules_fail_rather_than_skip_when_required(monkeypatch):
         require_kernel(_Unavailable)
 
 
+@pytest.mark.parametrize("name", ["DISABLE_ENV", "REQUIRE_ENV", "NO_AVX512_ENV"])
+def test_environment_flags_read_words_and_refuse_anything_else(monkeypatch, name):
+    variable = getattr(native, name)
+    read = {"DISABLE_ENV": native.disabled, "REQUIRE_ENV": native.required,
+            "NO_AVX512_ENV": lambda: not native.avx512_allowed()}[name]
+    for value in ("1", "true", " TRUE ", "yes", "On"):
+        monkeypatch.setenv(variable, value)
+        assert read() is True, value
+    for value in ("", "0", "false", "No", "off "):
+        monkeypatch.setenv(variable, value)
+        assert read() is False, value
+    monkeypatch.delenv(variable)
+    assert read() is False
+    # the mistake: a value meant as "off" that the old reading took as set
+    monkeypatch.setenv(variable, "flase")
+    with pytest.raises(ValueError, match=f"Invalid {variable} value: 'flase'"):
+        read()
+
+
 def test_make_test_requires_the_native_kernels():
     makefile = (ROOT / "Makefile").read_text()
     target = makefile[makefile.index("\ntest:"):]

@@ -42,6 +42,7 @@ import torch
 
 __all__ = [
     "DISABLE_ENV",
+    "FLAG_VALUES",
     "NO_AVX512_ENV",
     "REQUIRE_ENV",
     "SOURCES",
@@ -67,11 +68,15 @@ HEADERS = (CSRC / "kept_common.h", CSRC / "kept_move.h", CSRC / "kept_simd.h",
            CSRC / "evolve_common.h", CSRC / "evolve_norm.h", CSRC / "evolve_chunks.h")
 
 DISABLE_ENV = "BAME_OPTIM_NO_NATIVE"
-"""Set to anything but ``""`` or ``"0"`` to disable the native kernels."""
+"""Set (``1``, see :data:`FLAG_VALUES`) to disable the native kernels."""
 REQUIRE_ENV = "BAME_OPTIM_REQUIRE_NATIVE"
-"""Set to anything but ``""`` or ``"0"`` to make an unavailable native kernel an error."""
+"""Set (``1``) to make an unavailable native kernel an error."""
 NO_AVX512_ENV = "BAME_OPTIM_NO_AVX512"
-"""Set to anything but ``""`` or ``"0"`` to keep the kept kernels on their AVX2 paths."""
+"""Set (``1``) to keep the kept kernels on their AVX2 paths."""
+FLAG_VALUES = {"1": True, "true": True, "yes": True, "on": True,
+               "": False, "0": False, "false": False, "no": False, "off": False}
+"""What the three variables may hold (case and surrounding blanks ignored). Anything else is
+a ``ValueError``: ``BAME_OPTIM_NO_AVX512=false`` must not switch AVX-512 off."""
 
 NAME = "bame_optim_kernels"
 EXPECTED_SECONDS = "a minute"
@@ -83,7 +88,14 @@ _state: dict[str, object] = {}  # "module", "error", "compile_seconds", "directo
 
 
 def _flag(name: str) -> bool:
-    return os.environ.get(name, "") not in ("", "0")
+    value = os.environ.get(name, "")
+    flag = FLAG_VALUES.get(value.strip().lower())
+    if flag is None:
+        raise ValueError(
+            f"Invalid {name} value: {value!r} (1, true, yes or on to set it; 0, false, no, off "
+            "or empty to leave it unset)"
+        )
+    return flag
 
 
 def disabled() -> bool:
