@@ -280,10 +280,9 @@ def tables_for(kept: list[Tensor | None], counts: list[int | None], m: int
             codes.append(0)
             continue
         key = (code.ndim, count)
-        table = seen.get(key, seen) if type(count) is int else seen  # seen: not looked up yet
-        if table is seen:
-            table = seen[key] = table_for(code, count, m, i)
-        tables.append(table)
+        if type(count) is not int or key not in seen:
+            seen[key] = table_for(code, count, m, i)
+        tables.append(seen[key])
         codes.append(count)
     return tables, codes
 
