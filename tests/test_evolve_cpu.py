@@ -213,6 +213,35 @@ def test_obf_freeze_of_many_blocks_with_a_mass_of_equal_values():
                                    top_fraction(norms, alpha))
 
 
+def test_obf_freeze_of_a_few_distinct_levels_at_every_fraction():
+    # The oscillation EMA early in training: a handful of distinct values, each a class of
+    # thousands of equal keys, so the sampled bracket's two ends are whole classes and the
+    # threshold is either end or a level strictly between them, depending on the fraction.
+    gen = torch.Generator().manual_seed(5)
+    k = 150_000
+    for dtype in DTYPES:
+        for levels in (2, 3, 7, 40):
+            osc = (torch.randint(0, levels, (k,), generator=gen).double() / levels).to(dtype)
+            norms = (torch.randint(0, levels, (k,), generator=gen).double() + 1).to(dtype)
+            for fraction in (0.01, 0.1, 0.25, 0.3, 0.5, 0.77, 0.97):
+                assert torch.equal(evolve_cpu.top_fraction(osc, fraction),
+                                   top_fraction(osc, fraction)), (dtype, levels, fraction)
+                assert torch.equal(evolve_cpu.obf_freeze(osc, norms, fraction, 1 - fraction),
+                                   obf_freeze(osc, norms, fraction, 1 - fraction))
+
+
+def test_obf_freeze_many_equals_one_parameter_at_a_time():
+    # Parameters of many sizes (small first, as in a ResNet) shared out among the threads.
+    gen = torch.Generator().manual_seed(9)
+    sizes = [7, 576, 0, 2304, 1, 9216, 150_000, 2304, 576, 9216]
+    osc = [(torch.randint(0, 6, (k,), generator=gen).float() / 5) for k in sizes]
+    norms = [torch.rand(k, generator=gen) for k in sizes]
+    got = evolve_cpu.obf_freeze_many(osc, norms, 0.3, 0.6)
+    assert len(got) == len(sizes)
+    for o, n, frozen in zip(osc, norms, got, strict=True):
+        assert torch.equal(frozen, obf_freeze(o, n, 0.3, 0.6))
+
+
 def test_top_fraction_of_many_values_takes_the_lowest_indices_among_ties():
     # Large enough for the radix selection's buckets to matter; every value tied four ways.
     values = (torch.arange(100_000) % 25_000).float() / 7

@@ -130,14 +130,24 @@ def folded_layouts(*tensors: Tensor) -> list[list[int]] | None:
     implied; the same for every tensor) and their strides ``(s0, s1, s2)``, and the stride of
     dimension 1; ``None`` if they do not fold into three. Two dimensions fold where they do in
     every tensor (a channels_last weight with a contiguous gradient folds less)."""
-    first = tensors[0]
-    dims = [0, *range(2, first.ndim)]
+    layouts = _folded_layouts(tuple((tuple(t.shape), t.stride()) for t in tensors))
+    return None if layouts is None else [list(layout) for layout in layouts]
+
+
+@lru_cache(maxsize=256)
+def _folded_layouts(
+    layouts: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...],
+) -> list[list[int]] | None:
+    """:func:`folded_layouts` of tensors given as ``(shape, strides)``: cached, as every update
+    step asks for the same few layouts (the callers get copies)."""
+    shape = layouts[0][0]
+    dims = [0, *range(2, len(shape))]
     folded: list[tuple[int, list[int]]] = []  # (size, strides per tensor)
     for d in dims:
-        size = first.shape[d]
+        size = shape[d]
         if size == 1:
             continue
-        strides = [t.stride(d) for t in tensors]
+        strides = [stride[d] for _, stride in layouts]
         if folded and all(s_outer == size * s for s_outer, s in
                                       zip(folded[-1][1], strides, strict=True)):
             folded[-1] = (folded[-1][0] * size, strides)
@@ -145,9 +155,9 @@ def folded_layouts(*tensors: Tensor) -> list[list[int]] | None:
             folded.append((size, strides))
     if len(folded) > _OUTER_DIMS:
         return None
-    folded = [(1, [0] * len(tensors))] * (_OUTER_DIMS - len(folded)) + folded
-    return [[folded[1][0], folded[2][0], *(f[1][i] for f in folded), t.stride(1)]
-            for i, t in enumerate(tensors)]
+    folded = [(1, [0] * len(layouts))] * (_OUTER_DIMS - len(folded)) + folded
+    return [[folded[1][0], folded[2][0], *(f[1][i] for f in folded), stride[1]]
+            for i, (_, stride) in enumerate(layouts)]
 
 
 def _plain(t: Tensor | None, device: torch.device | str = "cpu") -> bool:
@@ -377,8 +387,15 @@ def _norm_rows_contiguous(weight: Tensor, m: int) -> bool:
     (:func:`bame_optim.core.nm.param_to_blocks`) has stride 1 along ``M``, so that ATen takes
     its last-dimension path, the one the probe models: a copy does (``reshape`` copies where
     no view exists), a view where its last stride is 1 (e.g. not ``w.t()`` with ``in == M``)."""
+    return _rows_contiguous(tuple(weight.shape), weight.stride(), m)
+
+
+@lru_cache(maxsize=256)
+def _rows_contiguous(shape: tuple[int, ...], stride: tuple[int, ...], m: int) -> bool:
+    """:func:`_norm_rows_contiguous` of a layout, cached: where no view exists, finding out
+    raises, which costs more than the rest of a small parameter's update."""
     try:
-        view = weight.movedim(1, -1).view(-1, m)
+        view = torch.empty_strided(shape, stride, device="meta").movedim(1, -1).view(-1, m)
     except RuntimeError:
         return True  # param_to_blocks copies: contiguous rows
     return view.stride(-1) == 1

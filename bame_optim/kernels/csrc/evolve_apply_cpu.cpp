@@ -17,10 +17,12 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <numeric>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -122,30 +124,39 @@ Threshold<S> threshold(const S* values, int64_t size, double fraction) {
   const U hi = sample[std::min<int64_t>(rank + slack, samples - 1)];
   t.keys.resize(size);
   U* keys = t.keys.data();
-  int64_t above = 0, found = 0;
+  // The bracket's two ends are counted apart: on tied values (an EMA of flip counts holds a
+  // handful of distinct values) each end is a whole class of equal keys, and the answer is
+  // often one of them, found without a selection.
+  int64_t above = 0, at_hi = 0, inside = 0, at_lo = 0;
   for (int64_t i = 0; i < size; ++i) {  // vectorised
     const U key = mono(values[i]);
     keys[i] = key;
     above += key > hi;
-    found += (key >= lo) & (key <= hi);
+    at_hi += key == hi;
+    inside += (key > lo) & (key < hi);
+    at_lo += key == lo;
   }
+  if (lo == hi) at_lo = 0;  // one class, counted in at_hi
   const int64_t need = t.count - above;
-  std::vector<U> pool;
-  if (0 < need && need <= found && lo == hi) {  // every key in the bracket is the answer
-    t.key = lo;
+  if (0 < need && need <= at_hi) {
+    t.key = hi;
     t.ties = need;
-    t.all_ties = need == found;
-  } else if (0 < need && need <= found) {
-    pool.resize(found + 1);
+    t.all_ties = need == at_hi;
+  } else if (at_hi + inside < need && need <= at_hi + inside + at_lo) {
+    t.key = lo;
+    t.ties = need - at_hi - inside;
+    t.all_ties = t.ties == at_lo;
+  } else if (at_hi < need && need <= at_hi + inside) {  // strictly inside: all its ties too
+    std::vector<U> pool(inside + 1);
     int64_t at = 0;
     for (int64_t i = 0; i < size; ++i) {
-      pool[at] = keys[i];  // kept only where inside the bracket (no branch)
-      at += (keys[i] >= lo) & (keys[i] <= hi);
+      pool[at] = keys[i];  // kept only where strictly inside the bracket (no branch)
+      at += (keys[i] > lo) & (keys[i] < hi);
     }
-    pool.resize(found);
-    select_key(pool, need, t);
+    pool.resize(inside);
+    select_key(pool, need - at_hi, t);
   } else {
-    pool = t.keys;  // the bracket missed
+    std::vector<U> pool = t.keys;  // the bracket missed
     select_key(pool, t.count, t);
   }
   return t;
@@ -226,8 +237,17 @@ std::vector<at::Tensor> obf_freeze(const std::vector<at::Tensor>& oscillations,
                       "unsupported dtype ", osc.scalar_type());
     frozen[i] = at::empty({osc.numel()}, osc.options().dtype(at::kBool));
   }
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
+  // Largest first, each thread taking the next parameter as it finishes one: a contiguous
+  // split of the list (layer sizes grow with depth in a ResNet) left one thread idle.
+  std::vector<int64_t> order(items);
+  std::iota(order.begin(), order.end(), int64_t{0});
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
+    return oscillations[x].numel() > oscillations[y].numel();
+  });
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(items, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t taken = next++; taken < items; taken = next++) {
+      const int64_t i = order[taken];
       const int64_t size = oscillations[i].numel();
       bool* out = frozen[i].data_ptr<bool>();
       if (oscillations[i].scalar_type() == at::kFloat) {
