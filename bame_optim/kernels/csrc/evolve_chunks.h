@@ -28,6 +28,7 @@ struct EvolveArgs {
   bool revive_adam;
   bool zero_pruned;
   NormMode norm;
+  bool flat;  // weight and grad contiguous, dimension 1 the last one of size > 1: block k at k m
   std::atomic<bool>* finite;  // cleared where the gradient holds NaN or inf
 };
 
@@ -62,29 +63,68 @@ void evolve_chunks_f32(const EvolveArgs& a, int64_t k0, int64_t k1) {
   alignas(64) float sum[kChunk];
   alignas(64) float acc[kMaxM][kChunk];
   bool nonfinite = false;  // a gradient entry is NaN or inf (exponent all ones)
+  // Block k at offset k * MT in both tensors (a.flat): the chunk is read as two runs of floats
+  // and transposed, the checks vectorised.
+  const bool flat = a.flat;
+  alignas(64) uint32_t nonzero[kChunk];
   Cursor cur(a.wl, a.gl, k0);
   for (int64_t c0 = k0; c0 < k1; c0 += kChunk) {
     const int64_t nb = std::min(kChunk, k1 - c0);
-    for (int64_t b = 0; b < nb; ++b, cur.next()) {
-      float* wp = w_data + cur.off_a;
-      const float* gp = g_data + cur.off_b;
-      const uint64_t bits = decode<Code, RANKED>(a.kept, c0 + b);
-      kept[b] = static_cast<uint32_t>(bits);
-      uint32_t dirty = 0;
-      for (int64_t j = 0; j < MT; ++j) {
-        const float wj = wp[j * ws];
-        const float gj = gp[j * gs];
-        w[j][b] = wj;
-        g[j][b] = gj;
-        dirty |= static_cast<uint32_t>(std::bit_cast<uint32_t>(wj) != 0) << j;
-        nonfinite |= (std::bit_cast<uint32_t>(gj) & 0x7F800000u) == 0x7F800000u;
+    if (flat) {
+      float* wc = w_data + c0 * MT;
+      const float* gc = g_data + c0 * MT;
+      for (int64_t b = 0; b < nb; ++b) {
+        kept[b] = static_cast<uint32_t>(decode<Code, RANKED>(a.kept, c0 + b));
       }
-      dirty &= ~kept[b];
-      if (a.zero_pruned && dirty) {  // NMEngine.zero_pruned_ (rare: pruned weights are +0.0)
-        for (; dirty; dirty &= dirty - 1) {
-          const int64_t j = __builtin_ctz(dirty);
-          w[j][b] = 0.0f;
-          wp[j * ws] = 0.0f;
+      for (int64_t b = 0; b < nb; ++b) {
+        for (int64_t j = 0; j < MT; ++j) {
+          w[j][b] = wc[b * MT + j];
+          g[j][b] = gc[b * MT + j];
+        }
+      }
+      uint32_t exponent = 0;  // a gradient entry is NaN or inf (exponent all ones)
+      for (int64_t i = 0; i < nb * MT; ++i) {
+        exponent |= static_cast<uint32_t>(
+            (std::bit_cast<uint32_t>(gc[i]) & 0x7F800000u) == 0x7F800000u);
+      }
+      nonfinite |= exponent != 0;
+      for (int64_t b = 0; b < nb; ++b) nonzero[b] = 0;
+      for (int64_t j = 0; j < MT; ++j) {
+        for (int64_t b = 0; b < nb; ++b) {
+          nonzero[b] |= static_cast<uint32_t>(std::bit_cast<uint32_t>(w[j][b]) != 0) << j;
+        }
+      }
+      if (a.zero_pruned) {
+        for (int64_t b = 0; b < nb; ++b) {
+          for (uint32_t dirty = nonzero[b] & ~kept[b]; dirty; dirty &= dirty - 1) {
+            const int64_t j = __builtin_ctz(dirty);
+            w[j][b] = 0.0f;
+            wc[b * MT + j] = 0.0f;
+          }
+        }
+      }
+    } else {
+      for (int64_t b = 0; b < nb; ++b, cur.next()) {
+        float* wp = w_data + cur.off_a;
+        const float* gp = g_data + cur.off_b;
+        const uint64_t bits = decode<Code, RANKED>(a.kept, c0 + b);
+        kept[b] = static_cast<uint32_t>(bits);
+        uint32_t dirty = 0;
+        for (int64_t j = 0; j < MT; ++j) {
+          const float wj = wp[j * ws];
+          const float gj = gp[j * gs];
+          w[j][b] = wj;
+          g[j][b] = gj;
+          dirty |= static_cast<uint32_t>(std::bit_cast<uint32_t>(wj) != 0) << j;
+          nonfinite |= (std::bit_cast<uint32_t>(gj) & 0x7F800000u) == 0x7F800000u;
+        }
+        dirty &= ~kept[b];
+        if (a.zero_pruned && dirty) {  // NMEngine.zero_pruned_ (rare: pruned weights are +0.0)
+          for (; dirty; dirty &= dirty - 1) {
+            const int64_t j = __builtin_ctz(dirty);
+            w[j][b] = 0.0f;
+            wp[j * ws] = 0.0f;
+          }
         }
       }
     }

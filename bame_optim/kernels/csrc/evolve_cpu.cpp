@@ -289,6 +289,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> evolve_
     a.revive_adam = revive_adam;
     a.zero_pruned = zero_pruned;
     a.norm = NormMode{lanes, mode[1] != 0, mode[2] != 0, mode[3]};
+    a.flat = weight.is_contiguous() && grads[i].is_contiguous() &&
+             weight.numel() == weight.size(0) * weight.size(1);
     finite[i].store(true);
     a.finite = &finite[i];
     fns[i] = dt == at::kFloat ? pick_range<float>(a.kept, a.proposed, m)
