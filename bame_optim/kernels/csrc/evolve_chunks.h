@@ -3,6 +3,8 @@
 // evolve_range; the same operations lane by lane, so the same bits.
 #pragma once
 
+#include <ATen/cpu/vec/vec.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -149,14 +151,12 @@ void evolve_chunks_f32(const EvolveArgs& a, int64_t k0, int64_t k1) {
     }
     for (int64_t b = 0; b < kChunk; ++b) chosen[b] = 0;
     if constexpr (MT <= 8) {
-      // Entry j is in when fewer than n keys are above its own.
+      // Entry j is in when fewer than n keys are above its own (the count in a register).
       for (int64_t j = 0; j < MT; ++j) {
-        for (int64_t b = 0; b < kChunk; ++b) extreme[b] = 0;
-        for (int64_t i = 0; i < MT; ++i) {
-          for (int64_t b = 0; b < kChunk; ++b) extreme[b] += key[i][b] > key[j][b];
-        }
         for (int64_t b = 0; b < kChunk; ++b) {
-          chosen[b] |= static_cast<uint32_t>(extreme[b] < n) << j;
+          int64_t above = 0;
+          for (int64_t i = 0; i < MT; ++i) above += key[i][b] > key[j][b];
+          chosen[b] |= static_cast<uint32_t>(above < n) << j;
         }
       }
     } else {
@@ -222,7 +222,11 @@ void evolve_chunks_f32(const EvolveArgs& a, int64_t k0, int64_t k1) {
         for (int64_t b = 0; b < kChunk; ++b) sum[b] = sum[b] + x[b] * x[b];
       }
     }
-    for (int64_t b = 0; b < nb; ++b) norms[c0 + b] = std::sqrt(sum[b]);
+    // A vector square root (std::sqrt's scalar one waits on errno handling): exact either way.
+    using Vec = at::vec::Vectorized<float>;
+    int64_t b = 0;
+    for (; b + Vec::size() <= nb; b += Vec::size()) Vec::loadu(sum + b).sqrt().store(norms + c0 + b);
+    for (; b < nb; ++b) norms[c0 + b] = std::sqrt(sum[b]);
   }
   if (nonfinite) a.finite->store(false, std::memory_order_relaxed);
 }
