@@ -4,6 +4,7 @@ the weights, every buffer scattered into a dense ``[K, M]`` row and gathered bac
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -159,8 +160,9 @@ def test_apply_mask_of_a_few_moved_blocks(case):
 
 
 @examples(150)
-@given(case=mask_changes(), signed_zeros=st.booleans())
-def test_zero_pruned_equals_the_masked_fill(case, signed_zeros):
+@given(case=mask_changes(), signed_zeros=st.booleans(), fused=st.sampled_from((None, False)))
+def test_zero_pruned_equals_the_masked_fill(case, signed_zeros, fused):
+    """The native pass (``fused`` None, float32/float64 on the CPU) and the eager one."""
     p, state, _, _, m, _ = case
     mask = old_mask(state, m)
     if signed_zeros:  # pruned entries at +0.0 but some at -0.0: those must be rewritten
@@ -170,18 +172,19 @@ def test_zero_pruned_equals_the_masked_fill(case, signed_zeros):
         p.masked_fill_(pruned & some, -0.0)
     expected = p.clone()
     old_zero_pruned_(expected, state, m)
-    NMEngine(()).zero_pruned_(p, state, m)
+    NMEngine(()).zero_pruned_(p, state, m, fused=fused)
     assert equal_bits(p, expected)
 
 
-def test_zero_pruned_leaves_clean_weights_alone():
+@pytest.mark.parametrize("fused", [None, False])
+def test_zero_pruned_leaves_clean_weights_alone(fused):
     m, count = 16, 1
     p = torch.randn(8, 32)
     mask = exact_nm_mask(p.numel() // m, count, m, 0)
     p.masked_fill_(blocks_to_param(~mask, p.shape), 0)
     state = {"kept": encode_kept(mask, count), "kept_count": count}
     version = p._version
-    NMEngine(()).zero_pruned_(p, state, m)
+    NMEngine(()).zero_pruned_(p, state, m, fused=fused)
     assert p._version == version  # nothing was written
 
 

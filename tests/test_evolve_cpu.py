@@ -21,6 +21,7 @@ from bame_optim.core.evolution import block_norms, obf_freeze, top_fraction
 from bame_optim.core.kept import encode_kept
 from bame_optim.core.nm import param_to_blocks
 from bame_optim.kernels import evolve_cpu, evolve_reference, native
+from bame_optim.optim.engine import NMEngine
 
 from .bitwise import assert_apply_equals_eager, assert_bits, bits
 from .strategies import (
@@ -240,6 +241,27 @@ def test_obf_freeze_many_equals_one_parameter_at_a_time():
     assert len(got) == len(sizes)
     for o, n, frozen in zip(osc, norms, got, strict=True):
         assert torch.equal(frozen, obf_freeze(o, n, 0.3, 0.6))
+
+
+@examples(50)
+@given(case=cases(), signed_zeros=st.booleans())
+def test_zero_pruned_matches_the_eager_engine_bit_for_bit(case, signed_zeros):
+    weight, m, count = case["weight"], case["m"], case["count"]
+    code = encode_kept(case["kept"], count)
+    if not evolve_cpu.supports(weight, weight, code, count, m):
+        return
+    if signed_zeros:  # pruned entries -0.0 (not all bits 0: rewritten) or +0.0 (left alone)
+        pruned = _as_param(~case["kept"], weight.shape)
+        weight.masked_fill_(pruned & (weight > 0), -0.0).masked_fill_(pruned & (weight < 0), 0.0)
+    native_weight, eager_weight = weight.clone(), weight.clone()
+    native_weight.as_strided_(weight.shape, weight.stride())
+    eager_weight.as_strided_(weight.shape, weight.stride())
+    state = {"kept": code, "kept_count": count}
+    pruned_bits = bits(weight)[_as_param(~case["kept"], weight.shape)]
+    wrote = evolve_cpu.zero_pruned_(native_weight, code, count, m)
+    NMEngine(()).zero_pruned_(eager_weight, state, m, fused=False)
+    assert_bits(native_weight, eager_weight, "weight")
+    assert wrote == bool((pruned_bits != 0).any())
 
 
 def test_top_fraction_of_many_values_takes_the_lowest_indices_among_ties():

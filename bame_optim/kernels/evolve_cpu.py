@@ -79,6 +79,7 @@ __all__ = [
     "supports",
     "supports_on",
     "top_fraction",
+    "zero_pruned_",
 ]
 
 DTYPES = (torch.float32, torch.float64)
@@ -374,6 +375,17 @@ def apply_evolved_many(
         counts, proposed, frozen, m,
     )
     return new_kept, flips.tolist()
+
+
+def zero_pruned_(weight: Tensor, kept: Tensor, count: int, m: int) -> bool:
+    """:meth:`bame_optim.optim.engine.NMEngine.zero_pruned_` of one parameter in block layout
+    (:func:`supports` with the weight as its own gradient), in place and bit for bit: every
+    pruned entry that is not +0.0 set to +0.0, the kept ones untouched. One read of the
+    weight, through its strides; returns whether an entry was written."""
+    return _require().zero_pruned(
+        weight, folded_layouts(weight)[0], kept,  # type: ignore[index]
+        rank_masks(count, m) if kept.ndim == 1 else None, count, m,
+    )
 
 
 def _bit_patterns(mask: Tensor) -> Tensor:

@@ -247,11 +247,16 @@ class NMEngine:
             state["kept"] = distribute_state(codes, p, m)
         return flips
 
-    def zero_pruned_(self, p: Tensor, state: State, m: int) -> None:
+    def zero_pruned_(self, p: Tensor, state: State, m: int, *, fused: bool | None = None
+                     ) -> None:
         """Set every pruned weight of ``p`` to 0 (weights written from outside the optimizer,
-        e.g. by a model ``load_state_dict``, may have put values there)."""
+        e.g. by a model ``load_state_dict``, may have put values there). On the CPU, unless
+        ``fused`` is False, one native pass does it where it runs
+        (:func:`bame_optim.kernels.evolve_cpu.zero_pruned_`, the same bits)."""
         local = local_tensor(p)
         code, count = local_state(state["kept"]), state["kept_count"]
+        if fused is not False and _zero_pruned_natively(local, code, count, m):
+            return
         pruned = None
         # The fill changes nothing where every pruned entry already holds +0.0 (all bits 0;
         # -0.0 is not), the usual case: find that out by reading, cheaper than writing.
@@ -304,6 +309,19 @@ class NMEngine:
 
 
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _zero_pruned_natively(local: Tensor, code: Tensor, count: int, m: int) -> bool:
+    """:meth:`NMEngine.zero_pruned_` of a CPU tensor through the native pass, if it runs for
+    it (False: it does not, nothing was done)."""
+    if local.is_cuda or local.is_meta:
+        return False
+    from bame_optim.kernels import evolve_cpu
+
+    if not (evolve_cpu.supports(local, local, code, count, m) and evolve_cpu.available()):
+        return False
+    evolve_cpu.zero_pruned_(local, code, count, m)
+    return True
 
 
 def _bits(tensor: Tensor) -> Tensor | None:

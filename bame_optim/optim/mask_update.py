@@ -45,7 +45,7 @@ def update_masks(
     for p, state, index in sparse:
         fused = update and _evolves_fused(engine, rules, p, state, group)
         if reapply and not fused:  # (the fused passes set the pruned weights to 0 too)
-            engine.zero_pruned_(blocked(p, group), state, m)
+            engine.zero_pruned_(blocked(p, group), state, m, fused=group.get("fused"))
         if fused:
             batch.append((p, state, index))
         elif update:
@@ -118,7 +118,7 @@ def finalize_group(engine: NMEngine, group: dict[str, Any], sparse: list[tuple[T
         kept = engine.kept_mask(state, m)
         new = magnitude_mask(param_to_blocks(local_tensor(weight), m), kept, n)
         changed = engine.apply_mask(weight, state, new, n, m)
-        engine.zero_pruned_(weight, state, m)
+        engine.zero_pruned_(weight, state, m, fused=group.get("fused"))
         state.pop("oscillation", None)
         state["last_flips"], state["last_frozen"] = int(torch.count_nonzero(changed)), 0
     if sparse:

@@ -389,3 +389,59 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> apply_evolved(
   }
   return {out, flips};
 }
+
+namespace {
+
+// Blocks k0..k1 of zero_pruned: whether an entry was written.
+template <typename T, typename Code, bool RANKED>
+bool zero_range(T* weight, const Layout& wl, const Codes& kept, int64_t k0, int64_t k1) {
+  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  const uint64_t all = full_bits(wl.m);
+  bool wrote = false;
+  Cursor cur(wl, wl, k0);
+  for (int64_t k = k0; k < k1; ++k, cur.next()) {
+    T* wp = weight + cur.off_a;
+    for (uint64_t pruned = all & ~decode<Code, RANKED>(kept, k); pruned; pruned &= pruned - 1) {
+      T& w = wp[__builtin_ctzll(pruned) * wl.s_in];
+      if (std::bit_cast<Bits>(w) != 0) {  // +0.0 stays as it is (the usual case)
+        w = T(0);
+        wrote = true;
+      }
+    }
+  }
+  return wrote;
+}
+
+template <typename T>
+bool zero_blocks(T* weight, const Layout& wl, const Codes& kept, int64_t k0, int64_t k1) {
+  if (!kept.ranked) return zero_range<T, uint8_t, false>(weight, wl, kept, k0, k1);
+  return kept.dtype == at::kByte ? zero_range<T, uint8_t, true>(weight, wl, kept, k0, k1)
+                                 : zero_range<T, int16_t, true>(weight, wl, kept, k0, k1);
+}
+
+}  // namespace
+
+// NMEngine.zero_pruned_ of one parameter: every pruned entry whose bits are not all 0 set to
+// +0.0, kept entries untouched (NaN payloads included); whether an entry was written.
+bool zero_pruned(const at::Tensor& weight, const std::vector<int64_t>& layout,
+                 const at::Tensor& kept, const std::optional<at::Tensor>& masks, int64_t count,
+                 int64_t m) {
+  TORCH_CHECK_VALUE(2 <= m && m <= kMaxM, "Invalid m value: ", m, " (2 <= m <= ", kMaxM, ")");
+  const at::ScalarType dt = check_pair(weight, weight);
+  const int64_t blocks = weight.numel() / m;
+  const Layout wl = make_layout(weight, layout, m, "weight");
+  const Codes codes = make_codes(kept, masks, count, blocks, m, "kept", true);
+  TORCH_CHECK_VALUE(codes.ranked ? (codes.dtype == at::kByte || codes.dtype == at::kShort)
+                                 : codes.dtype == at::kByte,
+                    "kept: ranks must be uint8 or int16, positions uint8");
+  std::atomic<bool> wrote{false};
+  at::parallel_for(0, blocks, kGrain * kApplyGrain, [&](int64_t k0, int64_t k1) {
+    const bool here = dt == at::kFloat
+                          ? zero_blocks(weight.data_ptr<float>(), wl, codes, k0, k1)
+                          : zero_blocks(weight.data_ptr<double>(), wl, codes, k0, k1);
+    if (here) wrote.store(true, std::memory_order_relaxed);
+  });
+  const bool any = wrote.load();
+  if (any) bump_version(weight);
+  return any;
+}

@@ -52,6 +52,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> apply_evolved(
     const std::vector<std::vector<at::Tensor>>& buffers, const std::vector<at::Tensor>& kept,
     const std::vector<std::optional<at::Tensor>>& masks, const std::vector<int64_t>& counts,
     const std::vector<at::Tensor>& proposed, const std::vector<at::Tensor>& frozen, int64_t m);
+bool zero_pruned(const at::Tensor& weight, const std::vector<int64_t>& layout,
+                 const at::Tensor& kept, const std::optional<at::Tensor>& masks, int64_t count,
+                 int64_t m);
 at::Tensor probe_norm(const at::Tensor& rows, const std::vector<int64_t>& norm_mode);
 bool cpu_has_avx512();  // kept_sgd_cpu.cpp
 
@@ -173,6 +176,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              py::call_guard<py::gil_scoped_release>());
   module.def("apply_evolved", &apply_evolved,
              "New kept sets, newly pruned weights zeroed, compact buffers remapped (CPU)",
+             py::call_guard<py::gil_scoped_release>());
+  module.def("zero_pruned", &zero_pruned,
+             "Pruned weights not +0.0 set to +0.0, in place; whether one was (CPU)",
              py::call_guard<py::gil_scoped_release>());
   module.def("cpu_has_avx512", &cpu_has_avx512,
              "Whether this CPU runs the kernels' AVX-512 paths (F, BW, DQ, VL)");
