@@ -19,6 +19,9 @@ count, rank, select again, encode, decode, remap. Here it is three native passes
    compact buffers' rows of the changed blocks moved in place
    (:func:`bame_optim.core.kept.remap_kept`); returns the number of flipped entries.
 
+Beside them :func:`zero_pruned_`, :meth:`bame_optim.optim.engine.NMEngine.zero_pruned_` in one
+pass (the gradual phase runs it on every update step).
+
 Equality: the scores, the EMA and the norm round operation by operation as ATen's CPU kernels
 do (products rounded before the next operation; scalars cast to the score dtype first), and the
 selections are exact (strict total orders, so any algorithm gives the same set). The norm is
