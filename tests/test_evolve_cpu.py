@@ -301,6 +301,28 @@ def test_apply_evolved_rejects_a_bad_code_before_writing():
     assert torch.equal(weight, before)
 
 
+@pytest.mark.parametrize(("n", "m", "bad"), [(2, 4, 200), (8, 16, -1), (8, 16, 20000),
+                                           (16, 32, 40)])
+def test_every_pass_rejects_a_bad_stored_code_before_writing(n, m, bad):
+    # uint8 ranks beyond the table, int16 ranks below 0 or beyond it, positions >= m.
+    weight, grad = torch.randn(2, 3 * m), torch.randn(2, 3 * m)
+    good = encode_kept(exact_nm_mask(6, n, m, 0), n)
+    corrupt = good.clone()
+    corrupt[3] = bad
+    before = weight.clone()
+    passes = {
+        "evolve_blocks": lambda: evolve_cpu.evolve_blocks(
+            weight, grad, corrupt, n, None, n=n, m=m, lr=0.1, gamma=0.9, zero_pruned=True),
+        "apply_evolved_": lambda: evolve_cpu.apply_evolved_(
+            weight, [], good, n, corrupt, torch.zeros(6, dtype=torch.bool), m),
+        "zero_pruned_": lambda: evolve_cpu.zero_pruned_(weight, corrupt, n, m),
+    }
+    for name, run in passes.items():
+        with pytest.raises(ValueError, match="outside"):
+            run()
+        assert torch.equal(weight, before), name
+
+
 def test_supports_names_what_the_passes_take():
     w, g = torch.randn(4, 8), torch.randn(4, 8)
     kept = encode_kept(exact_nm_mask(8, 2, 4, 0), 2)

@@ -11,6 +11,8 @@
 #include <optional>
 #include <vector>
 
+#include "kept_common.h"
+
 namespace bame_evolve {
 
 constexpr int64_t kMaxM = 64;
@@ -129,18 +131,6 @@ inline void encode(const Codes& c, uint64_t bits, int64_t k) {
   }
 }
 
-// One serial (vectorised) pass: a byte or two per block, cheaper than a parallel region.
-template <typename Code>
-inline bool codes_in_range(const at::Tensor& t, int64_t limit) {
-  const Code* d = static_cast<const Code*>(t.data_ptr());
-  bool ok = true;
-  for (int64_t i = 0; i < t.numel(); ++i) {
-    const int64_t v = static_cast<int64_t>(d[i]);
-    ok &= (v >= 0) & (v < limit);
-  }
-  return ok;
-}
-
 inline bool supported_code(at::ScalarType dt) {
   return dt == at::kByte || dt == at::kShort || dt == at::kLong;
 }
@@ -180,9 +170,9 @@ inline Codes make_codes(const at::Tensor& kept, const std::optional<at::Tensor>&
                       ", ", count, "]");
   }
   if (check_values && kept.numel()) {
-    const bool ok = dt == at::kByte    ? codes_in_range<uint8_t>(kept, limit)
-                    : dt == at::kShort ? codes_in_range<int16_t>(kept, limit)
-                                       : codes_in_range<int64_t>(kept, limit);
+    // One serial pass (kept_common.h's, vectorised: smallest and largest code), a byte or two
+    // per block, cheaper than a parallel region.
+    const bool ok = bame::codes_ok(kept, limit);
     TORCH_CHECK_VALUE(ok, what, " holds a code outside [0, ", limit,
                       ") (a rank beyond the table or a position >= m)");
   }
