@@ -290,6 +290,25 @@ def test_apply_evolved_matches_apply_mask_bit_for_bit(case, frozen_share, buffer
                               frozen, m)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "channels_last"])
+def test_apply_evolved_of_a_few_far_apart_changed_blocks(layout):
+    # The usual update after the first: a handful of blocks change, hundreds of blocks apart,
+    # in a layout where block k is not at k * M, so the pass must find each one's weights.
+    shape = (48, 64, 3, 3) if layout == "channels_last" else (96, 256)
+    m, count = 4, 2
+    k = torch.Size(shape).numel() // m
+    weight = in_layout(torch.randn(shape, generator=torch.Generator().manual_seed(3)), layout)
+    old = encode_kept(exact_nm_mask(k, count, m, 0), count)
+    proposal = old.clone()
+    for block in (0, 1, 70, 71, 900, 2047, 2048, 2049, k - 1):  # runs, gaps, chunk edges
+        proposal[block] = (int(old[block]) + 1) % 6  # another of the 6 kept sets of 2 of 4
+    frozen = torch.zeros(k, dtype=torch.bool)
+    frozen[71] = True  # a changed proposal that a frozen block ignores
+    values = [torch.randn(k, count, dtype=weight.dtype, generator=torch.Generator().manual_seed(4))]
+    assert_apply_equals_eager(evolve_cpu.apply_evolved_, weight, values, old, count, proposal,
+                              frozen, m)
+
+
 def test_apply_evolved_rejects_a_bad_code_before_writing():
     weight = torch.randn(4, 8)
     old = encode_kept(exact_nm_mask(8, 2, 4, 0), 2)

@@ -34,6 +34,8 @@ namespace {
 
 using namespace bame_evolve;
 
+constexpr int64_t kApplyRun = 64;  // blocks whose codes apply_range compares in one loop
+
 template <typename T, typename Code, bool RANKED>
 void apply_range(T* weight, const Layout& wl, const std::vector<T*>& buffers, const Codes& kept,
                  const Codes& proposed, const bool* frozen, const Codes& out, int64_t k0,
@@ -42,21 +44,13 @@ void apply_range(T* weight, const Layout& wl, const std::vector<T*>& buffers, co
   const Code* old_codes = static_cast<const Code*>(kept.data);
   const Code* new_codes = static_cast<const Code*>(proposed.data);
   Code* out_codes = static_cast<Code*>(out.data);
-  const int64_t width = RANKED ? 1 : count;  // code entries per block
   T row[kMaxM];
-  Cursor cur(wl, wl, k0);
-  for (int64_t k = k0; k < k1; ++k, cur.next()) {
-    const Code* source = (frozen[k] ? old_codes : new_codes) + k * width;
-    bool same = true;
-    for (int64_t i = 0; i < width; ++i) {
-      out_codes[k * width + i] = source[i];
-      same &= source[i] == old_codes[k * width + i];
-    }
-    if (same) continue;
+  // Block k, its weights at offset off, takes the proposed kept set.
+  auto move = [&](int64_t k, int64_t off) {
     const uint64_t old = decode<Code, RANKED>(kept, k);
     const uint64_t now = decode<Code, RANKED>(proposed, k);
     flips += __builtin_popcountll(now ^ old);
-    T* wp = weight + cur.off_a;
+    T* wp = weight + off;
     for (uint64_t pruned = old & ~now; pruned; pruned &= pruned - 1) {
       wp[__builtin_ctzll(pruned) * wl.s_in] = T(0);
     }
@@ -69,6 +63,53 @@ void apply_range(T* weight, const Layout& wl, const std::vector<T*>& buffers, co
         // Kept by both: the value moves to its new slot; revived: 0 (core.kept.remap_kept).
         values[i] = (old & bit) ? row[__builtin_popcountll(old & (bit - 1))] : T(0);
       }
+    }
+  };
+  if constexpr (RANKED) {
+    // One code per block: a run of kApplyRun blocks has its codes chosen and compared in one
+    // vectorised loop (__restrict: byte-sized codes could otherwise alias anything), and only
+    // the blocks whose kept set changed are visited (usually a few percent after the first
+    // update), the cursor stepped to them or placed anew over long gaps.
+    const Code* __restrict was = old_codes;
+    const Code* __restrict fresh = new_codes;
+    const uint8_t* __restrict keep = reinterpret_cast<const uint8_t*>(frozen);  // 0 or 1
+    Code* __restrict now = out_codes;
+    alignas(64) uint8_t changed[kApplyRun];
+    Cursor cur(wl, wl, k0);
+    int64_t at = k0;
+    for (int64_t r0 = k0; r0 < k1; r0 += kApplyRun) {
+      const int64_t len = std::min(kApplyRun, k1 - r0);
+      uint8_t any = 0;
+      for (int64_t i = 0; i < len; ++i) {
+        const Code before = was[r0 + i];
+        const Code frozen_bits = static_cast<Code>(Code(0) - static_cast<Code>(keep[r0 + i]));
+        const Code code = static_cast<Code>((before & frozen_bits) | (fresh[r0 + i] & ~frozen_bits));
+        now[r0 + i] = code;  // a select, not a branch: frozen is ~20% of blocks, unpredictable
+        changed[i] = code != before;
+        any |= changed[i];
+      }
+      if (!any) continue;
+      for (int64_t i = 0; i < len; ++i) {
+        if (!changed[i]) continue;
+        const int64_t k = r0 + i;
+        if (k - at > kApplyRun) {
+          cur.seek(k);
+          at = k;
+        }
+        for (; at < k; ++at) cur.next();
+        move(k, cur.off_a);
+      }
+    }
+  } else {
+    Cursor cur(wl, wl, k0);
+    for (int64_t k = k0; k < k1; ++k, cur.next()) {
+      const Code* source = (frozen[k] ? old_codes : new_codes) + k * count;
+      bool same = true;
+      for (int64_t i = 0; i < count; ++i) {
+        out_codes[k * count + i] = source[i];
+        same &= source[i] == old_codes[k * count + i];
+      }
+      if (!same) move(k, cur.off_a);
     }
   }
 }

@@ -52,7 +52,8 @@ struct Cursor {
   const Layout& b;
   int64_t ib = 0, i2 = 0, i1 = 0, i0 = 0;
   int64_t off_a = 0, off_b = 0;
-  Cursor(const Layout& la, const Layout& lb, int64_t k) : a(la), b(lb) {
+  Cursor(const Layout& la, const Layout& lb, int64_t k) : a(la), b(lb) { seek(k); }
+  void seek(int64_t k) {  // to block k (divisions: next() is cheaper to the following block)
     ib = k % a.per_row;
     int64_t outer = k / a.per_row;
     i2 = outer % a.n2;
