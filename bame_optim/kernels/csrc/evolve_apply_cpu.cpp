@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <numeric>
 #include <optional>
 #include <tuple>
@@ -154,7 +155,11 @@ Threshold<S> threshold(const S* values, int64_t size, double fraction) {
   Threshold<S> t;
   t.size = size;
   t.count = static_cast<int64_t>(fraction * static_cast<double>(size));
-  if (t.count <= 0 || t.count >= size) return t;
+  if (t.count <= 0 || t.count >= size) {  // nothing or everything in: the keys for cut_of only
+    t.keys.resize(size);
+    for (int64_t i = 0; i < size; ++i) t.keys[i] = mono(values[i]);
+    return t;
+  }
   std::vector<U> sample;
   for (int64_t i = 0; i < size; i += kSampleStride) sample.push_back(mono(values[i]));
   std::sort(sample.begin(), sample.end());
@@ -232,6 +237,37 @@ void members(const Threshold<S>& t, bool* out, bool both, bool ties_out = false)
   }
 }
 
+// A threshold's membership as one comparison per key: above `key`, or equal to it at an index
+// below `split` (the ties that are in are the lowest-indexed ones). Nothing in: the largest key
+// and split 0; everything: key 0 and split size. With `ties_out` the caller knows that the
+// blocks tied at the threshold are out anyway, so no split is searched for.
+template <typename U>
+struct Cut {
+  U key;
+  int64_t split;
+};
+
+constexpr int64_t kTieRun = 256;  // keys counted per vectorised run when searching the split
+
+template <typename S>
+Cut<typename Threshold<S>::U> cut_of(const Threshold<S>& t, bool ties_out) {
+  using U = typename Threshold<S>::U;
+  if (t.count <= 0) return {std::numeric_limits<U>::max(), 0};
+  if (t.count >= t.size) return {U(0), t.size};
+  if (t.all_ties) return {t.key, t.size};
+  if (ties_out) return {t.key, 0};
+  const U* keys = t.keys.data();
+  int64_t left = t.ties, i = 0;  // find the index after the t.ties-th key equal to t.key
+  for (; left > 0 && i + kTieRun <= t.size; i += kTieRun) {
+    int64_t equal = 0;
+    for (int64_t j = i; j < i + kTieRun; ++j) equal += keys[j] == t.key;
+    if (equal >= left) break;
+    left -= equal;
+  }
+  for (; left > 0; ++i) left -= keys[i] == t.key;
+  return {t.key, i};
+}
+
 template <typename S>
 void obf_freeze_into(const S* osc, const S* norms, int64_t size, double alpha, double beta,
                      bool* out) {
@@ -246,11 +282,17 @@ void obf_freeze_into(const S* osc, const S* norms, int64_t size, double alpha, d
       }
     }
   });
-  for (int64_t i = 0; i < size; ++i) out[i] = osc[i] > S(0);
   // A threshold at or below +0 (most blocks never flipped: O = 0, and beta K of them reach
   // into the zeros) ties only blocks that O > 0 has already left out.
-  members(by_osc, out, true, by_osc.key <= mono(S(0)));
-  members(by_norm, out, true);
+  const auto o = cut_of(by_osc, by_osc.key <= mono(S(0)));
+  const auto w = cut_of(by_norm, false);
+  const auto* osc_keys = by_osc.keys.data();
+  const auto* norm_keys = by_norm.keys.data();
+  for (int64_t i = 0; i < size; ++i) {  // one vectorised pass
+    const bool in_osc = (osc_keys[i] > o.key) | ((osc_keys[i] == o.key) & (i < o.split));
+    const bool in_norm = (norm_keys[i] > w.key) | ((norm_keys[i] == w.key) & (i < w.split));
+    out[i] = (osc[i] > S(0)) & in_osc & in_norm;
+  }
 }
 
 }  // namespace
