@@ -61,7 +61,7 @@ __all__ = [
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = (CSRC / "kept_sgd_cpu.cpp", CSRC / "kept_adamw_cpu.cpp", CSRC / "evolve_cpu.cpp",
-           CSRC / "evolve_apply_cpu.cpp", CSRC / "module.cpp")
+           CSRC / "evolve_obf_cpu.cpp", CSRC / "evolve_apply_cpu.cpp", CSRC / "module.cpp")
 """The C++ sources of the extension (package data); :data:`HEADERS` are hashed with them."""
 HEADERS = (CSRC / "kept_common.h", CSRC / "kept_move.h", CSRC / "kept_simd.h",
            CSRC / "kept_tiles.h", CSRC / "kept_tiles512.h", CSRC / "kept_streams.h",
