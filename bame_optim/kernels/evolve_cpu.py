@@ -60,6 +60,7 @@ from bame_optim.core.kept import (
 from bame_optim.core.nm import param_to_blocks
 from bame_optim.core.validation import check_fraction
 from bame_optim.kernels import native
+from bame_optim.kernels.block_layout import folded_layouts
 from bame_optim.kernels.native import DISABLE_ENV, disabled
 
 __all__ = [
@@ -99,7 +100,6 @@ _LANES = (8, 16, 4, 32, 2, 1)
 _GROUPS = (0, 4, 2, 8)
 _CPU = torch.device("cpu")
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
-_OUTER_DIMS = 3
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "norm_modes": {dtype: (lanes, lane_fma, tail_fma) or None}
@@ -126,42 +126,6 @@ def norm_mode(dtype: torch.dtype) -> tuple[int, int, int, int] | None:
     if _load() is None:
         return None
     return _state["norm_modes"].get(dtype)  # type: ignore[union-attr]
-
-
-def folded_layouts(*tensors: Tensor) -> list[list[int]] | None:
-    """Per tensor ``[n1, n2, s0, s1, s2, s_in]``: the dimensions other than 1 of tensors of one
-    shape, in block order, folded into three strided ones of sizes ``(n0, n1, n2)`` (``n0``
-    implied; the same for every tensor) and their strides ``(s0, s1, s2)``, and the stride of
-    dimension 1; ``None`` if they do not fold into three. Two dimensions fold where they do in
-    every tensor (a channels_last weight with a contiguous gradient folds less)."""
-    layouts = _folded_layouts(tuple((tuple(t.shape), t.stride()) for t in tensors))
-    return None if layouts is None else [list(layout) for layout in layouts]
-
-
-@lru_cache(maxsize=256)
-def _folded_layouts(
-    layouts: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...],
-) -> list[list[int]] | None:
-    """:func:`folded_layouts` of tensors given as ``(shape, strides)``: cached, as every update
-    step asks for the same few layouts (the callers get copies)."""
-    shape = layouts[0][0]
-    dims = [0, *range(2, len(shape))]
-    folded: list[tuple[int, list[int]]] = []  # (size, strides per tensor)
-    for d in dims:
-        size = shape[d]
-        if size == 1:
-            continue
-        strides = [stride[d] for _, stride in layouts]
-        if folded and all(s_outer == size * s for s_outer, s in
-                                      zip(folded[-1][1], strides, strict=True)):
-            folded[-1] = (folded[-1][0] * size, strides)
-        else:
-            folded.append((size, strides))
-    if len(folded) > _OUTER_DIMS:
-        return None
-    folded = [(1, [0] * len(layouts))] * (_OUTER_DIMS - len(folded)) + folded
-    return [[folded[1][0], folded[2][0], *(f[1][i] for f in folded), stride[1]]
-            for i, (_, stride) in enumerate(layouts)]
 
 
 def _plain(t: Tensor | None, device: torch.device | str = "cpu") -> bool:
