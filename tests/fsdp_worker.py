@@ -11,6 +11,8 @@ full weights, this rank's masks with their block ranges, and the same after the 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -108,11 +110,17 @@ def main() -> None:
         args.out / f"rank{rank}.pt",
     )
     # No rank tears its process group down while the other may still be in its last
-    # collective: gloo aborted one rank here once on CI ("terminate called without an active
-    # exception"), not reproduced in 66 local runs.
+    # collective.
     dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    # Gloo's worker threads can still be joinable when the interpreter finalizes, and then a
+    # rank aborts after its results are saved ("terminate called without an active exception":
+    # about 1 run in 30 under load here, and once on CI): leave without finalizing, as
+    # everything this worker owes the test is already on disk.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
