@@ -342,6 +342,16 @@ def test_every_pass_rejects_a_bad_stored_code_before_writing(n, m, bad):
         assert torch.equal(weight, before), name
 
 
+def test_apply_and_zero_name_a_stored_form_they_do_not_take():
+    weight = torch.randn(2, 12)
+    good = encode_kept(exact_nm_mask(6, 2, 4, 0), 2)
+    wide = good.long()  # int64 ranks: a form encode_kept never stores for 2 of 4
+    with pytest.raises(ValueError, match=r"kept: ranks must be uint8 or int16, positions uint8"):
+        evolve_cpu.zero_pruned_(weight, wide, 2, 4)
+    with pytest.raises(ValueError, match=r"kept\[0\]: ranks must be uint8 or int16"):
+        evolve_cpu.apply_evolved_(weight, [], wide, 2, wide, torch.zeros(6, dtype=torch.bool), 4)
+
+
 def test_supports_names_what_the_passes_take():
     w, g = torch.randn(4, 8), torch.randn(4, 8)
     kept = encode_kept(exact_nm_mask(8, 2, 4, 0), 2)

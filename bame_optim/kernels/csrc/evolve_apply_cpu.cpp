@@ -33,6 +33,24 @@ using namespace bame_evolve;
 constexpr int64_t kApplyRun = 64;  // blocks whose codes apply_range compares in one loop
 constexpr int64_t kApplyGrain = 4;  // chunks of kGrain blocks per task of apply_evolved
 
+// The stored forms apply_evolved and zero_pruned take: uint8 or int16 ranks, uint8 positions.
+inline bool taken_form(const Codes& c) {
+  return c.ranked ? (c.dtype == at::kByte || c.dtype == at::kShort) : c.dtype == at::kByte;
+}
+constexpr const char* kTakenForms = "ranks must be uint8 or int16, positions uint8";
+
+// run.template operator()<Code, RANKED>() for the stored form of c (one taken_form accepts).
+template <typename F>
+void with_form(const Codes& c, F&& run) {
+  if (!c.ranked) {
+    run.template operator()<uint8_t, false>();
+  } else if (c.dtype == at::kByte) {
+    run.template operator()<uint8_t, true>();
+  } else {
+    run.template operator()<int16_t, true>();
+  }
+}
+
 template <typename T, typename Code, bool RANKED>
 void apply_range(T* weight, const Layout& wl, const std::vector<T*>& buffers, const Codes& kept,
                  const Codes& proposed, const bool* frozen, const Codes& out, int64_t k0,
@@ -131,17 +149,10 @@ void apply_item(const ApplyItem& it, int64_t k0, int64_t k1, int64_t& flips) {
 }
 
 void apply_blocks(const ApplyItem& it, int64_t k0, int64_t k1, int64_t& flips) {
-  const bool f32 = it.dtype == at::kFloat;
-  if (!it.old_codes.ranked) {
-    f32 ? apply_item<float, uint8_t, false>(it, k0, k1, flips)
-        : apply_item<double, uint8_t, false>(it, k0, k1, flips);
-  } else if (it.old_codes.dtype == at::kByte) {
-    f32 ? apply_item<float, uint8_t, true>(it, k0, k1, flips)
-        : apply_item<double, uint8_t, true>(it, k0, k1, flips);
-  } else {
-    f32 ? apply_item<float, int16_t, true>(it, k0, k1, flips)
-        : apply_item<double, int16_t, true>(it, k0, k1, flips);
-  }
+  with_form(it.old_codes, [&]<typename Code, bool RANKED>() {
+    it.dtype == at::kFloat ? apply_item<float, Code, RANKED>(it, k0, k1, flips)
+                           : apply_item<double, Code, RANKED>(it, k0, k1, flips);
+  });
 }
 
 }  // namespace
@@ -178,10 +189,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> apply_evolved(
     TORCH_CHECK_VALUE(proposed[i].scalar_type() == kept[i].scalar_type() &&
                           proposed[i].dim() == kept[i].dim(),
                       "proposed[", i, "] must be in kept's stored form");
-    TORCH_CHECK_VALUE(it.old_codes.ranked ? (kept[i].scalar_type() == at::kByte ||
-                                             kept[i].scalar_type() == at::kShort)
-                                          : kept[i].scalar_type() == at::kByte,
-                      "kept[", i, "]: ranks must be uint8 or int16, positions uint8");
+    TORCH_CHECK_VALUE(taken_form(it.old_codes), "kept[", i, "]: ", kTakenForms);
     const at::Tensor& f = frozen[i];
     TORCH_CHECK_VALUE(f.scalar_type() == at::kBool && f.dim() == 1 && f.size(0) == blocks &&
                           f.is_contiguous() && f.device().is_cpu(),
@@ -245,9 +253,11 @@ bool zero_range(T* weight, const Layout& wl, const Codes& kept, int64_t k0, int6
 
 template <typename T>
 bool zero_blocks(T* weight, const Layout& wl, const Codes& kept, int64_t k0, int64_t k1) {
-  if (!kept.ranked) return zero_range<T, uint8_t, false>(weight, wl, kept, k0, k1);
-  return kept.dtype == at::kByte ? zero_range<T, uint8_t, true>(weight, wl, kept, k0, k1)
-                                 : zero_range<T, int16_t, true>(weight, wl, kept, k0, k1);
+  bool wrote = false;
+  with_form(kept, [&]<typename Code, bool RANKED>() {
+    wrote = zero_range<T, Code, RANKED>(weight, wl, kept, k0, k1);
+  });
+  return wrote;
 }
 
 }  // namespace
@@ -262,9 +272,7 @@ bool zero_pruned(const at::Tensor& weight, const std::vector<int64_t>& layout,
   const int64_t blocks = weight.numel() / m;
   const Layout wl = make_layout(weight, layout, m, "weight");
   const Codes codes = make_codes(kept, masks, count, blocks, m, "kept", true);
-  TORCH_CHECK_VALUE(codes.ranked ? (codes.dtype == at::kByte || codes.dtype == at::kShort)
-                                 : codes.dtype == at::kByte,
-                    "kept: ranks must be uint8 or int16, positions uint8");
+  TORCH_CHECK_VALUE(taken_form(codes), "kept: ", kTakenForms);
   std::atomic<bool> wrote{false};
   at::parallel_for(0, blocks, kGrain * kApplyGrain, [&](int64_t k0, int64_t k1) {
     const bool here = dt == at::kFloat
