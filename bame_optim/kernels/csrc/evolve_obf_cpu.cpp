@@ -120,35 +120,6 @@ Threshold<S> threshold(const S* values, int64_t size, double fraction) {
   return t;
 }
 
-// Writes (or with `both` ANDs into) out the membership of a threshold, bool [size]. With
-// `ties_out` the caller knows that out is already false wherever a key equals t.key, so which
-// of those ties are in does not matter: a comparison (vectorised) instead of counting them.
-template <typename S>
-void members(const Threshold<S>& t, bool* out, bool both, bool ties_out = false) {
-  if (t.count <= 0 || t.count >= t.size) {
-    const bool all = t.count >= t.size;
-    for (int64_t i = 0; i < t.size; ++i) out[i] = (both ? out[i] : true) & all;
-    return;
-  }
-  const auto* keys = t.keys.data();
-  if (t.all_ties) {  // no tie left out: a comparison (vectorised)
-    for (int64_t i = 0; i < t.size; ++i) out[i] = (both ? out[i] : true) & (keys[i] >= t.key);
-    return;
-  }
-  if (ties_out) {
-    for (int64_t i = 0; i < t.size; ++i) out[i] = (both ? out[i] : true) & (keys[i] > t.key);
-    return;
-  }
-  int64_t ties_left = t.ties;
-  for (int64_t i = 0; i < t.size; ++i) {
-    const auto key = keys[i];
-    const bool tie = (key == t.key) & (ties_left > 0);
-    ties_left -= tie;
-    const bool in = (key > t.key) | tie;
-    out[i] = (both ? out[i] : true) & in;
-  }
-}
-
 // A threshold's membership as one comparison per key: above `key`, or equal to it at an index
 // below `split` (the ties that are in are the lowest-indexed ones). Nothing in: the largest key
 // and split 0; everything: key 0 and split size. With `ties_out` the caller knows that the
@@ -157,6 +128,7 @@ template <typename U>
 struct Cut {
   U key;
   int64_t split;
+  bool in(U k, int64_t i) const { return (k > key) | ((k == key) & (i < split)); }
 };
 
 constexpr int64_t kTieRun = 256;  // keys counted per vectorised run when searching the split
@@ -201,9 +173,7 @@ void obf_freeze_into(const S* osc, const S* norms, int64_t size, double alpha, d
   const auto* osc_keys = by_osc.keys.data();
   const auto* norm_keys = by_norm.keys.data();
   for (int64_t i = 0; i < size; ++i) {  // one vectorised pass
-    const bool in_osc = (osc_keys[i] > o.key) | ((osc_keys[i] == o.key) & (i < o.split));
-    const bool in_norm = (norm_keys[i] > w.key) | ((norm_keys[i] == w.key) & (i < w.split));
-    out[i] = (osc[i] > S(0)) & in_osc & in_norm;
+    out[i] = (osc[i] > S(0)) & o.in(osc_keys[i], i) & w.in(norm_keys[i], i);
   }
 }
 
@@ -264,7 +234,11 @@ at::Tensor top_fraction(const at::Tensor& values, double fraction) {
   const int64_t size = values.numel();
   at::Tensor out = at::empty({size}, values.options().dtype(at::kBool));
   bool* o = out.data_ptr<bool>();
-  auto run = [&](const auto* v) { members(threshold(v, size, fraction), o, false); };
+  auto run = [&](const auto* v) {
+    const auto t = threshold(v, size, fraction);
+    const auto cut = cut_of(t, false);
+    for (int64_t i = 0; i < size; ++i) o[i] = cut.in(t.keys[i], i);
+  };
   if (values.scalar_type() == at::kFloat) {
     run(values.data_ptr<float>());
   } else {
