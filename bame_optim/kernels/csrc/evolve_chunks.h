@@ -41,6 +41,18 @@ struct EvolveArgs {
 constexpr int64_t kChunk = 64;
 constexpr uint32_t kMagnitude = 0x7FFFFFFFu;  // all bits but the sign
 
+// NMEngine.zero_pruned_ for block b of a chunk (rare: pruned weights are +0.0): +0.0 in the
+// weight (entry j at at[j * stride]) and in the chunk's copy w wherever `dirty` has a bit.
+template <int MT>
+inline void zero_dirty(uint32_t dirty, float* at, int64_t stride, float (&w)[MT][kChunk],
+                       int64_t b) {
+  for (; dirty; dirty &= dirty - 1) {
+    const int64_t j = __builtin_ctz(dirty);
+    w[j][b] = 0.0f;
+    at[j * stride] = 0.0f;
+  }
+}
+
 template <typename Code, bool RANKED, typename PCode, bool PRANKED, int MT>
 void evolve_chunks_f32(const EvolveArgs& a, int64_t k0, int64_t k1) {
   float* w_data = static_cast<float*>(a.weight);
@@ -97,13 +109,7 @@ void evolve_chunks_f32(const EvolveArgs& a, int64_t k0, int64_t k1) {
         }
       }
       if (a.zero_pruned) {
-        for (int64_t b = 0; b < nb; ++b) {
-          for (uint32_t dirty = nonzero[b] & ~kept[b]; dirty; dirty &= dirty - 1) {
-            const int64_t j = __builtin_ctz(dirty);
-            w[j][b] = 0.0f;
-            wc[b * MT + j] = 0.0f;
-          }
-        }
+        for (int64_t b = 0; b < nb; ++b) zero_dirty(nonzero[b] & ~kept[b], wc + b * MT, 1, w, b);
       }
     } else {
       for (int64_t b = 0; b < nb; ++b, cur.next()) {
@@ -111,23 +117,16 @@ void evolve_chunks_f32(const EvolveArgs& a, int64_t k0, int64_t k1) {
         const float* gp = g_data + cur.off_b;
         const uint64_t bits = decode<Code, RANKED>(a.kept, c0 + b);
         kept[b] = static_cast<uint32_t>(bits);
-        uint32_t dirty = 0;
+        uint32_t nonzero_bits = 0;
         for (int64_t j = 0; j < MT; ++j) {
           const float wj = wp[j * ws];
           const float gj = gp[j * gs];
           w[j][b] = wj;
           g[j][b] = gj;
-          dirty |= static_cast<uint32_t>(std::bit_cast<uint32_t>(wj) != 0) << j;
+          nonzero_bits |= static_cast<uint32_t>(std::bit_cast<uint32_t>(wj) != 0) << j;
           nonfinite |= (std::bit_cast<uint32_t>(gj) & 0x7F800000u) == 0x7F800000u;
         }
-        dirty &= ~kept[b];
-        if (a.zero_pruned && dirty) {  // NMEngine.zero_pruned_ (rare: pruned weights are +0.0)
-          for (; dirty; dirty &= dirty - 1) {
-            const int64_t j = __builtin_ctz(dirty);
-            w[j][b] = 0.0f;
-            wp[j * ws] = 0.0f;
-          }
-        }
+        if (a.zero_pruned) zero_dirty(nonzero_bits & ~kept[b], wp, ws, w, b);
       }
     }
     for (int64_t b = nb; b < kChunk; ++b) {  // a short last chunk: inert lanes
