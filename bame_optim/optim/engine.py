@@ -255,24 +255,8 @@ class NMEngine:
         (:func:`bame_optim.kernels.evolve_cpu.zero_pruned_`, the same bits)."""
         local = local_tensor(p)
         code, count = local_state(state["kept"]), state["kept_count"]
-        if fused is not False and _zero_pruned_natively(local, code, count, m):
-            return
-        pruned = None
-        # The fill changes nothing where every pruned entry already holds +0.0 (all bits 0;
-        # -0.0 is not), the usual case: find that out by reading, cheaper than writing.
-        bits = _bits(local)
-        if bits is None or _rewrites_nans(local):
-            dirty = True
-        elif 4 * count <= m:  # few kept: are all nonzero entries kept ones?
-            kept_bits = gather_kept(bits, kept_indices(code, count, m), m)
-            dirty = bool(torch.count_nonzero(bits) != torch.count_nonzero(kept_bits))
-        else:
-            pruned = blocks_to_param(decode_kept(code, count, m, pruned=True), local.shape)
-            dirty = bool(pruned.logical_and(bits != 0).any())
-        if dirty:
-            if pruned is None:
-                pruned = blocks_to_param(decode_kept(code, count, m, pruned=True), local.shape)
-            local.masked_fill_(pruned, 0)
+        if fused is False or not _zero_pruned_natively(local, code, count, m):
+            _zero_pruned_eagerly(local, code, count, m)
 
     # -- checkpoints ---------------------------------------------------------------------
 
@@ -322,6 +306,26 @@ def _zero_pruned_natively(local: Tensor, code: Tensor, count: int, m: int) -> bo
         return False
     evolve_cpu.zero_pruned_(local, code, count, m)
     return True
+
+
+def _zero_pruned_eagerly(local: Tensor, code: Tensor, count: int, m: int) -> None:
+    """:meth:`NMEngine.zero_pruned_` through torch ops (any device and dtype)."""
+    pruned = None
+    # The fill changes nothing where every pruned entry already holds +0.0 (all bits 0;
+    # -0.0 is not), the usual case: find that out by reading, cheaper than writing.
+    bits = _bits(local)
+    if bits is None or _rewrites_nans(local):
+        dirty = True
+    elif 4 * count <= m:  # few kept: are all nonzero entries kept ones?
+        kept_bits = gather_kept(bits, kept_indices(code, count, m), m)
+        dirty = bool(torch.count_nonzero(bits) != torch.count_nonzero(kept_bits))
+    else:
+        pruned = blocks_to_param(decode_kept(code, count, m, pruned=True), local.shape)
+        dirty = bool(pruned.logical_and(bits != 0).any())
+    if dirty:
+        if pruned is None:
+            pruned = blocks_to_param(decode_kept(code, count, m, pruned=True), local.shape)
+        local.masked_fill_(pruned, 0)
 
 
 def _bits(tensor: Tensor) -> Tensor | None:
