@@ -11,8 +11,14 @@ forward or backward, the median time of
   runs through the ``bame_optim::kept_*_`` ops),
 
 interleaved round by round (:func:`benchmarks.harness.interleaved`), and each one's ratio to
-``fused``. Written for CUDA (``python -m tools.gpu_check`` runs it); ``--device cpu`` is a smoke
-run of the same code (torch's fused CPU optimizers are the baseline there)::
+``fused``; then, in a second interleaved pass, each one's host time
+(:class:`benchmarks.harness.HostTimer`: until ``step()`` returns, the GPU not waited for). A
+step whose host time is near its time is bound by its launches (one Triton launch per sparse
+parameter) and Python, not by the GPU. Both sides pass ``fused=True`` (BAME's dense
+parameters then take torch's fused step too, and a sparse one the kernels cannot take raises
+instead of falling back to the eager path). Written for CUDA (``python -m tools.gpu_check``
+runs it); ``--device cpu`` is a smoke run of the same code (torch's fused CPU optimizers and
+the native kept kernels there)::
 
     python -m benchmarks.kept_step_cuda                                  # cuda, defaults
     python -m benchmarks.kept_step_cuda --quick
@@ -33,6 +39,7 @@ from torch.optim import Optimizer
 from bame_optim import BAMESGD, BAMEAdamW
 
 from .harness import (
+    HostTimer,
     Timer,
     assign_grads,
     build_model,
@@ -66,7 +73,7 @@ def make_optimizers(
         if kind in models:
             keywords = schedule("update" if kind == "update" else "ordinary")
             groups = sparse_groups(models[kind], n, m)
-            optimizers[kind] = bame(groups, n=n, m=m, **hyper, **keywords)
+            optimizers[kind] = bame(groups, n=n, m=m, **hyper, **keywords, fused=True)
     return optimizers
 
 
@@ -92,22 +99,26 @@ def time_rule(
         assign_grads(models[kind], grads)
 
     times = interleaved(calls, steps, warmup, Timer(device), before=before)
+    host = interleaved(calls, steps, warmup, HostTimer(device), before=before)
     row: dict[str, Any] = {"model": model_name, "pattern": f"{n}:{m}", "rule": rule}
     for kind in kinds:
         row[f"{kind}_ms"] = times[kind]
+        row[f"{kind}_host_ms"] = host[kind]
     for kind in kinds[1:]:
         row[f"{kind}_ratio"] = times[kind] / times["fused"]
     return row
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table: times and ratios to torch's fused optimizer."""
+    """A Markdown table: times and ratios to torch's fused optimizer, and host times."""
     kinds = [k for k in ("ordinary", "update", "compiled") if f"{k}_ms" in rows[0]]
     head = ["model", "N:M", "rule", "fused ms"] + [f"{k} ms (x fused)" for k in kinds]
+    head += [f"{k} host ms" for k in ("fused", *kinds)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["model"], row["pattern"], row["rule"], f"{row['fused_ms']:.3f}"]
         cells += [f"{row[f'{k}_ms']:.3f} ({row[f'{k}_ratio']:.2f}x)" for k in kinds]
+        cells += [f"{row[f'{k}_host_ms']:.3f}" for k in ("fused", *kinds)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -63,6 +63,24 @@ def test_interleaving_rotates_the_order_and_skips_warmup():
     assert set(times) == set("abc") and all(t >= 0 for t in times.values())
 
 
+def test_host_timer_on_the_cpu_is_the_wall_time_of_the_call():
+    import time
+
+    ms = harness.HostTimer(torch.device("cpu"))(lambda: time.sleep(0.02))
+    assert 20 <= ms < 1000
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_host_timer_does_not_wait_for_the_gpu():
+    # torch.cuda._sleep spins the GPU for a number of cycles (about 0.1 s here) while the
+    # host returns at once: Timer sees the GPU's time, HostTimer only the launch.
+    device = torch.device("cuda")
+    spin = lambda: torch.cuda._sleep(200_000_000)  # noqa: E731
+    host, full = harness.HostTimer(device)(spin), harness.Timer(device)(spin)
+    assert full > 20 and host < full / 4
+
+
 def test_interleaving_reports_the_median_of_the_timed_rounds():
     ticks = iter([100.0, 1.0, 3.0, 2.0])  # the warm-up round (100) is not timed
     times = harness.interleaved({"a": lambda: None}, steps=3, warmup=1,

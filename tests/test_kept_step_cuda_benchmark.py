@@ -12,11 +12,12 @@ def test_cpu_smoke_run_times_every_kind_against_the_fused_baseline(capsys):
     assert [row["rule"] for row in rows] == ["sgd", "adamw"]
     for row in rows:
         for kind in ("fused", "ordinary", "update"):
-            assert row[f"{kind}_ms"] > 0
+            assert row[f"{kind}_ms"] > 0 and row[f"{kind}_host_ms"] > 0
         assert row["update_ratio"] == row["update_ms"] / row["fused_ms"]
         assert "compiled_ms" not in row
     table = capsys.readouterr().out
     assert "| small_cnn | 2:4 | adamw |" in table and "(x fused)" in table
+    assert "| ordinary host ms |" in table
 
 
 def test_optimizers_are_torch_fused_and_bame_with_the_same_hyper_parameters():
@@ -28,4 +29,5 @@ def test_optimizers_are_torch_fused_and_bame_with_the_same_hyper_parameters():
     for kind in ("ordinary", "update"):
         defaults = optimizers[kind].defaults
         assert defaults["lr"] == 1e-3 and defaults["weight_decay"] == 0.05
+        assert defaults["fused"] is True
     assert optimizers["update"].param_groups[-1]["delta_t"] == 1

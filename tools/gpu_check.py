@@ -10,7 +10,7 @@ On a machine with CUDA it runs, each as a subprocess with a timeout and its outp
    mode (``--optimizer adamw``),
 3. the fused-kernel step benchmark ``python -m benchmarks.kept_step_cuda``: BAMESGD / BAMEAdamW
    ordinary, evolve-update and ``torch.compile``-d steps against ``torch.optim.SGD/AdamW(
-   fused=True)``, with the ratios,
+   fused=True)``, with the ratios and each step's host time (near its time: launch-bound),
 4. the 2:4 kernel benchmark ``python -m benchmarks.semi_structured``,
 5. a two-epoch ``examples/train_cifar.py`` run on a tiny CIFAR-10 folder written to a
    temporary directory (Accelerate picks the GPU; the run's ``metrics.json`` must say cuda).
