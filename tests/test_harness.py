@@ -77,6 +77,8 @@ def test_host_timer_does_not_wait_for_the_gpu():
     # host returns at once: Timer sees the GPU's time, HostTimer only the launch.
     device = torch.device("cuda")
     spin = lambda: torch.cuda._sleep(200_000_000)  # noqa: E731
+    spin()  # the first launch loads the kernel
+    torch.cuda.synchronize()
     host, full = harness.HostTimer(device)(spin), harness.Timer(device)(spin)
     assert full > 20 and host < full / 4
 
