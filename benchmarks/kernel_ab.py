@@ -1,0 +1,185 @@
+"""The kept kernels of this checkout (A) against those of another source tree (B), in one process.
+
+B is ``bame_optim/kernels/csrc`` at a git revision (``--against REV``) or a folder of those
+sources (``--csrc DIR``), built with this checkout's compiler flags as an extension of its own
+name (``<extensions cache>/bame_kernel_ab/<hash>``, once per source hash). Both modules step
+their own copies of the same weights, gradients and compact state of a model's sparse weights
+(all, or the 3x3 convolutions only), through the extension's ``fused_kept_sgd`` /
+``fused_kept_adamw`` bindings with the same arguments, interleaved with torch's fused step on
+dense copies; the order rotates every round, so slow phases of the machine hit all three.
+An A/B in one process on the same tensors is what tells a kernel change of a few percent from
+run-to-run noise (``benchmarks.step``'s ratios move by +-0.15 between runs). B's bindings must
+take this checkout's arguments.
+
+It prints per model, pattern and rule the median milliseconds with the interquartile range,
+and ``A/torch``, ``B/torch`` and ``A/B``. Run from the repository root::
+
+    .venv/bin/python -m benchmarks.kernel_ab --against HEAD~1 --models resnet50 --layers 3x3
+    .venv/bin/python -m benchmarks.kernel_ab --csrc /tmp/csrc --patterns 1:16 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import statistics
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch.optim.adamw import adamw
+from torch.optim.sgd import sgd
+
+from bame_optim.core.kept import encode_kept
+from bame_optim.core.nm import random_nm_mask
+from bame_optim.kernels import kept_adamw_cpu, kept_sgd_cpu, native
+
+from .harness import machine, nm_pattern
+from .kept_simd_ab import ADAMW_HYPER, SGD_HYPER, measure, shapes_of, summary
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = "bame_optim/kernels/csrc"
+CONTENDERS = ("torch", "A", "B")
+BUILD_NAME = "bame_kernel_ab"
+
+
+def sources_at(revision: str, into: Path) -> Path:
+    """``bame_optim/kernels/csrc`` at git ``revision``, extracted under ``into``."""
+    done = subprocess.run(["git", "archive", revision, CSRC], cwd=ROOT, capture_output=True)
+    if done.returncode != 0:
+        raise SystemExit(f"Invalid --against value: {revision!r} "
+                         f"({done.stderr.decode().strip()})")
+    with tarfile.open(fileobj=io.BytesIO(done.stdout)) as archive:
+        archive.extractall(into, filter="data")
+    return into / CSRC
+
+
+def build(folder: Path) -> ModuleType:
+    """The extension of the ``.cpp`` files in ``folder`` (headers from there too), under a name
+    of its own keyed by the sources and this checkout's flags; the sources are copied into its
+    build folder, so a later run of the same sources finds it built."""
+    paths = sorted(p for p in folder.iterdir() if p.suffix in (".cpp", ".h"))
+    if not any(p.suffix == ".cpp" for p in paths):
+        raise SystemExit(f"Invalid sources folder: {folder} holds no .cpp file")
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    digest.update(" ".join(native.flags()).encode())
+    key = digest.hexdigest()[:12]
+    root = native.build_directory(key).parents[1]  # the extensions cache native builds in
+    directory = root / BUILD_NAME / key
+    sources = directory / "csrc"
+    sources.mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        (sources / path.name).write_bytes(path.read_bytes())
+    from torch.utils import cpp_extension
+
+    return cpp_extension.load(
+        name=f"{BUILD_NAME}_{key}",
+        sources=[str(sources / p.name) for p in paths if p.suffix == ".cpp"],
+        extra_cflags=native.flags(), extra_ldflags=["-fopenmp"],
+        extra_include_paths=[str(sources)], build_directory=str(directory), verbose=False,
+    )
+
+
+def steps(modules: dict[str, ModuleType], shapes: list[torch.Size], n: int, m: int,
+          rule: str) -> dict[str, Callable[[], None]]:
+    """One step of torch's fused optimizer and of each module, each on its own copy of the
+    same weights and state (momentum, or moments at step 5)."""
+    gen = torch.Generator().manual_seed(0)
+    base = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    kept = [encode_kept(random_nm_mask(p.numel() // m, n, m, gen), n) for p in base]
+    counts = [n] * len(base)
+    tables, codes = kept_sgd_cpu.tables_for(kept, counts, m)
+    fma, wide = kept_sgd_cpu.fma(), native.avx512_allowed()
+    state = [torch.rand(p.numel() // m, n, generator=gen) for p in base]
+    weights = [p.clone() for p in base]
+    calls: dict[str, Callable[[], None]] = {}
+    if rule == "sgd":
+        h = SGD_HYPER
+        dense = [torch.rand_like(p) for p in base]
+        calls["torch"] = lambda: sgd(weights, grads, dense, fused=True, foreach=False, **h)
+        for name, module in modules.items():
+            ws, buffers = [p.clone() for p in base], [s.clone() for s in state]
+            calls[name] = (lambda module=module, ws=ws, buffers=buffers: module.fused_kept_sgd(
+                ws, grads, buffers, kept, tables, codes, m, h["lr"], h["momentum"],
+                h["dampening"], h["weight_decay"], h["nesterov"], h["maximize"], fma, wide))
+        return calls
+    h = ADAMW_HYPER
+    dense_moments = [torch.zeros_like(p) for p in base], [torch.rand_like(p) for p in base]
+    dense_steps = [torch.tensor(5.0) for _ in base]
+    calls["torch"] = lambda: adamw(weights, grads, *dense_moments, [], dense_steps, fused=True,
+                                   foreach=False, **h)
+    step = 6.0  # the bias corrections of a fixed step: timing only
+    sizes = [h["lr"] / (1 - h["beta1"] ** step)] * len(base)
+    roots = [(1 - h["beta2"] ** step) ** 0.5] * len(base)
+    addcmul = kept_adamw_cpu._state["fma_addcmul"]  # the probe's answer (available() ran)
+    for name, module in modules.items():
+        ws, m1, m2 = [p.clone() for p in base], [s.clone() for s in state], [s * 0.5 for s in state]
+        calls[name] = (lambda module=module, ws=ws, m1=m1, m2=m2: module.fused_kept_adamw(
+            ws, grads, m1, m2, [], kept, tables, counts, sizes, roots, m, h["lr"], h["beta1"],
+            h["beta2"], h["weight_decay"], h["eps"], h["amsgrad"], h["maximize"], fma, addcmul,
+            wide))
+    return calls
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    other = parser.add_mutually_exclusive_group(required=True)
+    other.add_argument("--against", metavar="REV", help="B: csrc at this git revision")
+    other.add_argument("--csrc", type=Path, metavar="DIR", help="B: the sources in DIR")
+    parser.add_argument("--models", nargs="+", default=["resnet50"])
+    parser.add_argument("--patterns", nargs="+", type=nm_pattern, default=[(2, 4), (1, 16)])
+    parser.add_argument("--rules", nargs="+", choices=("sgd", "adamw"), default=["sgd", "adamw"])
+    parser.add_argument("--layers", choices=("3x3", "all"), default="all",
+                        help="which sparse weights: all (default) or the 3x3 convolutions")
+    parser.add_argument("--rounds", type=int, default=21)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    args = parser.parse_args(argv)
+    for name, least in (("rounds", 2), ("warmup", 0), ("threads", 1)):
+        value = getattr(args, name)
+        if value is not None and value < least:
+            parser.error(f"Invalid --{name} value: {value} (at least {least})")
+    if args.csrc is not None and not args.csrc.is_dir():
+        parser.error(f"Invalid --csrc value: {args.csrc} is not a folder")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, object]]:
+    """Build B, time every (model, pattern, rule), print one line each; the medians."""
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if not (kept_sgd_cpu.available() and kept_adamw_cpu.available()):
+        raise SystemExit(f"the kept kernels are unavailable: {kept_sgd_cpu.error()}")
+    with tempfile.TemporaryDirectory(prefix="bame_kernel_ab_") as tmp:
+        folder = args.csrc or sources_at(args.against, Path(tmp))
+        modules = {"A": native.load(), "B": build(folder)}
+    print(f"{machine('cpu')}; A: this checkout, B: {args.against or args.csrc}; {args.rounds} "
+          f"rounds, layers {args.layers}; median ms [interquartile range]")
+    print(f"{'model':10} {'N:M':5} {'rule':5} " + " ".join(f"{c:>21}" for c in CONTENDERS)
+          + "  A/torch B/torch    A/B")
+    rows = []
+    for model in args.models:
+        for n, m in args.patterns:
+            shapes = shapes_of(model, m, args.layers)
+            for rule in args.rules if shapes else ():
+                times = measure(steps(modules, shapes, n, m, rule), args.rounds, args.warmup)
+                med = {c: statistics.median(times[c]) for c in CONTENDERS}
+                rows.append({"model": model, "pattern": f"{n}:{m}", "rule": rule, **med})
+                print(f"{model:10} {n}:{m:<3} {rule:5} "
+                      + " ".join(f"{summary(times[c]):>21}" for c in CONTENDERS)
+                      + f"  {med['A'] / med['torch']:7.3f} {med['B'] / med['torch']:7.3f}"
+                      f" {med['A'] / med['B']:6.3f}", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""benchmarks.kernel_ab: the other source tree is the one asked for, built under a name of its
+own, and steps exactly as this checkout's module does when built from the same sources."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+
+from bame_optim.core.kept import encode_kept
+from bame_optim.core.nm import random_nm_mask
+from bame_optim.kernels import kept_adamw_cpu, kept_sgd_cpu, native
+from benchmarks import kernel_ab
+
+from .test_kept_sgd_cpu import require_kernel
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--rounds", "5"], "one of the arguments --against --csrc is required"),
+        (["--against", "HEAD", "--rounds", "1"], "Invalid --rounds value: 1 (at least 2)"),
+        (["--against", "HEAD", "--threads", "0"], "Invalid --threads value: 0 (at least 1)"),
+        (["--csrc", "/nonexistent/csrc"], "Invalid --csrc value: /nonexistent/csrc"),
+    ],
+)
+def test_bad_arguments_are_refused_by_name(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        kernel_ab.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_sources_at_a_revision_are_that_revisions_files(tmp_path):
+    folder = kernel_ab.sources_at("HEAD", tmp_path)
+    committed = subprocess.run(
+        ["git", "show", f"HEAD:{kernel_ab.CSRC}/kept_move.h"], cwd=kernel_ab.ROOT,
+        capture_output=True, check=True,
+    ).stdout
+    assert (folder / "kept_move.h").read_bytes() == committed
+    assert {p.name for p in native.SOURCES} <= {p.name for p in folder.iterdir()}
+    with pytest.raises(SystemExit, match="Invalid --against value: 'no-such-revision'"):
+        kernel_ab.sources_at("no-such-revision", tmp_path / "other")
+
+
+def test_a_build_of_this_checkouts_sources_steps_bit_for_bit_as_the_native_module(capsys):
+    require_kernel(kept_adamw_cpu)
+    other = kernel_ab.build(native.CSRC)
+    ours = native.load()
+    assert other.__name__.startswith(kernel_ab.BUILD_NAME) and other is not ours
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(8, 16, 3, 3), (6, 32)]
+    weights = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    kept = [encode_kept(random_nm_mask(w.numel() // 16, 1, 16, gen), 1) for w in weights]
+    tables, codes = kept_sgd_cpu.tables_for(kept, [1, 1], 16)
+    results = []
+    for module in (ours, other):
+        ws = [w.clone() for w in weights]
+        buffers = [torch.ones(w.numel() // 16, 1) for w in weights]
+        module.fused_kept_sgd(ws, grads, buffers, kept, tables, codes, 16, 0.1, 0.9, 0.0, 5e-4,
+                              False, False, kept_sgd_cpu.fma(), True)
+        results.append(ws + buffers)
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(results[0][0], weights[0])  # it stepped
+
+    rows = kernel_ab.main(["--csrc", str(native.CSRC), "--models", "small_cnn", "--patterns",
+                           "1:4", "--rounds", "2", "--warmup", "0"])
+    assert [(r["model"], r["pattern"], r["rule"]) for r in rows] == [
+        ("small_cnn", "1:4", "sgd"), ("small_cnn", "1:4", "adamw")]
+    assert all(r[c] > 0 for r in rows for c in kernel_ab.CONTENDERS)
+    out = capsys.readouterr().out
+    assert "A: this checkout, B: " in out and "A/torch B/torch    A/B" in out
