@@ -28,15 +28,18 @@ __all__ = [
     "GPT2_SMALL_LINEARS",
     "GRADUAL_LEAD",
     "SCHEDULE_KINDS",
+    "HostTimer",
     "Timer",
     "assign_grads",
     "build_model",
     "fixed_grads",
     "gbps",
     "interleaved",
+    "interleaved_rounds",
     "machine",
     "nm_pattern",
     "params_of",
+    "ratio_quartiles",
     "resolve_device",
     "schedule",
     "sparse_groups",
@@ -211,15 +214,15 @@ class HostTimer:
         return 1000 * (time.perf_counter() - begin)
 
 
-def interleaved(
+def interleaved_rounds(
     calls: dict[str, Callable[[], Any]],
     steps: int,
     warmup: int,
     timer: Timer,
     before: Callable[[str], None] | None = None,
     bar: tqdm | None = None,
-) -> dict[str, float]:
-    """Median milliseconds of each call over ``steps`` rounds after ``warmup`` untimed ones.
+) -> dict[str, list[float]]:
+    """Milliseconds of each call in each of ``steps`` rounds after ``warmup`` untimed ones.
 
     Each round runs every call once, in an order rotated by one every round, so slow phases
     of the machine hit every call alike. ``before(name)`` runs (untimed) before each call.
@@ -236,7 +239,32 @@ def interleaved(
                 times[name].append(ms)
         if bar is not None:
             bar.update()
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def interleaved(
+    calls: dict[str, Callable[[], Any]],
+    steps: int,
+    warmup: int,
+    timer: Timer,
+    before: Callable[[str], None] | None = None,
+    bar: tqdm | None = None,
+) -> dict[str, float]:
+    """Median milliseconds of each call over the rounds of :func:`interleaved_rounds`."""
+    rounds = interleaved_rounds(calls, steps, warmup, timer, before, bar)
+    return {name: statistics.median(values) for name, values in rounds.items()}
+
+
+def ratio_quartiles(numerator: list[float], denominator: list[float]) -> tuple[float, float]:
+    """The first and third quartiles of the per-round ratios ``numerator[r] /
+    denominator[r]`` of two calls timed in the same rounds: how far one run's ratio of
+    medians may be trusted (the machine's slow phases move both calls of a round alike, and
+    the ratio's spread shows what they do not). One round gives its ratio twice."""
+    ratios = [a / b for a, b in zip(numerator, denominator, strict=True)]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0]
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return q1, q3
 
 
 # ----------------------------------------------------------------------------- bandwidth

@@ -5,6 +5,7 @@ interleaved medians against torch's ``foreach`` and ``fused`` optimizers of the 
 from __future__ import annotations
 
 import copy
+import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,8 @@ from .harness import (
     build_model,
     fixed_grads,
     interleaved,
+    interleaved_rounds,
+    ratio_quartiles,
     schedule,
     sparse_groups,
     step_bytes,
@@ -109,12 +112,14 @@ def time_sgd_steps(
     warmup: int,
     methods: list[str],
     bar: tqdm | None = None,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Median ms of SGD, ordinary steps of every method in ``methods`` and BAME update steps
     (evolve and gradual phase) on ``model_name``'s parameters at ``pattern``. Keys: ``sgd``,
     ``sgd_fused`` (``fused=True``), ``sgd_u`` / ``sgd_g`` (the SGD partners of the update-step
     loops), ``ordinary:<method>``, ``update`` (evolve), ``gradual``; ``params`` (the count),
-    ``bytes_dense`` / ``bytes_sparse`` (what an ordinary SGD / BAMESGD step moves).
+    ``bytes_dense`` / ``bytes_sparse`` (what an ordinary SGD / BAMESGD step moves);
+    ``fused_quartiles:<method>``, the quartiles of the per-round ratios of the method's
+    ordinary step to ``sgd_fused`` (:func:`benchmarks.harness.ratio_quartiles`).
 
     Gradients are assigned once (a step does not change them). The ordinary steps of SGD,
     SGD(fused) and every method are interleaved in one loop; each update kind in its own
@@ -138,8 +143,12 @@ def time_sgd_steps(
     sgd = setup("ordinary", "sgd")
     optimizers = {"sgd": sgd, "sgd_fused": setup("ordinary", "sgd_fused"),
                   **{f"ordinary:{name}": setup("ordinary", name) for name in methods}}
-    result = interleaved({k: o.step for k, o in optimizers.items()}, steps, warmup, timer,
-                         _expect("ordinary", optimizers), bar)
+    rounds = interleaved_rounds({k: o.step for k, o in optimizers.items()}, steps, warmup,
+                                timer, _expect("ordinary", optimizers), bar)
+    result: dict[str, Any] = {k: statistics.median(v) for k, v in rounds.items()}
+    for name in methods:
+        result[f"fused_quartiles:{name}"] = ratio_quartiles(rounds[f"ordinary:{name}"],
+                                                            rounds["sgd_fused"])
     del optimizers
     for kind, partner in (("update", "sgd_u"), ("gradual", "sgd_g")):
         optimizers = {"sgd": sgd, kind: setup(kind)}
@@ -160,12 +169,13 @@ def time_adamw_steps(
     steps: int,
     warmup: int,
     bar: tqdm | None = None,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Median ms of AdamW (``adamw``: ``foreach=True``; ``adamw_fused``), and of BAMEAdamW's
     ordinary (``ordinary``) and evolve-phase update (``update``) steps on ``model_name``'s
     parameters at ``pattern``, all four interleaved in one loop, each on its own copy of the
-    model, the gradients reassigned (untimed) before every step; ``params`` (the count) and
-    ``bytes_dense`` / ``bytes_sparse`` (what an ordinary AdamW / BAMEAdamW step moves)."""
+    model, the gradients reassigned (untimed) before every step; ``params`` (the count),
+    ``bytes_dense`` / ``bytes_sparse`` (what an ordinary AdamW / BAMEAdamW step moves) and
+    ``fused_quartiles`` (of the per-round ratios of ``ordinary`` to ``adamw_fused``)."""
     n, m = pattern
     kinds = ("adamw", "adamw_fused", "ordinary", "update")
     models = {kind: build_model(model_name, device) for kind in kinds}
@@ -183,8 +193,10 @@ def time_adamw_steps(
     def before(kind: str) -> None:
         assign_grads(models[kind], grads)
 
-    result = interleaved({kind: o.step for kind, o in optimizers.items()}, steps, warmup,
-                         Timer(device), before=before, bar=bar)
+    rounds = interleaved_rounds({kind: o.step for kind, o in optimizers.items()}, steps,
+                                warmup, Timer(device), before=before, bar=bar)
+    result: dict[str, Any] = {k: statistics.median(v) for k, v in rounds.items()}
+    result["fused_quartiles"] = ratio_quartiles(rounds["ordinary"], rounds["adamw_fused"])
     result["params"] = sum(p.numel() for p in models["adamw"].parameters())
     groups = sparse_groups(models["adamw"], n, m)
     result["bytes_dense"] = step_bytes(groups, None, None, "adamw")

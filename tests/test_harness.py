@@ -83,6 +83,23 @@ def test_host_timer_does_not_wait_for_the_gpu():
     assert full > 20 and host < full / 4
 
 
+def test_ratio_quartiles_pair_the_calls_round_by_round():
+    # a slow round (x10) slows both calls: their per-round ratios stay 0.5 to 0.8
+    fused, ordinary = [1.0, 10.0, 1.0, 1.0, 1.0], [0.5, 6.0, 0.7, 0.8, 0.6]
+    q1, q3 = harness.ratio_quartiles(ordinary, fused)
+    assert 0.5 <= q1 < q3 <= 0.8
+    assert harness.ratio_quartiles([3.0], [2.0]) == (1.5, 1.5)
+    with pytest.raises(ValueError):
+        harness.ratio_quartiles([1.0, 2.0], [1.0])
+
+
+def test_interleaved_rounds_keep_every_timed_round():
+    ticks = iter([100.0, 1.0, 3.0, 2.0])
+    rounds = harness.interleaved_rounds({"a": lambda: None}, steps=3, warmup=1,
+                                        timer=lambda fn: next(ticks))
+    assert rounds == {"a": [1.0, 3.0, 2.0]}
+
+
 def test_interleaving_reports_the_median_of_the_timed_rounds():
     ticks = iter([100.0, 1.0, 3.0, 2.0])  # the warm-up round (100) is not timed
     times = harness.interleaved({"a": lambda: None}, steps=3, warmup=1,

@@ -105,11 +105,13 @@ def test_adamw_timing_names_every_median(monkeypatch):
         for name in calls:  # the hook reassigns the gradients, then each step runs once
             before(name)
             calls[name]()
-        return {name: float(i + 1) for i, name in enumerate(calls)}
+        # rounds of 1, 2, 3 ms per call, times the call's place
+        return {name: [float(i + 1) * r for r in (1, 2, 3)] for i, name in enumerate(calls)}
 
-    monkeypatch.setattr(step_timing, "interleaved", fake)
+    monkeypatch.setattr(step_timing, "interleaved_rounds", fake)
     times = step_timing.time_adamw_steps("small_cnn", (2, 4), torch.device("cpu"), 7, 2)
     assert seen == [(["adamw", "adamw_fused", "ordinary", "update"], 7, 2)]
-    assert {k: times[k] for k in seen[0][0]} == {"adamw": 1.0, "adamw_fused": 2.0,
-                                                 "ordinary": 3.0, "update": 4.0}
+    assert {k: times[k] for k in seen[0][0]} == {"adamw": 2.0, "adamw_fused": 4.0,
+                                                 "ordinary": 6.0, "update": 8.0}
+    assert times["fused_quartiles"] == (1.5, 1.5)  # ordinary / fused is 3 / 2 in every round
     assert times["bytes_dense"] > times["bytes_sparse"] > 0 and times["params"] > 0
