@@ -20,7 +20,9 @@ fixed random gradients assigned to ``.grad`` (no forward or backward), it times
 
 interleaved with torch's steps on identical copies of the parameters (the order rotates every
 round, so machine noise hits all of them) and summarised by the median of many steps after a
-warm-up, with the ratios to both torch optimizers and the GB/s of the bytes each step must move
+warm-up, with the ratios to both torch optimizers (the ratio to the fused one with the
+interquartile range of its per-round ratios, :func:`benchmarks.harness.ratio_quartiles`: how
+far one run's ratio can be trusted) and the GB/s of the bytes each step must move
 (:func:`benchmarks.harness.step_bytes`); the BAME optimizer gets ``fused=True`` (the native
 kernel for sparse weights, torch's fused step for dense ones).
 
