@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from bame_optim import BAMESGD, nm_param_groups
+from tests.torchrun import exit_worker
 
 STEPS = 40
 PER_RANK_BATCH = 8
@@ -122,8 +123,10 @@ def main() -> None:
         },
         args.out / f"rank{rank}.pt",
     )
+    accelerator.wait_for_everyone()  # no rank tears the group down mid-collective
     accelerator.end_training()
 
 
 if __name__ == "__main__":
     main()
+    exit_worker()
