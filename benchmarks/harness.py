@@ -34,9 +34,9 @@ __all__ = [
     "build_model",
     "fixed_grads",
     "gbps",
-    "interleaved",
     "interleaved_rounds",
     "machine",
+    "medians",
     "nm_pattern",
     "params_of",
     "ratio_quartiles",
@@ -242,16 +242,8 @@ def interleaved_rounds(
     return times
 
 
-def interleaved(
-    calls: dict[str, Callable[[], Any]],
-    steps: int,
-    warmup: int,
-    timer: Timer,
-    before: Callable[[str], None] | None = None,
-    bar: tqdm | None = None,
-) -> dict[str, float]:
-    """Median milliseconds of each call over the rounds of :func:`interleaved_rounds`."""
-    rounds = interleaved_rounds(calls, steps, warmup, timer, before, bar)
+def medians(rounds: dict[str, list[float]]) -> dict[str, float]:
+    """The median of each call's rounds (of :func:`interleaved_rounds`)."""
     return {name: statistics.median(values) for name, values in rounds.items()}
 
 

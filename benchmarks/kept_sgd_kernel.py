@@ -37,7 +37,7 @@ from bame_optim.core.kept import encode_kept, gather_kept, kept_indices, scatter
 from bame_optim.core.nm import random_nm_mask
 from bame_optim.kernels import kept_sgd_cpu
 
-from .harness import Timer, build_model, interleaved, machine, nm_pattern
+from .harness import Timer, build_model, interleaved_rounds, machine, medians, nm_pattern
 
 HYPER = {
     "lr": 0.1,
@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> None:
                 "fused": setup.step_fused,
                 "all": setup.step_all,
             }
-            t = interleaved(steps, args.rounds, args.warmup, Timer(torch.device("cpu")))
+            t = medians(interleaved_rounds(steps, args.rounds, args.warmup,
+                                           Timer(torch.device("cpu"))))
             share = setup.sparse_numel() / total
             sgd = t["sgd"]
             print(

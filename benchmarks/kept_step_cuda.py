@@ -10,7 +10,7 @@ forward or backward, the median time of
 * ``compiled``: ``torch.compile`` of the BAME optimizer's ``step`` (ordinary steps; the update
   runs through the ``bame_optim::kept_*_`` ops),
 
-interleaved round by round (:func:`benchmarks.harness.interleaved`), and each one's ratio to
+interleaved round by round (:func:`benchmarks.harness.interleaved_rounds`), and each one's ratio to
 ``fused``; then, in a second interleaved pass, each one's host time
 (:class:`benchmarks.harness.HostTimer`: until ``step()`` returns, the GPU not waited for). A
 step whose host time is near its time is bound by its launches (one Triton launch per sparse
@@ -44,8 +44,9 @@ from .harness import (
     assign_grads,
     build_model,
     fixed_grads,
-    interleaved,
+    interleaved_rounds,
     machine,
+    medians,
     nm_pattern,
     resolve_device,
     schedule,
@@ -98,8 +99,8 @@ def time_rule(
     def before(kind: str) -> None:
         assign_grads(models[kind], grads)
 
-    times = interleaved(calls, steps, warmup, Timer(device), before=before)
-    host = interleaved(calls, steps, warmup, HostTimer(device), before=before)
+    times = medians(interleaved_rounds(calls, steps, warmup, Timer(device), before=before))
+    host = medians(interleaved_rounds(calls, steps, warmup, HostTimer(device), before=before))
     row: dict[str, Any] = {"model": model_name, "pattern": f"{n}:{m}", "rule": rule}
     for kind in kinds:
         row[f"{kind}_ms"] = times[kind]

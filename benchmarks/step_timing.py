@@ -5,7 +5,6 @@ interleaved medians against torch's ``foreach`` and ``fused`` optimizers of the 
 from __future__ import annotations
 
 import copy
-import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -25,8 +24,8 @@ from .harness import (
     assign_grads,
     build_model,
     fixed_grads,
-    interleaved,
     interleaved_rounds,
+    medians,
     ratio_quartiles,
     schedule,
     sparse_groups,
@@ -145,15 +144,16 @@ def time_sgd_steps(
                   **{f"ordinary:{name}": setup("ordinary", name) for name in methods}}
     rounds = interleaved_rounds({k: o.step for k, o in optimizers.items()}, steps, warmup,
                                 timer, _expect("ordinary", optimizers), bar)
-    result: dict[str, Any] = {k: statistics.median(v) for k, v in rounds.items()}
+    result: dict[str, Any] = medians(rounds)
     for name in methods:
         result[f"fused_quartiles:{name}"] = ratio_quartiles(rounds[f"ordinary:{name}"],
                                                             rounds["sgd_fused"])
     del optimizers
     for kind, partner in (("update", "sgd_u"), ("gradual", "sgd_g")):
         optimizers = {"sgd": sgd, kind: setup(kind)}
-        upd = interleaved({k: o.step for k, o in optimizers.items()}, update_steps,
-                          min(warmup, 2), timer, _expect(kind, optimizers), bar)
+        upd = medians(interleaved_rounds({k: o.step for k, o in optimizers.items()},
+                                         update_steps, min(warmup, 2), timer,
+                                         _expect(kind, optimizers), bar))
         result[partner], result[kind] = upd["sgd"], upd[kind]
     result["params"] = sum(p.numel() for p in base.parameters())
     groups = sparse_groups(base, n, m)
@@ -195,7 +195,7 @@ def time_adamw_steps(
 
     rounds = interleaved_rounds({kind: o.step for kind, o in optimizers.items()}, steps,
                                 warmup, Timer(device), before=before, bar=bar)
-    result: dict[str, Any] = {k: statistics.median(v) for k, v in rounds.items()}
+    result: dict[str, Any] = medians(rounds)
     result["fused_quartiles"] = ratio_quartiles(rounds["ordinary"], rounds["adamw_fused"])
     result["params"] = sum(p.numel() for p in models["adamw"].parameters())
     groups = sparse_groups(models["adamw"], n, m)
@@ -236,6 +236,6 @@ def time_training_step(
         return run
 
     # at least one warm-up round: the first BAMESGD step draws the mask (not ordinary)
-    return interleaved(
+    return medians(interleaved_rounds(
         {name: train_step(name) for name in models}, steps, max(warmup, 1), Timer(device), None, bar
-    )
+    ))

@@ -3,7 +3,7 @@
 timm's ``deit_tiny_patch16_224`` built with ``pretrained=False`` (no download), ``--depth``
 blocks, on ``--image-size`` images (default 4 blocks, 64 x 64, batch 32, 10 classes). One
 training step is ``zero_grad``, forward, cross-entropy, backward and ``step()``, on one fixed
-random batch. Timed, interleaved round by round (:func:`benchmarks.harness.interleaved`, the
+random batch. Timed, interleaved round by round (:func:`benchmarks.harness.interleaved_rounds`, the
 order rotated every round), medians:
 
 * ``adamw_foreach``: ``torch.optim.AdamW(foreach=True)``,
@@ -37,7 +37,16 @@ from tqdm import tqdm
 from bame_optim import nm_param_groups
 from bame_optim.methods import make_optimizer
 
-from .harness import Timer, interleaved, machine, nm_pattern, resolve_device, schedule, write_csv
+from .harness import (
+    Timer,
+    interleaved_rounds,
+    machine,
+    medians,
+    nm_pattern,
+    resolve_device,
+    schedule,
+    write_csv,
+)
 
 HYPER: dict[str, Any] = {"lr": 1e-3, "weight_decay": 0.05}
 """The hyper-parameters of every optimizer."""
@@ -93,8 +102,8 @@ def time_training_steps(
         return run
 
     # at least one warm-up round: BAMEAdamW's first step draws the mask (not an ordinary step)
-    times = interleaved({kind: train_step(kind) for kind in KINDS}, steps, max(warmup, 1),
-                        Timer(device), None, bar)
+    times = medians(interleaved_rounds({kind: train_step(kind) for kind in KINDS}, steps,
+                                       max(warmup, 1), Timer(device), None, bar))
     report = optimizers["bame_ordinary"].sparsity_report()
     rows = [row for row in report if row["sparse"]]
     n, m = pattern

@@ -57,10 +57,12 @@ def test_interleaving_rotates_the_order_and_skips_warmup():
     order: list[str] = []
     calls = {name: (lambda name=name: order.append(name)) for name in "abc"}
     seen: list[str] = []
-    times = harness.interleaved(calls, steps=2, warmup=1, timer=harness.Timer(torch.device("cpu")),
-                                before=seen.append)
+    rounds = harness.interleaved_rounds(calls, steps=2, warmup=1,
+                                        timer=harness.Timer(torch.device("cpu")),
+                                        before=seen.append)
     assert order == list("abcbcacab") and seen == order
-    assert set(times) == set("abc") and all(t >= 0 for t in times.values())
+    assert set(rounds) == set("abc") and all(len(t) == 2 for t in rounds.values())
+    assert all(t >= 0 for times in rounds.values() for t in times)
 
 
 def test_host_timer_on_the_cpu_is_the_wall_time_of_the_call():
@@ -102,9 +104,9 @@ def test_interleaved_rounds_keep_every_timed_round():
 
 def test_interleaving_reports_the_median_of_the_timed_rounds():
     ticks = iter([100.0, 1.0, 3.0, 2.0])  # the warm-up round (100) is not timed
-    times = harness.interleaved({"a": lambda: None}, steps=3, warmup=1,
-                                timer=lambda fn: next(ticks))
-    assert times == {"a": 2.0}
+    rounds = harness.interleaved_rounds({"a": lambda: None}, steps=3, warmup=1,
+                                        timer=lambda fn: next(ticks))
+    assert harness.medians(rounds) == {"a": 2.0}
 
 
 def test_step_bytes_model():
