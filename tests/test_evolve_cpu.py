@@ -352,6 +352,17 @@ def test_apply_and_zero_name_a_stored_form_they_do_not_take():
         evolve_cpu.apply_evolved_(weight, [], wide, 2, wide, torch.zeros(6, dtype=torch.bool), 4)
 
 
+def test_apply_and_zero_name_a_weight_whose_layout_does_not_fold():
+    weight = torch.zeros(7, 5, 3, 4, 2).permute(4, 3, 2, 1, 0)  # [2, 4, 3, 5, 7], reversed
+    code = encode_kept(exact_nm_mask(weight.numel() // 4, 2, 4, 0), 2)
+    frozen = torch.zeros(weight.numel() // 4, dtype=torch.bool)
+    assert not evolve_cpu.supports(weight, weight, code, 2, 4)
+    with pytest.raises(ValueError, match=r"Invalid weight: shape \(2, 4, 3, 5, 7\) with strides"):
+        evolve_cpu.zero_pruned_(weight, code, 2, 4)
+    with pytest.raises(ValueError, match=r"Invalid weights\[0\]: shape \(2, 4, 3, 5, 7\)"):
+        evolve_cpu.apply_evolved_(weight, [], code, 2, code, frozen, 4)
+
+
 def test_supports_names_what_the_passes_take():
     w, g = torch.randn(4, 8), torch.randn(4, 8)
     kept = encode_kept(exact_nm_mask(8, 2, 4, 0), 2)

@@ -60,7 +60,7 @@ from bame_optim.core.kept import (
 from bame_optim.core.nm import param_to_blocks
 from bame_optim.core.validation import check_fraction
 from bame_optim.kernels import native
-from bame_optim.kernels.block_layout import folded_layouts
+from bame_optim.kernels.block_layout import OUTER_DIMS, folded_layouts
 from bame_optim.kernels.native import DISABLE_ENV, disabled
 
 __all__ = [
@@ -336,7 +336,7 @@ def apply_evolved_many(
     """:func:`apply_evolved_` of the parameters of one group in one native call (every input
     checked before anything is written)."""
     new_kept, flips = _require().apply_evolved(
-        weights, [folded_layouts(w)[0] for w in weights],  # type: ignore[index]
+        weights, [_weight_layout(w, f"weights[{i}]") for i, w in enumerate(weights)],
         [list(b) for b in buffers], kept,
         [rank_masks(c, m) if k.ndim == 1 else None for k, c in zip(kept, counts, strict=True)],
         counts, proposed, frozen, m,
@@ -350,9 +350,20 @@ def zero_pruned_(weight: Tensor, kept: Tensor, count: int, m: int) -> bool:
     pruned entry that is not +0.0 set to +0.0, the kept ones untouched. One read of the
     weight, through its strides; returns whether an entry was written."""
     return _require().zero_pruned(
-        weight, folded_layouts(weight)[0], kept,  # type: ignore[index]
+        weight, _weight_layout(weight, "weight"), kept,
         rank_masks(count, m) if kept.ndim == 1 else None, count, m,
     )
+
+
+def _weight_layout(weight: Tensor, what: str) -> list[int]:
+    """:func:`folded_layouts` of one weight; ``ValueError`` naming it where it has none."""
+    layouts = folded_layouts(weight)
+    if layouts is None:
+        raise ValueError(
+            f"Invalid {what}: shape {tuple(weight.shape)} with strides {weight.stride()}; its "
+            f"dimensions other than 1 do not fold into {OUTER_DIMS} strided ones (see supports)"
+        )
+    return layouts[0]
 
 
 def _bit_patterns(mask: Tensor) -> Tensor:
