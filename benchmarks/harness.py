@@ -197,14 +197,11 @@ class Timer:
         return 1000 * (time.perf_counter() - begin)
 
 
-class HostTimer:
+class HostTimer(Timer):
     """Milliseconds until a call returns, the device idle when it starts and not waited for
     after: the host's share of a CUDA step (Python, checks, kernel launches). A step whose
     host time is close to its :class:`Timer` time is bound by launches, not by the GPU. On
     the CPU it is the wall time, as :class:`Timer`."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
 
     def __call__(self, fn: Callable[[], Any]) -> float:
         if self.cuda:

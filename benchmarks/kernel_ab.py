@@ -119,7 +119,7 @@ def steps(modules: dict[str, ModuleType], shapes: list[torch.Size], n: int, m: i
     step = 6.0  # the bias corrections of a fixed step: timing only
     sizes = [h["lr"] / (1 - h["beta1"] ** step)] * len(base)
     roots = [(1 - h["beta2"] ** step) ** 0.5] * len(base)
-    addcmul = kept_adamw_cpu._state["fma_addcmul"]  # the probe's answer (available() ran)
+    addcmul = kept_adamw_cpu.fma_addcmul()
     for name, module in modules.items():
         ws, m1, m2 = [p.clone() for p in base], [s.clone() for s in state], [s * 0.5 for s in state]
         calls[name] = (lambda module=module, ws=ws, m1=m1, m2=m2: module.fused_kept_adamw(

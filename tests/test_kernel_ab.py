@@ -65,6 +65,25 @@ def test_a_build_of_this_checkouts_sources_steps_bit_for_bit_as_the_native_modul
         assert torch.equal(a, b)
     assert not torch.equal(results[0][0], weights[0])  # it stepped
 
+    # AdamW through the other build's binding, with the rounding flags this checkout probed,
+    # as the package's own entry point steps (its step counts at 5 give bias corrections of 6).
+    lr, b1, b2, wd, eps = 1e-3, 0.9, 0.999, 0.05, 1e-8
+    moments = [[torch.rand(w.numel() // 16, 1, generator=gen) for w in weights] for _ in "mv"]
+    ws = [w.clone() for w in weights]
+    m1, m2 = ([t.clone() for t in ts] for ts in moments)
+    other.fused_kept_adamw(
+        ws, grads, m1, m2, [], kept, tables, [1, 1], [lr / (1 - b1**6)] * 2,
+        [(1 - b2**6) ** 0.5] * 2, 16, lr, b1, b2, wd, eps, False, False, kept_sgd_cpu.fma(),
+        kept_adamw_cpu.fma_addcmul(), True)
+    expected = [w.clone() for w in weights]
+    e1, e2 = ([t.clone() for t in ts] for ts in moments)
+    kept_adamw_cpu.fused_kept_adamw_(
+        expected, grads, e1, e2, [], [torch.tensor(5.0) for _ in weights], kept, [1, 1], m=16,
+        amsgrad=False, beta1=b1, beta2=b2, lr=lr, weight_decay=wd, eps=eps, maximize=False,
+        avx512=True)
+    for a, b in zip(ws + m1 + m2, expected + e1 + e2, strict=True):
+        assert torch.equal(a, b)
+
     rows = kernel_ab.main(["--csrc", str(native.CSRC), "--models", "small_cnn", "--patterns",
                            "1:4", "--rounds", "2", "--warmup", "0"])
     assert [(r["model"], r["pattern"], r["rule"]) for r in rows] == [

@@ -60,7 +60,7 @@ from bame_optim.kernels import kept_sgd_cpu, native
 from bame_optim.kernels.native import DISABLE_ENV, disabled
 
 __all__ = ["DISABLE_ENV", "DTYPES", "available", "disabled", "first_unsupported",
-           "fused_kept_adamw_", "supports"]
+           "fma_addcmul", "fused_kept_adamw_", "supports"]
 
 DTYPES = (torch.float32, torch.float64)
 """Parameter dtypes the kernel handles (bit-identical to the eager path)."""
@@ -181,6 +181,13 @@ def fused_kept_adamw_(
         module.advance_steps(state_steps)  # as below, without an add_ per tensor
     elif state_steps:
         torch._foreach_add_(state_steps, 1)
+
+
+def fma_addcmul() -> bool:
+    """Whether ATen's CPU ``addcmul`` fuses its multiply-add here (the probe's answer, as
+    :func:`bame_optim.kernels.kept_sgd_cpu.fma` is for ``add``; :func:`available` must be
+    True)."""
+    return bool(_state["fma_addcmul"])
 
 
 def _scalar(name: str, value: float | Tensor) -> float:
