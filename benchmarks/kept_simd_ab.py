@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -37,7 +36,7 @@ from bame_optim.core.kept import encode_kept
 from bame_optim.core.nm import random_nm_mask
 from bame_optim.kernels import kept_adamw_cpu, kept_sgd_cpu
 
-from .harness import build_model, machine, nm_pattern
+from .harness import Timer, build_model, interleaved_rounds, machine, nm_pattern
 
 SGD_HYPER = {"lr": 0.1, "momentum": 0.9, "dampening": 0.0, "weight_decay": 5e-4,
              "nesterov": False, "maximize": False}
@@ -95,22 +94,6 @@ def steps(shapes: list[torch.Size], n: int, m: int, rule: str) -> dict[str, Call
     return calls
 
 
-def measure(calls: dict[str, Callable[[], None]], rounds: int,
-            warmup: int) -> dict[str, list[float]]:
-    """Milliseconds of each call per round, the order rotated every round."""
-    names = list(calls)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(warmup + rounds):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            calls[name]()
-            elapsed = (time.perf_counter() - start) * 1e3
-            if r >= warmup:
-                times[name].append(elapsed)
-    return times
-
-
 def summary(values: list[float]) -> str:
     """``median [q1-q3]``."""
     q1, median, q3 = statistics.quantiles(values, n=4)
@@ -142,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
             if not shapes:
                 continue
             for rule in args.rules:
-                times = measure(steps(shapes, n, m, rule), args.rounds, args.warmup)
+                times = interleaved_rounds(steps(shapes, n, m, rule), args.rounds,
+                                           args.warmup, Timer(torch.device("cpu")))
                 med = {name: statistics.median(times[name]) for name in CONTENDERS}
                 print(f"{model:9} {n}:{m:<3} {rule:5} "
                       + " ".join(f"{summary(times[c]):>21}" for c in CONTENDERS)

@@ -21,7 +21,6 @@ and ``A/torch``, ``B/torch`` and ``A/B``. Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import statistics
 import subprocess
@@ -39,8 +38,8 @@ from bame_optim.core.kept import encode_kept
 from bame_optim.core.nm import random_nm_mask
 from bame_optim.kernels import kept_adamw_cpu, kept_sgd_cpu, native
 
-from .harness import machine, nm_pattern
-from .kept_simd_ab import ADAMW_HYPER, SGD_HYPER, measure, shapes_of, summary
+from .harness import Timer, interleaved_rounds, machine, nm_pattern
+from .kept_simd_ab import ADAMW_HYPER, SGD_HYPER, shapes_of, summary
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = "bame_optim/kernels/csrc"
@@ -66,11 +65,7 @@ def build(folder: Path) -> ModuleType:
     paths = sorted(p for p in folder.iterdir() if p.suffix in (".cpp", ".h"))
     if not any(p.suffix == ".cpp" for p in paths):
         raise SystemExit(f"Invalid sources folder: {folder} holds no .cpp file")
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    digest.update(" ".join(native.flags()).encode())
-    key = digest.hexdigest()[:12]
+    key = native.sources_hash(paths=paths)
     root = native.build_directory(key).parents[1]  # the extensions cache native builds in
     directory = root / BUILD_NAME / key
     sources = directory / "csrc"
@@ -171,7 +166,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
         for n, m in args.patterns:
             shapes = shapes_of(model, m, args.layers)
             for rule in args.rules if shapes else ():
-                times = measure(steps(modules, shapes, n, m, rule), args.rounds, args.warmup)
+                times = interleaved_rounds(steps(modules, shapes, n, m, rule), args.rounds,
+                                           args.warmup, Timer(torch.device("cpu")))
                 med = {c: statistics.median(times[c]) for c in CONTENDERS}
                 rows.append({"model": model, "pattern": f"{n}:{m}", "rule": rule, **med})
                 print(f"{model:10} {n}:{m:<3} {rule:5} "

@@ -43,6 +43,8 @@ def test_source_hash_follows_sources_and_flags(monkeypatch, tmp_path):
     digest = native.sources_hash()
     assert re.fullmatch(r"[0-9a-f]{16}", digest)
     assert native.sources_hash([*native.flags(), "-DOTHER"]) != digest
+    assert native.sources_hash(paths=[*native.SOURCES, *native.HEADERS]) == digest
+    assert native.sources_hash(paths=native.SOURCES) != digest  # another tree: its own key
     copy = tmp_path / "kept_common.h"
     copy.write_text(native.HEADERS[0].read_text() + "\n// edited\n")
     monkeypatch.setattr(native, "HEADERS", (copy,))

@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -128,10 +128,12 @@ def flags() -> list[str]:
     return result
 
 
-def sources_hash(extra_flags: list[str] | None = None) -> str:
-    """SHA-256 (first 16 hex digits) of the sources, headers and compiler flags."""
+def sources_hash(extra_flags: list[str] | None = None,
+                 paths: Sequence[Path] | None = None) -> str:
+    """SHA-256 (first 16 hex digits) of the sources, headers and compiler flags (``paths``:
+    other sources, for a build of another tree, such as ``benchmarks.kernel_ab``'s)."""
     digest = hashlib.sha256()
-    for path in (*SOURCES, *HEADERS):
+    for path in (*SOURCES, *HEADERS) if paths is None else paths:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     digest.update(" ".join(flags() if extra_flags is None else extra_flags).encode())
     return digest.hexdigest()[:16]
