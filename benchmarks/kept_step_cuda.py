@@ -13,8 +13,9 @@ forward or backward, the median time of
 interleaved round by round (:func:`benchmarks.harness.interleaved_rounds`), and each one's ratio to
 ``fused``; then, in a second interleaved pass, each one's host time
 (:class:`benchmarks.harness.HostTimer`: until ``step()`` returns, the GPU not waited for). A
-step whose host time is near its time is bound by its launches (one Triton launch per sparse
-parameter) and Python, not by the GPU. Both sides pass ``fused=True`` (BAME's dense
+step whose host time is near its time is bound by its launches (one Triton launch per kernel
+signature, about 9 us of Python per sparse parameter to build its table) and Python, not by
+the GPU. Both sides pass ``fused=True`` (BAME's dense
 parameters then take torch's fused step too, and a sparse one the kernels cannot take raises
 instead of falling back to the eager path). Written for CUDA (``python -m tools.gpu_check``
 runs it); ``--device cpu`` is a smoke run of the same code (torch's fused CPU optimizers and

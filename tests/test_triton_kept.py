@@ -28,6 +28,7 @@ import torch
 from bame_optim.core.kept import encode_kept
 from bame_optim.core.nm import blocks_to_param, random_nm_mask
 from bame_optim.kernels import triton_kept
+from bame_optim.kernels.block_layout import folded_layouts
 from bame_optim.optim.functional import kept_adamw, kept_sgd
 
 TOLERANCE_ULPS = 4
@@ -255,10 +256,161 @@ def test_kernel_checks_every_parameter_before_writing_any(device):
     assert torch.equal(param, before) and step.item() == 0
 
 
+# One call over parameters of several signatures: five float32 2:4 weights of different
+# layouts (one launch whose programs must find their row among five), a float64 one, a
+# 1:16 one (another count), a 16:32 one (stored positions) and an empty one (no blocks).
+MANY = [
+    (((4, 8), 2, 4, "contiguous"), torch.float32),
+    (((3, 8, 3, 3), 2, 4, "channels_last"), torch.float32),
+    (((4, 8), 2, 4, "transposed"), torch.float32),
+    (((2, 4, 1, 5), 2, 4, "contiguous"), torch.float32),
+    (((5, 12), 2, 4, "contiguous"), torch.float32),
+    (((2, 8), 2, 4, "contiguous"), torch.float64),
+    (((3, 32, 2, 2), 1, 16, "contiguous"), torch.float32),
+    (((2, 32), 16, 32, "contiguous"), torch.float32),
+    (((0, 8), 2, 4, "contiguous"), torch.float32),
+]
+
+
+class _LaunchCounter:
+    """Stands in for a kernel: counts its launches and passes them on."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+def _many(device, seed):
+    """``(param, grads, code, kept, n, m)`` of every :data:`MANY` case."""
+    return [(*_problem(case, dtype, device, seed=seed + i), case[1], case[2])
+            for i, (case, dtype) in enumerate(MANY)]
+
+
+def _by_block_size(problems):
+    """Indices of ``problems`` per block size, as param groups would call the kernels."""
+    sizes = sorted({m for *_, m in problems})
+    return [(m, [i for i, (*_, mi) in enumerate(problems) if mi == m]) for m in sizes]
+
+
+# Dyadic, so that the interpreter's float32 scalars are the float64 values (see the float64
+# test below).
+DYADIC_SGD = dict(momentum=0.875, dampening=0.25, weight_decay=2**-6, nesterov=True,
+                  maximize=False)
+
+
+@pytest.mark.cuda
+def test_kernel_sgd_steps_many_parameters_one_launch_per_signature(device, monkeypatch):
+    problems = _many(device, seed=10)
+    kernels = triton_kept._kernels()
+    counter = _LaunchCounter(kernels.kept_sgd_kernel)
+    monkeypatch.setattr(kernels, "kept_sgd_kernel", counter)
+    params = [p.clone() for p, *_ in problems]
+    oracle = [p.double().cpu() for p, *_ in problems]
+    buffers, oracle_buffers = [None] * len(problems), [[None] for _ in problems]
+    for step in range(STEPS):
+        if step == 1:  # one buffer starts over: a first step beside later ones
+            buffers[2], oracle_buffers[2] = None, [None]
+        for p, (_, grads, code, _, n, m), b in zip(oracle, problems, oracle_buffers,
+                                                    strict=True):
+            kept_sgd([p], [grads[step].double().cpu()], b, [code.cpu()], [n], m=m, lr=0.125,
+                     fused=False, **DYADIC_SGD)
+        for m, chosen in _by_block_size(problems):
+            sub = [buffers[i] for i in chosen]
+            _kernel_sgd([params[i] for i in chosen], [problems[i][1][step] for i in chosen],
+                        sub, [problems[i][2] for i in chosen], [problems[i][4] for i in chosen],
+                        m=m, lr=0.125, **DYADIC_SGD)
+            for i, b in zip(chosen, sub, strict=True):
+                buffers[i] = b
+    # Per step: m = 4 has a float32 and a float64 signature (step 1: the restarted buffer's
+    # first step is a third); m = 16 and m = 32 one each. The empty weight launches nothing.
+    assert len(counter.grids) == (2 + 1 + 1) + (3 + 1 + 1) + (2 + 1 + 1)
+    for (param, *_, kept, _, _), p, o, b, ob in zip(problems, params, oracle, buffers,
+                                                    oracle_buffers, strict=True):
+        if param.numel():
+            _assert_near(p, o, param.dtype)
+            _assert_near(b, ob[0], param.dtype)
+        assert torch.equal(p[kept == 0], param[kept == 0])
+
+
+@pytest.mark.cuda
+def test_kernel_adamw_steps_many_parameters_at_their_own_step_counts(device, monkeypatch):
+    # Each parameter's step size and bias correction come from its own step count (one
+    # parameter restarted from 0), read from the launch table as float64 bits.
+    problems = _many(device, seed=20)
+    kernels = triton_kept._kernels()
+    counter = _LaunchCounter(kernels.kept_adamw_kernel)
+    monkeypatch.setattr(kernels, "kept_adamw_kernel", counter)
+    hyper = dict(amsgrad=True, beta1=0.875, beta2=0.96875, lr=2**-7, weight_decay=2**-5,
+                 eps=2**-20, maximize=False)
+
+    def fresh(param, n, m, dtype, dev):
+        k = param.numel() // m
+        return [param.clone() if dtype == param.dtype else param.double().cpu()] + [
+            torch.zeros(k, n, dtype=dtype, device=dev) for _ in range(3)
+        ] + [torch.tensor(0.0)]
+
+    kernel = [fresh(p, n, m, p.dtype, device) for p, _, _, _, n, m in problems]
+    oracle = [fresh(p, n, m, torch.float64, "cpu") for p, _, _, _, n, m in problems]
+    kernel[3][4].fill_(5.0)
+    oracle[3][4].fill_(5.0)
+    for step in range(STEPS):
+        for state, (_, grads, code, _, n, m) in zip(oracle, problems, strict=True):
+            kept_adamw([state[0]], [grads[step].double().cpu()], *([s] for s in state[1:]),
+                       [code.cpu()], [n], m=m, **hyper)
+        for m, chosen in _by_block_size(problems):
+            p, m1, m2, vmax, steps = ([kernel[i][j] for i in chosen] for j in range(5))
+            triton_kept.kept_adamw_(
+                p, [problems[i][1][step] for i in chosen], m1, m2, vmax, steps,
+                [problems[i][2] for i in chosen], [problems[i][4] for i in chosen], m=m,
+                **hyper)
+    assert len(counter.grids) == STEPS * (2 + 1 + 1)  # m = 4: float32 and float64
+    for (param, *_, kept, _, _), state, expected in zip(problems, kernel, oracle, strict=True):
+        for value, reference in zip(state[:4], expected[:4], strict=True):
+            if param.numel():
+                _assert_near(value, reference, param.dtype)
+        assert state[4].item() == expected[4].item()
+        assert torch.equal(state[0][kept == 0], param[kept == 0])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rule", ["sgd", "adamw"])
+def test_kernel_reads_a_gradient_laid_out_unlike_its_weight(rule, device):
+    # A channels_last weight with a contiguous gradient: each is addressed through its own
+    # strides of one joint fold (folding each alone gives different sizes).
+    case = ((4, 8, 3, 3), 2, 4, "channels_last")
+    _, n, m, _ = case
+    param, grads, code, kept = _problem(case, torch.float32, device, seed=3)
+    grads = [g.contiguous() for g in grads]
+    assert folded_layouts(param)[0][:2] != folded_layouts(grads[0])[0][:2]
+    p, oracle = param.clone(), param.double().cpu()
+    k = param.numel() // m
+    state = [torch.zeros(k, n, device=device) for _ in range(3)] + [torch.tensor(0.0)]
+    oracle_state = [torch.zeros(k, n, dtype=torch.float64) for _ in range(3)]
+    oracle_state.append(torch.tensor(0.0))
+    buffers, oracle_buffers = [None], [None]
+    for grad in grads:
+        if rule == "sgd":
+            _kernel_sgd([p], [grad], buffers, [code], [n], m=m, lr=0.125, **DYADIC_SGD)
+            kept_sgd([oracle], [grad.double().cpu()], oracle_buffers, [code.cpu()], [n], m=m,
+                     lr=0.125, fused=False, **DYADIC_SGD)
+        else:
+            hyper = dict(m=m, amsgrad=False, beta1=0.875, beta2=0.96875, lr=2**-7,
+                         weight_decay=0.0, eps=2**-20, maximize=False)
+            triton_kept.kept_adamw_([p], [grad], [state[0]], [state[1]], [], [state[3]],
+                                    [code], [n], **hyper)
+            kept_adamw([oracle], [grad.double().cpu()], [oracle_state[0]], [oracle_state[1]],
+                       [], [oracle_state[3]], [code.cpu()], [n], **hyper)
+    _assert_near(p, oracle, torch.float32)
+    assert torch.equal(p[kept == 0], param[kept == 0])
+
+
 @pytest.mark.skipif(triton_kept.interpreting(), reason="this is the parent of the child run")
 def test_kernels_under_the_triton_interpreter(run_interpreted):
     """The kernel tests, run on CPU tensors by Triton's interpreter in a child pytest."""
-    expected = len(CASES) * (len(SGD_CONFIGS) + len(ADAMW_CONFIGS)) + 3 + 4
+    expected = len(CASES) * (len(SGD_CONFIGS) + len(ADAMW_CONFIGS)) + 3 + 4 + 4
     run_interpreted(__file__, expected, timeout=600)
 
 
@@ -268,14 +420,14 @@ def test_folded_layout_addresses_the_blocks_of_core_nm():
     for shape, layout in (((3, 8, 2, 2), "channels_last"), ((4, 8), "transposed")):
         t = _layout(torch.arange(torch.Size(shape).numel(), dtype=torch.float32).view(shape),
                     layout)
-        sizes, strides = triton_kept._outer_layout(t)
-        n0 = t.numel() // (t.shape[1] * sizes[0] * sizes[1])
+        ((n1, n2, *strides),) = folded_layouts(t)
+        n0 = t.numel() // (t.shape[1] * n1 * n2)
         index = torch.arange(t.numel() // 4)
         per_row = t.shape[1] // 4
         outer, column = index // per_row, (index % per_row) * 4
-        i2, i1, i0 = outer % sizes[1], outer // sizes[1] % sizes[0], outer // sizes[1] // sizes[0]
+        i2, i1, i0 = outer % n2, outer // n2 % n1, outer // n2 // n1
         assert int(i0.max()) == n0 - 1
-        offsets = i0 * strides[0] + i1 * strides[1] + i2 * strides[2] + column * t.stride(1)
+        offsets = i0 * strides[0] + i1 * strides[1] + i2 * strides[2] + column * strides[3]
         flat = t.as_strided((t.numel(),), (1,))
         expected = t.movedim(1, -1).reshape(-1, 4)[:, 0]
         assert torch.equal(flat[offsets], expected)

@@ -1,28 +1,95 @@
 """The Triton programs of :mod:`bame_optim.kernels.triton_kept` (imported only from there, and
 only when a step runs: this module imports Triton).
 
-One program handles ``BLOCK_K`` blocks of one parameter: it decodes each block's kept set
-(colex rank -> sorted positions through the ``[C, COUNT]`` table, or stored positions), gathers
-the kept weights and gradients from their strided addresses, updates the compact state rows
-and scatters the weights back. Hyper-parameters arrive as float64 scalars (as torch's Python
-floats) and are cast to the compute dtype, as ATen casts a scalar to the tensor's dtype.
+One launch steps every parameter of one signature (dtype, kept count, code form). Its
+parameters are rows of an ``int64`` table (the columns below): addresses, block count and
+folded strides, the launch's first program of the parameter and, for AdamW, its two
+step-dependent scalars as float64 bits. Program ``i`` finds its row by a binary search over the
+rows' first programs, then handles ``BLOCK_K`` blocks of that parameter: it decodes each
+block's kept set (colex rank -> sorted positions through the ``[C, COUNT]`` table, or stored
+positions), gathers the kept weights and gradients from their strided addresses, updates the
+compact state rows and scatters the weights back. Hyper-parameters arrive as float64 scalars
+(as torch's Python floats) and are cast to the compute dtype, as ATen casts a scalar to the
+tensor's dtype.
 """
 
 # ruff: noqa: SIM108  (if/else on constexpr flags, the form Triton's compiler folds)
+import struct
+
+import torch
 import triton
 import triton.language as tl
+
+# The columns of a row of the launch table (triton_kept._rows writes them in this order).
+PARAM = tl.constexpr(0)
+GRAD = tl.constexpr(1)
+KEPT = tl.constexpr(2)
+STATE = tl.constexpr(3)
+"""Three columns: the compact state tensors (SGD's momentum; AdamW's two moments and maxima)."""
+BLOCKS = tl.constexpr(6)
+"""Then ``num_blocks, blocks_per_row, n1, n2``, the parameter's ``s0, s1, s2, s_in`` and the
+gradient's ``g0, g1, g2, g_in``."""
+FIRST_PROGRAM = tl.constexpr(18)
+SCALARS = tl.constexpr(19)
+"""Two float64 columns (bits): AdamW's step size and ``sqrt(1 - beta2^t)``."""
+ROW = tl.constexpr(21)
+
+ELEMENT_TYPES = {
+    torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16, torch.uint8: tl.uint8, torch.int16: tl.int16,
+    torch.int64: tl.int64,
+}
+"""The pointer element type of a parameter (``DT``) or kept-code (``KT``) dtype."""
+
+
+def table_row(
+    tensors: list[torch.Tensor], layout: list[int], first_program: int, scalars: tuple[float, ...]
+) -> list[int]:
+    """One row of the launch table, in the columns above: ``tensors`` are the parameter, its
+    gradient, its kept code and its (up to three) state tensors; ``layout`` is
+    ``num_blocks, blocks_per_row, n1, n2`` and the two tensors' folded strides."""
+    addresses = [t.data_ptr() for t in tensors]
+    addresses += [0] * (BLOCKS.value - len(addresses))
+    floats = [struct.unpack("=q", struct.pack("=d", x))[0] for x in scalars]
+    return [*addresses, *layout, first_program, *floats, *[0] * (ROW.value - SCALARS.value
+                                                                 - len(floats))]
+
+
+@triton.jit
+def _row(meta_ptr, num_rows, LOG_ROWS: tl.constexpr):
+    # The table offset of this program's row (the last row whose first program <= this one)
+    # and the program's index within that parameter.
+    program = tl.program_id(0).to(tl.int64)
+    lo = program * 0
+    hi = lo + num_rows
+    for _ in tl.static_range(LOG_ROWS):
+        mid = (lo + hi) // 2
+        inside = tl.load(meta_ptr + mid * ROW + FIRST_PROGRAM) <= program
+        lo = tl.where(inside, mid, lo)
+        hi = tl.where(inside, hi, mid)
+    row = lo * ROW
+    return row, program - tl.load(meta_ptr + row + FIRST_PROGRAM)
+
+
+@triton.jit
+def _column_ptr(meta_ptr, row, column, DT: tl.constexpr):
+    return tl.load(meta_ptr + row + column).to(tl.pointer_type(DT))
 
 
 @triton.jit
 def _kept_addresses(
-    kept_ptr, table_ptr, num_blocks, blocks_per_row, n1, n2,
-    s0, s1, s2, s_in, g0, g1, g2, g_in,
+    meta_ptr, row, program, table_ptr,
     M: tl.constexpr, COUNT: tl.constexpr, COUNT_P2: tl.constexpr, BLOCK_K: tl.constexpr,
-    RANKED: tl.constexpr,
+    RANKED: tl.constexpr, KT: tl.constexpr,
 ):
     # Blocks are numbered in the order of core.nm.block_view: [out, *k (coalesced to n1, n2),
     # in / M]; the kept entry c of block b sits at input index (b % blocks_per_row) * M + c.
-    blocks = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    num_blocks = tl.load(meta_ptr + row + BLOCKS)
+    blocks_per_row = tl.load(meta_ptr + row + BLOCKS + 1)
+    n1 = tl.load(meta_ptr + row + BLOCKS + 2)
+    n2 = tl.load(meta_ptr + row + BLOCKS + 3)
+    kept_ptr = _column_ptr(meta_ptr, row, KEPT, KT)
+    blocks = program * BLOCK_K + tl.arange(0, BLOCK_K)
     cols = tl.arange(0, COUNT_P2)
     mask = (blocks < num_blocks)[:, None] & (cols < COUNT)[None, :]
     if RANKED:
@@ -30,17 +97,25 @@ def _kept_addresses(
         pos = tl.load(table_ptr + rank[:, None] * COUNT + cols[None, :], mask=mask, other=0)
     else:
         pos = tl.load(kept_ptr + blocks[:, None] * COUNT + cols[None, :], mask=mask, other=0)
-    pos = pos.to(tl.int64)
-    column = (blocks % blocks_per_row)[:, None] * M + pos
+    column = (blocks % blocks_per_row)[:, None] * M + pos.to(tl.int64)
     outer = blocks // blocks_per_row
     i2 = outer % n2
     outer = outer // n2
     i1 = outer % n1
     i0 = outer // n1
-    p_off = (i0 * s0 + i1 * s1 + i2 * s2)[:, None] + column * s_in
-    g_off = (i0 * g0 + i1 * g1 + i2 * g2)[:, None] + column * g_in
+    p_off = _offsets(meta_ptr, row + BLOCKS + 4, i0, i1, i2, column)
+    g_off = _offsets(meta_ptr, row + BLOCKS + 8, i0, i1, i2, column)
     compact = blocks[:, None] * COUNT + cols[None, :]
     return p_off, g_off, compact, mask
+
+
+@triton.jit
+def _offsets(meta_ptr, strides, i0, i1, i2, column):
+    s0 = tl.load(meta_ptr + strides)
+    s1 = tl.load(meta_ptr + strides + 1)
+    s2 = tl.load(meta_ptr + strides + 2)
+    s_in = tl.load(meta_ptr + strides + 3)
+    return (i0 * s0 + i1 * s1 + i2 * s2)[:, None] + column * s_in
 
 
 @triton.jit
@@ -64,60 +139,63 @@ def _div(x, y, F64: tl.constexpr):
 
 @triton.jit
 def kept_sgd_kernel(
-    p_ptr, g_ptr, buf_ptr, kept_ptr, table_ptr,
-    num_blocks, blocks_per_row, n1, n2,
-    s0, s1, s2, s_in, g0, g1, g2, g_in,
+    meta_ptr, num_rows, table_ptr,
     lr: tl.float64, momentum: tl.float64, one_minus_dampening: tl.float64,
     weight_decay: tl.float64,
     M: tl.constexpr, COUNT: tl.constexpr, COUNT_P2: tl.constexpr, BLOCK_K: tl.constexpr,
-    RANKED: tl.constexpr, CT: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
-    HAS_MOMENTUM: tl.constexpr, FIRST: tl.constexpr, NESTEROV: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
+    RANKED: tl.constexpr, KT: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr,
+    LOG_ROWS: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+    FIRST: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
 ):
+    row, program = _row(meta_ptr, num_rows, LOG_ROWS)
     p_off, g_off, compact, mask = _kept_addresses(
-        kept_ptr, table_ptr, num_blocks, blocks_per_row, n1, n2,
-        s0, s1, s2, s_in, g0, g1, g2, g_in, M, COUNT, COUNT_P2, BLOCK_K, RANKED,
+        meta_ptr, row, program, table_ptr, M, COUNT, COUNT_P2, BLOCK_K, RANKED, KT,
     )
+    p_ptr = _column_ptr(meta_ptr, row, PARAM, DT)
     w = tl.load(p_ptr + p_off, mask=mask, other=0).to(CT)
-    g = tl.load(g_ptr + g_off, mask=mask, other=0).to(CT)
+    g = tl.load(_column_ptr(meta_ptr, row, GRAD, DT) + g_off, mask=mask, other=0).to(CT)
     if MAXIMIZE:
         g = -g
     if HAS_WEIGHT_DECAY:
         g = g + tl.cast(weight_decay, CT) * w
     if HAS_MOMENTUM:
+        buf_ptr = _column_ptr(meta_ptr, row, STATE, DT)
         mu = tl.cast(momentum, CT)
         if FIRST:  # torch.optim.SGD's first step: the buffer is a copy of the gradient
             b = g
         else:
             b = tl.load(buf_ptr + compact, mask=mask, other=0).to(CT)
             b = b * mu + tl.cast(one_minus_dampening, CT) * g
-        tl.store(buf_ptr + compact, b.to(buf_ptr.dtype.element_ty), mask=mask)
+        tl.store(buf_ptr + compact, b.to(DT), mask=mask)
         if NESTEROV:
             g = g + mu * b
         else:
             g = b
     w = w + tl.cast(-lr, CT) * g
-    tl.store(p_ptr + p_off, w.to(p_ptr.dtype.element_ty), mask=mask)
+    tl.store(p_ptr + p_off, w.to(DT), mask=mask)
 
 
 @triton.jit
 def kept_adamw_kernel(
-    p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, kept_ptr, table_ptr,
-    num_blocks, blocks_per_row, n1, n2,
-    s0, s1, s2, s_in, g0, g1, g2, g_in,
+    meta_ptr, num_rows, table_ptr,
     decay: tl.float64, one_minus_beta1: tl.float64, beta2: tl.float64,
-    one_minus_beta2: tl.float64, step_size: tl.float64, bias_correction2_sqrt: tl.float64,
-    eps: tl.float64,
+    one_minus_beta2: tl.float64, eps: tl.float64,
     M: tl.constexpr, COUNT: tl.constexpr, COUNT_P2: tl.constexpr, BLOCK_K: tl.constexpr,
-    RANKED: tl.constexpr, CT: tl.constexpr, F64: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
+    RANKED: tl.constexpr, KT: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr,
+    LOG_ROWS: tl.constexpr, F64: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
 ):
+    row, program = _row(meta_ptr, num_rows, LOG_ROWS)
     p_off, g_off, compact, mask = _kept_addresses(
-        kept_ptr, table_ptr, num_blocks, blocks_per_row, n1, n2,
-        s0, s1, s2, s_in, g0, g1, g2, g_in, M, COUNT, COUNT_P2, BLOCK_K, RANKED,
+        meta_ptr, row, program, table_ptr, M, COUNT, COUNT_P2, BLOCK_K, RANKED, KT,
     )
+    step_size = tl.load(meta_ptr + row + SCALARS).to(tl.float64, bitcast=True)
+    bias_correction2_sqrt = tl.load(meta_ptr + row + SCALARS + 1).to(tl.float64, bitcast=True)
+    p_ptr = _column_ptr(meta_ptr, row, PARAM, DT)
+    m_ptr = _column_ptr(meta_ptr, row, STATE, DT)
+    v_ptr = _column_ptr(meta_ptr, row, STATE + 1, DT)
     w = tl.load(p_ptr + p_off, mask=mask, other=0).to(CT)
-    g = tl.load(g_ptr + g_off, mask=mask, other=0).to(CT)
+    g = tl.load(_column_ptr(meta_ptr, row, GRAD, DT) + g_off, mask=mask, other=0).to(CT)
     if MAXIMIZE:
         g = -g
     if HAS_WEIGHT_DECAY:
@@ -127,13 +205,14 @@ def kept_adamw_kernel(
     weight = tl.cast(one_minus_beta1, CT)
     diff = g - a
     a = tl.where(weight < 0.5, a + weight * diff, g - diff * (1.0 - weight))
-    tl.store(m_ptr + compact, a.to(m_ptr.dtype.element_ty), mask=mask)
+    tl.store(m_ptr + compact, a.to(DT), mask=mask)
     v = tl.load(v_ptr + compact, mask=mask, other=0).to(CT)
     v = v * tl.cast(beta2, CT) + tl.cast(one_minus_beta2, CT) * g * g
-    tl.store(v_ptr + compact, v.to(v_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_ptr + compact, v.to(DT), mask=mask)
     if AMSGRAD:
+        vmax_ptr = _column_ptr(meta_ptr, row, STATE + 2, DT)
         v = tl.maximum(tl.load(vmax_ptr + compact, mask=mask, other=0).to(CT), v)
-        tl.store(vmax_ptr + compact, v.to(vmax_ptr.dtype.element_ty), mask=mask)
+        tl.store(vmax_ptr + compact, v.to(DT), mask=mask)
     denom = _div(_sqrt(v, F64), tl.cast(bias_correction2_sqrt, CT), F64) + tl.cast(eps, CT)
     w = w + tl.cast(-step_size, CT) * _div(a, denom, F64)
-    tl.store(p_ptr + p_off, w.to(p_ptr.dtype.element_ty), mask=mask)
+    tl.store(p_ptr + p_off, w.to(DT), mask=mask)

@@ -9,7 +9,7 @@ from functools import lru_cache
 
 from torch import Tensor
 
-__all__ = ["OUTER_DIMS", "folded_layouts"]
+__all__ = ["OUTER_DIMS", "fold", "folded_layouts"]
 
 OUTER_DIMS = 3
 """Strided dimensions the kernels take besides dimension 1 (``n0`` implied, ``n1``, ``n2``)."""
@@ -25,12 +25,11 @@ def folded_layouts(*tensors: Tensor) -> list[list[int]] | None:
     return None if layouts is None else [list(layout) for layout in layouts]
 
 
-@lru_cache(maxsize=256)
-def _folded_layouts(
+def fold(
     layouts: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...],
 ) -> list[list[int]] | None:
-    """:func:`folded_layouts` of tensors given as ``(shape, strides)``: cached, as every update
-    step asks for the same few layouts (the callers get copies)."""
+    """:func:`folded_layouts` of tensors given as ``(shape, strides)``, not cached (what
+    ``torch.compile`` may trace: it warns about cache wrappers)."""
     shape = layouts[0][0]
     dims = [0, *range(2, len(shape))]
     folded: list[tuple[int, list[int]]] = []  # (size, strides per tensor)
@@ -49,3 +48,7 @@ def _folded_layouts(
     folded = [(1, [0] * len(layouts))] * (OUTER_DIMS - len(folded)) + folded
     return [[folded[1][0], folded[2][0], *(f[1][i] for f in folded), stride[1]]
             for i, (_, stride) in enumerate(layouts)]
+
+
+_folded_layouts = lru_cache(maxsize=256)(fold)
+"""Cached :func:`fold`: every step asks for the same few layouts (callers get copies)."""

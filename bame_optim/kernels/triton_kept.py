@@ -1,12 +1,17 @@
 r"""Triton kernels for the ordinary step of compact N:M state on CUDA: kept-SGD and kept-AdamW.
 
-Each parameter is stepped by one launch that reads and writes only its kept entries: per block
-it decodes the kept set (colex rank -> sorted positions through a ``[C, count]`` table, or the
-stored positions ``[K, count]``, see :mod:`bame_optim.core.kept`), gathers the kept weights and
-gradients, updates the compact state ``[K, count]`` (block order of :mod:`bame_optim.core.nm`)
-and scatters the weights back. Addresses come from the block index and the tensor's strides,
-so Linear ``[out, in]``, convolution ``[out, in, *k]`` (whose blocks are not contiguous, in any
-memory format) and transposed views (``w.t()`` of a contiguous ``[in, out]``) need no copy.
+One launch steps every parameter of one signature (dtype, kept count, code form; for SGD also
+the first-step flag), so a ResNet-50 step is one or two launches, not one per layer: the
+parameters' addresses, block counts and folded strides travel in a small ``int64`` table,
+copied to the device from pinned memory without waiting. Each program reads and writes only
+kept entries: per block it decodes the kept set (colex rank -> sorted positions through a
+``[C, count]`` table, or the stored positions ``[K, count]``, see :mod:`bame_optim.core.kept`),
+gathers the kept weights and gradients, updates the compact state ``[K, count]`` (block order
+of :mod:`bame_optim.core.nm`) and scatters the weights back. Addresses come from the block
+index and the tensors' strides (:func:`bame_optim.kernels.block_layout.folded_layouts` of the
+parameter and its gradient together), so Linear ``[out, in]``, convolution ``[out, in, *k]``
+(whose blocks are not contiguous, in any memory format, the gradient's too) and transposed
+views (``w.t()`` of a contiguous ``[in, out]``) need no copy.
 
 The arithmetic is that of :func:`torch.optim.sgd.sgd` and :func:`torch.optim.adamw.adamw`
 (single-tensor paths) on the gathered entries, operation by operation, with each Python-float
@@ -17,8 +22,8 @@ the reverse), so they agree to a few ulps per step (``tests/test_triton_kept.py`
 
 Under ``TRITON_INTERPRET=1`` (set before Triton is first imported) the same kernels run on CPU
 tensors, which is how they are tested without a GPU. There the interpreter passes every float
-scalar as float32, so float64 parameters see float32-rounded hyper-parameters; on CUDA they are
-float64.
+scalar argument as float32, so float64 parameters see float32-rounded hyper-parameters (AdamW's
+step size and bias correction, read from the table, stay float64); on CUDA they are float64.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import torch
 from torch import Tensor
 
 from bame_optim.core.kept import positions_by_rank
+from bame_optim.kernels.block_layout import fold, folded_layouts
 
 __all__ = ["DTYPES", "available", "interpreting", "kept_adamw_", "kept_sgd_", "supports"]
 
@@ -41,8 +47,6 @@ DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _ELEMENTS_PER_PROGRAM = 1024
-_OUTER_DIMS = 3
-"""The kernels address blocks through at most three (coalesced) dimensions besides ``in``."""
 
 
 def available() -> bool:
@@ -60,16 +64,23 @@ def supports(param: Tensor, grad: Tensor | None) -> bool:
     """Whether the kernels handle ``param`` and its ``grad``: plain strided tensors of one
     shape (``ndim >= 2``) and dtype (:data:`DTYPES`) on one CUDA device (or on the CPU under
     :func:`interpreting`), whose dimensions other than 1 fold into three strided ones (true of
-    every Linear and convolution layout)."""
+    every Linear and convolution layout), the gradient's strides folded alike."""
+    # Not the cached folded_layouts: torch.compile traces this call.
+    return _plain_pair(param, grad, "cpu" if interpreting() else "cuda") and fold(
+        ((tuple(param.shape), param.stride()), (tuple(grad.shape), grad.stride()))
+    ) is not None
+
+
+def _plain_pair(param: Tensor, grad: Tensor | None, device: str) -> bool:
+    """:func:`supports` but for the layout."""
     if grad is None or grad.shape != param.shape or grad.dtype != param.dtype:
         return False
     if param.ndim < 2 or param.dtype not in DTYPES or param.device != grad.device:
         return False
-    device = "cpu" if interpreting() else "cuda"
     for t in (param, grad):
         if type(t) not in _PLAIN_TYPES or t.layout != torch.strided or t.device.type != device:
             return False
-        if t.is_neg() or t.is_conj() or _outer_layout(t) is None:
+        if t.is_neg() or t.is_conj():
             return False
     return True
 
@@ -90,7 +101,8 @@ def kept_sgd_(
     nesterov: bool,
     maximize: bool,
 ) -> None:
-    """SGD on the kept entries, in place on ``params`` and ``momentum_buffers``.
+    """SGD on the kept entries, in place on ``params`` and ``momentum_buffers``: one launch per
+    signature (:func:`_items`; here with the first-step flag too), however many parameters.
 
     Args:
         params, grads: :func:`supports` tensors.
@@ -103,18 +115,21 @@ def kept_sgd_(
     """
     kernels = _kernels()
     with_momentum = momentum != 0
-    _check_state(params, [momentum_buffers] if with_momentum else [], counts, m)
-    for i, (p, g, launch) in enumerate(_launches(params, grads, kept, counts, m)):
-        if launch is None:
-            continue
-        grid, args, meta = launch
-        buf = momentum_buffers[i] if with_momentum else p
+    states = [momentum_buffers] if with_momentum else []
+    _check_state(params, states, counts, m)
+    items = _items(params, grads, kept, counts, m)
+    launches: dict[tuple, list[tuple[int, list[int], tuple[float, ...]]]] = {}
+    for i, key, layout in items:
+        flag = with_momentum and bool(first[i])
+        launches.setdefault((*key, flag), []).append((i, layout, ()))
+    for (dtype, count, ranked, code_dtype, flag), rows in launches.items():
+        grid, meta, table, constants, _codes = _launch(rows, params, grads, states, kept, count,
+                                                       ranked, code_dtype, dtype, m)
         kernels.kept_sgd_kernel[grid](
-            p, g, buf, *args, float(lr), float(momentum), 1.0 - float(dampening),
-            float(weight_decay), **meta,
-            HAS_WEIGHT_DECAY=weight_decay != 0, HAS_MOMENTUM=with_momentum,
-            FIRST=with_momentum and bool(first[i]), NESTEROV=bool(nesterov),
-            MAXIMIZE=bool(maximize),
+            meta, len(rows), table, float(lr), float(momentum), 1.0 - float(dampening),
+            float(weight_decay), **constants,
+            HAS_WEIGHT_DECAY=weight_decay != 0, HAS_MOMENTUM=with_momentum, FIRST=flag,
+            NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
         )
 
 
@@ -137,12 +152,13 @@ def kept_adamw_(
     eps: float,
     maximize: bool,
 ) -> None:
-    r"""AdamW on the kept entries, in place on ``params``, the moments and ``state_steps``.
+    r"""AdamW on the kept entries, in place on ``params``, the moments and ``state_steps``: one
+    launch per signature (:func:`_items`), however many parameters.
 
     Each step tensor is advanced by one and read (a device sync if it is not on the CPU,
     as in :func:`torch.optim.adamw.adamw` without ``capturable``); the bias corrections
     :math:`1 - \beta^t` and the scalars derived from them are computed in double precision on
-    the host, as torch does.
+    the host, as torch does, and reach the kernel as float64 bits.
 
     Args:
         params, grads: :func:`supports` tensors.
@@ -155,24 +171,28 @@ def kept_adamw_(
             :func:`torch.optim.adamw.adamw`.
     """
     kernels = _kernels()
-    moments = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
-    _check_state(params, moments, counts, m)
+    states = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
+    _check_state(params, states, counts, m)
     if len(state_steps) != len(params):
         raise ValueError(f"Invalid state_steps: {len(state_steps)} for {len(params)} params")
+    items = _items(params, grads, kept, counts, m)
     lr, beta1, beta2 = float(lr), float(beta1), float(beta2)
-    for i, (p, g, launch) in enumerate(_launches(params, grads, kept, counts, m)):
-        state_steps[i] += 1
+    for steps in state_steps:
+        steps += 1
+    scalars: dict[int, tuple[float, float]] = {}
+    launches: dict[tuple, list[tuple[int, list[int], tuple[float, ...]]]] = {}
+    for i, key, layout in items:
         step = state_steps[i].item()
-        if launch is None:
-            continue
-        grid, args, meta = launch
-        bias_correction1 = 1 - beta1**step
-        bias_correction2 = 1 - beta2**step
+        if step not in scalars:
+            scalars[step] = (lr / (1 - beta1**step), (1 - beta2**step) ** 0.5)
+        launches.setdefault(key, []).append((i, layout, scalars[step]))
+    for (dtype, count, ranked, code_dtype), rows in launches.items():
+        grid, meta, table, constants, _codes = _launch(rows, params, grads, states, kept, count,
+                                                       ranked, code_dtype, dtype, m)
         kernels.kept_adamw_kernel[grid](
-            p, g, exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsgrad else p, *args,
-            1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, lr / bias_correction1,
-            bias_correction2**0.5, float(eps), **meta,
-            F64=p.dtype == torch.float64, HAS_WEIGHT_DECAY=weight_decay != 0,
+            meta, len(rows), table, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2,
+            float(eps), **constants,
+            F64=dtype == torch.float64, HAS_WEIGHT_DECAY=weight_decay != 0,
             AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize),
         )
 
@@ -202,74 +222,85 @@ def _check_state(
                 )
 
 
-def _launches(
+def _items(
     params: list[Tensor], grads: list[Tensor], kept: list[Tensor], counts: list[int], m: int
-) -> list[tuple[Tensor, Tensor, tuple | None]]:
-    """``(param, grad, launch)`` per parameter (:func:`_launch`), all checked before any is
-    run, so that bad input raises before anything is written."""
+) -> list[tuple[int, tuple[torch.dtype, int, bool, torch.dtype], list[int]]]:
+    """``(index, signature, layout)`` of every parameter with something to step (blocks and a
+    kept count), all checked before any is launched, so that bad input raises before anything
+    is written. The signature is what a launch compiles for: the dtype, the kept count,
+    whether the code is a rank, and the code's dtype; the layout is the table's
+    ``num_blocks, blocks_per_row, n1, n2`` and the parameter's and gradient's folded strides."""
     if not len(grads) == len(kept) == len(counts) == len(params):
         raise ValueError(
             f"params, grads, kept and counts must have equal lengths, got {len(params)}, "
             f"{len(grads)}, {len(kept)}, {len(counts)}"
         )
-    return [
-        (p, g, _launch(p, g, code, count, m))
-        for p, g, code, count in zip(params, grads, kept, counts, strict=True)
-    ]
+    device = "cpu" if interpreting() else "cuda"
+    items = []
+    for i, (p, g, code, count) in enumerate(zip(params, grads, kept, counts, strict=True)):
+        layouts = folded_layouts(p, g) if _plain_pair(p, g, device) else None
+        if layouts is None:
+            raise ValueError(
+                f"Invalid parameter {tuple(p.shape)} {p.dtype} on {p.device} for the Triton "
+                "kept kernels (see bame_optim.kernels.triton_kept.supports)"
+            )
+        if p.shape[1] % m:
+            raise ValueError(
+                f"Invalid shape {tuple(p.shape)} for m={m}: dim 1 is not divisible by m"
+            )
+        num_blocks = p.numel() // m
+        if num_blocks == 0 or count == 0:
+            continue
+        ranked = code.ndim == 1
+        if code.shape[0] != num_blocks or (not ranked and code.shape != (num_blocks, count)):
+            raise ValueError(
+                f"Invalid kept form {tuple(code.shape)} for {num_blocks} blocks of {count} kept"
+            )
+        (n1, n2, *p_strides), (_, _, *g_strides) = layouts
+        layout = [num_blocks, p.shape[1] // m, n1, n2, *p_strides, *g_strides]
+        items.append((i, (p.dtype, count, ranked, code.dtype), layout))
+    return items
 
 
 def _launch(
-    p: Tensor, g: Tensor, code: Tensor, count: int, m: int
-) -> tuple[tuple[int], list[object], dict[str, object]] | None:
-    """The grid, the layout arguments and the compile-time constants of one parameter's launch
-    (``None`` if it has nothing to step)."""
-    if not supports(p, g):
-        raise ValueError(
-            f"Invalid parameter {tuple(p.shape)} {p.dtype} on {p.device} for the Triton kept "
-            "kernels (see bame_optim.kernels.triton_kept.supports)"
-        )
-    if p.shape[1] % m:
-        raise ValueError(f"Invalid shape {tuple(p.shape)} for m={m}: dim 1 is not divisible by m")
-    num_blocks = p.numel() // m
-    if num_blocks == 0 or count == 0:
-        return None
-    ranked = code.ndim == 1
-    if code.shape[0] != num_blocks or (not ranked and code.shape != (num_blocks, count)):
-        raise ValueError(
-            f"Invalid kept form {tuple(code.shape)} for {num_blocks} blocks of {count} kept"
-        )
-    code = code.contiguous()
-    # The eager path's cached [C, count] table on the device (usually warm: no host copy).
-    table = positions_by_rank(count, m, p.device) if ranked else code
+    rows: list[tuple[int, list[int], tuple[float, ...]]],
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[list[Tensor]],
+    kept: list[Tensor],
+    count: int,
+    ranked: bool,
+    code_dtype: torch.dtype,
+    dtype: torch.dtype,
+    m: int,
+) -> tuple[tuple[int], Tensor, Tensor, dict[str, object], list[Tensor]]:
+    """The grid, the table of rows (on the parameters' device), the decoding table and the
+    compile-time constants of one launch over the parameters ``rows`` names (with each one's
+    layout from :func:`_items` and float scalars), and the kept codes the table points at
+    (copies where a code was not contiguous: the caller holds them until the launch is
+    queued). Each row holds the columns of :mod:`._triton_kept_kernels`."""
     count_p2 = _next_power_of_2(count)
     block_k = max(1, _ELEMENTS_PER_PROGRAM // count_p2)
-    (n1, n2), p_strides = _outer_layout(p)  # type: ignore[misc]
-    _, g_strides = _outer_layout(g)  # type: ignore[misc]
-    args = [code, table, num_blocks, p.shape[1] // m, n1, n2, *p_strides, p.stride(1),
-            *g_strides, g.stride(1)]
-    tl = _kernels().tl
-    meta = dict(M=m, COUNT=count, COUNT_P2=count_p2, BLOCK_K=block_k, RANKED=ranked,
-                CT=tl.float64 if p.dtype == torch.float64 else tl.float32)
-    return (_cdiv(num_blocks, block_k),), args, meta
-
-
-def _outer_layout(t: Tensor) -> tuple[tuple[int, int], tuple[int, int, int]] | None:
-    """The dimensions other than 1 (``out, *k``, in block order) folded into three:
-    ``((n1, n2), (s0, s1, s2))`` with sizes ``(n0, n1, n2)`` (``n0`` implied by the number of
-    blocks); ``None`` if they do not fold into three."""
-    dims = [(t.shape[0], t.stride(0))] + [(t.shape[d], t.stride(d)) for d in range(2, t.ndim)]
-    folded: list[tuple[int, int]] = []
-    for size, stride in dims:
-        if size == 1:
-            continue
-        if folded and folded[-1][1] == size * stride:
-            folded[-1] = (folded[-1][0] * size, stride)
-        else:
-            folded.append((size, stride))
-    if len(folded) > _OUTER_DIMS:
-        return None
-    folded = [(1, 0)] * (_OUTER_DIMS - len(folded)) + folded
-    return (folded[1][0], folded[2][0]), (folded[0][1], folded[1][1], folded[2][1])
+    kernels = _kernels()
+    table, program, codes = [], 0, []
+    for i, layout, floats in rows:
+        code = kept[i].contiguous()
+        codes.append(code)
+        table.append(kernels.table_row([params[i], grads[i], code, *(s[i] for s in states)],
+                                       layout, program, floats))
+        program += _cdiv(layout[0], block_k)
+    device = params[rows[0][0]].device
+    meta = torch.tensor(table, dtype=torch.int64)
+    if device.type == "cuda":  # pinned, so the copy is queued, not waited for
+        meta = meta.pin_memory().to(device, non_blocking=True)
+    # The eager path's cached [C, count] table on the device (usually warm: no host copy).
+    decode = positions_by_rank(count, m, device) if ranked else meta
+    tl, types = kernels.tl, kernels.ELEMENT_TYPES
+    constants = dict(M=m, COUNT=count, COUNT_P2=count_p2, BLOCK_K=block_k, RANKED=ranked,
+                     KT=types[code_dtype], DT=types[dtype],
+                     CT=tl.float64 if dtype == torch.float64 else tl.float32,
+                     LOG_ROWS=max(1, (len(rows) - 1).bit_length()))
+    return (program,), meta, decode, constants, codes
 
 
 def _next_power_of_2(n: int) -> int:
@@ -288,4 +319,3 @@ def _kernels() -> ModuleType:
     from bame_optim.kernels import _triton_kept_kernels
 
     return _triton_kept_kernels
-
