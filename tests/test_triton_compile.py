@@ -1,4 +1,4 @@
-"""Every Triton kernel, compiled for an H100 (``sm_90``) without a GPU.
+"""Every Triton kernel, compiled for an H100 (``sm_90``) without a GPU, and none spilling.
 
 The interpreter tests (tests/test_triton_kept.py, tests/test_triton_evolve.py) check what the
 kernels compute, but the interpreter runs them as NumPy and accepts programs the compiler
@@ -6,11 +6,15 @@ rejects (a scalar where a block is needed, a constexpr misused, a loop-carried v
 changes type). Here the host functions run as on CUDA, with the kernels replaced by a recorder
 that takes each launch's arguments instead of running it; every distinct launch is then
 compiled by Triton's own compiler down to a cubin (``ptxas`` ships with Triton), with the
-signature the JIT would give it. What still needs a GPU: the results on the device and the
-launch itself (tools/gpu_check.py).
+signature the JIT would give it, and its per-thread stack read back from the cubin: registers
+spilled to local memory would make a bandwidth-bound kernel slow. What still needs a GPU: the
+results on the device, the launch itself and the timings (tools/gpu_check.py).
 """
 
 from __future__ import annotations
+
+import re
+import subprocess
 
 import pytest
 import torch
@@ -28,6 +32,9 @@ pytestmark = pytest.mark.skipif(
 
 H100 = (90, 32)
 """Compute capability and warp size of the target (H100 and H200 alike)."""
+MAX_STACK_BYTES = 16
+"""A frame of a few words is ptxas's own; more is registers spilled to local memory (the apply
+kernel's programs of 256 blocks of 16 or more entries took 1.3 to 12 KB a thread)."""
 
 
 class _Recorder:
@@ -86,7 +93,19 @@ def _distinct(recorders):
     return list(seen.values())
 
 
-def _compile_all(recorders):
+def _stack_bytes(cubin: bytes, tmp_path) -> int:
+    """The largest per-thread stack frame of the kernels in ``cubin`` (spilled registers live
+    there), from ``cuobjdump -res-usage`` (shipped with Triton)."""
+    path = tmp_path / "kernel.cubin"
+    path.write_bytes(cubin)
+    usage = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-res-usage", str(path)],
+                           capture_output=True, text=True, check=True).stdout
+    frames = [int(size) for size in re.findall(r"STACK:(\d+)", usage)]
+    assert frames, usage
+    return max(frames)
+
+
+def _compile_all(recorders, tmp_path):
     from triton.backends.compiler import GPUTarget
 
     launches = _distinct(recorders)
@@ -94,11 +113,14 @@ def _compile_all(recorders):
     target = GPUTarget("cuda", *H100)
     for name, source, options in launches:
         compiled = triton.compile(source, target=target, options=options)
-        assert compiled.asm["cubin"], name
+        stack = _stack_bytes(compiled.asm["cubin"], tmp_path)
+        names = source.fn.arg_names
+        constants = {names[i]: value for (i,), value in source.constants.items()}
+        assert stack <= MAX_STACK_BYTES, f"{name} {constants} spills: a {stack}-byte stack"
     return launches
 
 
-def test_the_kept_kernels_compile_for_an_h100(recorded):
+def test_the_kept_kernels_compile_for_an_h100(recorded, tmp_path):
     problems = _many(torch.device("cpu"), seed=0)
     dyadic = dict(momentum=0.875, dampening=0.0, weight_decay=0.0, nesterov=False,
                   maximize=True)
@@ -121,7 +143,7 @@ def test_the_kept_kernels_compile_for_an_h100(recorded):
                 params, grads, *moments[:2], moments[2] if amsgrad else [],
                 [torch.tensor(0.0) for _ in params], codes, counts, m=m, amsgrad=amsgrad,
                 beta1=0.9, beta2=0.999, lr=1e-3, weight_decay=0.01, eps=1e-8, maximize=False)
-    launches = _compile_all(recorded)
+    launches = _compile_all(recorded, tmp_path)
     dtypes = {str(s.constants) for name, s, _ in launches if name == "kept_sgd_kernel"}
     assert len(dtypes) >= len({dtype for _, dtype in MANY}) + 2  # every signature compiled
 
@@ -139,7 +161,7 @@ EVOLVE_COVER = [
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_the_evolve_kernels_compile_for_an_h100(recorded, dtype):
+def test_the_evolve_kernels_compile_for_an_h100(recorded, dtype, tmp_path):
     assert all(case in EVOLVE_CASES for case in EVOLVE_COVER)
     for case in EVOLVE_COVER:
         _, n, m, count, _ = case
@@ -151,5 +173,5 @@ def test_the_evolve_kernels_compile_for_an_h100(recorded, dtype):
         buffers = [torch.zeros(k, count, dtype=dtype) for _ in range(2)]
         triton_evolve.apply_evolved_(weight, buffers, kept, count, kept.clone(),
                                      torch.zeros(k, dtype=torch.bool), m)
-    launches = _compile_all(recorded)
+    launches = _compile_all(recorded, tmp_path)
     assert {name for name, _, _ in launches} == {"evolve_kernel", "apply_kernel"}

@@ -40,6 +40,8 @@ MAX_BUFFERS = 3
 _PAIRS_PER_PROGRAM = 4096
 """``BLOCK_K * M_P2**2``: the entry pairs one program of :func:`evolve_blocks` compares."""
 _BLOCKS_PER_PROGRAM = 256
+_ENTRIES_PER_APPLY = 1024
+"""``BLOCK_K * M_P2`` of :func:`apply_evolved_` at most (as the kept kernels' programs)."""
 
 
 def available() -> bool:
@@ -146,7 +148,9 @@ def apply_evolved_(
     device, blocks = weight.device, weight.numel() // m
     new_kept = torch.empty_like(kept)
     (layout,) = evolve_cpu.folded_layouts(weight)  # type: ignore[misc]
-    block_k = _BLOCKS_PER_PROGRAM
+    # 256 blocks of 16 entries or more spilled to local memory (1.3 to 12 KB a thread in the
+    # sm_90 cubin's cuobjdump -res-usage); 1024 entries fit in registers.
+    block_k = max(1, min(_BLOCKS_PER_PROGRAM, _ENTRIES_PER_APPLY // _next_power_of_2(m)))
     grid = _cdiv(blocks, block_k)
     flips = torch.zeros(grid, dtype=torch.int64, device=device)
     slots = [*buffers, *[weight] * (MAX_BUFFERS - len(buffers))]
