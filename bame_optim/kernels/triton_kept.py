@@ -31,6 +31,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from contextlib import AbstractContextManager, nullcontext
 from functools import lru_cache
 from types import ModuleType
 
@@ -122,15 +123,16 @@ def kept_sgd_(
     for i, key, layout in items:
         flag = with_momentum and bool(first[i])
         launches.setdefault((*key, flag), []).append((i, layout, ()))
-    for (dtype, count, ranked, code_dtype, flag), rows in launches.items():
+    for (device, dtype, count, ranked, code_dtype, flag), rows in launches.items():
         grid, meta, table, constants, _codes = _launch(rows, params, grads, states, kept, count,
                                                        ranked, code_dtype, dtype, m)
-        kernels.kept_sgd_kernel[grid](
-            meta, len(rows), table, float(lr), float(momentum), 1.0 - float(dampening),
-            float(weight_decay), **constants,
-            HAS_WEIGHT_DECAY=weight_decay != 0, HAS_MOMENTUM=with_momentum, FIRST=flag,
-            NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
-        )
+        with _on(device):
+            kernels.kept_sgd_kernel[grid](
+                meta, len(rows), table, float(lr), float(momentum), 1.0 - float(dampening),
+                float(weight_decay), **constants,
+                HAS_WEIGHT_DECAY=weight_decay != 0, HAS_MOMENTUM=with_momentum, FIRST=flag,
+                NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
+            )
 
 
 def kept_adamw_(
@@ -186,15 +188,16 @@ def kept_adamw_(
         if step not in scalars:
             scalars[step] = (lr / (1 - beta1**step), (1 - beta2**step) ** 0.5)
         launches.setdefault(key, []).append((i, layout, scalars[step]))
-    for (dtype, count, ranked, code_dtype), rows in launches.items():
+    for (device, dtype, count, ranked, code_dtype), rows in launches.items():
         grid, meta, table, constants, _codes = _launch(rows, params, grads, states, kept, count,
                                                        ranked, code_dtype, dtype, m)
-        kernels.kept_adamw_kernel[grid](
-            meta, len(rows), table, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2,
-            float(eps), **constants,
-            F64=dtype == torch.float64, HAS_WEIGHT_DECAY=weight_decay != 0,
-            AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize),
-        )
+        with _on(device):
+            kernels.kept_adamw_kernel[grid](
+                meta, len(rows), table, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2,
+                float(eps), **constants,
+                F64=dtype == torch.float64, HAS_WEIGHT_DECAY=weight_decay != 0,
+                AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize),
+            )
 
 
 def _check_state(
@@ -224,12 +227,12 @@ def _check_state(
 
 def _items(
     params: list[Tensor], grads: list[Tensor], kept: list[Tensor], counts: list[int], m: int
-) -> list[tuple[int, tuple[torch.dtype, int, bool, torch.dtype], list[int]]]:
+) -> list[tuple[int, tuple[torch.device, torch.dtype, int, bool, torch.dtype], list[int]]]:
     """``(index, signature, layout)`` of every parameter with something to step (blocks and a
     kept count), all checked before any is launched, so that bad input raises before anything
-    is written. The signature is what a launch compiles for: the dtype, the kept count,
-    whether the code is a rank, and the code's dtype; the layout is the table's
-    ``num_blocks, blocks_per_row, n1, n2`` and the parameter's and gradient's folded strides."""
+    is written. The signature is what one launch takes: the device, and what it compiles for
+    (the dtype, the kept count, whether the code is a rank, the code's dtype); the layout is
+    the table's ``num_blocks, blocks_per_row, n1, n2`` and both tensors' folded strides."""
     if not len(grads) == len(kept) == len(counts) == len(params):
         raise ValueError(
             f"params, grads, kept and counts must have equal lengths, got {len(params)}, "
@@ -258,7 +261,7 @@ def _items(
             )
         (n1, n2, *p_strides), (_, _, *g_strides) = layouts
         layout = [num_blocks, p.shape[1] // m, n1, n2, *p_strides, *g_strides]
-        items.append((i, (p.dtype, count, ranked, code.dtype), layout))
+        items.append((i, (p.device, p.dtype, count, ranked, code.dtype), layout))
     return items
 
 
@@ -301,6 +304,11 @@ def _launch(
                      CT=tl.float64 if dtype == torch.float64 else tl.float32,
                      LOG_ROWS=max(1, (len(rows) - 1).bit_length()))
     return (program,), meta, decode, constants, codes
+
+
+def _on(device: torch.device) -> AbstractContextManager:
+    """The launch's device made current (Triton launches on the current CUDA device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
 
 def _next_power_of_2(n: int) -> int:
