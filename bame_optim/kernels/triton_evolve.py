@@ -108,17 +108,19 @@ def evolve_blocks(
     block_k = max(1, min(_BLOCKS_PER_PROGRAM, _PAIRS_PER_PROGRAM // (m_p2 * m_p2)))
     hyper = _scalars((lr, gamma, 1.0 - gamma), weight.dtype, device)
     placeholder = proposed
-    kernels.evolve_kernel[(_cdiv(blocks, block_k),)](
-        weight, grad, kept, evolve_cpu.rank_masks(count, m, device) if ranked else kept,
-        proposed, _rank_by_bits(m, device, proposed.dtype) if by_bits else placeholder,
-        _binomials(m, device) if pranked and not by_bits else placeholder,
-        oscillation if oscillation is not None else new_oscillation, new_oscillation, hyper,
-        blocks, weight.shape[1] // m, w_layout[0], w_layout[1], *w_layout[2:], *g_layout[2:],
-        N=n, M=m, M_P2=m_p2, COUNT=count, COUNT_P2=_next_power_of_2(max(count, 1)),
-        BLOCK_K=block_k, RANKED=ranked, PRANKED=pranked, BY_BITS=by_bits,
-        HAS_OSC=oscillation is not None, ADAM=revive == "adam", ZERO=bool(zero_pruned),
-        F64=weight.dtype == torch.float64, enable_fp_fusion=False,
-    )
+    with triton_kept.launch_device(device):
+        kernels.evolve_kernel[(_cdiv(blocks, block_k),)](
+            weight, grad, kept, evolve_cpu.rank_masks(count, m, device) if ranked else kept,
+            proposed, _rank_by_bits(m, device, proposed.dtype) if by_bits else placeholder,
+            _binomials(m, device) if pranked and not by_bits else placeholder,
+            oscillation if oscillation is not None else new_oscillation, new_oscillation,
+            hyper, blocks, weight.shape[1] // m, w_layout[0], w_layout[1], *w_layout[2:],
+            *g_layout[2:],
+            N=n, M=m, M_P2=m_p2, COUNT=count, COUNT_P2=_next_power_of_2(max(count, 1)),
+            BLOCK_K=block_k, RANKED=ranked, PRANKED=pranked, BY_BITS=by_bits,
+            HAS_OSC=oscillation is not None, ADAM=revive == "adam", ZERO=bool(zero_pruned),
+            F64=weight.dtype == torch.float64, enable_fp_fusion=False,
+        )
     return proposed, new_oscillation, block_norms(param_to_blocks(weight, m))
 
 
@@ -155,13 +157,15 @@ def apply_evolved_(
     flips = torch.zeros(grid, dtype=torch.int64, device=device)
     slots = [*buffers, *[weight] * (MAX_BUFFERS - len(buffers))]
     ranked = kept.ndim == 1
-    kernels.apply_kernel[(grid,)](
-        weight, kept, proposed, frozen, new_kept,
-        evolve_cpu.rank_masks(count, m, device) if ranked else kept, *slots, flips,
-        blocks, weight.shape[1] // m, layout[0], layout[1], *layout[2:],
-        M=m, M_P2=_next_power_of_2(m), COUNT=count, COUNT_P2=_next_power_of_2(max(count, 1)),
-        BLOCK_K=block_k, RANKED=ranked, BUFFERS=len(buffers),
-    )
+    with triton_kept.launch_device(device):
+        kernels.apply_kernel[(grid,)](
+            weight, kept, proposed, frozen, new_kept,
+            evolve_cpu.rank_masks(count, m, device) if ranked else kept, *slots, flips,
+            blocks, weight.shape[1] // m, layout[0], layout[1], *layout[2:],
+            M=m, M_P2=_next_power_of_2(m), COUNT=count,
+            COUNT_P2=_next_power_of_2(max(count, 1)), BLOCK_K=block_k, RANKED=ranked,
+            BUFFERS=len(buffers),
+        )
     return new_kept, flips.sum()
 
 

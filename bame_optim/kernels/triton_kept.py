@@ -41,7 +41,9 @@ from torch import Tensor
 from bame_optim.core.kept import positions_by_rank
 from bame_optim.kernels.block_layout import fold, folded_layouts
 
-__all__ = ["DTYPES", "available", "interpreting", "kept_adamw_", "kept_sgd_", "supports"]
+__all__ = [
+    "DTYPES", "available", "interpreting", "kept_adamw_", "kept_sgd_", "launch_device", "supports",
+]
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 """Parameter dtypes the kernels handle."""
@@ -126,7 +128,7 @@ def kept_sgd_(
     for (device, dtype, count, ranked, code_dtype, flag), rows in launches.items():
         grid, meta, table, constants, _codes = _launch(rows, params, grads, states, kept, count,
                                                        ranked, code_dtype, dtype, m)
-        with _on(device):
+        with launch_device(device):
             kernels.kept_sgd_kernel[grid](
                 meta, len(rows), table, float(lr), float(momentum), 1.0 - float(dampening),
                 float(weight_decay), **constants,
@@ -191,7 +193,7 @@ def kept_adamw_(
     for (device, dtype, count, ranked, code_dtype), rows in launches.items():
         grid, meta, table, constants, _codes = _launch(rows, params, grads, states, kept, count,
                                                        ranked, code_dtype, dtype, m)
-        with _on(device):
+        with launch_device(device):
             kernels.kept_adamw_kernel[grid](
                 meta, len(rows), table, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2,
                 float(eps), **constants,
@@ -306,8 +308,9 @@ def _launch(
     return (program,), meta, decode, constants, codes
 
 
-def _on(device: torch.device) -> AbstractContextManager:
-    """The launch's device made current (Triton launches on the current CUDA device)."""
+def launch_device(device: torch.device) -> AbstractContextManager:
+    """``device`` made current for a launch (Triton launches on the current CUDA device); a
+    no-op off CUDA."""
     return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
 
