@@ -283,6 +283,14 @@ class _LaunchCounter:
         return self.kernel[grid]
 
 
+def _count_launches(monkeypatch, name):
+    """Kernel ``name`` of the Triton module replaced by a :class:`_LaunchCounter` of it."""
+    kernels = triton_kept._kernels()
+    counter = _LaunchCounter(getattr(kernels, name))
+    monkeypatch.setattr(kernels, name, counter)
+    return counter
+
+
 def _many(device, seed):
     """``(param, grads, code, kept, n, m)`` of every :data:`MANY` case."""
     return [(*_problem(case, dtype, device, seed=seed + i), case[1], case[2])
@@ -304,9 +312,7 @@ DYADIC_SGD = dict(momentum=0.875, dampening=0.25, weight_decay=2**-6, nesterov=T
 @pytest.mark.cuda
 def test_kernel_sgd_steps_many_parameters_one_launch_per_signature(device, monkeypatch):
     problems = _many(device, seed=10)
-    kernels = triton_kept._kernels()
-    counter = _LaunchCounter(kernels.kept_sgd_kernel)
-    monkeypatch.setattr(kernels, "kept_sgd_kernel", counter)
+    counter = _count_launches(monkeypatch, "kept_sgd_kernel")
     params = [p.clone() for p, *_ in problems]
     oracle = [p.double().cpu() for p, *_ in problems]
     buffers, oracle_buffers = [None] * len(problems), [[None] for _ in problems]
@@ -338,11 +344,9 @@ def test_kernel_sgd_steps_many_parameters_one_launch_per_signature(device, monke
 @pytest.mark.cuda
 def test_kernel_adamw_steps_many_parameters_at_their_own_step_counts(device, monkeypatch):
     # Each parameter's step size and bias correction come from its own step count (one
-    # parameter restarted from 0), read from the launch table as float64 bits.
+    # parameter starts at step 5), read from the launch table as float64 bits.
     problems = _many(device, seed=20)
-    kernels = triton_kept._kernels()
-    counter = _LaunchCounter(kernels.kept_adamw_kernel)
-    monkeypatch.setattr(kernels, "kept_adamw_kernel", counter)
+    counter = _count_launches(monkeypatch, "kept_adamw_kernel")
     hyper = dict(amsgrad=True, beta1=0.875, beta2=0.96875, lr=2**-7, weight_decay=2**-5,
                  eps=2**-20, maximize=False)
 
