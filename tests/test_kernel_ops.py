@@ -42,6 +42,12 @@ def test_op_schemas():
     )
 
 
+def test_kept_ops_stay_out_of_cuda_graphs():
+    # Their launch table and step sizes are built on the host at every call.
+    for op in (torch.ops.bame_optim.kept_sgd_, torch.ops.bame_optim.kept_adamw_):
+        assert torch.Tag.cudagraph_unsafe in op.default.tags
+
+
 def _cpu_group(seed=0):
     """Two parameters (Linear 2:4, conv 1:8) with their gradients and kept codes, on the CPU."""
     gen = torch.Generator().manual_seed(seed)
@@ -200,6 +206,22 @@ def test_cuda_functional_step_runs_the_op_and_compiles():
     compiled(mine, mine_b)
     step(theirs, theirs_b)
     assert torch.equal(mine[0], theirs[0]) and torch.equal(mine_b[0], theirs_b[0])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_capture_of_the_kept_step_is_refused():
+    device = torch.device("cuda")
+    params, grads, codes, _ = _cpu_group(seed=5)
+    p, g, code = params[0].to(device), grads[0].to(device), codes[0].to(device)
+    buffers = [None]
+    kept_sgd([p], [g], buffers, [code], [2], m=4, lr=0.1, fused=True, **SGD_CONFIGS[0])
+    before = p.clone()
+    graph = torch.cuda.CUDAGraph()
+    with (pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"),
+          torch.cuda.graph(graph)):
+        kept_sgd([p], [g], buffers, [code], [2], m=4, lr=0.1, fused=True, **SGD_CONFIGS[0])
+    assert torch.equal(p, before)
 
 
 @pytest.mark.cuda

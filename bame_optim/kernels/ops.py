@@ -26,6 +26,11 @@ from bame_optim.kernels import triton_kept
 __all__ = ["kept_adamw_", "kept_sgd_", "usable"]
 
 
+_NOT_IN_CUDA_GRAPHS = (torch.Tag.cudagraph_unsafe,)
+"""The kept ops build their launch table (and AdamW its step sizes) on the host at every call,
+which a replayed CUDA graph would not redo: ``torch.compile`` keeps them out of its graphs."""
+
+
 def usable(params: list[Tensor], grads: list[Tensor], fused: bool | None) -> bool:
     """Whether the Triton kernels run this step: Triton is importable and every parameter is a
     CUDA tensor they support (:func:`bame_optim.kernels.triton_kept.supports`). ``fused=True``
@@ -125,7 +130,8 @@ def _unstage(staged: list[Tensor], originals: list[Tensor]) -> None:
             original.copy_(new)
 
 
-@torch.library.custom_op("bame_optim::kept_sgd_", mutates_args=("params", "momentum_buffers"))
+@torch.library.custom_op("bame_optim::kept_sgd_", mutates_args=("params", "momentum_buffers"),
+                         tags=_NOT_IN_CUDA_GRAPHS)
 def _kept_sgd_op(
     params: list[Tensor],
     grads: list[Tensor],
@@ -207,6 +213,7 @@ def _kept_sgd_fake(
 @torch.library.custom_op(
     "bame_optim::kept_adamw_",
     mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"),
+    tags=_NOT_IN_CUDA_GRAPHS,
 )
 def _kept_adamw_op(
     params: list[Tensor],

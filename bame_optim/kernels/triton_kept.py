@@ -119,6 +119,7 @@ def kept_sgd_(
     kernels = _kernels()
     with_momentum = momentum != 0
     states = [momentum_buffers] if with_momentum else []
+    _check_not_capturing(params)
     _check_state(params, states, counts, m)
     items = _items(params, grads, kept, counts, m)
     launches: dict[tuple, list[tuple[int, list[int], tuple[float, ...]]]] = {}
@@ -176,6 +177,7 @@ def kept_adamw_(
     """
     kernels = _kernels()
     states = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
+    _check_not_capturing(params)
     _check_state(params, states, counts, m)
     if len(state_steps) != len(params):
         raise ValueError(f"Invalid state_steps: {len(state_steps)} for {len(params)} params")
@@ -200,6 +202,17 @@ def kept_adamw_(
                 F64=dtype == torch.float64, HAS_WEIGHT_DECAY=weight_decay != 0,
                 AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize),
             )
+
+
+def _check_not_capturing(params: list[Tensor]) -> None:
+    """``RuntimeError`` inside a CUDA graph capture: a replay would copy a launch table from
+    host memory freed since (and AdamW's step sizes would stay those of the captured step)."""
+    if params and params[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "The Triton kept step cannot be captured in a CUDA graph: it builds its launch "
+            "table on the host at every step (and a mask update reads masks on the host). Step "
+            "the optimizer outside the captured region"
+        )
 
 
 def _check_state(
