@@ -257,8 +257,9 @@ def test_kernel_checks_every_parameter_before_writing_any(device):
 
 
 # One call over parameters of several signatures: five float32 2:4 weights of different
-# layouts (one launch whose programs must find their row among five), a float64 one, a
-# 1:16 one (another count), a 16:32 one (stored positions) and an empty one (no blocks).
+# layouts (one launch whose programs must find their row among five), a float64 one, one
+# keeping 3 of 4 (another count in the same call, as in the gradual phase), a 1:16 one, a
+# 16:32 one (stored positions) and an empty one (no blocks).
 MANY = [
     (((4, 8), 2, 4, "contiguous"), torch.float32),
     (((3, 8, 3, 3), 2, 4, "channels_last"), torch.float32),
@@ -266,6 +267,7 @@ MANY = [
     (((2, 4, 1, 5), 2, 4, "contiguous"), torch.float32),
     (((5, 12), 2, 4, "contiguous"), torch.float32),
     (((2, 8), 2, 4, "contiguous"), torch.float64),
+    (((3, 8), 3, 4, "contiguous"), torch.float32),
     (((3, 32, 2, 2), 1, 16, "contiguous"), torch.float32),
     (((2, 32), 16, 32, "contiguous"), torch.float32),
     (((0, 8), 2, 4, "contiguous"), torch.float32),
@@ -330,9 +332,10 @@ def test_kernel_sgd_steps_many_parameters_one_launch_per_signature(device, monke
                         m=m, lr=0.125, **DYADIC_SGD)
             for i, b in zip(chosen, sub, strict=True):
                 buffers[i] = b
-    # Per step: m = 4 has a float32 and a float64 signature (step 1: the restarted buffer's
-    # first step is a third); m = 16 and m = 32 one each. The empty weight launches nothing.
-    assert len(counter.grids) == (2 + 1 + 1) + (3 + 1 + 1) + (2 + 1 + 1)
+    # Per step: m = 4 has three signatures (float32 keeping 2 and 3, float64; step 1: the
+    # restarted buffer's first step is a fourth); m = 16 and m = 32 one each. The empty
+    # weight launches nothing.
+    assert len(counter.grids) == (3 + 1 + 1) + (4 + 1 + 1) + (3 + 1 + 1)
     for (param, *_, kept, _, _), p, o, b, ob in zip(problems, params, oracle, buffers,
                                                     oracle_buffers, strict=True):
         if param.numel():
@@ -370,7 +373,7 @@ def test_kernel_adamw_steps_many_parameters_at_their_own_step_counts(device, mon
                 p, [problems[i][1][step] for i in chosen], m1, m2, vmax, steps,
                 [problems[i][2] for i in chosen], [problems[i][4] for i in chosen], m=m,
                 **hyper)
-    assert len(counter.grids) == STEPS * (2 + 1 + 1)  # m = 4: float32 and float64
+    assert len(counter.grids) == STEPS * (3 + 1 + 1)  # m = 4: three signatures
     for (param, *_, kept, _, _), state, expected in zip(problems, kernel, oracle, strict=True):
         for value, reference in zip(state[:4], expected[:4], strict=True):
             if param.numel():
