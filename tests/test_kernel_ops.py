@@ -173,6 +173,28 @@ def test_compiled_step_calls_the_op_without_graph_break():
     assert not torch.equal(comp_p[0], params[0])  # the compiled step did write in place
 
 
+def test_the_cuda_route_checks_trace_without_a_graph_break(monkeypatch):
+    # What torch.compile traces before the op on CUDA (ops.usable: triton_kept.available and
+    # supports per parameter), here with CPU tensors passing as CUDA ones would: fullgraph=True
+    # fails on a graph break (is_neg() was one).
+    import torch._dynamo
+
+    monkeypatch.setattr(triton_kept, "interpreting", lambda: True)
+    params, grads, _, _ = _cpu_group(seed=6)
+    conv = torch.randn(4, 8, 3, 3).contiguous(memory_format=torch.channels_last)
+    params, grads = [*params, conv], [*grads, torch.randn(4, 8, 3, 3)]
+
+    def checks(params, grads):
+        ok = triton_kept.available() and all(
+            triton_kept.supports(p, g) for p, g in zip(params, grads, strict=True))
+        return params[0] * 1, ok
+
+    torch._dynamo.reset()
+    compiled = torch.compile(checks, fullgraph=True, backend="eager")
+    assert compiled(params, grads)[1] is True
+    assert compiled(params, [*grads[:2], grads[2].double()])[1] is False
+
+
 def test_ops_not_usable_for_cpu_tensors():
     params, grads, _, _ = _cpu_group()
     if not triton_kept.interpreting():

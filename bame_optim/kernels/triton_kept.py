@@ -80,10 +80,14 @@ def _plain_pair(param: Tensor, grad: Tensor | None, device: str) -> bool:
         return False
     if param.ndim < 2 or param.dtype not in DTYPES or param.device != grad.device:
         return False
+    compiling = torch.compiler.is_compiling()
     for t in (param, grad):
         if type(t) not in _PLAIN_TYPES or t.layout != torch.strided or t.device.type != device:
             return False
-        if t.is_neg() or t.is_conj():
+        # torch.compile cannot trace is_neg / is_conj (a graph break, an error with
+        # fullgraph=True); a real float tensor has those bits only through torch's private
+        # views, and torch's own optimizers skip such checks when compiling too.
+        if not compiling and (t.is_neg() or t.is_conj()):
             return False
     return True
 
