@@ -414,27 +414,6 @@ def test_kernel_reads_a_gradient_laid_out_unlike_its_weight(rule, device):
     assert torch.equal(p[kept == 0], param[kept == 0])
 
 
-# Not marked cuda: tools.gpu_check runs those on one GPU, where a skip fails the check.
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
-def test_parameters_on_two_devices_launch_on_each_one():
-    # One call over parameters on cuda:0 and cuda:1 (a model split across GPUs): one launch
-    # per device, each on its own device, equal to stepping them apart.
-    case = ((4, 8), 2, 4, "contiguous")
-    problems = [_problem(case, torch.float32, torch.device(f"cuda:{d}"), seed=d)
-                for d in (0, 1)]
-    together = [p.clone() for p, *_ in problems]
-    apart = [p.clone() for p, *_ in problems]
-    buffers, apart_buffers = [None, None], [[None], [None]]
-    for step in range(STEPS):
-        grads = [g[step] for _, g, _, _ in problems]
-        codes = [c for _, _, c, _ in problems]
-        _kernel_sgd(together, grads, buffers, codes, [2, 2], m=4, lr=0.125, **DYADIC_SGD)
-        for p, g, b, c in zip(apart, grads, apart_buffers, codes, strict=True):
-            _kernel_sgd([p], [g], b, [c], [2], m=4, lr=0.125, **DYADIC_SGD)
-    for p, q, b, c in zip(together, apart, buffers, apart_buffers, strict=True):
-        assert torch.equal(p, q) and torch.equal(b, c[0])
-
-
 @pytest.mark.skipif(triton_kept.interpreting(), reason="this is the parent of the child run")
 def test_kernels_under_the_triton_interpreter(run_interpreted):
     """The kernel tests, run on CPU tensors by Triton's interpreter in a child pytest."""
