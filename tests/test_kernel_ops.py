@@ -173,6 +173,33 @@ def test_compiled_step_calls_the_op_without_graph_break():
     assert not torch.equal(comp_p[0], params[0])  # the compiled step did write in place
 
 
+def test_compiled_adamw_step_calls_the_op_without_graph_break():
+    import torch._dynamo
+
+    params, grads, codes, counts = _cpu_group(seed=3)
+    hyper = dict(m=4, amsgrad=True, beta1=0.9, beta2=0.999, lr=1e-2, weight_decay=1e-2,
+                 eps=1e-8, maximize=False)
+    moments = [[torch.rand(params[0].numel() // 4, counts[0])] for _ in range(3)]
+
+    def step(params, moments, steps):
+        ops.kept_adamw_(params, grads[:1], *moments, steps, codes[:1], counts[:1], **hyper)
+        params[0].mul_(1.0)  # a neighbour op that must land in the same graph
+
+    def fresh():
+        return [params[0].clone()], [[m[0].clone()] for m in moments], [torch.tensor(2.0)]
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(step)(*fresh())
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    eager, compiled = fresh(), fresh()
+    step(*eager)
+    torch.compile(step, fullgraph=True, backend="aot_eager")(*compiled)
+    (mine, mine_moments, mine_steps), (theirs, their_moments, their_steps) = compiled, eager
+    assert torch.equal(mine[0], theirs[0]) and not torch.equal(mine[0], params[0])
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(mine_moments, their_moments, strict=True))
+    assert mine_steps[0].item() == their_steps[0].item() == 3
+
+
 def test_the_cuda_route_checks_trace_without_a_graph_break(monkeypatch):
     # What torch.compile traces before the op on CUDA (ops.usable: triton_kept.available and
     # supports per parameter), here with CPU tensors passing as CUDA ones would: fullgraph=True
