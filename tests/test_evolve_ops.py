@@ -6,6 +6,8 @@ CPU."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -111,6 +113,31 @@ def test_fake_impls_give_the_shapes():
         new_kept, flips = ops.apply_evolved_(weight, [], kept, 16, kept, mode.from_tensor(
             torch.zeros(6, dtype=torch.bool)), 32)
         assert new_kept.shape == kept.shape and flips.shape == ()
+
+
+def test_the_support_checks_trace_without_a_graph_break(monkeypatch):
+    # What torch.compile traces before the evolve ops (the fused evolve path's checks: the
+    # CPU passes', and the Triton kernels' with CPU tensors passing as CUDA ones would):
+    # fullgraph=True fails on a graph break (is_neg() was one), and no warning is allowed (an
+    # lru_cache wrapper draws one).
+    import torch._dynamo
+
+    from bame_optim.kernels import triton_evolve, triton_kept
+
+    monkeypatch.setattr(triton_kept, "interpreting", lambda: True)
+    weight, grad, kept, osc = _problem(seed=9, shape=(4, 8, 3, 3))
+    weight = weight.contiguous(memory_format=torch.channels_last)
+
+    def checks(weight, grad, kept, osc):
+        args = (weight, grad, kept, 2, 4, osc, [])
+        return weight * 1, evolve_cpu.supports(*args), triton_evolve.supports(*args)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(checks, fullgraph=True, backend="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert compiled(weight, grad, kept, osc)[1:] == (True, True)
+        assert compiled(weight, grad, kept, osc.double())[1:] == (False, False)
 
 
 def test_compiled_update_calls_the_ops_without_graph_break():

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import torch
 from torch import Tensor
 
-__all__ = ["OUTER_DIMS", "fold", "folded_layouts"]
+__all__ = ["OUTER_DIMS", "folded_layouts"]
 
 OUTER_DIMS = 3
 """Strided dimensions the kernels take besides dimension 1 (``n0`` implied, ``n1``, ``n2``)."""
@@ -21,15 +22,17 @@ def folded_layouts(*tensors: Tensor) -> list[list[int]] | None:
     implied; the same for every tensor) and their strides ``(s0, s1, s2)``, and the stride of
     dimension 1; ``None`` if they do not fold into three. Two dimensions fold where they do in
     every tensor (a channels_last weight with a contiguous gradient folds less)."""
-    layouts = _folded_layouts(tuple((tuple(t.shape), t.stride()) for t in tensors))
+    key = tuple((tuple(t.shape), t.stride()) for t in tensors)
+    # torch.compile traces the uncached fold (it warns about a cache wrapper).
+    layouts = _fold(key) if torch.compiler.is_compiling() else _folded_layouts(key)
     return None if layouts is None else [list(layout) for layout in layouts]
 
 
-def fold(
+def _fold(
     layouts: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...],
 ) -> list[list[int]] | None:
     """:func:`folded_layouts` of tensors given as ``(shape, strides)``, not cached (what
-    ``torch.compile`` may trace: it warns about cache wrappers)."""
+    ``torch.compile`` traces: it warns about cache wrappers)."""
     shape = layouts[0][0]
     dims = [0, *range(2, len(shape))]
     folded: list[tuple[int, list[int]]] = []  # (size, strides per tensor)
@@ -50,5 +53,5 @@ def fold(
             for i, (_, stride) in enumerate(layouts)]
 
 
-_folded_layouts = lru_cache(maxsize=256)(fold)
-"""Cached :func:`fold`: every step asks for the same few layouts (callers get copies)."""
+_folded_layouts = lru_cache(maxsize=256)(_fold)
+"""Cached :func:`_fold`: every step asks for the same few layouts (callers get copies)."""

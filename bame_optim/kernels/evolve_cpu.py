@@ -129,9 +129,11 @@ def norm_mode(dtype: torch.dtype) -> tuple[int, int, int, int] | None:
 
 
 def _plain(t: Tensor | None, device: torch.device | str = "cpu") -> bool:
+    # is_neg / is_conj are not traceable (see triton_kept.supports): skipped when compiling.
     return (
         t is not None and type(t) in _PLAIN_TYPES and t.device == torch.device(device)
-        and t.layout == torch.strided and not t.is_neg() and not t.is_conj()
+        and t.layout == torch.strided
+        and (torch.compiler.is_compiling() or not (t.is_neg() or t.is_conj()))
     )
 
 

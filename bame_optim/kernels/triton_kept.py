@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from bame_optim.core.kept import positions_by_rank
-from bame_optim.kernels.block_layout import fold, folded_layouts
+from bame_optim.kernels.block_layout import folded_layouts
 
 __all__ = [
     "DTYPES", "available", "interpreting", "kept_adamw_", "kept_sgd_", "launch_device", "supports",
@@ -68,9 +68,8 @@ def supports(param: Tensor, grad: Tensor | None) -> bool:
     shape (``ndim >= 2``) and dtype (:data:`DTYPES`) on one CUDA device (or on the CPU under
     :func:`interpreting`), whose dimensions other than 1 fold into three strided ones (true of
     every Linear and convolution layout), the gradient's strides folded alike."""
-    # Not the cached folded_layouts: torch.compile traces this call.
-    return _plain_pair(param, grad, "cpu" if interpreting() else "cuda") and fold(
-        ((tuple(param.shape), param.stride()), (tuple(grad.shape), grad.stride()))
+    return _plain_pair(param, grad, "cpu" if interpreting() else "cuda") and folded_layouts(
+        param, grad  # type: ignore[arg-type]
     ) is not None
 
 
