@@ -1,7 +1,7 @@
 """The optimizer wiring over the state engine: one class for every update rule.
 
-:class:`MaskedOptimizer` gathers a group's lists once per step (:meth:`_init_group`, as
-torch's optimizers do), runs the mask updates of the schedule
+:class:`MaskedOptimizer` gathers a group's lists once per step (:meth:`_group_lists`, as
+torch's optimizers do in ``_init_group``), runs the mask updates of the schedule
 (:mod:`bame_optim.optim.mask_update`) and hands the lists to its :attr:`update_rule` (an
 :class:`~bame_optim.optim.update_rule.UpdateRule`: SGD's, AdamW's). An optimizer is a
 signature plus two records: :attr:`update_rule` and :attr:`rules` (the mask rule of each
@@ -119,10 +119,14 @@ class MaskedOptimizer(NMOptimizer):
             for saved in self.state.values():
                 upgrade(saved)
 
-    def _init_group(self, group: dict[str, Any], first_index: int, frozen: bool):
+    def _group_lists(self, group: dict[str, Any], first_index: int, frozen: bool):
         """One pass over ``group``: its dense parameters with a gradient; every sparse
         parameter as ``(p, state, index)``, its state created and checked; and the kept
-        step's lists of those with a gradient (block layout) with whether none is sharded."""
+        step's lists of those with a gradient (block layout) with whether none is sharded.
+
+        .. note:: Not named ``_init_group``: ``torch.compile`` runs a method of that name
+           outside the trace and expects torch's return value (a flag), so tracing a step
+           failed on these lists."""
         engine, m, nm_dim, state_of = self.engine, group["m"], group["nm_dim"], self.state
         chosen = group["sparse"]  # None: each parameter by its shape
         grouped = nm_dim == GROUPED_DIM
@@ -167,7 +171,7 @@ class MaskedOptimizer(NMOptimizer):
         # every ΔT-aligned or update step, and on the first step of this optimizer or after a
         # load; before the mask update, so a weight it revives restarts from 0.
         reapply = advance and (self._reapply_masks or update or t % group["delta_t"] == 0)
-        dense, sparse, (params, grads, states, plain) = self._init_group(
+        dense, sparse, (params, grads, states, plain) = self._group_lists(
             group, first_index, frozen=advance and t >= t_f)
         if update or reapply:
             update_masks(self.engine, self.rules, group, sparse, update=update,
