@@ -312,7 +312,11 @@ DYADIC_SGD = dict(momentum=0.875, dampening=0.25, weight_decay=2**-6, nesterov=T
 
 
 @pytest.mark.cuda
-def test_kernel_sgd_steps_many_parameters_one_launch_per_signature(device, monkeypatch):
+@pytest.mark.parametrize("wide", [False, True], ids=["int32-blocks", "int64-blocks"])
+def test_kernel_sgd_steps_many_parameters_one_launch_per_signature(device, monkeypatch, wide):
+    # wide: every launch splits its block indices in int64, as one with a parameter of 2**31
+    # blocks or more would (too large to test).
+    monkeypatch.setattr(triton_kept, "_INT32_BLOCKS", 1 if wide else triton_kept._INT32_BLOCKS)
     problems = _many(device, seed=10)
     counter = _count_launches(monkeypatch, "kept_sgd_kernel")
     params = [p.clone() for p, *_ in problems]
@@ -345,9 +349,12 @@ def test_kernel_sgd_steps_many_parameters_one_launch_per_signature(device, monke
 
 
 @pytest.mark.cuda
-def test_kernel_adamw_steps_many_parameters_at_their_own_step_counts(device, monkeypatch):
+@pytest.mark.parametrize("wide", [False, True], ids=["int32-blocks", "int64-blocks"])
+def test_kernel_adamw_steps_many_parameters_at_their_own_step_counts(device, monkeypatch,
+                                                                     wide):
     # Each parameter's step size and bias correction come from its own step count (one
     # parameter starts at step 5), read from the launch table as float64 bits.
+    monkeypatch.setattr(triton_kept, "_INT32_BLOCKS", 1 if wide else triton_kept._INT32_BLOCKS)
     problems = _many(device, seed=20)
     counter = _count_launches(monkeypatch, "kept_adamw_kernel")
     hyper = dict(amsgrad=True, beta1=0.875, beta2=0.96875, lr=2**-7, weight_decay=2**-5,
@@ -417,7 +424,7 @@ def test_kernel_reads_a_gradient_laid_out_unlike_its_weight(rule, device):
 @pytest.mark.skipif(triton_kept.interpreting(), reason="this is the parent of the child run")
 def test_kernels_under_the_triton_interpreter(run_interpreted):
     """The kernel tests, run on CPU tensors by Triton's interpreter in a child pytest."""
-    expected = len(CASES) * (len(SGD_CONFIGS) + len(ADAMW_CONFIGS)) + 3 + 4 + 4
+    expected = len(CASES) * (len(SGD_CONFIGS) + len(ADAMW_CONFIGS)) + 3 + 4 + 6
     run_interpreted(__file__, expected, timeout=600)
 
 

@@ -80,24 +80,33 @@ def _column_ptr(meta_ptr, row, column, DT: tl.constexpr):
 def _kept_addresses(
     meta_ptr, row, program, table_ptr,
     M: tl.constexpr, COUNT: tl.constexpr, COUNT_P2: tl.constexpr, BLOCK_K: tl.constexpr,
-    RANKED: tl.constexpr, KT: tl.constexpr,
+    RANKED: tl.constexpr, KT: tl.constexpr, WIDE: tl.constexpr,
 ):
     # Blocks are numbered in the order of core.nm.block_view: [out, *k (coalesced to n1, n2),
     # in / M]; the kept entry c of block b sits at input index (b % blocks_per_row) * M + c.
+    # The block index is split by three divisions per entry, in int32 unless a parameter of
+    # the launch has 2**31 blocks or more (WIDE): a GPU emulates integer division, and int64
+    # division takes several times the instructions; addresses are int64 either way.
     num_blocks = tl.load(meta_ptr + row + BLOCKS)
     blocks_per_row = tl.load(meta_ptr + row + BLOCKS + 1)
     n1 = tl.load(meta_ptr + row + BLOCKS + 2)
     n2 = tl.load(meta_ptr + row + BLOCKS + 3)
     kept_ptr = _column_ptr(meta_ptr, row, KEPT, KT)
-    blocks = program * BLOCK_K + tl.arange(0, BLOCK_K)
+    wide = program * BLOCK_K + tl.arange(0, BLOCK_K)  # int64
+    if WIDE:
+        blocks = wide
+    else:
+        blocks = wide.to(tl.int32)
+        blocks_per_row, n1, n2 = blocks_per_row.to(tl.int32), n1.to(tl.int32), n2.to(tl.int32)
     cols = tl.arange(0, COUNT_P2)
-    mask = (blocks < num_blocks)[:, None] & (cols < COUNT)[None, :]
+    mask = (wide < num_blocks)[:, None] & (cols < COUNT)[None, :]
+    compact = wide[:, None] * COUNT + cols[None, :]
     if RANKED:
-        rank = tl.load(kept_ptr + blocks, mask=blocks < num_blocks, other=0).to(tl.int64)
+        rank = tl.load(kept_ptr + wide, mask=wide < num_blocks, other=0).to(tl.int64)
         pos = tl.load(table_ptr + rank[:, None] * COUNT + cols[None, :], mask=mask, other=0)
     else:
-        pos = tl.load(kept_ptr + blocks[:, None] * COUNT + cols[None, :], mask=mask, other=0)
-    column = (blocks % blocks_per_row)[:, None] * M + pos.to(tl.int64)
+        pos = tl.load(kept_ptr + compact, mask=mask, other=0)
+    column = ((blocks % blocks_per_row)[:, None] * M + pos.to(blocks.dtype)).to(tl.int64)
     outer = blocks // blocks_per_row
     i2 = outer % n2
     outer = outer // n2
@@ -105,7 +114,6 @@ def _kept_addresses(
     i0 = outer // n1
     p_off = _offsets(meta_ptr, row + BLOCKS + 4, i0, i1, i2, column)
     g_off = _offsets(meta_ptr, row + BLOCKS + 8, i0, i1, i2, column)
-    compact = blocks[:, None] * COUNT + cols[None, :]
     return p_off, g_off, compact, mask
 
 
@@ -115,7 +123,8 @@ def _offsets(meta_ptr, strides, i0, i1, i2, column):
     s1 = tl.load(meta_ptr + strides + 1)
     s2 = tl.load(meta_ptr + strides + 2)
     s_in = tl.load(meta_ptr + strides + 3)
-    return (i0 * s0 + i1 * s1 + i2 * s2)[:, None] + column * s_in
+    outer = i0.to(tl.int64) * s0 + i1.to(tl.int64) * s1 + i2.to(tl.int64) * s2
+    return outer[:, None] + column * s_in
 
 
 @triton.jit
@@ -144,12 +153,13 @@ def kept_sgd_kernel(
     weight_decay: tl.float64,
     M: tl.constexpr, COUNT: tl.constexpr, COUNT_P2: tl.constexpr, BLOCK_K: tl.constexpr,
     RANKED: tl.constexpr, KT: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr,
-    LOG_ROWS: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+    LOG_ROWS: tl.constexpr, WIDE: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
     FIRST: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
 ):
     row, program = _row(meta_ptr, num_rows, LOG_ROWS)
     p_off, g_off, compact, mask = _kept_addresses(
-        meta_ptr, row, program, table_ptr, M, COUNT, COUNT_P2, BLOCK_K, RANKED, KT,
+        meta_ptr, row, program, table_ptr, M, COUNT, COUNT_P2, BLOCK_K, RANKED, KT, WIDE,
     )
     p_ptr = _column_ptr(meta_ptr, row, PARAM, DT)
     w = tl.load(p_ptr + p_off, mask=mask, other=0).to(CT)
@@ -182,12 +192,12 @@ def kept_adamw_kernel(
     one_minus_beta2: tl.float64, eps: tl.float64,
     M: tl.constexpr, COUNT: tl.constexpr, COUNT_P2: tl.constexpr, BLOCK_K: tl.constexpr,
     RANKED: tl.constexpr, KT: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr,
-    LOG_ROWS: tl.constexpr, F64: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
+    LOG_ROWS: tl.constexpr, WIDE: tl.constexpr, F64: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
 ):
     row, program = _row(meta_ptr, num_rows, LOG_ROWS)
     p_off, g_off, compact, mask = _kept_addresses(
-        meta_ptr, row, program, table_ptr, M, COUNT, COUNT_P2, BLOCK_K, RANKED, KT,
+        meta_ptr, row, program, table_ptr, M, COUNT, COUNT_P2, BLOCK_K, RANKED, KT, WIDE,
     )
     step_size = tl.load(meta_ptr + row + SCALARS).to(tl.float64, bitcast=True)
     bias_correction2_sqrt = tl.load(meta_ptr + row + SCALARS + 1).to(tl.float64, bitcast=True)

@@ -50,6 +50,8 @@ DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _ELEMENTS_PER_PROGRAM = 1024
+_INT32_BLOCKS = 2**31
+"""A launch splits block indices in int64 when one of its parameters has this many blocks."""
 
 
 def available() -> bool:
@@ -320,7 +322,8 @@ def _launch(
     constants = dict(M=m, COUNT=count, COUNT_P2=count_p2, BLOCK_K=block_k, RANKED=ranked,
                      KT=types[code_dtype], DT=types[dtype],
                      CT=tl.float64 if dtype == torch.float64 else tl.float32,
-                     LOG_ROWS=max(1, (len(rows) - 1).bit_length()))
+                     LOG_ROWS=max(1, (len(rows) - 1).bit_length()),
+                     WIDE=max(layout[0] for _, layout, _ in rows) >= _INT32_BLOCKS)
     return (program,), meta, decode, constants, codes
 
 
