@@ -122,7 +122,7 @@ def _compile_all(recorders, tmp_path):
 
 @pytest.mark.parametrize("wide", [False, True], ids=["int32-blocks", "int64-blocks"])
 def test_the_kept_kernels_compile_for_an_h100(recorded, tmp_path, monkeypatch, wide):
-    monkeypatch.setattr(triton_kept, "_INT32_BLOCKS", 1 if wide else triton_kept._INT32_BLOCKS)
+    monkeypatch.setattr(triton_kept, "_INT32_SPAN", 1 if wide else triton_kept._INT32_SPAN)
     problems = _many(torch.device("cpu"), seed=0)
     dyadic = dict(momentum=0.875, dampening=0.0, weight_decay=0.0, nesterov=False,
                   maximize=True)

@@ -314,9 +314,9 @@ DYADIC_SGD = dict(momentum=0.875, dampening=0.25, weight_decay=2**-6, nesterov=T
 @pytest.mark.cuda
 @pytest.mark.parametrize("wide", [False, True], ids=["int32-blocks", "int64-blocks"])
 def test_kernel_sgd_steps_many_parameters_one_launch_per_signature(device, monkeypatch, wide):
-    # wide: every launch splits its block indices in int64, as one with a parameter of 2**31
-    # blocks or more would (too large to test).
-    monkeypatch.setattr(triton_kept, "_INT32_BLOCKS", 1 if wide else triton_kept._INT32_BLOCKS)
+    # wide: every launch computes indices in int64, as one for a parameter spanning 2**30
+    # elements or more would (too large to test).
+    monkeypatch.setattr(triton_kept, "_INT32_SPAN", 1 if wide else triton_kept._INT32_SPAN)
     problems = _many(device, seed=10)
     counter = _count_launches(monkeypatch, "kept_sgd_kernel")
     params = [p.clone() for p, *_ in problems]
@@ -354,7 +354,7 @@ def test_kernel_adamw_steps_many_parameters_at_their_own_step_counts(device, mon
                                                                      wide):
     # Each parameter's step size and bias correction come from its own step count (one
     # parameter starts at step 5), read from the launch table as float64 bits.
-    monkeypatch.setattr(triton_kept, "_INT32_BLOCKS", 1 if wide else triton_kept._INT32_BLOCKS)
+    monkeypatch.setattr(triton_kept, "_INT32_SPAN", 1 if wide else triton_kept._INT32_SPAN)
     problems = _many(device, seed=20)
     counter = _count_launches(monkeypatch, "kept_adamw_kernel")
     hyper = dict(amsgrad=True, beta1=0.875, beta2=0.96875, lr=2**-7, weight_decay=2**-5,
@@ -426,6 +426,25 @@ def test_kernels_under_the_triton_interpreter(run_interpreted):
     """The kernel tests, run on CPU tensors by Triton's interpreter in a child pytest."""
     expected = len(CASES) * (len(SGD_CONFIGS) + len(ADAMW_CONFIGS)) + 3 + 4 + 6
     run_interpreted(__file__, expected, timeout=600)
+
+
+def test_division_magic_divides_every_int32_index_exactly():
+    gen = torch.Generator().manual_seed(0)
+    top = 2**31 - 1
+    divisors = [*range(1, 2049), top, top - 1, 2**30, 2**30 + 1, 2**30 - 1, 3 * 2**20 + 7]
+    divisors += [2**k + e for k in range(11, 31) for e in (-1, 0, 1)]
+    divisors += torch.randint(1, top, (2000,), generator=gen).tolist()
+    for d in divisors:
+        magic, shift = triton_kept.division_magic(d)
+        assert 0 < magic < 2**32 and shift <= 62  # the kernels multiply in uint64
+        edges = {0, 1, d - 1, d, d + 1, 2 * d - 1, top, top - 1, top - top % d, top - top % d - 1}
+        numbers = [n for n in edges if 0 <= n <= top]
+        numbers += torch.randint(0, top, (64,), generator=gen).tolist()
+        for n in numbers:
+            assert (n * magic) >> shift == n // d, (n, d)
+    for bad in (0, -3, 2**31, 1.5, True):
+        with pytest.raises(ValueError, match="Invalid d value"):
+            triton_kept.division_magic(bad)
 
 
 def test_folded_layout_addresses_the_blocks_of_core_nm():

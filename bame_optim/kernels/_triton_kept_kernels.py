@@ -29,10 +29,13 @@ STATE = tl.constexpr(3)
 BLOCKS = tl.constexpr(6)
 """Then ``num_blocks, blocks_per_row, n1, n2``, the parameter's ``s0, s1, s2, s_in`` and the
 gradient's ``g0, g1, g2, g_in``."""
-FIRST_PROGRAM = tl.constexpr(18)
-SCALARS = tl.constexpr(19)
+DIVISORS = tl.constexpr(18)
+"""Then ``(magic, shift)`` of ``blocks_per_row``, ``n2`` and ``n1``
+(:func:`bame_optim.kernels.triton_kept.division_magic`)."""
+FIRST_PROGRAM = tl.constexpr(24)
+SCALARS = tl.constexpr(25)
 """Two float64 columns (bits): AdamW's step size and ``sqrt(1 - beta2^t)``."""
-ROW = tl.constexpr(21)
+ROW = tl.constexpr(27)
 
 ELEMENT_TYPES = {
     torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16,
@@ -47,7 +50,8 @@ def table_row(
 ) -> list[int]:
     """One row of the launch table, in the columns above: ``tensors`` are the parameter, its
     gradient, its kept code and its (up to three) state tensors; ``layout`` is
-    ``num_blocks, blocks_per_row, n1, n2`` and the two tensors' folded strides."""
+    ``num_blocks, blocks_per_row, n1, n2``, the two tensors' folded strides and the three
+    divisors' magic numbers."""
     addresses = [t.data_ptr() for t in tensors]
     addresses += [0] * (BLOCKS.value - len(addresses))
     floats = [struct.unpack("=q", struct.pack("=d", x))[0] for x in scalars]
@@ -84,47 +88,57 @@ def _kept_addresses(
 ):
     # Blocks are numbered in the order of core.nm.block_view: [out, *k (coalesced to n1, n2),
     # in / M]; the kept entry c of block b sits at input index (b % blocks_per_row) * M + c.
-    # The block index is split by three divisions per entry, in int32 unless a parameter of
-    # the launch has 2**31 blocks or more (WIDE): a GPU emulates integer division, and int64
-    # division takes several times the instructions; addresses are int64 either way.
+    # Indices and offsets are int32 unless a tensor of the launch spans 2**31 elements or more
+    # (WIDE: int64), and the block index is split by multiplications with the divisors' magic
+    # numbers: a GPU emulates integer division, and 64-bit arithmetic takes several
+    # instructions per operation.
     num_blocks = tl.load(meta_ptr + row + BLOCKS)
     blocks_per_row = tl.load(meta_ptr + row + BLOCKS + 1)
     n1 = tl.load(meta_ptr + row + BLOCKS + 2)
     n2 = tl.load(meta_ptr + row + BLOCKS + 3)
     kept_ptr = _column_ptr(meta_ptr, row, KEPT, KT)
-    wide = program * BLOCK_K + tl.arange(0, BLOCK_K)  # int64
-    if WIDE:
-        blocks = wide
-    else:
-        blocks = wide.to(tl.int32)
-        blocks_per_row, n1, n2 = blocks_per_row.to(tl.int32), n1.to(tl.int32), n2.to(tl.int32)
+    blocks = program * BLOCK_K + tl.arange(0, BLOCK_K)  # int64
     cols = tl.arange(0, COUNT_P2)
-    mask = (wide < num_blocks)[:, None] & (cols < COUNT)[None, :]
-    compact = wide[:, None] * COUNT + cols[None, :]
+    mask = (blocks < num_blocks)[:, None] & (cols < COUNT)[None, :]
+    if WIDE:
+        outer, block_column = blocks // blocks_per_row, blocks % blocks_per_row
+        outer, i2 = outer // n2, outer % n2
+        i0, i1 = outer // n1, outer % n1
+    else:
+        blocks = blocks.to(tl.int32)
+        outer, block_column = _divmod(blocks, meta_ptr, row + DIVISORS,
+                                      blocks_per_row.to(tl.int32))
+        outer, i2 = _divmod(outer, meta_ptr, row + DIVISORS + 2, n2.to(tl.int32))
+        i0, i1 = _divmod(outer, meta_ptr, row + DIVISORS + 4, n1.to(tl.int32))
+    compact = blocks[:, None] * COUNT + cols[None, :]
     if RANKED:
-        rank = tl.load(kept_ptr + wide, mask=wide < num_blocks, other=0).to(tl.int64)
+        rank = tl.load(kept_ptr + blocks, mask=blocks < num_blocks, other=0).to(blocks.dtype)
         pos = tl.load(table_ptr + rank[:, None] * COUNT + cols[None, :], mask=mask, other=0)
     else:
         pos = tl.load(kept_ptr + compact, mask=mask, other=0)
-    column = ((blocks % blocks_per_row)[:, None] * M + pos.to(blocks.dtype)).to(tl.int64)
-    outer = blocks // blocks_per_row
-    i2 = outer % n2
-    outer = outer // n2
-    i1 = outer % n1
-    i0 = outer // n1
+    column = block_column[:, None] * M + pos.to(blocks.dtype)
     p_off = _offsets(meta_ptr, row + BLOCKS + 4, i0, i1, i2, column)
     g_off = _offsets(meta_ptr, row + BLOCKS + 8, i0, i1, i2, column)
     return p_off, g_off, compact, mask
 
 
 @triton.jit
+def _divmod(n, meta_ptr, magic_column, d):
+    # (n // d, n % d) of int32 n in [0, 2**31) by one widening multiply and a shift.
+    magic = tl.load(meta_ptr + magic_column).to(tl.uint64)
+    shift = tl.load(meta_ptr + magic_column + 1).to(tl.uint64)
+    q = ((n.to(tl.uint64) * magic) >> shift).to(tl.int32)
+    return q, n - q * d
+
+
+@triton.jit
 def _offsets(meta_ptr, strides, i0, i1, i2, column):
-    s0 = tl.load(meta_ptr + strides)
-    s1 = tl.load(meta_ptr + strides + 1)
-    s2 = tl.load(meta_ptr + strides + 2)
-    s_in = tl.load(meta_ptr + strides + 3)
-    outer = i0.to(tl.int64) * s0 + i1.to(tl.int64) * s1 + i2.to(tl.int64) * s2
-    return outer[:, None] + column * s_in
+    # In the indices' dtype (strides below 2**31 where the launch is not WIDE).
+    s0 = tl.load(meta_ptr + strides).to(i0.dtype)
+    s1 = tl.load(meta_ptr + strides + 1).to(i0.dtype)
+    s2 = tl.load(meta_ptr + strides + 2).to(i0.dtype)
+    s_in = tl.load(meta_ptr + strides + 3).to(i0.dtype)
+    return (i0 * s0 + i1 * s1 + i2 * s2)[:, None] + column * s_in
 
 
 @triton.jit

@@ -42,7 +42,8 @@ from bame_optim.core.kept import positions_by_rank
 from bame_optim.kernels.block_layout import folded_layouts
 
 __all__ = [
-    "DTYPES", "available", "interpreting", "kept_adamw_", "kept_sgd_", "launch_device", "supports",
+    "DTYPES", "available", "division_magic", "interpreting", "kept_adamw_", "kept_sgd_",
+    "launch_device", "supports",
 ]
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -50,8 +51,9 @@ DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _ELEMENTS_PER_PROGRAM = 1024
-_INT32_BLOCKS = 2**31
-"""A launch splits block indices in int64 when one of its parameters has this many blocks."""
+_INT32_SPAN = 2**30
+"""A parameter whose tensors span this many elements (half of int32's range: the masked lanes
+of a last program reach past the end) is stepped with int64 indices, in a launch of its own."""
 
 
 def available() -> bool:
@@ -131,9 +133,9 @@ def kept_sgd_(
     for i, key, layout in items:
         flag = with_momentum and bool(first[i])
         launches.setdefault((*key, flag), []).append((i, layout, ()))
-    for (device, dtype, count, ranked, code_dtype, flag), rows in launches.items():
+    for (device, dtype, count, ranked, code_dtype, wide, flag), rows in launches.items():
         grid, meta, table, constants, _codes = _launch(rows, params, grads, states, kept, count,
-                                                       ranked, code_dtype, dtype, m)
+                                                       ranked, code_dtype, dtype, wide, m)
         with launch_device(device):
             kernels.kept_sgd_kernel[grid](
                 meta, len(rows), table, float(lr), float(momentum), 1.0 - float(dampening),
@@ -197,9 +199,9 @@ def kept_adamw_(
         if step not in scalars:
             scalars[step] = (lr / (1 - beta1**step), (1 - beta2**step) ** 0.5)
         launches.setdefault(key, []).append((i, layout, scalars[step]))
-    for (device, dtype, count, ranked, code_dtype), rows in launches.items():
+    for (device, dtype, count, ranked, code_dtype, wide), rows in launches.items():
         grid, meta, table, constants, _codes = _launch(rows, params, grads, states, kept, count,
-                                                       ranked, code_dtype, dtype, m)
+                                                       ranked, code_dtype, dtype, wide, m)
         with launch_device(device):
             kernels.kept_adamw_kernel[grid](
                 meta, len(rows), table, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2,
@@ -247,12 +249,14 @@ def _check_state(
 
 def _items(
     params: list[Tensor], grads: list[Tensor], kept: list[Tensor], counts: list[int], m: int
-) -> list[tuple[int, tuple[torch.device, torch.dtype, int, bool, torch.dtype], list[int]]]:
+) -> list[tuple[int, tuple[torch.device, torch.dtype, int, bool, torch.dtype, bool],
+                list[int]]]:
     """``(index, signature, layout)`` of every parameter with something to step (blocks and a
     kept count), all checked before any is launched, so that bad input raises before anything
     is written. The signature is what one launch takes: the device, and what it compiles for
-    (the dtype, the kept count, whether the code is a rank, the code's dtype); the layout is
-    the table's ``num_blocks, blocks_per_row, n1, n2`` and both tensors' folded strides."""
+    (the dtype, the kept count, whether the code is a rank, the code's dtype, whether indices
+    need int64); the layout is the table's ``num_blocks, blocks_per_row, n1, n2``, both
+    tensors' folded strides and the divisors' magic numbers."""
     if not len(grads) == len(kept) == len(counts) == len(params):
         raise ValueError(
             f"params, grads, kept and counts must have equal lengths, got {len(params)}, "
@@ -280,8 +284,14 @@ def _items(
                 f"Invalid kept form {tuple(code.shape)} for {num_blocks} blocks of {count} kept"
             )
         (n1, n2, *p_strides), (_, _, *g_strides) = layouts
-        layout = [num_blocks, p.shape[1] // m, n1, n2, *p_strides, *g_strides]
-        items.append((i, (p.device, p.dtype, count, ranked, code.dtype), layout))
+        per_row = p.shape[1] // m
+        # A divisor of 2**31 or more makes the launch WIDE, which divides without the magic.
+        magic = [x for d in (per_row, n2, n1)
+                 for x in (division_magic(d) if d < 2**31 else (0, 0))]
+        layout = [num_blocks, per_row, n1, n2, *p_strides, *g_strides, *magic]
+        span = max(_span(p), _span(g), (num_blocks + _ELEMENTS_PER_PROGRAM) * count)
+        items.append((i, (p.device, p.dtype, count, ranked, code.dtype, span >= _INT32_SPAN),
+                       layout))
     return items
 
 
@@ -295,6 +305,7 @@ def _launch(
     ranked: bool,
     code_dtype: torch.dtype,
     dtype: torch.dtype,
+    wide: bool,
     m: int,
 ) -> tuple[tuple[int], Tensor, Tensor, dict[str, object], list[Tensor]]:
     """The grid, the table of rows (on the parameters' device), the decoding table and the
@@ -323,8 +334,28 @@ def _launch(
                      KT=types[code_dtype], DT=types[dtype],
                      CT=tl.float64 if dtype == torch.float64 else tl.float32,
                      LOG_ROWS=max(1, (len(rows) - 1).bit_length()),
-                     WIDE=max(layout[0] for _, layout, _ in rows) >= _INT32_BLOCKS)
+                     WIDE=wide)
     return (program,), meta, decode, constants, codes
+
+
+def _span(t: Tensor) -> int:
+    """How many elements from ``t``'s first to one past its last (its strides' reach)."""
+    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+
+
+def division_magic(d: int) -> tuple[int, int]:
+    r"""``(magic, shift)`` such that :math:`\lfloor n \cdot magic / 2^{shift} \rfloor =
+    \lfloor n / d \rfloor` for every integer :math:`0 \le n < 2^{31}` (``1 <= d < 2**31``):
+    the round-up method of Granlund and Montgomery (1994), with :math:`l = \lceil \log_2 d
+    \rceil`, :math:`shift = 31 + l` and :math:`magic = \lfloor 2^{shift} / d \rfloor + 1 <
+    2^{32}`. Writing :math:`magic = (2^{shift} + e) / d` with :math:`0 < e \le d`, the
+    product exceeds :math:`n / d` by :math:`e n / (d \, 2^{shift}) < 2^{-l} \le 1 / d`, less
+    than the distance from :math:`n / d` up to the next integer, so the floor is exact.
+    The kernels divide block indices this way: a GPU has no integer divide instruction."""
+    if isinstance(d, bool) or not isinstance(d, int) or not 1 <= d < 2**31:
+        raise ValueError(f"Invalid d value: {d!r} (an integer in [1, 2**31) is required)")
+    shift = 31 + (d - 1).bit_length()
+    return (1 << shift) // d + 1, shift
 
 
 def launch_device(device: torch.device) -> AbstractContextManager:
