@@ -447,6 +447,19 @@ def test_division_magic_divides_every_int32_index_exactly():
             triton_kept.division_magic(bad)
 
 
+def test_a_parameter_spanning_too_far_for_int32_gets_an_int64_launch(monkeypatch):
+    # The span counts strides' reach (a transposed view spans its whole storage) and the
+    # compact state's entries past the last program's end; the threshold is lowered to fall
+    # between the two parameters.
+    monkeypatch.setattr(triton_kept, "interpreting", lambda: True)
+    monkeypatch.setattr(triton_kept, "_INT32_SPAN", 3000)
+    small = torch.zeros(4, 8)  # spans 32; compact state (8 + 1024) * 2 = 2064
+    large = torch.zeros(64, 32).t()  # [32, 64], strides (1, 32): spans 2048; (512 + 1024) * 2
+    codes = [torch.zeros(8, dtype=torch.uint8), torch.zeros(512, dtype=torch.uint8)]
+    items = triton_kept._items([small, large], [small.clone(), large.clone()], codes, [2, 2], 4)
+    assert [key[-1] for _, key, _ in items] == [False, True]
+
+
 def test_folded_layout_addresses_the_blocks_of_core_nm():
     # The kernels' addressing (block index -> folded outer index, strides) in plain torch: the
     # first entry of every block must be the one core.nm's block view puts there.
