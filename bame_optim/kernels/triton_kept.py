@@ -285,13 +285,14 @@ def _items(
             )
         (n1, n2, *p_strides), (_, _, *g_strides) = layouts
         per_row = p.shape[1] // m
-        # A divisor of 2**31 or more makes the launch WIDE, which divides without the magic.
-        magic = [x for d in (per_row, n2, n1)
-                 for x in (division_magic(d) if d < 2**31 else (0, 0))]
+        sizes = (num_blocks // (per_row * n1 * n2), n1, n2, p.shape[1])
+        span = max(_span(sizes, p_strides), _span(sizes, g_strides),
+                   (num_blocks + _ELEMENTS_PER_PROGRAM) * count)
+        wide = span >= _INT32_SPAN  # then the divisors' magic numbers go unused
+        magic = (0, 0) * 3 if wide else (*division_magic(per_row), *division_magic(n2),
+                                         *division_magic(n1))
         layout = [num_blocks, per_row, n1, n2, *p_strides, *g_strides, *magic]
-        span = max(_span(p), _span(g), (num_blocks + _ELEMENTS_PER_PROGRAM) * count)
-        items.append((i, (p.device, p.dtype, count, ranked, code.dtype, span >= _INT32_SPAN),
-                       layout))
+        items.append((i, (p.device, p.dtype, count, ranked, code.dtype, wide), layout))
     return items
 
 
@@ -338,11 +339,14 @@ def _launch(
     return (program,), meta, decode, constants, codes
 
 
-def _span(t: Tensor) -> int:
-    """How many elements from ``t``'s first to one past its last (its strides' reach)."""
-    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+def _span(sizes: tuple[int, int, int, int], strides: list[int]) -> int:
+    """How many elements a tensor of folded ``sizes`` (``n0, n1, n2, in``) and ``strides``
+    reaches from its first to one past its last."""
+    return (1 + (sizes[0] - 1) * strides[0] + (sizes[1] - 1) * strides[1]
+            + (sizes[2] - 1) * strides[2] + (sizes[3] - 1) * strides[3])
 
 
+@lru_cache(maxsize=1024, typed=True)
 def division_magic(d: int) -> tuple[int, int]:
     r"""``(magic, shift)`` such that :math:`\lfloor n \cdot magic / 2^{shift} \rfloor =
     \lfloor n / d \rfloor` for every integer :math:`0 \le n < 2^{31}` (``1 <= d < 2**31``):
