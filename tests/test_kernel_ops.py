@@ -235,12 +235,16 @@ def test_ops_not_usable_for_cpu_tensors():
         ops.usable(params, grads, True)
 
 
+def _cuda_linear(seed):
+    """The 2:4 Linear parameter of :func:`_cpu_group`, its gradient and kept code, on CUDA."""
+    params, grads, codes, _ = _cpu_group(seed=seed)
+    return (t.to(torch.device("cuda")) for t in (params[0], grads[0], codes[0]))
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_functional_step_runs_the_op_and_compiles():
-    device = torch.device("cuda")
-    params, grads, codes, _ = _cpu_group(seed=4)
-    p, g, code = params[0].to(device), grads[0].to(device), codes[0].to(device)
+    p, g, code = _cuda_linear(seed=4)
     config = SGD_CONFIGS[0]
     fused, eager = p.clone(), p.clone()
     b_fused, b_eager = [None], [None]
@@ -264,9 +268,7 @@ def test_cuda_functional_step_runs_the_op_and_compiles():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_capture_of_the_kept_step_is_refused():
-    device = torch.device("cuda")
-    params, grads, codes, _ = _cpu_group(seed=5)
-    p, g, code = params[0].to(device), grads[0].to(device), codes[0].to(device)
+    p, g, code = _cuda_linear(seed=5)
     buffers = [None]
     kept_sgd([p], [g], buffers, [code], [2], m=4, lr=0.1, fused=True, **SGD_CONFIGS[0])
     before = p.clone()
