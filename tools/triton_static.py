@@ -86,7 +86,8 @@ def recorded_launches() -> Iterator[dict[str, _Recorder]]:
 
 def distinct_launches(recorders: dict[str, _Recorder]) -> list[Launch]:
     """Each distinct launch recorded, with the signature Triton's JIT would compile it for:
-    the constexprs of the call, the annotated parameter types, ``mangle_type`` for the rest."""
+    the constexprs of the call, the annotated parameter types, ``mangle_type`` for the rest
+    (which, as the JIT does, makes an integer argument equal to 1 a constant)."""
     from triton.compiler import ASTSource
     from triton.runtime.jit import mangle_type
 
@@ -98,8 +99,12 @@ def distinct_launches(recorders: dict[str, _Recorder]) -> list[Launch]:
                 if param.is_constexpr:
                     signature[param.name] = "constexpr"
                     constants[(index,)] = kwargs[param.name]
-                else:
-                    signature[param.name] = param.annotation_type or mangle_type(args[index])
+                    continue
+                kind = param.annotation_type or mangle_type(args[index],
+                                                            not param.do_not_specialize)
+                signature[param.name] = kind
+                if kind == "constexpr":
+                    constants[(index,)] = args[index]
             options = {k: v for k, v in kwargs.items() if k not in signature}
             key = (name, repr(sorted(signature.items())), repr(sorted(constants.items())),
                    repr(sorted(options.items())))
