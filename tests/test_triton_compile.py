@@ -119,7 +119,8 @@ def test_the_static_report_prints_every_kernel(capsys):
     assert {row["kernel"] for row in rows} == set(triton_static.KERNELS)
     assert all(row["stack"] <= MAX_STACK_BYTES and row["instructions"] > 0 for row in rows)
     assert all(0 < row["warps"] <= triton_static.MAX_WARPS_PER_SM for row in rows)
-    assert "| kept_sgd_kernel | 4 | 2 |" in capsys.readouterr().out
+    assert "| kept_sgd_kernel | conv 64x64x3x3 + Linear 256x256 | 4 | 2 |" in (
+        capsys.readouterr().out)
     with pytest.raises(SystemExit):
         triton_static.main(["--capability", "60"])
 

@@ -8,8 +8,9 @@ the signature its JIT would give it (:func:`compile_launch`, down to a cubin: ``
 with Triton), and the cubin is read back with the ``cuobjdump`` Triton also ships
 (:func:`resources`): registers, stack (spills live there), SASS instructions and the warps an
 SM can keep resident. ``tests/test_triton_compile.py`` compiles every kernel this way and
-fails on spills; the command prints the figures for representative parameters (the static
-side of a kernel change; what it buys on a GPU is for ``python -m tools.gpu_check``)::
+fails on spills; the command prints the figures for a step over a 3x3 convolution and a Linear
+weight at 2:4 and 1:16 (the static side of a kernel change; what it buys on a GPU is for
+``python -m tools.gpu_check``)::
 
     .venv/bin/python -m tools.triton_static                 # sm_90 (H100, H200)
     .venv/bin/python -m tools.triton_static --capability 80
@@ -153,31 +154,42 @@ def resident_warps(registers: int, num_warps: int) -> int:
     return min(programs * num_warps, MAX_WARPS_PER_SM)
 
 
-def _representative_launches() -> list[Launch]:
-    """The launches of a kept step (SGD and AdamW) and an evolve update on a 3x3 convolution
-    and a Linear weight at 2:4 and 1:16, float32."""
+def _representative_launches() -> list[tuple[str, Launch]]:
+    """``(what, launch)`` of a kept step (SGD and AdamW) over a 3x3 convolution and a Linear
+    weight together (one launch of two rows, as a model's step is), and of an evolve update of
+    each, at 2:4 and 1:16, float32."""
     from bame_optim.core.kept import encode_kept
     from bame_optim.core.nm import random_nm_mask
 
-    with recorded_launches() as recorders:
-        for shape, n, m in (((64, 64, 3, 3), 2, 4), ((64, 64, 3, 3), 1, 16),
-                            ((256, 256), 2, 4), ((256, 256), 1, 16)):
-            weight, grad = torch.randn(shape), torch.randn(shape)
-            blocks = weight.numel() // m
-            code = encode_kept(random_nm_mask(blocks, n, m, torch.Generator().manual_seed(0)), n)
-            state = [torch.zeros(blocks, n) for _ in range(2)]
-            triton_kept.kept_sgd_([weight], [grad], state[:1], [code], [n], [False], m=m,
-                                  lr=0.1, momentum=0.9, dampening=0.0, weight_decay=5e-4,
-                                  nesterov=False, maximize=False)
-            triton_kept.kept_adamw_([weight], [grad], state[:1], state[1:], [],
-                                    [torch.tensor(0.0)], [code], [n], m=m, amsgrad=False,
+    shapes = {"conv 64x64x3x3": (64, 64, 3, 3), "Linear 256x256": (256, 256)}
+    labelled = []
+    for n, m in ((2, 4), (1, 16)):
+        weights = {name: (torch.randn(shape), torch.randn(shape)) for name, shape in shapes.items()}
+        blocks = {name: w.numel() // m for name, (w, _) in weights.items()}
+        codes = {name: encode_kept(random_nm_mask(k, n, m, torch.Generator().manual_seed(0)), n)
+                 for name, k in blocks.items()}
+        params, grads = [w for w, _ in weights.values()], [g for _, g in weights.values()]
+        state = [[torch.zeros(k, n) for k in blocks.values()] for _ in range(2)]
+        with recorded_launches() as recorders:
+            triton_kept.kept_sgd_(params, grads, state[0], list(codes.values()), [n, n],
+                                  [False, False], m=m, lr=0.1, momentum=0.9, dampening=0.0,
+                                  weight_decay=5e-4, nesterov=False, maximize=False)
+            triton_kept.kept_adamw_(params, grads, *state, [], [torch.tensor(0.0)] * 2,
+                                    list(codes.values()), [n, n], m=m, amsgrad=False,
                                     beta1=0.9, beta2=0.999, lr=1e-3, weight_decay=0.05,
                                     eps=1e-8, maximize=False)
-            triton_evolve.evolve_blocks(weight, grad, code, n, torch.zeros(blocks), n=n, m=m,
-                                        lr=0.1, gamma=0.9, revive="sgd", zero_pruned=True)
-            triton_evolve.apply_evolved_(weight, state[:1], code, n, code.clone(),
-                                         torch.zeros(blocks, dtype=torch.bool), m)
-        return distinct_launches(recorders)
+            labelled += [(" + ".join(shapes), launch)
+                         for launch in distinct_launches(recorders)]
+        for name, (weight, grad) in weights.items():
+            with recorded_launches() as recorders:
+                triton_evolve.evolve_blocks(weight, grad, codes[name], n,
+                                            torch.zeros(blocks[name]), n=n, m=m, lr=0.1,
+                                            gamma=0.9, revive="sgd", zero_pruned=True)
+                triton_evolve.apply_evolved_(weight, [torch.zeros(blocks[name], n)],
+                                             codes[name], n, codes[name].clone(),
+                                             torch.zeros(blocks[name], dtype=torch.bool), m)
+                labelled += [(name, launch) for launch in distinct_launches(recorders)]
+    return labelled
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -190,21 +202,21 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     rows = []
     with tempfile.TemporaryDirectory() as cache, \
             mock.patch.dict(os.environ, {"TRITON_CACHE_DIR": cache}):
-        for launch in _representative_launches():
+        for what, launch in _representative_launches():
             compiled = compile_launch(launch, args.capability)
             figures = resources(compiled.asm["cubin"])
             warps = launch.options.get("num_warps", compiled.metadata.num_warps)
             constants = launch.constants()
-            rows.append({"kernel": launch.name, "M": constants["M"], "count": constants["COUNT"],
-                         "blocks": constants["BLOCK_K"], **figures,
+            rows.append({"kernel": launch.name, "weights": what, "M": constants["M"],
+                         "count": constants["COUNT"], "blocks": constants["BLOCK_K"], **figures,
                          "warps": resident_warps(figures["registers"], warps)})
     print(f"sm_{args.capability}: per distinct launch (float32), from the cubin")
-    print("| kernel | M | count | blocks a program | registers | stack B | SASS instructions |"
-          " resident warps / SM |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| kernel | weights | M | count | blocks a program | registers | stack B |"
+          " SASS instructions | resident warps / SM |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['kernel']} | {r['M']} | {r['count']} | {r['blocks']} | {r['registers']} |"
-              f" {r['stack']} | {r['instructions']} | {r['warps']} |")
+        print(f"| {r['kernel']} | {r['weights']} | {r['M']} | {r['count']} | {r['blocks']} |"
+              f" {r['registers']} | {r['stack']} | {r['instructions']} | {r['warps']} |")
     return rows
 
 
