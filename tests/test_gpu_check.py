@@ -39,7 +39,7 @@ def test_without_cuda_exits_0_and_reports_every_check_skipped(tmp_path, module):
     assert proc.stdout.count("\n") == 1 and "no CUDA device" in proc.stdout
     report = out.read_text()
     assert report.startswith("# GPU check report\n")
-    assert "0 passed, 0 failed, 6 skipped (no CUDA device)" in report
+    assert "0 passed, 0 failed, 7 skipped (no CUDA device)" in report
     assert "Every check was skipped because there is no CUDA device" in report
     assert "-m pytest -m cuda" in report and "--junitxml=" in report
     assert "benchmarks.step --device cuda --quick" in report
@@ -75,7 +75,10 @@ def test_checks_run_every_cuda_test_in_one_call_and_the_benchmarks(tmp_path):
     checks = {c.name: c for c in gpu_check.build_checks(quick=True, workdir=tmp_path)}
     assert list(checks) == ["CUDA tests (pytest -m cuda)", "step-benchmark",
                             "step-benchmark adamw", "fused-kernel step benchmark",
-                            "2:4 kernel benchmark", "train-cifar"]
+                            "Triton kernels' static figures (sm_90)", "2:4 kernel benchmark",
+                            "train-cifar"]
+    assert checks["Triton kernels' static figures (sm_90)"].command[1:] == [
+        "-m", "tools.triton_static"]
     tests = checks["CUDA tests (pytest -m cuda)"]
     assert tests.kind == "pytest" and tests.junit == tmp_path / "cuda-tests.xml"
     assert tests.command[1:5] == ["-m", "pytest", "-m", "cuda"]

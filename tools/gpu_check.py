@@ -11,6 +11,8 @@ On a machine with CUDA it runs, each as a subprocess with a timeout and its outp
 3. the fused-kernel step benchmark ``python -m benchmarks.kept_step_cuda``: BAMESGD / BAMEAdamW
    ordinary, evolve-update and ``torch.compile``-d steps against ``torch.optim.SGD/AdamW(
    fused=True)``, with the ratios and each step's host time (near its time: launch-bound),
+   then ``python -m tools.triton_static``: the registers, stack and instructions of the same
+   kernels' ``sm_90`` cubins, to read beside those timings,
 4. the 2:4 kernel benchmark ``python -m benchmarks.semi_structured``,
 5. a two-epoch ``examples/train_cifar.py`` run on a tiny CIFAR-10 folder written to a
    temporary directory (Accelerate picks the GPU; the run's ``metrics.json`` must say cuda).
@@ -135,6 +137,8 @@ def build_checks(quick: bool, workdir: Path) -> list[Check]:
     checks.append(Check("step-benchmark adamw", [*step, "--optimizer", "adamw"], 1200 * scale))
     kept = [py, "-m", "benchmarks.kept_step_cuda", "--device", "cuda", *quick_flag]
     checks.append(Check("fused-kernel step benchmark", kept, 1800 * scale))
+    static = [py, "-m", "tools.triton_static"]
+    checks.append(Check("Triton kernels' static figures (sm_90)", static, 600 * scale))
     semi = [py, "-m", "benchmarks.semi_structured"]
     if quick:
         semi += ["--batch", "32", "--warmup", "3", "--repeats", "10"]
