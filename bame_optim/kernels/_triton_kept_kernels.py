@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-# The columns of a row of the launch table (triton_kept._rows writes them in this order).
+# The columns of a row of the launch table (table_row writes them in this order).
 PARAM = tl.constexpr(0)
 GRAD = tl.constexpr(1)
 KEPT = tl.constexpr(2)
@@ -88,10 +88,10 @@ def _kept_addresses(
 ):
     # Blocks are numbered in the order of core.nm.block_view: [out, *k (coalesced to n1, n2),
     # in / M]; the kept entry c of block b sits at input index (b % blocks_per_row) * M + c.
-    # Indices and offsets are int32 unless a tensor of the launch spans 2**31 elements or more
-    # (WIDE: int64), and the block index is split by multiplications with the divisors' magic
-    # numbers: a GPU emulates integer division, and 64-bit arithmetic takes several
-    # instructions per operation.
+    # Indices and offsets are int32 unless a tensor of the launch spans 2**30 elements or more
+    # (WIDE: int64; triton_kept._INT32_SPAN), and the block index is split by multiplications
+    # with the divisors' magic numbers: a GPU emulates integer division, and 64-bit arithmetic
+    # takes several instructions per operation.
     num_blocks = tl.load(meta_ptr + row + BLOCKS)
     blocks_per_row = tl.load(meta_ptr + row + BLOCKS + 1)
     n1 = tl.load(meta_ptr + row + BLOCKS + 2)

@@ -133,10 +133,10 @@ def kept_sgd_(
     for i, key, layout in items:
         flag = with_momentum and bool(first[i])
         launches.setdefault((*key, flag), []).append((i, layout, ()))
-    for (device, dtype, count, ranked, code_dtype, wide, flag), rows in launches.items():
-        grid, meta, table, constants, _codes = _launch(rows, params, grads, states, kept, count,
-                                                       ranked, code_dtype, dtype, wide, m)
-        with launch_device(device):
+    for (*signature, flag), rows in launches.items():
+        grid, meta, table, constants, _codes = _launch(rows, signature, params, grads, states,
+                                                       kept, m)
+        with launch_device(signature[0]):
             kernels.kept_sgd_kernel[grid](
                 meta, len(rows), table, float(lr), float(momentum), 1.0 - float(dampening),
                 float(weight_decay), **constants,
@@ -199,14 +199,14 @@ def kept_adamw_(
         if step not in scalars:
             scalars[step] = (lr / (1 - beta1**step), (1 - beta2**step) ** 0.5)
         launches.setdefault(key, []).append((i, layout, scalars[step]))
-    for (device, dtype, count, ranked, code_dtype, wide), rows in launches.items():
-        grid, meta, table, constants, _codes = _launch(rows, params, grads, states, kept, count,
-                                                       ranked, code_dtype, dtype, wide, m)
-        with launch_device(device):
+    for signature, rows in launches.items():
+        grid, meta, table, constants, _codes = _launch(rows, signature, params, grads, states,
+                                                       kept, m)
+        with launch_device(signature[0]):
             kernels.kept_adamw_kernel[grid](
                 meta, len(rows), table, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2,
                 float(eps), **constants,
-                F64=dtype == torch.float64, HAS_WEIGHT_DECAY=weight_decay != 0,
+                F64=signature[1] == torch.float64, HAS_WEIGHT_DECAY=weight_decay != 0,
                 AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize),
             )
 
@@ -298,22 +298,20 @@ def _items(
 
 def _launch(
     rows: list[tuple[int, list[int], tuple[float, ...]]],
+    signature: tuple[torch.device, torch.dtype, int, bool, torch.dtype, bool],
     params: list[Tensor],
     grads: list[Tensor],
     states: list[list[Tensor]],
     kept: list[Tensor],
-    count: int,
-    ranked: bool,
-    code_dtype: torch.dtype,
-    dtype: torch.dtype,
-    wide: bool,
     m: int,
 ) -> tuple[tuple[int], Tensor, Tensor, dict[str, object], list[Tensor]]:
     """The grid, the table of rows (on the parameters' device), the decoding table and the
-    compile-time constants of one launch over the parameters ``rows`` names (with each one's
-    layout from :func:`_items` and float scalars), and the kept codes the table points at
+    compile-time constants of one launch of ``signature`` (:func:`_items`) over the
+    parameters ``rows`` names (with each one's layout from :func:`_items` and float scalars),
+    and the kept codes the table points at
     (copies where a code was not contiguous: the caller holds them until the launch is
     queued). Each row holds the columns of :mod:`._triton_kept_kernels`."""
+    device, dtype, count, ranked, code_dtype, wide = signature
     count_p2 = _next_power_of_2(count)
     block_k = max(1, _ELEMENTS_PER_PROGRAM // count_p2)
     kernels = _kernels()
@@ -324,7 +322,6 @@ def _launch(
         table.append(kernels.table_row([params[i], grads[i], code, *(s[i] for s in states)],
                                        layout, program, floats))
         program += _cdiv(layout[0], block_k)
-    device = params[rows[0][0]].device
     meta = torch.tensor(table, dtype=torch.int64)
     if device.type == "cuda":  # pinned, so the copy is queued, not waited for
         meta = meta.pin_memory().to(device, non_blocking=True)
