@@ -428,38 +428,6 @@ def test_kernels_under_the_triton_interpreter(run_interpreted):
     run_interpreted(__file__, expected, timeout=600)
 
 
-def test_division_magic_divides_every_int32_index_exactly():
-    gen = torch.Generator().manual_seed(0)
-    top = 2**31 - 1
-    divisors = [*range(1, 2049), top, top - 1, 2**30, 2**30 + 1, 2**30 - 1, 3 * 2**20 + 7]
-    divisors += [2**k + e for k in range(11, 31) for e in (-1, 0, 1)]
-    divisors += torch.randint(1, top, (2000,), generator=gen).tolist()
-    for d in divisors:
-        magic, shift = triton_kept.division_magic(d)
-        assert 0 < magic < 2**32 and shift <= 62  # the kernels multiply in uint64
-        edges = {0, 1, d - 1, d, d + 1, 2 * d - 1, top, top - 1, top - top % d, top - top % d - 1}
-        numbers = [n for n in edges if 0 <= n <= top]
-        numbers += torch.randint(0, top, (64,), generator=gen).tolist()
-        for n in numbers:
-            assert (n * magic) >> shift == n // d, (n, d)
-    for bad in (0, -3, 2**31, 1.5, True):
-        with pytest.raises(ValueError, match="Invalid d value"):
-            triton_kept.division_magic(bad)
-
-
-def test_a_parameter_spanning_too_far_for_int32_gets_an_int64_launch(monkeypatch):
-    # The span counts strides' reach (a transposed view spans its whole storage) and the
-    # compact state's entries past the last program's end; the threshold is lowered to fall
-    # between the two parameters.
-    monkeypatch.setattr(triton_kept, "interpreting", lambda: True)
-    monkeypatch.setattr(triton_kept, "_INT32_SPAN", 3000)
-    small = torch.zeros(4, 8)  # spans 32; compact state (8 + 1024) * 2 = 2064
-    large = torch.zeros(64, 32).t()  # [32, 64], strides (1, 32): spans 2048; (512 + 1024) * 2
-    codes = [torch.zeros(8, dtype=torch.uint8), torch.zeros(512, dtype=torch.uint8)]
-    items = triton_kept._items([small, large], [small.clone(), large.clone()], codes, [2, 2], 4)
-    assert [key[-1] for _, key, _ in items] == [False, True]
-
-
 def test_folded_layout_addresses_the_blocks_of_core_nm():
     # The kernels' addressing (block index -> folded outer index, strides) in plain torch: the
     # first entry of every block must be the one core.nm's block view puts there.

@@ -46,17 +46,24 @@ ELEMENT_TYPES = {
 
 
 def table_row(
-    tensors: list[torch.Tensor], layout: list[int], first_program: int, scalars: tuple[float, ...]
+    tensors: list[torch.Tensor], layout: tuple[int, ...], first_program: int,
+    scalars: tuple[float, ...],
 ) -> list[int]:
     """One row of the launch table, in the columns above: ``tensors`` are the parameter, its
     gradient, its kept code and its (up to three) state tensors; ``layout`` is
     ``num_blocks, blocks_per_row, n1, n2``, the two tensors' folded strides and the three
     divisors' magic numbers."""
-    addresses = [t.data_ptr() for t in tensors]
-    addresses += [0] * (BLOCKS.value - len(addresses))
-    floats = [struct.unpack("=q", struct.pack("=d", x))[0] for x in scalars]
-    return [*addresses, *layout, first_program, *floats, *[0] * (ROW.value - SCALARS.value
-                                                                 - len(floats))]
+    row = [t.data_ptr() for t in tensors]
+    row += _ZEROS[len(row):_BLOCKS]
+    row += layout
+    row.append(first_program)
+    row += [struct.unpack("=q", struct.pack("=d", x))[0] for x in scalars]
+    row += _ZEROS[len(row):_ROW]
+    return row
+
+
+_BLOCKS, _ROW = BLOCKS.value, ROW.value  # plain ints: table_row runs per parameter and step
+_ZEROS = [0] * _ROW
 
 
 @triton.jit

@@ -10,7 +10,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-__all__ = ["OUTER_DIMS", "folded_layouts"]
+__all__ = ["OUTER_DIMS", "fold", "folded_layouts"]
 
 OUTER_DIMS = 3
 """Strided dimensions the kernels take besides dimension 1 (``n0`` implied, ``n1``, ``n2``)."""
@@ -24,11 +24,11 @@ def folded_layouts(*tensors: Tensor) -> list[list[int]] | None:
     every tensor (a channels_last weight with a contiguous gradient folds less)."""
     key = tuple((tuple(t.shape), t.stride()) for t in tensors)
     # torch.compile traces the uncached fold (it warns about a cache wrapper).
-    layouts = _fold(key) if torch.compiler.is_compiling() else _folded_layouts(key)
+    layouts = fold(key) if torch.compiler.is_compiling() else _folded_layouts(key)
     return None if layouts is None else [list(layout) for layout in layouts]
 
 
-def _fold(
+def fold(
     layouts: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...],
 ) -> list[list[int]] | None:
     """:func:`folded_layouts` of tensors given as ``(shape, strides)``, not cached (what
@@ -53,5 +53,5 @@ def _fold(
             for i, (_, stride) in enumerate(layouts)]
 
 
-_folded_layouts = lru_cache(maxsize=256)(_fold)
-"""Cached :func:`_fold`: every step asks for the same few layouts (callers get copies)."""
+_folded_layouts = lru_cache(maxsize=256)(fold)
+"""Cached :func:`fold`: every step asks for the same few layouts (callers get copies)."""

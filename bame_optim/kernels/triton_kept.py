@@ -8,7 +8,7 @@ kept entries: per block it decodes the kept set (colex rank -> sorted positions 
 ``[C, count]`` table, or the stored positions ``[K, count]``, see :mod:`bame_optim.core.kept`),
 gathers the kept weights and gradients, updates the compact state ``[K, count]`` (block order
 of :mod:`bame_optim.core.nm`) and scatters the weights back. Addresses come from the block
-index and the tensors' strides (:func:`bame_optim.kernels.block_layout.folded_layouts` of the
+index and the tensors' strides (:func:`bame_optim.kernels.block_layout.fold` of the
 parameter and its gradient together), so Linear ``[out, in]``, convolution ``[out, in, *k]``
 (whose blocks are not contiguous, in any memory format, the gradient's too) and transposed
 views (``w.t()`` of a contiguous ``[in, out]``) need no copy.
@@ -31,6 +31,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from array import array
 from contextlib import AbstractContextManager, nullcontext
 from functools import lru_cache
 from types import ModuleType
@@ -39,7 +40,7 @@ import torch
 from torch import Tensor
 
 from bame_optim.core.kept import positions_by_rank
-from bame_optim.kernels.block_layout import folded_layouts
+from bame_optim.kernels.block_layout import fold
 
 __all__ = [
     "DTYPES", "available", "division_magic", "interpreting", "kept_adamw_", "kept_sgd_",
@@ -72,27 +73,43 @@ def supports(param: Tensor, grad: Tensor | None) -> bool:
     shape (``ndim >= 2``) and dtype (:data:`DTYPES`) on one CUDA device (or on the CPU under
     :func:`interpreting`), whose dimensions other than 1 fold into three strided ones (true of
     every Linear and convolution layout), the gradient's strides folded alike."""
-    return _plain_pair(param, grad, "cpu" if interpreting() else "cuda") and folded_layouts(
-        param, grad  # type: ignore[arg-type]
-    ) is not None
+    return _pair_layouts(param, grad, "cpu" if interpreting() else "cuda") is not None
 
 
-def _plain_pair(param: Tensor, grad: Tensor | None, device: str) -> bool:
-    """:func:`supports` but for the layout."""
-    if grad is None or grad.shape != param.shape or grad.dtype != param.dtype:
-        return False
-    if param.ndim < 2 or param.dtype not in DTYPES or param.device != grad.device:
-        return False
+def _pair_layouts(param: Tensor, grad: Tensor | None, device: str
+                  ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The folded layouts of ``param`` and ``grad``
+    (:func:`bame_optim.kernels.block_layout.fold`) where :func:`supports` holds on
+    ``device`` (a device type), else ``None``. Every step asks this of every sparse parameter
+    (twice on CUDA: which path, then the op's own check), so the answer is cached by the
+    tensors' metadata; a few tensor attributes per call instead of the checks and the fold."""
+    if grad is None or type(param) not in _PLAIN_TYPES or type(grad) not in _PLAIN_TYPES:
+        return None
+    # torch.compile cannot trace is_neg / is_conj (a graph break, an error with
+    # fullgraph=True); a real float tensor has those bits only through torch's private
+    # views, and torch's own optimizers skip such checks when compiling too. It traces the
+    # uncached check (it warns about cache wrappers).
     compiling = torch.compiler.is_compiling()
-    for t in (param, grad):
-        if type(t) not in _PLAIN_TYPES or t.layout != torch.strided or t.device.type != device:
-            return False
-        # torch.compile cannot trace is_neg / is_conj (a graph break, an error with
-        # fullgraph=True); a real float tensor has those bits only through torch's private
-        # views, and torch's own optimizers skip such checks when compiling too.
-        if not compiling and (t.is_neg() or t.is_conj()):
-            return False
-    return True
+    if not compiling and (param.is_neg() or param.is_conj() or grad.is_neg() or grad.is_conj()):
+        return None
+    key = (param.layout, grad.layout, param.device, grad.device, param.dtype, grad.dtype,
+           param.shape, grad.shape, param.stride(), grad.stride(), device)
+    return _check_pair(key) if compiling else _checked_pair(key)
+
+
+def _check_pair(key: tuple) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """:func:`_pair_layouts` from the metadata it keys its cache by (not cached)."""
+    (p_layout, g_layout, p_device, g_device, p_dtype, g_dtype, p_shape, g_shape, p_stride,
+     g_stride, device) = key
+    if (p_layout != torch.strided or g_layout != torch.strided or p_device != g_device
+            or p_device.type != device or p_dtype != g_dtype or p_dtype not in DTYPES
+            or p_shape != g_shape or len(p_shape) < 2):
+        return None
+    layouts = fold(((tuple(p_shape), p_stride), (tuple(g_shape), g_stride)))
+    return None if layouts is None else (tuple(layouts[0]), tuple(layouts[1]))
+
+
+_checked_pair = lru_cache(maxsize=1024)(_check_pair)
 
 
 def kept_sgd_(
@@ -129,7 +146,7 @@ def kept_sgd_(
     _check_not_capturing(params)
     _check_state(params, states, counts, m)
     items = _items(params, grads, kept, counts, m)
-    launches: dict[tuple, list[tuple[int, list[int], tuple[float, ...]]]] = {}
+    launches: dict[tuple, list[tuple[int, tuple[int, ...], tuple[float, ...]]]] = {}
     for i, key, layout in items:
         flag = with_momentum and bool(first[i])
         launches.setdefault((*key, flag), []).append((i, layout, ()))
@@ -193,7 +210,7 @@ def kept_adamw_(
     for steps in state_steps:
         steps += 1
     scalars: dict[int, tuple[float, float]] = {}
-    launches: dict[tuple, list[tuple[int, list[int], tuple[float, ...]]]] = {}
+    launches: dict[tuple, list[tuple[int, tuple[int, ...], tuple[float, ...]]]] = {}
     for i, key, layout in items:
         step = state_steps[i].item()
         if step not in scalars:
@@ -250,7 +267,7 @@ def _check_state(
 def _items(
     params: list[Tensor], grads: list[Tensor], kept: list[Tensor], counts: list[int], m: int
 ) -> list[tuple[int, tuple[torch.device, torch.dtype, int, bool, torch.dtype, bool],
-                list[int]]]:
+                tuple[int, ...]]]:
     """``(index, signature, layout)`` of every parameter with something to step (blocks and a
     kept count), all checked before any is launched, so that bad input raises before anything
     is written. The signature is what one launch takes: the device, and what it compiles for
@@ -265,39 +282,52 @@ def _items(
     device = "cpu" if interpreting() else "cuda"
     items = []
     for i, (p, g, code, count) in enumerate(zip(params, grads, kept, counts, strict=True)):
-        layouts = folded_layouts(p, g) if _plain_pair(p, g, device) else None
+        layouts = _pair_layouts(p, g, device)
         if layouts is None:
             raise ValueError(
                 f"Invalid parameter {tuple(p.shape)} {p.dtype} on {p.device} for the Triton "
                 "kept kernels (see bame_optim.kernels.triton_kept.supports)"
             )
-        if p.shape[1] % m:
-            raise ValueError(
-                f"Invalid shape {tuple(p.shape)} for m={m}: dim 1 is not divisible by m"
-            )
-        num_blocks = p.numel() // m
-        if num_blocks == 0 or count == 0:
-            continue
-        ranked = code.ndim == 1
-        if code.shape[0] != num_blocks or (not ranked and code.shape != (num_blocks, count)):
-            raise ValueError(
-                f"Invalid kept form {tuple(code.shape)} for {num_blocks} blocks of {count} kept"
-            )
-        (n1, n2, *p_strides), (_, _, *g_strides) = layouts
-        per_row = p.shape[1] // m
-        sizes = (num_blocks // (per_row * n1 * n2), n1, n2, p.shape[1])
-        span = max(_span(sizes, p_strides), _span(sizes, g_strides),
-                   (num_blocks + _ELEMENTS_PER_PROGRAM) * count)
-        wide = span >= _INT32_SPAN  # then the divisors' magic numbers go unused
-        magic = (0, 0) * 3 if wide else (*division_magic(per_row), *division_magic(n2),
-                                         *division_magic(n1))
-        layout = [num_blocks, per_row, n1, n2, *p_strides, *g_strides, *magic]
-        items.append((i, (p.device, p.dtype, count, ranked, code.dtype, wide), layout))
+        item = _item(layouts, p.shape, p.device, p.dtype, m, count, code.shape, code.dtype)
+        if item is not None:
+            items.append((i, *item))
     return items
 
 
+@lru_cache(maxsize=1024)
+def _item(
+    layouts: tuple[tuple[int, ...], tuple[int, ...]], shape: torch.Size, device: torch.device,
+    dtype: torch.dtype, m: int, count: int, code_shape: torch.Size, code_dtype: torch.dtype,
+) -> tuple[tuple[torch.device, torch.dtype, int, bool, torch.dtype, bool], tuple[int, ...]
+           ] | None:
+    """The signature and layout :func:`_items` gives a parameter of ``shape`` (its folded
+    ``layouts`` and its gradient's from :func:`_pair_layouts`) with a kept code of
+    ``code_shape``, or ``None`` where it has nothing to step; a pure function of metadata, so
+    cached (a step asks it of every sparse parameter)."""
+    if shape[1] % m:
+        raise ValueError(f"Invalid shape {tuple(shape)} for m={m}: dim 1 is not divisible by m")
+    num_blocks = shape.numel() // m
+    if num_blocks == 0 or count == 0:
+        return None
+    ranked = len(code_shape) == 1
+    if code_shape[0] != num_blocks or (not ranked and code_shape != (num_blocks, count)):
+        raise ValueError(
+            f"Invalid kept form {tuple(code_shape)} for {num_blocks} blocks of {count} kept"
+        )
+    (n1, n2, *p_strides), (_, _, *g_strides) = layouts
+    per_row = shape[1] // m
+    sizes = (num_blocks // (per_row * n1 * n2), n1, n2, shape[1])
+    span = max(_span(sizes, p_strides), _span(sizes, g_strides),
+               (num_blocks + _ELEMENTS_PER_PROGRAM) * count)
+    wide = span >= _INT32_SPAN  # then the divisors' magic numbers go unused
+    magic = (0, 0) * 3 if wide else (*division_magic(per_row), *division_magic(n2),
+                                     *division_magic(n1))
+    layout = (num_blocks, per_row, n1, n2, *p_strides, *g_strides, *magic)
+    return (device, dtype, count, ranked, code_dtype, wide), layout
+
+
 def _launch(
-    rows: list[tuple[int, list[int], tuple[float, ...]]],
+    rows: list[tuple[int, tuple[int, ...], tuple[float, ...]]],
     signature: tuple[torch.device, torch.dtype, int, bool, torch.dtype, bool],
     params: list[Tensor],
     grads: list[Tensor],
@@ -315,14 +345,16 @@ def _launch(
     count_p2 = _next_power_of_2(count)
     block_k = max(1, _ELEMENTS_PER_PROGRAM // count_p2)
     kernels = _kernels()
-    table, program, codes = [], 0, []
+    table: list[int] = []  # the rows one after the other
+    program, codes = 0, []
     for i, layout, floats in rows:
         code = kept[i].contiguous()
         codes.append(code)
-        table.append(kernels.table_row([params[i], grads[i], code, *(s[i] for s in states)],
-                                       layout, program, floats))
+        table += kernels.table_row([params[i], grads[i], code, *(s[i] for s in states)],
+                                   layout, program, floats)
         program += _cdiv(layout[0], block_k)
-    meta = torch.tensor(table, dtype=torch.int64)
+    # Through array (the tensor keeps it alive): a fifth of torch.tensor's time on a list.
+    meta = torch.frombuffer(array("q", table), dtype=torch.int64).view(len(rows), -1)
     if device.type == "cuda":  # pinned, so the copy is queued, not waited for
         meta = meta.pin_memory().to(device, non_blocking=True)
     # The eager path's cached [C, count] table on the device (usually warm: no host copy).
