@@ -100,3 +100,13 @@ def test_launch_table_holds_each_call_s_addresses(on_cpu):
             assert row[kernels.STATE.value] == buffers[i].data_ptr()
             assert tuple(row[kernels.BLOCKS.value:kernels.FIRST_PROGRAM.value]) == layout
         assert table[:, kernels.FIRST_PROGRAM.value].tolist() == [0, 1] and programs == 2
+
+
+def test_advance_steps_every_counter_once_and_reads_them_back():
+    # AdamW's step counters: CPU scalars, as torch keeps them (one in float64, as a checkpoint
+    # of a float64 default dtype has), one op for all.
+    steps = [torch.tensor(0.0), torch.tensor(41.0), torch.tensor(6.0, dtype=torch.float64)]
+    assert triton_kept._advance(steps) == [1.0, 42.0, 7.0]
+    assert [s.item() for s in steps] == [1.0, 42.0, 7.0]
+    assert steps[2].dtype == torch.float64
+    assert triton_kept._advance([]) == []
