@@ -14,7 +14,7 @@ interleaved round by round (:func:`benchmarks.harness.interleaved_rounds`), and 
 ``fused``; then, in a second interleaved pass, each one's host time
 (:class:`benchmarks.harness.HostTimer`: until ``step()`` returns, the GPU not waited for). A
 step whose host time is near its time is bound by its launches (one Triton launch per kernel
-signature, about 6 us of Python per sparse parameter to check it and build its table:
+signature, about 8 us of Python per sparse parameter to check it and build its table:
 ``benchmarks.triton_host``) and Python, not by
 the GPU. Both sides pass ``fused=True`` (BAME's dense
 parameters then take torch's fused step too, and a sparse one the kernels cannot take raises

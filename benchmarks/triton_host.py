@@ -1,15 +1,16 @@
 """Host time of the Triton kept step: the Python a CUDA ``step()`` runs before its launches.
 
 On a GPU a step whose kernels take a fraction of a millisecond is bound by the host: per sparse
-parameter the checks of :func:`bame_optim.kernels.ops.usable` (which path),
-:func:`bame_optim.kernels.triton_kept._check_state` and ``_items`` (signature and layout), for
-AdamW its step counter (``_advance``), and its row of the launch table (``_launch``). This times
-exactly those calls, with no kernel launched, per model, N:M pattern and rule: the median
-microseconds per step and per sparse parameter. On CUDA tensors it includes the table's pinned
-copy; on the CPU it needs ``TRITON_INTERPRET=1`` (the kernels' device is then the CPU), which
-is how it runs without a GPU::
+parameter the check of :func:`bame_optim.kernels.triton_kept.supports` (which path, as
+:func:`bame_optim.kernels.ops.usable` asks it), and inside
+:func:`~bame_optim.kernels.triton_kept.kept_sgd_` / ``kept_adamw_`` the state check, the
+signature and layout, AdamW's step counter and the row of the launch table. This times those
+two calls per model, N:M pattern and rule: the median microseconds per step and per sparse
+parameter. On the CPU the kernels record their launches instead of running
+(:func:`tools.triton_static.recorded_launches`, so run it from the root of a checkout: ``tools``
+is not installed); on CUDA they launch, the GPU not waited for::
 
-    TRITON_INTERPRET=1 .venv/bin/python -m benchmarks.triton_host
+    .venv/bin/python -m benchmarks.triton_host
     .venv/bin/python -m benchmarks.triton_host --device cuda --models resnet50
 """
 
@@ -18,12 +19,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import statistics
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
 from bame_optim.core.kept import encode_kept
 from bame_optim.core.nm import random_nm_mask
-from bame_optim.kernels import ops, triton_kept
+from bame_optim.kernels import triton_kept
 
 from .harness import (
     HostTimer,
@@ -36,37 +38,58 @@ from .harness import (
     sparse_groups,
 )
 
+HYPER = {
+    "sgd": {"lr": 0.1, "momentum": 0.9, "dampening": 0.0, "weight_decay": 5e-4,
+            "nesterov": False, "maximize": False},
+    "adamw": {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "weight_decay": 0.05, "eps": 1e-8,
+              "amsgrad": False, "maximize": False},
+}
+
 
 def host_step(model: torch.nn.Module, n: int, m: int, rule: str, device: torch.device):
-    """The host part of one Triton kept step of ``rule`` (``sgd`` with momentum, ``adamw``)
-    over ``model``'s sparse weights with random N:M masks, as a call; and the number of
-    sparse weights."""
+    """One Triton kept step of ``rule`` (``sgd`` with momentum, ``adamw``) over ``model``'s
+    sparse weights with random N:M masks, with the path check before it, as a call; and the
+    number of sparse weights."""
     params = params_of(sparse_groups(model, n, m), sparse=True)
     generator = torch.Generator().manual_seed(0)
     grads = [torch.randn_like(p) for p in params]
     kept = [encode_kept(random_nm_mask(p.numel() // m, n, m, generator), n).to(device)
             for p in params]
-    states = [[p.new_zeros(p.numel() // m, n) for p in params]
-              for _ in range(1 if rule == "sgd" else 2)]
-    steps = [torch.tensor(0.0) for _ in params]  # AdamW's: CPU scalars, as torch keeps them
     counts = [n] * len(params)
 
+    def state() -> list[torch.Tensor]:
+        return [p.new_zeros(p.numel() // m, n) for p in params]
+
+    if rule == "sgd":
+        buffers, first = state(), [False] * len(params)
+
+        def kept_step() -> None:
+            triton_kept.kept_sgd_(params, grads, buffers, kept, counts, first, m=m,
+                                  **HYPER["sgd"])
+    else:
+        moments = (state(), state())
+        steps = [torch.tensor(0.0) for _ in params]  # CPU scalars, as torch keeps them
+
+        def kept_step() -> None:
+            triton_kept.kept_adamw_(params, grads, *moments, [], steps, kept, counts, m=m,
+                                    **HYPER["adamw"])
+
     def step() -> None:
-        if device.type == "cuda" and not ops.usable(params, grads, None):
+        if not all(triton_kept.supports(p, g) for p, g in zip(params, grads, strict=True)):
             raise RuntimeError("the Triton kernels do not take these parameters")
-        triton_kept._check_state(params, states, counts, m)
-        items = triton_kept._items(params, grads, kept, counts, m)
-        scalars: tuple[float, ...] = ()
-        if rule == "adamw":
-            triton_kept._advance(steps)
-            scalars = (1e-3, 1.0)
-        launches: dict[tuple, list] = {}
-        for i, key, layout in items:
-            launches.setdefault(key, []).append((i, layout, scalars))
-        for signature, rows in launches.items():
-            triton_kept._launch(rows, signature, params, grads, states, kept, m)
+        kept_step()
 
     return step, len(params)
+
+
+def _kernels_on(device: torch.device) -> AbstractContextManager:
+    """Off CUDA, the kernels' launches recorded instead of run (the host functions then take
+    CPU tensors); on CUDA nothing changes."""
+    if device.type == "cuda":
+        return nullcontext()
+    from tools.triton_static import recorded_launches  # a checkout's, not installed
+
+    return recorded_launches()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,9 +101,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     device = resolve_device(parser, args.device)
-    if device.type != "cuda" and not triton_kept.interpreting():
-        parser.error("on the CPU set TRITON_INTERPRET=1 (the kernels' device is then the CPU)")
-    torch.set_grad_enabled(False)
     print(f"host time of the Triton kept step, {machine(device)}, median of {args.rounds} rounds")
     print("| model | N:M | rule | sparse weights | host us per step | us per sparse weight |")
     print("|---|---|---|---|---|---|")
@@ -88,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
         model = build_model(name, device)
         for (n, m), rule in itertools.product(args.patterns, args.rules):
             step, count = host_step(model, n, m, rule, device)
-            rounds = interleaved_rounds({"host": step}, args.rounds, 3, HostTimer(device))
+            with _kernels_on(device), torch.no_grad():
+                rounds = interleaved_rounds({"host": step}, args.rounds, 3, HostTimer(device))
             us = 1000 * statistics.median(rounds["host"])
             print(f"| {name} | {n}:{m} | {rule} | {count} | {us:.0f} | {us / count:.1f} |")
 

@@ -44,6 +44,9 @@ ELEMENT_TYPES = {
 }
 """The pointer element type of a parameter (``DT``) or kept-code (``KT``) dtype."""
 
+_BLOCKS, _ROW = BLOCKS.value, ROW.value  # plain ints: table_row runs per parameter and step
+_ZEROS = [0] * _ROW
+
 
 def table_row(
     tensors: list[torch.Tensor], layout: tuple[int, ...], first_program: int,
@@ -60,10 +63,6 @@ def table_row(
     row += [struct.unpack("=q", struct.pack("=d", x))[0] for x in scalars]
     row += _ZEROS[len(row):_ROW]
     return row
-
-
-_BLOCKS, _ROW = BLOCKS.value, ROW.value  # plain ints: table_row runs per parameter and step
-_ZEROS = [0] * _ROW
 
 
 @triton.jit
