@@ -1,9 +1,9 @@
 """Every path of the fused CPU kept kernels against the eager composition, bit for bit.
 
 The kernels pick a path per parameter (bame_optim/kernels/csrc/kept_streams.h): the AVX-512
-tiles of 3x3 convolutions (kept_tiles512.h: float, M = 4, count 2 or 4, whole output channels
-whose input channels divide by 16; strips of 2 tiles at 2:4, so conv3x3_strips ends a row on
-a single tile), taken where the CPU has AVX-512 and the call allows it (the ``simd`` fixture
+tiles of 3x3 convolutions (kept_tiles512.h: float, M = 4, count 1, 2 or 4, whole output
+channels whose input channels divide by 16; strips of 2 tiles at 2:4 and 4 at 1:4, so
+conv3x3_strips ends a row on a single tile at 2:4 and on a strip of 3 at 1:4), taken where the CPU has AVX-512 and the call allows it (the ``simd`` fixture
 runs every test both ways), else the paired AVX2 stream (float, S = 1, M = 4, count 1, 2 or
 4), its transposed 8x8 tiles for 8 <= S <= 16 (float, M = 4, count 1, 2 or 4, whole output
 channels of a thread's range whose block count per row the group divides: conv3x3 at 4:4,

@@ -36,6 +36,7 @@ void run_streams(const Blocks& it, int64_t k0, int64_t k1, Fn& fn, const Ahead& 
           using Code = decltype(zero_code);
 #if BAME_HAVE_AVX512
           if (wide) {
+            if (it.count == 1) return stream_tiles9<Code, 1>(it, r0, r1, fn, ahead);
             if (it.count == 2) return stream_tiles9<Code, 2>(it, r0, r1, fn, ahead);
             return stream_tiles9<Code, 4>(it, r0, r1, fn, ahead);
           }

@@ -1,5 +1,5 @@
 // The streamed pass of kept_tiles.h for 3x3 convolutions with AVX-512 (S = 9, float, M = 4,
-// ranked codes, count 2 or 4), chosen at run time: compiled with a target attribute, taken
+// ranked codes, count 1, 2 or 4), chosen at run time: compiled with a target attribute, taken
 // only where the caller allows it (Blocks::avx512) and the CPU has AVX-512 F/BW/DQ/VL.
 //
 // 16 input channels (4 blocks) of one output channel are 144 consecutive floats, 9 full
@@ -54,7 +54,7 @@ constexpr int64_t kTile9Run = 16;
 // Whether stream_tiles9 may take whole rows of it (float and the code dtype aside).
 inline bool tiles9_possible(const Blocks& it) {
   return it.avx512 && it.spatial == kTile9 && it.m == kPairM && it.table != nullptr &&
-         (it.count == 2 || it.count == 4) && it.ranks <= kTile9MaxRanks &&
+         (it.count == 1 || it.count == 2 || it.count == 4) && it.ranks <= kTile9MaxRanks &&
          it.blocks_per_row % kTile9Blocks == 0;
 }
 
@@ -128,14 +128,34 @@ struct Deinterleave3 {
   }
 };
 
-// Tile t's column packed into half t of a run (count 2), or the run itself (count 4).
+// Tile t's column packed into quarter t of a run (count 1), half t (count 2), or the run
+// itself (count 4).
 template <int N>
 BAME_AVX512 BAME_ALWAYS_INLINE void pack(__m512& run, int64_t t, __mmask16 kept, __m512 col) {
   if constexpr (N == kPairM) {
     run = col;
+  } else if constexpr (N == 1) {
+    const __m512 packed = _mm512_maskz_compress_ps(kept, col);  // lanes 0-3
+    const __m512i down = _mm512_sub_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6,
+                                                           5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32(static_cast<int>(4 * t)));
+    run = _mm512_mask_permutexvar_ps(run, static_cast<__mmask16>(0xFu << (4 * t)), down, packed);
   } else {
     const __m512 packed = _mm512_maskz_compress_ps(kept, col);
     run = t == 0 ? packed : _mm512_insertf32x8(run, _mm512_castps512_ps256(packed), 1);
+  }
+}
+
+// The inverse of pack: tile t's kept entries of the run, in lanes 0 .. 4 N - 1.
+template <int N>
+BAME_AVX512 BAME_ALWAYS_INLINE __m512 unpack(__m512 run, int64_t t) {
+  if constexpr (N == 1) {
+    const __m512i up = _mm512_add_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5,
+                                                         4, 3, 2, 1, 0),
+                                        _mm512_set1_epi32(static_cast<int>(4 * t)));
+    return _mm512_permutexvar_ps(up, run);
+  } else {
+    return t == 0 ? run : _mm512_shuffle_f32x4(run, run, 0xEE);
   }
 }
 
@@ -151,7 +171,7 @@ BAME_AVX512 void stream_tiles9(const Blocks& it, int64_t r0, int64_t r1, Fn& fn,
   constexpr int64_t kTileFloats = kTile9 * kTile9Blocks * kPairM;  // 144
   constexpr int64_t kAheadFloats = 2 * kTileFloats;  // weights and gradients asked for ahead
   constexpr int64_t kRun = kStrip * kKept;  // kept entries per s of a strip
-  static_assert(kKept % kGroup == 0 && kRun == 16 && kRun <= kMaxRun, "one vector per run");
+  static_assert(kRun == 16 && kRun <= kMaxRun, "one vector per run");
 
   float* param = static_cast<float*>(it.param);
   const float* grad = static_cast<const float*>(it.grad);
@@ -226,10 +246,8 @@ BAME_AVX512 void stream_tiles9(const Blocks& it, int64_t r0, int64_t r1, Fn& fn,
         for (int64_t s = 0; s < kTile9; ++s) {
           if constexpr (N == kPairM) {
             col[s] = wpack[s];
-          } else {  // tile t's kept entries: half t of the run
-            const __m512 packed =
-                t == 0 ? wpack[s] : _mm512_shuffle_f32x4(wpack[s], wpack[s], 0xEE);
-            col[s] = _mm512_mask_expand_ps(cols[t][s], kept[t][s], packed);
+          } else {
+            col[s] = _mm512_mask_expand_ps(cols[t][s], kept[t][s], unpack<N>(wpack[s], t));
           }
         }
         lanes.rows(col, x);
