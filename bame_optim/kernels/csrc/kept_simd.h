@@ -4,9 +4,9 @@
 // streams advance together (the hardware prefetchers see all of them) and no chunk is read
 // twice. Two gathers:
 //
-// * Paired (float, S = 1, M = 4: Linear weights, the transposed view of a Conv1D weight,
-//   1x1 convolutions; count 1, 2 or 4): two adjacent blocks fill one 8-lane AVX2 vector; a
-//   table indexed by their pair of ranks gives the lane permutation that moves their kept
+// * Paired (float, S = 1, M = 4 or 8: Linear weights, 1x1 convolutions; count 1, 2 or 4): two
+//   adjacent blocks of 4 (or one block of 8) fill one 8-lane AVX2 vector; a table indexed by
+//   their pair of ranks (or the rank) gives the lane permutation that moves their kept
 //   entries into the group's compact vector, and the one (with the blend mask of kept lanes)
 //   that puts them back. Whole vectors are read and written.
 // * Scalar (S = 1, any M, ranked codes, a count dividing kGroup): one entry at a time.
@@ -37,28 +37,29 @@ constexpr int64_t kMaxRun = 16;  // the most kept entries a stream hands its upd
 constexpr int64_t kPairM = 4;  // block size of the paired gather
 constexpr int64_t kPairEntry = 3 * kGroup;  // int32 per (pair, slot): to, from, mask
 
-// The paired gather's table for count entries kept per block of kPairM: for every pair of
-// ranks (r0, r1) and slot p (the pair's place in its group: kGroup / (2 count) pairs fill a
-// group) the lanes "to" that move the pair's kept entries (block 0's, then block 1's, in
-// order) to lanes [2 count p, 2 count (p + 1)) of the group vector, the lanes "from" that
-// bring them back, and the mask (-1) of the pair's kept lanes. positions: [ranks, count].
-inline std::vector<int32_t> pair_lanes(const int32_t* positions, int64_t ranks, int64_t count) {
-  const int64_t slots = kGroup / (2 * count);
-  std::vector<int32_t> lanes(ranks * ranks * slots * kPairEntry, 0);
-  for (int64_t r0 = 0; r0 < ranks; ++r0) {
-    for (int64_t r1 = 0; r1 < ranks; ++r1) {
-      for (int64_t p = 0; p < slots; ++p) {
-        int32_t* entry = lanes.data() + ((r0 * ranks + r1) * slots + p) * kPairEntry;
-        const int64_t rank[2] = {r0, r1};
-        for (int64_t half = 0; half < 2; ++half) {
-          for (int64_t j = 0; j < count; ++j) {
-            const auto lane =
-                static_cast<int32_t>(half * kPairM + positions[rank[half] * count + j]);
-            const auto slot = static_cast<int32_t>(2 * count * p + half * count + j);
-            entry[slot] = lane;
-            entry[kGroup + lane] = slot;
-            entry[2 * kGroup + lane] = -1;
-          }
+// The paired gather's table for count entries kept per block of m (kPairM: a pair of blocks
+// per vector; 2 kPairM: one block): for every pair of ranks (r0, r1), or rank r0, and slot p
+// (the vector's place in its group: kGroup / (8 / m count) vectors fill a group) the lanes
+// "to" that move the vector's kept entries (block 0's, then block 1's, in order) to lanes
+// [8 / m count p, 8 / m count (p + 1)) of the group vector, the lanes "from" that bring them
+// back, and the mask (-1) of the vector's kept lanes. positions: [ranks, count].
+inline std::vector<int32_t> pair_lanes(const int32_t* positions, int64_t ranks, int64_t count,
+                                       int64_t m) {
+  const int64_t per_vector = kGroup / m;  // blocks: 2 or 1
+  const int64_t slots = kGroup / (per_vector * count);
+  const int64_t tuples = per_vector == 2 ? ranks * ranks : ranks;
+  std::vector<int32_t> lanes(tuples * slots * kPairEntry, 0);
+  for (int64_t tuple = 0; tuple < tuples; ++tuple) {
+    const int64_t rank[2] = {per_vector == 2 ? tuple / ranks : tuple, tuple % ranks};
+    for (int64_t p = 0; p < slots; ++p) {
+      int32_t* entry = lanes.data() + (tuple * slots + p) * kPairEntry;
+      for (int64_t half = 0; half < per_vector; ++half) {
+        for (int64_t j = 0; j < count; ++j) {
+          const auto lane = static_cast<int32_t>(half * m + positions[rank[half] * count + j]);
+          const auto slot = static_cast<int32_t>(per_vector * count * p + half * count + j);
+          entry[slot] = lane;
+          entry[kGroup + lane] = slot;
+          entry[2 * kGroup + lane] = -1;
         }
       }
     }
@@ -66,10 +67,13 @@ inline std::vector<int32_t> pair_lanes(const int32_t* positions, int64_t ranks, 
   return lanes;
 }
 
-// 8 <= S <= 16 layouts read the pair tables too, through transposed tiles (kept_tiles.h).
+// 8 <= S <= 16 layouts of blocks of kPairM read the pair tables too, through transposed tiles
+// (kept_tiles.h).
 inline bool pairs_possible(const Blocks& it) {
-  return (it.spatial == 1 || (it.spatial >= 8 && it.spatial <= kTileSpatial)) &&
-         it.m == kPairM && it.table != nullptr &&
+  const bool pairs =
+      it.m == kPairM && (it.spatial == 1 || (it.spatial >= 8 && it.spatial <= kTileSpatial));
+  const bool eights = it.m == 2 * kPairM && it.spatial == 1;
+  return (pairs || eights) && it.table != nullptr &&
          (it.count == 1 || it.count == 2 || it.count == 4);
 }
 
@@ -87,7 +91,8 @@ inline void attach_tables(Blocks& it, Tables& store) {
   if (pairs_possible(it)) {
     auto found = store.lanes.find(it.table);
     if (found == store.lanes.end()) {
-      found = store.lanes.emplace(it.table, pair_lanes(it.table, it.ranks, it.count)).first;
+      found = store.lanes.emplace(it.table, pair_lanes(it.table, it.ranks, it.count, it.m))
+                  .first;
     }
     it.lanes = found->second.data();
   }
@@ -106,13 +111,15 @@ inline void attach_tables(Blocks& it, Tables& store) {
 }
 
 #if defined(__AVX2__)
-// Blocks [k0, k1) of a float S = 1, M = 4 item with N kept per block, a group (8 / N blocks)
-// at a time: fn(w, g, e, len) updates the group's len = kGroup kept weights w (in place) and
-// gradients g, whose compact state starts at entry e. Returns the first block not handled.
-template <typename Code, int N, typename Fn>
+// Blocks [k0, k1) of a float S = 1 item with blocks of 8 / PER_VECTOR (4 or 8) and N kept per
+// block, a group (8 / N blocks) at a time: fn(w, g, e, len) updates the group's len = kGroup
+// kept weights w (in place) and gradients g, whose compact state starts at entry e. Returns
+// the first block not handled.
+template <typename Code, int N, int PER_VECTOR, typename Fn>
 int64_t stream_pairs(const Blocks& it, int64_t k0, int64_t k1, Fn& fn) {
-  constexpr int64_t kSlots = kGroup / (2 * N);
-  constexpr int64_t kBlocks = 2 * kSlots;  // per group
+  constexpr int64_t kSlots = kGroup / (PER_VECTOR * N);
+  constexpr int64_t kBlocks = PER_VECTOR * kSlots;  // per group
+  constexpr int kSlotShift = PER_VECTOR * N == 1 ? 0 : PER_VECTOR * N == 2 ? 1 : 2;
   float* param = static_cast<float*>(it.param);
   const float* grad = static_cast<const float*>(it.grad);
   const Code* code = static_cast<const Code*>(it.code);
@@ -120,30 +127,32 @@ int64_t stream_pairs(const Blocks& it, int64_t k0, int64_t k1, Fn& fn) {
   alignas(32) float w[kGroup], g[kGroup];
   int64_t k = k0;
   for (; k + kBlocks <= k1; k += kBlocks) {
-    float* p = param + k * kPairM;
-    const float* q = grad + k * kPairM;
+    float* p = param + k * (kGroup / PER_VECTOR);
+    const float* q = grad + (p - param);
     const int32_t* entry[kSlots];
     __m256 weights[kSlots];
     __m256 wv = _mm256_setzero_ps(), gv = _mm256_setzero_ps();
     for (int64_t s = 0; s < kSlots; ++s) {
-      // A pair is 32 bytes: every line is asked for (some twice).
-      _mm_prefetch(reinterpret_cast<const char*>(p + s * 2 * kPairM) + kPrefetchBytes,
+      // A vector is 32 bytes: every line is asked for (some twice).
+      _mm_prefetch(reinterpret_cast<const char*>(p + s * kGroup) + kPrefetchBytes,
                    _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(q + s * 2 * kPairM) + kPrefetchBytes,
+      _mm_prefetch(reinterpret_cast<const char*>(q + s * kGroup) + kPrefetchBytes,
                    _MM_HINT_T0);
-      const int64_t pair = static_cast<int64_t>(code[k + 2 * s]) * ranks +
-                           static_cast<int64_t>(code[k + 2 * s + 1]);
+      int64_t pair = static_cast<int64_t>(code[k + PER_VECTOR * s]);
+      if constexpr (PER_VECTOR == 2) {
+        pair = pair * ranks + static_cast<int64_t>(code[k + 2 * s + 1]);
+      }
       entry[s] = it.lanes + (pair * kSlots + s) * kPairEntry;
       const __m256i to = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(entry[s]));
-      weights[s] = _mm256_loadu_ps(p + s * 2 * kPairM);
+      weights[s] = _mm256_loadu_ps(p + s * kGroup);
       const __m256 wp = _mm256_permutevar8x32_ps(weights[s], to);
-      const __m256 gp = _mm256_permutevar8x32_ps(_mm256_loadu_ps(q + s * 2 * kPairM), to);
+      const __m256 gp = _mm256_permutevar8x32_ps(_mm256_loadu_ps(q + s * kGroup), to);
       if constexpr (kSlots == 1) {
         wv = wp;
         gv = gp;
-      } else {  // the slot's lanes of the group vector: [2 N s, 2 N (s + 1))
+      } else {  // the slot's lanes of the group vector: [PER_VECTOR N s, PER_VECTOR N (s + 1))
         const __m256 mine = _mm256_castsi256_ps(_mm256_cmpeq_epi32(
-            _mm256_srli_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), N == 1 ? 1 : 2),
+            _mm256_srli_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), kSlotShift),
             _mm256_set1_epi32(static_cast<int>(s))));
         wv = _mm256_blendv_ps(wv, wp, mine);
         gv = _mm256_blendv_ps(gv, gp, mine);
@@ -158,7 +167,7 @@ int64_t stream_pairs(const Blocks& it, int64_t k0, int64_t k1, Fn& fn) {
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(entry[s] + kGroup));
       const __m256 kept = _mm256_castsi256_ps(
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(entry[s] + 2 * kGroup)));
-      _mm256_storeu_ps(p + s * 2 * kPairM,
+      _mm256_storeu_ps(p + s * kGroup,
                        _mm256_blendv_ps(weights[s], _mm256_permutevar8x32_ps(wv, from), kept));
     }
   }
@@ -226,13 +235,17 @@ int64_t stream_code(const Blocks& it, int64_t k0, int64_t k1, Fn& fn) {
 #if defined(__AVX2__)
   if constexpr (std::is_same_v<T, float>) {
     if (it.lanes != nullptr) {
+      const bool pairs = it.m == kPairM;  // else one block of 8 per vector
       switch (it.count) {
         case 1:
-          return stream_pairs<Code, 1>(it, k0, k1, fn);
+          return pairs ? stream_pairs<Code, 1, 2>(it, k0, k1, fn)
+                       : stream_pairs<Code, 1, 1>(it, k0, k1, fn);
         case 2:
-          return stream_pairs<Code, 2>(it, k0, k1, fn);
+          return pairs ? stream_pairs<Code, 2, 2>(it, k0, k1, fn)
+                       : stream_pairs<Code, 2, 1>(it, k0, k1, fn);
         case 4:
-          return stream_pairs<Code, 4>(it, k0, k1, fn);
+          return pairs ? stream_pairs<Code, 4, 2>(it, k0, k1, fn)
+                       : stream_pairs<Code, 4, 1>(it, k0, k1, fn);
         default:
           break;
       }
