@@ -8,13 +8,13 @@ the CPU has AVX-512 and the call allows it (the ``simd`` fixture runs every test
 else the paired AVX2 stream (float, S = 1, M = 4 or 8, count 1, 2 or 4), its transposed 8x8
 tiles for 8 <= S <= 16 (float, M = 4, count 1, 2 or 4, whole output channels of a thread's
 range whose block count per row the group divides: conv3x3 at 4:4, conv3x3_threads, conv5x3,
-conv4x4; S mod 8 spatial positions left over but at S = 16), the scalar stream (S = 1, M = 16
-and beyond, or float64; count dividing 8), tiles in memory order (S > 1: whole output
+conv4x4; S mod 8 spatial positions left over but at S = 16), the scalar stream (S = 1, other
+M, or float64; count dividing 8), tiles in memory order (S > 1: whole output
 channels for S <= 16, 16 spatial positions of one channel beyond, as for a transposed Conv1D
 view), and chunks for everything else (count 3, sorted positions) and for the blocks a stream
-leaves at the end of a thread's range. The layouts below reach each of
-them with block counts that leave tails, on one and two threads (ranges that split groups
-and tiles), float32 and float64; SGD must equal the eager path (kept_indices, gather_kept,
+leaves at the end of a thread's range. The layouts below reach each of them with block
+counts that leave tails, on one and two threads (ranges that split groups and tiles),
+float32 and float64; SGD must equal the eager path (kept_indices, gather_kept,
 torch.optim.sgd.sgd, scatter_kept_), AdamW the same chain with an IEEE square root
 (test_kept_adamw_cpu)."""
 
