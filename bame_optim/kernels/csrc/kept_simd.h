@@ -194,7 +194,7 @@ int64_t stream_scalar(const Blocks& it, int64_t k0, int64_t k1, Fn& fn) {
   std::array<T*, kGroup> where;
   // .. note:: one entry per block of a cache line or more (1:16) runs without software
   //    prefetch, which the hardware prefetchers cover: fetching 1 KiB ahead of every block
-  //    took 6-15% more time there at one thread and 3-13% at two in four of five runs
+  //    took 6-15% more time there at one thread and 1-19% at two in five of six runs
   //    (benchmarks.kernel_ab, Zen 4, DeiT-small and GPT-2 Linear shapes), while it saved
   //    5-10% at 1:8 and 6-14% at 2:16 at one thread.
   const bool fetch = N > 1 || it.m * static_cast<int64_t>(sizeof(T)) < 64;
