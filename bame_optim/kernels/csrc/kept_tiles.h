@@ -29,7 +29,6 @@ namespace bame {
 
 constexpr int64_t kTileWidth = 8;  // spatial positions (and channels) per transposed tile
 
-// Whether stream_tiles may take whole rows of it (float, AVX2 and the lane tables aside).
 // Whether stream_tiles may take whole rows of it (float, AVX2, code dtype and lanes aside):
 // groups of kGroup / count blocks must tile a row's B blocks, and S be at most kTileSpatial.
 // .. note:: rows further apart (5x5 kernels, S = 25; a transposed [in, out] view, S = out)
