@@ -48,7 +48,8 @@ struct Blocks {
   int64_t blocks = 0;          // K
   int64_t ranks = 0;           // rows of table (ranked codes only)
   at::ScalarType code_dtype = at::kByte;
-  const int32_t* lanes = nullptr;  // kept_simd.h's pair table (M = 4, ranked, S = 1 or 8..16)
+  // kept_simd.h's pair table (ranked codes; M = 4 at S = 1 or 8..16, M = 8 at S = 1)
+  const int32_t* lanes = nullptr;
   const int32_t* offsets = nullptr;  // table * S (S > 1, ranked), or nullptr
   bool avx512 = false;  // the AVX-512 paths may run (the caller allows it, the CPU has them)
 };
