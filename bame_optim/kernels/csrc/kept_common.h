@@ -17,8 +17,10 @@ namespace bame {
 
 #if defined(__GNUC__)
 #define BAME_ALWAYS_INLINE __attribute__((always_inline)) inline
+#define BAME_INLINED_LAMBDA __attribute__((always_inline))  // after a lambda's parameters
 #else
 #define BAME_ALWAYS_INLINE inline
+#define BAME_INLINED_LAMBDA
 #endif
 
 template <bool FMA, typename A>
