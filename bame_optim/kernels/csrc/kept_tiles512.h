@@ -128,6 +128,12 @@ struct Deinterleave3 {
   }
 };
 
+// Lane indices first, first + 1, ... (a permute by them moves lane first + l to lane l).
+BAME_AVX512 BAME_ALWAYS_INLINE __m512i lanes_from(int64_t first) {
+  return _mm512_add_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                          _mm512_set1_epi32(static_cast<int>(first)));
+}
+
 // Tile t's column packed into quarter t of a run (count 1), half t (count 2), or the run
 // itself (count 4).
 template <int N>
@@ -136,10 +142,8 @@ BAME_AVX512 BAME_ALWAYS_INLINE void pack(__m512& run, int64_t t, __mmask16 kept,
     run = col;
   } else if constexpr (N == 1) {
     const __m512 packed = _mm512_maskz_compress_ps(kept, col);  // lanes 0-3
-    const __m512i down = _mm512_sub_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6,
-                                                           5, 4, 3, 2, 1, 0),
-                                          _mm512_set1_epi32(static_cast<int>(4 * t)));
-    run = _mm512_mask_permutexvar_ps(run, static_cast<__mmask16>(0xFu << (4 * t)), down, packed);
+    run = _mm512_mask_permutexvar_ps(run, static_cast<__mmask16>(0xFu << (4 * t)),
+                                     lanes_from(-4 * t), packed);
   } else {
     const __m512 packed = _mm512_maskz_compress_ps(kept, col);
     run = t == 0 ? packed : _mm512_insertf32x8(run, _mm512_castps512_ps256(packed), 1);
@@ -150,10 +154,7 @@ BAME_AVX512 BAME_ALWAYS_INLINE void pack(__m512& run, int64_t t, __mmask16 kept,
 template <int N>
 BAME_AVX512 BAME_ALWAYS_INLINE __m512 unpack(__m512 run, int64_t t) {
   if constexpr (N == 1) {
-    const __m512i up = _mm512_add_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5,
-                                                         4, 3, 2, 1, 0),
-                                        _mm512_set1_epi32(static_cast<int>(4 * t)));
-    return _mm512_permutexvar_ps(up, run);
+    return _mm512_permutexvar_ps(lanes_from(4 * t), run);
   } else {
     return t == 0 ? run : _mm512_shuffle_f32x4(run, run, 0xEE);
   }
