@@ -23,6 +23,14 @@ from .test_kept_sgd_cpu import require_kernel
         (["--against", "HEAD", "--rounds", "1"], "Invalid --rounds value: 1 (at least 2)"),
         (["--against", "HEAD", "--threads", "0"], "Invalid --threads value: 0 (at least 1)"),
         (["--csrc", "/nonexistent/csrc"], "Invalid --csrc value: /nonexistent/csrc"),
+        (["--against", "HEAD", "--shapes", "64x0x3x3"], "Invalid --shapes value: '64x0x3x3'"),
+        (["--against", "HEAD", "--shapes", "64"], "Invalid --shapes value: '64'"),
+        (["--against", "HEAD", "--shapes", "8x16*two"], "Invalid --shapes value: '8x16*two'"),
+        (["--against", "HEAD", "--shapes", "8x16*0"], "Invalid --shapes value: '8x16*0'"),
+        (["--against", "HEAD", "--shapes", "8x24", "--patterns", "1:16"],
+         "Invalid --shapes value: 8x24 (dim 1, 24, is not a multiple of M = 16 of 1:16)"),
+        (["--against", "HEAD", "--shapes", "8x16", "--models", "resnet50"],
+         "argument --models: not allowed with argument --shapes"),
     ],
 )
 def test_bad_arguments_are_refused_by_name(argv, message, capsys):
@@ -91,3 +99,21 @@ def test_a_build_of_this_checkouts_sources_steps_bit_for_bit_as_the_native_modul
     assert all(r[c] > 0 for r in rows for c in kernel_ab.CONTENDERS)
     out = capsys.readouterr().out
     assert "A: this checkout, B: " in out and "A/torch B/torch    A/B" in out
+
+
+def test_shapes_are_the_weights_timed(monkeypatch, capsys):
+    assert kernel_ab.weight_shapes("8x16x3x3*3") == [torch.Size([8, 16, 3, 3])] * 3
+    assert kernel_ab.weight_shapes("6x32") == [torch.Size([6, 32])]
+    require_kernel(kept_adamw_cpu)
+    timed = []
+
+    def steps(modules, shapes, n, m, rule):
+        timed.append((shapes, n, m, rule))
+        return {c: (lambda: None) for c in kernel_ab.CONTENDERS}
+
+    monkeypatch.setattr(kernel_ab, "steps", steps)
+    rows = kernel_ab.main(["--csrc", str(native.CSRC), "--shapes", "8x16x3x3*2", "6x32",
+                           "--patterns", "1:16", "--rules", "sgd", "--rounds", "2"])
+    assert timed == [([torch.Size([8, 16, 3, 3])] * 2 + [torch.Size([6, 32])], 1, 16, "sgd")]
+    assert [(r["model"], r["pattern"], r["rule"]) for r in rows] == [("shapes", "1:16", "sgd")]
+    assert "shapes 8x16x3x3*2 6x32*1;" in capsys.readouterr().out
