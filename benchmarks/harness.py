@@ -23,11 +23,13 @@ from bame_apps.integrations.models import MODELS
 from bame_optim import nm_param_groups
 
 __all__ = [
+    "ADAMW_HYPER",
     "BENCH_MODELS",
     "FAR",
     "GPT2_SMALL_LINEARS",
     "GRADUAL_LEAD",
     "SCHEDULE_KINDS",
+    "SGD_HYPER",
     "HostTimer",
     "Timer",
     "assign_grads",
@@ -46,6 +48,15 @@ __all__ = [
     "step_bytes",
     "write_csv",
 ]
+
+SGD_HYPER: dict[str, Any] = {"lr": 0.1, "momentum": 0.9, "dampening": 0.0, "weight_decay": 5e-4,
+                             "nesterov": False, "maximize": False}
+"""Every keyword of a functional kept-SGD call (``torch.optim.sgd.sgd`` takes the same) in the
+kernel benchmarks."""
+ADAMW_HYPER: dict[str, Any] = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "weight_decay": 0.05,
+                               "eps": 1e-8, "amsgrad": False, "maximize": False}
+"""Every keyword of a functional kept-AdamW call in the kernel benchmarks (DeiT's lr scale and
+weight decay)."""
 
 # ----------------------------------------------------------------------------- command line
 

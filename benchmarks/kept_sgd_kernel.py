@@ -37,16 +37,16 @@ from bame_optim.core.kept import encode_kept, gather_kept, kept_indices, scatter
 from bame_optim.core.nm import random_nm_mask
 from bame_optim.kernels import kept_sgd_cpu
 
-from .harness import Timer, build_model, interleaved_rounds, machine, medians, nm_pattern
+from .harness import (
+    SGD_HYPER,
+    Timer,
+    build_model,
+    interleaved_rounds,
+    machine,
+    medians,
+    nm_pattern,
+)
 
-HYPER = {
-    "lr": 0.1,
-    "momentum": 0.9,
-    "dampening": 0.0,
-    "weight_decay": 5e-4,
-    "nesterov": False,
-    "maximize": False,
-}
 DEFAULT_MODELS = ("resnet32", "resnet50", "deit_small")
 DEFAULT_PATTERNS = ((2, 4), (1, 4), (1, 16))
 
@@ -83,12 +83,12 @@ class Setup:
         return sum(self.grads[i].numel() for i in self.sparse)
 
     def step_sgd(self) -> None:
-        sgd(self.params["sgd"], self.grads, self.sgd_buffers, foreach=True, **HYPER)
+        sgd(self.params["sgd"], self.grads, self.sgd_buffers, foreach=True, **SGD_HYPER)
 
     def _step_dense(self, name: str) -> None:
         params = [self.params[name][i] for i in self.dense]
         grads = [self.grads[i] for i in self.dense]
-        sgd(params, grads, self.buffers[name]["dense"], foreach=True, **HYPER)
+        sgd(params, grads, self.buffers[name]["dense"], foreach=True, **SGD_HYPER)
 
     def step_eager(self) -> None:
         m = self.m
@@ -97,7 +97,7 @@ class Setup:
         positions = [kept_indices(k, c, m) for k, c in zip(self.kept, self.counts, strict=True)]
         weights = [gather_kept(p, i, m) for p, i in zip(params, positions, strict=True)]
         kept_grads = [gather_kept(g, i, m) for g, i in zip(grads, positions, strict=True)]
-        sgd(weights, kept_grads, self.buffers["eager"]["sparse"], foreach=True, **HYPER)
+        sgd(weights, kept_grads, self.buffers["eager"]["sparse"], foreach=True, **SGD_HYPER)
         for p, i, w in zip(params, positions, weights, strict=True):
             scatter_kept_(p, i, w, m)
         self._step_dense("eager")
@@ -110,7 +110,7 @@ class Setup:
             self.kept,
             self.counts,
             m=self.m,
-            **HYPER,
+            **SGD_HYPER,
         )
         self._step_dense("fused")
 
@@ -124,7 +124,7 @@ class Setup:
             [*self.kept, *[None] * len(self.dense)],
             [*self.counts, *[None] * len(self.dense)],
             m=self.m,
-            **HYPER,
+            **SGD_HYPER,
         )
 
 

@@ -36,12 +36,16 @@ from bame_optim.core.kept import encode_kept
 from bame_optim.core.nm import random_nm_mask
 from bame_optim.kernels import kept_adamw_cpu, kept_sgd_cpu
 
-from .harness import Timer, build_model, interleaved_rounds, machine, nm_pattern
+from .harness import (
+    ADAMW_HYPER,
+    SGD_HYPER,
+    Timer,
+    build_model,
+    interleaved_rounds,
+    machine,
+    nm_pattern,
+)
 
-SGD_HYPER = {"lr": 0.1, "momentum": 0.9, "dampening": 0.0, "weight_decay": 5e-4,
-             "nesterov": False, "maximize": False}
-ADAMW_HYPER = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "weight_decay": 0.05, "eps": 1e-8,
-               "amsgrad": False, "maximize": False}
 CONTENDERS = ("torch", "avx512", "avx2")
 
 

@@ -45,8 +45,15 @@ from bame_optim.core.kept import encode_kept
 from bame_optim.core.nm import random_nm_mask
 from bame_optim.kernels import kept_adamw_cpu, kept_sgd_cpu, native
 
-from .harness import Timer, interleaved_rounds, machine, nm_pattern
-from .kept_simd_ab import ADAMW_HYPER, SGD_HYPER, shapes_of, summary
+from .harness import (
+    ADAMW_HYPER,
+    SGD_HYPER,
+    Timer,
+    interleaved_rounds,
+    machine,
+    nm_pattern,
+)
+from .kept_simd_ab import shapes_of, summary
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = "bame_optim/kernels/csrc"

@@ -28,6 +28,8 @@ from bame_optim.core.nm import random_nm_mask
 from bame_optim.kernels import triton_kept
 
 from .harness import (
+    ADAMW_HYPER,
+    SGD_HYPER,
     HostTimer,
     build_model,
     interleaved_rounds,
@@ -37,13 +39,6 @@ from .harness import (
     resolve_device,
     sparse_groups,
 )
-
-HYPER = {
-    "sgd": {"lr": 0.1, "momentum": 0.9, "dampening": 0.0, "weight_decay": 5e-4,
-            "nesterov": False, "maximize": False},
-    "adamw": {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "weight_decay": 0.05, "eps": 1e-8,
-              "amsgrad": False, "maximize": False},
-}
 
 
 def host_step(model: torch.nn.Module, n: int, m: int, rule: str, device: torch.device):
@@ -65,14 +60,14 @@ def host_step(model: torch.nn.Module, n: int, m: int, rule: str, device: torch.d
 
         def kept_step() -> None:
             triton_kept.kept_sgd_(params, grads, buffers, kept, counts, first, m=m,
-                                  **HYPER["sgd"])
+                                  **SGD_HYPER)
     else:
         moments = (state(), state())
         steps = [torch.tensor(0.0) for _ in params]  # CPU scalars, as torch keeps them
 
         def kept_step() -> None:
             triton_kept.kept_adamw_(params, grads, *moments, [], steps, kept, counts, m=m,
-                                    **HYPER["adamw"])
+                                    **ADAMW_HYPER)
 
     def step() -> None:
         if not all(triton_kept.supports(p, g) for p, g in zip(params, grads, strict=True)):
