@@ -164,8 +164,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          help="weights of these shapes instead of a model's: AxB[x...][*K]")
     parser.add_argument("--patterns", nargs="+", type=nm_pattern, default=[(2, 4), (1, 16)])
     parser.add_argument("--rules", nargs="+", choices=("sgd", "adamw"), default=["sgd", "adamw"])
-    parser.add_argument("--layers", choices=("3x3", "all"), default="all",
-                        help="which sparse weights: all (default) or the 3x3 convolutions")
+    parser.add_argument("--layers", choices=("3x3", "all"),
+                        help="which of a model's sparse weights: all (default) or the 3x3 "
+                        "convolutions")
     parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -176,6 +177,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"Invalid --{name} value: {value} (at least {least})")
     if args.csrc is not None and not args.csrc.is_dir():
         parser.error(f"Invalid --csrc value: {args.csrc} is not a folder")
+    if args.shapes is not None and args.layers is not None:
+        parser.error("Invalid --layers value: --layers chooses among a model's weights, and "
+                     "--shapes gives the weights themselves")
+    args.layers = args.layers or "all"
     for shape in {s for group in args.shapes or () for s in group}:
         for n, m in args.patterns:
             if shape[1] % m:

@@ -31,6 +31,8 @@ from .test_kept_sgd_cpu import require_kernel
          "Invalid --shapes value: 8x24 (dim 1, 24, is not a multiple of M = 16 of 1:16)"),
         (["--against", "HEAD", "--shapes", "8x16", "--models", "resnet50"],
          "argument --models: not allowed with argument --shapes"),
+        (["--against", "HEAD", "--shapes", "8x16", "--layers", "3x3"],
+         "Invalid --layers value: --layers chooses among a model's weights"),
     ],
 )
 def test_bad_arguments_are_refused_by_name(argv, message, capsys):
