@@ -21,7 +21,7 @@ from bame_optim.core.nm import random_nm_mask
 from bame_optim.kernels import kept_adamw_cpu, native
 from bame_optim.optim.functional import kept_adamw
 
-from .test_kept_sgd_cpu import require_kernel
+from .test_kept_sgd_cpu import channels_last, require_kernel
 
 SHAPES = [(5, 16), (33, 80), (3, 32, 3, 3), (2, 16, 5), (300, 272)]
 PATTERNS = [(2, 4), (1, 16), (3, 8), (16, 32)]  # (16, 32): positions, not ranks
@@ -193,9 +193,36 @@ def test_transposed_view(dtype):
         assert torch.equal(a.t(), w)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("n", "m"), PATTERNS)
+@pytest.mark.parametrize("hyper", HYPERS)
+def test_channels_last_bit_identical(dtype, n, m, hyper):
+    """Channels-last convolution weights, stepped in place with their strides kept: bit for
+    bit the IEEE chain on them, and what the kernel gives contiguous copies."""
+    shapes = [(3, 32, 3, 3), (4, 16, 1, 1), (2, 16, 5), (3, 32, 2, 3, 1), (40, 64, 3, 3)]
+    case = make_case(n, m, dtype, seed=11, shapes=shapes)
+    last = clone_case(case)
+    last["params"] = [channels_last(p) for p in case["params"]]
+    last["grads"] = [channels_last(g) for g in case["grads"]]
+    strides = [p.stride() for p in last["params"]]
+    assert all(kept_adamw_cpu.supports(p, g)
+               for p, g in zip(last["params"], last["grads"], strict=True))
+    expected = clone_case(last)
+    ieee_step(expected, m, **hyper)
+    fused_step(last, m, **hyper)
+    fused_step(case, m, **hyper)
+    assert [p.stride() for p in last["params"]] == strides
+    assert_state_equal(expected, last, hyper["amsgrad"])
+    assert_state_equal(case, last, hyper["amsgrad"])
+    for a, b, c in zip(expected["params"], last["params"], case["params"], strict=True):
+        assert torch.equal(a, b) and torch.equal(c, b)
+
+
 def test_supports():
     p, g = torch.randn(8, 16), torch.randn(8, 16)
     assert kept_adamw_cpu.supports(p, g)
+    conv = torch.randn(4, 8, 3, 3).to(memory_format=torch.channels_last)
+    assert kept_adamw_cpu.supports(conv, conv.clone())
     assert kept_adamw_cpu.supports(p.double(), g.double())
     assert kept_adamw_cpu.supports(p.t(), g.t())
     assert not kept_adamw_cpu.supports(p.half(), g.half())  # eager path

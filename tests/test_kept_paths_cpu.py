@@ -32,23 +32,32 @@ from bame_optim.kernels import kept_adamw_cpu, kept_sgd_cpu, native
 from .test_kept_adamw_cpu import HYPERS as ADAMW_HYPERS
 from .test_kept_adamw_cpu import assert_state_equal, clone_case, fused_step, ieee_step
 from .test_kept_sgd_cpu import HYPERS as SGD_HYPERS
-from .test_kept_sgd_cpu import assert_same, clone_all, eager_step, require_kernel
+from .test_kept_sgd_cpu import (
+    assert_same,
+    channels_last,
+    clone_all,
+    eager_step,
+    require_kernel,
+)
 
-# (name, stored shape, transposed): the parameter is the stored tensor, or its .t() view.
+# (name, stored shape, view): the parameter is the stored tensor (view ""), its .t() view ("t"),
+# or a channels-last copy ("channels_last": dim 1 innermost, read as rows of a Linear weight).
 LAYOUTS = [
-    ("linear", (13, 36), False),  # S = 1: paired / scalar streams, odd block counts
-    ("linear_m8", (7, 40), False),  # 35 blocks of 8: one block per paired vector, tails
-    ("conv1x1", (6, 20, 1, 1), False),
-    ("linear_threads", (129, 272), False),  # > 4096 blocks: two threads split mid-group
-    ("conv3x3", (7, 8, 3, 3), False),  # S = 9: tiles of whole output channels
-    ("conv3x3_threads", (41, 64, 3, 3), False),  # two threads split a tile mid-row
-    ("conv3x3_strips", (5, 48, 3, 3), False),  # 3 tiles of 16 channels per row
-    ("conv5x3", (5, 16, 5, 3), False),  # S = 15
-    ("conv4x4", (3, 16, 4, 4), False),  # S = 16: rows a cache line apart, whole channels
-    ("conv5x5", (3, 16, 5, 5), False),  # S = 25: tiles of 16 + 9 spatial positions
-    ("conv1d", (4, 32, 3), False),
-    ("transposed_small", (48, 7), True),  # w.t() of [in, out]: S = out = 7
-    ("transposed_wide", (32, 300), True),  # S = 300: partial last tile
+    ("linear", (13, 36), ""),  # S = 1: paired / scalar streams, odd block counts
+    ("linear_m8", (7, 40), ""),  # 35 blocks of 8: one block per paired vector, tails
+    ("conv1x1", (6, 20, 1, 1), ""),
+    ("linear_threads", (129, 272), ""),  # > 4096 blocks: two threads split mid-group
+    ("conv3x3", (7, 8, 3, 3), ""),  # S = 9: tiles of whole output channels
+    ("conv3x3_threads", (41, 64, 3, 3), ""),  # two threads split a tile mid-row
+    ("conv3x3_strips", (5, 48, 3, 3), ""),  # 3 tiles of 16 channels per row
+    ("conv5x3", (5, 16, 5, 3), ""),  # S = 15
+    ("conv4x4", (3, 16, 4, 4), ""),  # S = 16: rows a cache line apart, whole channels
+    ("conv5x5", (3, 16, 5, 5), ""),  # S = 25: tiles of 16 + 9 spatial positions
+    ("conv1d", (4, 32, 3), ""),
+    ("transposed_small", (48, 7), "t"),  # w.t() of [in, out]: S = out = 7
+    ("transposed_wide", (32, 300), "t"),  # S = 300: partial last tile
+    ("conv3x3_channels_last", (41, 64, 3, 3), "channels_last"),  # 369 rows: threads split
+    ("conv1d_channels_last", (4, 32, 3), "channels_last"),
 ]
 PATTERNS = [(1, 4), (2, 4), (3, 4), (4, 4), (1, 8), (4, 8), (1, 16), (3, 16)]  # 4:4: all kept
 
@@ -72,18 +81,18 @@ def simd(request):
     return request.param
 
 
-def layout_case(name, shape, transposed, n, m, dtype, seed):
+def layout_case(name, shape, view, n, m, dtype, seed):
     """Parameters (as the kernel sees them), gradients and kept sets of one layout, or None
     where the pattern does not divide the blocked dimension."""
     stored = torch.Size(shape)
-    view_shape = stored[::-1] if transposed else stored
+    view_shape = stored[::-1] if view == "t" else stored
     if view_shape[1] % m:
         return None
     gen = torch.Generator().manual_seed(seed)
 
     def make():
         t = torch.randn(stored, generator=gen, dtype=torch.float64).to(dtype)
-        return t.t() if transposed else t
+        return t.t() if view == "t" else channels_last(t) if view else t
 
     params, grads = [make(), make()], [make(), make()]
     kept = [encode_kept(torch.ones(p.numel() // m, m, dtype=torch.bool) if n == m
@@ -91,19 +100,14 @@ def layout_case(name, shape, transposed, n, m, dtype, seed):
     return params, grads, kept, gen
 
 
-def storage(params):
-    """The tensors whose contents are compared (a transposed view's base is contiguous)."""
-    return [p.t() if not p.is_contiguous() else p for p in params]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize(("name", "shape", "transposed"), LAYOUTS, ids=[x[0] for x in LAYOUTS])
-def test_sgd_paths_bit_identical(threads, simd, dtype, name, shape, transposed):
+@pytest.mark.parametrize(("name", "shape", "view"), LAYOUTS, ids=[x[0] for x in LAYOUTS])
+def test_sgd_paths_bit_identical(threads, simd, dtype, name, shape, view):
     require_kernel(kept_sgd_cpu)
     if simd and dtype != torch.float32:
         pytest.skip("the AVX-512 paths are float32 only")
     for index, (n, m) in enumerate(PATTERNS):
-        case = layout_case(name, shape, transposed, n, m, dtype, seed=index)
+        case = layout_case(name, shape, view, n, m, dtype, seed=index)
         if case is None:
             continue
         params, grads, kept, gen = case
@@ -123,13 +127,13 @@ def test_sgd_paths_bit_identical(threads, simd, dtype, name, shape, transposed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize(("name", "shape", "transposed"), LAYOUTS, ids=[x[0] for x in LAYOUTS])
-def test_adamw_paths_bit_identical(threads, simd, dtype, name, shape, transposed):
+@pytest.mark.parametrize(("name", "shape", "view"), LAYOUTS, ids=[x[0] for x in LAYOUTS])
+def test_adamw_paths_bit_identical(threads, simd, dtype, name, shape, view):
     require_kernel(kept_adamw_cpu)
     if simd and dtype != torch.float32:
         pytest.skip("the AVX-512 paths are float32 only")
     for index, (n, m) in enumerate(PATTERNS):
-        case = layout_case(name, shape, transposed, n, m, dtype, seed=index)
+        case = layout_case(name, shape, view, n, m, dtype, seed=index)
         if case is None:
             continue
         params, grads, kept, gen = case
@@ -215,23 +219,25 @@ def _choose_simd(monkeypatch, avx512):
 
 def _train(optimizer_class, fused, dtype, **hyper):
     """A few ordinary steps (fixed mask) on Linear weights stepped along dim 1 and along dim
-    0 (an ``[in, out]`` weight, ``nm_dim=0``), 3x3 and 5x5 convolutions and biases."""
+    0 (an ``[in, out]`` weight, ``nm_dim=0``), 3x3 and 5x5 convolutions (a channels_last one
+    too, its gradients in its layout as autograd gives them) and biases."""
     gen = torch.Generator().manual_seed(3)
 
     def randn(*shape):
         return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
 
-    sparse = [randn(24, 32), randn(8, 16, 3, 3), randn(4, 8, 5, 5)]
+    sparse = [randn(24, 32), randn(8, 16, 3, 3), randn(4, 8, 5, 5),
+              channels_last(randn(8, 16, 3, 3))]
     in_out = [randn(48, 20)]  # [in, out]: blocks along dim 0
     dense = [randn(24), randn(8)]
     params = [torch.nn.Parameter(t) for t in sparse + in_out + dense]
-    groups = [{"params": params[:3], "sparse": True},
-              {"params": params[3:4], "sparse": True, "nm_dim": 0},
-              {"params": params[4:], "sparse": False}]
+    groups = [{"params": params[:4], "sparse": True},
+              {"params": params[4:5], "sparse": True, "nm_dim": 0},
+              {"params": params[5:], "sparse": False}]
     optimizer = optimizer_class(groups, n=2, m=4, t_i=0, t_f=0, fused=fused, **hyper)
     for _ in range(4):
         for p in params:
-            p.grad = randn(*p.shape)
+            p.grad = torch.empty_like(p).copy_(randn(*p.shape))
         optimizer.step()
     return params, optimizer
 
@@ -253,7 +259,7 @@ def test_bamesgd_fused_equals_eager(simd, monkeypatch, dtype, hyper):
     eager, eager_opt = _train(BAMESGD, False, dtype, **hyper)
     for a, b in zip(eager, fused, strict=True):
         assert torch.equal(a, b)
-    for p, q in zip(eager[:4], fused[:4], strict=True):
+    for p, q in zip(eager[:5], fused[:5], strict=True):
         a, b = eager_opt.momentum_buffer(p), fused_opt.momentum_buffer(q)
         assert (a is None and b is None) or torch.equal(a, b)
 
@@ -274,22 +280,18 @@ def test_bameadamw_fused_equals_eager(simd, monkeypatch, dtype, hyper):
     eager, eager_opt = _train(BAMEAdamW, False, dtype, **hyper)
     for a, b in zip(eager, fused, strict=True):
         torch.testing.assert_close(b, a)
-    for p, q in zip(eager[:4], fused[:4], strict=True):
+    for p, q in zip(eager[:5], fused[:5], strict=True):
         assert torch.equal(eager_opt.exp_avg(p), fused_opt.exp_avg(q))
         assert torch.equal(eager_opt.exp_avg_sq(p), fused_opt.exp_avg_sq(q))
-
-
-def _channels_last(t):
-    return t.contiguous(memory_format=torch.channels_last)
 
 
 # What changes between two steps, behind the optimizer's back: (name, change(params), whether
 # the fused kernel still takes every tensor afterwards).
 CHANGES = [
-    ("grad strides", lambda ps: setattr(ps[1], "grad", _channels_last(ps[1].grad)), False),
+    ("grad strides", lambda ps: setattr(ps[1], "grad", channels_last(ps[1].grad)), False),
     ("grad None", lambda ps: setattr(ps[0], "grad", None), True),
     ("data replaced", lambda ps: setattr(ps[0], "data", ps[0].detach() * 0.5), True),
-    ("data strides", lambda ps: setattr(ps[1], "data", _channels_last(ps[1].detach())), False),
+    ("data strides", lambda ps: setattr(ps[1], "data", channels_last(ps[1].detach())), False),
     ("data dtype", lambda ps: (setattr(ps[0], "data", ps[0].detach().half()),
                                setattr(ps[0], "grad", ps[0].grad.half())), False),
 ]

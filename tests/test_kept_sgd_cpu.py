@@ -279,7 +279,12 @@ def test_supports():
     assert not kept_sgd_cpu.supports(p.long(), g.long())
     assert kept_sgd_cpu.supports(torch.randn(16), torch.randn(16))  # dense (kept None)
     conv = torch.randn(4, 8, 3, 3).to(memory_format=torch.channels_last)
-    assert not kept_sgd_cpu.supports(conv, conv.clone())
+    assert kept_sgd_cpu.supports(conv, conv.clone())  # blocks are contiguous rows
+    assert not kept_sgd_cpu.supports(conv, conv.contiguous())  # strides differ
+    assert not kept_sgd_cpu.supports(conv[:, :, :, :2], conv.clone()[:, :, :, :2])  # a slice
+    volume = torch.randn(4, 8, 2, 3, 3).to(memory_format=torch.channels_last_3d)
+    assert kept_sgd_cpu.supports(volume, volume.clone())
+    assert not kept_sgd_cpu.supports(conv.transpose(2, 3), conv.clone().transpose(2, 3))
     meta = torch.empty(8, 16, device="meta")
     assert not kept_sgd_cpu.supports(meta, meta)
 
@@ -358,6 +363,43 @@ def test_transposed_view_bit_identical(dtype):
                                      m=m, **HYPERS[2])
         assert_same(expected, weights)
         assert_same(expected_buffers, buffers)
+
+
+def channels_last(t):
+    """A copy of ``t`` with dim 1 innermost and the others in order outside it:
+    ``channels_last`` for a 4-D tensor, ``channels_last_3d`` for a 5-D one, the same order for a
+    3-D one (a copy also where ``t`` already has that layout, as a 1x1 convolution does)."""
+    return t.movedim(1, -1).clone(memory_format=torch.contiguous_format).movedim(-1, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("n", "m"), PATTERNS)
+@pytest.mark.parametrize("avx512", [False, True])
+def test_channels_last_bit_identical(dtype, n, m, avx512):
+    """Channels-last convolution weights (their blocks contiguous rows, read as those of an
+    ``[out * prod(k), in]`` weight) are stepped in place, keeping their strides, bit for bit as
+    the eager path steps them and as the kernel steps contiguous copies."""
+    shapes = [s for s in SHAPES if len(s) > 2 and s[1] % m == 0]
+    for hyper in HYPERS:
+        params, grads, buffers, kept, counts = make_case(n, m, dtype, 5, shapes=shapes)
+        last = [channels_last(p) for p in params]
+        last_grads = [channels_last(g) for g in grads]
+        strides = [p.stride() for p in last]
+        assert any(not p.is_contiguous() for p in last)
+        assert all(kept_sgd_cpu.supports(p, g) for p, g in zip(last, last_grads, strict=True))
+        eager, eager_buffers = clone_all(last), clone_all(buffers)
+        last_buffers, contiguous_buffers = clone_all(buffers), clone_all(buffers)
+        for _ in range(2):
+            eager_step(eager, last_grads, eager_buffers, kept, counts, m, foreach=False, **hyper)
+            kept_sgd_cpu.fused_kept_sgd_(last, last_grads, last_buffers, kept, counts, m=m,
+                                         avx512=avx512, **hyper)
+            kept_sgd_cpu.fused_kept_sgd_(params, grads, contiguous_buffers, kept, counts, m=m,
+                                         avx512=avx512, **hyper)
+        assert [p.stride() for p in last] == strides
+        assert_same([p.contiguous() for p in eager], [p.contiguous() for p in last])
+        assert_same(params, [p.contiguous() for p in last])
+        assert_same(eager_buffers, last_buffers)
+        assert_same(contiguous_buffers, last_buffers)
 
 
 def test_disabled_by_environment(monkeypatch):

@@ -52,8 +52,16 @@ def _support_cases() -> list[tuple[str, object, object]]:
         ("conv", conv, torch.randn(4, 8, 3, 3)),
         ("channels_last", conv.contiguous(memory_format=torch.channels_last),
          torch.randn(4, 8, 3, 3).contiguous(memory_format=torch.channels_last)),
-        ("3-D transposed", torch.randn(3, 8, 6).transpose(1, 2),
+        ("channels_last, grad contiguous", conv.contiguous(memory_format=torch.channels_last),
+         torch.randn(4, 8, 3, 3)),
+        ("channels_last sliced", conv.contiguous(memory_format=torch.channels_last)[..., :2],
+         torch.randn(4, 8, 3, 3).contiguous(memory_format=torch.channels_last)[..., :2]),
+        ("channels_last_3d", torch.randn(4, 8, 2, 3, 3).to(memory_format=torch.channels_last_3d),
+         torch.randn(4, 8, 2, 3, 3).to(memory_format=torch.channels_last_3d)),
+        ("3-D channels last", torch.randn(3, 8, 6).transpose(1, 2),  # a Conv1d's [3, 6, 8]
          torch.randn(3, 8, 6).transpose(1, 2)),
+        ("3-D other order", torch.randn(8, 3, 6).permute(1, 2, 0),  # dim 1 inner, 0 and 2 not
+         torch.randn(8, 3, 6).permute(1, 2, 0)),
         ("neg bit", torch._neg_view(w), torch.randn(6, 8)),
         ("grad neg bit", w, torch._neg_view(torch.randn(6, 8))),
         ("sparse grad", w, torch.randn(6, 8).to_sparse()),
@@ -87,7 +95,7 @@ def test_first_unsupported_native_matches_python(dtypes):
     verdicts = {name: kept_sgd_cpu.first_unsupported([p], [g], dtypes) for name, p, g in cases}
     supported = {name for name, verdict in verdicts.items() if verdict < 0}
     expected = {"plain", "parameter", "grad parameter", "float64", "transposed", "conv", "1-D",
-                "empty"}
+                "empty", "channels_last", "channels_last_3d", "3-D channels last"}
     if dtypes is kept_sgd_cpu.DTYPES:
         expected |= {"float16", "bfloat16"}
     assert supported == expected

@@ -43,8 +43,8 @@ are not handled (the eager path is used).
 
 Built on first use by :mod:`bame_optim.kernels.native` (one extension with the kept-SGD
 kernel); ``BAME_OPTIM_NO_NATIVE`` disables it. Tensors are handled as
-:func:`bame_optim.kernels.kept_sgd_cpu.supports` describes (contiguous, or the transposed view
-of a contiguous 2-D tensor), float32/float64 only (:func:`supports`).
+:func:`bame_optim.kernels.kept_sgd_cpu.supports` describes (contiguous, channels-last, or the
+transposed view of a contiguous 2-D tensor), float32/float64 only (:func:`supports`).
 """
 
 from __future__ import annotations

@@ -45,8 +45,10 @@ Built on first use (never at import) by :mod:`bame_optim.kernels.native`, which 
 the build cache and ``BAME_OPTIM_NO_NATIVE`` / ``BAME_OPTIM_REQUIRE_NATIVE``. Only plain CPU
 tensors are handled (:func:`supports`): contiguous, or for a sparse parameter also the
 transposed view ``w.t()`` of a contiguous 2-D ``w`` (transformers' ``Conv1D`` weights stepped
-as ``[out, in]``); callers use the eager path for anything else (other strides or
-channels_last, DTensor, CUDA).
+as ``[out, in]``) or a channels-last convolution weight (``channels_last`` /
+``channels_last_3d``: ``w.movedim(1, -1)`` contiguous, so its blocks are contiguous rows, read
+as those of a ``[out * prod(k), in]`` Linear weight); callers use the eager path for anything
+else (other strides, DTensor, CUDA).
 """
 
 from __future__ import annotations
@@ -100,23 +102,12 @@ def compile_seconds() -> float | None:
     return native.compile_seconds()
 
 
-def plain(t: Tensor, *, transposed: bool = True) -> bool:
-    """Whether ``t`` is a plain strided CPU tensor the kernels read directly: contiguous, or
-    (``transposed``) the transposed view of a contiguous 2-D tensor."""
-    if type(t) not in _PLAIN_TYPES or t.device.type != "cpu" or t.layout != torch.strided:
-        return False
-    if t.is_neg() or t.is_conj():
-        return False
-    if t.is_contiguous():
-        return True
-    return transposed and t.ndim == 2 and t.stride() == (1, t.shape[0])
-
-
 def supports(param: Tensor, grad: Tensor | None, *, exact: bool = True) -> bool:
     """Whether the kernel handles the sparse parameter ``param`` and its ``grad``: plain (not
-    DTensor or other subclass) strided CPU tensors of one shape and strides, contiguous or
-    both the transposed view of a contiguous 2-D tensor, and a dtype in :data:`EXACT_DTYPES`
-    (float32, float64: bit-identical to the eager path), or with ``exact=False`` also
+    DTensor or other subclass) strided CPU tensors of one shape and strides, contiguous,
+    channels-last or both the transposed view of a contiguous 2-D tensor (see the module
+    docstring), and a dtype in :data:`EXACT_DTYPES` (float32, float64: bit-identical to the
+    eager path), or with ``exact=False`` also
     float16/bfloat16 (see the module docstring for where those differ). A dense parameter
     (``kept`` None) must also be contiguous."""
     return first_unsupported([param], [grad], EXACT_DTYPES if exact else DTYPES) < 0
@@ -153,7 +144,11 @@ def _first_unsupported(params: list[Tensor], grads: list[Tensor | None],
         stride = param.stride()
         if stride != grad.stride() or param.shape != grad.shape:
             return i
-        if not param.is_contiguous() and not (param.ndim == 2 and stride == (1, param.shape[0])):
+        if not (
+            param.is_contiguous()
+            or (param.ndim == 2 and stride == (1, param.shape[0]))
+            or (param.ndim > 2 and param.movedim(1, -1).is_contiguous())  # channels-last
+        ):
             return i
         if param.is_neg() or param.is_conj() or grad.is_neg() or grad.is_conj():
             return i

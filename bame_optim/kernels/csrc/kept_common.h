@@ -36,7 +36,8 @@ inline A madd(A a, A b, A c) {
 // A sparse parameter's data seen as K blocks (o, s, b) in block order, s < S, b < B = C / M:
 // entry j of a block is at o*C*S + (b*M + pos_j)*S + s. A contiguous [out, C, *k] tensor has
 // S = prod(k); the transposed view p.t() of a contiguous [C, out] tensor is one "o" with
-// S = out (its block order, o-major then b, is the same).
+// S = out (its block order, o-major then b, is the same); a channels-last [out, C, *k] tensor
+// (channels_last_rows) is a contiguous [out * prod(k), C] one: S = 1, an "o" per (out, k).
 struct Blocks {
   void* param = nullptr;
   const void* grad = nullptr;
@@ -56,18 +57,37 @@ struct Blocks {
   bool avx512 = false;  // the AVX-512 paths may run (the caller allows it, the CPU has them)
 };
 
+// Whether t.movedim(1, -1) is contiguous while t is not 2-D: dim 1 innermost (stride 1), the
+// other dimensions in order outside it, as in a channels_last or channels_last_3d convolution
+// weight. Its blocks along dim 1 are then contiguous rows of C entries, in block order.
+inline bool channels_last_rows(const at::Tensor& t) {
+  const int64_t dims = t.dim();
+  if (dims < 3) return false;  // a 2-D one is contiguous
+  int64_t expected = 1;
+  for (int64_t k = 0; k < dims; ++k) {
+    const int64_t d = k == 0 ? 1 : (k == dims - 1 ? 0 : dims - k);  // 1, dims - 1, .., 2, 0
+    if (t.size(d) != 1 && t.stride(d) != expected) return false;
+    expected *= t.size(d);
+  }
+  return true;
+}
+
+// With block_views (a sparse parameter or its gradient) also the layouts Blocks reads besides
+// a contiguous one: channels-last rows and the transposed view of a contiguous 2-D tensor.
 inline void check_plain(const at::Tensor& t, const char* what, int64_t i,
-                        bool allow_transposed = false) {
+                        bool block_views = false) {
   TORCH_CHECK_VALUE(t.defined(), what, "[", i, "] is undefined");
   TORCH_CHECK_VALUE(!t.key_set().has(c10::DispatchKey::Python), what, "[", i,
                     "] is a tensor subclass with __torch_dispatch__ (e.g. DTensor)");
   TORCH_CHECK_VALUE(t.device().is_cpu() && t.layout() == at::kStrided && t.has_storage(),
                     what, "[", i, "] must be a strided CPU tensor with storage");
-  const bool transposed = allow_transposed && t.dim() == 2 && t.stride(0) == 1 &&
-                          t.stride(1) == t.size(0);
-  TORCH_CHECK_VALUE(t.is_contiguous() || transposed, what, "[", i, "] must be contiguous",
-                    allow_transposed ? " or the transposed view of a contiguous 2-D tensor"
-                                     : "");
+  const bool view = block_views && ((t.dim() == 2 && t.stride(0) == 1 &&
+                                      t.stride(1) == t.size(0)) ||
+                                     channels_last_rows(t));
+  TORCH_CHECK_VALUE(t.is_contiguous() || view, what, "[", i, "] must be contiguous",
+                    block_views ? ", channels-last or the transposed view of a contiguous "
+                                  "2-D tensor"
+                                : "");
   TORCH_CHECK_VALUE(!t.is_neg() && !t.is_conj(), what, "[", i, "] has a neg/conj bit set");
 }
 
@@ -120,9 +140,9 @@ inline void setup_blocks(Blocks& b, const at::Tensor& p, const at::Tensor& grad,
   b.blocks = K;
   if (p.is_contiguous()) {
     for (int64_t d = 2; d < p.dim(); ++d) b.spatial *= p.size(d);
-  } else {  // the transposed view of a contiguous [C, out] tensor
+  } else if (!channels_last_rows(p)) {  // the transposed view of a contiguous [C, out] tensor
     b.spatial = p.size(0);
-  }
+  }  // channels-last: S = 1
   b.blocks_per_row = p.size(1) / m;
 }
 

@@ -10,6 +10,8 @@
 #include <tuple>
 #include <vector>
 
+#include "kept_common.h"  // channels_last_rows
+
 std::vector<std::optional<at::Tensor>> fused_kept_sgd(
     const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
     const std::vector<std::optional<at::Tensor>>& buffers,
@@ -61,9 +63,10 @@ bool cpu_has_avx512();  // kept_sgd_cpu.cpp
 // kept_sgd_cpu.first_unsupported's test of a step's (param, grad) pairs, here so that it costs
 // no Python attribute lookups (a dozen per pair there): the index of the first pair that is not
 // two plain (Tensor or Parameter, no subclass) strided CPU tensors of one dtype (float32,
-// float64; with half also float16, bfloat16), shape and strides, contiguous or the transposed
-// view of a contiguous 2-D tensor, without a neg/conj bit; or -1. As zip(strict=True), lists of
-// different lengths raise ValueError once the shorter one is exhausted.
+// float64; with half also float16, bfloat16), shape and strides, contiguous, channels-last
+// (bame::channels_last_rows) or the transposed view of a contiguous 2-D tensor, without a
+// neg/conj bit; or -1. As zip(strict=True), lists of different lengths raise ValueError once
+// the shorter one is exhausted.
 static int64_t first_unsupported(const py::list& params, const py::list& grads, bool half) {
   const Py_ssize_t size = std::min(PyList_GET_SIZE(params.ptr()), PyList_GET_SIZE(grads.ptr()));
   for (Py_ssize_t i = 0; i < size; ++i) {
@@ -86,7 +89,7 @@ static int64_t first_unsupported(const py::list& params, const py::list& grads, 
     if (param.strides() != grad.strides() || param.sizes() != grad.sizes()) {
       return i;
     }
-    if (!param.is_contiguous() &&
+    if (!param.is_contiguous() && !bame::channels_last_rows(param) &&
         !(param.dim() == 2 && param.stride(0) == 1 && param.stride(1) == param.size(0))) {
       return i;
     }
