@@ -36,6 +36,7 @@ __all__ = [
     "build_model",
     "fixed_grads",
     "gbps",
+    "in_channels_last",
     "interleaved_rounds",
     "machine",
     "medians",
@@ -117,24 +118,37 @@ BENCH_MODELS = {**MODELS, "gpt2_small": gpt2_small_linears}
 """The models of :data:`bame_apps.integrations.models.MODELS` and the GPT-2-small shapes."""
 
 
-def build_model(name: str, device: torch.device, seed: int = 0) -> nn.Module:
+def build_model(name: str, device: torch.device, seed: int = 0, *,
+                channels_last: bool = False) -> nn.Module:
     """Model ``name`` of :data:`BENCH_MODELS` on ``device``, initialised after
-    ``torch.manual_seed(seed)``."""
+    ``torch.manual_seed(seed)``; with ``channels_last`` its 4-D weights in that memory format
+    (``nn.Module.to(memory_format=torch.channels_last)``)."""
     torch.manual_seed(seed)
-    return BENCH_MODELS[name]().to(device)
+    model = BENCH_MODELS[name]().to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def in_channels_last(tensor: Tensor) -> Tensor:
+    """``tensor`` in torch's channels-last memory format where it has one (4-D:
+    ``channels_last``, 5-D: ``channels_last_3d``), else ``tensor`` itself."""
+    layout = {4: torch.channels_last, 5: torch.channels_last_3d}.get(tensor.ndim)
+    return tensor if layout is None else tensor.contiguous(memory_format=layout)
 
 
 def fixed_grads(model: nn.Module, device: torch.device, seed: int = 1) -> list[Tensor]:
     """Standard-normal gradients of ``model``'s parameters' shapes, drawn on the CPU from a
-    generator seeded ``seed`` (the same numbers on every device), moved to ``device``."""
+    generator seeded ``seed`` (the same numbers on every device), on ``device`` in each
+    parameter's memory layout (as autograd gives them)."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    return [torch.randn(p.shape, generator=generator).to(device) for p in model.parameters()]
+    return [torch.empty_like(p).copy_(torch.randn(p.shape, generator=generator))
+            for p in model.parameters()]
 
 
 def assign_grads(model: nn.Module, grads: list[Tensor]) -> None:
-    """Give ``model``'s parameters clones of the fixed gradients ``grads``."""
+    """Give ``model``'s parameters copies of the fixed gradients ``grads``, each in its
+    parameter's memory layout (as autograd gives them)."""
     for p, g in zip(model.parameters(), grads, strict=True):
-        p.grad = g.clone()
+        p.grad = torch.empty_like(p).copy_(g)
 
 
 def sparse_groups(model: nn.Module, n: int, m: int) -> list[dict[str, Any]]:

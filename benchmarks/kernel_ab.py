@@ -23,6 +23,9 @@ the memory's (on ResNet-50's 3x3 shapes at 2:4 the AVX-512 tiles took about as l
 weight from L3 as from DRAM at one thread: they are bound by their instructions there)::
 
     .venv/bin/python -m benchmarks.kernel_ab --against HEAD --shapes 128x128x3x3*4 --threads 1
+
+``--channels-last`` puts the convolutions' weights and gradients (and torch's copies) in the
+channels-last memory format, whose N:M blocks are contiguous rows.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from .harness import (
     ADAMW_HYPER,
     SGD_HYPER,
     Timer,
+    in_channels_last,
     interleaved_rounds,
     machine,
     nm_pattern,
@@ -97,12 +101,14 @@ def build(folder: Path) -> ModuleType:
 
 
 def steps(modules: dict[str, ModuleType], shapes: list[torch.Size], n: int, m: int,
-          rule: str) -> dict[str, Callable[[], None]]:
+          rule: str, channels_last: bool = False) -> dict[str, Callable[[], None]]:
     """One step of torch's fused optimizer and of each module, each on its own copy of the
-    same weights and state (momentum, or moments at step 5)."""
+    same weights and state (momentum, or moments at step 5); with ``channels_last`` the 4-D
+    and 5-D weights and gradients in that memory format."""
     gen = torch.Generator().manual_seed(0)
-    base = [torch.randn(s, generator=gen) for s in shapes]
-    grads = [torch.randn(s, generator=gen) for s in shapes]
+    layout = in_channels_last if channels_last else (lambda t: t)
+    base = [layout(torch.randn(s, generator=gen)) for s in shapes]
+    grads = [layout(torch.randn(s, generator=gen)) for s in shapes]
     kept = [encode_kept(random_nm_mask(p.numel() // m, n, m, gen), n) for p in base]
     counts = [n] * len(base)
     tables, codes = kept_sgd_cpu.tables_for(kept, counts, m)
@@ -167,6 +173,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--layers", choices=("3x3", "all"),
                         help="which of a model's sparse weights: all (default) or the 3x3 "
                         "convolutions")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="the 4-D and 5-D weights in channels-last memory format (B must "
+                        "take them: sources from before 2026-12-08 do not)")
     parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -201,8 +210,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
         modules = {"A": native.load(), "B": build(folder)}
     weights = (f"layers {args.layers}" if args.shapes is None else "shapes " + " ".join(
         f"{'x'.join(map(str, group[0]))}*{len(group)}" for group in args.shapes))
+    layout = ", channels_last" if args.channels_last else ""
     print(f"{machine('cpu')}; A: this checkout, B: {args.against or args.csrc}; {args.rounds} "
-          f"rounds, {weights}; median ms [interquartile range]")
+          f"rounds, {weights}{layout}; median ms [interquartile range]")
     print(f"{'model':10} {'N:M':5} {'rule':5} " + " ".join(f"{c:>21}" for c in CONTENDERS)
           + "  A/torch B/torch    A/B")
     rows = []
@@ -212,8 +222,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
             shapes = (shapes_of(model, m, args.layers) if args.shapes is None
                       else [s for group in args.shapes for s in group])
             for rule in args.rules if shapes else ():
-                times = interleaved_rounds(steps(modules, shapes, n, m, rule), args.rounds,
-                                           args.warmup, Timer(torch.device("cpu")))
+                calls = steps(modules, shapes, n, m, rule, args.channels_last)
+                times = interleaved_rounds(calls, args.rounds, args.warmup,
+                                           Timer(torch.device("cpu")))
                 med = {c: statistics.median(times[c]) for c in CONTENDERS}
                 rows.append({"model": model, "pattern": f"{n}:{m}", "rule": rule, **med})
                 print(f"{model:10} {n}:{m:<3} {rule:5} "

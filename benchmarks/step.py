@@ -41,6 +41,12 @@ kernel for sparse weights, torch's fused step for dense ones).
   Target (issue 19): an ordinary step <= 1.0x ``AdamW(fused=True)`` at 2:4 and <= 0.6x at
   1:16. The columns of ``docs/results/step_adamw.csv``.
 
+``--channels-last`` puts the BAME optimizers' models in the channels-last memory format, where
+a convolution's N:M blocks are contiguous rows (the kernels' fast row paths); torch's
+optimizers keep the contiguous model, since their fused step is about 2.4x slower on
+channels_last weights (ResNet-50's 3x3 weights: 7.3 against 2.8 ms), so the ratios are to
+torch's fastest step. Write such runs to a CSV of their own.
+
 Models: ResNet-32, ResNet-50, DeiT-small and GPT-2 small's 48 block Linear layers
 (``gpt2_small``, :mod:`benchmarks.harness`). The SGD defaults took 9 minutes on 2 shared, busy
 CPU cores before GPT-2 small was added (``--quick``: a smoke run of about a minute per
@@ -50,6 +56,7 @@ model)::
     .venv/bin/python -m benchmarks.step --csv docs/results/step.csv    # record the table
     .venv/bin/python -m benchmarks.step --quick --models resnet32      # seconds
     .venv/bin/python -m benchmarks.step --optimizer adamw --csv docs/results/step_adamw.csv
+    .venv/bin/python -m benchmarks.step --channels-last --models resnet32 resnet50
     .venv/bin/python -m benchmarks.step --device cuda --train-models resnet32 resnet50 deit_small
 """
 
@@ -73,7 +80,14 @@ from .step_report import (
     sgd_rows,
     training_lines,
 )
-from .step_timing import HYPER, INPUT, time_adamw_steps, time_sgd_steps, time_training_step
+from .step_timing import (
+    CHANNELS_LAST_NOTE,
+    HYPER,
+    INPUT,
+    time_adamw_steps,
+    time_sgd_steps,
+    time_training_step,
+)
 
 DEFAULT_MODELS = ("resnet32", "resnet50", "deit_small", "gpt2_small")
 DEFAULT_PATTERNS = {"sgd": ((2, 4), (1, 4), (1, 16)), "adamw": ((2, 4), (1, 16))}
@@ -116,6 +130,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="sgd: training-step batch (default 128)")
     parser.add_argument("--train-steps", type=int, default=None,
                         help="sgd: timed training steps (default 10, 30 on GPU)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="BAME's models in the channels-last memory format (torch's stay "
+                        "contiguous, its fastest; training steps: every model and the input)")
     parser.add_argument("--quick", action="store_true", help="few steps: a smoke run")
     parser.add_argument("--csv", type=Path, default=None, help="also write the table here")
     args = parser.parse_args(argv)
@@ -168,12 +185,12 @@ def run_sgd(args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
         for name, pattern in jobs:
             bar.set_postfix_str(f"{name} {pattern[0]}:{pattern[1]} optimizer steps")
             times = time_sgd_steps(name, pattern, args.device, args.steps, args.update_steps,
-                                   args.warmup, args.methods, bar)
+                                   args.warmup, args.methods, bar, args.channels_last)
             if name in train_models and name not in train:
                 bar.set_postfix_str(f"{name} training steps")
                 train[name] = time_training_step(name, args.patterns, args.device,
                                                  args.train_batch, args.train_steps,
-                                                 args.warmup, bar)
+                                                 args.warmup, bar, args.channels_last)
             rows += sgd_rows(name, pattern, times, train.get(name), args.methods)
     hyper = HYPER["sgd"]
     header = (
@@ -181,7 +198,7 @@ def run_sgd(args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
         f"{hyper['weight_decay']}, foreach=True for both (SGD fused=True against BAMESGD "
         f"fused=True in the fused columns); medians of {args.steps} ordinary and "
         f"{args.update_steps} update steps per phase after {args.warmup} warm-up rounds, "
-        f"interleaved with SGD; {time.perf_counter() - start:.0f} s"
+        f"interleaved with SGD; {time.perf_counter() - start:.0f} s{_layout(args)}"
     )
     lines = training_lines(train, args.train_batch, args.train_steps)
     return rows, "\n".join([header, format_table(rows), *lines, SGD_TARGETS])
@@ -196,16 +213,22 @@ def run_adamw(args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
     with tqdm(total=len(jobs) * (args.steps + args.warmup), desc="rounds", unit="round") as bar:
         for name, pattern in jobs:
             bar.set_postfix_str(f"{name} {pattern[0]}:{pattern[1]}")
-            times = time_adamw_steps(name, pattern, args.device, args.steps, args.warmup, bar)
+            times = time_adamw_steps(name, pattern, args.device, args.steps, args.warmup, bar,
+                                     args.channels_last)
             rows.append(adamw_row(name, pattern, times))
     hyper = HYPER["adamw"]
     header = (
         f"\nBAMEAdamW against torch.optim.AdamW(foreach=True) and (fused=True); "
         f"{machine(args.device)}; lr {hyper['lr']} weight decay {hyper['weight_decay']}; "
         f"medians of {args.steps} interleaved rounds after {args.warmup} warm-up rounds; "
-        f"{time.perf_counter() - start:.0f} s"
+        f"{time.perf_counter() - start:.0f} s{_layout(args)}"
     )
     return rows, "\n".join([header, format_adamw_table(rows)])
+
+
+def _layout(args: argparse.Namespace) -> str:
+    """The header's note on ``--channels-last`` (nothing without it)."""
+    return f"; {CHANNELS_LAST_NOTE}" if args.channels_last else ""
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

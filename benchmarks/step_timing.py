@@ -34,6 +34,7 @@ from .harness import (
 
 __all__ = [
     "BAME_METHOD",
+    "CHANNELS_LAST_NOTE",
     "HYPER",
     "INPUT",
     "make_bame",
@@ -50,6 +51,12 @@ HYPER: dict[str, dict[str, Any]] = {
 """The hyper-parameters every optimizer of a rule gets (torch's included); AdamW's are DeiT's."""
 TORCH: dict[str, type[Optimizer]] = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
 """The torch optimizer of each rule."""
+CHANNELS_LAST_NOTE = (
+    "BAME's models in the channels-last memory format (their N:M blocks contiguous rows); "
+    "torch's optimizers step contiguous copies: their fused step is about 2.4x slower on "
+    "channels_last weights, so this compares with torch's fastest step"
+)
+"""What ``--channels-last`` times, as the report says it."""
 BAME_METHOD = {"sgd": "bame", "adamw": "bame_adamw"}
 """The BAME method of each rule (:data:`bame_optim.methods.METHODS`)."""
 INPUT = {"resnet32": (10, 3, 32), "resnet50": (1000, 3, 224), "deit_small": (1000, 3, 224)}
@@ -111,9 +118,12 @@ def time_sgd_steps(
     warmup: int,
     methods: list[str],
     bar: tqdm | None = None,
+    channels_last: bool = False,
 ) -> dict[str, Any]:
     """Median ms of SGD, ordinary steps of every method in ``methods`` and BAME update steps
-    (evolve and gradual phase) on ``model_name``'s parameters at ``pattern``. Keys: ``sgd``,
+    (evolve and gradual phase) on ``model_name``'s parameters at ``pattern`` (with
+    ``channels_last`` the methods' copies of the model in that memory format, torch's left
+    contiguous: its fastest layout, see :data:`CHANNELS_LAST_NOTE`). Keys: ``sgd``,
     ``sgd_fused`` (``fused=True``), ``sgd_u`` / ``sgd_g`` (the SGD partners of the update-step
     loops), ``ordinary:<method>``, ``update`` (evolve), ``gradual``; ``params`` (the count),
     ``bytes_dense`` / ``bytes_sparse`` (what an ordinary SGD / BAMESGD step moves);
@@ -131,6 +141,8 @@ def time_sgd_steps(
 
     def setup(kind: str, method: str = "bame") -> Optimizer:
         model = copy.deepcopy(base)
+        if channels_last and method not in ("sgd", "sgd_fused"):
+            model = model.to(memory_format=torch.channels_last)
         assign_grads(model, grads)
         if method in ("sgd", "sgd_fused"):
             return make_torch(model, "sgd", fused=method == "sgd_fused")
@@ -169,16 +181,21 @@ def time_adamw_steps(
     steps: int,
     warmup: int,
     bar: tqdm | None = None,
+    channels_last: bool = False,
 ) -> dict[str, Any]:
     """Median ms of AdamW (``adamw``: ``foreach=True``; ``adamw_fused``), and of BAMEAdamW's
     ordinary (``ordinary``) and evolve-phase update (``update``) steps on ``model_name``'s
-    parameters at ``pattern``, all four interleaved in one loop, each on its own copy of the
-    model, the gradients reassigned (untimed) before every step; ``params`` (the count),
+    parameters at ``pattern`` (BAMEAdamW's copies in the channels-last memory format with
+    ``channels_last``, as in :func:`time_sgd_steps`), all four interleaved in one loop, each
+    on its own copy of the model, the gradients reassigned (untimed) before every step;
+    ``params`` (the count),
     ``bytes_dense`` / ``bytes_sparse`` (what an ordinary AdamW / BAMEAdamW step moves) and
     ``fused_quartiles`` (of the per-round ratios of ``ordinary`` to ``adamw_fused``)."""
     n, m = pattern
     kinds = ("adamw", "adamw_fused", "ordinary", "update")
-    models = {kind: build_model(model_name, device) for kind in kinds}
+    models = {kind: build_model(model_name, device,
+                                channels_last=channels_last and kind in ("ordinary", "update"))
+              for kind in kinds}
     grads = fixed_grads(models["adamw"], device)
     optimizers: dict[str, Optimizer] = {
         "adamw": make_torch(models["adamw"], "adamw", fused=False),
@@ -212,15 +229,19 @@ def time_training_step(
     steps: int,
     warmup: int,
     bar: tqdm | None = None,
+    channels_last: bool = False,
 ) -> dict[str, float]:
     """Median ms of a whole training step (``zero_grad``, forward, backward, ``step``) on
     random data of the model's input shape, with SGD and with BAMESGD (ordinary steps) at each
-    pattern, all interleaved. Keys ``sgd`` and ``n:m`` per pattern."""
+    pattern, all interleaved (with ``channels_last`` every model and the input in that memory
+    format). Keys ``sgd`` and ``n:m`` per pattern."""
     classes, channels, size = INPUT[model_name]
     generator = torch.Generator(device="cpu").manual_seed(2)
     x = torch.randn(batch, channels, size, size, generator=generator).to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, classes, (batch,), generator=generator).to(device)
-    base = build_model(model_name, device)
+    base = build_model(model_name, device, channels_last=channels_last)
     models = {"sgd": copy.deepcopy(base)}
     optimizers: dict[str, Optimizer] = {"sgd": make_torch(models["sgd"], "sgd", fused=False)}
     for n, m in patterns:

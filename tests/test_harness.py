@@ -34,6 +34,28 @@ def test_models_and_gradients_are_the_same_every_time():
         assert torch.equal(p.grad, g) and p.grad is not g  # a clone: a step cannot change g
 
 
+def test_channels_last_models_tensors_and_gradients():
+    """build_model(channels_last=True) puts the 4-D weights in that format; the fixed
+    gradients and their copies follow each parameter's layout (as autograd's do), with the
+    values of the contiguous model's; in_channels_last converts 4-D and 5-D tensors only."""
+    cpu = torch.device("cpu")
+    plain = harness.build_model("small_cnn", cpu)
+    last = harness.build_model("small_cnn", cpu, channels_last=True)
+    convs = [p for p in last.parameters() if p.ndim == 4]
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert any(not p.is_contiguous() for p in convs)  # one input channel is both layouts
+    grads = harness.fixed_grads(last, cpu)
+    assert [g.stride() for g in grads] == [p.stride() for p in last.parameters()]
+    harness.assign_grads(plain, grads)
+    for p, q, g in zip(plain.parameters(), last.parameters(), grads, strict=True):
+        assert torch.equal(p, q) and torch.equal(p.grad, g) and p.grad.is_contiguous()
+    assert harness.in_channels_last(torch.randn(2, 8, 3, 3)).stride() == (72, 1, 24, 8)
+    assert harness.in_channels_last(torch.randn(2, 8, 1, 3, 3)).is_contiguous(
+        memory_format=torch.channels_last_3d)
+    flat = torch.randn(4, 8)
+    assert harness.in_channels_last(flat) is flat
+
+
 def test_params_of_splits_sparse_and_dense_groups():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 4))

@@ -109,13 +109,36 @@ def test_shapes_are_the_weights_timed(monkeypatch, capsys):
     require_kernel(kept_adamw_cpu)
     timed = []
 
-    def steps(modules, shapes, n, m, rule):
-        timed.append((shapes, n, m, rule))
+    def steps(modules, shapes, n, m, rule, channels_last):
+        timed.append((shapes, n, m, rule, channels_last))
         return {c: (lambda: None) for c in kernel_ab.CONTENDERS}
 
     monkeypatch.setattr(kernel_ab, "steps", steps)
-    rows = kernel_ab.main(["--csrc", str(native.CSRC), "--shapes", "8x16x3x3*2", "6x32",
-                           "--patterns", "1:16", "--rules", "sgd", "--rounds", "2"])
-    assert timed == [([torch.Size([8, 16, 3, 3])] * 2 + [torch.Size([6, 32])], 1, 16, "sgd")]
+    argv = ["--csrc", str(native.CSRC), "--shapes", "8x16x3x3*2", "6x32", "--patterns", "1:16",
+            "--rules", "sgd", "--rounds", "2"]
+    rows = kernel_ab.main(argv)
+    shapes = [torch.Size([8, 16, 3, 3])] * 2 + [torch.Size([6, 32])]
+    assert timed == [(shapes, 1, 16, "sgd", False)]
     assert [(r["model"], r["pattern"], r["rule"]) for r in rows] == [("shapes", "1:16", "sgd")]
     assert "shapes 8x16x3x3*2 6x32*1;" in capsys.readouterr().out
+    kernel_ab.main([*argv, "--channels-last"])
+    assert timed[1] == (shapes, 1, 16, "sgd", True)
+    assert "shapes 8x16x3x3*2 6x32*1, channels_last;" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("rule", ["sgd", "adamw"])
+def test_channels_last_steps_take_channels_last_tensors(rule):
+    """With channels_last a module steps its 4-D weights in that format (the kernels' row
+    paths) and leaves them there; without, contiguous."""
+    require_kernel(kept_adamw_cpu)
+    module = native.load()
+    for channels_last in (False, True):
+        calls = kernel_ab.steps({"A": module}, [torch.Size([8, 16, 3, 3]), torch.Size([6, 32])],
+                                2, 4, rule, channels_last)
+        for call in calls.values():
+            call()
+        weights = calls["A"].__defaults__[1]  # the module's own copies (a default argument)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        assert weights[0].is_contiguous(memory_format=layout)
+        assert weights[0].is_contiguous() != channels_last
+        assert weights[1].is_contiguous()

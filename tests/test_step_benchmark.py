@@ -93,3 +93,21 @@ def test_bad_flags(argv, message, capsys):
     with pytest.raises(SystemExit):
         step.main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_channels_last_flag_reaches_the_timing_and_the_header(monkeypatch, capsys):
+    seen = []
+
+    def fake(name, pattern, device, steps, warmup, bar, channels_last):
+        seen.append(channels_last)
+        return {"adamw": 2.0, "adamw_fused": 1.0, "ordinary": 1.0, "update": 5.0,
+                "fused_quartiles": (1.0, 1.0), "params": 10, "bytes_dense": 280,
+                "bytes_sparse": 160}
+
+    monkeypatch.setattr(step, "time_adamw_steps", fake)
+    argv = ["--optimizer", "adamw", "--models", "resnet32", "--patterns", "2:4", "--steps", "1"]
+    step.main(argv)
+    assert step.CHANNELS_LAST_NOTE not in capsys.readouterr().out
+    step.main([*argv, "--channels-last"])
+    assert step.CHANNELS_LAST_NOTE in capsys.readouterr().out
+    assert seen == [False, True]

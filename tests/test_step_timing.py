@@ -115,3 +115,33 @@ def test_adamw_timing_names_every_median(monkeypatch):
                                                  "ordinary": 6.0, "update": 8.0}
     assert times["fused_quartiles"] == (1.5, 1.5)  # ordinary / fused is 3 / 2 in every round
     assert times["bytes_dense"] > times["bytes_sparse"] > 0 and times["params"] > 0
+
+
+def _channels_last(model: nn.Module) -> bool:
+    convs = [p for p in model.parameters() if p.ndim == 4]
+    return any(not p.is_contiguous() for p in convs) and all(
+        p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channels_last_reaches_the_bame_models_only(monkeypatch, channels_last):
+    """--channels-last: BAME's copies of the model step in that format (fused=True, so their
+    gradients must follow it), torch's stay contiguous, for both rules."""
+    seen = []
+    make_bame, make_torch = step_timing.make_bame, step_timing.make_torch
+
+    def bame(model, *args):
+        seen.append(("bame", _channels_last(model)))
+        return make_bame(model, *args)
+
+    def torch_optimizer(model, *args, **kwargs):
+        seen.append(("torch", _channels_last(model)))
+        return make_torch(model, *args, **kwargs)
+
+    monkeypatch.setattr(step_timing, "make_bame", bame)
+    monkeypatch.setattr(step_timing, "make_torch", torch_optimizer)
+    cpu = torch.device("cpu")
+    step_timing.time_sgd_steps("small_cnn", (2, 4), cpu, 1, 1, 0, ["bame"], None, channels_last)
+    step_timing.time_adamw_steps("small_cnn", (2, 4), cpu, 1, 0, None, channels_last)
+    assert {kind for kind, _ in seen} == {"bame", "torch"}
+    assert all(last == (channels_last and kind == "bame") for kind, last in seen)
