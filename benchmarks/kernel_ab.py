@@ -24,8 +24,13 @@ weight from L3 as from DRAM at one thread: they are bound by their instructions 
 
     .venv/bin/python -m benchmarks.kernel_ab --against HEAD --shapes 128x128x3x3*4 --threads 1
 
-``--channels-last`` puts the convolutions' weights and gradients (and torch's copies) in the
-channels-last memory format, whose N:M blocks are contiguous rows.
+``--channels-last`` puts A's convolution weights and gradients in the channels-last memory
+format, whose N:M blocks are contiguous rows; torch's and B's stay contiguous (torch's fused
+step is about 2.4x slower on channels_last weights: its fastest layout is the baseline). With
+B this checkout's own sources, A/B is then the kernels' channels-last time over their
+contiguous one::
+
+    .venv/bin/python -m benchmarks.kernel_ab --csrc bame_optim/kernels/csrc --channels-last
 """
 
 from __future__ import annotations
@@ -103,12 +108,15 @@ def build(folder: Path) -> ModuleType:
 def steps(modules: dict[str, ModuleType], shapes: list[torch.Size], n: int, m: int,
           rule: str, channels_last: bool = False) -> dict[str, Callable[[], None]]:
     """One step of torch's fused optimizer and of each module, each on its own copy of the
-    same weights and state (momentum, or moments at step 5); with ``channels_last`` the 4-D
-    and 5-D weights and gradients in that memory format."""
+    same weights and state (momentum, or moments at step 5); with ``channels_last`` module
+    A's 4-D and 5-D weights and gradients in that memory format (torch's and B's stay
+    contiguous)."""
     gen = torch.Generator().manual_seed(0)
+    base = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
     layout = in_channels_last if channels_last else (lambda t: t)
-    base = [layout(torch.randn(s, generator=gen)) for s in shapes]
-    grads = [layout(torch.randn(s, generator=gen)) for s in shapes]
+    layouts = {name: layout if name == "A" else (lambda t: t) for name in modules}
+    grads_of = {name: [layouts[name](g) for g in grads] for name in modules}
     kept = [encode_kept(random_nm_mask(p.numel() // m, n, m, gen), n) for p in base]
     counts = [n] * len(base)
     tables, codes = kept_sgd_cpu.tables_for(kept, counts, m)
@@ -121,10 +129,12 @@ def steps(modules: dict[str, ModuleType], shapes: list[torch.Size], n: int, m: i
         dense = [torch.rand_like(p) for p in base]
         calls["torch"] = lambda: sgd(weights, grads, dense, fused=True, foreach=False, **h)
         for name, module in modules.items():
-            ws, buffers = [p.clone() for p in base], [s.clone() for s in state]
-            calls[name] = (lambda module=module, ws=ws, buffers=buffers: module.fused_kept_sgd(
-                ws, grads, buffers, kept, tables, codes, m, h["lr"], h["momentum"],
-                h["dampening"], h["weight_decay"], h["nesterov"], h["maximize"], fma, wide))
+            ws, buffers = [layouts[name](p.clone()) for p in base], [s.clone() for s in state]
+            calls[name] = (lambda module=module, ws=ws, gs=grads_of[name], buffers=buffers:
+                           module.fused_kept_sgd(ws, gs, buffers, kept, tables, codes, m,
+                                                 h["lr"], h["momentum"], h["dampening"],
+                                                 h["weight_decay"], h["nesterov"],
+                                                 h["maximize"], fma, wide))
         return calls
     h = ADAMW_HYPER
     dense_moments = [torch.zeros_like(p) for p in base], [torch.rand_like(p) for p in base]
@@ -136,11 +146,13 @@ def steps(modules: dict[str, ModuleType], shapes: list[torch.Size], n: int, m: i
     roots = [(1 - h["beta2"] ** step) ** 0.5] * len(base)
     addcmul = kept_adamw_cpu.fma_addcmul()
     for name, module in modules.items():
-        ws, m1, m2 = [p.clone() for p in base], [s.clone() for s in state], [s * 0.5 for s in state]
-        calls[name] = (lambda module=module, ws=ws, m1=m1, m2=m2: module.fused_kept_adamw(
-            ws, grads, m1, m2, [], kept, tables, counts, sizes, roots, m, h["lr"], h["beta1"],
-            h["beta2"], h["weight_decay"], h["eps"], h["amsgrad"], h["maximize"], fma, addcmul,
-            wide))
+        ws = [layouts[name](p.clone()) for p in base]
+        m1, m2 = [s.clone() for s in state], [s * 0.5 for s in state]
+        calls[name] = (lambda module=module, ws=ws, gs=grads_of[name], m1=m1, m2=m2:
+                       module.fused_kept_adamw(ws, gs, m1, m2, [], kept, tables, counts, sizes,
+                                               roots, m, h["lr"], h["beta1"], h["beta2"],
+                                               h["weight_decay"], h["eps"], h["amsgrad"],
+                                               h["maximize"], fma, addcmul, wide))
     return calls
 
 
@@ -174,8 +186,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="which of a model's sparse weights: all (default) or the 3x3 "
                         "convolutions")
     parser.add_argument("--channels-last", action="store_true",
-                        help="the 4-D and 5-D weights in channels-last memory format (B must "
-                        "take them: sources from before 2026-12-08 do not)")
+                        help="A's 4-D and 5-D weights in channels-last memory format (torch's "
+                        "and B's stay contiguous)")
     parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -210,7 +222,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
         modules = {"A": native.load(), "B": build(folder)}
     weights = (f"layers {args.layers}" if args.shapes is None else "shapes " + " ".join(
         f"{'x'.join(map(str, group[0]))}*{len(group)}" for group in args.shapes))
-    layout = ", channels_last" if args.channels_last else ""
+    layout = ", A channels_last" if args.channels_last else ""
     print(f"{machine('cpu')}; A: this checkout, B: {args.against or args.csrc}; {args.rounds} "
           f"rounds, {weights}{layout}; median ms [interquartile range]")
     print(f"{'model':10} {'N:M':5} {'rule':5} " + " ".join(f"{c:>21}" for c in CONTENDERS)

@@ -116,6 +116,21 @@ def test_nan_gradient_at_pruned_entry_never_reaches_the_weight(path):
     assert torch.isfinite(param).all()
 
 
+def test_fused_true_names_a_gradient_laid_out_unlike_its_weight():
+    """A channels_last weight takes the kernel; given a contiguous gradient (assigned by hand:
+    autograd gives the weight's layout) fused=True says both strides."""
+    param = torch.zeros(2, 8, 3, 3).contiguous(memory_format=torch.channels_last)
+    mask = torch.ones(36, 4, dtype=torch.bool)
+    hyper = dict(m=4, lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                 maximize=False, fused=True)
+    kept_sgd([param], [torch.ones_like(param)], [None], [encode_kept(mask, 4)], [4], **hyper)
+    assert (param == -0.1).all()
+    with pytest.raises(ValueError, match=r"strides \(72, 1, 24, 8\), grad cpu torch.float32, "
+                                         r"strides \(72, 9, 3, 1\);.*channels-last"):
+        kept_sgd([param], [torch.ones(2, 8, 3, 3)], [None], [encode_kept(mask, 4)], [4],
+                 **hyper)
+
+
 def test_fused_true_without_support_is_a_clear_error():
     param = torch.zeros(4, 16, dtype=torch.float64)[:, ::2]  # strided: not supported
     mask = torch.ones(8, 4, dtype=torch.bool)

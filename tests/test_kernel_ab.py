@@ -123,22 +123,23 @@ def test_shapes_are_the_weights_timed(monkeypatch, capsys):
     assert "shapes 8x16x3x3*2 6x32*1;" in capsys.readouterr().out
     kernel_ab.main([*argv, "--channels-last"])
     assert timed[1] == (shapes, 1, 16, "sgd", True)
-    assert "shapes 8x16x3x3*2 6x32*1, channels_last;" in capsys.readouterr().out
+    assert "shapes 8x16x3x3*2 6x32*1, A channels_last;" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("rule", ["sgd", "adamw"])
 def test_channels_last_steps_take_channels_last_tensors(rule):
-    """With channels_last a module steps its 4-D weights in that format (the kernels' row
-    paths) and leaves them there; without, contiguous."""
+    """With channels_last module A steps its 4-D weights and gradients in that format (the
+    kernels' row paths) and leaves them there, B its contiguous ones, to the same values."""
     require_kernel(kept_adamw_cpu)
     module = native.load()
+    shapes = [torch.Size([8, 16, 3, 3]), torch.Size([6, 32])]
     for channels_last in (False, True):
-        calls = kernel_ab.steps({"A": module}, [torch.Size([8, 16, 3, 3]), torch.Size([6, 32])],
-                                2, 4, rule, channels_last)
+        calls = kernel_ab.steps({"A": module, "B": module}, shapes, 2, 4, rule, channels_last)
         for call in calls.values():
             call()
-        weights = calls["A"].__defaults__[1]  # the module's own copies (a default argument)
-        layout = torch.channels_last if channels_last else torch.contiguous_format
-        assert weights[0].is_contiguous(memory_format=layout)
-        assert weights[0].is_contiguous() != channels_last
-        assert weights[1].is_contiguous()
+        # each module's weights and gradients: default arguments of its call
+        (_, a, a_grads, *_), (_, b, b_grads, *_) = (calls[x].__defaults__ for x in "AB")
+        assert a[0].is_contiguous() != channels_last and a_grads[0].stride() == a[0].stride()
+        assert a[0].is_contiguous(memory_format=torch.channels_last) or not channels_last
+        assert b[0].is_contiguous() and b_grads[0].is_contiguous() and a[1].is_contiguous()
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))

@@ -201,11 +201,13 @@ def _use_fused(
     if i >= 0:
         if fused:
             p, g = params[i], grads[i]
+            grad = "None" if g is None else f"{g.device} {g.dtype}, strides {g.stride()}"
             raise ValueError(
                 f"Invalid fused value: True (the fused {what} CPU kernel does not support "
                 f"params[{i}]: {type(p).__name__} on {p.device} of dtype {p.dtype}, strides "
-                f"{p.stride()}, grad {None if g is None else (g.device, g.dtype)}; it takes "
-                "plain CPU float32/float64 tensors, contiguous or a transposed 2-D view)"
+                f"{p.stride()}, grad {grad}; it takes plain CPU float32/float64 tensors, "
+                "contiguous, channels-last or a transposed 2-D view, the gradient with the "
+                "parameter's strides)"
             )
         return False
     if not kernel.available():
