@@ -273,11 +273,13 @@ def ratio_quartiles(numerator: list[float], denominator: list[float]) -> tuple[f
     """The first and third quartiles of the per-round ratios ``numerator[r] /
     denominator[r]`` of two calls timed in the same rounds: how far one run's ratio of
     medians may be trusted (the machine's slow phases move both calls of a round alike, and
-    the ratio's spread shows what they do not). One round gives its ratio twice."""
+    the ratio's spread shows what they do not). One round gives its ratio twice. Inclusive
+    quartiles: they stay within the ratios seen (the exclusive method extrapolates past them
+    for a few rounds, below 0 for two)."""
     ratios = [a / b for a, b in zip(numerator, denominator, strict=True)]
     if len(ratios) < 2:
         return ratios[0], ratios[0]
-    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
     return q1, q3
 
 

@@ -99,8 +99,9 @@ def steps(shapes: list[torch.Size], n: int, m: int, rule: str) -> dict[str, Call
 
 
 def summary(values: list[float]) -> str:
-    """``median [q1-q3]``."""
-    q1, median, q3 = statistics.quantiles(values, n=4)
+    """``median [q1-q3]`` (inclusive quartiles: within the values, as
+    :func:`benchmarks.harness.ratio_quartiles`)."""
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
     return f"{median:7.2f} [{q1:.2f}-{q3:.2f}]"
 
 

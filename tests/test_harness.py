@@ -113,6 +113,9 @@ def test_ratio_quartiles_pair_the_calls_round_by_round():
     q1, q3 = harness.ratio_quartiles(ordinary, fused)
     assert 0.5 <= q1 < q3 <= 0.8
     assert harness.ratio_quartiles([3.0], [2.0]) == (1.5, 1.5)
+    for rounds in ([0.5, 4.0], [0.5, 4.0, 1.0]):  # few rounds: still within the ratios seen
+        q1, q3 = harness.ratio_quartiles(rounds, [1.0] * len(rounds))
+        assert min(rounds) <= q1 <= q3 <= max(rounds)
     with pytest.raises(ValueError):
         harness.ratio_quartiles([1.0, 2.0], [1.0])
 

@@ -34,6 +34,8 @@ def test_small_run_times_both_layouts_against_torch(monkeypatch, capsys):
     (["--rounds", "1"], "Invalid --rounds value: 1"),
     (["--warmup", "-1"], "Invalid --warmup value: -1"),
     (["--patterns", "2:3:4"], "2:3:4"),
+    (["--train-batch", "0"], "Invalid --train-batch value: 0"),
+    (["--train-batch", "2", "--models", "gpt2_small"], "Invalid --models value: 'gpt2_small'"),
 ])
 def test_bad_flags_are_refused_by_name(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -47,3 +49,13 @@ def test_both_copies_step_through_the_fused_kernels():
     times = layout_ab.time_layouts("small_cnn", 2, 4, "adamw", 2, 0)
     assert set(times) == set(layout_ab.CONTENDERS)
     assert all(len(v) == 2 and min(v) > 0 for v in times.values())
+
+
+def test_training_steps_of_both_layouts(capsys):
+    """--train-batch: whole training steps of the three copies, the input in each copy's
+    layout (fused=True would raise on gradients unlike their weights)."""
+    rows = layout_ab.main(["--models", "resnet32", "--patterns", "1:16", "--rules", "sgd",
+                           "--rounds", "2", "--warmup", "0", "--train-batch", "2"])
+    assert [(r["model"], r["pattern"], r["rule"]) for r in rows] == [("resnet32", "1:16", "sgd")]
+    assert all(rows[0][c] > 0 for c in layout_ab.CONTENDERS)
+    assert "training steps of batch 2 (forward, backward, step)" in capsys.readouterr().out
