@@ -25,6 +25,7 @@ the native kept kernels there)::
     python -m benchmarks.kept_step_cuda                                  # cuda, defaults
     python -m benchmarks.kept_step_cuda --quick
     python -m benchmarks.kept_step_cuda --device cpu --quick --no-compile --models resnet32
+    python -m benchmarks.kept_step_cuda --quick --channels-last --models resnet50
 """
 
 from __future__ import annotations
@@ -82,14 +83,19 @@ def make_optimizers(
 
 def time_rule(
     model_name: str, rule: str, pattern: tuple[int, int], device: torch.device, *,
-    steps: int, warmup: int, compile_step: bool,
+    steps: int, warmup: int, compile_step: bool, channels_last: bool = False,
 ) -> dict[str, Any]:
-    """Median milliseconds of each kind of step and their ratios to the fused baseline."""
+    """Median milliseconds of each kind of step and their ratios to the fused baseline (with
+    ``channels_last`` the BAME optimizers' models in that memory format, the baseline's
+    contiguous)."""
     n, m = pattern
     base = build_model(model_name, device)
     grads = fixed_grads(base, device)
     kinds = ["fused", "ordinary", "update"] + (["compiled"] if compile_step else [])
     models = {kind: copy.deepcopy(base) for kind in kinds}
+    if channels_last:
+        for kind in kinds[1:]:
+            models[kind] = models[kind].to(memory_format=torch.channels_last)
     optimizers = make_optimizers(models, rule, n, m)
     for kind, optimizer in optimizers.items():  # step 0: state created, the mask drawn
         assign_grads(models[kind], grads)
@@ -136,6 +142,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device
     parser.add_argument("--warmup", type=int, default=5, help="untimed rounds (%(default)s)")
     parser.add_argument("--quick", action="store_true", help="10 rounds, 2 of warm-up")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled step")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="BAME's models in the channels-last memory format (torch's fused "
+                        "baseline keeps the contiguous one)")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.warmup = 10, 2
@@ -145,14 +154,16 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Time every (model, pattern, rule), print the table; the rows."""
     args, device = parse_args(argv)
+    layout = "; BAME's models channels-last" if args.channels_last else ""
     print(f"{machine(device)}; medians of {args.steps} interleaved rounds after {args.warmup} "
-          f"warm-up rounds", flush=True)
+          f"warm-up rounds{layout}", flush=True)
     rows = []
     for model in args.models:
         for pattern in args.patterns:
             for rule in args.rules:
                 row = time_rule(model, rule, pattern, device, steps=args.steps,
-                                warmup=args.warmup, compile_step=not args.no_compile)
+                                warmup=args.warmup, compile_step=not args.no_compile,
+                                channels_last=args.channels_last)
                 rows.append(row)
                 print(", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                 for k, v in row.items()), flush=True)

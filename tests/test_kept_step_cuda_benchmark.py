@@ -31,3 +31,24 @@ def test_optimizers_are_torch_fused_and_bame_with_the_same_hyper_parameters():
         assert defaults["lr"] == 1e-3 and defaults["weight_decay"] == 0.05
         assert defaults["fused"] is True
     assert optimizers["update"].param_groups[-1]["delta_t"] == 1
+
+
+def test_channels_last_smoke_run(capsys, monkeypatch):
+    """--channels-last: BAME's models step in that format (fused=True, so their gradients
+    must follow it), the fused baseline's stays contiguous."""
+
+    layouts = {}
+    make = kept_step_cuda.make_optimizers
+
+    def spy(models, *args):
+        layouts.update({kind: any(not p.is_contiguous() for p in model.parameters())
+                        for kind, model in models.items()})
+        return make(models, *args)
+
+    monkeypatch.setattr(kept_step_cuda, "make_optimizers", spy)
+    rows = kept_step_cuda.main(["--device", "cpu", "--steps", "1", "--warmup", "0",
+                                "--no-compile", "--models", "small_cnn", "--patterns", "2:4",
+                                "--rules", "sgd", "--channels-last"])
+    assert layouts == {"fused": False, "ordinary": True, "update": True}
+    assert rows[0]["ordinary_ms"] > 0 and rows[0]["update_ms"] > 0
+    assert "BAME's models channels-last" in capsys.readouterr().out
