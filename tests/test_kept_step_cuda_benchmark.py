@@ -36,7 +36,6 @@ def test_optimizers_are_torch_fused_and_bame_with_the_same_hyper_parameters():
 def test_channels_last_smoke_run(capsys, monkeypatch):
     """--channels-last: BAME's models step in that format (fused=True, so their gradients
     must follow it), the fused baseline's stays contiguous."""
-
     layouts = {}
     make = kept_step_cuda.make_optimizers
 
