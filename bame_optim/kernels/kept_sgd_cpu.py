@@ -104,12 +104,12 @@ def compile_seconds() -> float | None:
 
 def supports(param: Tensor, grad: Tensor | None, *, exact: bool = True) -> bool:
     """Whether the kernel handles the sparse parameter ``param`` and its ``grad``: plain (not
-    DTensor or other subclass) strided CPU tensors of one shape and strides, contiguous,
-    channels-last or both the transposed view of a contiguous 2-D tensor (see the module
-    docstring), and a dtype in :data:`EXACT_DTYPES` (float32, float64: bit-identical to the
-    eager path), or with ``exact=False`` also
-    float16/bfloat16 (see the module docstring for where those differ). A dense parameter
-    (``kept`` None) must also be contiguous."""
+    DTensor or other subclass) strided CPU tensors of one shape and strides, in a layout the
+    kernel reads (contiguous, channels-last, or the transposed view of a contiguous 2-D
+    tensor: see the module docstring), and a dtype in :data:`EXACT_DTYPES` (float32, float64:
+    bit-identical to the eager path), or with ``exact=False`` also float16/bfloat16 (see the
+    module docstring for where those differ). A dense parameter (``kept`` None) must also be
+    contiguous."""
     return first_unsupported([param], [grad], EXACT_DTYPES if exact else DTYPES) < 0
 
 
