@@ -74,6 +74,24 @@ def test_every_sparse_weight_ends_n_m(method, n, m):
     assert all(row["nm_valid"] for row in opt.sparsity_report() if row["sparse"])
 
 
+@pytest.mark.parametrize("method", SPARSE_METHODS)
+def test_channels_last_weights_stay_n_m_and_channels_last(method):
+    """A model in the channels-last memory format (whose convolution blocks the fused CPU
+    kernels read as rows): every step keeps the pruned entries at exactly 0 and the weights
+    in their layout."""
+    model = build_model().to(memory_format=torch.channels_last)
+    conv = model[0].weight
+    assert not conv.is_contiguous() and conv.is_contiguous(memory_format=torch.channels_last)
+    opt = build_optimizer(method, model)
+    for t in range(TOTAL_STEPS):
+        train_step(model, opt, t)
+        assert conv.is_contiguous(memory_format=torch.channels_last), t
+        for p, group in sparse_params(opt):
+            pruned = param_to_blocks(p.detach(), group["m"])[~opt.kept_mask(p)]
+            assert torch.equal(pruned, torch.zeros_like(pruned)), (t, tuple(p.shape))
+    assert all(is_nm_sparse(p.detach(), N, M) for p, _ in sparse_params(opt))
+
+
 # -- 6. registry consistency ------------------------------------------------------------------
 
 
