@@ -140,7 +140,7 @@ def fixed_grads(model: nn.Module, device: torch.device, seed: int = 1) -> list[T
     generator seeded ``seed`` (the same numbers on every device), on ``device`` in each
     parameter's memory layout (as autograd gives them)."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    return [torch.empty_like(p).copy_(torch.randn(p.shape, generator=generator))
+    return [torch.empty_like(p, device=device).copy_(torch.randn(p.shape, generator=generator))
             for p in model.parameters()]
 
 
