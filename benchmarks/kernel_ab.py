@@ -114,9 +114,11 @@ def steps(modules: dict[str, ModuleType], shapes: list[torch.Size], n: int, m: i
     gen = torch.Generator().manual_seed(0)
     base = [torch.randn(s, generator=gen) for s in shapes]
     grads = [torch.randn(s, generator=gen) for s in shapes]
-    layout = in_channels_last if channels_last else (lambda t: t)
-    layouts = {name: layout if name == "A" else (lambda t: t) for name in modules}
-    grads_of = {name: [layouts[name](g) for g in grads] for name in modules}
+
+    def own(name: str, t: torch.Tensor) -> torch.Tensor:  # module ``name``'s copy's layout
+        return in_channels_last(t) if channels_last and name == "A" else t
+
+    grads_of = {name: [own(name, g) for g in grads] for name in modules}
     kept = [encode_kept(random_nm_mask(p.numel() // m, n, m, gen), n) for p in base]
     counts = [n] * len(base)
     tables, codes = kept_sgd_cpu.tables_for(kept, counts, m)
@@ -129,7 +131,7 @@ def steps(modules: dict[str, ModuleType], shapes: list[torch.Size], n: int, m: i
         dense = [torch.rand_like(p) for p in base]
         calls["torch"] = lambda: sgd(weights, grads, dense, fused=True, foreach=False, **h)
         for name, module in modules.items():
-            ws, buffers = [layouts[name](p.clone()) for p in base], [s.clone() for s in state]
+            ws, buffers = [own(name, p.clone()) for p in base], [s.clone() for s in state]
             calls[name] = (lambda module=module, ws=ws, gs=grads_of[name], buffers=buffers:
                            module.fused_kept_sgd(ws, gs, buffers, kept, tables, codes, m,
                                                  h["lr"], h["momentum"], h["dampening"],
@@ -146,7 +148,7 @@ def steps(modules: dict[str, ModuleType], shapes: list[torch.Size], n: int, m: i
     roots = [(1 - h["beta2"] ** step) ** 0.5] * len(base)
     addcmul = kept_adamw_cpu.fma_addcmul()
     for name, module in modules.items():
-        ws = [layouts[name](p.clone()) for p in base]
+        ws = [own(name, p.clone()) for p in base]
         m1, m2 = [s.clone() for s in state], [s * 0.5 for s in state]
         calls[name] = (lambda module=module, ws=ws, gs=grads_of[name], m1=m1, m2=m2:
                        module.fused_kept_adamw(ws, gs, m1, m2, [], kept, tables, counts, sizes,

@@ -188,9 +188,9 @@ def time_adamw_steps(
     parameters at ``pattern`` (BAMEAdamW's copies in the channels-last memory format with
     ``channels_last``, as in :func:`time_sgd_steps`), all four interleaved in one loop, each
     on its own copy of the model, the gradients reassigned (untimed) before every step;
-    ``params`` (the count),
-    ``bytes_dense`` / ``bytes_sparse`` (what an ordinary AdamW / BAMEAdamW step moves) and
-    ``fused_quartiles`` (of the per-round ratios of ``ordinary`` to ``adamw_fused``)."""
+    ``params`` (the count), ``bytes_dense`` / ``bytes_sparse`` (what an ordinary AdamW /
+    BAMEAdamW step moves) and ``fused_quartiles`` (of the per-round ratios of ``ordinary`` to
+    ``adamw_fused``)."""
     n, m = pattern
     kinds = ("adamw", "adamw_fused", "ordinary", "update")
     models = {kind: build_model(model_name, device,
