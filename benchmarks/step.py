@@ -24,7 +24,9 @@ warm-up, with the ratios to both torch optimizers (the ratio to the fused one wi
 interquartile range of its per-round ratios, :func:`benchmarks.harness.ratio_quartiles`: how
 far one run's ratio can be trusted) and the GB/s of the bytes each step must move
 (:func:`benchmarks.harness.step_bytes`); the BAME optimizer gets ``fused=True`` (the native
-kernel for sparse weights, torch's fused step for dense ones).
+kernel for sparse weights, torch's fused step for dense ones) over ``nm_param_groups``' groups,
+torch's optimizers one group over ``model.parameters()`` (the quick start's swap;
+:mod:`benchmarks.baseline_groups` times what that choice costs torch).
 
 * SGD (lr 0.1, momentum 0.9, weight decay 5e-4): the ordinary steps of SGD, SGD(fused) and
   every ``--methods`` are interleaved in one loop, each update kind in its own loop with SGD.
