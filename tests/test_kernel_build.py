@@ -51,6 +51,15 @@ def test_source_hash_follows_sources_and_flags(monkeypatch, tmp_path):
     assert native.sources_hash() != digest
 
 
+def test_flags_ask_for_the_cpp_standard_the_sources_use():
+    """The sources use C++20 (``std::bit_cast``), which torch 2.11's extension builder does
+    not ask for (it passes ``-std=c++17``; 2.14 passes ``-std=c++20``): without the flag the
+    kernels fail to build there and every step falls back to the eager path."""
+    sources = [path.read_text() for path in (*native.SOURCES, *native.HEADERS)]
+    assert any("std::bit_cast" in text for text in sources)
+    assert "-std=c++20" in native.flags()
+
+
 def test_build_message_is_one_line_once_per_folder(tmp_path, capsys):
     folder = tmp_path / "a" / "key"
     assert native.announce(folder, "first use")

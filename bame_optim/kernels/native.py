@@ -116,9 +116,11 @@ def avx512_allowed(avx512: bool | None = None) -> bool:
 
 
 def flags() -> list[str]:
-    """Compiler flags: ``-ffp-contract=off`` (the kernels choose every fused multiply-add
-    themselves), and on x86 with AVX2 the AVX2 build of ATen's ``Vectorized``."""
-    result = ["-O3", "-ffp-contract=off", "-fopenmp"]
+    """Compiler flags: C++20 (the sources use ``std::bit_cast``; torch 2.11's extension
+    builder passes ``-std=c++17``, 2.14's ``-std=c++20``, and the last ``-std`` counts),
+    ``-ffp-contract=off`` (the kernels choose every fused multiply-add themselves), and on x86
+    with AVX2 the AVX2 build of ATen's ``Vectorized``."""
+    result = ["-std=c++20", "-O3", "-ffp-contract=off", "-fopenmp"]
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in (
         "AVX2",
