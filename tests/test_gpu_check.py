@@ -134,6 +134,22 @@ def test_the_cuda_selection_run_on_this_cpu_is_reported_not_verified(tmp_path):
     assert "(needs a CUDA device)" in result.reason and "no test passed" in result.reason
 
 
+def test_a_module_that_cannot_be_imported_fails_the_check_but_not_the_other_tests(tmp_path):
+    """A package missing on the GPU machine breaks the import of some test modules; the CUDA
+    tests of the others still run (and are counted), and the verdict names the broken one."""
+    (tmp_path / "test_broken.py").write_text("import no_such_package_here  # noqa: F401\n")
+    (tmp_path / "test_fine.py").write_text(
+        "import pytest\n\n\n@pytest.mark.cuda\ndef test_runs():\n    pass\n"
+    )
+    junit = tmp_path / "cuda-tests.xml"
+    files = [str(tmp_path / "test_broken.py"), str(tmp_path / "test_fine.py")]
+    check = Check("tests", gpu_check.pytest_command(junit, files), 300, "pytest", junit=junit)
+    result = judge(check, run_check(check))
+    assert not result.passed, result.outcome.output
+    assert result.counts.get("passed") == 1 and result.counts.get("error") == 1
+    assert "errored" in result.reason and "test_broken" in result.reason
+
+
 def test_a_cuda_skip_without_the_marker_is_refused(tmp_path):
     """``tests/conftest.py`` refuses a test skipped for want of CUDA that ``-m cuda`` would not
     select."""

@@ -9,7 +9,7 @@
 # maybe a setuptools older than pyproject's >=77; nothing can be downloaded there. So the
 # carried wheels go to $SITE (first on PYTHONPATH), the project is installed in editable mode,
 # and tools.gpu_check runs the checks whose names contain the arguments (default: the CUDA
-# tests and the fused-kernel step benchmark: the two that fit one call), writing its report and
+# tests and the fused-kernel step benchmark, the two most wanted), writing its report and
 # log under $OUT after every check, so a call cut off at its limit still returns them.
 # PYTHON=... runs it elsewhere (on a machine without CUDA every check is reported skipped).
 set -uo pipefail
