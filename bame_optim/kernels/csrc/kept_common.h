@@ -72,8 +72,14 @@ inline bool channels_last_rows(const at::Tensor& t) {
   return true;
 }
 
-// With block_views (a sparse parameter or its gradient) also the layouts Blocks reads besides
-// a contiguous one: channels-last rows and the transposed view of a contiguous 2-D tensor.
+// The layouts Blocks reads besides a contiguous one: channels-last rows, and the transposed
+// view of a contiguous 2-D tensor.
+inline bool readable_view(const at::Tensor& t) {
+  return (t.dim() == 2 && t.stride(0) == 1 && t.stride(1) == t.size(0)) ||
+         channels_last_rows(t);
+}
+
+// With block_views (a sparse parameter or its gradient) also the readable_view layouts.
 inline void check_plain(const at::Tensor& t, const char* what, int64_t i,
                         bool block_views = false) {
   TORCH_CHECK_VALUE(t.defined(), what, "[", i, "] is undefined");
@@ -81,10 +87,8 @@ inline void check_plain(const at::Tensor& t, const char* what, int64_t i,
                     "] is a tensor subclass with __torch_dispatch__ (e.g. DTensor)");
   TORCH_CHECK_VALUE(t.device().is_cpu() && t.layout() == at::kStrided && t.has_storage(),
                     what, "[", i, "] must be a strided CPU tensor with storage");
-  const bool view = block_views && ((t.dim() == 2 && t.stride(0) == 1 &&
-                                      t.stride(1) == t.size(0)) ||
-                                     channels_last_rows(t));
-  TORCH_CHECK_VALUE(t.is_contiguous() || view, what, "[", i, "] must be contiguous",
+  TORCH_CHECK_VALUE(t.is_contiguous() || (block_views && readable_view(t)), what, "[", i,
+                    "] must be contiguous",
                     block_views ? ", channels-last or the transposed view of a contiguous "
                                   "2-D tensor"
                                 : "");

@@ -10,7 +10,7 @@
 #include <tuple>
 #include <vector>
 
-#include "kept_common.h"  // channels_last_rows
+#include "kept_common.h"  // readable_view
 
 std::vector<std::optional<at::Tensor>> fused_kept_sgd(
     const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
@@ -64,7 +64,7 @@ bool cpu_has_avx512();  // kept_sgd_cpu.cpp
 // no Python attribute lookups (a dozen per pair there): the index of the first pair that is not
 // two plain (Tensor or Parameter, no subclass) strided CPU tensors of one dtype (float32,
 // float64; with half also float16, bfloat16), shape and strides, contiguous, channels-last
-// (bame::channels_last_rows) or the transposed view of a contiguous 2-D tensor, without a
+// or the transposed view of a contiguous 2-D tensor (bame::readable_view), without a
 // neg/conj bit; or -1. As zip(strict=True), lists of different lengths raise ValueError once
 // the shorter one is exhausted.
 static int64_t first_unsupported(const py::list& params, const py::list& grads, bool half) {
@@ -89,8 +89,7 @@ static int64_t first_unsupported(const py::list& params, const py::list& grads, 
     if (param.strides() != grad.strides() || param.sizes() != grad.sizes()) {
       return i;
     }
-    if (!param.is_contiguous() && !bame::channels_last_rows(param) &&
-        !(param.dim() == 2 && param.stride(0) == 1 && param.stride(1) == param.size(0))) {
+    if (!param.is_contiguous() && !bame::readable_view(param)) {
       return i;
     }
     if (param.is_neg() || param.is_conj() || grad.is_neg() || grad.is_conj()) {
