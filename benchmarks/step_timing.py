@@ -18,8 +18,10 @@ from bame_optim.core.schedule import is_update_step
 from bame_optim.methods import accepted_keywords, make_optimizer
 
 from .harness import (
+    ADAMW_HYPER,
     FAR,
     GRADUAL_LEAD,
+    SGD_HYPER,
     Timer,
     assign_grads,
     build_model,
@@ -45,10 +47,12 @@ __all__ = [
 ]
 
 HYPER: dict[str, dict[str, Any]] = {
-    "sgd": {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "foreach": True},
-    "adamw": {"lr": 1e-3, "weight_decay": 0.05, "foreach": True},
+    "sgd": {k: SGD_HYPER[k] for k in ("lr", "momentum", "weight_decay")} | {"foreach": True},
+    "adamw": {k: ADAMW_HYPER[k] for k in ("lr", "weight_decay")} | {"foreach": True},
 }
-"""The hyper-parameters every optimizer of a rule gets (torch's included); AdamW's are DeiT's."""
+"""The hyper-parameters every optimizer of a rule gets (torch's included): the kernel
+benchmarks' values (:data:`benchmarks.harness.SGD_HYPER`, ``ADAMW_HYPER``; AdamW's are DeiT's),
+the rest torch's defaults."""
 TORCH: dict[str, type[Optimizer]] = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
 """The torch optimizer of each rule."""
 CHANNELS_LAST_NOTE = (
