@@ -31,6 +31,7 @@ from .harness import (
     interleaved_rounds,
     machine,
     ratio_quartiles,
+    require_at_least,
     sparse_groups,
 )
 from .kept_simd_ab import summary
@@ -73,9 +74,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args(argv)
-    for flag, least in (("rounds", 2), ("warmup", 0)):
-        if getattr(args, flag) < least:
-            parser.error(f"Invalid --{flag} value: {getattr(args, flag)} (at least {least})")
+    require_at_least(parser, args, {"rounds": 2, "warmup": 0})
     print(f"{machine('cpu')}; torch fused=True; {args.rounds} rounds; median ms "
           "[interquartile range]")
     print(f"{'model':10} {'rule':5} {'one group':>21} {'nm_param_groups':>21}  "

@@ -43,6 +43,7 @@ __all__ = [
     "nm_pattern",
     "params_of",
     "ratio_quartiles",
+    "require_at_least",
     "resolve_device",
     "schedule",
     "sparse_groups",
@@ -71,6 +72,16 @@ def nm_pattern(text: str) -> tuple[int, int]:
     if not 1 <= n < m:
         raise argparse.ArgumentTypeError(f"invalid N:M pattern {text!r} (need 1 <= N < M)")
     return n, m
+
+
+def require_at_least(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                     least: dict[str, int]) -> None:
+    """A parser error naming the flag and its value for the first of ``args``' attributes in
+    ``least`` given below its bound (``None``: not given, no check)."""
+    for name, bound in least.items():
+        value = getattr(args, name)
+        if value is not None and value < bound:
+            parser.error(f"Invalid --{name.replace('_', '-')} value: {value} (at least {bound})")
 
 
 def resolve_device(parser: argparse.ArgumentParser, name: str) -> torch.device:

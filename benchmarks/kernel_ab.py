@@ -61,6 +61,7 @@ from .harness import (
     interleaved_rounds,
     machine,
     nm_pattern,
+    require_at_least,
 )
 from .kept_simd_ab import shapes_of, summary
 
@@ -194,10 +195,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = parser.parse_args(argv)
-    for name, least in (("rounds", 2), ("warmup", 0), ("threads", 1)):
-        value = getattr(args, name)
-        if value is not None and value < least:
-            parser.error(f"Invalid --{name} value: {value} (at least {least})")
+    require_at_least(parser, args, {"rounds": 2, "warmup": 0, "threads": 1})
     if args.csrc is not None and not args.csrc.is_dir():
         parser.error(f"Invalid --csrc value: {args.csrc} is not a folder")
     if args.shapes is not None and args.layers is not None:

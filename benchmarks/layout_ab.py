@@ -37,6 +37,7 @@ from .harness import (
     machine,
     nm_pattern,
     ratio_quartiles,
+    require_at_least,
 )
 from .kept_simd_ab import summary
 from .step_timing import BAME_METHOD, INPUT, make_bame, make_torch
@@ -99,10 +100,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         help="time whole training steps of this batch instead of optimizer "
                         f"steps (models: {', '.join(INPUT)})")
     args = parser.parse_args(argv)
-    for flag, least in (("rounds", 2), ("warmup", 0), ("train_batch", 1)):
-        value = getattr(args, flag)
-        if value is not None and value < least:
-            parser.error(f"Invalid --{flag.replace('_', '-')} value: {value} (at least {least})")
+    require_at_least(parser, args, {"rounds": 2, "warmup": 0, "train_batch": 1})
     if args.train_batch is not None:
         for name in args.models:
             if name not in INPUT:

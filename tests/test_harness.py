@@ -158,3 +158,13 @@ def test_command_line_pieces(tmp_path):
     path = tmp_path / "sub" / "rows.csv"
     harness.write_csv([{"a": 1, "b": None}, {"a": 2.5, "b": "x"}], path)
     assert path.read_text().splitlines() == ["a,b", "1,", "2.5,x"]
+
+
+def test_require_at_least_names_the_flag_and_value(capsys):
+    parser = argparse.ArgumentParser()
+    ok = argparse.Namespace(rounds=2, train_batch=None)
+    harness.require_at_least(parser, ok, {"rounds": 2, "train_batch": 1})  # None: not given
+    with pytest.raises(SystemExit):
+        harness.require_at_least(parser, argparse.Namespace(rounds=2, train_batch=0),
+                                 {"rounds": 2, "train_batch": 1})
+    assert "Invalid --train-batch value: 0 (at least 1)" in capsys.readouterr().err
