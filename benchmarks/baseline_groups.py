@@ -25,12 +25,12 @@ from torch.optim import Optimizer
 from .harness import (
     BENCH_MODELS,
     Timer,
-    assign_grads,
     build_model,
     fixed_grads,
     interleaved_rounds,
     machine,
     ratio_quartiles,
+    regrad,
     require_at_least,
     sparse_groups,
 )
@@ -57,11 +57,7 @@ def time_groupings(name: str, rule: str, rounds: int, warmup: int, n: int = 2, m
     one, grouped = copy.deepcopy(base), copy.deepcopy(base)
     optimizers = {"one": make_torch(one, rule, fused=True),
                   "groups": grouped_torch(grouped, rule, n, m)}
-    models = {"one": one, "groups": grouped}
-
-    def before(contender: str) -> None:
-        assign_grads(models[contender], grads)
-
+    before = regrad({"one": one, "groups": grouped}, grads)
     return interleaved_rounds({c: o.step for c, o in optimizers.items()}, rounds, warmup,
                               Timer(torch.device("cpu")), before=before)
 

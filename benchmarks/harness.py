@@ -43,6 +43,7 @@ __all__ = [
     "nm_pattern",
     "params_of",
     "ratio_quartiles",
+    "regrad",
     "require_at_least",
     "resolve_device",
     "schedule",
@@ -160,6 +161,16 @@ def assign_grads(model: nn.Module, grads: list[Tensor]) -> None:
     parameter's memory layout (as autograd gives them)."""
     for p, g in zip(model.parameters(), grads, strict=True):
         p.grad = torch.empty_like(p).copy_(g)
+
+
+def regrad(models: dict[str, nn.Module], grads: list[Tensor]) -> Callable[[str], None]:
+    """An :func:`interleaved_rounds` ``before`` hook that gives ``models[name]`` the fixed
+    gradients ``grads`` (:func:`assign_grads`) before each of its timed steps."""
+
+    def before(name: str) -> None:
+        assign_grads(models[name], grads)
+
+    return before
 
 
 def sparse_groups(model: nn.Module, n: int, m: int) -> list[dict[str, Any]]:

@@ -51,6 +51,7 @@ from .harness import (
     machine,
     medians,
     nm_pattern,
+    regrad,
     resolve_device,
     schedule,
     sparse_groups,
@@ -103,10 +104,7 @@ def time_rule(
     calls = {kind: optimizer.step for kind, optimizer in optimizers.items()}
     if compile_step:
         calls["compiled"] = torch.compile(optimizers["compiled"].step)
-
-    def before(kind: str) -> None:
-        assign_grads(models[kind], grads)
-
+    before = regrad(models, grads)
     times = medians(interleaved_rounds(calls, steps, warmup, Timer(device), before=before))
     host = medians(interleaved_rounds(calls, steps, warmup, HostTimer(device), before=before))
     row: dict[str, Any] = {"model": model_name, "pattern": f"{n}:{m}", "rule": rule}

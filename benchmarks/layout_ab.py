@@ -37,6 +37,7 @@ from .harness import (
     machine,
     nm_pattern,
     ratio_quartiles,
+    regrad,
     require_at_least,
 )
 from .kept_simd_ab import summary
@@ -64,11 +65,8 @@ def time_layouts(name: str, n: int, m: int, rule: str, rounds: int, warmup: int,
             optimizers[layout].step()
     timer = Timer(torch.device("cpu"))
     if batch is None:
-        def before(contender: str) -> None:
-            assign_grads(models[contender], grads)
-
         return interleaved_rounds({c: o.step for c, o in optimizers.items()}, rounds, warmup,
-                                  timer, before=before)
+                                  timer, before=regrad(models, grads))
     classes, channels, size = INPUT[name]
     generator = torch.Generator().manual_seed(2)
     x = torch.randn(batch, channels, size, size, generator=generator)

@@ -29,6 +29,7 @@ from .harness import (
     interleaved_rounds,
     medians,
     ratio_quartiles,
+    regrad,
     schedule,
     sparse_groups,
     step_bytes,
@@ -210,12 +211,8 @@ def time_adamw_steps(
     for kind, optimizer in optimizers.items():  # step 0: state created, the mask drawn
         assign_grads(models[kind], grads)
         optimizer.step()
-
-    def before(kind: str) -> None:
-        assign_grads(models[kind], grads)
-
     rounds = interleaved_rounds({kind: o.step for kind, o in optimizers.items()}, steps,
-                                warmup, Timer(device), before=before, bar=bar)
+                                warmup, Timer(device), before=regrad(models, grads), bar=bar)
     result: dict[str, Any] = medians(rounds)
     result["fused_quartiles"] = ratio_quartiles(rounds["ordinary"], rounds["adamw_fused"])
     result["params"] = sum(p.numel() for p in models["adamw"].parameters())

@@ -168,3 +168,13 @@ def test_require_at_least_names_the_flag_and_value(capsys):
         harness.require_at_least(parser, argparse.Namespace(rounds=2, train_batch=0),
                                  {"rounds": 2, "train_batch": 1})
     assert "Invalid --train-batch value: 0 (at least 1)" in capsys.readouterr().err
+
+
+def test_regrad_gives_the_named_model_fresh_copies_of_the_fixed_gradients():
+    models = {"a": nn.Linear(3, 2), "b": nn.Linear(3, 2)}
+    grads = harness.fixed_grads(models["a"], torch.device("cpu"))
+    before = harness.regrad(models, grads)
+    before("a")
+    assert all(p.grad is None for p in models["b"].parameters())
+    for p, g in zip(models["a"].parameters(), grads, strict=True):
+        assert torch.equal(p.grad, g) and p.grad.data_ptr() != g.data_ptr()
